@@ -1,0 +1,191 @@
+"""A GPT-2-architecture causal transformer (nanoGPT style) with a simple KV cache.
+
+Module names mirror GPT-2 / nanoGPT exactly (transformer.wte, transformer.h[i].attn.c_attn, ...)
+so exporting to the Hugging Face GPT-2 format is a plain name map (Linear weights transposed to Conv1D).
+"""
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 516
+    block_size: int = 512
+    n_layer: int = 6
+    n_head: int = 8
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = True  # biases kept (the Hugging Face GPT-2 export needs them)
+
+
+class KVCache:
+    """Preallocated keys and values for incremental decoding.
+
+    k[i], v[i]: (B, n_head, max_len, head_dim) for layer i; positions [0, pos) are filled.
+    GPT.forward writes the new tokens' keys/values at [pos, pos+T) and then advances pos by T.
+    """
+
+    def __init__(self, n_layer, batch_size, n_head, max_len, head_dim, device=None, dtype=None):
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.pos = 0
+
+    def reset(self):
+        self.pos = 0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache=None, layer=0):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        # (B, T, C) -> (B, nh, T, hd)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        mask, is_causal = None, True
+        if cache is not None:
+            start, end = cache.pos, cache.pos + T
+            cache.k[layer][:, :, start:end] = k
+            cache.v[layer][:, :, start:end] = v
+            # attend over everything cached so far plus the new tokens: (B, nh, end, hd)
+            k = cache.k[layer][:, :, :end].to(q.dtype)
+            v = cache.v[layer][:, :, :end].to(q.dtype)
+            if start > 0:
+                is_causal = False  # is_causal would align the mask top-left, which is wrong here
+                if T > 1:
+                    # query i sits at absolute position start+i and sees keys 0..start+i: (T, end)
+                    q_pos = torch.arange(start, end, device=x.device)
+                    mask = torch.arange(end, device=x.device)[None, :] <= q_pos[:, None]
+                # T == 1: the single new token sees every cached position, so no mask
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cache=cache, layer=layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=False):
+        """Parameter count (tied weights once). non_embedding drops the position embeddings;
+        the token embeddings stay, as they are also the output layer (nanoGPT's convention)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def new_cache(self, batch_size, max_len, device=None, dtype=None):
+        """An empty KVCache for up to max_len positions (defaults: the model's device and dtype)."""
+        c = self.config
+        if max_len > c.block_size:
+            raise ValueError(f"cache length {max_len} exceeds block_size {c.block_size}")
+        w = self.lm_head.weight
+        return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head,
+                       device=w.device if device is None else device,
+                       dtype=w.dtype if dtype is None else dtype)
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx (B, T) long -> (logits (B, T, vocab), loss or None).
+
+        targets (B, T) long are already shifted (targets[:, t] follows idx[:, t]); -100 is not scored.
+        With a cache, idx holds the next T tokens after the cache.pos cached ones; cache.pos advances by T.
+        """
+        B, T = idx.size()
+        start = 0 if cache is None else cache.pos
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence length {start + T} (cached {start} + new {T}) "
+                             f"exceeds block_size {self.config.block_size}")
+        if cache is not None:
+            if start + T > cache.max_len:
+                raise ValueError(f"sequence length {start + T} exceeds the cache's max_len {cache.max_len}")
+            if B != cache.batch_size:
+                raise ValueError(f"batch size {B} does not match the cache's batch size {cache.batch_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache=cache, layer=i)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, vocab)
+        if cache is not None:
+            cache.pos += T
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW; weight decay only on params with dim >= 2 (matmul weights and embeddings)."""
+        params = [p for p in self.parameters() if p.requires_grad]  # parameters() yields tied ones once
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
