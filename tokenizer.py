@@ -1,0 +1,315 @@
+"""The vocabulary (token <-> id) and the image codebook (images <-> code grids).
+
+Vocabulary layout, for K codes and C classes (K=500, C=10 gives the original 516 entries):
+    0..5          <PAD> <UNK> <IMG> </IMG> <CLS> <EOS>
+    6..6+K-1      <Z_000> ... <Z_{K-1}>     codebook entries
+    6+K..6+K+C-1  <CLS_0> ... <CLS_{C-1}>   class labels
+
+The codebook turns every p x p patch of an image into a multi-dimensional feature vector in the
+original's groups (position x, y; time t; colour; gradient Gx, Gy), standardises each group, weights
+it, and maps it to the nearest of K centroids found by k-means (k-means++ start, batched Lloyd steps
+in torch). Each code remembers the mean colour of its patches, so any code grid decodes to an image.
+"""
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from util import UserError, atomic_path, read_json, write_json
+
+SPECIALS = ["<PAD>", "<UNK>", "<IMG>", "</IMG>", "<CLS>", "<EOS>"]
+GROUPS = ("position", "time", "colour", "gradient")
+
+
+# ----------------------------------------------------------------------------- vocabulary
+
+class Vocab:
+    def __init__(self, num_codes, num_classes):
+        self.num_codes, self.num_classes = num_codes, num_classes
+        width = max(3, len(str(num_codes - 1)))
+        self.tokens = (SPECIALS + [f"<Z_{i:0{width}d}>" for i in range(num_codes)]
+                       + [f"<CLS_{c}>" for c in range(num_classes)])
+        self.ids = {t: i for i, t in enumerate(self.tokens)}
+        self.pad_id, self.unk_id, self.img_id, self.img_end_id, self.cls_id, self.eos_id = range(6)
+        self.code_offset = len(SPECIALS)
+        self.label_offset = self.code_offset + num_codes
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def code_id(self, k):
+        return self.code_offset + k
+
+    def label_id(self, c):
+        return self.label_offset + c
+
+    def is_code(self, i):
+        return self.code_offset <= i < self.label_offset
+
+    def encode(self, tokens):
+        """'<IMG> <Z_001> ...' or a list of token strings -> list of ids (KeyError on unknown)."""
+        if isinstance(tokens, str):
+            tokens = tokens.split()
+        return [self.ids[t] for t in tokens]
+
+    def decode(self, ids):
+        return " ".join(self.tokens[i] for i in ids)
+
+    def image_tokens(self, codes, label):
+        """Code indices of one image (raster order) and its label -> the v2 token string."""
+        body = " ".join(self.tokens[self.code_offset + int(k)] for k in codes)
+        return f"<IMG> {body} </IMG> <CLS> <CLS_{int(label)}> <EOS>"
+
+    def to_dict(self):
+        return dict(self.ids)
+
+    def save(self, path):
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d, where="vocab"):
+        """Rebuild from a token->id mapping; it must follow the layout rule exactly."""
+        if not isinstance(d, dict) or not all(isinstance(v, int) for v in d.values()):
+            raise UserError(f"{where}: expected a JSON object mapping token -> integer id")
+        num_codes = sum(1 for t in d if t.startswith("<Z_"))
+        num_classes = sum(1 for t in d if t.startswith("<CLS_"))
+        v = cls(num_codes, num_classes)
+        if d != v.ids:
+            bad = next((t for t in v.tokens if d.get(t) != v.ids[t]), None)
+            bad = bad or next(t for t in d if t not in v.ids)
+            raise UserError(f"{where}: token {bad} has id {d.get(bad)}, expected {v.ids.get(bad)} "
+                            f"(layout: 6 specials, {num_codes} <Z_k>, {num_classes} <CLS_c>)")
+        return v
+
+    @classmethod
+    def load(cls, path):
+        return cls.from_dict(read_json(path, "vocab.json"), where=str(path))
+
+
+# ----------------------------------------------------------------------------- k-means
+
+def assign(x, c, chunk=4096):
+    """Nearest centroid for each row of x (n, D) among c (k, D): (labels (n,), squared distance (n,)).
+    argmin ||x - c||^2 = argmin (||c||^2 - 2 x.c), one fused addmm per chunk that fits in cache."""
+    c_sq = c.pow(2).sum(1)
+    labels, dists = [], []
+    for i in range(0, len(x), chunk):
+        xi = x[i:i + chunk]
+        d, l = torch.addmm(c_sq, xi, c.T, alpha=-2).min(1)
+        labels.append(l)
+        dists.append((d + xi.pow(2).sum(1)).clamp_min_(0))
+    return torch.cat(labels), torch.cat(dists)
+
+
+def kmeans(x, k, iters=30, seed=0, tol=1e-4, progress=None):
+    """k-means with a greedy k-means++ start and full-batch Lloyd steps. x (n, D) float32 on any
+    device. Deterministic for a seed on a given device. Returns (centroids (k, D), inertia)."""
+    n = len(x)
+    if n < k:
+        raise UserError(f"k-means needs at least {k} feature vectors, got {n}")
+    g = torch.Generator().manual_seed(seed)
+    trials = 2 + int(math.log(k))
+    centroids = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
+    centroids[0] = x[torch.randint(n, (1,), generator=g).item()]
+    x_sq = x.pow(2).sum(1)
+    closest = assign(x, centroids[:1])[1]
+    for i in range(1, k):  # each step: sample candidates by D^2, keep the one that lowers the potential most
+        probs = closest.double().cpu()
+        cand = torch.multinomial(probs / probs.sum() if probs.sum() > 0 else torch.ones(n), trials,
+                                 replacement=True, generator=g).to(x.device)
+        d = (x_sq[:, None] - 2 * x @ x[cand].T + x_sq[cand]).clamp_min_(0)  # (n, trials)
+        pot = torch.minimum(d, closest[:, None]).sum(0)
+        best = pot.argmin()
+        centroids[i] = x[cand[best]]
+        closest = torch.minimum(closest, d[:, best])
+        if progress:
+            progress(1, 0)
+    prev = None
+    for it in range(iters):
+        labels, d = assign(x, centroids)
+        inertia = d.sum().item()
+        sums = torch.zeros_like(centroids).index_add_(0, labels, x)
+        counts = torch.bincount(labels, minlength=k).to(x.dtype)
+        empty = (counts == 0).nonzero().flatten()
+        centroids = sums / counts.clamp_min(1)[:, None]
+        if len(empty):  # re-seed empty clusters at the points farthest from their centroid
+            centroids[empty] = x[d.topk(len(empty)).indices]
+        if progress:
+            progress(0, 1)
+        if prev is not None and len(empty) == 0 and prev - inertia <= tol * prev:
+            break
+        prev = inertia
+    labels, d = assign(x, centroids)
+    return centroids, d.sum().item()
+
+
+# ----------------------------------------------------------------------------- codebook
+
+@dataclass
+class CodebookConfig:
+    patch_size: int = 4         # a token stands for a p x p patch (1 = one pixel, the original)
+    num_codes: int = 500        # K
+    w_position: float = 0.0     # group weights; 0 drops the group from the features
+    w_time: float = 0.0
+    w_colour: float = 1.0
+    w_gradient: float = 0.5
+    fit_samples: int = 300000   # feature vectors sampled from the training images for k-means
+    kmeans_iters: int = 30
+    codebook_seed: int = 0
+
+
+def pixel_features(images, p):
+    """images (N, C, H, W) float in [0, 1] -> per-patch feature groups, each (N, L, dim) with
+    L = (H/p)(W/p) patches in raster order: position (x, y of the patch centre, in [0, 1]), time t
+    (0 for still images), colour (the C*p*p values), gradient (Gx, Gy of the intensity, 2*p*p)."""
+    N, C, H, W = images.shape
+    inten = images.mean(1)                                  # (N, H, W)
+    gy, gx = torch.gradient(inten, dim=(1, 2))              # central differences, like numpy
+    patches = lambda t: F.unfold(t, p, stride=p).transpose(1, 2)  # (N, C', H, W) -> (N, L, C'*p*p)
+    ys, xs = torch.meshgrid(torch.arange(0, H, p), torch.arange(0, W, p), indexing="ij")
+    pos = torch.stack([(xs + (p - 1) / 2) / max(W - 1, 1), (ys + (p - 1) / 2) / max(H - 1, 1)], -1)
+    L = pos.shape[0] * pos.shape[1]
+    return {
+        "position": pos.reshape(1, L, 2).expand(N, L, 2).to(images),
+        "time": torch.zeros(N, L, 1, dtype=images.dtype, device=images.device),
+        "colour": patches(images),
+        "gradient": patches(torch.stack([gx, gy], 1)),
+    }
+
+
+class Codebook:
+    """Standardisation stats, centroids and per-code mean colours; see the module docstring."""
+
+    def __init__(self, cfg, image_size, channels, stats, centroids, colours, inertia=None):
+        self.cfg, self.image_size, self.channels = cfg, tuple(image_size), channels
+        self.stats = stats            # group -> (mean (dim,), scalar std)
+        self.centroids = centroids    # (K, D) in weighted standardised feature space
+        self.colours = colours        # (K, C*p*p) mean raw colour of each code's patches
+        self.inertia = inertia
+
+    @property
+    def grid(self):  # (rows, cols) of codes per image
+        p = self.cfg.patch_size
+        return self.image_size[0] // p, self.image_size[1] // p
+
+    @property
+    def seq_len(self):
+        return self.grid[0] * self.grid[1]
+
+    @staticmethod
+    def _groups(cfg):
+        return [g for g in GROUPS if getattr(cfg, "w_" + g) > 0]
+
+    def features(self, images):
+        """images (N, C, H, W) -> weighted standardised features (N, L, D)."""
+        groups = pixel_features(images.float(), self.cfg.patch_size)
+        out = []
+        for g in self._groups(self.cfg):
+            mean, std = self.stats[g]
+            f = groups[g]
+            out.append((f - mean.to(f)) / std * (getattr(self.cfg, "w_" + g) / math.sqrt(f.shape[-1])))
+        return torch.cat(out, -1)
+
+    @classmethod
+    def fit(cls, images, cfg, device="cpu", progress=None):
+        """Fit on training images (N, C, H, W) float in [0, 1]."""
+        N, C, H, W = images.shape
+        p = cfg.patch_size
+        if H % p or W % p:
+            raise UserError(f"image size {H}x{W} is not divisible by patch_size {p}")
+        if not cls._groups(cfg):
+            raise UserError("all feature group weights are 0; at least one must be positive")
+        g = torch.Generator().manual_seed(cfg.codebook_seed)
+        groups = pixel_features(images.float(), p)
+        L = groups["colour"].shape[1]
+        take = torch.randperm(N * L, generator=g)[:cfg.fit_samples]
+        stats = {}
+        for name, f in groups.items():
+            f = f.reshape(N * L, -1)[take]
+            mean = f.mean(0)
+            std = (f - mean).pow(2).mean().sqrt().item()  # one scale per group keeps its geometry
+            stats[name] = (mean, std if std > 1e-8 else 1.0)
+        book = cls(cfg, (H, W), C, stats, None, None)
+        x = book.features(images).reshape(N * L, -1)[take].to(device)
+        book.centroids, book.inertia = kmeans(x, cfg.num_codes, cfg.kmeans_iters, cfg.codebook_seed,
+                                              progress=progress)
+        labels = assign(x, book.centroids)[0].cpu()
+        raw = groups["colour"].reshape(N * L, -1)[take]
+        counts = torch.bincount(labels, minlength=cfg.num_codes).clamp_min(1)[:, None]
+        book.colours = torch.zeros(cfg.num_codes, raw.shape[1]).index_add_(0, labels, raw) / counts
+        book.centroids = book.centroids.cpu()
+        return book
+
+    def encode(self, images, batch=1024):
+        """images (N, C, H, W) -> code grid indices (N, L) long, raster order."""
+        if tuple(images.shape[1:]) != (self.channels, *self.image_size):
+            raise UserError(f"images are {tuple(images.shape[1:])}, the codebook expects "
+                            f"{(self.channels, *self.image_size)} (C, H, W)")
+        out = []
+        for i in range(0, len(images), batch):
+            f = self.features(images[i:i + batch])
+            out.append(assign(f.reshape(-1, f.shape[-1]), self.centroids)[0].reshape(f.shape[:2]))
+        return torch.cat(out) if out else torch.zeros(0, self.seq_len, dtype=torch.long)
+
+    def decode(self, codes):
+        """codes (N, L) long (-1 = missing, drawn black) -> images (N, C, H, W) float in [0, 1]."""
+        codes = torch.as_tensor(codes, dtype=torch.long)
+        cols = self.colours[codes.clamp_min(0)] * (codes >= 0)[..., None]   # (N, L, C*p*p)
+        p = self.cfg.patch_size
+        return F.fold(cols.transpose(1, 2), self.image_size, p, stride=p).clamp(0, 1)
+
+    def decode_ids(self, ids, vocab):
+        """Any token-id sequence (real or generated) -> one image (C, H, W): the code tokens after
+        <IMG> (up to </IMG>) fill the grid in raster order; missing cells stay black."""
+        codes = []
+        started = ids[:1] != [vocab.img_id]  # a sequence cut before <IMG> still draws
+        for i in ids:
+            if i == vocab.img_id:
+                started = True
+            elif i == vocab.img_end_id:
+                break
+            elif started and vocab.is_code(i) and i - vocab.code_offset < len(self.colours):
+                codes.append(i - vocab.code_offset)
+        codes = (codes + [-1] * self.seq_len)[:self.seq_len]
+        return self.decode(torch.tensor([codes]))[0]
+
+    # -- files: codebook.json (settings, shapes, standardisation stats) + codebook.safetensors
+
+    def save(self, folder):
+        from safetensors.torch import save_file
+        meta = {"config": asdict(self.cfg), "image_size": list(self.image_size),
+                "channels": self.channels, "inertia": self.inertia,
+                "stats": {g: {"mean": m.tolist(), "std": s} for g, (m, s) in self.stats.items()}}
+        with atomic_path(os.path.join(folder, "codebook.safetensors")) as tmp:
+            save_file({"centroids": self.centroids.contiguous(), "colours": self.colours.contiguous()}, tmp)
+        write_json(os.path.join(folder, "codebook.json"), meta)
+
+    @classmethod
+    def load(cls, folder):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        path = os.path.join(folder, "codebook.json")
+        meta = read_json(path, "codebook.json")
+        try:
+            cfg = CodebookConfig(**meta["config"])
+            stats = {g: (torch.tensor(v["mean"], dtype=torch.float32), float(v["std"]))
+                     for g, v in meta["stats"].items()}
+            tensors = load_file(os.path.join(folder, "codebook.safetensors"))
+            book = cls(cfg, meta["image_size"], int(meta["channels"]), stats,
+                       tensors["centroids"], tensors["colours"], meta.get("inertia"))
+        except FileNotFoundError:
+            raise UserError(f"{folder}: codebook.safetensors is missing") from None
+        except (KeyError, TypeError, ValueError, SafetensorError) as e:
+            raise UserError(f"{folder}: not a codebook written by this project ({e})") from None
+        if book.centroids.shape[0] != cfg.num_codes:
+            raise UserError(f"{folder}: codebook has {book.centroids.shape[0]} centroids, "
+                            f"its settings say {cfg.num_codes}")
+        return book
+
+
+def psnr(a, b):
+    """Mean PSNR in dB over images in [0, 1]: a, b (N, ...)."""
+    mse = (a - b).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return (10 * torch.log10(1 / mse)).mean().item()
