@@ -12,7 +12,7 @@ in torch). Each code remembers the mean colour of its patches, so any code grid 
 """
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -214,7 +214,9 @@ class Codebook:
 
     @classmethod
     def fit(cls, images, cfg, device="cpu", progress=None):
-        """Fit on training images (N, C, H, W) float in [0, 1]."""
+        """Fit on training images (N, C, H, W) float in [0, 1]. cfg may carry more settings (a
+        DataConfig); the codebook keeps only its own, so that codebook.json loads back."""
+        cfg = CodebookConfig(**{f.name: getattr(cfg, f.name) for f in fields(CodebookConfig)})
         N, C, H, W = images.shape
         p = cfg.patch_size
         if H % p or W % p:

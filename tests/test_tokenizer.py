@@ -1,0 +1,346 @@
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tokenizer import Codebook, CodebookConfig, Vocab, assign, kmeans, pixel_features, psnr  # noqa: E402
+from util import UserError  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- vocabulary
+
+def rule_vocab(K=500, C=10):
+    """The layout of DESIGN.md written out by hand (what the original project's vocab.json holds)."""
+    d = {"<PAD>": 0, "<UNK>": 1, "<IMG>": 2, "</IMG>": 3, "<CLS>": 4, "<EOS>": 5}
+    for k in range(K):
+        d[f"<Z_{k:03d}>"] = 6 + k
+    for c in range(C):
+        d[f"<CLS_{c}>"] = 6 + K + c
+    return d
+
+
+def test_default_layout_has_the_516_original_ids():
+    v = Vocab(500, 10)
+    assert len(v) == 516
+    assert v.to_dict() == rule_vocab()
+    assert [v.ids[t] for t in ("<PAD>", "<UNK>", "<IMG>", "</IMG>", "<CLS>", "<EOS>")] == list(range(6))
+    assert (v.ids["<Z_000>"], v.ids["<Z_017>"], v.ids["<Z_499>"]) == (6, 23, 505)
+    assert (v.ids["<CLS_0>"], v.ids["<CLS_9>"]) == (506, 515)
+    assert (v.pad_id, v.unk_id, v.img_id, v.img_end_id, v.cls_id, v.eos_id) == (0, 1, 2, 3, 4, 5)
+    assert v.code_id(0) == 6 and v.code_id(499) == 505
+    assert v.label_id(0) == 506 and v.label_id(9) == 515
+    assert not v.is_code(5) and v.is_code(6) and v.is_code(505) and not v.is_code(506)
+    assert sorted(v.ids.values()) == list(range(516))
+
+
+def test_original_vocab_json_loads_with_identical_ids(tmp_path):
+    d = rule_vocab()
+    assert len(d) == 516
+    # key order in the file must not matter; write it shuffled, the way another tool might
+    items = sorted(d.items(), key=lambda kv: (kv[1] * 7919) % 516)
+    path = tmp_path / "vocab.json"
+    path.write_text(json.dumps(dict(items), ensure_ascii=False, indent=2), encoding="utf-8")
+    v = Vocab.load(path)
+    assert (v.num_codes, v.num_classes) == (500, 10)
+    assert v.ids == d
+    assert all(v.tokens[i] == t for t, i in d.items())
+
+
+@pytest.mark.parametrize("K,C", [(16, 3), (1, 2), (1000, 10), (1001, 5), (500, 100)])
+def test_other_sizes_follow_the_rule(tmp_path, K, C):
+    v = Vocab(K, C)
+    assert len(v) == 6 + K + C
+    assert v.tokens[:6] == ["<PAD>", "<UNK>", "<IMG>", "</IMG>", "<CLS>", "<EOS>"]
+    width = max(3, len(str(K - 1)))
+    assert v.tokens[6] == "<Z_" + "0" * width + ">"
+    assert v.tokens[6 + K - 1] == f"<Z_{K - 1:0{width}d}>"
+    assert v.tokens[6 + K:] == [f"<CLS_{c}>" for c in range(C)]
+    assert v.label_id(C - 1) == len(v) - 1
+    if K <= 1000:
+        assert v.to_dict() == rule_vocab(K, C)
+    v.save(tmp_path / "vocab.json")
+    w = Vocab.load(tmp_path / "vocab.json")
+    assert (w.num_codes, w.num_classes, w.ids) == (K, C, v.ids)
+
+
+def test_encode_decode_round_trip():
+    v = Vocab(500, 10)
+    s = "<IMG> <Z_017> <Z_342> <Z_000> </IMG> <CLS> <CLS_3> <EOS>"
+    ids = v.encode(s)
+    assert ids == [2, 23, 348, 6, 3, 4, 509, 5]
+    assert v.decode(ids) == s
+    assert v.encode(s.split()) == ids
+    assert v.image_tokens([17, 342, 0], 3) == s
+    assert v.encode(v.image_tokens(torch.tensor([1, 2]), torch.tensor(9)))[-2] == v.label_id(9)
+    with pytest.raises(KeyError):
+        v.encode("<IMG> <Z_500>")
+
+
+@pytest.mark.parametrize("change", ["wrong_id", "swapped", "missing", "extra", "not_int"])
+def test_bad_vocab_json_names_the_file(tmp_path, change):
+    d = rule_vocab()
+    if change == "wrong_id":
+        d["<Z_017>"] = 999
+    elif change == "swapped":
+        d["<CLS>"], d["<EOS>"] = 5, 4
+    elif change == "missing":
+        del d["<UNK>"]
+    elif change == "extra":
+        d["<MASK>"] = 516
+    else:
+        d["<PAD>"] = "0"
+    path = tmp_path / "vocab.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(UserError) as e:
+        Vocab.load(path)
+    assert str(path) in str(e.value)
+    if change == "wrong_id":
+        assert "<Z_017>" in str(e.value) and "999" in str(e.value) and "23" in str(e.value)
+
+
+def test_vocab_file_errors(tmp_path):
+    with pytest.raises(UserError, match="no such"):
+        Vocab.load(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"<PAD>": 0,')
+    with pytest.raises(UserError, match="bad.json:1"):
+        Vocab.load(bad)
+    bad.write_text("[1, 2]")
+    with pytest.raises(UserError, match="bad.json"):
+        Vocab.load(bad)
+
+
+# ----------------------------------------------------------------------------- k-means
+
+def test_assign_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(300, 5, generator=g), torch.randn(7, 5, generator=g)
+    labels, d = assign(x, c, chunk=64)
+    ref = torch.cdist(x, c).pow(2)
+    assert torch.equal(labels, ref.argmin(1))
+    assert torch.allclose(d, ref.min(1).values, atol=1e-4)
+
+
+def separated_clusters(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.tensor([[0.0, 0.0, 0.0], [10.0, 0.0, 0.0], [0.0, 10.0, 0.0], [0.0, 0.0, 10.0], [10.0, 10.0, 10.0]])
+    x = (centers[:, None, :] + 0.01 * torch.randn(5, 40, 3, generator=g)).reshape(-1, 3)
+    return x, centers
+
+
+def test_kmeans_finds_separated_clusters():
+    x, centers = separated_clusters()
+    c, inertia = kmeans(x, 5, iters=20, seed=0)
+    assert c.shape == (5, 3)
+    assert inertia < 0.1   # 200 points with noise variance 3e-4 each: about 0.06
+    assert torch.cdist(centers, c).min(1).values.max() < 0.05   # every true centre found
+    assert torch.cdist(c, centers).min(1).values.max() < 0.05   # and nothing else
+
+
+def test_kmeans_is_deterministic_for_a_seed():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(500, 4, generator=g)
+    a, ia = kmeans(x, 12, iters=5, seed=3)
+    b, ib = kmeans(x, 12, iters=5, seed=3)
+    assert torch.equal(a, b) and ia == ib
+    c, _ = kmeans(x, 12, iters=5, seed=4)
+    assert not torch.equal(a, c)
+
+
+def test_kmeans_more_clusters_than_distinct_points():
+    x = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]).repeat(4, 1)   # 12 points, 3 distinct
+    progress = []
+    c, inertia = kmeans(x, 5, iters=5, seed=0, progress=lambda a, b: progress.append((a, b)))
+    assert c.shape == (5, 2) and torch.isfinite(c).all()
+    assert inertia == 0.0
+    assert {tuple(r) for r in c.tolist()} == {(0.0, 0.0), (1.0, 1.0), (2.0, 2.0)}
+    assert sum(a for a, _ in progress) == 4 and 1 <= sum(b for _, b in progress) <= 5
+
+
+def test_kmeans_too_few_points():
+    with pytest.raises(UserError, match="at least 5"):
+        kmeans(torch.zeros(3, 2), 5)
+
+
+# ----------------------------------------------------------------------------- codebook
+
+def blobs(n=60, size=12, channels=1, seed=0):
+    """n images with two soft blobs each, random place, size and colour; float (n, C, size, size)."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    imgs = torch.zeros(n, channels, size, size)
+    for i in range(n):
+        for _ in range(2):
+            cy, cx = torch.rand(2, generator=g) * (size - 1)
+            r = 1.5 + 2 * torch.rand(1, generator=g)
+            col = 0.3 + 0.7 * torch.rand(channels, generator=g)
+            imgs[i] += col[:, None, None] * torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r ** 2))
+    return imgs.clamp(0, 1)
+
+
+def small_cfg(**kw):
+    return CodebookConfig(**{**dict(patch_size=2, num_codes=16, fit_samples=3000, kmeans_iters=10), **kw})
+
+
+@pytest.fixture(scope="module")
+def grey():
+    return blobs()
+
+
+def test_pixel_features():
+    img = torch.arange(6.0).repeat(4, 1)[None, None] / 10   # (1, 1, 4, 6), a horizontal ramp
+    f = pixel_features(img, 2)
+    assert f["position"].shape == (1, 6, 2) and f["time"].shape == (1, 6, 1)
+    assert f["colour"].shape == (1, 6, 4) and f["gradient"].shape == (1, 6, 8)
+    assert torch.allclose(f["position"][0, 0], torch.tensor([0.5 / 5, 0.5 / 3]))
+    assert torch.allclose(f["position"][0, -1], torch.tensor([4.5 / 5, 2.5 / 3]))
+    assert torch.equal(f["time"], torch.zeros(1, 6, 1))
+    assert torch.allclose(f["colour"][0, 1], torch.tensor([0.2, 0.3, 0.2, 0.3]))   # patch (row 0, col 1)
+    assert torch.allclose(f["gradient"][0, :, :4], torch.full((6, 4), 0.1))   # Gx
+    assert torch.allclose(f["gradient"][0, :, 4:], torch.zeros(6, 4))        # Gy
+
+
+@pytest.mark.parametrize("channels,patch,bound", [(1, 2, 22.0), (1, 1, 22.0), (3, 2, 19.0)])
+def test_codebook_round_trip_fidelity(channels, patch, bound):
+    x = blobs(channels=channels)
+    book = Codebook.fit(x, small_cfg(patch_size=patch))
+    L = (12 // patch) ** 2
+    assert book.grid == (12 // patch, 12 // patch) and book.seq_len == L
+    assert book.centroids.shape[0] == 16 and book.colours.shape == (16, channels * patch * patch)
+    codes = book.encode(x)
+    assert codes.shape == (60, L) and codes.dtype == torch.long
+    assert 0 <= codes.min() and codes.max() < 16
+    assert len(codes.unique()) >= 12                  # the codes are actually used
+    recon = book.decode(codes)
+    assert recon.shape == x.shape and 0 <= recon.min() and recon.max() <= 1
+    # measured: 24.1 / 26.1 / 21.2 dB; black images score ~10 dB, the mean image ~12.7 dB
+    assert psnr(recon, x) > bound
+    assert psnr(recon, x) > psnr(x.mean(0, keepdim=True).expand_as(x), x) + 5
+
+
+@pytest.mark.parametrize("patch", [1, 2])
+def test_centroid_colour_images_decode_exactly(grey, patch):
+    # colour features only: an image made of the codes' own colours encodes back to the same codes
+    book = Codebook.fit(grey, small_cfg(patch_size=patch, w_gradient=0.0, kmeans_iters=30))
+    used = book.encode(grey).flatten().unique()
+    g = torch.Generator().manual_seed(1)
+    codes = used[torch.randint(len(used), (5, book.seq_len), generator=g)]
+    im = book.decode(codes)
+    assert torch.equal(book.encode(im), codes)
+    assert (book.decode(book.encode(im)) - im).abs().max() < 1e-6
+    # with the default gradient weight the same images still come back close
+    book = Codebook.fit(grey, small_cfg(patch_size=patch))
+    im = book.decode(book.encode(grey[:5]))
+    assert psnr(book.decode(book.encode(im)), im) > 15
+
+
+def test_codebook_is_deterministic(grey):
+    a = Codebook.fit(grey, small_cfg())
+    b = Codebook.fit(grey, small_cfg())
+    assert torch.equal(a.centroids, b.centroids) and torch.equal(a.colours, b.colours)
+    assert torch.equal(a.encode(grey), b.encode(grey))
+    c = Codebook.fit(grey, small_cfg(codebook_seed=1))
+    assert not torch.equal(a.centroids, c.centroids)
+    assert not torch.equal(a.encode(grey), c.encode(grey))
+
+
+def test_codebook_save_load_round_trip(tmp_path, grey):
+    book = Codebook.fit(grey, small_cfg())
+    book.save(tmp_path)
+    assert (tmp_path / "codebook.json").exists() and (tmp_path / "codebook.safetensors").exists()
+    meta = json.loads((tmp_path / "codebook.json").read_text())
+    assert meta["image_size"] == [12, 12] and meta["channels"] == 1
+    back = Codebook.load(tmp_path)
+    assert back.cfg == book.cfg and back.image_size == (12, 12) and back.channels == 1
+    assert torch.equal(back.centroids, book.centroids) and torch.equal(back.colours, book.colours)
+    assert back.stats.keys() == book.stats.keys()
+    assert torch.equal(back.encode(grey), book.encode(grey))
+    assert torch.equal(back.decode(book.encode(grey)), book.decode(book.encode(grey)))
+
+
+def test_codebook_fitted_with_a_larger_config_still_loads(tmp_path, grey):
+    # data.prepare passes its DataConfig (a CodebookConfig with more fields); the saved codebook
+    # must still load (regression: codebook.json used to hold the extra fields and failed to load)
+    @dataclass
+    class Bigger(CodebookConfig):
+        source: str = "folder:x"
+
+    book = Codebook.fit(grey, Bigger(**vars(small_cfg())))
+    book.save(tmp_path)
+    assert "source" not in json.loads((tmp_path / "codebook.json").read_text())["config"]
+    back = Codebook.load(tmp_path)
+    assert back.cfg == small_cfg()
+    assert torch.equal(back.encode(grey), book.encode(grey))
+
+
+def test_codebook_load_errors(tmp_path, grey):
+    with pytest.raises(UserError, match="codebook.json"):
+        Codebook.load(tmp_path)
+    book = Codebook.fit(grey, small_cfg())
+    book.save(tmp_path)
+    meta = json.loads((tmp_path / "codebook.json").read_text())
+    meta["config"]["num_codes"] = 8
+    (tmp_path / "codebook.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="16 centroids"):
+        Codebook.load(tmp_path)
+    (tmp_path / "codebook.safetensors").unlink()
+    with pytest.raises(UserError, match="safetensors"):
+        Codebook.load(tmp_path)
+
+
+def test_codebook_input_errors(grey):
+    with pytest.raises(UserError, match="divisible"):
+        Codebook.fit(grey, small_cfg(patch_size=5))
+    with pytest.raises(UserError, match="weights"):
+        Codebook.fit(grey, small_cfg(w_colour=0.0, w_gradient=0.0))
+    with pytest.raises(UserError, match="at least 16"):
+        Codebook.fit(grey, small_cfg(fit_samples=10))
+    book = Codebook.fit(grey, small_cfg())
+    with pytest.raises(UserError, match="expects"):
+        book.encode(torch.zeros(2, 1, 10, 10))
+    with pytest.raises(UserError, match="expects"):
+        book.encode(torch.zeros(2, 3, 12, 12))
+    assert book.encode(grey[:0]).shape == (0, 36)
+
+
+def test_decode_ids_partial_and_generated_sequences(grey):
+    book = Codebook.fit(grey, small_cfg())       # 6 x 6 grid of 2 x 2 patches
+    v = Vocab(16, 10)
+    codes = book.encode(grey[:1])[0]
+    full = v.encode(v.image_tokens(codes, 3))
+    assert torch.allclose(book.decode_ids(full, v), book.decode(codes[None])[0])
+    assert torch.allclose(book.decode_ids(torch.tensor(full), v), book.decode(codes[None])[0])
+
+    # truncated (generation stopped early): the first 10 cells drawn, the rest black
+    img = book.decode_ids(full[:11], v)
+    expect = book.decode(torch.cat([codes[:10], torch.full((26,), -1)])[None])[0]
+    assert torch.allclose(img, expect)
+    assert img[:, 4:, :].abs().max() == 0      # rows of patches 2..5 are empty
+
+    # stray non-code tokens are skipped; nothing after </IMG> is drawn; extra codes are ignored
+    noisy = [v.img_id, v.code_id(codes[0]), v.cls_id, v.pad_id, v.label_id(2), v.unk_id, v.eos_id] + \
+        [v.code_id(c) for c in codes[1:]] + [v.img_end_id] + [v.code_id(5)] * 10
+    assert torch.allclose(book.decode_ids(noisy, v), book.decode(codes[None])[0])
+    too_many = [v.img_id] + [v.code_id(c) for c in codes] + [v.code_id(5)] * 7
+    assert torch.allclose(book.decode_ids(too_many, v), book.decode(codes[None])[0])
+
+    # a sequence cut before <IMG> (a continuation) still draws its codes
+    cut = [v.code_id(c) for c in codes[:6]]
+    assert torch.allclose(book.decode_ids(cut, v), book.decode(torch.cat([codes[:6], torch.full((30,), -1)])[None])[0])
+
+    # codes beyond the codebook (a larger vocabulary) are ignored; nothing at all -> black
+    big = Vocab(40, 10)
+    assert book.decode_ids([big.img_id, big.code_id(30), big.img_end_id], big).abs().max() == 0
+    assert book.decode_ids([], v).shape == (1, 12, 12)
+    assert book.decode(torch.full((2, 36), -1)).abs().max() == 0
+
+
+def test_psnr():
+    a = torch.zeros(2, 1, 4, 4)
+    assert psnr(a, a) == pytest.approx(100.0)
+    assert psnr(a, a + 0.1) == pytest.approx(20.0, abs=1e-4)
+    assert psnr(a, torch.ones_like(a)) == pytest.approx(0.0, abs=1e-6)
