@@ -1,0 +1,121 @@
+"""Checkpoint folders, written atomically and read without pickles.
+
+A checkpoint is a self-contained folder:
+    model.safetensors        weights (the tied lm_head is stored once, as transformer.wte.weight)
+    config.json              {"model": GPTConfig, "train": TrainConfig fields}
+    vocab.json, codebook.json, codebook.safetensors
+    metrics.json             validation metrics when it was written
+    trainer_state.pt         optimizer, step, RNG state (resumable checkpoints only; weights_only load)
+The folder is built under a temporary name and swapped in with renames, so a crash leaves either the
+old or the new checkpoint on disk, never a mix.
+"""
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+
+import torch
+
+from model import GPT, GPTConfig
+from tokenizer import Codebook, Vocab
+from util import UserError, read_json, write_json
+
+
+def save(folder, model, train_cfg, vocab, codebook, metrics=None, trainer_state=None):
+    from safetensors.torch import save_file
+    folder = os.path.abspath(folder)
+    parent = os.path.dirname(folder)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(folder)}.tmp-")
+    except OSError as e:
+        raise UserError(f"{folder}: cannot write checkpoint ({e.strerror})") from None
+    try:
+        sd = {k: v.detach().cpu().contiguous() for k, v in raw_model(model).state_dict().items()
+              if k != "lm_head.weight"}
+        save_file(sd, os.path.join(tmp, "model.safetensors"))
+        write_json(os.path.join(tmp, "config.json"),
+                   {"model": asdict(raw_model(model).config), "train": asdict(train_cfg)})
+        vocab.save(os.path.join(tmp, "vocab.json"))
+        codebook.save(tmp)
+        if metrics is not None:
+            write_json(os.path.join(tmp, "metrics.json"), metrics)
+        if trainer_state is not None:
+            torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
+        old = folder + ".old"
+        if os.path.exists(folder):
+            if os.path.exists(old):
+                shutil.rmtree(old)
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve(folder):
+    """The folder to read: a crash between the two renames of save() leaves only `folder.old`."""
+    if not os.path.exists(os.path.join(folder, "config.json")) and os.path.exists(folder + ".old"):
+        return folder + ".old"
+    return folder
+
+
+def raw_model(model):
+    """Unwrap DistributedDataParallel and torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def load(folder, device="cpu"):
+    """-> (model in eval mode, info dict with 'config', 'vocab', 'codebook', 'metrics', 'folder')."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    folder = resolve(folder)
+    if not os.path.isdir(folder):
+        raise UserError(f"{folder}: no such checkpoint folder")
+    cfg = read_json(os.path.join(folder, "config.json"), "checkpoint config.json")
+    try:
+        mcfg = GPTConfig(**cfg["model"])
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{folder}/config.json: not a checkpoint config of this project ({e})") from None
+    path = os.path.join(folder, "model.safetensors")
+    try:
+        sd = load_file(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    vocab = Vocab.load(os.path.join(folder, "vocab.json"))
+    if len(vocab) != mcfg.vocab_size:
+        raise UserError(f"{folder}/vocab.json has {len(vocab)} tokens, the model expects {mcfg.vocab_size}")
+    model = GPT(mcfg)
+    load_weights(model, sd, path)
+    metrics_path = os.path.join(folder, "metrics.json")
+    metrics = read_json(metrics_path, "metrics.json") if os.path.exists(metrics_path) else None
+    info = {"config": cfg, "vocab": vocab, "codebook": Codebook.load(folder), "metrics": metrics,
+            "folder": folder}
+    return model.to(device).eval(), info
+
+
+def load_weights(model, sd, where):
+    """Load a state dict saved by save() (lm_head tied, so absent) with clear shape errors."""
+    own = model.state_dict()
+    want = set(own) - {"lm_head.weight"}
+    if set(sd) != want:
+        missing, extra = sorted(want - set(sd)), sorted(set(sd) - want)
+        raise UserError(f"{where}: weights do not fit the model config "
+                        f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    for k, v in sd.items():
+        if v.shape != own[k].shape:
+            raise UserError(f"{where}: {k} has shape {tuple(v.shape)}, the config needs {tuple(own[k].shape)}")
+    model.load_state_dict(sd, strict=False)
+
+
+def load_trainer_state(folder):
+    path = os.path.join(resolve(folder), "trainer_state.pt")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; this checkpoint cannot be resumed") from None
+    except Exception as e:  # pickle refusals, truncation, foreign files: all one line
+        raise UserError(f"{path}: cannot load trainer state ({str(e).splitlines()[0][:200]})") from None
