@@ -40,6 +40,8 @@ class DataConfig(CodebookConfig):
     augment: int = 0             # extra randomly shifted / rotated copies of each training image
     max_shift: float = 2.0       # pixels
     max_rotate: float = 10.0     # degrees
+    dev_fraction: float = 0.0    # > 0: for tuning, hold out this share of the TRAINING images as the
+                                 # validation split (the real validation images are not used at all)
 
 
 def data_fields():
@@ -267,6 +269,9 @@ def prepare(cfg, device="cpu"):
     t0 = time.time()
     images, labels, names, meta = load_source(cfg)
     tr, va = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
+    if cfg.dev_fraction > 0:  # carve a development split out of the training images
+        sub, dev = stratified_split(labels[tr], cfg.dev_fraction, cfg.split_seed + 1)
+        tr, va = tr[sub], tr[dev]
     if len(tr) == 0 or len(va) == 0:
         raise UserError(f"{cfg.source}: {len(images)} images are too few for a train/val split")
     x = to_tensor(images)
