@@ -303,7 +303,7 @@ def prepare(cfg, device="cpu"):
     usage = torch.bincount(torch.cat([codes_tr, codes_va]).flatten(), minlength=cfg.num_codes).double()
     pr = usage / usage.sum()
     report = {
-        "config": asdict(cfg),
+        "config": {k: getattr(cfg, k) for k in data_fields()},  # cfg may be a TrainConfig
         "classes": names,
         "counts": {"train": np.bincount(labels[tr], minlength=len(names)).tolist(),
                    "val": np.bincount(labels[va], minlength=len(names)).tolist(),

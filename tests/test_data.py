@@ -1,0 +1,587 @@
+import gzip
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import data  # noqa: E402
+from data import (DataConfig, augment, coerce, ensure_prepared, load_builtin, load_csv, load_folder,  # noqa: E402
+                  load_idx, load_source, make_batch, override, prepare, read_pixel_csv, read_sequences,
+                  save_grid, stratified_split, to_tensor, truncate)
+from tokenizer import Codebook, Vocab  # noqa: E402
+from util import UserError  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- fixtures written by the tests
+
+def write_idx(path, arr, gz=False):
+    """Write a uint8 array in the IDX format: magic 0x0000080N (N = ndim), big-endian sizes, data."""
+    arr = np.asarray(arr, dtype=np.uint8)
+    raw = struct.pack(">I", 0x00000800 | arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape) + arr.tobytes()
+    with (gzip.open if gz else open)(str(path) + (".gz" if gz else ""), "wb") as f:
+        f.write(raw)
+
+
+def digit_images(n, size=8, seed=0):
+    """n little images whose class (0..2) is where a bright square sits; uint8 (n, size, size)."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 3
+    imgs = (rng.random((n, size, size)) * 40).astype(np.uint8)
+    for i, y in enumerate(labels):
+        r = 1 + y * 2 + rng.integers(0, 2)
+        c = 1 + rng.integers(0, size - 3)
+        imgs[i, r:r + 2, c:c + 2] = 200 + rng.integers(0, 55)
+    return imgs, labels
+
+
+def write_folder(root, n=48, size=8, seed=0):
+    imgs, labels = digit_images(n, size, seed)
+    for i, (im, y) in enumerate(zip(imgs, labels)):
+        os.makedirs(root / f"class{y}", exist_ok=True)
+        Image.fromarray(im).save(root / f"class{y}" / f"{i:03d}.png")
+    return imgs, labels
+
+
+def write_pixel_csv(path, img, scale01=True):
+    """The original per-image CSV: one row per pixel, colour in [0, 1] (or 0..255)."""
+    H, W = img.shape[:2]
+    rgb = img.reshape(H, W, -1).astype(float)
+    if rgb.shape[-1] == 1:
+        rgb = rgb.repeat(3, -1)
+    if scale01:
+        rgb = rgb / 255
+    g = img.reshape(H, W, -1).mean(-1)
+    gy, gx = np.gradient(g)
+    rows = ["pixel_id,x,y,t,R,G,B,A,Gx,Gy"]
+    for y in range(H):
+        for x in range(W):
+            r, gg, b = rgb[y, x]
+            rows.append(f"{y * W + x},{x},{y},0,{r},{gg},{b},1.0,{gx[y, x]},{gy[y, x]}")
+    path.write_text("\n".join(rows) + "\n")
+
+
+# ----------------------------------------------------------------------------- sources
+
+@pytest.mark.parametrize("gz_train,gz_test", [(True, False), (False, True), (False, False)])
+def test_idx_source(tmp_path, gz_train, gz_test):
+    rng = np.random.default_rng(0)
+    xtr, ytr = rng.integers(0, 256, (7, 28, 28)), np.array([0, 1, 2, 3, 4, 5, 9])
+    xte, yte = rng.integers(0, 256, (3, 28, 28)), np.array([7, 8, 0])
+    write_idx(tmp_path / "train-images-idx3-ubyte", xtr, gz_train)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", ytr, gz_train)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", xte, gz_test)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", yte, gz_test)
+    images, labels, names, meta = load_idx(str(tmp_path))
+    assert images.shape == (10, 28, 28, 1) and images.dtype == np.uint8
+    assert np.array_equal(images[..., 0], np.concatenate([xtr, xte]))
+    assert labels.tolist() == ytr.tolist() + yte.tolist() and labels.dtype == np.int64
+    assert names == [str(c) for c in range(10)]
+    assert meta[0]["source"].startswith("train-images") and meta[7] == {
+        "source": "t10k-images-idx3-ubyte" + (".gz" if gz_test else ""), "index": 0}
+    # through load_source: resized and made RGB as configured
+    cfg = DataConfig(source=f"idx:{tmp_path}", image_size=14, channels=3)
+    images, labels, _, _ = load_source(cfg)
+    assert images.shape == (10, 14, 14, 3)
+    assert np.array_equal(images[..., 0], images[..., 2])
+
+
+def test_idx_errors(tmp_path):
+    with pytest.raises(UserError, match="no MNIST IDX files"):
+        load_idx(str(tmp_path))
+    write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((2, 4, 4)))
+    with pytest.raises(UserError, match="train-labels-idx1-ubyte"):
+        load_idx(str(tmp_path))
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(3))
+    with pytest.raises(UserError, match="N x H x W"):
+        load_idx(str(tmp_path))
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(struct.pack(">I", 0x00000D01) + struct.pack(">I", 2) + b"\0\0")
+    with pytest.raises(UserError, match="magic"):
+        load_idx(str(tmp_path))
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x00000801, 5) + b"\0\0")
+    with pytest.raises(UserError, match="truncated"):
+        load_idx(str(tmp_path))
+    os.remove(tmp_path / "train-labels-idx1-ubyte")
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(UserError, match="cannot read"):
+        load_idx(str(tmp_path))
+
+
+def test_folder_source(tmp_path):
+    (tmp_path / "b_dog").mkdir()
+    (tmp_path / "a_cat").mkdir()
+    (tmp_path / "empty").mkdir()
+    Image.new("L", (10, 10), 200).save(tmp_path / "a_cat" / "grey.png")
+    Image.new("RGB", (20, 14), (255, 0, 0)).save(tmp_path / "a_cat" / "red.PNG")
+    Image.new("RGBA", (5, 7), (0, 0, 255, 255)).save(tmp_path / "b_dog" / "blue.png")
+    Image.new("RGB", (8, 8), (0, 255, 0)).save(tmp_path / "b_dog" / "green.jpg", quality=100)
+    (tmp_path / "b_dog" / "notes.txt").write_text("not an image")
+    images, labels, names, meta = load_folder(str(tmp_path), 8, 1)
+    assert names == ["a_cat", "b_dog", "empty"]
+    assert images.shape == (4, 8, 8, 1) and images.dtype == np.uint8
+    assert labels.tolist() == [0, 0, 1, 1]
+    assert [m["source"] for m in meta] == [os.path.join("a_cat", "grey.png"), os.path.join("a_cat", "red.PNG"),
+                                           os.path.join("b_dog", "blue.png"), os.path.join("b_dog", "green.jpg")]
+    assert (images[0] == 200).all()                        # grey, resized from 10x10
+    assert (images[1] == 76).all()                         # red -> luma 0.299 * 255
+    assert (images[2] == 29).all()                         # blue -> luma 0.114 * 255
+    rgb, _, _, _ = load_folder(str(tmp_path), 6, 3)
+    assert rgb.shape == (4, 6, 6, 3)
+    assert (rgb[1] == [255, 0, 0]).all() and (rgb[2] == [0, 0, 255]).all() and (rgb[0] == 200).all()
+    assert abs(rgb[3].astype(int) - [0, 255, 0]).max() <= 3
+    # through load_source with the configured size
+    images, labels, names, _ = load_source(DataConfig(source=f"folder:{tmp_path}", image_size=12))
+    assert images.shape == (4, 12, 12, 1)
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(UserError, match="no such folder"):
+        load_folder(str(tmp_path / "nope"), 8, 1)
+    (tmp_path / "a").mkdir()
+    with pytest.raises(UserError, match="class sub-folders"):
+        load_folder(str(tmp_path), 8, 1)
+    (tmp_path / "a" / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(UserError, match="broken.png"):
+        load_folder(str(tmp_path), 8, 1)
+
+
+def test_csv_source(tmp_path):
+    imgs, labels = digit_images(4, size=28)
+    for i, (im, y) in enumerate(zip(imgs, labels[:4])):
+        (tmp_path / f"digit_{y}").mkdir(exist_ok=True)
+        write_pixel_csv(tmp_path / f"digit_{y}" / f"img{i}.csv", im, scale01=(i % 2 == 0))
+    images, got, names, meta = load_csv(str(tmp_path), 28, 1)
+    assert names == ["digit_0", "digit_1", "digit_2"]
+    assert got.tolist() == [0, 0, 1, 2]                    # files sorted by class folder
+    order = [0, 3, 1, 2]                                   # img0, img3 in digit_0; img1; img2
+    assert images.shape == (4, 28, 28, 1)
+    assert np.array_equal(images[..., 0], imgs[order])     # both colour scales read back exactly
+    assert meta[1]["source"] == os.path.join("digit_0", "img3.csv")
+    small, _, _, _ = load_csv(str(tmp_path), 14, 1)
+    assert small.shape == (4, 14, 14, 1)
+    rgb = read_pixel_csv(tmp_path / "digit_1" / "img1.csv", 3)
+    assert rgb.shape == (28, 28, 3) and np.array_equal(rgb[..., 1], imgs[1])
+    via = load_source(DataConfig(source=f"csv:{tmp_path}", image_size=28))[0]
+    assert np.array_equal(via, images)
+
+
+def test_csv_errors(tmp_path):
+    p = tmp_path / "x.csv"
+    p.write_text("id,x,y\n0,0,0\n")
+    with pytest.raises(UserError, match="x.csv:1"):
+        read_pixel_csv(p, 1)
+    p.write_text("pixel_id,x,y,t,R,G,B,A,Gx,Gy\n0,0,0,0,1,1,1,1,0,0\n1,1,0,0,zero,0,0,1,0,0\n")
+    with pytest.raises(UserError, match="x.csv:3"):
+        read_pixel_csv(p, 1)
+    p.write_text("pixel_id,x,y,t,R,G,B,A,Gx,Gy\n")
+    with pytest.raises(UserError, match="no pixel rows"):
+        read_pixel_csv(p, 1)
+    p.write_bytes(b"pixel_id,x,y,t,R,G,B,A,Gx,Gy\n\xff\xfe\n")
+    with pytest.raises(UserError, match="UTF-8"):
+        read_pixel_csv(p, 1)
+
+
+def test_builtin_source():
+    images, labels, names, meta = load_builtin()
+    assert images.shape == (5000, 28, 28, 1) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [500] * 10
+    assert names == [str(c) for c in range(10)]
+    assert images.max() == 255 and images.min() == 0
+    assert 20 < images.mean() < 60                        # dark background, bright strokes
+    assert meta[17] == {"source": "builtin", "index": 17}
+    assert len({im.tobytes() for im in images}) == 5000
+
+
+def test_bad_source_spec():
+    for spec in ("nope", "idx", "folder:", "builtin:x"):
+        with pytest.raises(UserError, match="expected builtin"):
+            load_source(DataConfig(source=spec))
+
+
+# ----------------------------------------------------------------------------- split, augmentation
+
+def test_stratified_split():
+    labels = np.repeat(np.arange(4), [50, 10, 25, 3])
+    np.random.default_rng(0).shuffle(labels)
+    tr, va = stratified_split(labels, 0.2, seed=0)
+    assert np.bincount(labels[va], minlength=4).tolist() == [10, 2, 5, 1]
+    assert np.bincount(labels[tr], minlength=4).tolist() == [40, 8, 20, 2]
+    assert len(np.intersect1d(tr, va)) == 0
+    assert np.array_equal(np.sort(np.concatenate([tr, va])), np.arange(len(labels)))
+    assert np.all(np.diff(tr) > 0) and np.all(np.diff(va) > 0)
+    tr2, va2 = stratified_split(labels, 0.2, seed=0)
+    assert np.array_equal(tr, tr2) and np.array_equal(va, va2)
+    tr3, va3 = stratified_split(labels, 0.2, seed=1)
+    assert not np.array_equal(va, va3)
+    assert np.bincount(labels[va3], minlength=4).tolist() == [10, 2, 5, 1]
+    # the built-in 5,000 digits: 4,000 / 1,000, 100 per class in validation
+    tr, va = stratified_split(np.repeat(np.arange(10), 500))
+    assert (len(tr), len(va)) == (4000, 1000)
+
+
+def test_augment():
+    x = to_tensor(digit_images(6, size=12)[0][..., None])
+    same = augment(x, 2, 0.0, 0.0, seed=0)
+    assert same.shape == (12, 1, 12, 12)
+    assert torch.allclose(same[:6], x, atol=1e-5) and torch.allclose(same[6:], x, atol=1e-5)
+    a = augment(x, 3, 2.0, 10.0, seed=0)
+    assert a.shape == (18, 1, 12, 12) and 0 <= a.min() and a.max() <= 1
+    assert not torch.allclose(a[:6], x, atol=1e-2)
+    assert torch.equal(a, augment(x, 3, 2.0, 10.0, seed=0))
+    assert not torch.equal(a, augment(x, 3, 2.0, 10.0, seed=1))
+    assert augment(x, 0, 2.0, 10.0, seed=0).shape == (0, 1, 12, 12)
+
+
+# ----------------------------------------------------------------------------- prepare
+
+def tiny_cfg(tmp, **kw):
+    base = dict(source=f"folder:{tmp / 'images'}", data_dir=str(tmp / "prepared"), image_size=8,
+                patch_size=2, num_codes=16, kmeans_iters=5)
+    return DataConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("prep")
+    imgs, labels = write_folder(tmp / "images", n=48)
+    cfg = tiny_cfg(tmp)
+    report = prepare(cfg)
+    order = np.argsort(labels, kind="stable")   # the loader reads class by class, files sorted
+    return tmp, cfg, report, imgs[order], labels[order], order
+
+
+def test_prepare_writes_everything(prepared):
+    tmp, cfg, report, imgs, labels, order = prepared
+    d = tmp / "prepared"
+    for name in ("train.jsonl", "val.jsonl", "vocab.json", "codebook.json", "codebook.safetensors", "report.json"):
+        assert (d / name).is_file(), name
+    vocab = Vocab.load(d / "vocab.json")
+    assert (vocab.num_codes, vocab.num_classes, len(vocab)) == (16, 3, 25)
+    assert report["classes"] == ["class0", "class1", "class2"]
+    assert report["counts"] == {"train": [13, 13, 13], "val": [3, 3, 3], "train_augmented": 0}
+    assert report["sequence_length"] == 16 + 5
+    assert json.loads((d / "report.json").read_text())["counts"] == report["counts"]
+    assert report["val_psnr_db"] > 15 and report["train_psnr_db"] > 15
+    assert report["distinct_images"] == 48 and 1 <= report["codes_used"] <= 16
+    tr_seqs, tr_labels = read_sequences(d / "train.jsonl", vocab)
+    va_seqs, va_labels = read_sequences(d / "val.jsonl", vocab)
+    assert (len(tr_seqs), len(va_seqs)) == (39, 9)
+    assert all(len(s) == 21 for s in tr_seqs + va_seqs)
+    assert np.bincount(tr_labels).tolist() == [13, 13, 13] and np.bincount(va_labels).tolist() == [3, 3, 3]
+    recs = [json.loads(line) for line in (d / "val.jsonl").read_text().splitlines()]
+    assert all(r["meta"]["split"] == "val" for r in recs)
+    # the validation records are exactly the split's validation images, encoded by the saved codebook
+    tr, va = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
+    assert [r["meta"]["source"] for r in recs] == [os.path.join(f"class{labels[i]}", f"{order[i]:03d}.png") for i in va]
+    book = Codebook.load(d)
+    assert book.image_size == (8, 8) and book.seq_len == 16
+    codes = book.encode(to_tensor(imgs[va][..., None]))
+    assert [s[1:-4] for s in va_seqs] == (codes + vocab.code_offset).tolist()
+
+
+def test_codebook_is_fitted_on_training_images_only(prepared):
+    tmp, cfg, report, imgs, labels, order = prepared
+    book = Codebook.load(tmp / "prepared")
+    tr, va = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
+    x = to_tensor(imgs[..., None])
+    on_train = Codebook.fit(x[tr], cfg)
+    assert torch.equal(book.centroids, on_train.centroids)
+    assert torch.equal(book.colours, on_train.colours)
+    on_all = Codebook.fit(x, cfg)
+    assert not torch.equal(book.centroids, on_all.centroids)
+
+
+def test_ensure_prepared_reuses_or_refuses(prepared):
+    tmp, cfg, report, _, _, _ = prepared
+    train = tmp / "prepared" / "train.jsonl"
+    before = train.stat().st_mtime_ns
+    logs = []
+    again = ensure_prepared(replace(cfg), log=logs.append)
+    assert logs == [] and again["counts"] == report["counts"]
+    assert train.stat().st_mtime_ns == before
+    with pytest.raises(UserError, match="num_codes"):
+        ensure_prepared(replace(cfg, num_codes=8), log=logs.append)
+    with pytest.raises(UserError, match=r"other data settings \(patch_size\)"):
+        ensure_prepared(replace(cfg, patch_size=4), log=logs.append)
+    assert logs == [] and train.stat().st_mtime_ns == before
+
+
+def test_ensure_prepared_prepares_a_new_folder(tmp_path):
+    write_folder(tmp_path / "images", n=30)
+    cfg = tiny_cfg(tmp_path, augment=2, max_shift=1.0)
+    logs = []
+    rep = ensure_prepared(cfg, log=logs.append)
+    assert len(logs) == 1 and "preparing" in logs[0]
+    assert rep["counts"] == {"train": [8, 8, 8], "val": [2, 2, 2], "train_augmented": 48}
+    vocab = Vocab.load(tmp_path / "prepared" / "vocab.json")
+    seqs, labels = read_sequences(tmp_path / "prepared" / "train.jsonl", vocab)
+    assert len(seqs) == 24 * 3
+    assert np.bincount(labels).tolist() == [24, 24, 24]
+    recs = [json.loads(line) for line in (tmp_path / "prepared" / "train.jsonl").read_text().splitlines()]
+    assert [r["meta"].get("augmented") for r in recs] == [None] * 24 + [1] * 24 + [2] * 24
+    assert [r["meta"]["source"] for r in recs[24:48]] == [r["meta"]["source"] for r in recs[:24]]
+    assert [r["label"] for r in recs[48:]] == [r["label"] for r in recs[:24]]
+    assert len(read_sequences(tmp_path / "prepared" / "val.jsonl", vocab)[0]) == 6
+    assert ensure_prepared(cfg, log=logs.append) == rep and len(logs) == 1
+
+
+def test_prepare_from_idx(tmp_path):
+    imgs, labels = digit_images(40, size=28)
+    write_idx(tmp_path / "train-images-idx3-ubyte", imgs, gz=True)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labels, gz=True)
+    cfg = DataConfig(source=f"idx:{tmp_path}", data_dir=str(tmp_path / "out"), image_size=12,
+                     patch_size=3, num_codes=16, kmeans_iters=5)
+    rep = prepare(cfg)
+    assert rep["counts"] == {"train": [11, 10, 10], "val": [3, 3, 3], "train_augmented": 0}
+    assert rep["sequence_length"] == 16 + 5
+    vocab = Vocab.load(tmp_path / "out" / "vocab.json")
+    assert len(read_sequences(tmp_path / "out" / "val.jsonl", vocab)[0]) == 9
+
+
+def test_prepare_too_few_images(tmp_path):
+    write_folder(tmp_path / "images", n=3)
+    with pytest.raises(UserError, match="too few"):
+        prepare(tiny_cfg(tmp_path))
+
+
+# ----------------------------------------------------------------------------- reading sequence files
+
+V = Vocab(16, 3)
+GOOD = {"tokens": "<IMG> <Z_001> <Z_015> </IMG> <CLS> <CLS_2> <EOS>", "label": 2, "meta": {}}
+
+
+def rec(**kw):
+    return json.dumps({**GOOD, **kw})
+
+
+BAD_LINES = [
+    ("not json at all", "invalid JSON"),
+    (rec()[:-5], "invalid JSON"),                                          # truncated line
+    ("[1, 2, 3]", "JSON object"),
+    (json.dumps({"label": 2}), '"tokens"'),
+    (rec(tokens=["<IMG>"]), '"tokens"'),
+    (json.dumps({"tokens": GOOD["tokens"]}), '"label"'),
+    (rec(label="2"), '"label"'),
+    (rec(label=2.0), '"label"'),
+    (rec(label=True), '"label"'),
+    (rec(label=3), "out of range 0..2"),
+    (rec(label=-1), "out of range"),
+    (rec(tokens="<IMG> <Z_016> </IMG> <CLS> <CLS_2> <EOS>"), "unknown token <Z_016>"),
+    (rec(tokens="<Z_001> <Z_015> </IMG> <CLS> <CLS_2> <EOS>"), "start with <IMG>"),
+    (rec(tokens="<IMG> </IMG> <CLS> <EOS>"), "start with <IMG>"),                   # too short
+    (rec(tokens="<IMG> <Z_001> <Z_015> </IMG> <CLS> <CLS_2>"), "expected the tail"),
+    (rec(tokens="<IMG> <Z_001> <Z_015> <CLS> <CLS_2> <EOS> <EOS>"), "expected the tail"),
+    (rec(tokens="<IMG> <Z_001> </IMG> <CLS> <Z_003> <EOS>"), "expected the tail"),
+    (rec(tokens="<IMG> <Z_001> <Z_015> </IMG> <CLS> <CLS_1> <EOS>"), "tail says <CLS_1> but the label field is 2"),
+    (rec(tokens="<IMG> <Z_001> <CLS_0> <Z_015> </IMG> <CLS> <CLS_2> <EOS>"), "found <CLS_0>"),
+    (rec(tokens="<IMG> <Z_001> <IMG> </IMG> <CLS> <CLS_2> <EOS>"), "found <IMG>"),
+    (rec(tokens="<IMG> <PAD> <Z_001> </IMG> <CLS> <CLS_2> <EOS>"), "found <PAD>"),
+]
+
+
+@pytest.mark.parametrize("line,msg", BAD_LINES)
+def test_read_sequences_rejects_with_file_and_line(tmp_path, line, msg):
+    p = tmp_path / "seqs.jsonl"
+    p.write_text(rec() + "\n\n" + line + "\n" + rec() + "\n")   # the bad record is on line 3
+    with pytest.raises(UserError) as e:
+        read_sequences(p, V)
+    assert f"{p}:3: " in str(e.value)
+    assert msg in str(e.value)
+
+
+def test_read_sequences_non_utf8_and_empty(tmp_path):
+    p = tmp_path / "seqs.jsonl"
+    p.write_bytes(rec().encode() + b"\n" + b'{"tokens": "\xff\xfe", "label": 1}\n')
+    with pytest.raises(UserError, match=f"{p}:2: not UTF-8"):
+        read_sequences(p, V)
+    for content in (b"", b"\n  \n"):
+        p.write_bytes(content)
+        with pytest.raises(UserError) as e:
+            read_sequences(p, V)
+        assert "empty" in str(e.value) and str(p) in str(e.value)
+        assert not re.search(re.escape(str(p)) + r":\d", str(e.value))
+    with pytest.raises(UserError, match="cannot read"):
+        read_sequences(tmp_path / "missing.jsonl", V)
+
+
+def test_read_sequences_valid_and_v1_repair(tmp_path):
+    p = tmp_path / "seqs.jsonl"
+    v1 = rec(tokens="<IMG> <Z_001> <Z_015> </IMG> <CLS> <CLS> <EOS>", label=1)
+    p.write_text(rec() + "\n" + v1 + "\n" + rec(tokens="<IMG> </IMG> <CLS> <CLS_0> <EOS>", label=0))
+    with pytest.raises(UserError) as e:
+        read_sequences(p, V)
+    assert f"{p}:2: " in str(e.value) and "--repair_v1" in str(e.value)
+    seqs, labels = read_sequences(p, V, repair_v1=True)
+    assert labels == [2, 1, 0]
+    assert seqs[0] == V.encode(GOOD["tokens"])
+    assert seqs[1] == V.encode("<IMG> <Z_001> <Z_015> </IMG> <CLS> <CLS_1> <EOS>")
+    assert seqs[2] == [V.img_id, V.img_end_id, V.cls_id, V.label_id(0), V.eos_id]
+    # a v1 file with the original 516-entry vocabulary
+    big = Vocab(500, 10)
+    p.write_text(json.dumps({"tokens": "<IMG> <Z_499> <Z_000> </IMG> <CLS> <CLS> <EOS>", "label": 9}) + "\n")
+    seqs, labels = read_sequences(p, big, repair_v1=True)
+    assert seqs == [[2, 505, 6, 3, 4, 515, 5]] and labels == [9]
+
+
+# ----------------------------------------------------------------------------- batches
+
+def seq(n_codes, label, vocab=V):
+    return vocab.encode(vocab.image_tokens([k % vocab.num_codes for k in range(n_codes)], label))
+
+
+def test_truncate_keeps_the_tail():
+    s = seq(20, 1)
+    assert truncate(s, 100) == s and truncate(s, 25) == s
+    t = truncate(s, 10)
+    assert len(t) == 10
+    assert t[:6] == s[:6] and t[-4:] == [V.img_end_id, V.cls_id, V.label_id(1), V.eos_id]
+    assert t[0] == V.img_id and all(V.is_code(i) for i in t[1:-4])
+    assert truncate(s, 6) == s[:2] + s[-4:]
+    with pytest.raises(UserError, match="max_length 4"):
+        truncate(s, 4)
+
+
+def test_make_batch_one_shift_pads_and_cls_pos():
+    seqs = [seq(10, 0), seq(3, 2), seq(30, 1)]
+    x, y, cls_pos = make_batch(seqs, max_length=20)
+    kept = [truncate(s, 20) for s in seqs]
+    assert [len(s) for s in kept] == [15, 8, 20]
+    assert x.shape == y.shape == (3, 19) and x.dtype == y.dtype == torch.long
+    for i, s in enumerate(kept):
+        n = len(s) - 1
+        assert x[i, :n].tolist() == s[:-1] and y[i, :n].tolist() == s[1:]
+        assert (x[i, n:] == V.pad_id).all() and (y[i, n:] == -100).all()
+        assert torch.equal(y[i, :n - 1], x[i, 1:n])              # exactly one shift
+        assert x[i, cls_pos[i]] == V.cls_id
+        assert y[i, cls_pos[i]] == V.label_id([0, 2, 1][i])
+        assert y[i, cls_pos[i] + 1] == V.eos_id
+    assert (y != -100).sum() == sum(len(s) - 1 for s in kept)
+    x, y, _ = make_batch([seq(3, 2)], max_length=512, pad_id=7)
+    assert x.shape == (1, 7) and (y != -100).all()
+    with pytest.raises(UserError, match="too short"):
+        make_batch(seqs, max_length=5)
+
+
+# ----------------------------------------------------------------------------- pictures, CLI, config
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_save_grid_png_size(tmp_path, channels):
+    imgs = torch.rand(5, channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = tmp_path / "grid.png"
+    size = save_grid(imgs, ["a", "b", "c", "d", "e"], out)
+    ncol, nrow = 3, 2                        # ceil(sqrt(5)) columns
+    assert size == (ncol * (8 * 3 + 4), nrow * (8 * 3 + 16))
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size == size
+        cell = np.asarray(im.convert("RGB"))[2:2 + 24, 2:2 + 24]
+    ref = (imgs[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    ref = ref.repeat(3, 0).repeat(3, 1)       # nearest x3
+    assert np.array_equal(cell, np.broadcast_to(ref, (24, 24, 3)))
+    assert save_grid(imgs[:2], None, tmp_path / "g2.png", ncol=1, scale=2) == (20, 2 * 32)
+
+
+def run_data(*args, cwd=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), *args], capture_output=True,
+                          text=True, cwd=cwd or ROOT, env=env, timeout=120)
+
+
+def test_cli_help_and_bad_option(tmp_path):
+    r = run_data("--help")
+    assert r.returncode == 0 and "prepare" in r.stdout
+    r = run_data("prepare", "--help")
+    assert r.returncode == 0 and "num_codes" in r.stdout and "patch_size" in r.stdout
+    r = run_data("prepare", "--bogus", "1", cwd=tmp_path)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr
+    assert "--bogus" in lines[0] and "num_codes" in lines[0]
+    assert not (tmp_path / "data").exists()
+
+
+def run_main(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["data.py", *args])
+    assert data.main() == 0
+    return capsys.readouterr().out
+
+
+def test_cli_prepare_render_reconstruct(tmp_path, monkeypatch, capsys):
+    # in-process (the subprocess test above covers the process boundary)
+    write_folder(tmp_path / "images", n=30)
+    out = run_main(monkeypatch, capsys, "prepare", "--source", f"folder:{tmp_path / 'images'}",
+                   "--data_dir", str(tmp_path / "p"), "--image_size", "8", "--patch_size", "2",
+                   "--num_codes", "16", "--kmeans_iters", "5", "--augment", "1")
+    rep = json.loads(out.splitlines()[0])
+    assert rep["counts"]["train_augmented"] == 24 and rep["sequence_length"] == 21
+    made = json.loads((tmp_path / "p" / "report.json").read_text())["config"]
+    assert (made["num_codes"], made["image_size"], made["augment"]) == (16, 8, 1)
+    grid = tmp_path / "grid.png"
+    out = run_main(monkeypatch, capsys, "render", str(tmp_path / "p" / "val.jsonl"), "--n", "4", "--out", str(grid))
+    assert "wrote" in out
+    with Image.open(grid) as im:
+        assert im.size == (2 * (8 * 3 + 4), 2 * (8 * 3 + 16))
+    rec_png = tmp_path / "recon.png"
+    out = run_main(monkeypatch, capsys, "reconstruct", str(tmp_path / "p"), "--n", "3", "--out", str(rec_png))
+    assert "PSNR" in out
+    with Image.open(rec_png) as im:
+        assert im.size == (8 * (8 * 3 + 4), 1 * (8 * 3 + 16))   # 3 real + 3 decoded, in 8 columns
+
+
+def test_prepare_with_a_larger_config(tmp_path, monkeypatch, capsys):
+    # train.py's TrainConfig extends DataConfig; what prepare writes must still read back as data
+    # settings (regression: report.json held every training field and `reconstruct` crashed)
+    @dataclass
+    class Bigger(DataConfig):
+        lr: float = 1e-3
+
+    write_folder(tmp_path / "images", n=30)
+    cfg = Bigger(**vars(tiny_cfg(tmp_path)))
+    rep = ensure_prepared(cfg, log=lambda m: None)
+    assert list(rep["config"]) == data.data_fields()
+    assert DataConfig(**rep["config"]) == tiny_cfg(tmp_path)
+    assert Codebook.load(tmp_path / "prepared").cfg.num_codes == 16
+    assert ensure_prepared(cfg, log=None) == rep
+    run_main(monkeypatch, capsys, "reconstruct", str(tmp_path / "prepared"), "--out", str(tmp_path / "r.png"))
+
+
+def test_override_and_coerce():
+    cfg = override(DataConfig(), ["--num_codes", "16", "--w_colour", "0.5", "--source", "idx:x",
+                                  "--val_fraction", "1e-1"])
+    assert (cfg.num_codes, cfg.w_colour, cfg.source, cfg.val_fraction) == (16, 0.5, "idx:x", 0.1)
+    assert isinstance(cfg.num_codes, int) and isinstance(cfg.w_colour, float)
+    with pytest.raises(UserError) as e:
+        override(DataConfig(), ["--num_code", "16"])
+    assert "--num_code" in str(e.value) and "valid keys" in str(e.value)
+    assert all(k in str(e.value) for k in ("num_codes", "patch_size", "source", "max_rotate"))
+    with pytest.raises(UserError, match="unknown option num_codes"):
+        override(DataConfig(), ["num_codes", "16"])
+    with pytest.raises(UserError, match="num_codes expects int, got 'abc'"):
+        override(DataConfig(), ["--num_codes", "abc"])
+    with pytest.raises(UserError, match="num_codes expects int"):
+        override(DataConfig(), ["--num_codes", "1.5"])
+    with pytest.raises(UserError, match="w_colour expects float"):
+        override(DataConfig(), ["--w_colour", "heavy"], where="config.yaml")
+    with pytest.raises(UserError, match="config.yaml: w_colour"):
+        override(DataConfig(), ["--w_colour", "heavy"], where="config.yaml")
+    with pytest.raises(UserError, match="pairs"):
+        override(DataConfig(), ["--num_codes"])
+    # YAML values
+    assert coerce("n", 3.0, int, "y") == 3 and coerce("n", 7, int, "y") == 7
+    assert coerce("f", 1, float, "y") == 1.0 and coerce("s", 12, str, "y") == "12"
+    assert coerce("b", "yes", bool, "y") is True and coerce("b", "0", bool, "y") is False
+    assert coerce("b", False, bool, "y") is False
+    for key, value, typ in [("n", 3.5, int), ("n", True, int), ("n", None, int), ("f", True, float),
+                            ("f", None, float), ("s", True, str), ("s", None, str), ("s", [1], str),
+                            ("b", "maybe", bool)]:
+        with pytest.raises(UserError, match=f"y: {key} expects {typ.__name__}"):
+            coerce(key, value, typ, "y")
+    assert data.data_fields()[:2] == ["patch_size", "num_codes"] and "source" in data.data_fields()
