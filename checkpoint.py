@@ -10,6 +10,7 @@ The folder is built under a temporary name and swapped in with renames, so a cra
 old or the new checkpoint on disk, never a mix.
 """
 import os
+import pickle
 import shutil
 import tempfile
 from dataclasses import asdict
@@ -117,5 +118,9 @@ def load_trainer_state(folder):
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{path}: missing; this checkpoint cannot be resumed") from None
+    except pickle.UnpicklingError as e:  # torch's own text would suggest weights_only=False: never
+        why = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
+        raise UserError(f"{path}: cannot load trainer state: refused, it holds Python objects other than "
+                        f"tensors and plain data{' (' + why[:160] + ')' if why else ''}") from None
     except Exception as e:  # pickle refusals, truncation, foreign files: all one line
         raise UserError(f"{path}: cannot load trainer state ({str(e).splitlines()[0][:200]})") from None

@@ -134,9 +134,9 @@ class StopFlag:
     """The first Ctrl-C (SIGINT) asks the loop to save and stop at the next step; a second one aborts."""
 
     def __init__(self):
-        self.set = False
+        self.set, self.previous = False, None
         try:
-            signal.signal(signal.SIGINT, self._handle)
+            self.previous = signal.signal(signal.SIGINT, self._handle)
         except ValueError:  # not the main thread
             pass
 
@@ -144,6 +144,11 @@ class StopFlag:
         if self.set:
             raise KeyboardInterrupt
         self.set = True
+
+    def restore(self):
+        """Put back the handler that was there before (train() may be called from a library)."""
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def train(cfg, resume=False, log=print):
@@ -199,6 +204,7 @@ def train(cfg, resume=False, log=print):
         model.load_state_dict(resumed.state_dict())
         opt.load_state_dict(state["optimizer"])
         step, best, tokens = int(state["step"]), state["best"], int(state["tokens"])
+        history.extend(state.get("history", []))  # train losses since the last evaluation
         torch.set_rng_state(state["rng"])
         if cuda and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"])
@@ -220,13 +226,16 @@ def train(cfg, resume=False, log=print):
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[torch.cuda.current_device()] if cuda else None)
 
-    def save(done):
+    saved_at = None
+
+    def save(done, interrupted=False):
+        nonlocal best, saved_at
         metrics = public(evaluate(raw, xva, yva, cva, vocab, ctx=ctx))
         rec = {"step": step, "epoch": step / steps_per_epoch, "tokens": tokens, "lr": get_lr(max(step - 1, 0), total, cfg),
                "train_loss": sum(history) / len(history) if history else None, "time": time.time() - t0,
                **{f"val_{k}": metrics[k] for k in ("loss", "perplexity", "token_accuracy", "image_perplexity", "accuracy")}}
-        history.clear()
-        nonlocal best
+        if not interrupted:  # an interrupted run keeps them, so the next evaluation averages the same steps
+            history.clear()
         improved = best is None or metrics["accuracy"] > best
         if improved:
             best = metrics["accuracy"]
@@ -234,12 +243,14 @@ def train(cfg, resume=False, log=print):
             with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")
             state = {"optimizer": opt.state_dict(), "step": step, "best": best, "tokens": tokens,
-                     "rng": torch.get_rng_state(), "done": done}
+                     "rng": torch.get_rng_state(), "done": done,
+                     "history": list(history)}
             if cuda:
                 state["cuda_rng"] = torch.cuda.get_rng_state()
             checkpoint.save(final_dir, raw, cfg, vocab, book, metrics, state)
             if improved:
                 checkpoint.save(best_dir, raw, cfg, vocab, book, metrics)
+        saved_at = step
         return rec
 
     os.makedirs(cfg.out_dir, exist_ok=True) if master else None
@@ -289,8 +300,10 @@ def train(cfg, resume=False, log=print):
             bar.write(f"step {step}: train loss {rec['train_loss']:.4f}  val loss {rec['val_loss']:.4f}  "
                       f"val ppl {rec['val_perplexity']:.2f}  val acc {rec['val_accuracy']:.4f}") if master else None
     bar.close()
+    stop.restore()
     if stop.set and step < total:
-        save(done=False)
+        if saved_at != step:  # not saved by an evaluation at this very step
+            save(done=False, interrupted=True)
         log(f"interrupted: saved {final_dir} at step {step}; continue with --resume")
     if ddp:
         dist.destroy_process_group()
