@@ -68,13 +68,17 @@ def raw_model(model):
 
 
 def load(folder, device="cpu"):
-    """-> (model in eval mode, info dict with 'config', 'vocab', 'codebook', 'metrics', 'folder')."""
+    """-> (model in eval mode, info dict with 'config', 'vocab', 'codebook', 'metrics', 'folder').
+    A Hugging Face GPT-2 folder (config.json with model_type gpt2, see hf_export.py) reads the same way."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     folder = resolve(folder)
     if not os.path.isdir(folder):
         raise UserError(f"{folder}: no such checkpoint folder")
     cfg = read_json(os.path.join(folder, "config.json"), "checkpoint config.json")
+    if isinstance(cfg, dict) and cfg.get("model_type") == "gpt2":  # a folder written by hf_export.py
+        from hf_export import load_folder  # lazy, so the two modules never import each other at load
+        return load_folder(folder, device)
     try:
         mcfg = GPTConfig(**cfg["model"])
     except (KeyError, TypeError) as e:
