@@ -236,12 +236,14 @@ def train(cfg, resume=False, log=print):
                **{f"val_{k}": metrics[k] for k in ("loss", "perplexity", "token_accuracy", "image_perplexity", "accuracy")}}
         if not interrupted:  # an interrupted run keeps them, so the next evaluation averages the same steps
             history.clear()
-        improved = best is None or metrics["accuracy"] > best
+        # an interrupted run saves its state only: no log line, no best/, as if it had not stopped
+        improved = not interrupted and (best is None or metrics["accuracy"] > best)
         if improved:
             best = metrics["accuracy"]
-        if master:
+        if master and not interrupted:
             with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")
+        if master:
             state = {"optimizer": opt.state_dict(), "step": step, "best": best, "tokens": tokens,
                      "rng": torch.get_rng_state(), "done": done,
                      "history": list(history)}
@@ -286,6 +288,9 @@ def train(cfg, resume=False, log=print):
         opt.zero_grad(set_to_none=True)
         if ddp:
             dist.all_reduce(loss_sum)
+            flag = torch.tensor(float(stop.set), device=cfg.device)
+            dist.all_reduce(flag)  # every process stops at the same step if any got Ctrl-C
+            stop.set = flag.item() > 0
         step += 1
         tokens += int((ytr[idx] != -100).sum())
         history.append(loss_sum.item())

@@ -233,7 +233,7 @@ def test_resume_continues_exactly(run_a, monkeypatch, stop_at):
     state = checkpoint.load_trainer_state(os.path.join(cut.out_dir, "final"))
     assert state["step"] == stop_at and not state["done"]
     log_cut = read_log(cut)
-    assert [r["step"] for r in log_cut] == sorted({4, stop_at})           # no duplicate line after an eval
+    assert [r["step"] for r in log_cut] == ([4] if stop_at < 8 else [4, 8])  # no line for the interruption
     monkeypatch.undo()
 
     out = train(replace(cut), resume=True, log=lines.append)
