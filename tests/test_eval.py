@@ -1,0 +1,274 @@
+"""eval.py: metrics on a hand-made case with known answers, the CLI modes, the pictures."""
+import json
+import math
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import checkpoint  # noqa: E402
+import eval as ev  # noqa: E402
+from data import make_batch  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from tokenizer import Codebook, CodebookConfig, Vocab  # noqa: E402
+from util import UserError  # noqa: E402
+
+CLASSES = ["cat", "dog", "eel"]
+
+
+def make_tiny_run(root, seed=0):
+    """A random-init checkpoint with its own 4x4 codebook (8 codes, 2x2 patches), 3 classes, a data
+    folder with val.jsonl and report.json, a log.jsonl, and the images as a class folder tree."""
+    from PIL import Image
+    from train import TrainConfig
+    root = str(root)
+    g = torch.Generator().manual_seed(seed)
+    imgs = (torch.rand(24, 1, 4, 4, generator=g) * 255).round() / 255
+    book = Codebook.fit(imgs, CodebookConfig(patch_size=2, num_codes=8, fit_samples=1000, kmeans_iters=5))
+    vocab = Vocab(8, 3)
+    labels = [i % 3 for i in range(24)]
+    data_dir = os.path.join(root, "data")
+    os.makedirs(data_dir)
+    with open(os.path.join(data_dir, "val.jsonl"), "w") as f:
+        for c, y in zip(book.encode(imgs).tolist(), labels):
+            f.write(json.dumps({"tokens": vocab.image_tokens(c, y), "label": y, "meta": {}}) + "\n")
+    with open(os.path.join(data_dir, "report.json"), "w") as f:
+        json.dump({"classes": CLASSES}, f)
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=len(vocab), block_size=16, n_layer=2, n_head=2, n_embd=16))
+    run = os.path.join(root, "run")
+    ckpt = os.path.join(run, "best")
+    checkpoint.save(ckpt, model, TrainConfig(data_dir=data_dir, out_dir=run), vocab, book)
+    with open(os.path.join(run, "log.jsonl"), "w") as f:
+        for s, (tl, vl, acc) in enumerate([(2.9, 2.7, 0.3), (2.5, 2.4, 0.5), (2.2, 2.3, 0.6)], 1):
+            f.write(json.dumps({"step": 10 * s, "train_loss": tl, "val_loss": vl, "val_accuracy": acc,
+                                "val_token_accuracy": acc / 2}) + "\n")
+    img_dir = os.path.join(root, "images")
+    arr = (imgs[:, 0] * 255).round().byte().numpy()
+    for i, y in enumerate(labels):
+        os.makedirs(os.path.join(img_dir, CLASSES[y]), exist_ok=True)
+        Image.fromarray(arr[i], "L").save(os.path.join(img_dir, CLASSES[y], f"{i:02d}.png"))
+    return SimpleNamespace(root=root, ckpt=ckpt, run=run, data_dir=data_dir, img_dir=img_dir,
+                           val=os.path.join(data_dir, "val.jsonl"), vocab=vocab, book=book, labels=labels)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_run(tmp_path_factory.mktemp("tiny"))
+
+
+# ----------------------------------------------------------------------------- known answers
+
+V2 = Vocab(2, 2)          # ids: specials 0..5, <Z_000>=6, <Z_001>=7, <CLS_0>=8, <CLS_1>=9
+IMG, END, CLS, EOS, Z0, Z1, L0, L1 = 2, 3, 4, 5, 6, 7, 8, 9
+NEG = -1e4                # exp(-1e4) is exactly 0 in float32: "probability 0"
+
+
+class Stub(nn.Module):
+    """A bigram 'model' with chosen next-token probabilities; at <CLS> the distribution depends on
+    the first image code instead, so the class prediction differs between sequences."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))   # so next(model.parameters()) works
+        self.config = SimpleNamespace(block_size=16)
+        t = torch.full((10, 10), NEG)
+        t[0] = 0.0                                   # after <PAD>: anything (never scored)
+        t[EOS] = 0.0
+        for cur, dist in {IMG: {Z0: .75, Z1: .25}, Z0: {Z0: .5, Z1: .25, END: .25},
+                          Z1: {Z1: .6, END: .4}, END: {CLS: 1.0}, L0: {EOS: 1.0}, L1: {EOS: 1.0}}.items():
+            for nxt, p in dist.items():
+                t[cur, nxt] = math.log(p)
+        c = torch.full((10, 10), NEG)
+        for first, dist in {Z0: {L0: .8, L1: .2}, Z1: {EOS: .5, L1: .3, L0: .2}}.items():
+            for nxt, p in dist.items():
+                c[first, nxt] = math.log(p)
+        self.register_buffer("table", t)
+        self.register_buffer("cls_table", c)
+
+    def forward(self, idx, targets=None, cache=None):
+        logits = self.table[idx]
+        at_cls = (idx == CLS)[..., None]
+        first = idx[:, min(1, idx.shape[1] - 1)]
+        return torch.where(at_cls, self.cls_table[first][:, None, :], logits), None
+
+
+SEQS = [[IMG, Z0, Z1, END, CLS, L0, EOS],          # label 0
+        [IMG, Z1, Z1, END, CLS, L1, EOS],          # label 1
+        [IMG, Z0, Z0, Z0, END, CLS, L1, EOS]]      # label 1 (longer: the others get padding)
+# per target token: (probability the stub gives it, is it the argmax, kind)
+TARGETS = [[(.75, 1, "img"), (.25, 0, "img"), (.4, 0, "end"), (1, 1, "cls"), (.8, 1, "lab"), (1, 1, "eos")],
+           [(.25, 0, "img"), (.6, 1, "img"), (.4, 0, "end"), (1, 1, "cls"), (.3, 0, "lab"), (1, 1, "eos")],
+           [(.75, 1, "img"), (.5, 1, "img"), (.5, 1, "img"), (.25, 0, "end"), (1, 1, "cls"), (.2, 0, "lab"),
+            (1, 1, "eos")]]
+
+
+def test_metrics_on_a_hand_made_case():
+    x, y, cls_pos = make_batch(SEQS, 16, V2.pad_id)
+    m = ev.evaluate(Stub(), x, y, cls_pos, V2, batch_size=2, topk=(1, 2, 3))
+    allt = [t for row in TARGETS for t in row]
+    img = [t for t in allt if t[2] == "img"]
+    lab = [t for t in allt if t[2] == "lab"]
+    nll = lambda ts: -sum(math.log(p) for p, _, _ in ts) / len(ts)
+    assert (len(allt), len(img), len(lab)) == (19, 7, 3)
+    assert m["n_sequences"] == 3
+    assert m["loss"] == pytest.approx(nll(allt), abs=1e-6)
+    assert m["perplexity"] == pytest.approx(math.exp(nll(allt)), rel=1e-6)
+    assert m["image_loss"] == pytest.approx(nll(img), abs=1e-6)
+    assert m["image_perplexity"] == pytest.approx(math.exp(nll(img)), rel=1e-6)
+    assert m["label_loss"] == pytest.approx(nll(lab), abs=1e-6)
+    assert m["label_perplexity"] == pytest.approx((1 / (.8 * .3 * .2)) ** (1 / 3), rel=1e-6)
+    assert m["token_accuracy"] == 12 / 19
+    assert m["image_token_accuracy"] == 5 / 7
+    assert m["label_token_accuracy"] == 1 / 3        # sequence 2: <EOS> beats <CLS_1> over the whole vocab
+    assert m["accuracy"] == 2 / 3                    # but among the labels <CLS_1> wins
+    assert m["topk_accuracy"] == {"1": 2 / 3, "2": 1.0}   # k = 3 > 2 classes is left out
+    assert m["per_class_accuracy"] == [1.0, 0.5]
+    assert m["confusion"] == [[1, 0], [1, 1]]        # rows true, columns predicted
+    assert torch.allclose(m["_probs"], torch.tensor([[.8, .2], [.4, .6], [.8, .2]]), atol=1e-6)
+    assert m["_pred"].tolist() == [0, 1, 0]
+    json.dumps(ev.public(m))                         # the public part is JSON-ready
+    text = ev.summary(ev.public(m), ["a", "b"])
+    assert "66.67 %" in text and "top-2 100.00 %" in text and "63.16 %" in text
+
+
+def test_class_probs_and_next_tokens_on_the_stub():
+    probs = ev.class_probs(Stub(), [s[:-2] for s in SEQS], V2, batch_size=2)
+    assert torch.allclose(probs, torch.tensor([[.8, .2], [.4, .6], [.8, .2]]), atol=1e-6)
+    top = ev.next_tokens(Stub(), [IMG], V2, k=2)
+    assert [(t, i) for t, i, _ in top] == [("<Z_000>", Z0), ("<Z_001>", Z1)]
+    assert [p for _, _, p in top] == pytest.approx([.75, .25], abs=1e-6)
+    assert ev.next_tokens(Stub(), [IMG, Z1, Z1, END, CLS], V2, k=1)[0][:2] == ("<EOS>", EOS)
+
+
+def test_parse_tokens_errors():
+    assert ev.parse_tokens("<IMG> <Z_001>", V2) == [IMG, Z1]
+    with pytest.raises(UserError, match="unknown token '<Z_002>'"):
+        ev.parse_tokens("<IMG> <Z_002>", V2)
+    with pytest.raises(UserError, match="empty"):
+        ev.parse_tokens("   ", V2)
+
+
+# ----------------------------------------------------------------------------- pictures
+
+def png_size(path):
+    from PIL import Image
+    with Image.open(path) as im:
+        return im.size
+
+
+def test_plot_curves_size_and_errors(tiny, tmp_path):
+    out = str(tmp_path / "c.png")
+    assert ev.plot_curves(os.path.join(tiny.run, "log.jsonl"), out) == ev.CURVES_SIZE
+    assert png_size(out) == ev.CURVES_SIZE
+    bad = tmp_path / "log.jsonl"
+    bad.write_text('{"step": 1}\nnot json\n')
+    with pytest.raises(UserError, match=r"log.jsonl:2: invalid JSON"):
+        ev.plot_curves(str(bad), str(tmp_path / "x.png"))
+    with pytest.raises(UserError, match="no such training log"):
+        ev.plot_curves(str(tmp_path / "none.jsonl"), str(tmp_path / "x.png"))
+    assert not (tmp_path / "x.png").exists()
+    assert ev.main(["--curves", tiny.run]) == 0
+    assert png_size(os.path.join(tiny.run, "curves.png")) == ev.CURVES_SIZE
+
+
+# ----------------------------------------------------------------------------- command line
+
+def test_eval_cli_default_split(tiny, capsys):
+    assert ev.main(["--ckpt", tiny.ckpt, "--batch_size", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "classification accuracy" in out and "confusion matrix" in out and tiny.val in out
+    rep = json.load(open(os.path.join(tiny.ckpt, "eval.json")))
+    assert rep["data"] == tiny.val and rep["classes"] == CLASSES and rep["n_sequences"] == 24
+    assert png_size(os.path.join(tiny.ckpt, "eval_confusion.png")) == ev.CONFUSION_SIZE
+    # the same numbers as evaluate() on the same data
+    from data import read_sequences
+    model, info = checkpoint.load(tiny.ckpt)
+    x, y, c = make_batch(read_sequences(tiny.val, info["vocab"])[0], 16)
+    m = ev.public(ev.evaluate(model, x, y, c, info["vocab"], topk=(1, 2, 3, 5)))
+    for k in ("loss", "perplexity", "accuracy", "image_token_accuracy", "topk_accuracy"):
+        assert rep[k] == pytest.approx(m[k], rel=1e-6), k
+    assert rep["confusion"] == m["confusion"]
+    assert sum(map(sum, rep["confusion"])) == 24
+
+
+def test_eval_cli_images_equal_the_sequences(tiny, tmp_path, capsys):
+    out = str(tmp_path / "img_eval.json")
+    assert ev.main(["--ckpt", tiny.ckpt, "--images", tiny.img_dir, "--out", out]) == 0
+    a = json.load(open(out))
+    assert a["n_sequences"] == 24 and png_size(str(tmp_path / "img_eval_confusion.png")) == ev.CONFUSION_SIZE
+    # PNG round trip of uint8-valued images gives the same codes, so the same metrics as val.jsonl
+    ev.main(["--ckpt", tiny.ckpt, "--data", tiny.val, "--out", str(tmp_path / "seq.json")])
+    b = json.load(open(tmp_path / "seq.json"))
+    assert a["confusion"] == b["confusion"] and a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    capsys.readouterr()
+
+
+def test_eval_cli_bad_inputs_leave_no_outputs(tiny, tmp_path):
+    out = tmp_path / "e.json"
+    with pytest.raises(UserError, match="no.jsonl"):
+        ev.main(["--ckpt", tiny.ckpt, "--data", str(tmp_path / "no.jsonl"), "--out", str(out)])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"tokens": "<IMG> <Z_000> </IMG> <CLS> <CLS> <EOS>", "label": 1}\n')
+    with pytest.raises(UserError, match="--repair_v1"):
+        ev.main(["--ckpt", tiny.ckpt, "--data", str(bad), "--out", str(out)])
+    wrong = tmp_path / "imgs" / "zebra"
+    wrong.mkdir(parents=True)
+    from PIL import Image
+    Image.new("L", (4, 4)).save(wrong / "a.png")
+    with pytest.raises(UserError, match="'zebra' is not a class"):
+        ev.main(["--ckpt", tiny.ckpt, "--images", str(tmp_path / "imgs"), "--out", str(out)])
+    assert not out.exists() and not (tmp_path / "e_confusion.png").exists()
+    assert ev.main(["--ckpt", tiny.ckpt, "--data", str(bad), "--repair_v1", "--out", str(out)]) == 0
+    assert json.load(open(out))["n_sequences"] == 1
+
+
+def test_classify_images_and_sequences(tiny, capsys):
+    one = os.path.join(tiny.img_dir, "dog", "01.png")
+    assert ev.main(["--ckpt", tiny.ckpt, "--classify", tiny.img_dir, one, tiny.val]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split() == ["input", "true", "predicted", "prob"]
+    rows, last = lines[1:-1], lines[-1]
+    assert len(rows) == 24 + 1 + 24 and last.startswith("accuracy on the 24 labelled sequences")
+    model, info = checkpoint.load(tiny.ckpt)
+    from data import read_sequences
+    seqs, labels = read_sequences(tiny.val, info["vocab"])
+    probs = ev.class_probs(model, [s[:-2] for s in seqs], info["vocab"])
+    for row, p, y in zip(rows[25:], probs, labels):
+        name, true, pred, prob = row.split()
+        assert (true, pred) == (CLASSES[y], CLASSES[int(p.argmax())])
+        assert float(prob) == pytest.approx(p.max().item(), abs=1e-3)
+    # an image gets the same answer as its sequence (same codes)
+    dog = [r for r in rows if r.startswith(one)]
+    assert dog[0].split()[2:] == rows[25 + 1].split()[2:]
+    with pytest.raises(UserError, match="expected an image"):
+        ev.main(["--ckpt", tiny.ckpt, "--classify", os.path.join(tiny.data_dir, "report.json")])
+
+
+def test_next_tokens_cli(tiny, capsys):
+    assert ev.main(["--ckpt", tiny.ckpt, "--next", "<IMG> <Z_003>", "--top_k", "4"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 + 4
+    model, info = checkpoint.load(tiny.ckpt)
+    probs = model(torch.tensor([info["vocab"].encode("<IMG> <Z_003>")]))[0][0, -1].softmax(-1)
+    p, i = probs.topk(4)
+    for line, pi, ii in zip(lines[2:], p, i):
+        rank, tok, tid, prob = line.split()
+        assert int(tid) == ii and tok == info["vocab"].tokens[ii] and float(prob) == pytest.approx(pi.item(), abs=1e-4)
+
+
+def test_help_and_one_line_error_subprocess(tiny, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "eval.py", "--help"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "--classify" in r.stdout and "--curves" in r.stdout
+    r = subprocess.run([sys.executable, "eval.py", "--ckpt", tiny.ckpt, "--next", "<IMG> <Z_8>"],
+                       cwd=ROOT, capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: --next: unknown token '<Z_8>'")
