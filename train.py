@@ -310,6 +310,9 @@ def train(cfg, resume=False, log=print):
         if saved_at != step:  # not saved by an evaluation at this very step
             save(done=False, interrupted=True)
         log(f"interrupted: saved {final_dir} at step {step}; continue with --resume")
+    if master and os.path.exists(log_path):
+        from eval import plot_curves
+        plot_curves(log_path, os.path.join(cfg.out_dir, "curves.png"))
     if ddp:
         dist.destroy_process_group()
     return {"step": step, "best_accuracy": best, "seconds": time.time() - t0, "log": log_path}
