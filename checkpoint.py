@@ -9,17 +9,19 @@ A checkpoint is a self-contained folder:
 The folder is built under a temporary name and swapped in with renames, so a crash leaves either the
 old or the new checkpoint on disk, never a mix.
 """
+import glob
 import os
 import pickle
 import shutil
 import tempfile
-from dataclasses import asdict
+import warnings
+from dataclasses import asdict, fields
 
 import torch
 
 from model import GPT, GPTConfig
 from tokenizer import Codebook, Vocab
-from util import UserError, read_json, write_json
+from util import UserError, output_problem, read_json, write_json
 
 
 def save(folder, model, train_cfg, vocab, codebook, metrics=None, trainer_state=None):
@@ -28,9 +30,10 @@ def save(folder, model, train_cfg, vocab, codebook, metrics=None, trainer_state=
     parent = os.path.dirname(folder)
     try:
         os.makedirs(parent, exist_ok=True)
+        tidy(folder)
         tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(folder)}.tmp-")
     except OSError as e:
-        raise UserError(f"{folder}: cannot write checkpoint ({e.strerror})") from None
+        raise UserError(f"{folder}: cannot write checkpoint ({output_problem(folder) or e.strerror})") from None
     try:
         sd = {k: v.detach().cpu().contiguous() for k, v in raw_model(model).state_dict().items()
               if k != "lm_head.weight"}
@@ -50,8 +53,20 @@ def save(folder, model, train_cfg, vocab, codebook, metrics=None, trainer_state=
             os.replace(folder, old)
         os.replace(tmp, folder)
         shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:  # a full disk, permissions: one line naming the checkpoint, the old one kept
+        raise UserError(f"{folder}: cannot write checkpoint ({e.strerror or e})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def tidy(folder):
+    """Remove what a save() of `folder` that was killed may have left: its temporary folders, and
+    `folder.old` once `folder` is complete. Only one process writes a given checkpoint folder."""
+    folder = os.path.abspath(folder)
+    for tmp in glob.glob(os.path.join(os.path.dirname(folder), f".{glob.escape(os.path.basename(folder))}.tmp-*")):
+        shutil.rmtree(tmp, ignore_errors=True)
+    if os.path.exists(os.path.join(folder, "config.json")):
+        shutil.rmtree(folder + ".old", ignore_errors=True)
 
 
 def resolve(folder):
@@ -59,6 +74,33 @@ def resolve(folder):
     if not os.path.exists(os.path.join(folder, "config.json")) and os.path.exists(folder + ".old"):
         return folder + ".old"
     return folder
+
+
+def model_config(cfg, where):
+    """The "model" part of a checkpoint's config.json -> GPTConfig, every value type- and range-checked
+    (a hand-edited or foreign config must not reach torch as a string or a negative size)."""
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+        raise UserError(f'{where}: not a checkpoint config of this project (expected a JSON object with '
+                        f'"model" and "train" objects)')
+    if not isinstance(cfg.get("train", {}), dict):
+        raise UserError(f'{where}: "train" is {type(cfg["train"]).__name__}, expected a JSON object')
+    try:
+        mcfg = GPTConfig(**cfg["model"])
+    except TypeError as e:
+        raise UserError(f"{where}: not a checkpoint config of this project ({e})") from None
+    for f in fields(GPTConfig):
+        v = getattr(mcfg, f.name)
+        if f.name == "bias":
+            ok, want = isinstance(v, bool), "true or false"
+        elif f.name == "dropout":
+            ok, want = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, "a number in [0, 1)"
+        else:
+            ok, want = isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer"
+        if not ok:
+            raise UserError(f"{where}: model.{f.name} is {v!r}, expected {want}")
+    if mcfg.n_embd % mcfg.n_head:
+        raise UserError(f"{where}: model.n_embd {mcfg.n_embd} is not divisible by model.n_head {mcfg.n_head}")
+    return mcfg
 
 
 def raw_model(model):
@@ -79,10 +121,7 @@ def load(folder, device="cpu"):
     if isinstance(cfg, dict) and cfg.get("model_type") == "gpt2":  # a folder written by hf_export.py
         from hf_export import load_folder  # lazy, so the two modules never import each other at load
         return load_folder(folder, device)
-    try:
-        mcfg = GPTConfig(**cfg["model"])
-    except (KeyError, TypeError) as e:
-        raise UserError(f"{folder}/config.json: not a checkpoint config of this project ({e})") from None
+    mcfg = model_config(cfg, f"{folder}/config.json")
     path = os.path.join(folder, "model.safetensors")
     try:
         sd = load_file(path)
@@ -97,8 +136,10 @@ def load(folder, device="cpu"):
     load_weights(model, sd, path)
     metrics_path = os.path.join(folder, "metrics.json")
     metrics = read_json(metrics_path, "metrics.json") if os.path.exists(metrics_path) else None
-    info = {"config": cfg, "vocab": vocab, "codebook": Codebook.load(folder), "metrics": metrics,
-            "folder": folder}
+    book = Codebook.load(folder)
+    if book.cfg.num_codes != vocab.num_codes:
+        raise UserError(f"{folder}: the codebook has {book.cfg.num_codes} codes, vocab.json {vocab.num_codes}")
+    info = {"config": cfg, "vocab": vocab, "codebook": book, "metrics": metrics, "folder": folder}
     return model.to(device).eval(), info
 
 
@@ -119,7 +160,9 @@ def load_weights(model, sd, where):
 def load_trainer_state(folder):
     path = os.path.join(resolve(folder), "trainer_state.pt")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing: one line only
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{path}: missing; this checkpoint cannot be resumed") from None
     except pickle.UnpicklingError as e:  # torch's own text would suggest weights_only=False: never
@@ -127,4 +170,5 @@ def load_trainer_state(folder):
         raise UserError(f"{path}: cannot load trainer state: refused, it holds Python objects other than "
                         f"tensors and plain data{' (' + why[:160] + ')' if why else ''}") from None
     except Exception as e:  # pickle refusals, truncation, foreign files: all one line
-        raise UserError(f"{path}: cannot load trainer state ({str(e).splitlines()[0][:200]})") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+        raise UserError(f"{path}: cannot load trainer state ({first[:200]})") from None

@@ -10,11 +10,14 @@ with columns pixel_id,x,y,t,R,G,B,A,Gx,Gy). The split is stratified and made bef
 fitted, so the codebook only sees training images.
 """
 import argparse
+import glob
 import gzip
 import json
 import math
 import os
+import shutil
 import struct
+import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tokenizer import Codebook, CodebookConfig, Vocab, kmeans, psnr  # noqa: F401 (kmeans re-exported)
-from util import UserError, atomic_path, read_json, run_cli, write_json, write_text
+from util import UserError, atomic_path, check_dir, read_json, run_cli, write_json, write_text
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -46,6 +49,24 @@ class DataConfig(CodebookConfig):
 
 def data_fields():
     return [f.name for f in fields(DataConfig)]
+
+
+def check_data_config(cfg, where="config"):
+    """Values the type check lets through but no run can use: one clear line before any work."""
+    for k in ("image_size", "patch_size", "num_codes", "fit_samples"):
+        if getattr(cfg, k) < 1:
+            raise UserError(f"{where}: {k} must be at least 1, got {getattr(cfg, k)}")
+    for k in ("kmeans_iters", "augment", "max_shift", "max_rotate"):
+        if getattr(cfg, k) < 0:
+            raise UserError(f"{where}: {k} must be >= 0, got {getattr(cfg, k)}")
+    if cfg.channels not in (1, 3):
+        raise UserError(f"{where}: channels must be 1 (grey) or 3 (RGB), got {cfg.channels}")
+    if cfg.image_size % cfg.patch_size:
+        raise UserError(f"{where}: image_size {cfg.image_size} is not divisible by patch_size {cfg.patch_size}")
+    if not 0 < cfg.val_fraction < 1:
+        raise UserError(f"{where}: val_fraction must be between 0 and 1, got {cfg.val_fraction}")
+    if not 0 <= cfg.dev_fraction < 1:
+        raise UserError(f"{where}: dev_fraction must be in [0, 1), got {cfg.dev_fraction}")
 
 
 # ----------------------------------------------------------------------------- sources
@@ -123,19 +144,30 @@ def _class_files(root, exts):
     return names, items
 
 
-def load_folder(root, size, channels):
+def read_image(path, size, channels):
+    """One image file -> uint8 (H, W, channels) for size (H, W): converted to grey or RGB and resized
+    (bilinear). 16-bit grey is scaled to 8 bits; 32-bit integer and floating-point images are refused
+    (no fixed range to map to 0..255)."""
     from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            if im.mode.startswith("I;16"):
+                im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).round().astype(np.uint8), "L")
+            elif im.mode in ("I", "F"):
+                raise UserError(f"{path}: {'32-bit integer' if im.mode == 'I' else 'floating-point'} pixels "
+                                f"(mode {im.mode}); expected an 8- or 16-bit grey or colour image")
+            im = im.convert("L" if channels == 1 else "RGB")
+            if im.size != (size[1], size[0]):
+                im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            return np.asarray(im, dtype=np.uint8).reshape(size[0], size[1], channels)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read image ({e})") from None
+
+
+def load_folder(root, size, channels):
     names, items = _class_files(root, IMAGE_EXTS)
-    images = []
-    for path, _ in tqdm(items, desc="reading images", leave=False):
-        try:
-            with Image.open(path) as im:
-                im = im.convert("L" if channels == 1 else "RGB")
-                if im.size != (size, size):
-                    im = im.resize((size, size), Image.Resampling.BILINEAR)
-                images.append(np.asarray(im, dtype=np.uint8).reshape(size, size, channels))
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise UserError(f"{path}: cannot read image ({e})") from None
+    images = [read_image(path, (size, size), channels)
+              for path, _ in tqdm(items, desc="reading images", leave=False)]
     meta = [{"source": os.path.relpath(p, root)} for p, _ in items]
     return np.stack(images), np.array([c for _, c in items]), names, meta
 
@@ -267,6 +299,8 @@ def _write_jsonl(path, vocab, codes, labels, metas):
 def prepare(cfg, device="cpu"):
     """Load the source, split, fit the codebook on training images, write the sequence files."""
     t0 = time.time()
+    check_data_config(cfg)
+    check_dir(cfg.data_dir, "data folder")
     images, labels, names, meta = load_source(cfg)
     tr, va = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
     if cfg.dev_fraction > 0:  # carve a development split out of the training images
@@ -289,12 +323,29 @@ def prepare(cfg, device="cpu"):
     t_fit = time.time() - t1
     codes_tr, codes_va = book.encode(xtr), book.encode(x[va])
     vocab = Vocab(cfg.num_codes, len(names))
+    # the files are written to a temporary folder inside data_dir and moved in at the end (report.json
+    # last, which marks the folder as prepared): an error or a kill leaves none of them half-written
+    made = not os.path.exists(cfg.data_dir)
     os.makedirs(cfg.data_dir, exist_ok=True)
-    _write_jsonl(os.path.join(cfg.data_dir, "train.jsonl"), vocab, codes_tr, ytr, mtr)
-    _write_jsonl(os.path.join(cfg.data_dir, "val.jsonl"), vocab, codes_va, labels[va],
-                 [dict(meta[i], split="val") for i in va])
-    vocab.save(os.path.join(cfg.data_dir, "vocab.json"))
-    book.save(cfg.data_dir)
+    for old in glob.glob(os.path.join(cfg.data_dir, ".prepare-*")):  # left by a killed earlier run
+        shutil.rmtree(old, ignore_errors=True)
+    stage = tempfile.mkdtemp(dir=cfg.data_dir, prefix=".prepare-")
+    try:
+        _write_jsonl(os.path.join(stage, "train.jsonl"), vocab, codes_tr, ytr, mtr)
+        _write_jsonl(os.path.join(stage, "val.jsonl"), vocab, codes_va, labels[va],
+                     [dict(meta[i], split="val") for i in va])
+        vocab.save(os.path.join(stage, "vocab.json"))
+        book.save(stage)
+        for f in ("train.jsonl", "val.jsonl", "vocab.json", "codebook.json", "codebook.safetensors"):
+            os.replace(os.path.join(stage, f), os.path.join(cfg.data_dir, f))
+    except BaseException as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        if made:
+            shutil.rmtree(cfg.data_dir, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk: name the folder, not a temporary file in it
+            raise UserError(f"{cfg.data_dir}: cannot write the prepared files ({e.strerror or e})") from None
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
     # fidelity: reconstruction PSNR, distinct images that stay distinct sequences, code usage
     real = np.concatenate([images[tr], images[va]])
     seqs = torch.cat([codes_tr[:len(tr)], codes_va])
@@ -328,22 +379,30 @@ def ensure_prepared(cfg, device="cpu", log=print):
     """Prepare cfg.data_dir unless it already holds files made with the same data settings."""
     path = os.path.join(cfg.data_dir, "report.json")
     if os.path.exists(path):
-        made = read_json(path, "report.json").get("config", {})
+        report = read_json(path, "report.json")
+        made = report.get("config") if isinstance(report, dict) else None
+        if not isinstance(made, dict):
+            raise UserError(f"{path}: expected a JSON object with the data settings under \"config\" "
+                            f"(a report.json written by data.py prepare)")
         want = asdict(DataConfig(**{k: getattr(cfg, k) for k in data_fields()}))
         diff = [k for k in want if k != "data_dir" and made.get(k) != want[k]]
         if diff:
             raise UserError(f"{cfg.data_dir} was prepared with other data settings ({', '.join(diff)}); "
                             f"use another data_dir or delete it")
-        return read_json(path, "report.json")
+        return report
     log(f"preparing {cfg.data_dir} from {cfg.source} ...")
     return prepare(cfg, device)
 
 
 # ----------------------------------------------------------------------------- reading sequence files
 
-def read_sequences(path, vocab, repair_v1=False):
+V1_HINT = "pass --repair_v1 to fill it in from the label field"
+
+
+def read_sequences(path, vocab, repair_v1=False, v1_hint=V1_HINT):
     """Read and validate a JSONL sequence file -> (list of id lists, list of labels).
-    Stops at the first bad record with `file:line: what is wrong`."""
+    Stops at the first bad record with `file:line: what is wrong`. v1_hint: what the message about a
+    v1 tail tells the user to do (commands without --repair_v1 say something else)."""
     seqs, labels = [], []
     tail_len = 4  # </IMG> <CLS> <CLS_y> <EOS>
     try:
@@ -382,8 +441,7 @@ def read_sequences(path, vocab, repair_v1=False):
             tail = ids[-tail_len:]
             if tail == [vocab.img_end_id, vocab.cls_id, vocab.cls_id, vocab.eos_id]:
                 if not repair_v1:
-                    raise UserError(f"{where}: v1 tail '<CLS> <CLS> <EOS>' carries no label; "
-                                    f"pass --repair_v1 to fill it in from the label field")
+                    raise UserError(f"{where}: v1 tail '<CLS> <CLS> <EOS>' carries no label; {v1_hint}")
                 ids[-2] = vocab.label_id(label)
                 tail = ids[-tail_len:]
             if tail[:2] != [vocab.img_end_id, vocab.cls_id] or tail[3] != vocab.eos_id \
@@ -530,13 +588,19 @@ def main():
     elif rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     elif args.cmd == "render":
+        if args.n < 1:
+            raise UserError(f"--n must be at least 1, got {args.n}")
         folder = args.codebook or os.path.dirname(os.path.abspath(args.file))
         size = render_file(args.file, Codebook.load(folder), Vocab.load(os.path.join(folder, "vocab.json")),
                            args.n, args.out, args.repair_v1)
         print(f"wrote {args.out} ({size[0]}x{size[1]})")
     else:
-        rep = read_json(os.path.join(args.data_dir, "report.json"), "report.json")
-        cfg = DataConfig(**rep["config"])
+        path = os.path.join(args.data_dir, "report.json")
+        rep = read_json(path, "report.json")
+        try:
+            cfg = DataConfig(**rep["config"])
+        except (KeyError, TypeError) as e:
+            raise UserError(f"{path}: not a report.json written by data.py prepare ({e})") from None
         images, labels, names, _ = load_source(cfg)
         _, va = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
         va = va[:args.n]

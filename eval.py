@@ -114,7 +114,8 @@ def pick_device(name):
 
 
 def train_config(info):
-    return info["config"].get("train", {}) if isinstance(info["config"], dict) else {}
+    train = info["config"].get("train") if isinstance(info["config"], dict) else None
+    return train if isinstance(train, dict) else {}
 
 
 def val_file(info):
@@ -170,16 +171,8 @@ def check_out(path, what="output"):
 
 def read_image(path, size, channels):
     """One image file -> uint8 (H, W, C), converted and resized like data.load_folder."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
-            if im.size != (size[1], size[0]):
-                im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            return np.asarray(im, dtype=np.uint8).reshape(size[0], size[1], channels)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read image ({e})") from None
+    from data import read_image
+    return read_image(path, size, channels)
 
 
 def image_prefixes(images, book, vocab):
@@ -280,12 +273,14 @@ def read_log(log_path):
     if not os.path.exists(log_path):
         raise UserError(f"{log_path}: no such training log")
     recs = []
-    with open(log_path, encoding="utf-8") as f:
+    with open(log_path, "rb") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
+            except UnicodeDecodeError:
+                raise UserError(f"{log_path}:{n}: not UTF-8 text") from None
             except json.JSONDecodeError as e:
                 raise UserError(f"{log_path}:{n}: invalid JSON ({e.msg})") from None
             if not isinstance(rec, dict) or not isinstance(rec.get("step"), (int, float)):

@@ -35,7 +35,7 @@ import torch
 
 from model import GPT, GPTConfig
 from tokenizer import SPECIALS, Codebook, Vocab
-from util import UserError, read_json, run_cli, write_json, write_text
+from util import UserError, output_problem, read_json, run_cli, write_json, write_text
 
 # our nn.Linear weights stored by GPT-2 as Conv1D, i.e. transposed: (in_features, out_features)
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -228,12 +228,13 @@ def export(ckpt, out=None, repo_id=None, log=print):
     config = gpt2_config(mcfg, vocab)          # refuses a model without biases before writing anything
     tokenizer = tokenizer_json(vocab)
     train = (info["config"] or {}).get("train") or {}
+    train = train if isinstance(train, dict) else {}
     parent = os.path.dirname(out)
     try:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.tmp-")
     except OSError as e:
-        raise UserError(f"{out}: cannot write ({e.strerror})") from None
+        raise UserError(f"{out}: cannot write ({output_problem(out) or e.strerror})") from None
     old = out + ".old"
     try:
         try:

@@ -231,6 +231,8 @@ def build_parser():
     ap.add_argument("--fraction", type=float, default=0.5, help="share of each image's codes kept (default: %(default)s)")
     ap.add_argument("--data", metavar="FILE.jsonl", help="--complete: images from this sequence file "
                                                          "(default: <data_dir>/val.jsonl of the checkpoint)")
+    ap.add_argument("--repair_v1", action="store_true", help="--complete: fill in v1 tails '<CLS> <CLS> <EOS>' "
+                                                             "of the --data file from its label field")
     ap.add_argument("--out_jsonl", help="write the sequences here instead of printing them")
     ap.add_argument("--out_png", help="image grid (default: <ckpt>/samples.png, or <ckpt>/completions.png)")
     ap.add_argument("--batch_size", type=int, default=64, help="rows decoded together (default: %(default)s)")
@@ -257,6 +259,8 @@ def check_args(a):
         raise UserError(f"--batch_size must be at least 1, got {a.batch_size}")
     if a.data and a.complete is None:
         raise UserError("--data is for --complete (the images to finish)")
+    if a.repair_v1 and a.complete is None:
+        raise UserError("--repair_v1 is for --complete (the sequence file it reads)")
 
 
 def describe(i, r, names, vocab, seq_len):
@@ -299,7 +303,7 @@ def main(argv=None):
         lines = [describe(i, r, names, vocab, seq_len) for i, r in enumerate(res)]
     else:
         path = a.data or val_file(info)
-        seqs, labels = read_sequences(path, vocab)
+        seqs, labels = read_sequences(path, vocab, repair_v1=a.repair_v1)
         chosen = pick_examples(labels, a.complete, vocab.num_classes, a.seed)
         if len(chosen) < a.complete:
             print(f"note: {path} has only {len(chosen)} sequences")

@@ -308,7 +308,27 @@ class Codebook:
         if book.centroids.shape[0] != cfg.num_codes:
             raise UserError(f"{folder}: codebook has {book.centroids.shape[0]} centroids, "
                             f"its settings say {cfg.num_codes}")
+        book._check(folder)
         return book
+
+    def _check(self, folder):
+        """Shapes that must agree with each other (a hand-edited or mixed-up codebook fails here, in
+        one line, rather than deep inside encode or decode)."""
+        p, C, size = self.cfg.patch_size, self.channels, self.image_size
+        where = os.path.join(folder, "codebook.json")
+        if not (isinstance(p, int) and p >= 1 and C in (1, 3) and len(size) == 2
+                and all(isinstance(n, int) and n >= 1 and n % p == 0 for n in size)):
+            raise UserError(f"{where}: image_size {list(size)}, channels {C}, patch_size {p}: expected "
+                            f"channels 1 or 3 and an image size divisible by the patch size")
+        dims = {"position": 2, "time": 1, "colour": C * p * p, "gradient": 2 * p * p}
+        want = sum(dims[g] for g in self._groups(self.cfg))
+        bad = [g for g in self._groups(self.cfg) if g not in self.stats or self.stats[g][0].shape != (dims[g],)]
+        if (bad or self.centroids.dim() != 2 or self.centroids.shape[1] != want
+                or tuple(self.colours.shape) != (self.cfg.num_codes, C * p * p)):
+            raise UserError(f"{where}: the codebook's arrays do not fit its settings (centroids "
+                            f"{tuple(self.centroids.shape)}, colours {tuple(self.colours.shape)}; expected "
+                            f"({self.cfg.num_codes}, {want}) and ({self.cfg.num_codes}, {C * p * p})"
+                            f"{', statistics of ' + ', '.join(bad) if bad else ''})")
 
 
 def psnr(a, b):

@@ -8,10 +8,12 @@ file or overridden with --key value. If the sequence files are missing they are 
 The run folder (out_dir) gets log.jsonl (one JSON line per evaluation), best/ (best validation
 accuracy) and final/ (latest state, resumable with --resume). Ctrl-C saves final/ and exits 0.
 """
+import glob
 import hashlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -23,11 +25,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import checkpoint
-from data import DataConfig, coerce, data_fields, ensure_prepared, make_batch, read_sequences
+from data import (DataConfig, check_data_config, coerce, data_fields, ensure_prepared, make_batch,
+                  read_sequences)
 from eval import evaluate, public
 from model import GPT, GPTConfig
 from tokenizer import Codebook, Vocab
-from util import UserError, run_cli
+from util import UserError, atomic_path, check_dir, run_cli
 
 
 @dataclass
@@ -100,6 +103,15 @@ def load_config(path=None, overrides=()):
             raise UserError(f"config: {k} must be at least 1, got {getattr(cfg, k)}")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"config: n_embd {cfg.n_embd} is not divisible by n_head {cfg.n_head}")
+    for k in ("lr", "min_lr", "weight_decay", "grad_clip", "label_weight", "warmup_steps", "eval_every"):
+        if not getattr(cfg, k) >= 0:
+            raise UserError(f"config: {k} must be >= 0, got {getattr(cfg, k)}")
+    for k in ("dropout", "beta1", "beta2"):
+        if not 0 <= getattr(cfg, k) < 1:
+            raise UserError(f"config: {k} must be in [0, 1), got {getattr(cfg, k)}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise UserError(f"config: device must be auto, cpu or cuda[:N], got {cfg.device!r}")
+    check_data_config(cfg)
     return cfg
 
 
@@ -112,7 +124,9 @@ def get_lr(step, total, cfg):
 
 
 def load_split(cfg, name, vocab):
-    seqs, labels = read_sequences(os.path.join(cfg.data_dir, f"{name}.jsonl"), vocab)
+    seqs, labels = read_sequences(os.path.join(cfg.data_dir, f"{name}.jsonl"), vocab,
+                                  v1_hint="training needs the v2 tail </IMG> <CLS> <CLS_y> <EOS>: prepare "
+                                          "the data again with data.py prepare")
     x, y, cls_pos = make_batch(seqs, cfg.max_length, vocab.pad_id)
     return x, y, cls_pos
 
@@ -175,11 +189,15 @@ def train(cfg, resume=False, log=print):
 
     # ---- data (rank 0 prepares it if missing; the others wait)
     if master:
+        check_dir(cfg.out_dir, "run folder (out_dir)")  # before any work
         ensure_prepared(cfg, device=cfg.device, log=log)
     if ddp:
         dist.barrier()
     vocab = Vocab.load(os.path.join(cfg.data_dir, "vocab.json"))
     book = Codebook.load(cfg.data_dir)
+    if book.cfg.num_codes != vocab.num_codes:
+        raise UserError(f"{cfg.data_dir}/vocab.json has {vocab.num_codes} code tokens, the codebook there "
+                        f"{book.cfg.num_codes} codes; prepare the data again")
     xtr, ytr, ctr = load_split(cfg, "train", vocab)
     xva, yva, cva = load_split(cfg, "val", vocab)
     wtr = (ytr != -100).float()                                  # per-token loss weights (N, T)
@@ -198,6 +216,11 @@ def train(cfg, resume=False, log=print):
     step, best, tokens, history = 0, None, 0, []
     final_dir, best_dir = os.path.join(cfg.out_dir, "final"), os.path.join(cfg.out_dir, "best")
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    if master:  # what a killed earlier run may have left: temporary files and folders
+        checkpoint.tidy(final_dir)
+        checkpoint.tidy(best_dir)
+        for tmp in glob.glob(os.path.join(glob.escape(cfg.out_dir), ".tmp-*")):
+            os.remove(tmp)
     if resume:
         state = checkpoint.load_trainer_state(final_dir)
         resumed, _ = checkpoint.load(final_dir, cfg.device)
@@ -209,10 +232,18 @@ def train(cfg, resume=False, log=print):
         if cuda and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"])
         if master and os.path.exists(log_path):  # drop log lines written after that checkpoint
-            with open(log_path, encoding="utf-8") as f:
-                keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
-            with open(log_path, "w", encoding="utf-8") as f:
-                f.writelines(keep)
+            keep = []
+            with open(log_path, "rb") as f:
+                for ln in f:
+                    try:
+                        rec = json.loads(ln)
+                    except ValueError:  # a line cut short by a kill in mid-write: it is redone
+                        continue
+                    if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)) and rec["step"] <= step:
+                        keep.append(ln.rstrip(b"\r\n") + b"\n")
+            with atomic_path(log_path) as tmp:  # a kill while rewriting keeps the old log
+                with open(tmp, "wb") as f:
+                    f.writelines(keep)
         log(f"resumed {final_dir} at step {step}/{total}")
     elif master and os.path.exists(log_path):
         os.remove(log_path)
@@ -241,17 +272,20 @@ def train(cfg, resume=False, log=print):
         if improved:
             best = metrics["accuracy"]
         if master and not interrupted:
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
+            try:
+                with open(log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(rec) + "\n")
+            except OSError as e:
+                raise UserError(f"{log_path}: cannot write ({e.strerror or e})") from None
         if master:
             state = {"optimizer": opt.state_dict(), "step": step, "best": best, "tokens": tokens,
                      "rng": torch.get_rng_state(), "done": done,
                      "history": list(history)}
             if cuda:
                 state["cuda_rng"] = torch.cuda.get_rng_state()
-            checkpoint.save(final_dir, raw, cfg, vocab, book, metrics, state)
-            if improved:
+            if improved:  # best/ before final/: a kill between the two redoes this step, best/ included
                 checkpoint.save(best_dir, raw, cfg, vocab, book, metrics)
+            checkpoint.save(final_dir, raw, cfg, vocab, book, metrics, state)
         saved_at = step
         return rec
 
@@ -328,7 +362,7 @@ def main():
         return 0
     resume = "--resume" in args
     args = [a for a in args if a != "--resume"]
-    path = None if args[0].startswith("--") else args[0]
+    path = args[0] if args and not args[0].startswith("--") else None
     cfg = load_config(path, args[1:] if path else args)
     out = train(cfg, resume=resume)
     if out["best_accuracy"] is not None:

@@ -11,15 +11,56 @@ class UserError(Exception):
 
 
 def run_cli(main):
-    """Run main() and turn UserError (and Ctrl-C) into one line on stderr and a non-zero exit."""
+    """Run main() and turn UserError (and Ctrl-C, a closed pipe, an OSError such as a full disk) into
+    one line on stderr and a non-zero exit, never a traceback."""
     try:
-        sys.exit(main())
+        code = main()
+        sys.stdout.flush()  # `python eval.py | head`: a closed pipe shows up here, inside the try
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"error: {e}", 2)
+    except BrokenPipeError:  # the reader went away: stop quietly, as a killed-by-SIGPIPE tool would
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        sys.exit(141)
+    except OSError as e:  # disk full, permissions, ...: not a bug of the program, so no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        _fail(f"error: {where}{e.strerror or e}", 1)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        _fail("interrupted", 130)
+    sys.exit(code)
+
+
+def _fail(line, code):
+    """Close any progress bar first (so the message gets a line of its own), then print and exit."""
+    tqdm = getattr(sys.modules.get("tqdm"), "tqdm", None)
+    for bar in list(getattr(tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # never let a progress bar hide the message
+            pass
+    print(line, file=sys.stderr)
+    sys.exit(code)
+
+
+def output_problem(path):
+    """Why `path` cannot be created as a file or folder (an existing part of it is a file), or None."""
+    d = os.path.dirname(os.path.abspath(path))
+    while d and not os.path.exists(d):
+        d = os.path.dirname(d)
+    if d and not os.path.isdir(d):
+        return f"{d} is a file"
+    return None
+
+
+def check_dir(path, what="output folder"):
+    """Fail before any work if `path` cannot be (or become) a folder."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{path}: is a file; the {what} must be a folder")
+    problem = output_problem(path)
+    if problem:
+        raise UserError(f"{path}: cannot create the {what} ({problem})")
 
 
 @contextmanager
@@ -31,13 +72,17 @@ def atomic_path(path):
         os.makedirs(d, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-" + os.path.basename(path) + ".")
     except OSError as e:
-        raise UserError(f"{path}: cannot write ({e.strerror})") from None
+        raise UserError(f"{path}: cannot write ({output_problem(path) or e.strerror})") from None
     os.close(fd)
     try:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk says so at write, flush or fsync, without naming the file
+        if e.filename is None or e.filename == tmp:
+            e.filename, e.filename2 = path, None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

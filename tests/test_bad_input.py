@@ -1,0 +1,828 @@
+"""Bad input, command by command: every command (data.py, train.py, eval.py, sample.py, hf_export.py)
+is handed broken files and impossible settings, and each time it must
+
+  - exit with a non-zero status (2 for a mistake in the input, 1 for an OSError such as a full disk),
+  - print exactly one line on stderr, "error: ...", naming the file (and the line, where there is one)
+    and what was expected; progress bars are not counted (what a terminal shows after the carriage
+    returns), but the message must get a line of its own,
+  - print no Python traceback,
+  - leave no partial output: the output paths do not exist afterwards, and the case's own folder and
+    the shared data and run folders are unchanged (no temporary files either).
+
+The table below builds each case's broken input in its own folder. One case per command runs as a real
+`python <script>.py ...` subprocess; the rest call the script's main() in this process through
+util.run_cli with sys.argv patched (the same code path, without ~3 s of torch import each). A shared
+fixture prepares one tiny data folder (60 grey 8x8 images, 3 classes, 2x2 patches, 8 codes) and trains
+one tiny checkpoint (2 layers, 32 wide, 6 steps) once for the whole module.
+"""
+import contextlib
+import errno
+import gzip
+import importlib
+import io
+import json
+import os
+import pickle
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import traceback
+import warnings
+import zlib
+from dataclasses import replace
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import checkpoint  # noqa: E402
+import util  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from tokenizer import Vocab  # noqa: E402
+from train import TrainConfig, train  # noqa: E402
+
+BAR = re.compile(r"^[^:]*: *\d+%\|")   # a tqdm progress bar line
+
+
+def terminal_lines(stderr):
+    """What a terminal shows of stderr: for each line the text after its last carriage return, without
+    blank lines and progress bars. A message printed right after a bar that was not closed shares its
+    line and is dropped here, so that case fails the one-line check, as it should."""
+    lines = [ln.split("\r")[-1].strip() for ln in stderr.split("\n")]
+    return [ln for ln in lines if ln and not BAR.match(ln)]
+
+
+# ----------------------------------------------------------------------------- shared fixture
+
+class Evil:
+    """Unpickling this runs a shell command that creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def write_images(root, n=60, size=8, seed=0):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        y = i % 3
+        im = (rng.random((size, size)) * 40).astype(np.uint8)
+        r, c = 1 + 2 * y + rng.integers(0, 2), 1 + rng.integers(0, size - 3)
+        im[r:r + 2, c:c + 2] = 200 + rng.integers(0, 55)
+        os.makedirs(os.path.join(root, f"c{y}"), exist_ok=True)
+        Image.fromarray(im).save(os.path.join(root, f"c{y}", f"{i:03d}.png"))
+
+
+TINY = dict(image_size=8, patch_size=2, num_codes=8, kmeans_iters=3, n_layer=2, n_head=2, n_embd=32,
+            max_length=32, batch_size=8, epochs=1, eval_every=3, lr=1e-3, warmup_steps=2, seed=1, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("bad"))
+    images, data, run = (os.path.join(tmp, n) for n in ("images", "data", "run"))
+    write_images(images)
+    cfg = TrainConfig(source=f"folder:{images}", data_dir=data, out_dir=run, **TINY)
+    train(replace(cfg), log=lambda *a: None)
+    afile = os.path.join(tmp, "afile")
+    with open(afile, "w") as f:
+        f.write("a regular file\n")
+    with open(os.path.join(data, "val.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    train_args = [a for k, v in TINY.items() for a in (f"--{k}", str(v))] + ["--source", f"folder:{images}"]
+    return SimpleNamespace(tmp=tmp, images=images, data=data, run=run, final=os.path.join(run, "final"),
+                           val=os.path.join(data, "val.jsonl"), recs=recs, afile=afile, train_args=train_args,
+                           marker=os.path.join(tmp, "pwned"))
+
+
+# ----------------------------------------------------------------------------- broken inputs
+
+def write_lines(path, lines):
+    """lines: dicts (as JSON), str or bytes, each ending in a newline."""
+    with open(path, "wb") as f:
+        for ln in lines:
+            ln = json.dumps(ln) if isinstance(ln, dict) else ln
+            f.write((ln.encode() if isinstance(ln, str) else ln) + b"\n")
+    return path
+
+
+def bad_jsonl(e, d, kind):
+    """A sequence file broken in one way -> (path, [parts of the expected message])."""
+    good, rec = json.dumps(e.recs[0]), e.recs[1]
+    toks = rec["tokens"].split()
+    p = os.path.join(d, f"{kind}.jsonl")
+    lines, line, what = {
+        "truncated": ([good, good, good[:40]], 3, "invalid JSON"),              # a write cut short
+        "no_tokens": ([good, {"label": 1, "meta": {}}], 2, 'string field "tokens"'),
+        "no_label": ([good, {"tokens": rec["tokens"]}], 2, 'integer field "label"'),
+        "unknown_token": ([good, dict(rec, tokens=" ".join(toks[:1] + ["<Z_499>"] + toks[2:]))], 2,
+                          "unknown token <Z_499>"),                             # from a 500-code vocabulary
+        "label_range": ([dict(rec, label=7)], 1, "label 7 is out of range 0..2"),
+        "v1_tail": ([good, dict(rec, tokens=" ".join(toks[:-2] + ["<CLS>", "<EOS>"]))], 2, "v1 tail"),
+        "no_tail": ([dict(rec, tokens=" ".join(toks[:-4]))], 1, "expected the tail </IMG> <CLS>"),
+        "label_mismatch": ([dict(rec, label=(rec["label"] + 1) % 3)], 1, "but the label field is"),
+        "not_object": (["[1, 2, 3]"], 1, "expected a JSON object"),
+        "not_utf8": ([good, b'{"tokens": "caf\xe9"}'], 2, "not UTF-8"),
+        "empty": ([], None, "no records (the file is empty)"),
+    }[kind]
+    write_lines(p, lines)
+    return p, [f"{p}:{line}: " if line else f"{p}: ", what]
+
+
+def copy_ckpt(e, d):
+    ck = os.path.join(d, "ckpt")
+    shutil.copytree(e.final, ck)
+    return ck
+
+
+def edit_json(path, fn):
+    with open(path) as f:
+        obj = json.load(f)
+    obj = fn(obj) or obj
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+def bad_ckpt(e, d, kind):
+    """A copy of the trained checkpoint broken in one way -> (folder, [parts of the expected message])."""
+    ck = copy_ckpt(e, d)
+    w, cfg, voc = (os.path.join(ck, f) for f in ("model.safetensors", "config.json", "vocab.json"))
+    size = os.path.getsize(w)
+    if kind == "weights_truncated":
+        os.truncate(w, size // 2)
+        return ck, [w, "not a readable safetensors file"]
+    if kind == "weights_random":
+        with open(w, "wb") as f:
+            f.write(np.random.default_rng(0).bytes(size))
+        return ck, [w, "not a readable safetensors file"]
+    if kind == "weights_pickle":  # a pickle renamed: must be refused without being unpickled
+        with open(w, "wb") as f:
+            pickle.dump(Evil(e.marker), f)
+        return ck, [w, "not a readable safetensors file"]
+    if kind == "weights_torch_save":
+        torch.save({"transformer.wte.weight": torch.zeros(3), "x": Evil(e.marker)}, w)
+        return ck, [w, "not a readable safetensors file"]
+    if kind == "weights_missing":
+        os.remove(w)
+        return ck, [w, "missing"]
+    if kind == "weights_foreign":  # a valid safetensors file of some other model
+        from safetensors.torch import save_file
+        save_file({"encoder.layer.0.weight": torch.zeros(4, 4)}, w)
+        return ck, [w, "weights do not fit the model config"]
+    if kind == "config_shape":
+        edit_json(cfg, lambda c: c["model"].update(n_layer=3))
+        return ck, [w, "weights do not fit the model config", "missing ['transformer.h.2"]
+    if kind == "config_unknown_key":
+        edit_json(cfg, lambda c: c["model"].update(n_experts=4))
+        return ck, [cfg, "unexpected keyword argument 'n_experts'"]
+    if kind == "config_wrong_type":
+        edit_json(cfg, lambda c: c["model"].update(n_layer="2"))
+        return ck, [cfg, "model.n_layer is '2', expected a positive integer"]
+    if kind == "config_negative":
+        edit_json(cfg, lambda c: c["model"].update(n_head=-2))
+        return ck, [cfg, "model.n_head is -2, expected a positive integer"]
+    if kind == "config_train_list":
+        edit_json(cfg, lambda c: c.update(train=[1, 2]))
+        return ck, [cfg, '"train" is list, expected a JSON object']
+    if kind == "config_truncated":
+        with open(cfg, "r+") as f:
+            line = f.read(30).count("\n") + 1
+            f.truncate(30)
+        return ck, [f"{cfg}:{line}: invalid JSON", "expected a checkpoint config.json"]
+    if kind == "config_foreign":
+        with open(cfg, "w") as f:
+            json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32}, f)
+        return ck, [cfg, "not a checkpoint config of this project"]
+    if kind == "vocab_mismatch":  # a vocabulary with one more code than the model has embeddings
+        Vocab(9, 3).save(voc)
+        return ck, [voc, "has 18 tokens, the model expects 17"]
+    if kind == "vocab_layout":
+        edit_json(voc, lambda v: v.update({"<Z_000>": 7, "<Z_001>": 6}))
+        return ck, [voc, "token <Z_000> has id 7, expected 6"]
+    if kind == "codebook_truncated":
+        os.truncate(os.path.join(ck, "codebook.safetensors"), 20)
+        return ck, [ck, "not a codebook written by this project"]
+    if kind == "codebook_mismatch":  # settings that do not fit its arrays (say, copied from another run)
+        edit_json(os.path.join(ck, "codebook.json"), lambda b: b.update(channels=3))
+        return ck, [os.path.join(ck, "codebook.json"), "do not fit its settings"]
+    if kind == "not_a_folder":
+        return e.afile, [e.afile, "no such checkpoint folder"]
+    raise KeyError(kind)
+
+
+def png_header(path, width, height):
+    """A PNG that claims to be width x height pixels (a decompression bomb as far as its header goes)."""
+    def chunk(t, data):
+        return struct.pack(">I", len(data)) + t + data + struct.pack(">I", zlib.crc32(t + data))
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                + chunk(b"IEND", b""))
+
+
+def bad_image(e, d, kind):
+    """An image folder root/c0/<odd image> + root/c1/<a good image> -> (root, odd file, expected parts)."""
+    root = os.path.join(d, "imgs")
+    for c in ("c0", "c1", "c2"):
+        os.makedirs(os.path.join(root, c))
+        shutil.copy(os.path.join(e.images, c, os.listdir(os.path.join(e.images, c))[0]), os.path.join(root, c, "ok.png"))
+    good = os.path.join(e.images, "c0", "000.png")
+    name = {"float_tiff": "odd.tif"}.get(kind, "odd.png")
+    p = os.path.join(root, "c0", name)
+    if kind == "corrupt_png":
+        with open(good, "rb") as f:
+            data = f.read()
+        with open(p, "wb") as f:
+            f.write(data[:len(data) // 2])
+        what = "cannot read image"
+    elif kind == "text_png":
+        with open(p, "w") as f:
+            f.write("not a picture\n")
+        what = "cannot read image (cannot identify image file"
+    elif kind == "bomb_png":
+        png_header(p, 20000, 20000)
+        what = "exceeds limit"
+    elif kind == "float_tiff":
+        Image.fromarray(np.random.default_rng(0).random((8, 8)).astype(np.float32)).save(p)
+        what = "floating-point pixels (mode F); expected an 8- or 16-bit"
+    else:
+        raise KeyError(kind)
+    return root, p, [p, what]
+
+
+def idx_file(path, arr, cut=0):
+    raw = bytes([0, 0, 8, arr.ndim]) + struct.pack(">" + "I" * arr.ndim, *arr.shape) + arr.astype(np.uint8).tobytes()
+    raw = raw[:len(raw) - cut]
+    with (gzip.open if path.endswith(".gz") else open)(path, "wb") as f:
+        f.write(raw)
+
+
+def bad_idx(d, kind):
+    """A folder of MNIST IDX files broken in one way -> (folder, expected parts)."""
+    root = os.path.join(d, "idx")
+    os.makedirs(root)
+    x = np.random.default_rng(0).integers(0, 256, (30, 8, 8))
+    y = np.arange(30) % 3
+    img, lab = os.path.join(root, "train-images-idx3-ubyte"), os.path.join(root, "train-labels-idx1-ubyte")
+    if kind == "truncated":
+        idx_file(img, x, cut=10)
+        idx_file(lab, y)
+        return root, [img, "IDX data has 1910 bytes, its header says 1920", "truncated or corrupt"]
+    if kind == "truncated_gz":
+        idx_file(img + ".gz", x)
+        with open(img + ".gz", "r+b") as f:
+            f.truncate(os.path.getsize(img + ".gz") // 2)
+        idx_file(lab, y)
+        return root, [img + ".gz", "cannot read IDX file"]
+    if kind == "truncated_header":
+        with open(img, "wb") as f:
+            f.write(bytes([0, 0, 8, 3, 0, 0, 0]))
+        idx_file(lab, y)
+        return root, [img, "truncated IDX header"]
+    if kind == "count_mismatch":
+        idx_file(img, x)
+        idx_file(lab, y[:20])
+        return root, [img, "expected N x H x W images and N labels"]
+    if kind == "bad_magic":
+        with open(img, "wb") as f:
+            f.write(b"PK\x03\x04" + bytes(100))
+        idx_file(lab, y)
+        return root, [img, "not an IDX file of unsigned bytes (bad magic number)"]
+    if kind == "no_labels":
+        idx_file(img, x)
+        return root, [root, "found train images but not the labels"]
+    raise KeyError(kind)
+
+
+def data_copy(e, d, edit=None):
+    """A copy of the prepared data folder (so train.py finds report.json and does not prepare)."""
+    p = os.path.join(d, "data")
+    shutil.copytree(e.data, p)
+    if edit:
+        edit(p)
+    return p
+
+
+def other_vocab_ckpt(e, d):
+    """A consistent checkpoint whose vocabulary (4 classes) differs from the data's (3 classes)."""
+    from tokenizer import Codebook
+    vocab = Vocab(8, 4)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=len(vocab), block_size=32, n_layer=2, n_head=2, n_embd=32))
+    ck = os.path.join(d, "other")
+    checkpoint.save(ck, model, TrainConfig(), vocab, Codebook.load(e.data))
+    return ck
+
+
+# ----------------------------------------------------------------------------- the table
+# Each case: (id, script, build(e, d) -> (argv, [expected parts of the message], [outputs that must not
+# exist afterwards])). Cases whose id ends in "!" run as a real subprocess.
+
+def out(d, name):
+    return os.path.join(d, "out", name)
+
+
+def J(script, kinds, argv, tag="jsonl"):
+    """Cases that hand the command a broken JSONL file; argv(e, d, path) -> (argv, outputs)."""
+    def make(kind):
+        def build(e, d):
+            p, expect = bad_jsonl(e, d, kind)
+            args, outs = argv(e, d, p)
+            return args, expect, outs
+        return (f"{script}-{tag}-{kind}", script, build)
+    return [make(k) for k in kinds]
+
+
+def K(script, kinds, argv, tag="ckpt"):
+    """Cases that hand the command a broken checkpoint; argv(e, d, ckpt) -> (argv, outputs)."""
+    def make(kind):
+        def build(e, d):
+            ck, expect = bad_ckpt(e, d, kind)
+            args, outs = argv(e, d, ck)
+            return args, expect, outs
+        return (f"{script}-{tag}-{kind}", script, build)
+    return [make(k) for k in kinds]
+
+
+def I(script, kinds, argv, tag="image"):
+    """Cases with an odd image in an image folder; argv(e, d, root, file) -> (argv, outputs)."""
+    def make(kind):
+        def build(e, d):
+            root, p, expect = bad_image(e, d, kind)
+            args, outs = argv(e, d, root, p)
+            return args, expect, outs
+        return (f"{script}-{tag}-{kind}", script, build)
+    return [make(k) for k in kinds]
+
+
+def X(script, kinds, argv, tag="idx"):
+    """Cases with broken MNIST IDX files; argv(e, d, folder) -> (argv, outputs)."""
+    def make(kind):
+        def build(e, d):
+            root, expect = bad_idx(d, kind)
+            args, outs = argv(e, d, root)
+            return args, expect, outs
+        return (f"{script}-{tag}-{kind}", script, build)
+    return [make(k) for k in kinds]
+
+
+def O(script, cases, argv, tag):
+    """Cases that add options to a working command line: (name, [options], [expected parts])."""
+    def make(name, opts, expect):
+        def build(e, d):
+            args, outs = argv(e, d)
+            return args + opts, expect, outs
+        return (f"{script}-{tag}-{name}", script, build)
+    return [make(*c) for c in cases]
+
+
+def C(id, script, build):
+    return [(id, script, build)]
+
+
+def first(cases):
+    """Mark a case to run as a real subprocess (its id ends in '!')."""
+    (id, script, build), = cases
+    return [(id + "!", script, build)]
+
+
+PREP = ["--image_size", "8", "--patch_size", "2", "--num_codes", "8", "--kmeans_iters", "2"]
+
+
+def prepare_args(d, source):
+    return ["prepare", "--source", source, "--data_dir", out(d, "prepared"), *PREP], [out(d, "prepared")]
+
+
+def eval_args(e, d, ck=None, **kw):
+    a = ["--ckpt", ck or e.final, "--out", out(d, "eval.json")]
+    for k, v in kw.items():
+        a += [f"--{k}", v]
+    return a, [out(d, "eval.json"), out(d, "eval_confusion.png")]
+
+
+def sample_args(e, d, ck=None, *extra):
+    return (["--ckpt", ck or e.final, "--num_samples", "2", "--out_png", out(d, "s.png"),
+             "--out_jsonl", out(d, "s.jsonl"), *extra], [out(d, "s.png"), out(d, "s.jsonl")])
+
+
+def train_args(e, d, data=None, *extra):
+    return [*e.train_args, "--data_dir", data or e.data, "--out_dir", out(d, "run"), *extra], [out(d, "run")]
+
+
+def hf_args(e, d, ck=None, *extra):
+    return ["--ckpt", ck or e.final, "--out", out(d, "hf"), *extra], [out(d, "hf")]
+
+
+def train_with_data(name, edit, expect):
+    """train.py on a copy of the prepared data folder with one file spoilt by edit(folder)."""
+    def build(e, d):
+        data = data_copy(e, d, edit)
+        args, outs = train_args(e, d, data)
+        return args, expect(data), outs
+    return [(f"train-data-{name}", "train", build)]
+
+
+def train_jsonl(kinds):
+    """train.py on a prepared data folder whose train.jsonl is broken in one way."""
+    def make(kind):
+        def build(e, d):
+            bad, expect = bad_jsonl(e, d, kind)
+            data = data_copy(e, d, lambda p: shutil.copy(bad, os.path.join(p, "train.jsonl")))
+            os.remove(bad)
+            args, outs = train_args(e, d, data)
+            expect = [x.replace(bad, os.path.join(data, "train.jsonl")) for x in expect]
+            if kind == "v1_tail":  # train.py has no --repair_v1: the message must not suggest it
+                expect.append("prepare the data again with data.py prepare")
+            return args, expect, outs
+        return (f"train-jsonl-{kind}", "train", build)
+    return [make(k) for k in kinds]
+
+
+def truncated_train_jsonl(e, d):
+    def edit(p):
+        with open(os.path.join(p, "train.jsonl")) as f:
+            lines = f.read().splitlines()[:5]
+        write_lines(os.path.join(p, "train.jsonl"), lines + [lines[0][:25]])   # a write cut short
+    data = data_copy(e, d, edit)
+    args, outs = train_args(e, d, data)
+    return args, [os.path.join(data, "train.jsonl") + ":6: invalid JSON"], outs
+
+
+def resume_from(kind):
+    """train.py --resume on a run folder whose final/ checkpoint is broken (or absent)."""
+    def build(e, d):
+        final = os.path.join(d, "run", "final")
+        if kind == "no_checkpoint":
+            os.makedirs(os.path.join(d, "run"))
+            expect = [os.path.join(final, "trainer_state.pt"), "missing; this checkpoint cannot be resumed"]
+        else:
+            if kind == "trainer_state_pickle":
+                ck = copy_ckpt(e, d)
+                with open(os.path.join(ck, "trainer_state.pt"), "wb") as f:
+                    pickle.dump({"step": 3, "x": Evil(e.marker)}, f)
+                expect = [os.path.join(ck, "trainer_state.pt"), "refused, it holds Python objects"]
+            else:
+                ck, expect = bad_ckpt(e, d, kind)
+            os.makedirs(os.path.join(d, "run"))
+            os.rename(ck, final)
+            expect = [x.replace(ck, final) for x in expect]
+        return [*e.train_args, "--data_dir", e.data, "--out_dir", os.path.join(d, "run"), "--resume"], expect, []
+    return [(f"train-resume-{kind}", "train", build)]
+
+
+def write_file(path, content):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(content)
+    return path
+
+
+def csv_bad_row(e, d):
+    p = write_file(os.path.join(d, "csv", "c0", "a.csv"),
+                   b"pixel_id,x,y,t,R,G,B,A,Gx,Gy\n0,0,0,0,1,1,1,1,0,0\n1,1,0,0,1,1\n")
+    args, outs = prepare_args(d, f"csv:{os.path.join(d, 'csv')}")
+    return args, [f"{p}:3: expected 10 numbers"], outs
+
+
+def unknown_class_folder(e, d):
+    root = os.path.join(d, "imgs")
+    shutil.copytree(e.images, root)
+    os.rename(os.path.join(root, "c2"), os.path.join(root, "zebra"))
+    args, outs = eval_args(e, d, images=root)
+    return args, [os.path.join(root, "zebra"), "'zebra' is not a class of this checkpoint"], outs
+
+
+def broken_log(content, expect):
+    def build(e, d):
+        log = write_file(os.path.join(d, "r", "log.jsonl"), content)
+        return ["--curves", os.path.dirname(log), "--out", out(d, "c.png")], [log + expect], [out(d, "c.png")]
+    return build
+
+
+def other_vocab(e, d):
+    ck = other_vocab_ckpt(e, d)
+    args, outs = train_args(e, d, None, "--init_from", ck)
+    return args, [ck, f"its vocabulary differs from {e.data}/vocab.json"], outs
+
+
+def gpt2_folder(e, d, pickled=False, activation=None):
+    """A Hugging Face GPT-2 folder (exported from the tiny checkpoint), then spoilt."""
+    from hf_export import export
+    f = export(e.final, os.path.join(d, "gpt2"), log=lambda *a: None)
+    if pickled:  # what an old transformers save looks like: pytorch_model.bin, no safetensors
+        os.remove(os.path.join(f, "model.safetensors"))
+        with open(os.path.join(f, "pytorch_model.bin"), "wb") as fh:
+            pickle.dump(Evil(e.marker), fh)
+    if activation:
+        edit_json(os.path.join(f, "config.json"), lambda c: c.update(activation_function=activation))
+    return f
+
+
+def export_gpt2(**kw):
+    def build(e, d):
+        f = gpt2_folder(e, d, **kw)
+        args, outs = hf_args(e, d, f)
+        expect = [os.path.join(f, "model.safetensors"), "missing (sharded and pickled weights are not read"] \
+            if kw.get("pickled") else [os.path.join(f, "config.json"), "activation_function is 'relu'"]
+        return args, expect, outs
+    return build
+
+
+def under_file(script, argv, what):
+    """An output path whose parent is a regular file (chmod cannot stop root; this stops everyone)."""
+    def build(e, d):
+        p = os.path.join(e.afile, what)
+        return argv(e, d, p), [p, f"{e.afile} is a file"], []
+    return [(f"{script}-output-under-a-file-{what.replace('.', '-')}", script, build)]
+
+
+ALL_JSONL = ["truncated", "no_tokens", "no_label", "unknown_token", "label_range", "v1_tail", "no_tail",
+             "label_mismatch", "not_object", "not_utf8", "empty"]
+CKPT_ALL = ["weights_random", "weights_pickle", "weights_torch_save", "weights_missing", "weights_foreign",
+            "config_shape", "config_unknown_key", "config_wrong_type", "config_negative", "config_train_list",
+            "config_truncated", "config_foreign", "vocab_mismatch", "vocab_layout", "codebook_truncated",
+            "codebook_mismatch", "not_a_folder"]
+IMAGES = ["corrupt_png", "text_png", "bomb_png", "float_tiff"]
+
+CASES = [
+    # ------------------------------------------------------------------ data.py
+    *first(X("data", ["truncated"], lambda e, d, root: prepare_args(d, f"idx:{root}"))),
+    *X("data", ["truncated_gz", "truncated_header", "count_mismatch", "bad_magic", "no_labels"],
+       lambda e, d, root: prepare_args(d, f"idx:{root}")),
+    *I("data", IMAGES, lambda e, d, root, p: prepare_args(d, f"folder:{root}")),
+    *C("data-csv-bad-row", "data", csv_bad_row),
+    *O("data", [
+        ("unknown-option", ["--colour_space", "hsv"], ["command line: unknown option --colour_space; valid keys:"]),
+        ("wrong-type", ["--patch_size", "two"], ["command line: patch_size expects int, got 'two'"]),
+        ("channels", ["--channels", "2"], ["channels must be 1 (grey) or 3 (RGB), got 2"]),
+        ("patch-does-not-divide", ["--patch_size", "3"], ["image_size 8 is not divisible by patch_size 3"]),
+        ("zero-codes", ["--num_codes", "0"], ["num_codes must be at least 1, got 0"]),
+        ("val-fraction", ["--val_fraction", "1.5"], ["val_fraction must be between 0 and 1, got 1.5"]),
+        ("unknown-source", ["--source", "zip:foo"], ["source 'zip:foo': expected builtin, idx:DIR, folder:DIR or csv:DIR"]),
+    ], lambda e, d: prepare_args(d, f"folder:{e.images}"), tag="prepare"),
+    *under_file("data", lambda e, d, p: ["prepare", "--source", f"folder:{e.images}", "--data_dir", p, *PREP], "prepared"),
+    *C("data-prepare-data-dir-is-a-file", "data", lambda e, d: (
+        ["prepare", "--source", f"folder:{e.images}", "--data_dir", e.afile, *PREP], [e.afile, "is a file"], [])),
+    *J("data", ["truncated", "not_utf8", "no_tail", "empty"], lambda e, d, p: (
+        ["render", p, "--codebook", e.data, "--out", out(d, "grid.png")], [out(d, "grid.png")]), tag="render"),
+    *K("data", ["codebook_mismatch", "codebook_truncated"], lambda e, d, ck: (
+        ["render", e.val, "--codebook", ck, "--out", out(d, "grid.png")], [out(d, "grid.png")]), tag="render"),
+    *under_file("data", lambda e, d, p: ["render", e.val, "--out", p], "grid.png"),
+    *C("data-render-n-zero", "data", lambda e, d: (
+        ["render", e.val, "--out", out(d, "grid.png"), "--n", "0"], ["--n must be at least 1, got 0"], [out(d, "grid.png")])),
+    *C("data-reconstruct-no-report", "data", lambda e, d: (
+        ["reconstruct", d, "--out", out(d, "r.png")], [os.path.join(d, "report.json"), "no such report.json"], [out(d, "r.png")])),
+
+    # ------------------------------------------------------------------ train.py
+    *C("train-jsonl-truncated!", "train", truncated_train_jsonl),
+    *train_jsonl(["no_label", "unknown_token", "label_range", "v1_tail", "not_utf8", "empty"]),
+    *train_with_data("val-truncated", lambda p: write_lines(os.path.join(p, "val.jsonl"), ['{"tokens": "<IMG>", "lab']),
+                     lambda p: [os.path.join(p, "val.jsonl") + ":1: invalid JSON"]),
+    *train_with_data("report-not-an-object", lambda p: write_lines(os.path.join(p, "report.json"), ["[1, 2]"]),
+                     lambda p: [os.path.join(p, "report.json"), "expected a JSON object"]),
+    *train_with_data("vocab-does-not-match-codebook", lambda p: Vocab(9, 3).save(os.path.join(p, "vocab.json")),
+                     lambda p: [os.path.join(p, "vocab.json"), "has 9 code tokens, the codebook there 8 codes"]),
+    *train_with_data("codebook-missing", lambda p: os.remove(os.path.join(p, "codebook.safetensors")),
+                     lambda p: [p, "codebook.safetensors is missing"]),
+    *C("train-yaml-wrong-type", "train", lambda e, d: (
+        [write_file(os.path.join(d, "cfg.yaml"), b"n_layer: [2]\n"), "--out_dir", out(d, "run")],
+        [os.path.join(d, "cfg.yaml"), "n_layer expects int, got [2]"], [out(d, "run")])),
+    *C("train-yaml-unknown-key", "train", lambda e, d: (
+        [write_file(os.path.join(d, "cfg.yaml"), b"n_layer: 2\nlayers: 4\n"), "--out_dir", out(d, "run")],
+        [os.path.join(d, "cfg.yaml"), "unknown key 'layers'; valid keys:"], [out(d, "run")])),
+    *O("train", [
+        ("negative-lr", ["--lr", "-1"], ["config: lr must be >= 0, got -1.0"]),
+        ("dropout", ["--dropout", "2"], ["config: dropout must be in [0, 1), got 2.0"]),
+        ("device", ["--device", "tpu"], ["config: device must be auto, cpu or cuda[:N], got 'tpu'"]),
+        ("channels", ["--channels", "4"], ["channels must be 1 (grey) or 3 (RGB), got 4"]),
+        ("unknown", ["--n_layers", "4"], ["command line: unknown option --n_layers"]),
+        ("wrong-type", ["--epochs", "many"], ["command line: epochs expects int, got 'many'"]),
+    ], lambda e, d: train_args(e, d), tag="option"),
+    *under_file("train", lambda e, d, p: [*e.train_args, "--data_dir", e.data, "--out_dir", p], "run"),
+    *under_file("train", lambda e, d, p: [*e.train_args, "--data_dir", p, "--out_dir", out(d, "run")], "data"),
+    *[c for k in ("no_checkpoint", "weights_truncated", "weights_pickle", "config_wrong_type", "vocab_layout",
+                  "trainer_state_pickle") for c in resume_from(k)],
+    *K("train", ["weights_random", "weights_pickle", "config_negative"],
+       lambda e, d, ck: train_args(e, d, None, "--init_from", ck), tag="init-from"),
+    *C("train-init-from-other-vocabulary", "train", other_vocab),
+
+    # ------------------------------------------------------------------ eval.py
+    *first(K("eval", ["weights_truncated"], lambda e, d, ck: eval_args(e, d, ck))),
+    *K("eval", CKPT_ALL, lambda e, d, ck: eval_args(e, d, ck)),
+    *J("eval", ALL_JSONL, lambda e, d, p: eval_args(e, d, data=p), tag="data"),
+    *I("eval", IMAGES, lambda e, d, root, p: eval_args(e, d, images=root), tag="images"),
+    *C("eval-images-unknown-class", "eval", unknown_class_folder),
+    *first(I("eval", ["corrupt_png"], lambda e, d, root, p: (["--ckpt", e.final, "--classify", root], []), tag="classify")),
+    *I("eval", ["bomb_png", "float_tiff", "text_png"], lambda e, d, root, p: (["--ckpt", e.final, "--classify", p], []),
+       tag="classify"),
+    *C("eval-classify-not-an-image", "eval", lambda e, d: (
+        ["--ckpt", e.final, "--classify", write_file(os.path.join(d, "notes.txt"), b"hello")],
+        [os.path.join(d, "notes.txt"), "expected an image"], [])),
+    *C("eval-classify-missing-file", "eval", lambda e, d: (
+        ["--ckpt", e.final, "--classify", os.path.join(d, "gone.png")], [os.path.join(d, "gone.png"), "no such image file"], [])),
+    *J("eval", ["v1_tail", "label_range"], lambda e, d, p: (["--ckpt", e.final, "--classify", p], []), tag="classify"),
+    *under_file("eval", lambda e, d, p: ["--ckpt", e.final, "--data", e.val, "--out", p], "m.json"),
+    *C("eval-curves-bad-line", "eval", broken_log(b'{"step": 1}\n{"step": 2, "tr\n', ":2: invalid JSON")),
+    *C("eval-curves-not-utf8", "eval", broken_log(b'{"step": 1}\n\xff\xfe\n', ":2: not UTF-8")),
+    *under_file("eval", lambda e, d, p: ["--curves", e.run, "--out", p], "curves.png"),
+    *C("eval-next-unknown-token", "eval", lambda e, d: (
+        ["--ckpt", e.final, "--next", "<IMG> <Z_042>"], ["--next: unknown token '<Z_042>'"], [])),
+
+    # ------------------------------------------------------------------ sample.py
+    *first(K("sample", ["weights_truncated"], lambda e, d, ck: sample_args(e, d, ck))),
+    *K("sample", ["weights_pickle", "weights_foreign", "config_wrong_type", "vocab_mismatch", "codebook_mismatch"],
+       lambda e, d, ck: sample_args(e, d, ck)),
+    *J("sample", ["truncated", "unknown_token", "v1_tail", "label_range", "not_utf8", "empty"],
+       lambda e, d, p: sample_args(e, d, None, "--complete", "2", "--data", p), tag="complete"),
+    *O("sample", [
+        ("start-unknown-token", ["--start", "<IMG> <Z_500>"], ["--start: unknown token '<Z_500>'"]),
+        ("top-p", ["--top_p", "0"], ["--top_p must be in (0, 1], got 0.0"]),
+    ], lambda e, d: sample_args(e, d), tag="option"),
+    *under_file("sample", lambda e, d, p: ["--ckpt", e.final, "--out_png", p], "s.png"),
+    *under_file("sample", lambda e, d, p: ["--ckpt", e.final, "--out_png", out(d, "s.png"), "--out_jsonl", p], "s.jsonl"),
+    *C("sample-out-png-is-a-folder", "sample", lambda e, d: (
+        ["--ckpt", e.final, "--out_png", d], [d, "is a folder; the PNG grid must be a file path"], [])),
+
+    # ------------------------------------------------------------------ hf_export.py
+    *first(K("hf_export", ["weights_truncated"], lambda e, d, ck: hf_args(e, d, ck))),
+    *K("hf_export", ["weights_random", "weights_pickle", "config_wrong_type", "config_train_list", "vocab_layout",
+                     "vocab_mismatch", "codebook_mismatch"], lambda e, d, ck: hf_args(e, d, ck)),
+    *under_file("hf_export", lambda e, d, p: ["--ckpt", e.final, "--out", p], "hf"),
+    *C("hf_export-out-not-an-export", "hf_export", lambda e, d: (
+        ["--ckpt", e.final, "--out", e.data], [e.data, "exists and is not an earlier export"], [])),
+    *C("hf_export-bad-repo-id", "hf_export", lambda e, d: (
+        [*hf_args(e, d)[0], "--push_to_hub", "me/my model"], ["'me/my model' is not a repository id"], hf_args(e, d)[1])),
+    *C("hf_export-gpt2-folder-pickled-weights", "hf_export", export_gpt2(pickled=True)),
+    *C("hf_export-gpt2-folder-relu", "hf_export", export_gpt2(activation="relu")),
+]
+
+
+# ----------------------------------------------------------------------------- running and checking
+
+def run_subprocess(script, argv):
+    r = subprocess.run([sys.executable, f"{script}.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+    return r.returncode, r.stdout, r.stderr
+
+
+def run_inprocess(script, argv):
+    """The script's main() through util.run_cli, as `python script.py argv` would run it."""
+    mod = importlib.import_module(script)
+    err, so = io.StringIO(), io.StringIO()
+    saved = sys.argv
+    sys.argv = [f"{script}.py", *argv]
+    try:
+        with contextlib.redirect_stdout(so), contextlib.redirect_stderr(err), \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")           # as in a fresh `python script.py`
+            for cat in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", cat)
+            try:
+                util.run_cli(mod.main)
+                code = 0
+            finally:  # warnings go to stderr, where a user would see them
+                for w in caught:
+                    err.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno))
+    except SystemExit as ex:
+        code = ex.code
+    except BaseException:  # what a subprocess would print as a traceback
+        err.write(traceback.format_exc())
+        code = "traceback"
+    finally:
+        sys.argv = saved
+    return code, so.getvalue(), err.getvalue()
+
+
+def snapshot(*folders):
+    """Every file and folder under `folders` with its size and modification time."""
+    seen = {}
+    for top in folders:
+        for d, dirs, files in os.walk(top):
+            for name in dirs + files:
+                p = os.path.join(d, name)
+                st = os.lstat(p)
+                seen[p] = (st.st_size if name in files else None, st.st_mtime_ns)
+    return seen
+
+
+def check_failure(code, stdout, stderr, expect):
+    assert code not in (0, None, "traceback"), f"exit {code!r}\n{stderr[-3000:]}"
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-3000:]
+    lines = terminal_lines(stderr)
+    assert len(lines) == 1, f"expected one line on stderr, got {lines}\nraw: {stderr[-2000:]!r}"
+    line = lines[0]
+    assert line.startswith("error: "), line
+    for part in expect:
+        assert part in line, f"{part!r} not in {line!r}"
+    return line
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(env, tmp_path, case):
+    name, script, build = case
+    d = str(tmp_path)
+    argv, expect, outputs = build(env, d)
+    assert all(os.path.abspath(o).startswith(d) for o in outputs)
+    shared = (env.data, env.run, env.images)
+    before = snapshot(d, *shared)
+    code, stdout, stderr = (run_subprocess if name.endswith("!") else run_inprocess)(script, argv)
+    check_failure(code, stdout, stderr, expect)
+    assert code == 2, f"a mistake in the input exits with 2, got {code}"
+    for o in outputs:
+        assert not os.path.exists(o), f"partial output left behind: {o}"
+    assert snapshot(d, *shared) == before, "files were created, changed or left behind"
+    assert not os.path.exists(env.marker), "a pickle was unpickled"
+
+
+def count_cases():
+    n = {}
+    for c in CASES:
+        n[c[1]] = n.get(c[1], 0) + 1
+    return n
+
+
+# ----------------------------------------------------------------------------- full disk, closed pipe
+
+def no_space(fd):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("script", ["data", "train", "eval", "sample", "hf_export"])
+def test_full_disk_is_one_line_and_leaves_nothing(env, tmp_path, monkeypatch, script):
+    """Every write fails as on a full disk (fsync raises ENOSPC): one line naming what could not be
+    written, no temporary files, no output. train.py here has to prepare its data folder first."""
+    d = str(tmp_path)
+    argv, outputs, expect = {
+        "data": lambda: (*prepare_args(d, f"folder:{env.images}"), [out(d, "prepared"), "cannot write the prepared files"]),
+        "train": lambda: (train_args(env, d, out(d, "data"))[0], [out(d, "data"), out(d, "run")],
+                          [out(d, "data"), "cannot write the prepared files"]),
+        "eval": lambda: (*eval_args(env, d, data=env.val), [out(d, "eval.json")]),
+        "sample": lambda: (*sample_args(env, d), [out(d, "s.png")]),
+        "hf_export": lambda: (*hf_args(env, d), [out(d, "hf"), "cannot write export"]),
+    }[script]()
+    before = snapshot(env.data, env.run)
+    monkeypatch.setattr(os, "fsync", no_space)
+    code, stdout, stderr = run_inprocess(script, argv)
+    monkeypatch.undo()
+    check_failure(code, stdout, stderr, expect + ["No space left on device"])
+    assert code in (1, 2)
+    for o in outputs:
+        assert not os.path.exists(o), f"partial output left behind: {o}"
+    left = [f for _, ds, fs in os.walk(d) for f in ds + fs]
+    assert not [f for f in left if f not in ("out",)], f"files left behind: {left}"
+    assert snapshot(env.data, env.run) == before
+
+
+def test_full_disk_during_training_keeps_no_checkpoint(env, tmp_path, monkeypatch):
+    """The data is there, the disk fills up at the first checkpoint: one line naming the checkpoint,
+    no checkpoint folder and no temporary folder left behind (log.jsonl keeps its line: appending
+    needs no fsync, and a fresh start or --resume deals with it)."""
+    d = str(tmp_path)
+    argv, _ = train_args(env, d)
+    monkeypatch.setattr(os, "fsync", no_space)
+    code, stdout, stderr = run_inprocess("train", argv)
+    monkeypatch.undo()
+    run = out(d, "run")
+    check_failure(code, stdout, stderr, [os.path.join(run, "best"), "cannot write checkpoint (No space left on device)"])
+    assert sorted(os.listdir(run)) == ["log.jsonl"], os.listdir(run)   # no final/, best/, .tmp-*
+
+
+def test_closed_pipe_is_quiet(env, tmp_path):
+    """`python eval.py ... | head -0`: the reader is gone before anything is printed. No traceback, no
+    'Exception ignored' at exit; the exit status is 141, as for a tool killed by SIGPIPE."""
+    p = subprocess.Popen([sys.executable, "eval.py", "--ckpt", env.final, "--data", env.val, "--out",
+                          str(tmp_path / "m.json")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141, err[-2000:]
+    assert terminal_lines(err) == [], err[-2000:]
+
+
+# ----------------------------------------------------------------------------- odd but valid images
+
+def test_odd_images_are_converted_not_refused(env, tmp_path):
+    """16-bit grey, CMYK, 1-bit, RGBA of another size and a 1x1 image are read like the 8-bit grey
+    image they show (16-bit values scaled by 1/257, not clipped at 255)."""
+    from data import read_image
+    grey = (np.arange(64).reshape(8, 8) * 4).astype(np.uint8)
+    files = {
+        "i16.png": Image.fromarray(grey.astype(np.uint16) * 257),
+        "cmyk.tif": Image.fromarray(grey).convert("CMYK"),
+        "rgba.png": Image.fromarray(grey).convert("RGBA"),
+    }
+    for name, im in files.items():
+        im.save(tmp_path / name)
+        got = read_image(str(tmp_path / name), (8, 8), 1)
+        assert got.shape == (8, 8, 1) and np.abs(got[..., 0].astype(int) - grey).max() <= 1, name
+    Image.new("L", (1, 1), 200).save(tmp_path / "dot.png")
+    assert (read_image(str(tmp_path / "dot.png"), (8, 8), 1) == 200).all()
+    Image.new("1", (16, 16), 1).save(tmp_path / "bits.png")
+    assert (read_image(str(tmp_path / "bits.png"), (8, 8), 3) == 255).all()
