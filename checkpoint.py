@@ -21,7 +21,7 @@ import torch
 
 from model import GPT, GPTConfig
 from tokenizer import Codebook, Vocab
-from util import UserError, output_problem, read_json, write_json
+from util import UserError, not_safetensors, output_problem, read_json, write_json
 
 
 def save(folder, model, train_cfg, vocab, codebook, metrics=None, trainer_state=None):
@@ -128,7 +128,7 @@ def load(folder, device="cpu"):
     except FileNotFoundError:
         raise UserError(f"{path}: missing") from None
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+        raise UserError(not_safetensors(path, e)) from None
     vocab = Vocab.load(os.path.join(folder, "vocab.json"))
     if len(vocab) != mcfg.vocab_size:
         raise UserError(f"{folder}/vocab.json has {len(vocab)} tokens, the model expects {mcfg.vocab_size}")

@@ -35,7 +35,7 @@ import torch
 
 from model import GPT, GPTConfig
 from tokenizer import SPECIALS, Codebook, Vocab
-from util import UserError, output_problem, read_json, run_cli, write_json, write_text
+from util import UserError, not_safetensors, output_problem, read_json, run_cli, write_json, write_text
 
 # our nn.Linear weights stored by GPT-2 as Conv1D, i.e. transposed: (in_features, out_features)
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -366,7 +366,7 @@ def _import(folder):
                    ("model.safetensors.index.json", "pytorch_model.bin")) else ""
         raise UserError(f"{path}: missing{extra}") from None
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+        raise UserError(not_safetensors(path, e)) from None
     model = GPT(mcfg)
     model.load_state_dict(from_gpt2_state_dict(sd, model, path), strict=False)
     book = Codebook.load(folder)

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from util import UserError, atomic_path, read_json, write_json
+from util import UserError, atomic_path, not_safetensors, read_json, write_json
 
 SPECIALS = ["<PAD>", "<UNK>", "<IMG>", "</IMG>", "<CLS>", "<EOS>"]
 GROUPS = ("position", "time", "colour", "gradient")
@@ -303,7 +303,9 @@ class Codebook:
                        tensors["centroids"], tensors["colours"], meta.get("inertia"))
         except FileNotFoundError:
             raise UserError(f"{folder}: codebook.safetensors is missing") from None
-        except (KeyError, TypeError, ValueError, SafetensorError) as e:
+        except SafetensorError as e:
+            raise UserError(not_safetensors(os.path.join(folder, "codebook.safetensors"), e)) from None
+        except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{folder}: not a codebook written by this project ({e})") from None
         if book.centroids.shape[0] != cfg.num_codes:
             raise UserError(f"{folder}: codebook has {book.centroids.shape[0]} centroids, "

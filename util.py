@@ -98,6 +98,22 @@ def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def not_safetensors(path, error):
+    """The one line for a weights file that safetensors cannot read. Pickles (a renamed
+    pytorch_model.bin or torch.save file) are named as such: they are never unpickled, since
+    unpickling a file can run any code in it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        head = b""
+    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+        kind = "a Python pickle" if head[:1] == b"\x80" else "a zip archive (the torch.save format)"
+        return (f"{path}: is {kind}, not safetensors; pickled weights are never loaded (unpickling can "
+                f"run code): convert them with safetensors in a trusted environment")
+    return f"{path}: not a readable safetensors file ({error})"
+
+
 def read_json(path, what="JSON file"):
     """Read a JSON file written by this project; any problem is a one-line UserError."""
     try:

@@ -166,10 +166,10 @@ def bad_ckpt(e, d, kind):
     if kind == "weights_pickle":  # a pickle renamed: must be refused without being unpickled
         with open(w, "wb") as f:
             pickle.dump(Evil(e.marker), f)
-        return ck, [w, "not a readable safetensors file"]
+        return ck, [w, "is a Python pickle, not safetensors; pickled weights are never loaded"]
     if kind == "weights_torch_save":
         torch.save({"transformer.wte.weight": torch.zeros(3), "x": Evil(e.marker)}, w)
-        return ck, [w, "not a readable safetensors file"]
+        return ck, [w, "is a zip archive (the torch.save format), not safetensors"]
     if kind == "weights_missing":
         os.remove(w)
         return ck, [w, "missing"]
@@ -209,7 +209,7 @@ def bad_ckpt(e, d, kind):
         return ck, [voc, "token <Z_000> has id 7, expected 6"]
     if kind == "codebook_truncated":
         os.truncate(os.path.join(ck, "codebook.safetensors"), 20)
-        return ck, [ck, "not a codebook written by this project"]
+        return ck, [os.path.join(ck, "codebook.safetensors"), "not a readable safetensors file"]
     if kind == "codebook_mismatch":  # settings that do not fit its arrays (say, copied from another run)
         edit_json(os.path.join(ck, "codebook.json"), lambda b: b.update(channels=3))
         return ck, [os.path.join(ck, "codebook.json"), "do not fit its settings"]
@@ -826,3 +826,62 @@ def test_odd_images_are_converted_not_refused(env, tmp_path):
     assert (read_image(str(tmp_path / "dot.png"), (8, 8), 1) == 200).all()
     Image.new("1", (16, 16), 1).save(tmp_path / "bits.png")
     assert (read_image(str(tmp_path / "bits.png"), (8, 8), 3) == 255).all()
+
+
+# ----------------------------------------------------------------------------- no code execution from files
+
+def test_no_pickle_loads_in_the_code():
+    """Nothing in the project unpickles a file: every torch.load is weights_only=True, no pickle.load,
+    no numpy allow_pickle, no yaml.load (only yaml.safe_load)."""
+    bad = []
+    for name in sorted(os.listdir(ROOT)):
+        if not name.endswith(".py"):
+            continue
+        with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+            src = f.read()
+        for m in re.finditer(r"torch\.load\(([^()]|\([^()]*\))*\)", src):
+            if "weights_only=True" not in m.group(0):
+                bad.append(f"{name}: {m.group(0)}")
+        for pat in (r"pickle\.loads?\(", r"allow_pickle\s*=\s*True", r"yaml\.load\(", r"yaml\.unsafe_load",
+                    r"\b(dill|joblib|cloudpickle|shelve|marshal)\b"):
+            bad += [f"{name}: {m.group(0)}" for m in re.finditer(pat, src)]
+    assert not bad, bad
+
+
+ENTRY_POINTS = {  # -> argv given the checkpoint folder c (a copy of final/ inside run folder r) and the case folder d
+    "eval.py --ckpt": ("eval", lambda e, d, r, c: ["--ckpt", c, "--data", e.val, "--out", out(d, "m.json")]),
+    "sample.py --ckpt": ("sample", lambda e, d, r, c: ["--ckpt", c, "--out_png", out(d, "s.png")]),
+    "hf_export.py --ckpt": ("hf_export", lambda e, d, r, c: ["--ckpt", c, "--out", out(d, "hf")]),
+    "train.py --resume": ("train", lambda e, d, r, c: [*e.train_args, "--data_dir", e.data, "--out_dir", r, "--resume"]),
+    "train.py --init_from": ("train", lambda e, d, r, c: [*e.train_args, "--data_dir", e.data, "--out_dir", out(d, "r2"),
+                                                          "--init_from", c]),
+}
+
+
+PICKLED = [(entry, victim) for entry in ENTRY_POINTS for victim in ("model.safetensors", "codebook.safetensors",
+                                                                     "trainer_state.pt")
+           if victim != "trainer_state.pt" or entry == "train.py --resume"]   # only --resume reads it
+
+
+@pytest.mark.parametrize("entry,victim", PICKLED, ids=[f"{e}-{v}" for e, v in PICKLED])
+def test_crafted_pickle_is_refused(env, tmp_path, entry, victim):
+    """A file of the checkpoint replaced by a pickle whose loading would run `touch marker`: every
+    command that reads weights refuses it in one line, and the marker never appears. (trainer_state.pt
+    is read only by --resume, with torch.load(weights_only=True); that case runs the real command.)"""
+    d = str(tmp_path)
+    run = os.path.join(d, "run")
+    os.makedirs(run)
+    ck = os.path.join(run, "final")
+    shutil.copytree(env.final, ck)
+    marker = os.path.join(d, "marker")
+    with open(os.path.join(ck, victim), "wb") as f:
+        pickle.dump({"weights": Evil(marker)}, f, protocol=2)
+    script, argv = ENTRY_POINTS[entry]
+    before = snapshot(d)
+    real = entry == "train.py --resume" and victim == "trainer_state.pt"   # the torch.load path, for real
+    code, stdout, stderr = (run_subprocess if real else run_inprocess)(script, argv(env, d, run, ck))
+    line = check_failure(code, stdout, stderr, [os.path.join(ck, victim)])
+    assert code == 2
+    assert "is a Python pickle, not safetensors" in line or "refused, it holds Python objects" in line, line
+    assert not os.path.exists(marker), "the pickle was loaded: code from a file ran"
+    assert snapshot(d) == before
