@@ -90,9 +90,11 @@ class Vocab:
 
 # ----------------------------------------------------------------------------- k-means
 
-def assign(x, c, chunk=4096):
+def assign(x, c, chunk=None):
     """Nearest centroid for each row of x (n, D) among c (k, D): (labels (n,), squared distance (n,)).
-    argmin ||x - c||^2 = argmin (||c||^2 - 2 x.c), one fused addmm per chunk that fits in cache."""
+    argmin ||x - c||^2 = argmin (||c||^2 - 2 x.c), one fused addmm per chunk of rows; the default
+    chunk keeps each (chunk, k) block of distances near 2 MB, so it stays in cache for the min."""
+    chunk = chunk or max(256, (1 << 19) // max(len(c), 1))
     c_sq = c.pow(2).sum(1)
     labels, dists = [], []
     for i in range(0, len(x), chunk):
@@ -103,46 +105,65 @@ def assign(x, c, chunk=4096):
     return torch.cat(labels), torch.cat(dists)
 
 
+def _draw(weights, trials, g):
+    """`trials` indices drawn with replacement with probability proportional to weights (n,),
+    by inverse transform sampling: uniform draws from the CPU generator g, searched in the
+    cumulative sum (float64). All-zero weights draw uniformly."""
+    cum = weights.double().cumsum(0)
+    total = cum[-1].item()
+    if not total > 0:
+        return torch.randint(len(weights), (trials,), generator=g).to(weights.device)
+    r = torch.rand(trials, generator=g, dtype=torch.float64).to(weights.device) * total
+    return torch.searchsorted(cum, r, right=True).clamp_max_(len(weights) - 1)
+
+
 def kmeans(x, k, iters=30, seed=0, tol=1e-4, progress=None):
     """k-means with a greedy k-means++ start and full-batch Lloyd steps. x (n, D) float32 on any
-    device. Deterministic for a seed on a given device. Returns (centroids (k, D), inertia)."""
+    device. Deterministic for a seed on a given device. Returns (centroids (k, D), inertia).
+
+    Identical rows are merged first and the distinct rows carry their counts as weights (weighted
+    k-means++ sampling, weighted means): the same objective and the same steps as on the full
+    multiset, at the cost of the distinct rows only (image features repeat a lot: blank patches)."""
     n = len(x)
     if n < k:
         raise UserError(f"k-means needs at least {k} feature vectors, got {n}")
     g = torch.Generator().manual_seed(seed)
+    x, w = torch.unique(x, dim=0, return_counts=True)     # distinct rows (sorted), multiplicities
+    w = w.to(x.dtype)
+    m = len(x)
     trials = 2 + int(math.log(k))
     centroids = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
-    centroids[0] = x[torch.randint(n, (1,), generator=g).item()]
+    centroids[0] = x[_draw(w, 1, g)[0]]
     x_sq = x.pow(2).sum(1)
     closest = assign(x, centroids[:1])[1]
     for i in range(1, k):  # each step: sample candidates by D^2, keep the one that lowers the potential most
-        probs = closest.double().cpu()
-        cand = torch.multinomial(probs / probs.sum() if probs.sum() > 0 else torch.ones(n), trials,
-                                 replacement=True, generator=g).to(x.device)
-        d = (x_sq[:, None] - 2 * x @ x[cand].T + x_sq[cand]).clamp_min_(0)  # (n, trials)
-        pot = torch.minimum(d, closest[:, None]).sum(0)
-        best = pot.argmin()
+        cand = _draw(closest * w, trials, g)
+        d = torch.addmm(x_sq[cand, None], x[cand], x.T, alpha=-2).add_(x_sq)   # (trials, m) distances
+        d = torch.minimum(d, closest, out=d)               # each point's distance after adding a candidate
+        best = (d @ w).argmin()                            # the candidate with the lowest potential
         centroids[i] = x[cand[best]]
-        closest = torch.minimum(closest, d[:, best])
+        closest = d[best].clamp_min_(0)                    # (rounding can leave tiny negatives)
         if progress:
             progress(1, 0)
+    xw = x * w[:, None]
     prev = None
     for it in range(iters):
         labels, d = assign(x, centroids)
-        inertia = d.sum().item()
-        sums = torch.zeros_like(centroids).index_add_(0, labels, x)
-        counts = torch.bincount(labels, minlength=k).to(x.dtype)
+        inertia = (d @ w).item()
+        sums = torch.zeros_like(centroids).index_add_(0, labels, xw)
+        counts = torch.zeros(k, dtype=x.dtype, device=x.device).index_add_(0, labels, w)
         empty = (counts == 0).nonzero().flatten()
         centroids = sums / counts.clamp_min(1)[:, None]
         if len(empty):  # re-seed empty clusters at the points farthest from their centroid
-            centroids[empty] = x[d.topk(len(empty)).indices]
+            far = d.argsort(descending=True)               # (fewer distinct rows than empties: reuse)
+            centroids[empty] = x[far[torch.arange(len(empty), device=x.device) % m]]
         if progress:
             progress(0, 1)
         if prev is not None and len(empty) == 0 and prev - inertia <= tol * prev:
             break
         prev = inertia
     labels, d = assign(x, centroids)
-    return centroids, d.sum().item()
+    return centroids, (d @ w).item()
 
 
 # ----------------------------------------------------------------------------- codebook
@@ -213,9 +234,10 @@ class Codebook:
         return torch.cat(out, -1)
 
     @classmethod
-    def fit(cls, images, cfg, device="cpu", progress=None):
-        """Fit on training images (N, C, H, W) float in [0, 1]. cfg may carry more settings (a
-        DataConfig); the codebook keeps only its own, so that codebook.json loads back."""
+    def fit_data(cls, images, cfg):
+        """What fit() clusters: (codebook with its standardisation stats but no centroids yet,
+        features (n, D) of cfg.fit_samples patches drawn from images (N, C, H, W) float in [0, 1],
+        their raw colours (n, C*p*p)). cfg may carry more settings (a DataConfig)."""
         cfg = CodebookConfig(**{f.name: getattr(cfg, f.name) for f in fields(CodebookConfig)})
         N, C, H, W = images.shape
         p = cfg.patch_size
@@ -234,11 +256,19 @@ class Codebook:
             std = (f - mean).pow(2).mean().sqrt().item()  # one scale per group keeps its geometry
             stats[name] = (mean, std if std > 1e-8 else 1.0)
         book = cls(cfg, (H, W), C, stats, None, None)
-        x = book.features(images).reshape(N * L, -1)[take].to(device)
+        x = book.features(images).reshape(N * L, -1)[take]
+        return book, x, groups["colour"].reshape(N * L, -1)[take]
+
+    @classmethod
+    def fit(cls, images, cfg, device="cpu", progress=None):
+        """Fit on training images (N, C, H, W) float in [0, 1]. cfg may carry more settings (a
+        DataConfig); the codebook keeps only its own, so that codebook.json loads back."""
+        book, x, raw = cls.fit_data(images, cfg)
+        cfg = book.cfg
+        x = x.to(device)
         book.centroids, book.inertia = kmeans(x, cfg.num_codes, cfg.kmeans_iters, cfg.codebook_seed,
                                               progress=progress)
         labels = assign(x, book.centroids)[0].cpu()
-        raw = groups["colour"].reshape(N * L, -1)[take]
         counts = torch.bincount(labels, minlength=cfg.num_codes).clamp_min(1)[:, None]
         book.colours = torch.zeros(cfg.num_codes, raw.shape[1]).index_add_(0, labels, raw) / counts
         book.centroids = book.centroids.cpu()

@@ -161,6 +161,19 @@ def test_kmeans_more_clusters_than_distinct_points():
     assert sum(a for a, _ in progress) == 4 and 1 <= sum(b for _, b in progress) <= 5
 
 
+def test_kmeans_repeated_rows_count_as_weights():
+    # identical rows are merged and weighted: the data repeated 3 times gives the same centroids
+    # and three times the inertia
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(400, 3, generator=g).round(decimals=1)     # rounding makes some rows repeat
+    a, ia = kmeans(x, 10, iters=8, seed=0)
+    b, ib = kmeans(x.repeat(3, 1), 10, iters=8, seed=0)
+    assert torch.allclose(a, b, atol=1e-5)
+    assert ib == pytest.approx(3 * ia, rel=1e-5)
+    ref = torch.cdist(x, a).pow(2).min(1).values.sum().item()   # the returned inertia is the real one
+    assert ia == pytest.approx(ref, rel=1e-4)
+
+
 def test_kmeans_too_few_points():
     with pytest.raises(UserError, match="at least 5"):
         kmeans(torch.zeros(3, 2), 5)
