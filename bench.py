@@ -525,7 +525,7 @@ def check_args(a):
     lengths = ints(a.lengths, "--lengths") if a.lengths else [a.block_size, default_length()]
     if max(lengths) > a.block_size:
         raise UserError(f"--lengths: {max(lengths)} exceeds --block_size {a.block_size}")
-    if a.new_tokens < 1 or a.new_tokens + 1 > a.block_size:
+    if "sample" in sections and not 1 <= a.new_tokens < a.block_size:
         raise UserError(f"--new_tokens must be in 1..{a.block_size - 1}")
     if a.threads is not None and a.threads < 1:
         raise UserError("--threads must be at least 1")
@@ -544,8 +544,6 @@ def pick_device(name):
 
 def run(a, command=None):
     sections, mcfg, lengths, sample_batches = check_args(a)
-    if a.threads:
-        torch.set_num_threads(a.threads)
     device = pick_device(a.device)
     try:
         import transformers
@@ -554,9 +552,13 @@ def run(a, command=None):
     verbosity, bars = transformers.logging.get_verbosity(), transformers.utils.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()       # no notes about generation settings on every call
     transformers.utils.logging.disable_progress_bar()
+    threads = torch.get_num_threads()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     try:
         return _run(a, command, sections, mcfg, lengths, sample_batches, device)
     finally:
+        torch.set_num_threads(threads)
         transformers.logging.set_verbosity(verbosity)
         if bars:
             transformers.utils.logging.enable_progress_bar()
@@ -583,7 +585,10 @@ def _run(a, command, sections, mcfg, lengths, sample_batches, device):
             log(f"[train] batch {a.batch}, length {T}: {warmup} warm-up + {reps} timed steps each side")
             r = bench_train(mcfg, a.batch, T, reps, warmup, device, peak, compile_ours=cuda, bf16=cuda,
                             label=f"train T={T}")
-            r["key"] = "train_long" if i == 0 and len(lengths) > 1 else "train_default"
+            if len(lengths) == 1:
+                r["key"] = "train_default" if T == default_length() else "train_long"
+            else:
+                r["key"] = "train_long" if i == 0 else "train_default" if i == len(lengths) - 1 else f"train_{T}"
             out["train"].append(r)
         out["matmul_peak"] = peak.result()
         for r in out["train"]:

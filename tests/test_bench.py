@@ -10,6 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 pytest.importorskip("transformers")
 pytest.importorskip("sklearn")
+import torch  # noqa: E402
+
 import bench  # noqa: E402
 from model import GPTConfig  # noqa: E402
 from util import UserError  # noqa: E402
@@ -17,7 +19,11 @@ from util import UserError  # noqa: E402
 TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--vocab_size", "36",
         "--batch", "2", "--lengths", "12,6", "--sample_batches", "1,3", "--new_tokens", "4",
         "--kmeans_n", "600", "--kmeans_k", "6", "--kmeans_iters", "5", "--kmeans_data", "random",
-        "--matmul_n", "64", "--reps", "2", "--warmup", "1", "--device", "cpu"]
+        "--matmul_n", "64", "--reps", "2", "--warmup", "1", "--device", "cpu", "--threads", "1"]
+# (one thread: on a machine whose other cores are busy, tiny steps on all cores wait on preempted threads)
+
+
+THREADS_BEFORE = torch.get_num_threads()
 
 
 def positive(x):
@@ -35,7 +41,7 @@ def test_json_structure(result):
     assert {"command", "machine", "model", "train", "matmul_peak", "sample", "kmeans", "rows"} <= set(result)
     assert result["command"].startswith("python bench.py")
     m = result["machine"]
-    assert m["torch"] and m["threads"] >= 1 and m["device"] == "cpu"
+    assert m["torch"] and m["threads"] == 1 and m["device"] == "cpu"
     assert [r["length"] for r in result["train"]] == [12, 6]
     assert [r["key"] for r in result["train"]] == ["train_long", "train_default"]
     assert [r["batch"] for r in result["sample"]] == [1, 3]
@@ -70,6 +76,10 @@ def test_same_work_on_both_sides(result):
         assert r["same_tokens"] and r["generated"]["ours"] == [r["batch"], 1 + r["new_tokens"]]
     k = result["kmeans"]
     assert k["n"] == 600 and k["dim"] == 5 and k["k"] == 6
+
+
+def test_threads_are_restored(result):
+    assert torch.get_num_threads() == THREADS_BEFORE
 
 
 def test_flops_formula():
