@@ -21,7 +21,7 @@ import torch
 
 from model import GPT, GPTConfig
 from tokenizer import Codebook, Vocab
-from util import UserError, not_safetensors, output_problem, read_json, write_json
+from util import UserError, not_safetensors, output_problem, read_json, umask, write_json
 
 
 def save(folder, model, train_cfg, vocab, codebook, metrics=None, trainer_state=None):
@@ -32,6 +32,7 @@ def save(folder, model, train_cfg, vocab, codebook, metrics=None, trainer_state=
         os.makedirs(parent, exist_ok=True)
         tidy(folder)
         tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(folder)}.tmp-")
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes a private folder
     except OSError as e:
         raise UserError(f"{folder}: cannot write checkpoint ({output_problem(folder) or e.strerror})") from None
     try:

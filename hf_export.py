@@ -35,7 +35,7 @@ import torch
 
 from model import GPT, GPTConfig
 from tokenizer import SPECIALS, Codebook, Vocab
-from util import UserError, not_safetensors, output_problem, read_json, run_cli, write_json, write_text
+from util import UserError, not_safetensors, output_problem, read_json, run_cli, umask, write_json, write_text
 
 # our nn.Linear weights stored by GPT-2 as Conv1D, i.e. transposed: (in_features, out_features)
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -253,11 +253,7 @@ def export(ckpt, out=None, repo_id=None, log=print):
                 write_json(os.path.join(tmp, "metrics.json"), info["metrics"])
             write_text(os.path.join(tmp, "README.md"),
                        model_card(mcfg, vocab, book, info["metrics"], train, model.num_params(), repo_id))
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp/mkstemp make private files; an export is for sharing
-            for f in os.listdir(tmp):
-                os.chmod(os.path.join(tmp, f), 0o666 & ~umask)
+            os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes a private folder; an export is for sharing
             if os.path.exists(out):
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(out, old)

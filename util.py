@@ -63,6 +63,12 @@ def check_dir(path, what="output folder"):
         raise UserError(f"{path}: cannot create the {what} ({problem})")
 
 
+def umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path):
     """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
@@ -78,6 +84,7 @@ def atomic_path(path):
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes private files; outputs get the usual mode
         os.replace(tmp, path)
     except OSError as e:  # a full disk says so at write, flush or fsync, without naming the file
         if e.filename is None or e.filename == tmp:
