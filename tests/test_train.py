@@ -446,7 +446,7 @@ def test_shipped_configs_load():
     assert (v1.weight_decay, v1.grad_clip, v1.out_dir) == (0.01, 1.0, "runs/v1")
     assert (v1.patch_size, v1.data_dir, v1.source) == (1, "data/mnist5k-p1", "builtin")
     assert 28 * 28 + 5 <= v1.max_length                                   # the per-pixel sequences fit
-    for name in ("demo", "best"):  # augmented copies of the training images: their own data_dir
+    for name in ("demo", "large"):  # augmented copies of the training images: their own data_dir
         cfg = load_config(os.path.join(ROOT, "config", f"{name}.yaml"))
         assert cfg.augment > 0 and cfg.data_dir != v2.data_dir and cfg.label_weight > 1
         assert (cfg.source, cfg.patch_size, cfg.num_codes, cfg.dev_fraction) == ("builtin", 4, 500, 0.0)
