@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import checkpoint
 from data import (DataConfig, check_data_config, coerce, data_fields, ensure_prepared, make_batch,
-                  read_sequences)
+                  override, read_sequences)
 from eval import evaluate, public
 from model import GPT, GPTConfig
 from tokenizer import Codebook, Vocab
@@ -86,14 +86,7 @@ def load_config(path=None, overrides=()):
             if k not in valid:
                 raise UserError(f"{path}: unknown key {k!r}; valid keys: {', '.join(valid)}")
             setattr(cfg, k, coerce(k, v, type(getattr(cfg, k)), path))
-    overrides = list(overrides)
-    if len(overrides) % 2:
-        raise UserError(f"command line: expected --key value pairs, got {' '.join(overrides)}")
-    for k, v in zip(overrides[::2], overrides[1::2]):
-        key = k[2:] if k.startswith("--") else None
-        if key not in valid:
-            raise UserError(f"command line: unknown option {k}; valid keys: {', '.join(valid)}")
-        setattr(cfg, key, coerce(key, v, type(getattr(cfg, key)), "command line"))
+    override(cfg, list(overrides))
     if not cfg.data_dir:  # derive a folder name from the data settings, so changing them never collides
         data = json.dumps({k: getattr(cfg, k) for k in data_fields() if k != "data_dir"}, sort_keys=True)
         kind = cfg.source.partition(":")[0]

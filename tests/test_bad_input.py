@@ -46,6 +46,7 @@ import util  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from tokenizer import Vocab  # noqa: E402
 from train import TrainConfig, train  # noqa: E402
+from fixtures import write_images  # noqa: E402
 
 BAR = re.compile(r"^[^:]*: *\d+%\|")   # a tqdm progress bar line
 
@@ -68,17 +69,6 @@ class Evil:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
-
-
-def write_images(root, n=60, size=8, seed=0):
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        y = i % 3
-        im = (rng.random((size, size)) * 40).astype(np.uint8)
-        r, c = 1 + 2 * y + rng.integers(0, 2), 1 + rng.integers(0, size - 3)
-        im[r:r + 2, c:c + 2] = 200 + rng.integers(0, 55)
-        os.makedirs(os.path.join(root, f"c{y}"), exist_ok=True)
-        Image.fromarray(im).save(os.path.join(root, f"c{y}", f"{i:03d}.png"))
 
 
 TINY = dict(image_size=8, patch_size=2, num_codes=8, kmeans_iters=3, n_layer=2, n_head=2, n_embd=32,

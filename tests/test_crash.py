@@ -33,6 +33,7 @@ import checkpoint  # noqa: E402
 import data  # noqa: E402
 import train as train_mod  # noqa: E402
 from train import TrainConfig  # noqa: E402
+from fixtures import write_images  # noqa: E402
 
 SEED = 20240531
 EVAL_EVERY = 2
@@ -145,18 +146,6 @@ def child(argv, log_file, inject=None):
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def write_images(root, n=60, size=8, seed=0):
-    import numpy as np
-    from PIL import Image
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        y = i % 3
-        im = (rng.random((size, size)) * 40).astype(np.uint8)
-        r, c = 1 + 2 * y + rng.integers(0, 2), 1 + rng.integers(0, size - 3)
-        im[r:r + 2, c:c + 2] = 200 + rng.integers(0, 55)
-        os.makedirs(os.path.join(root, f"c{y}"), exist_ok=True)
-        Image.fromarray(im).save(os.path.join(root, f"c{y}", f"{i:03d}.png"))
 
 
 def records(out_dir):
