@@ -303,7 +303,7 @@ def plot_curves(log_path, png_path):
 
     fig = Figure(figsize=(CURVES_SIZE[0] / 100, CURVES_SIZE[1] / 100), dpi=100)
     a1, a2 = fig.subplots(1, 2)
-    for key, label, style in (("train_loss", "train loss (mean since last eval)", "-o"),
+    for key, label, style in (("train_loss", "training objective (label-weighted, mean since last eval)", "-o"),
                               ("val_loss", "validation loss", "-o")):
         xs, ys = series(key)
         if xs:
