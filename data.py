@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from tokenizer import Codebook, CodebookConfig, Vocab, kmeans, psnr  # noqa: F401 (kmeans re-exported)
+from tokenizer import Codebook, CodebookConfig, Vocab, psnr
 from util import UserError, atomic_path, check_dir, read_json, run_cli, write_json, write_text
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -517,11 +517,6 @@ def render_file(path, book, vocab, n, out, repair_v1=False, names=None):
     return save_grid(images, caps, out)
 
 
-def _parse_cfg(args_list):
-    """--key value pairs -> DataConfig (type-checked)."""
-    return override(DataConfig(), args_list)
-
-
 def override(cfg, pairs, where="command line"):
     """Apply ['--key', 'value', ...] to a dataclass; unknown keys and bad values are errors."""
     valid = {f.name: f for f in fields(cfg)}
@@ -581,7 +576,7 @@ def main():
     c.add_argument("--out", default="reconstruction.png")
     args, rest = ap.parse_known_args()
     if args.cmd == "prepare":
-        cfg = _parse_cfg(rest)
+        cfg = override(DataConfig(), rest)
         rep = prepare(cfg, args.device)
         print(json.dumps({k: v for k, v in rep.items() if k != "config"}))
         print(f"wrote {cfg.data_dir}: train.jsonl val.jsonl vocab.json codebook.* report.json")
