@@ -48,8 +48,6 @@ On CUDA the training step uses bf16 autocast on both sides and torch.compile for
 does); sampling runs in the model's dtype (fp32) on both sides (as sample.py does); our k-means
 runs on the GPU (as data.prepare does), scikit-learn on the CPU.
 """
-import argparse
-import copy
 import gc
 import math
 import os
@@ -64,8 +62,16 @@ from contextlib import nullcontext
 
 import torch
 
+import checkpoint
+import data
+import hf_format
+from cli import parser, run_cli
+from generation import generate
 from model import GPT, GPTConfig
-from util import UserError, run_cli, write_json
+from tokenizer import Codebook, CodebookConfig, assign, kmeans, uint8_to_tensor
+from tokens import Vocab
+from trainer import TrainConfig
+from util import UserError, resolve_device, write_json
 
 # targets on the CPU (issue 7): key -> (comparison, value, description)
 TARGETS = {
@@ -85,7 +91,6 @@ def log(msg):
 
 def default_length():
     """Input tokens of a default sequence: (28/p)^2 codes + <IMG> </IMG> <CLS> <CLS_y> <EOS>, minus 1."""
-    from tokenizer import CodebookConfig
     return (28 // CodebookConfig().patch_size) ** 2 + 5 - 1
 
 
@@ -243,21 +248,18 @@ def flops_per_token(cfg, T):
 
 def hf_config(mcfg):
     """The transformers GPT2Config that hf_export writes for a model of these sizes."""
-    import hf_export
-    from tokenizer import Vocab
     from transformers import GPT2Config
-    d = hf_export.gpt2_config(mcfg, Vocab(mcfg.vocab_size - 16, 10))
+    d = hf_format.gpt2_config(mcfg, Vocab(mcfg.vocab_size - 16, 10))
     return GPT2Config(**{k: v for k, v in d.items() if k not in ("architectures", "model_type", "dtype")})
 
 
 def build_pair(mcfg, device, seed=0):
     """Our GPT and a GPT2LMHeadModel holding the same weights, both in training mode."""
-    import hf_export
     from transformers import GPT2LMHeadModel
     torch.manual_seed(seed)
     ours = GPT(mcfg)
     theirs = GPT2LMHeadModel(hf_config(mcfg))
-    missing, unexpected = theirs.load_state_dict(hf_export.to_gpt2_state_dict(ours), strict=False)
+    missing, unexpected = theirs.load_state_dict(hf_format.to_gpt2_state_dict(ours), strict=False)
     bad = [k for k in missing if k != "lm_head.weight"] + list(unexpected)
     if bad:
         raise RuntimeError(f"weights do not map onto GPT2LMHeadModel: {bad[:3]}")
@@ -274,7 +276,6 @@ def adamw_groups(model, weight_decay):
 def bench_train(mcfg, batch, T, reps, warmup, device, peak, compile_ours=False, bf16=False, label=""):
     """One training step of ours vs HF at (batch, T). -> dict of figures; peak (MatmulPeak) gets one
     sample per repetition."""
-    from train import TrainConfig
     tc = TrainConfig()
     ours, theirs = build_pair(mcfg, device)
     opt_o = ours.configure_optimizers(tc.weight_decay, tc.lr, (tc.beta1, tc.beta2), device.type)
@@ -326,12 +327,8 @@ def bench_train(mcfg, batch, T, reps, warmup, device, peak, compile_ours=False, 
 # ----------------------------------------------------------------------------- sampling
 
 def export_pair(mcfg, folder, seed=0):
-    """A random model of these sizes saved as a checkpoint, exported with hf_export and loaded back
-    with transformers -> (our model, HF model, vocab)."""
-    import checkpoint
-    import hf_export
-    from tokenizer import Codebook, CodebookConfig, Vocab
-    from train import TrainConfig
+    """A random model of these sizes saved as a checkpoint, exported to the Hugging Face format and
+    loaded back with transformers -> (our model, HF model, vocab)."""
     from transformers import AutoModelForCausalLM
     vocab = Vocab(mcfg.vocab_size - 16, 10)
     torch.manual_seed(seed)
@@ -344,7 +341,7 @@ def export_pair(mcfg, folder, seed=0):
     tc = TrainConfig(n_layer=mcfg.n_layer, n_head=mcfg.n_head, n_embd=mcfg.n_embd, max_length=mcfg.block_size,
                      num_codes=vocab.num_codes)
     checkpoint.save(os.path.join(folder, "ckpt"), model, tc, vocab, book)
-    out = hf_export.export(os.path.join(folder, "ckpt"), os.path.join(folder, "hf"), log=lambda *a: None)
+    out = hf_format.write_export(checkpoint.load(os.path.join(folder, "ckpt")), os.path.join(folder, "hf"))
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     hf.generation_config.eos_token_id = None     # generate() must not stop early either
     return model.eval(), hf, vocab
@@ -352,29 +349,10 @@ def export_pair(mcfg, folder, seed=0):
 
 def our_generate(model, vocab, batch, new_tokens):
     """Greedy continuation of "<IMG>" by new_tokens tokens through our KV cache, never stopping at
-    <EOS> -> (batch, 1 + new_tokens) token ids. sample.generate when it is there."""
-    prompts = [[vocab.img_id]] * batch
-    device = next(model.parameters()).device
-    try:
-        from sample import generate
-    except ImportError:
-        generate = None
-    if generate is not None:
-        no_eos = copy.copy(vocab)
-        no_eos.eos_id = -1          # no token id is -1: nothing ends a row before new_tokens
-        res = generate(model, prompts, no_eos, new_tokens, greedy=True, batch_size=batch)
-        return torch.tensor([r["ids"] for r in res])
-    with torch.no_grad():          # the cache directly, in a plain loop
-        cache = model.new_cache(batch, new_tokens)
-        ids = torch.tensor(prompts, device=device)
-        logits, _ = model(ids, cache=cache)
-        out = [ids]
-        for i in range(new_tokens):
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
-            out.append(nxt)
-            if i < new_tokens - 1:
-                logits, _ = model(nxt, cache=cache)
-        return torch.cat(out, 1).cpu()
+    <EOS> -> (batch, 1 + new_tokens) token ids."""
+    res = generate(model, [[vocab.img_id]] * batch, vocab, new_tokens, greedy=True, batch_size=batch,
+                   stop_at_eos=False)
+    return torch.tensor([r["ids"] for r in res])
 
 
 def hf_generate(hf, vocab, batch, new_tokens):
@@ -415,18 +393,16 @@ KMEANS_FEATURES = ("per-pixel features (patch_size 1) of the built-in training d
 def kmeans_data(n, source="digits", seed=0):
     """n feature vectors (float32, CPU) and a description. source: digits (the built-in training
     images through Codebook.fit_data) or random (Gaussian blobs, for tests without the digits)."""
-    from tokenizer import Codebook, CodebookConfig
     if source == "random":
         g = torch.Generator().manual_seed(seed)
         centres = torch.randn(50, 5, generator=g) * 3
         x = centres[torch.randint(50, (n,), generator=g)] + torch.randn(n, 5, generator=g)
         return x, "random: 50 Gaussian blobs in 5 dimensions"
-    import data
     images, labels, _, _ = data.load_builtin()
     train, _ = data.stratified_split(labels, 0.2, 0)
     cfg = CodebookConfig(patch_size=1, w_position=1.0, w_time=0.0, w_colour=1.0, w_gradient=1.0,
                          fit_samples=n, codebook_seed=seed)
-    imgs = data.to_tensor(images[train])
+    imgs = uint8_to_tensor(images[train])
     if n > len(imgs) * imgs.shape[2] * imgs.shape[3]:
         raise UserError(f"--kmeans_n {n} is more than the {len(imgs) * imgs.shape[2] * imgs.shape[3]} pixels")
     _, x, _ = Codebook.fit_data(imgs, cfg)
@@ -435,13 +411,11 @@ def kmeans_data(n, source="digits", seed=0):
 
 def inertia(x, c):
     """Sum of squared distances to the nearest centroid, in float64 (the same function for both)."""
-    from tokenizer import assign
     return assign(x.double(), torch.as_tensor(c).double())[1].sum().item()
 
 
 def bench_kmeans(x, k, reps, iters, threads=None, seed=0, label="", device=torch.device("cpu")):
     from sklearn.cluster import KMeans
-    from tokenizer import kmeans
     try:
         from threadpoolctl import threadpool_limits
         limit = (lambda: threadpool_limits(limits=threads)) if threads else nullcontext
@@ -473,7 +447,7 @@ def bench_kmeans(x, k, reps, iters, threads=None, seed=0, label="", device=torch
 # ----------------------------------------------------------------------------- the run
 
 def build_parser():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__, prog="bench.py")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and 100,000 k-means vectors")
     ap.add_argument("--json", metavar="OUT", help="write all figures to this JSON file")
     ap.add_argument("--only", default="train,sample,kmeans", help="sections to run (default: %(default)s)")
@@ -532,19 +506,9 @@ def check_args(a):
     return sections, mcfg, lengths, ints(a.sample_batches, "--sample_batches")
 
 
-def pick_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"--device: expected auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
-
-
 def run(a, command=None):
     sections, mcfg, lengths, sample_batches = check_args(a)
-    device = pick_device(a.device)
+    device = torch.device(resolve_device(a.device))
     try:
         import transformers
     except ImportError:

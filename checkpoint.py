@@ -1,4 +1,5 @@
-"""Checkpoint folders, written atomically and read without pickles.
+"""The checkpoint: a trained model with its vocabulary, codebook, settings and metrics, as one
+object (Checkpoint) and as a folder, written atomically and read without pickles.
 
 A checkpoint is a self-contained folder:
     model.safetensors        weights (the tied lm_head is stored once, as transformer.wte.weight)
@@ -6,75 +7,71 @@ A checkpoint is a self-contained folder:
     vocab.json, codebook.json, codebook.safetensors
     metrics.json             validation metrics when it was written
     trainer_state.pt         optimizer, step, RNG state (resumable checkpoints only; weights_only load)
-The folder is built under a temporary name and swapped in with renames, so a crash leaves either the
-old or the new checkpoint on disk, never a mix.
+A Hugging Face GPT-2 folder written by hf_format.write_export() loads the same way.
 """
-import glob
 import os
 import pickle
-import shutil
-import tempfile
 import warnings
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
+import hf_format
 from model import GPT, GPTConfig
-from tokenizer import Codebook, Vocab
-from util import UserError, not_safetensors, output_problem, read_json, umask, write_json
+from tokenizer import Codebook
+from tokens import Vocab
+from util import UserError, atomic_dir, read_json, resolve_dir, safetensors_error, write_json
 
 
-def save(folder, model, train_cfg, vocab, codebook, metrics=None, trainer_state=None):
+@dataclass
+class Checkpoint:
+    model: GPT
+    vocab: Vocab
+    codebook: Codebook
+    settings: dict = field(default_factory=dict)   # the TrainConfig fields it was trained with ({}: unknown)
+    metrics: dict = None                           # the metrics stored with it, if any
+    folder: str = ""
+    class_names: list = None                       # from <data_dir>/report.json, else '0', '1', ...
+
+    def __post_init__(self):
+        if self.class_names is None:
+            self.class_names = [str(c) for c in range(self.vocab.num_classes)]
+
+    @property
+    def data_dir(self):
+        d = self.settings.get("data_dir")
+        return d if isinstance(d, str) and d else None
+
+    def split_file(self, name="val"):
+        """<data_dir>/<name>.jsonl: a split of the data the checkpoint was trained on."""
+        if not self.data_dir:
+            raise UserError(f"{self.folder}/config.json records no data_dir; pass --data FILE.jsonl")
+        path = os.path.join(self.data_dir, f"{name}.jsonl")
+        if not os.path.exists(path):
+            raise UserError(f"{path}: missing (the checkpoint's {name} split); run from the repository "
+                            f"root, prepare the data again, or pass --data FILE.jsonl")
+        return path
+
+    def encode_images(self, images):
+        """uint8 images (N, H, W, C) of the codebook's size -> classification prefixes (id lists)."""
+        return self.codebook.prefixes(images, self.vocab)
+
+
+def save(folder, model, settings, vocab, codebook, metrics=None, trainer_state=None):
+    """Write a checkpoint folder; `settings` is a TrainConfig (or any dataclass of settings)."""
     from safetensors.torch import save_file
-    folder = os.path.abspath(folder)
-    parent = os.path.dirname(folder)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        tidy(folder)
-        tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(folder)}.tmp-")
-        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes a private folder
-    except OSError as e:
-        raise UserError(f"{folder}: cannot write checkpoint ({output_problem(folder) or e.strerror})") from None
-    try:
+    with atomic_dir(folder, "checkpoint") as tmp:
         sd = {k: v.detach().cpu().contiguous() for k, v in raw_model(model).state_dict().items()
               if k != "lm_head.weight"}
         save_file(sd, os.path.join(tmp, "model.safetensors"))
         write_json(os.path.join(tmp, "config.json"),
-                   {"model": asdict(raw_model(model).config), "train": asdict(train_cfg)})
+                   {"model": asdict(raw_model(model).config), "train": asdict(settings)})
         vocab.save(os.path.join(tmp, "vocab.json"))
         codebook.save(tmp)
         if metrics is not None:
             write_json(os.path.join(tmp, "metrics.json"), metrics)
         if trainer_state is not None:
             torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
-        old = folder + ".old"
-        if os.path.exists(folder):
-            if os.path.exists(old):
-                shutil.rmtree(old)
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:  # a full disk, permissions: one line naming the checkpoint, the old one kept
-        raise UserError(f"{folder}: cannot write checkpoint ({e.strerror or e})") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def tidy(folder):
-    """Remove what a save() of `folder` that was killed may have left: its temporary folders, and
-    `folder.old` once `folder` is complete. Only one process writes a given checkpoint folder."""
-    folder = os.path.abspath(folder)
-    for tmp in glob.glob(os.path.join(os.path.dirname(folder), f".{glob.escape(os.path.basename(folder))}.tmp-*")):
-        shutil.rmtree(tmp, ignore_errors=True)
-    if os.path.exists(os.path.join(folder, "config.json")):
-        shutil.rmtree(folder + ".old", ignore_errors=True)
-
-
-def resolve(folder):
-    """The folder to read: a crash between the two renames of save() leaves only `folder.old`."""
-    if not os.path.exists(os.path.join(folder, "config.json")) and os.path.exists(folder + ".old"):
-        return folder + ".old"
-    return folder
 
 
 def model_config(cfg, where):
@@ -111,37 +108,52 @@ def raw_model(model):
 
 
 def load(folder, device="cpu"):
-    """-> (model in eval mode, info dict with 'config', 'vocab', 'codebook', 'metrics', 'folder').
-    A Hugging Face GPT-2 folder (config.json with model_type gpt2, see hf_export.py) reads the same way."""
+    """A checkpoint folder (or a Hugging Face GPT-2 export) -> Checkpoint, the model in eval mode."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    folder = resolve(folder)
+    folder = resolve_dir(folder)
     if not os.path.isdir(folder):
         raise UserError(f"{folder}: no such checkpoint folder")
     cfg = read_json(os.path.join(folder, "config.json"), "checkpoint config.json")
-    if isinstance(cfg, dict) and cfg.get("model_type") == "gpt2":  # a folder written by hf_export.py
-        from hf_export import load_folder  # lazy, so the two modules never import each other at load
-        return load_folder(folder, device)
-    mcfg = model_config(cfg, f"{folder}/config.json")
-    path = os.path.join(folder, "model.safetensors")
-    try:
-        sd = load_file(path)
-    except FileNotFoundError:
-        raise UserError(f"{path}: missing") from None
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(not_safetensors(path, e)) from None
-    vocab = Vocab.load(os.path.join(folder, "vocab.json"))
-    if len(vocab) != mcfg.vocab_size:
-        raise UserError(f"{folder}/vocab.json has {len(vocab)} tokens, the model expects {mcfg.vocab_size}")
-    model = GPT(mcfg)
-    load_weights(model, sd, path)
-    metrics_path = os.path.join(folder, "metrics.json")
-    metrics = read_json(metrics_path, "metrics.json") if os.path.exists(metrics_path) else None
-    book = Codebook.load(folder)
-    if book.cfg.num_codes != vocab.num_codes:
-        raise UserError(f"{folder}: the codebook has {book.cfg.num_codes} codes, vocab.json {vocab.num_codes}")
-    info = {"config": cfg, "vocab": vocab, "codebook": book, "metrics": metrics, "folder": folder}
-    return model.to(device).eval(), info
+    if isinstance(cfg, dict) and cfg.get("model_type") == "gpt2":
+        model, vocab, book, settings, metrics = hf_format.read_export(folder)
+    else:
+        mcfg = model_config(cfg, f"{folder}/config.json")
+        path = os.path.join(folder, "model.safetensors")
+        try:
+            sd = load_file(path)
+        except FileNotFoundError:
+            raise UserError(f"{path}: missing") from None
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(safetensors_error(path, e)) from None
+        vocab = Vocab.load(os.path.join(folder, "vocab.json"))
+        if len(vocab) != mcfg.vocab_size:
+            raise UserError(f"{folder}/vocab.json has {len(vocab)} tokens, the model expects {mcfg.vocab_size}")
+        model = GPT(mcfg)
+        load_weights(model, sd, path)
+        metrics_path = os.path.join(folder, "metrics.json")
+        metrics = read_json(metrics_path, "metrics.json") if os.path.exists(metrics_path) else None
+        book = Codebook.load(folder)
+        if book.cfg.num_codes != vocab.num_codes:
+            raise UserError(f"{folder}: the codebook has {book.cfg.num_codes} codes, vocab.json {vocab.num_codes}")
+        settings = cfg.get("train") or {}
+    ck = Checkpoint(model.to(device).eval(), vocab, book, settings if isinstance(settings, dict) else {},
+                    metrics, folder)
+    ck.class_names = _class_names(ck)
+    return ck
+
+
+def _class_names(ck):
+    """Class names from <data_dir>/report.json when it matches the vocabulary, else '0', '1', ..."""
+    path = os.path.join(ck.data_dir, "report.json") if ck.data_dir else None
+    if path and os.path.exists(path):
+        try:
+            names = read_json(path, "report.json").get("classes")
+        except (UserError, AttributeError):
+            names = None
+        if isinstance(names, list) and len(names) == ck.vocab.num_classes:
+            return [str(n) for n in names]
+    return [str(c) for c in range(ck.vocab.num_classes)]
 
 
 def load_weights(model, sd, where):
@@ -159,7 +171,7 @@ def load_weights(model, sd, where):
 
 
 def load_trainer_state(folder):
-    path = os.path.join(resolve(folder), "trainer_state.pt")
+    path = os.path.join(resolve_dir(folder), "trainer_state.pt")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before refusing: one line only
             warnings.simplefilter("ignore")

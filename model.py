@@ -1,4 +1,4 @@
-"""A GPT-2-architecture causal transformer (nanoGPT style) with a simple KV cache.
+"""The model: a GPT-2-architecture causal transformer (nanoGPT style) with a key/value cache.
 
 Module names mirror GPT-2 / nanoGPT exactly (transformer.wte, transformer.h[i].attn.c_attn, ...)
 so exporting to the Hugging Face GPT-2 format is a plain name map (Linear weights transposed to Conv1D).
@@ -36,9 +36,6 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.batch_size = batch_size
         self.max_len = max_len
-        self.pos = 0
-
-    def reset(self):
         self.pos = 0
 
 
@@ -132,6 +129,10 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def device(self):
+        return self.lm_head.weight.device
 
     def num_params(self, non_embedding=False):
         """Parameter count (tied weights once). non_embedding drops the position embeddings;

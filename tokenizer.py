@@ -1,9 +1,4 @@
-"""The vocabulary (token <-> id) and the image codebook (images <-> code grids).
-
-Vocabulary layout, for K codes and C classes (K=500, C=10 gives the original 516 entries):
-    0..5          <PAD> <UNK> <IMG> </IMG> <CLS> <EOS>
-    6..6+K-1      <Z_000> ... <Z_{K-1}>     codebook entries
-    6+K..6+K+C-1  <CLS_0> ... <CLS_{C-1}>   class labels
+"""The image codebook: images <-> code grids (k-means over per-patch features).
 
 The codebook turns every p x p patch of an image into a multi-dimensional feature vector in the
 original's groups (position x, y; time t; colour; gradient Gx, Gy), standardises each group, weights
@@ -17,75 +12,9 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from util import UserError, atomic_path, not_safetensors, read_json, write_json
+from util import UserError, atomic_path, read_json, safetensors_error, write_json
 
-SPECIALS = ["<PAD>", "<UNK>", "<IMG>", "</IMG>", "<CLS>", "<EOS>"]
 GROUPS = ("position", "time", "colour", "gradient")
-
-
-# ----------------------------------------------------------------------------- vocabulary
-
-class Vocab:
-    def __init__(self, num_codes, num_classes):
-        self.num_codes, self.num_classes = num_codes, num_classes
-        width = max(3, len(str(num_codes - 1)))
-        self.tokens = (SPECIALS + [f"<Z_{i:0{width}d}>" for i in range(num_codes)]
-                       + [f"<CLS_{c}>" for c in range(num_classes)])
-        self.ids = {t: i for i, t in enumerate(self.tokens)}
-        self.pad_id, self.unk_id, self.img_id, self.img_end_id, self.cls_id, self.eos_id = range(6)
-        self.code_offset = len(SPECIALS)
-        self.label_offset = self.code_offset + num_codes
-
-    def __len__(self):
-        return len(self.tokens)
-
-    def code_id(self, k):
-        return self.code_offset + k
-
-    def label_id(self, c):
-        return self.label_offset + c
-
-    def is_code(self, i):
-        return self.code_offset <= i < self.label_offset
-
-    def encode(self, tokens):
-        """'<IMG> <Z_001> ...' or a list of token strings -> list of ids (KeyError on unknown)."""
-        if isinstance(tokens, str):
-            tokens = tokens.split()
-        return [self.ids[t] for t in tokens]
-
-    def decode(self, ids):
-        return " ".join(self.tokens[i] for i in ids)
-
-    def image_tokens(self, codes, label):
-        """Code indices of one image (raster order) and its label -> the v2 token string."""
-        body = " ".join(self.tokens[self.code_offset + int(k)] for k in codes)
-        return f"<IMG> {body} </IMG> <CLS> <CLS_{int(label)}> <EOS>"
-
-    def to_dict(self):
-        return dict(self.ids)
-
-    def save(self, path):
-        write_json(path, self.to_dict())
-
-    @classmethod
-    def from_dict(cls, d, where="vocab"):
-        """Rebuild from a token->id mapping; it must follow the layout rule exactly."""
-        if not isinstance(d, dict) or not all(isinstance(v, int) for v in d.values()):
-            raise UserError(f"{where}: expected a JSON object mapping token -> integer id")
-        num_codes = sum(1 for t in d if t.startswith("<Z_"))
-        num_classes = sum(1 for t in d if t.startswith("<CLS_"))
-        v = cls(num_codes, num_classes)
-        if d != v.ids:
-            bad = next((t for t in v.tokens if d.get(t) != v.ids[t]), None)
-            bad = bad or next(t for t in d if t not in v.ids)
-            raise UserError(f"{where}: token {bad} has id {d.get(bad)}, expected {v.ids.get(bad)} "
-                            f"(layout: 6 specials, {num_codes} <Z_k>, {num_classes} <CLS_c>)")
-        return v
-
-    @classmethod
-    def load(cls, path):
-        return cls.from_dict(read_json(path, "vocab.json"), where=str(path))
 
 
 # ----------------------------------------------------------------------------- k-means
@@ -293,19 +222,14 @@ class Codebook:
         return F.fold(cols.transpose(1, 2), self.image_size, p, stride=p).clamp(0, 1)
 
     def decode_ids(self, ids, vocab):
-        """Any token-id sequence (real or generated) -> one image (C, H, W): the code tokens after
-        <IMG> (up to </IMG>) fill the grid in raster order; missing cells stay black."""
-        codes = []
-        started = ids[:1] != [vocab.img_id]  # a sequence cut before <IMG> still draws
-        for i in ids:
-            if i == vocab.img_id:
-                started = True
-            elif i == vocab.img_end_id:
-                break
-            elif started and vocab.is_code(i) and i - vocab.code_offset < len(self.colours):
-                codes.append(i - vocab.code_offset)
-        codes = (codes + [-1] * self.seq_len)[:self.seq_len]
-        return self.decode(torch.tensor([codes]))[0]
+        """Any token-id sequence (real or generated) -> one image (C, H, W): the code tokens of its
+        image part fill the grid in raster order; missing cells stay black."""
+        codes = [k for k in vocab.image_codes(ids) if k < len(self.colours)][:self.seq_len]
+        return self.decode(torch.tensor([codes + [-1] * (self.seq_len - len(codes))]))[0]
+
+    def prefixes(self, images, vocab):
+        """uint8 images (N, H, W, C) -> classification prefixes '<IMG> codes </IMG> <CLS>' (id lists)."""
+        return [vocab.prefix_ids(row) for row in self.encode(uint8_to_tensor(images)).tolist()]
 
     # -- files: codebook.json (settings, shapes, standardisation stats) + codebook.safetensors
 
@@ -334,7 +258,7 @@ class Codebook:
         except FileNotFoundError:
             raise UserError(f"{folder}: codebook.safetensors is missing") from None
         except SafetensorError as e:
-            raise UserError(not_safetensors(os.path.join(folder, "codebook.safetensors"), e)) from None
+            raise UserError(safetensors_error(os.path.join(folder, "codebook.safetensors"), e)) from None
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{folder}: not a codebook written by this project ({e})") from None
         if book.centroids.shape[0] != cfg.num_codes:
@@ -361,6 +285,12 @@ class Codebook:
                             f"{tuple(self.centroids.shape)}, colours {tuple(self.colours.shape)}; expected "
                             f"({self.cfg.num_codes}, {want}) and ({self.cfg.num_codes}, {C * p * p})"
                             f"{', statistics of ' + ', '.join(bad) if bad else ''})")
+
+
+def uint8_to_tensor(images):
+    """uint8 (N, H, W, C) array -> float (N, C, H, W) in [0, 1]."""
+    import numpy as np
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
 
 
 def psnr(a, b):

@@ -1,47 +1,20 @@
-"""Small shared helpers: the one-line user error, atomic file writes, and the CLI wrapper."""
+"""Files and errors: the one-line user error, atomic file and folder writes, JSON, the device name.
+
+Every output of the project is written under a temporary name and renamed into place (files with
+atomic_path, folders with atomic_dir), so an error or a kill leaves the old version or the new one,
+never a mix.
+"""
+import glob
 import json
 import os
-import sys
+import re
+import shutil
 import tempfile
 from contextlib import contextmanager
 
 
 class UserError(Exception):
     """A mistake in the user's input: printed as one line, exit status 2, no traceback."""
-
-
-def run_cli(main):
-    """Run main() and turn UserError (and Ctrl-C, a closed pipe, an OSError such as a full disk) into
-    one line on stderr and a non-zero exit, never a traceback."""
-    try:
-        code = main()
-        sys.stdout.flush()  # `python eval.py | head`: a closed pipe shows up here, inside the try
-    except UserError as e:
-        _fail(f"error: {e}", 2)
-    except BrokenPipeError:  # the reader went away: stop quietly, as a killed-by-SIGPIPE tool would
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
-        sys.exit(141)
-    except OSError as e:  # disk full, permissions, ...: not a bug of the program, so no traceback
-        where = f"{e.filename}: " if e.filename else ""
-        _fail(f"error: {where}{e.strerror or e}", 1)
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
-    sys.exit(code)
-
-
-def _fail(line, code):
-    """Close any progress bar first (so the message gets a line of its own), then print and exit."""
-    tqdm = getattr(sys.modules.get("tqdm"), "tqdm", None)
-    for bar in list(getattr(tqdm, "_instances", ())):
-        try:
-            bar.close()
-        except Exception:  # never let a progress bar hide the message
-            pass
-    print(line, file=sys.stderr)
-    sys.exit(code)
 
 
 def output_problem(path):
@@ -61,6 +34,15 @@ def check_dir(path, what="output folder"):
     problem = output_problem(path)
     if problem:
         raise UserError(f"{path}: cannot create the {what} ({problem})")
+
+
+def check_file(path, what="output"):
+    """Fail before any work if `path` cannot be written as a file (it is a folder, or under a file)."""
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a folder; the {what} must be a file path")
+    problem = output_problem(path)
+    if problem:
+        raise UserError(f"{path}: cannot write the {what} ({problem})")
 
 
 def umask():
@@ -95,30 +77,69 @@ def atomic_path(path):
             os.remove(tmp)
 
 
-def write_text(path, text):
+@contextmanager
+def atomic_dir(folder, what="folder"):
+    """Yield a new temporary folder next to `folder`; if the block succeeds, swap it in by renames
+    (`folder` -> `folder.old`, temporary -> `folder`, then remove `folder.old`). A kill between the
+    renames leaves `folder.old`, which resolve_dir() reads and tidy_dir() removes. Only one process
+    may write a given folder (runs hold a lock on their run folder)."""
+    folder = os.path.abspath(folder)
+    parent = os.path.dirname(folder)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tidy_dir(folder)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(folder)}.tmp-")
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes a private folder; outputs are for sharing
+    except OSError as e:
+        raise UserError(f"{folder}: cannot write {what} ({output_problem(folder) or e.strerror})") from None
+    try:
+        yield tmp
+        old = folder + ".old"
+        if os.path.exists(folder):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:  # a full disk, permissions: one line naming the folder, the old one kept
+        raise UserError(f"{folder}: cannot write {what} ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def tidy_dir(folder, marker="config.json"):
+    """Remove what a killed atomic_dir() of `folder` may have left: its temporary folders, and
+    `folder.old` once `folder` is complete (holds `marker`)."""
+    folder = os.path.abspath(folder)
+    pattern = os.path.join(glob.escape(os.path.dirname(folder)), f".{glob.escape(os.path.basename(folder))}.tmp-*")
+    for tmp in glob.glob(pattern):
+        shutil.rmtree(tmp, ignore_errors=True)
+    if os.path.exists(os.path.join(folder, marker)):
+        shutil.rmtree(folder + ".old", ignore_errors=True)
+
+
+def resolve_dir(folder, marker="config.json"):
+    """The folder to read: a kill between the two renames of atomic_dir() leaves only `folder.old`."""
+    if not os.path.exists(os.path.join(folder, marker)) and os.path.exists(os.path.join(folder + ".old", marker)):
+        return folder + ".old"
+    return folder
+
+
+def write_bytes(path, data):
     with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
+def write_text(path, text):
+    write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def not_safetensors(path, error):
-    """The one line for a weights file that safetensors cannot read. Pickles (a renamed
-    pytorch_model.bin or torch.save file) are named as such: they are never unpickled, since
-    unpickling a file can run any code in it."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError:
-        head = b""
-    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
-        kind = "a Python pickle" if head[:1] == b"\x80" else "a zip archive (the torch.save format)"
-        return (f"{path}: is {kind}, not safetensors; pickled weights are never loaded (unpickling can "
-                f"run code): convert them with safetensors in a trusted environment")
-    return f"{path}: not a readable safetensors file ({error})"
+def write_jsonl(path, records):
+    write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def read_json(path, what="JSON file"):
@@ -134,3 +155,36 @@ def read_json(path, what="JSON file"):
         raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); expected a {what}") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def safetensors_error(path, error):
+    """The one line for a weights file that safetensors cannot read. Pickles (a renamed
+    pytorch_model.bin or torch.save file) are named as such: they are never unpickled, since
+    unpickling a file can run any code in it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        head = b""
+    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+        kind = "a Python pickle" if head[:1] == b"\x80" else "a zip archive (the torch.save format)"
+        return (f"{path}: is {kind}, not safetensors; pickled weights are never loaded (unpickling can "
+                f"run code): convert them with safetensors in a trusted environment")
+    return f"{path}: not a readable safetensors file ({error})"
+
+
+def resolve_device(name, where="--device"):
+    """'auto', 'cpu', 'cuda' or 'cuda:N' -> the device to use ('cpu', 'cuda' or 'cuda:N'), checked
+    against what this machine has."""
+    import torch
+    if not isinstance(name, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise UserError(f"{where}: expected auto, cpu, cuda or cuda:N, got {name!r}")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"{where} {name}: no CUDA device is available")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise UserError(f"{where} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return name

@@ -11,7 +11,7 @@ is handed broken files and impossible settings, and each time it must
 
 The table below builds each case's broken input in its own folder. One case per command runs as a real
 `python <script>.py ...` subprocess; the rest call the script's main() in this process through
-util.run_cli with sys.argv patched (the same code path, without ~3 s of torch import each). A shared
+cli.run_cli with sys.argv patched (the same code path, without ~3 s of torch import each). A shared
 fixture prepares one tiny data folder (60 grey 8x8 images, 3 classes, 2x2 patches, 8 codes) and trains
 one tiny checkpoint (2 layers, 32 wide, 6 steps) once for the whole module.
 """
@@ -39,14 +39,12 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import checkpoint  # noqa: E402
-import util  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-from tokenizer import Vocab  # noqa: E402
-from train import TrainConfig, train  # noqa: E402
-from fixtures import write_images  # noqa: E402
+import checkpoint
+import cli
+from model import GPT, GPTConfig
+from tokens import Vocab
+from trainer import TrainConfig, train
+from fixtures import ROOT, write_images
 
 BAR = re.compile(r"^[^:]*: *\d+%\|")   # a tqdm progress bar line
 
@@ -114,7 +112,7 @@ def bad_jsonl(e, d, kind):
         "no_tokens": ([good, {"label": 1, "meta": {}}], 2, 'string field "tokens"'),
         "no_label": ([good, {"tokens": rec["tokens"]}], 2, 'integer field "label"'),
         "unknown_token": ([good, dict(rec, tokens=" ".join(toks[:1] + ["<Z_499>"] + toks[2:]))], 2,
-                          "unknown token <Z_499>"),                             # from a 500-code vocabulary
+                          "unknown token '<Z_499>'"),                             # from a 500-code vocabulary
         "label_range": ([dict(rec, label=7)], 1, "label 7 is out of range 0..2"),
         "v1_tail": ([good, dict(rec, tokens=" ".join(toks[:-2] + ["<CLS>", "<EOS>"]))], 2, "v1 tail"),
         "no_tail": ([dict(rec, tokens=" ".join(toks[:-4]))], 1, "expected the tail </IMG> <CLS>"),
@@ -504,8 +502,9 @@ def other_vocab(e, d):
 
 def gpt2_folder(e, d, pickled=False, activation=None):
     """A Hugging Face GPT-2 folder (exported from the tiny checkpoint), then spoilt."""
-    from hf_export import export
-    f = export(e.final, os.path.join(d, "gpt2"), log=lambda *a: None)
+    import checkpoint
+    import hf_format
+    f = hf_format.write_export(checkpoint.load(e.final), os.path.join(d, "gpt2"))
     if pickled:  # what an old transformers save looks like: pytorch_model.bin, no safetensors
         os.remove(os.path.join(f, "model.safetensors"))
         with open(os.path.join(f, "pytorch_model.bin"), "wb") as fh:
@@ -549,7 +548,7 @@ CASES = [
     *I("data", IMAGES, lambda e, d, root, p: prepare_args(d, f"folder:{root}")),
     *C("data-csv-bad-row", "data", csv_bad_row),
     *O("data", [
-        ("unknown-option", ["--colour_space", "hsv"], ["command line: unknown option --colour_space; valid keys:"]),
+        ("unknown-option", ["--colour_space", "hsv"], ["data.py prepare: unrecognized arguments: --colour_space hsv; valid options:"]),
         ("wrong-type", ["--patch_size", "two"], ["command line: patch_size expects int, got 'two'"]),
         ("channels", ["--channels", "2"], ["channels must be 1 (grey) or 3 (RGB), got 2"]),
         ("patch-does-not-divide", ["--patch_size", "3"], ["image_size 8 is not divisible by patch_size 3"]),
@@ -592,7 +591,7 @@ CASES = [
         ("dropout", ["--dropout", "2"], ["config: dropout must be in [0, 1), got 2.0"]),
         ("device", ["--device", "tpu"], ["config: device must be auto, cpu or cuda[:N], got 'tpu'"]),
         ("channels", ["--channels", "4"], ["channels must be 1 (grey) or 3 (RGB), got 4"]),
-        ("unknown", ["--n_layers", "4"], ["command line: unknown option --n_layers"]),
+        ("unknown", ["--n_layers", "4"], ["train.py: unrecognized arguments: --n_layers"]),
         ("wrong-type", ["--epochs", "many"], ["command line: epochs expects int, got 'many'"]),
     ], lambda e, d: train_args(e, d), tag="option"),
     *under_file("train", lambda e, d, p: [*e.train_args, "--data_dir", e.data, "--out_dir", p], "run"),
@@ -663,7 +662,7 @@ def run_subprocess(script, argv):
 
 
 def run_inprocess(script, argv):
-    """The script's main() through util.run_cli, as `python script.py argv` would run it."""
+    """The script's main() through cli.run_cli, as `python script.py argv` would run it."""
     mod = importlib.import_module(script)
     err, so = io.StringIO(), io.StringIO()
     saved = sys.argv
@@ -675,7 +674,7 @@ def run_inprocess(script, argv):
             for cat in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
                 warnings.simplefilter("ignore", cat)
             try:
-                util.run_cli(mod.main)
+                cli.run_cli(mod.main)
                 code = 0
             finally:  # warnings go to stderr, where a user would see them
                 for w in caught:

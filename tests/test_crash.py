@@ -9,7 +9,7 @@ and nothing temporary is left in the run folder.
 The first run is a real `python train.py config.yaml` (killed after its first evaluation) and so is
 the last one (`--resume`, to the end). The runs in between are forked from a multiprocessing fork
 server that has already imported torch and train.py, so each start costs milliseconds instead of the
-~3 s of a fresh interpreter; they run train.py's main() through util.run_cli exactly as the command
+~3 s of a fresh interpreter; they run train.py's main() through cli.run_cli exactly as the command
 does, in their own process, and are killed with SIGKILL from here (or kill themselves at an injected
 point). The plan of kills comes from a seeded random generator, so it is the same on every run.
 """
@@ -27,13 +27,12 @@ from dataclasses import asdict
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import checkpoint  # noqa: E402
-import data  # noqa: E402
-import train as train_mod  # noqa: E402
-from train import TrainConfig  # noqa: E402
-from fixtures import write_images  # noqa: E402
+import checkpoint
+import data
+import trainer as train_mod
+from trainer import TrainConfig
+from util import resolve_dir
+from fixtures import ROOT, write_images
 
 SEED = 20240531
 EVAL_EVERY = 2
@@ -73,7 +72,7 @@ def _inject(kind, n):
     """Make this process SIGKILL itself the n-th time training reaches the point `kind`."""
     import contextlib
 
-    import train
+    import trainer as train   # the run folder's log and checkpoints are written there
     seen = [0]
 
     def nth():
@@ -137,12 +136,12 @@ def child(argv, log_file, inject=None):
 
     from tqdm import tqdm
     tqdm.set_lock(threading.RLock())   # not tqdm's multiprocessing lock: a SIGKILL would leak its semaphore
+    import cli
     import train
-    import util
     if inject:
         _inject(*inject)
     sys.argv = ["train.py", *argv]
-    util.run_cli(train.main)
+    cli.run_cli(train.main)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -159,7 +158,7 @@ def records(out_dir):
 
 
 def has_checkpoint(out_dir):
-    final = checkpoint.resolve(os.path.join(out_dir, "final"))
+    final = resolve_dir(os.path.join(out_dir, "final"))
     return os.path.exists(os.path.join(final, "trainer_state.pt"))
 
 
@@ -188,24 +187,24 @@ class Checker:
         step = 0
         best_acc = None
         if os.path.exists(final) or os.path.exists(final + ".old"):
-            model, info = checkpoint.load(final)                 # final/, or final.old between renames
+            ck = checkpoint.load(final); model = ck.model                 # final/, or final.old between renames
             state = checkpoint.load_trainer_state(final)
             step, best_acc = state["step"], state["best"]
             assert step in self.ref, (what, step)
-            assert info["metrics"]["loss"] == self.ref[step]["val_loss"], (what, step)
+            assert ck.metrics["loss"] == self.ref[step]["val_loss"], (what, step)
             assert step >= self.last_step, f"{what}: the checkpoint went back from {self.last_step} to {step}"
             self.last_step = step
             self.loads += 2
         if os.path.exists(best) or os.path.exists(best + ".old"):
-            model, info = checkpoint.load(best)
+            ck = checkpoint.load(best); model = ck.model
             self.loads += 1
-            hit = [s for s, r in self.ref.items() if r["val_loss"] == info["metrics"]["loss"]]
+            hit = [s for s, r in self.ref.items() if r["val_loss"] == ck.metrics["loss"]]
             assert len(hit) == 1, (what, hit)
             s = hit[0]
             assert s <= step + EVAL_EVERY, f"{what}: best/ is from step {s}, final/ from {step}"
             acc = self.ref[s]["val_accuracy"]
             assert all(r["val_accuracy"] < acc for t, r in self.ref.items() if t < s), f"{what}: best/ was no improvement"
-            assert info["metrics"]["accuracy"] == acc
+            assert ck.metrics["accuracy"] == acc
             if step:   # the best accuracy that final/ resumes with is best/'s, or best/ is one evaluation ahead
                 assert best_acc == acc if s <= step else best_acc < acc, (what, s, step, best_acc, acc)
         elif best_acc is not None:
@@ -320,7 +319,7 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_run(tmp_path, fork
 
     # the same run as the uninterrupted one, bit for bit
     for name in ("final", "best"):
-        a, b = checkpoint.load(os.path.join(ref, name))[0].state_dict(), checkpoint.load(os.path.join(out, name))[0].state_dict()
+        a, b = checkpoint.load(os.path.join(ref, name)).model.state_dict(), checkpoint.load(os.path.join(out, name)).model.state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{name}/ weights differ"
     assert records(out) == [check.ref[s] for s in sorted(check.ref)]
     sa, sb = (checkpoint.load_trainer_state(os.path.join(d, "final")) for d in (ref, out))
@@ -353,7 +352,7 @@ def test_same_config_and_seed_give_the_same_run(tmp_path):
                           max_length=32, batch_size=8, epochs=2, eval_every=3, dropout=0.1, lr=2e-2, seed=5,
                           device="cpu")
         train_mod.train(cfg, log=lambda *a: None)
-        runs.append((records(cfg.out_dir), checkpoint.load(os.path.join(cfg.out_dir, "final"))[0].state_dict()))
+        runs.append((records(cfg.out_dir), checkpoint.load(os.path.join(cfg.out_dir, "final")).model.state_dict()))
     (la, wa), (lb, wb) = runs
     assert [r["step"] for r in la] == [3, 6, 9, 12] and la == lb
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

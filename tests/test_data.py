@@ -12,14 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import data  # noqa: E402
-from data import (DataConfig, augment, coerce, ensure_prepared, load_builtin, load_csv, load_folder,  # noqa: E402
-                  load_idx, load_source, make_batch, override, prepare, read_pixel_csv, read_sequences,
-                  save_grid, stratified_split, to_tensor, truncate)
-from tokenizer import Codebook, Vocab  # noqa: E402
-from util import UserError  # noqa: E402
+import data
+from cli import add_settings, apply_settings, coerce, parser
+from data import (DataConfig, augment, ensure_prepared, load_builtin, load_csv, load_folder, load_idx,
+                  load_source, make_batch, prepare, read_pixel_csv, read_sequences, stratified_split)
+from fixtures import ROOT
+from plots import save_grid
+from tokenizer import Codebook
+from tokenizer import uint8_to_tensor as to_tensor
+from tokens import Vocab, truncate
+from util import UserError
 
 
 # ----------------------------------------------------------------------------- fixtures written by the tests
@@ -375,7 +377,7 @@ BAD_LINES = [
     (rec(label=True), '"label"'),
     (rec(label=3), "out of range 0..2"),
     (rec(label=-1), "out of range"),
-    (rec(tokens="<IMG> <Z_016> </IMG> <CLS> <CLS_2> <EOS>"), "unknown token <Z_016>"),
+    (rec(tokens="<IMG> <Z_016> </IMG> <CLS> <CLS_2> <EOS>"), "unknown token '<Z_016>'"),
     (rec(tokens="<Z_001> <Z_015> </IMG> <CLS> <CLS_2> <EOS>"), "start with <IMG>"),
     (rec(tokens="<IMG> </IMG> <CLS> <EOS>"), "start with <IMG>"),                   # too short
     (rec(tokens="<IMG> <Z_001> <Z_015> </IMG> <CLS> <CLS_2>"), "expected the tail"),
@@ -553,26 +555,31 @@ def test_prepare_with_a_larger_config(tmp_path, monkeypatch, capsys):
     run_main(monkeypatch, capsys, "reconstruct", str(tmp_path / "prepared"), "--out", str(tmp_path / "r.png"))
 
 
-def test_override_and_coerce():
+def override(cfg, argv):
+    """What data.py prepare does with its --key value options."""
+    p = parser("", prog="data.py prepare")
+    add_settings(p, type(cfg))
+    return apply_settings(cfg, p.parse_args(argv))
+
+
+def test_settings_from_the_command_line_and_coerce():
     cfg = override(DataConfig(), ["--num_codes", "16", "--w_colour", "0.5", "--source", "idx:x",
                                   "--val_fraction", "1e-1"])
     assert (cfg.num_codes, cfg.w_colour, cfg.source, cfg.val_fraction) == (16, 0.5, "idx:x", 0.1)
     assert isinstance(cfg.num_codes, int) and isinstance(cfg.w_colour, float)
     with pytest.raises(UserError) as e:
         override(DataConfig(), ["--num_code", "16"])
-    assert "--num_code" in str(e.value) and "valid keys" in str(e.value)
-    assert all(k in str(e.value) for k in ("num_codes", "patch_size", "source", "max_rotate"))
-    with pytest.raises(UserError, match="unknown option num_codes"):
+    assert "--num_code" in str(e.value) and "valid options" in str(e.value) and "\n" not in str(e.value)
+    assert all(k in str(e.value) for k in ("--num_codes", "--patch_size", "--source", "--max_rotate"))
+    with pytest.raises(UserError, match="unrecognized arguments: num_codes 16"):
         override(DataConfig(), ["num_codes", "16"])
-    with pytest.raises(UserError, match="num_codes expects int, got 'abc'"):
+    with pytest.raises(UserError, match="command line: num_codes expects int, got 'abc'"):
         override(DataConfig(), ["--num_codes", "abc"])
     with pytest.raises(UserError, match="num_codes expects int"):
         override(DataConfig(), ["--num_codes", "1.5"])
     with pytest.raises(UserError, match="w_colour expects float"):
-        override(DataConfig(), ["--w_colour", "heavy"], where="config.yaml")
-    with pytest.raises(UserError, match="config.yaml: w_colour"):
-        override(DataConfig(), ["--w_colour", "heavy"], where="config.yaml")
-    with pytest.raises(UserError, match="pairs"):
+        override(DataConfig(), ["--w_colour", "heavy"])
+    with pytest.raises(UserError, match="expected one argument"):
         override(DataConfig(), ["--num_codes"])
     # YAML values
     assert coerce("n", 3.0, int, "y") == 3 and coerce("n", 7, int, "y") == 7

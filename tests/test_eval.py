@@ -1,4 +1,4 @@
-"""eval.py: metrics on a hand-made case with known answers, the CLI modes, the pictures."""
+"""metrics.py and eval.py: metrics on a hand-made case with known answers, the CLI modes, the pictures."""
 import json
 import math
 import os
@@ -11,58 +11,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import checkpoint  # noqa: E402
-import eval as ev  # noqa: E402
-from data import make_batch  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-from tokenizer import Codebook, CodebookConfig, Vocab  # noqa: E402
-from util import UserError  # noqa: E402
-
-CLASSES = ["cat", "dog", "eel"]
-
-
-def make_tiny_run(root, seed=0):
-    """A random-init checkpoint with its own 4x4 codebook (8 codes, 2x2 patches), 3 classes, a data
-    folder with val.jsonl and report.json, a log.jsonl, and the images as a class folder tree."""
-    from PIL import Image
-    from train import TrainConfig
-    root = str(root)
-    g = torch.Generator().manual_seed(seed)
-    imgs = (torch.rand(24, 1, 4, 4, generator=g) * 255).round() / 255
-    book = Codebook.fit(imgs, CodebookConfig(patch_size=2, num_codes=8, fit_samples=1000, kmeans_iters=5))
-    vocab = Vocab(8, 3)
-    labels = [i % 3 for i in range(24)]
-    data_dir = os.path.join(root, "data")
-    os.makedirs(data_dir)
-    with open(os.path.join(data_dir, "val.jsonl"), "w") as f:
-        for c, y in zip(book.encode(imgs).tolist(), labels):
-            f.write(json.dumps({"tokens": vocab.image_tokens(c, y), "label": y, "meta": {}}) + "\n")
-    with open(os.path.join(data_dir, "report.json"), "w") as f:
-        json.dump({"classes": CLASSES}, f)
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=len(vocab), block_size=16, n_layer=2, n_head=2, n_embd=16))
-    run = os.path.join(root, "run")
-    ckpt = os.path.join(run, "best")
-    checkpoint.save(ckpt, model, TrainConfig(data_dir=data_dir, out_dir=run), vocab, book)
-    with open(os.path.join(run, "log.jsonl"), "w") as f:
-        for s, (tl, vl, acc) in enumerate([(2.9, 2.7, 0.3), (2.5, 2.4, 0.5), (2.2, 2.3, 0.6)], 1):
-            f.write(json.dumps({"step": 10 * s, "train_loss": tl, "val_loss": vl, "val_accuracy": acc,
-                                "val_token_accuracy": acc / 2}) + "\n")
-    img_dir = os.path.join(root, "images")
-    arr = (imgs[:, 0] * 255).round().byte().numpy()
-    for i, y in enumerate(labels):
-        os.makedirs(os.path.join(img_dir, CLASSES[y]), exist_ok=True)
-        Image.fromarray(arr[i], "L").save(os.path.join(img_dir, CLASSES[y], f"{i:02d}.png"))
-    return SimpleNamespace(root=root, ckpt=ckpt, run=run, data_dir=data_dir, img_dir=img_dir,
-                           val=os.path.join(data_dir, "val.jsonl"), vocab=vocab, book=book, labels=labels)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_run(tmp_path_factory.mktemp("tiny"))
-
+import checkpoint
+import eval as ev
+import metrics
+import plots
+from data import make_batch
+from fixtures import CLASSES, ROOT, png_size
+from model import GPT, GPTConfig
+from tokenizer import Codebook, CodebookConfig
+from tokens import Vocab
+from util import UserError
 
 # ----------------------------------------------------------------------------- known answers
 
@@ -77,7 +35,7 @@ class Stub(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.dummy = nn.Parameter(torch.zeros(1))   # so next(model.parameters()) works
+        self.device = torch.device("cpu")
         self.config = SimpleNamespace(block_size=16)
         t = torch.full((10, 10), NEG)
         t[0] = 0.0                                   # after <PAD>: anything (never scored)
@@ -112,7 +70,7 @@ TARGETS = [[(.75, 1, "img"), (.25, 0, "img"), (.4, 0, "end"), (1, 1, "cls"), (.8
 
 def test_metrics_on_a_hand_made_case():
     x, y, cls_pos = make_batch(SEQS, 16, V2.pad_id)
-    m = ev.evaluate(Stub(), x, y, cls_pos, V2, batch_size=2, topk=(1, 2, 3))
+    m = metrics.evaluate(Stub(), x, y, cls_pos, V2, batch_size=2, topk=(1, 2, 3))
     allt = [t for row in TARGETS for t in row]
     img = [t for t in allt if t[2] == "img"]
     lab = [t for t in allt if t[2] == "lab"]
@@ -132,51 +90,43 @@ def test_metrics_on_a_hand_made_case():
     assert m["topk_accuracy"] == {"1": 2 / 3, "2": 1.0}   # k = 3 > 2 classes is left out
     assert m["per_class_accuracy"] == [1.0, 0.5]
     assert m["confusion"] == [[1, 0], [1, 1]]        # rows true, columns predicted
-    assert torch.allclose(m["_probs"], torch.tensor([[.8, .2], [.4, .6], [.8, .2]]), atol=1e-6)
-    assert m["_pred"].tolist() == [0, 1, 0]
-    json.dumps(ev.public(m))                         # the public part is JSON-ready
-    text = ev.summary(ev.public(m), ["a", "b"])
+    json.dumps(m)                                    # JSON-ready
+    text = ev.summary(m, ["a", "b"])
     assert "66.67 %" in text and "top-2 100.00 %" in text and "63.16 %" in text
 
 
 def test_class_probs_and_next_tokens_on_the_stub():
-    probs = ev.class_probs(Stub(), [s[:-2] for s in SEQS], V2, batch_size=2)
+    probs = metrics.class_probs(Stub(), [s[:-2] for s in SEQS], V2, batch_size=2)
     assert torch.allclose(probs, torch.tensor([[.8, .2], [.4, .6], [.8, .2]]), atol=1e-6)
-    top = ev.next_tokens(Stub(), [IMG], V2, k=2)
+    top = metrics.next_tokens(Stub(), [IMG], V2, k=2)
     assert [(t, i) for t, i, _ in top] == [("<Z_000>", Z0), ("<Z_001>", Z1)]
     assert [p for _, _, p in top] == pytest.approx([.75, .25], abs=1e-6)
-    assert ev.next_tokens(Stub(), [IMG, Z1, Z1, END, CLS], V2, k=1)[0][:2] == ("<EOS>", EOS)
+    assert metrics.next_tokens(Stub(), [IMG, Z1, Z1, END, CLS], V2, k=1)[0][:2] == ("<EOS>", EOS)
 
 
 def test_parse_tokens_errors():
-    assert ev.parse_tokens("<IMG> <Z_001>", V2) == [IMG, Z1]
+    assert V2.parse("<IMG> <Z_001>") == [IMG, Z1]
     with pytest.raises(UserError, match="unknown token '<Z_002>'"):
-        ev.parse_tokens("<IMG> <Z_002>", V2)
+        V2.parse("<IMG> <Z_002>")
     with pytest.raises(UserError, match="empty"):
-        ev.parse_tokens("   ", V2)
+        V2.parse("   ")
 
 
 # ----------------------------------------------------------------------------- pictures
 
-def png_size(path):
-    from PIL import Image
-    with Image.open(path) as im:
-        return im.size
-
-
 def test_plot_curves_size_and_errors(tiny, tmp_path):
     out = str(tmp_path / "c.png")
-    assert ev.plot_curves(os.path.join(tiny.run, "log.jsonl"), out) == ev.CURVES_SIZE
-    assert png_size(out) == ev.CURVES_SIZE
+    assert plots.plot_curves(os.path.join(tiny.run, "log.jsonl"), out) == plots.CURVES_SIZE
+    assert png_size(out) == plots.CURVES_SIZE
     bad = tmp_path / "log.jsonl"
     bad.write_text('{"step": 1}\nnot json\n')
     with pytest.raises(UserError, match=r"log.jsonl:2: invalid JSON"):
-        ev.plot_curves(str(bad), str(tmp_path / "x.png"))
+        plots.plot_curves(str(bad), str(tmp_path / "x.png"))
     with pytest.raises(UserError, match="no such training log"):
-        ev.plot_curves(str(tmp_path / "none.jsonl"), str(tmp_path / "x.png"))
+        plots.plot_curves(str(tmp_path / "none.jsonl"), str(tmp_path / "x.png"))
     assert not (tmp_path / "x.png").exists()
     assert ev.main(["--curves", tiny.run]) == 0
-    assert png_size(os.path.join(tiny.run, "curves.png")) == ev.CURVES_SIZE
+    assert png_size(os.path.join(tiny.run, "curves.png")) == plots.CURVES_SIZE
 
 
 # ----------------------------------------------------------------------------- command line
@@ -187,12 +137,13 @@ def test_eval_cli_default_split(tiny, capsys):
     assert "classification accuracy" in out and "confusion matrix" in out and tiny.val in out
     rep = json.load(open(os.path.join(tiny.ckpt, "eval.json")))
     assert rep["data"] == tiny.val and rep["classes"] == CLASSES and rep["n_sequences"] == 24
-    assert png_size(os.path.join(tiny.ckpt, "eval_confusion.png")) == ev.CONFUSION_SIZE
+    assert png_size(os.path.join(tiny.ckpt, "eval_confusion.png")) == plots.CONFUSION_SIZE
     # the same numbers as evaluate() on the same data
     from data import read_sequences
-    model, info = checkpoint.load(tiny.ckpt)
-    x, y, c = make_batch(read_sequences(tiny.val, info["vocab"])[0], 16)
-    m = ev.public(ev.evaluate(model, x, y, c, info["vocab"], topk=(1, 2, 3, 5)))
+    ck = checkpoint.load(tiny.ckpt)
+    model = ck.model
+    x, y, c = make_batch(read_sequences(tiny.val, ck.vocab)[0], 16)
+    m = metrics.evaluate(model, x, y, c, ck.vocab, topk=(1, 2, 3, 5))
     for k in ("loss", "perplexity", "accuracy", "image_token_accuracy", "topk_accuracy"):
         assert rep[k] == pytest.approx(m[k], rel=1e-6), k
     assert rep["confusion"] == m["confusion"]
@@ -203,7 +154,7 @@ def test_eval_cli_images_equal_the_sequences(tiny, tmp_path, capsys):
     out = str(tmp_path / "img_eval.json")
     assert ev.main(["--ckpt", tiny.ckpt, "--images", tiny.img_dir, "--out", out]) == 0
     a = json.load(open(out))
-    assert a["n_sequences"] == 24 and png_size(str(tmp_path / "img_eval_confusion.png")) == ev.CONFUSION_SIZE
+    assert a["n_sequences"] == 24 and png_size(str(tmp_path / "img_eval_confusion.png")) == plots.CONFUSION_SIZE
     # PNG round trip of uint8-valued images gives the same codes, so the same metrics as val.jsonl
     ev.main(["--ckpt", tiny.ckpt, "--data", tiny.val, "--out", str(tmp_path / "seq.json")])
     b = json.load(open(tmp_path / "seq.json"))
@@ -237,10 +188,11 @@ def test_classify_images_and_sequences(tiny, capsys):
     assert lines[0].split() == ["input", "true", "predicted", "prob"]
     rows, last = lines[1:-1], lines[-1]
     assert len(rows) == 24 + 1 + 24 and last.startswith("accuracy on the 24 labelled sequences")
-    model, info = checkpoint.load(tiny.ckpt)
+    ck = checkpoint.load(tiny.ckpt)
+    model = ck.model
     from data import read_sequences
-    seqs, labels = read_sequences(tiny.val, info["vocab"])
-    probs = ev.class_probs(model, [s[:-2] for s in seqs], info["vocab"])
+    seqs, labels = read_sequences(tiny.val, ck.vocab)
+    probs = metrics.class_probs(model, [s[:-2] for s in seqs], ck.vocab)
     for row, p, y in zip(rows[25:], probs, labels):
         name, true, pred, prob = row.split()
         assert (true, pred) == (CLASSES[y], CLASSES[int(p.argmax())])
@@ -256,12 +208,13 @@ def test_next_tokens_cli(tiny, capsys):
     assert ev.main(["--ckpt", tiny.ckpt, "--next", "<IMG> <Z_003>", "--top_k", "4"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 + 4
-    model, info = checkpoint.load(tiny.ckpt)
-    probs = model(torch.tensor([info["vocab"].encode("<IMG> <Z_003>")]))[0][0, -1].softmax(-1)
+    ck = checkpoint.load(tiny.ckpt)
+    model = ck.model
+    probs = model(torch.tensor([ck.vocab.encode("<IMG> <Z_003>")]))[0][0, -1].softmax(-1)
     p, i = probs.topk(4)
     for line, pi, ii in zip(lines[2:], p, i):
         rank, tok, tid, prob = line.split()
-        assert int(tid) == ii and tok == info["vocab"].tokens[ii] and float(prob) == pytest.approx(pi.item(), abs=1e-4)
+        assert int(tid) == ii and tok == ck.vocab.tokens[ii] and float(prob) == pytest.approx(pi.item(), abs=1e-4)
 
 
 def test_help_and_one_line_error_subprocess(tiny, tmp_path):

@@ -1,4 +1,5 @@
-"""hf_export.py: the transformers GPT-2 folder, parity with our model, import back, upload (mocked)."""
+"""hf_format.py and hf_export.py: the transformers GPT-2 folder, parity with our model, reading it back,
+upload (mocked)."""
 import json
 import os
 import re
@@ -10,17 +11,19 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import checkpoint  # noqa: E402
-import hf_export  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-from tokenizer import Codebook, CodebookConfig, Vocab  # noqa: E402
-from train import TrainConfig, build_model  # noqa: E402
-from util import UserError, run_cli  # noqa: E402
+import checkpoint
+import generation
+import hf_export
+import hf_format
+from fixtures import ROOT
+from model import GPT, GPTConfig
+from tokenizer import Codebook, CodebookConfig
+from tokens import Vocab
+from trainer import TrainConfig, build_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
+from util import UserError
 
-transformers = pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel  # noqa: E402
+from cli import run_cli
 
 BLOCK = 32
 METRICS = {"n_sequences": 12, "loss": 1.25, "perplexity": 3.4903, "token_accuracy": 0.625,
@@ -43,11 +46,21 @@ def tiny_checkpoint(folder, bias=True, seed=0):
     return model.eval(), vocab, book
 
 
+def export(ckpt, out=None):
+    """What hf_export.py does without its printing: checkpoint folder -> export folder."""
+    return hf_format.write_export(checkpoint.load(ckpt), out or hf_format.default_out(ckpt))
+
+
+def read(folder):
+    ck = checkpoint.load(folder)
+    return ck.model, ck.vocab, ck.codebook
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     model, vocab, book = tiny_checkpoint(root / "run" / "best")
-    out = hf_export.export(root / "run" / "best", log=lambda *a: None)
+    out = export(root / "run" / "best")
     return {"root": root, "ckpt": root / "run" / "best", "out": out, "model": model, "vocab": vocab, "book": book}
 
 
@@ -75,7 +88,7 @@ def test_folder_contents_and_config(exported):
     out = exported["out"]
     assert out == str(exported["root"] / "run" / "hf")  # default: hf/ next to the checkpoint folder
     files = set(os.listdir(out))
-    assert set(hf_export.FILES) | {"metrics.json", "train_config.json"} == files
+    assert set(hf_format.FILES) | {"metrics.json", "train_config.json"} == files
     assert not [f for f in os.listdir(exported["root"] / "run") if f.startswith(".")]  # no temp dirs left
     cfg = json.load(open(os.path.join(out, "config.json")))
     v = exported["vocab"]
@@ -120,15 +133,16 @@ def test_greedy_generate_matches_ours(exported, hf):
     mine = greedy(ours, prompt, steps, v.eos_id, v.pad_id)
     assert theirs.shape[1] > prompt.shape[1] + 5
     assert torch.equal(theirs, mine)
-    assert torch.equal(hf_export._greedy(ours, prompt, steps, v.eos_id), mine)  # the --check path agrees
+    res = generation.generate(ours, prompt.tolist(), v, steps, greedy=True)  # the --check path agrees
+    assert [r["ids"] + [v.pad_id] * (mine.shape[1] - len(r["ids"])) for r in res] == mine.tolist()
+    assert hf_format.check_parity(ours, exported["out"], v)["greedy_equal"]
 
 
-def test_greedy_generate_matches_sample_py(exported, hf):
-    sample = pytest.importorskip("sample")  # sample.py's greedy decoding (KV cache), when present
+def test_greedy_generate_matches_generation_py(exported, hf):
     v, ours = exported["vocab"], exported["model"]
     g = torch.Generator().manual_seed(6)
     prompts = [[v.img_id] + torch.randint(v.code_offset, v.label_offset, (n,), generator=g).tolist() for n in (1, 2, 4)]
-    for p, r in zip(prompts, sample.generate(ours, prompts, v, BLOCK, greedy=True)):
+    for p, r in zip(prompts, generation.generate(ours, prompts, v, BLOCK, greedy=True)):
         theirs = hf.generate(torch.tensor([p]), do_sample=False, max_length=BLOCK,
                              attention_mask=torch.ones(1, len(p), dtype=torch.long))
         assert theirs[0].tolist() == r["ids"]
@@ -157,21 +171,21 @@ def test_round_trip_import_checkpoint_load_and_init_from(exported):
     x = torch.randint(len(exported["vocab"]), (2, BLOCK), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         want = exported["model"](x)[0]
-        model, vocab, book = hf_export.import_folder(exported["out"])
+        model, vocab, book = read(exported["out"])
         assert torch.equal(model(x)[0], want)
         assert vocab.to_dict() == exported["vocab"].to_dict() and torch.equal(book.colours, exported["book"].colours)
-        model2, info = checkpoint.load(exported["out"])
-        assert torch.equal(model2(x)[0], want)
-        _, orig = checkpoint.load(exported["ckpt"])
-        assert info["config"] == orig["config"] and info["metrics"] == METRICS
-        assert info["vocab"].to_dict() == vocab.to_dict() and torch.equal(info["codebook"].centroids, book.centroids)
+        ck = checkpoint.load(exported["out"])
+        assert torch.equal(ck.model(x)[0], want)
+        orig = checkpoint.load(exported["ckpt"])
+        assert ck.settings == orig.settings and ck.metrics == METRICS
+        assert ck.vocab.to_dict() == vocab.to_dict() and torch.equal(ck.codebook.centroids, book.centroids)
         cfg = TrainConfig(init_from=exported["out"], max_length=BLOCK)
         model3 = build_model(cfg, exported["vocab"], log=lambda *a: None)
         assert model3.training
         assert torch.equal(model3.eval()(x)[0], want)
     # re-exporting the export gives the same weights
-    out2 = hf_export.export(exported["out"], exported["root"] / "again", log=lambda *a: None)
-    assert torch.equal(hf_export.import_folder(out2)[0](x)[0], want)
+    out2 = export(exported["out"], exported["root"] / "again")
+    assert torch.equal(read(out2)[0](x)[0], want)
 
 
 def test_import_reads_folders_saved_by_transformers(exported, hf, tmp_path):
@@ -183,7 +197,7 @@ def test_import_reads_folders_saved_by_transformers(exported, hf, tmp_path):
     for f in ("vocab.json", "codebook.json", "codebook.safetensors"):
         shutil.copy(os.path.join(exported["out"], f), d / f)
     with torch.no_grad():
-        assert (hf_export.import_folder(d)[0](x)[0] - want).abs().max().item() == 0
+        assert (read(d)[0](x)[0] - want).abs().max().item() == 0
     # the original GPT-2 naming: no "transformer." prefix, causal-mask buffers stored, lm_head stored
     from safetensors.torch import load_file, save_file
     sd = load_file(os.path.join(exported["out"], "model.safetensors"))
@@ -192,7 +206,7 @@ def test_import_reads_folders_saved_by_transformers(exported, hf, tmp_path):
     old["lm_head.weight"] = sd["transformer.wte.weight"].clone()
     save_file(old, d / "model.safetensors")
     with torch.no_grad():
-        assert torch.equal(hf_export.import_folder(d)[0](x)[0], want)
+        assert torch.equal(read(d)[0](x)[0], want)
 
 
 def _broken_copy(exported, tmp_path, edit_config=None, edit_weights=None, edit_vocab=None):
@@ -235,7 +249,7 @@ def test_clear_errors_for_folders_that_do_not_fit(exported, tmp_path, case, patt
     }
     d = _broken_copy(exported, tmp_path, **edits[case])
     with pytest.raises(UserError, match=pattern) as e:
-        hf_export.import_folder(d)
+        hf_format.read_export(d)
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match=pattern):
         checkpoint.load(d)
@@ -244,29 +258,29 @@ def test_clear_errors_for_folders_that_do_not_fit(exported, tmp_path, case, patt
 def test_export_refuses_a_model_without_biases_and_writes_nothing(tmp_path):
     tiny_checkpoint(tmp_path / "nobias", bias=False)
     with pytest.raises(UserError, match="no biases"):
-        hf_export.export(tmp_path / "nobias", tmp_path / "out")
+        export(tmp_path / "nobias", tmp_path / "out")
     assert sorted(os.listdir(tmp_path)) == ["nobias"]
 
 
 def test_export_is_atomic_and_does_not_clobber_other_folders(exported, tmp_path, monkeypatch):
     out = tmp_path / "hf"
-    hf_export.export(exported["ckpt"], out, log=lambda *a: None)
+    export(exported["ckpt"], out)
     before = {f: open(out / f, "rb").read() for f in os.listdir(out)}
 
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(hf_export, "model_card", boom)
+    monkeypatch.setattr(hf_format, "model_card", boom)
     with pytest.raises(UserError, match="No space left"):
-        hf_export.export(exported["ckpt"], out)
+        export(exported["ckpt"], out)
     assert {f: open(out / f, "rb").read() for f in os.listdir(out)} == before  # the earlier export is intact
     assert sorted(os.listdir(tmp_path)) == ["hf"]                              # no temp folders left
-    monkeypatch.setattr(hf_export, "model_card", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(hf_format, "model_card", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
-        hf_export.export(exported["ckpt"], tmp_path / "new")
+        export(exported["ckpt"], tmp_path / "new")
     assert sorted(os.listdir(tmp_path)) == ["hf"]
     # a folder that is not an earlier export (here: the checkpoint itself) is never replaced
     with pytest.raises(UserError, match="not an earlier export"):
-        hf_export.export(exported["ckpt"], exported["ckpt"])
+        export(exported["ckpt"], exported["ckpt"])
     assert "train" in json.load(open(exported["ckpt"] / "config.json"))
 
 
@@ -318,9 +332,9 @@ def test_push_to_hub_sends_the_folder(exported, tmp_path, monkeypatch, no_networ
     (c_name, c_repo, c_kw, c_tok), (u_name, u_repo, u_kw, u_tok) = FakeApi.calls
     assert (c_name, c_repo, c_kw["private"], c_kw["exist_ok"], c_tok) == ("create_repo", "me/img-gpt", True, True, "hf_test_token")
     assert (u_name, u_repo, u_kw["folder_path"], u_kw["repo_type"]) == ("upload_folder", "me/img-gpt", str(out), "model")
-    plan = hf_export.upload_plan(out, "me/img-gpt", private=True)
+    plan = hf_format.upload_plan(out, "me/img-gpt", private=True)
     assert plan == {"repo_id": "me/img-gpt", "private": True,
-                    "files": sorted(set(hf_export.FILES) | {"metrics.json", "train_config.json"})}
+                    "files": sorted(set(hf_format.FILES) | {"metrics.json", "train_config.json"})}
     assert u_kw["allow_patterns"] == plan["files"]
     assert "uploaded 12 files to https://huggingface.co/me/img-gpt (private)" in capsys.readouterr().out
     assert "repo = \"me/img-gpt\"" in open(out / "README.md").read()

@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import GPT, GPTConfig, KVCache  # noqa: E402
+from model import GPT, GPTConfig, KVCache
 
 TINY = dict(vocab_size=40, block_size=32, n_layer=2, n_head=2, n_embd=32)
 
@@ -50,15 +49,22 @@ def test_causality():
 
 
 def test_weight_tying():
+    """One matrix serves as token embedding and output layer: counted once, and its gradient is the
+    sum of what the two uses would get if they were separate matrices."""
     m = tiny_model()
     assert m.transformer.wte.weight is m.lm_head.weight
-    assert m.transformer.wte.weight.data_ptr() == m.lm_head.weight.data_ptr()
-    opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    idx = torch.randint(0, 40, (2, 8))
-    _, loss = m(idx, torch.randint(0, 40, (2, 8)))
-    loss.backward()
-    opt.step()
-    assert torch.equal(m.transformer.wte.weight, m.lm_head.weight)
+    assert m.num_params() == sum(p.numel() for n, p in m.named_parameters())   # the tied matrix once
+    assert "lm_head.weight" not in dict(m.named_parameters())
+    idx, tgt = torch.randint(0, 40, (2, 8)), torch.randint(0, 40, (2, 8))
+    m(idx, tgt)[1].backward()
+    untied = tiny_model()
+    untied.load_state_dict(m.state_dict())
+    untied.lm_head.weight = torch.nn.Parameter(m.lm_head.weight.detach().clone())   # now two matrices
+    assert untied.transformer.wte.weight is not untied.lm_head.weight
+    untied(idx, tgt)[1].backward()
+    both = untied.transformer.wte.weight.grad + untied.lm_head.weight.grad
+    assert untied.transformer.wte.weight.grad.abs().sum() > 0 and untied.lm_head.weight.grad.abs().sum() > 0
+    assert torch.allclose(m.lm_head.weight.grad, both, atol=1e-6)
 
 
 def test_ignore_index():

@@ -1,4 +1,4 @@
-"""sample.py: the filters, cached decoding against full recomputation, seeds, the CLI."""
+"""generation.py and sample.py: the filters, cached decoding against full recomputation, seeds, the CLI."""
 import json
 import math
 import os
@@ -8,14 +8,12 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import sample as sp  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-from test_eval import make_tiny_run, png_size  # noqa: E402
-from tokenizer import Vocab  # noqa: E402
-from util import UserError  # noqa: E402
+import generation as gen
+import sample as sp
+from fixtures import ROOT, png_size
+from model import GPT, GPTConfig
+from tokens import Vocab
+from util import UserError
 
 INF = float("-inf")
 VOCAB = Vocab(8, 3)   # 17 tokens: specials 0..5, <Z_000..007> 6..13, <CLS_0..2> 14..16
@@ -29,15 +27,15 @@ def kept(filtered):
 
 def test_top_k_keeps_the_k_largest_and_all_ties_at_the_kth_value():
     x = torch.tensor([1.0, 3.0, 3.0, 2.0, 0.0])
-    assert kept(sp.top_k_filter(x, 1)) == {1, 2}        # k-th value 3 is shared: both kept
-    assert kept(sp.top_k_filter(x, 2)) == {1, 2}
-    assert kept(sp.top_k_filter(x, 3)) == {1, 2, 3}
-    assert kept(sp.top_k_filter(x, 4)) == {0, 1, 2, 3}
+    assert kept(gen.top_k_filter(x, 1)) == {1, 2}        # k-th value 3 is shared: both kept
+    assert kept(gen.top_k_filter(x, 2)) == {1, 2}
+    assert kept(gen.top_k_filter(x, 3)) == {1, 2, 3}
+    assert kept(gen.top_k_filter(x, 4)) == {0, 1, 2, 3}
     for k in (0, None, 5, 99):
-        assert torch.equal(sp.top_k_filter(x, k), x)
-    f = sp.top_k_filter(x, 3)
+        assert torch.equal(gen.top_k_filter(x, k), x)
+    f = gen.top_k_filter(x, 3)
     assert torch.equal(f[[1, 2, 3]], x[[1, 2, 3]])       # kept logits are unchanged
-    rows = sp.top_k_filter(torch.tensor([[0.0, 1.0, 2.0, 3.0], [3.0, 2.0, 2.0, 0.0]]), 2)
+    rows = gen.top_k_filter(torch.tensor([[0.0, 1.0, 2.0, 3.0], [3.0, 2.0, 2.0, 0.0]]), 2)
     assert (rows != INF).tolist() == [[False, False, True, True], [True, True, True, False]]
     assert torch.equal(x, torch.tensor([1.0, 3.0, 3.0, 2.0, 0.0]))   # input untouched
 
@@ -50,12 +48,12 @@ def logits_of(probs):
 
 def test_top_p_keeps_the_smallest_set_that_reaches_p():
     x = logits_of([0.2, 0.5, 0.3])                       # order must not matter
-    assert kept(sp.top_p_filter(x, 0.5)) == {1}          # 0.5 alone reaches 0.5
-    assert kept(sp.top_p_filter(x, 0.5001)) == {1, 2}
-    assert kept(sp.top_p_filter(x, 0.8)) == {1, 2}       # 0.5 + 0.3 reaches 0.8 (despite float rounding)
-    assert kept(sp.top_p_filter(x, 0.8001)) == {0, 1, 2}
-    assert kept(sp.top_p_filter(x, 0.3)) == {1}
-    f = sp.top_p_filter(x, 0.8)
+    assert kept(gen.top_p_filter(x, 0.5)) == {1}          # 0.5 alone reaches 0.5
+    assert kept(gen.top_p_filter(x, 0.5001)) == {1, 2}
+    assert kept(gen.top_p_filter(x, 0.8)) == {1, 2}       # 0.5 + 0.3 reaches 0.8 (despite float rounding)
+    assert kept(gen.top_p_filter(x, 0.8001)) == {0, 1, 2}
+    assert kept(gen.top_p_filter(x, 0.3)) == {1}
+    f = gen.top_p_filter(x, 0.8)
     assert torch.equal(f[[1, 2]], x[[1, 2]])             # kept logits are unchanged
 
 
@@ -67,43 +65,43 @@ def test_top_p_exact_boundaries_despite_float_rounding():
             c = 100 - a - b
             if 0 < c < b:
                 x = logits_of([c / 100, a / 100, b / 100])
-                assert kept(sp.top_p_filter(x, (a + b) / 100)) == {1, 2}, (a, b, c)
-                assert kept(sp.top_p_filter(x, (a + b) / 100 + 1e-5)) == {0, 1, 2}, (a, b, c)
+                assert kept(gen.top_p_filter(x, (a + b) / 100)) == {1, 2}, (a, b, c)
+                assert kept(gen.top_p_filter(x, (a + b) / 100 + 1e-5)) == {0, 1, 2}, (a, b, c)
 
 
 def test_top_p_one_keeps_everything_and_tiny_p_keeps_the_argmax():
     x = torch.tensor([0.0, -80.0, -95.0, 2.0])           # tokens too unlikely to move a float cumsum
-    assert torch.equal(sp.top_p_filter(x, 1.0), x)
-    assert torch.equal(sp.top_p_filter(x, None), x)
+    assert torch.equal(gen.top_p_filter(x, 1.0), x)
+    assert torch.equal(gen.top_p_filter(x, None), x)
     for p in (1e-12, 1e-3, 0.5):
-        assert kept(sp.top_p_filter(x, p)) == {3}
-    assert kept(sp.top_p_filter(logits_of([0.3, 0.3, 0.4]), 1e-12)) == {2}
+        assert kept(gen.top_p_filter(x, p)) == {3}
+    assert kept(gen.top_p_filter(logits_of([0.3, 0.3, 0.4]), 1e-12)) == {2}
 
 
 def test_top_p_ties_at_the_boundary_are_all_kept():
     x = logits_of([0.2, 0.4, 0.2, 0.2])
-    assert kept(sp.top_p_filter(x, 0.4)) == {1}
-    assert kept(sp.top_p_filter(x, 0.5)) == {0, 1, 2, 3}  # one more 0.2 is needed: all three tie
-    assert kept(sp.top_p_filter(torch.tensor([1.0, 1.0, 0.0]), 1e-9)) == {0, 1}   # tied argmax
+    assert kept(gen.top_p_filter(x, 0.4)) == {1}
+    assert kept(gen.top_p_filter(x, 0.5)) == {0, 1, 2, 3}  # one more 0.2 is needed: all three tie
+    assert kept(gen.top_p_filter(torch.tensor([1.0, 1.0, 0.0]), 1e-9)) == {0, 1}   # tied argmax
 
 
 def test_top_p_batched_and_masked_inputs():
     x = torch.stack([logits_of([0.6, 0.3, 0.1]), logits_of([0.1, 0.3, 0.6])])
-    f = sp.top_p_filter(x, 0.85)
+    f = gen.top_p_filter(x, 0.85)
     assert (f != INF).tolist() == [[True, True, False], [False, True, True]]
     m = torch.tensor([0.0, INF, 0.0, -1.0])
-    assert kept(sp.top_p_filter(m, 0.99)) == {0, 2, 3}
-    assert kept(sp.top_p_filter(sp.top_k_filter(m, 2), 0.99)) == {0, 2}
+    assert kept(gen.top_p_filter(m, 0.99)) == {0, 2, 3}
+    assert kept(gen.top_p_filter(gen.top_k_filter(m, 2), 0.99)) == {0, 2}
 
 
-def test_pick_respects_the_filters():
+def test_choose_next_respects_the_filters():
     g = torch.Generator().manual_seed(0)
     x = logits_of([0.5, 0.3, 0.2]).expand(4000, 3)
-    counts = torch.bincount(sp.pick(x, top_p=0.8, generator=g), minlength=3).tolist()
+    counts = torch.bincount(gen.choose_next(x, top_p=0.8, generator=g), minlength=3).tolist()
     assert counts[2] == 0 and counts[0] > counts[1] > 1000
-    assert sp.pick(x, top_k=1, generator=g).unique().tolist() == [0]
-    assert sp.pick(x, temperature=0).unique().tolist() == [0]
-    assert sp.pick(x, greedy=True).unique().tolist() == [0]
+    assert gen.choose_next(x, top_k=1, generator=g).unique().tolist() == [0]
+    assert gen.choose_next(x, temperature=0).unique().tolist() == [0]
+    assert gen.choose_next(x, greedy=True).unique().tolist() == [0]
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -127,7 +125,7 @@ def full_last_logits(model, ids):
 @torch.no_grad()
 def test_cached_decoding_matches_full_recomputation_at_every_step(model):
     g = torch.Generator().manual_seed(3)
-    res = sp.generate(model, PROMPTS * 2, VOCAB, max_new_tokens=10, temperature=1.5, generator=g,
+    res = gen.generate(model, PROMPTS * 2, VOCAB, max_new_tokens=10, temperature=1.5, generator=g,
                       batch_size=3, record_logits=True)
     stops, generated_cls = set(), 0
     for prompt, r in zip(PROMPTS * 2, res):
@@ -155,8 +153,8 @@ def test_cached_decoding_matches_full_recomputation_at_every_step(model):
 
 @torch.no_grad()
 def test_greedy_is_deterministic_and_equals_argmax_of_full_recomputation(model):
-    a = sp.generate(model, PROMPTS, VOCAB, max_new_tokens=12, greedy=True)
-    b = sp.generate(model, PROMPTS, VOCAB, max_new_tokens=12, greedy=True, batch_size=1)
+    a = gen.generate(model, PROMPTS, VOCAB, max_new_tokens=12, greedy=True)
+    b = gen.generate(model, PROMPTS, VOCAB, max_new_tokens=12, greedy=True, batch_size=1)
     assert [r["ids"] for r in a] == [r["ids"] for r in b]
     for prompt, r in zip(PROMPTS, a):
         ids = list(prompt)                                   # reference: full forward each step
@@ -169,7 +167,7 @@ def test_greedy_is_deterministic_and_equals_argmax_of_full_recomputation(model):
 
 @torch.no_grad()
 def test_sampling_with_a_seed_is_reproducible(model):
-    run = lambda seed: [r["ids"] for r in sp.generate(model, PROMPTS, VOCAB, 10, temperature=1.0, top_k=8,
+    run = lambda seed: [r["ids"] for r in gen.generate(model, PROMPTS, VOCAB, 10, temperature=1.0, top_k=8,
                                                        top_p=0.95, generator=torch.Generator().manual_seed(seed))]
     assert run(7) == run(7)
     assert run(7) != run(8)
@@ -177,27 +175,22 @@ def test_sampling_with_a_seed_is_reproducible(model):
 
 def test_generate_rejects_bad_prompts(model):
     with pytest.raises(UserError, match="block size"):
-        sp.generate(model, [[IMG] * 17], VOCAB, 5)
+        gen.generate(model, [[IMG] * 17], VOCAB, 5)
     with pytest.raises(UserError, match="empty"):
-        sp.generate(model, [[]], VOCAB, 5)
-    r = sp.generate(model, [[IMG] * 16], VOCAB, 5)[0]        # a full block: nothing to add
+        gen.generate(model, [[]], VOCAB, 5)
+    r = gen.generate(model, [[IMG] * 16], VOCAB, 5)[0]        # a full block: nothing to add
     assert r["new"] == 0 and r["stop"] == "block_size"
 
 
 def test_well_formed():
     seq = [IMG] + Z[:4] + [END, CLS, VOCAB.label_id(2), EOS]
-    assert sp.well_formed(seq, VOCAB, 4)
-    assert not sp.well_formed(seq, VOCAB, 5)
-    assert not sp.well_formed(seq[:-1], VOCAB, 3)
-    assert not sp.well_formed([IMG] + Z[:3] + [CLS] + [END, CLS, VOCAB.label_id(2), EOS], VOCAB, 4)
+    assert VOCAB.is_complete(seq, 4)
+    assert not VOCAB.is_complete(seq, 5)
+    assert not VOCAB.is_complete(seq[:-1], 3)
+    assert not VOCAB.is_complete([IMG] + Z[:3] + [CLS] + [END, CLS, VOCAB.label_id(2), EOS], 4)
 
 
 # ----------------------------------------------------------------------------- command line
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_run(tmp_path_factory.mktemp("tiny_sample"))
-
 
 def test_sample_cli_outputs(tiny, tmp_path, capsys):
     png, jl = str(tmp_path / "s.png"), str(tmp_path / "s.jsonl")
@@ -210,7 +203,7 @@ def test_sample_cli_outputs(tiny, tmp_path, capsys):
     assert out.count("sample ") == 4 and "<IMG>" not in out        # sequences went to the file
     for r in recs:
         ids = tiny.vocab.encode(r["tokens"])
-        assert r["well_formed"] == sp.well_formed(ids, tiny.vocab, 4)
+        assert r["well_formed"] == tiny.vocab.is_complete(ids, 4)
         assert (r["label"] is not None) == r["well_formed"]
         assert r["pred"] is None or 0 <= r["pred"] < 3
     assert sp.main(args) == 0                                      # same seed: same sequences, printed

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tokenizer import Codebook, CodebookConfig, Vocab, assign, kmeans, pixel_features, psnr  # noqa: E402
-from util import UserError  # noqa: E402
+from tokenizer import Codebook, CodebookConfig, assign, kmeans, pixel_features, psnr
+from tokens import Vocab
+from util import UserError
 
 
 # ----------------------------------------------------------------------------- vocabulary

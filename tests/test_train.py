@@ -15,16 +15,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import checkpoint  # noqa: E402
-import train as train_mod  # noqa: E402
-from data import make_batch, read_sequences  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-from tokenizer import Vocab  # noqa: E402
-from train import TrainConfig, load_config, load_split, train  # noqa: E402
-from util import UserError  # noqa: E402
-from fixtures import write_images  # noqa: E402
+import checkpoint
+import trainer as train_mod
+from data import make_batch, read_sequences
+from model import GPT, GPTConfig
+from tokens import Vocab
+from trainer import TrainConfig, load_config, load_split, train
+from util import UserError
+from fixtures import ROOT, write_images
 
 N_IMAGES, STEPS_PER_EPOCH = 60, 6   # 48 train / 12 val sequences, batches of 8
 CKPT_FILES = ["model.safetensors", "config.json", "vocab.json", "codebook.json", "codebook.safetensors",
@@ -54,7 +52,7 @@ def read_log(cfg):
 
 
 def weights(folder):
-    return checkpoint.load(folder)[0].state_dict()
+    return checkpoint.load(folder).model.state_dict()
 
 
 def run(args, **kw):
@@ -63,7 +61,7 @@ def run(args, **kw):
 
 
 def stop_after(n):
-    """A stand-in for train.StopFlag whose flag goes up when the loop asks for the (n+1)-th time,
+    """A stand-in for trainer.StopFlag whose flag goes up when the loop asks for the (n+1)-th time,
     i.e. after n optimizer steps: an interruption at an exact step, without signals."""
     class Stop:
         reads = 0
@@ -187,9 +185,9 @@ def test_truncation_keeps_the_label_tail(run_a):
     assert (x[rows, cls_pos] == vocab.cls_id).all() and (x[:, 8] == vocab.img_end_id).all()
     assert (y[:, -1] == vocab.eos_id).all() and (y != -100).all()
     assert x[:, :8].tolist() == [s[:8] for s in full]                  # <IMG> and the first 7 codes stay
-    model, info = checkpoint.load(os.path.join(cfg.out_dir, "final"))
+    ck = checkpoint.load(os.path.join(cfg.out_dir, "final")); model = ck.model
     assert model.config.block_size == 12
-    assert info["metrics"]["n_sequences"] == 12 and 0 <= info["metrics"]["accuracy"] <= 1
+    assert ck.metrics["n_sequences"] == 12 and 0 <= ck.metrics["accuracy"] <= 1
 
 
 def test_grad_accum_matches_a_bigger_batch(run_a):
@@ -336,11 +334,11 @@ def test_checkpoint_folders(run_a):
 def test_loaded_model_gives_the_trained_logits(run_a):
     out, probe = run_a["cfg"].out_dir, run_a["probe"]
     for name in ("best", "final"):
-        model, info = checkpoint.load(os.path.join(out, name))
+        ck = checkpoint.load(os.path.join(out, name)); model = ck.model
         with torch.no_grad():
             assert torch.equal(model(probe)[0], run_a["seen"][name])
-        assert info["vocab"].num_codes == 8 and info["vocab"].num_classes == 3
-        assert info["codebook"].cfg.patch_size == 2
+        assert ck.vocab.num_codes == 8 and ck.vocab.num_classes == 3
+        assert ck.codebook.cfg.patch_size == 2
 
 
 class Custom:
@@ -385,21 +383,21 @@ def write(tmp_path, text, name="cfg.yaml"):
 
 
 @pytest.mark.parametrize("text,overrides,match", [
-    ("n_layer: 2\nbogus: 1\n", [],
+    ("n_layer: 2\nbogus: 1\n", {},
      r"cfg.yaml: unknown key 'bogus'; valid keys: patch_size, .*, n_layer, .*, batch_size"),
-    ("n_layer: abc\n", [], r"cfg.yaml: n_layer expects int, got 'abc'"),
-    ("n_layer: 2.5\n", [], r"n_layer expects int"),
-    ("lr: [1, 2]\n", [], r"lr expects float"),
-    ("", ["--lr", "notanumber"], r"command line: lr expects float, got 'notanumber'"),
-    ("", ["--bogus", "1"], r"command line: unknown option --bogus; valid keys: .*n_embd"),
-    ("", ["--lr"], r"expected --key value pairs"),
-    ("n_layer: 2\nlr: [1, 2\nepochs: 3\n", [], r"cfg.yaml:\d+: invalid YAML"),
-    ("n_layer: 2\n  n_head: 2\n", [], r"cfg.yaml:2: invalid YAML"),
-    ("- 1\n- 2\n", [], r"cfg.yaml: expected a mapping of key: value"),
-    ("just a string\n", [], r"cfg.yaml: expected a mapping"),
-    ("n_embd: 30\nn_head: 4\n", [], r"n_embd 30 is not divisible by n_head 4"),
-    ("", ["--n_head", "5"], r"n_embd 384 is not divisible by n_head 5"),
-    ("n_layer: 0\n", [], r"n_layer must be at least 1"),
+    ("n_layer: abc\n", {}, r"cfg.yaml: n_layer expects int, got 'abc'"),
+    ("n_layer: 2.5\n", {}, r"n_layer expects int"),
+    ("lr: [1, 2]\n", {}, r"lr expects float"),
+    ("", {"lr": "notanumber"}, r"command line: lr expects float, got 'notanumber'"),
+    ("", {"bogus": "1"}, r"command line: unknown key 'bogus'; valid keys: .*n_embd"),
+    ("n_layer: 2\nn_layer: 3\n", {}, r"cfg.yaml:2: invalid YAML \(duplicated key 'n_layer'\)"),
+    ("n_layer: 2\nlr: [1, 2\nepochs: 3\n", {}, r"cfg.yaml:\d+: invalid YAML"),
+    ("n_layer: 2\n  n_head: 2\n", {}, r"cfg.yaml:2: invalid YAML"),
+    ("- 1\n- 2\n", {}, r"cfg.yaml: expected a mapping of key: value"),
+    ("just a string\n", {}, r"cfg.yaml: expected a mapping"),
+    ("n_embd: 30\nn_head: 4\n", {}, r"n_embd 30 is not divisible by n_head 4"),
+    ("", {"n_head": "5"}, r"n_embd 384 is not divisible by n_head 5"),
+    ("n_layer: 0\n", {}, r"n_layer must be at least 1"),
 ])
 def test_config_errors(tmp_path, text, overrides, match):
     with pytest.raises(UserError, match=match):
@@ -417,11 +415,11 @@ def test_config_file_errors(tmp_path):
 
 def test_config_values_and_overrides(tmp_path):
     cfg = load_config(write(tmp_path, "n_layer: 3\nlr: 1e-3\ncompile: false\n# comment\n"),
-                      ["--n_layer", "4", "--bf16", "false", "--dropout", "0.1"])
+                      {"n_layer": "4", "bf16": "false", "dropout": "0.1"})
     assert (cfg.n_layer, cfg.lr, cfg.compile, cfg.bf16, cfg.dropout) == (4, 1e-3, False, False, 0.1)
     assert isinstance(cfg.lr, float)
     assert load_config(write(tmp_path, "", "empty.yaml")) == TrainConfig()
-    assert load_config(None, ["--epochs", "2"]).epochs == 2
+    assert load_config(None, {"epochs": "2"}).epochs == 2
 
 
 def test_shipped_configs_load():

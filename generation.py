@@ -1,0 +1,150 @@
+"""The decoding loop: next-token filters (temperature, top-k, top-p) and batched incremental
+generation through the model's key/value cache. Sampling, the export checks, the benchmarks and the
+tests all decode through generate()."""
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from util import UserError
+
+TOP_P_TOL = 1e-6  # a cumulative probability within this of p counts as reaching p (float32 logits
+                  # give probabilities good to about 1e-7, so an exact boundary needs a margin)
+
+
+# ----------------------------------------------------------------------------- sampling filters
+
+def top_k_filter(logits, k):
+    """Keep the k largest logits along the last dim, set the rest to -inf.
+
+    Ties: every token whose logit equals the k-th largest value is kept, so more than k tokens
+    survive when the k-th value is shared (nanoGPT's rule; the result never depends on token ids).
+    k None or <= 0, or k >= vocabulary size, keeps everything."""
+    if k is None or k <= 0 or k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits, p):
+    """Nucleus filter along the last dim: keep the smallest set of most probable tokens whose
+    cumulative probability reaches p (within TOP_P_TOL); set the rest to -inf.
+
+    Always keeps at least the most probable token (so a tiny p keeps exactly the argmax); p >= 1
+    (or None) keeps every token. Ties: if the probability of the last token needed is shared by
+    other tokens, they are all kept (the same rule as top_k_filter)."""
+    if p is None or p >= 1:
+        return logits
+    probs = logits.double().softmax(-1)
+    sorted_p = probs.sort(-1, descending=True).values
+    before = F.pad(sorted_p.cumsum(-1)[..., :-1], (1, 0))      # mass of the tokens ranked above
+    keep = before < p - TOP_P_TOL
+    keep[..., 0] = True
+    threshold = sorted_p.masked_fill(~keep, float("inf")).amin(-1, keepdim=True)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def choose_next(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):
+    """Next token for each row of logits (B, V): argmax if greedy (or temperature 0), else sample
+    from softmax(logits / temperature) after top-k, then top-p filtering."""
+    if greedy or temperature == 0:
+        return logits.argmax(-1)
+    logits = top_p_filter(top_k_filter(logits.float() / temperature, top_k), top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def label_prediction(logits, vocab):
+    """Logits (V,) at a <CLS> position -> (class, probability, probabilities over the labels)."""
+    probs = vocab.label_probs(logits).cpu()
+    c = int(probs.argmax())
+    return c, probs[c].item(), probs.tolist()
+
+
+@torch.no_grad()
+def generate(model, prompts, vocab, max_new_tokens, temperature=1.0, top_k=None, top_p=None, greedy=False,
+             generator=None, batch_size=64, stop_at_eos=True, record_logits=False, progress=False):
+    """Continue each prompt (a list of token ids) with incremental decoding through the KV cache.
+
+    Prompts of equal length are decoded together (the cache has no padding mask, so rows of a batch
+    must stay aligned); results come back in the order of `prompts`. A row stops after <EOS>, after
+    max_new_tokens, or when the block size is full (with stop_at_eos=False only the last two stop it:
+    a benchmark decodes a fixed number of tokens); finished rows are fed <PAD> until the batch ends,
+    and their outputs are ignored. Returns one dict per prompt:
+        ids       prompt + generated tokens
+        new       number of generated tokens
+        stop      'eos', 'max_new_tokens' or 'block_size'
+        pred, prob, label_probs   the class prediction from the logits where <CLS> was fed (prompt or
+                  generated; the first <CLS>), or None when no <CLS> was fed
+        logits    (new, V) the raw logits each new token was chosen from (only with record_logits)
+    """
+    block = model.config.block_size
+    results = [None] * len(prompts)
+    groups = {}
+    for i, p in enumerate(prompts):
+        if not p:
+            raise UserError("a prompt is empty; it needs at least one token (e.g. <IMG>)")
+        if len(p) > block:
+            raise UserError(f"a prompt has {len(p)} tokens, more than the model's block size {block}")
+        groups.setdefault(len(p), []).append(i)
+    was_training = model.training
+    model.eval()
+    for L, rows in sorted(groups.items()):
+        for s in range(0, len(rows), batch_size):
+            chunk = rows[s:s + batch_size]
+            out = _generate_aligned(model, [prompts[i] for i in chunk], vocab, min(max_new_tokens, block - L),
+                                    max_new_tokens, temperature, top_k, top_p, greedy, generator,
+                                    stop_at_eos, record_logits, progress)
+            for i, r in zip(chunk, out):
+                results[i] = r
+    model.train(was_training)
+    return results
+
+
+def _generate_aligned(model, prompts, vocab, steps, max_new_tokens, temperature, top_k, top_p, greedy,
+                      generator, stop_at_eos, record_logits, progress):
+    B, L = len(prompts), len(prompts[0])
+    device = model.device
+    eos = vocab.eos_id if stop_at_eos else None
+    cache = model.new_cache(B, max(L + steps - 1, L))   # the last sampled token is never fed
+    logits, _ = model(torch.tensor(prompts, device=device), cache=cache)   # prefill: (B, L, V)
+    cls_logits = [None] * B
+    for b, p in enumerate(prompts):
+        if vocab.cls_id in p:
+            cls_logits[b] = logits[b, p.index(vocab.cls_id)]
+    last = logits[:, -1]
+    new = [[] for _ in range(B)]
+    rec = [[] for _ in range(B)]
+    done = [p[-1] == eos for p in prompts]
+    stop = ["eos" if d else None for d in done]
+    for step in tqdm(range(steps), desc="sampling", leave=False, disable=not progress):
+        if all(done):
+            break
+        tok = choose_next(last, temperature, top_k, top_p, greedy, generator).tolist()   # one transfer per step
+        for b in range(B):
+            if done[b]:
+                tok[b] = vocab.pad_id
+                continue
+            if record_logits:
+                rec[b].append(last[b].float().cpu())
+            new[b].append(tok[b])
+            if tok[b] == eos:
+                done[b], stop[b] = True, "eos"
+        if all(done) or step == steps - 1:
+            break
+        logits, _ = model(torch.tensor(tok, device=device)[:, None], cache=cache)
+        last = logits[:, -1]
+        for b in range(B):
+            if tok[b] == vocab.cls_id and cls_logits[b] is None:
+                cls_logits[b] = last[b]
+    results = []
+    for b in range(B):
+        r = {"ids": prompts[b] + new[b], "new": len(new[b]),
+             "stop": stop[b] or ("max_new_tokens" if len(new[b]) >= max_new_tokens else "block_size"),
+             "pred": None, "prob": None, "label_probs": None}
+        if cls_logits[b] is not None:
+            r["pred"], r["prob"], r["label_probs"] = label_prediction(cls_logits[b], vocab)
+        if record_logits:
+            r["logits"] = torch.stack(rec[b]) if rec[b] else torch.zeros(0, len(vocab))
+        results.append(r)
+    return results

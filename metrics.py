@@ -1,0 +1,106 @@
+"""Measuring a model on token sequences: loss, perplexity and next-token accuracy over real tokens
+(image tokens and the label token apart), classification accuracy (overall, per class, top-k,
+confusion matrix), class probabilities for classification prefixes, and the most likely next tokens."""
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from tokens import fit_prefix
+from util import UserError
+
+
+@torch.no_grad()
+def evaluate(model, x, y, cls_pos, vocab, batch_size=64, ctx=nullcontext(), topk=(1, 2, 3), progress=False):
+    """Metrics over all real (non -100) next tokens, split into image tokens and the label token.
+
+    x, y (N, T): inputs and next-token targets; cls_pos (N,): index of <CLS> in each row.
+    Classification takes the logits at <CLS> and picks the largest among the label tokens only.
+    """
+    was_training = model.training
+    model.eval()
+    device = model.device
+    C, lo = vocab.num_classes, vocab.label_offset
+    s = dict(all_loss=0.0, all_n=0, all_hit=0, img_loss=0.0, img_n=0, img_hit=0,
+             lab_loss=0.0, lab_hit=0)
+    conf = torch.zeros(C, C, dtype=torch.long)
+    topk_hit = {k: 0 for k in topk if k <= C}
+    for i in tqdm(range(0, len(x), batch_size), desc="evaluating", leave=False, disable=not progress):
+        xb, yb, cb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device), cls_pos[i:i + batch_size].to(device)
+        with ctx:
+            logits, _ = model(xb)
+        logits = logits.float()
+        ce = F.cross_entropy(logits.transpose(1, 2), yb, ignore_index=-100, reduction="none")  # (B, T)
+        real = yb != -100
+        hit = (logits.argmax(-1) == yb) & real
+        img = real & (yb >= vocab.code_offset) & (yb < lo)
+        s["all_loss"] += ce[real].sum().item()
+        s["all_n"] += real.sum().item()
+        s["all_hit"] += hit.sum().item()
+        s["img_loss"] += ce[img].sum().item()
+        s["img_n"] += img.sum().item()
+        s["img_hit"] += hit[img].sum().item()
+        rows = torch.arange(len(xb), device=device)
+        s["lab_loss"] += ce[rows, cb].sum().item()
+        s["lab_hit"] += hit[rows, cb].sum().item()
+        truth = (yb[rows, cb] - lo).cpu()
+        probs = vocab.label_probs(logits[rows, cb]).cpu()  # (B, C) over the label tokens only
+        pred = probs.argmax(-1)
+        conf.index_put_((truth, pred), torch.ones_like(pred), accumulate=True)
+        ranked = probs.argsort(-1, descending=True)
+        for k in topk_hit:
+            topk_hit[k] += (ranked[:, :k] == truth[:, None]).any(1).sum().item()
+    model.train(was_training)
+    n = len(x)
+    per_class = (conf.diag().double() / conf.sum(1).clamp_min(1)).tolist()
+    ppl = lambda loss, cnt: math.exp(loss / max(cnt, 1))
+    return {
+        "n_sequences": n,
+        "loss": s["all_loss"] / max(s["all_n"], 1),
+        "perplexity": ppl(s["all_loss"], s["all_n"]),
+        "token_accuracy": s["all_hit"] / max(s["all_n"], 1),
+        "image_loss": s["img_loss"] / max(s["img_n"], 1),
+        "image_perplexity": ppl(s["img_loss"], s["img_n"]),
+        "image_token_accuracy": s["img_hit"] / max(s["img_n"], 1),
+        "label_loss": s["lab_loss"] / max(n, 1),
+        "label_perplexity": ppl(s["lab_loss"], n),
+        "label_token_accuracy": s["lab_hit"] / max(n, 1),   # argmax over the whole vocabulary
+        "accuracy": conf.diag().sum().item() / max(n, 1),    # argmax over the label tokens only
+        "topk_accuracy": {str(k): v / max(n, 1) for k, v in topk_hit.items()},
+        "per_class_accuracy": per_class,
+        "confusion": conf.tolist(),                          # rows: true class, columns: predicted
+    }
+
+
+@torch.no_grad()
+def class_probs(model, prefixes, vocab, batch_size=64, progress=False):
+    """Prefixes ending in <CLS> (any lengths) -> (N, C) probabilities over the label tokens only,
+    from the logits at <CLS> (what evaluate() scores)."""
+    device = model.device
+    block = model.config.block_size
+    prefixes = [fit_prefix(p, block) for p in prefixes]
+    C = vocab.num_classes
+    out = []
+    for i in tqdm(range(0, len(prefixes), batch_size), desc="classifying", leave=False, disable=not progress):
+        chunk = prefixes[i:i + batch_size]
+        T = max(len(p) for p in chunk)
+        x = torch.full((len(chunk), T), vocab.pad_id, dtype=torch.long)
+        for j, p in enumerate(chunk):
+            x[j, :len(p)] = torch.tensor(p)
+        logits, _ = model(x.to(device))
+        last = torch.tensor([len(p) - 1 for p in chunk], device=device)
+        out.append(vocab.label_probs(logits[torch.arange(len(chunk), device=device), last]).cpu())
+    return torch.cat(out) if out else torch.zeros(0, C)
+
+
+@torch.no_grad()
+def next_tokens(model, ids, vocab, k=5):
+    """Top-k next tokens after a prompt: [(token, id, probability)], from the full-vocabulary softmax."""
+    if len(ids) > model.config.block_size:
+        raise UserError(f"prompt has {len(ids)} tokens, the model's block size is {model.config.block_size}")
+    logits, _ = model(torch.tensor([ids], device=model.device))
+    probs = logits[0, -1].float().softmax(-1).cpu()
+    p, i = probs.topk(min(k, len(probs)))
+    return [(vocab.tokens[j], j, q) for j, q in zip(i.tolist(), p.tolist())]

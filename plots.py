@@ -1,0 +1,129 @@
+"""Pictures: grids of images with captions, the confusion matrix, training curves (PNG files)."""
+import io
+import json
+import math
+import os
+
+import torch
+
+from util import UserError, atomic_path, write_bytes
+
+
+def save_grid(images, captions, path, ncol=None, scale=3):
+    """images (N, C, H, W) float in [0, 1] -> one PNG grid, each cell with its caption under it."""
+    from PIL import Image, ImageDraw
+    N, C, H, W = images.shape
+    ncol = ncol or min(N, max(1, int(math.ceil(math.sqrt(N)))))
+    nrow = int(math.ceil(N / ncol))
+    cw, ch, cap = W * scale + 4, H * scale + 16, 12
+    sheet = Image.new("RGB", (ncol * cw, nrow * ch), "white")
+    draw = ImageDraw.Draw(sheet)
+    arr = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    for i in range(N):
+        im = Image.fromarray(arr[i, :, :, 0] if C == 1 else arr[i], "L" if C == 1 else "RGB")
+        im = im.resize((W * scale, H * scale), Image.Resampling.NEAREST)
+        r, c = divmod(i, ncol)
+        sheet.paste(im, (c * cw + 2, r * ch + 2))
+        if captions:
+            draw.text((c * cw + 3, r * ch + H * scale + 3), str(captions[i])[:2 * W * scale // 12], fill="black")
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
+    return sheet.size
+
+
+def _png_bytes(fig):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=fig.dpi)  # no bbox 'tight': the size is figsize * dpi exactly
+    return buf.getvalue()
+
+
+CONFUSION_SIZE = (640, 560)  # pixels
+CURVES_SIZE = (1100, 420)
+
+
+def confusion_png(conf, names, title=""):
+    """Confusion matrix (rows true, columns predicted) -> PNG bytes of CONFUSION_SIZE pixels."""
+    from matplotlib.figure import Figure
+    conf = torch.as_tensor(conf)
+    C = len(names)
+    fig = Figure(figsize=(CONFUSION_SIZE[0] / 100, CONFUSION_SIZE[1] / 100), dpi=100)
+    ax = fig.add_subplot()
+    rate = conf.double() / conf.sum(1, keepdim=True).clamp_min(1)
+    im = ax.imshow(rate.numpy(), cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ticks = list(range(C))
+    ax.set_xticks(ticks, [str(n) for n in names], fontsize=8 if C <= 20 else 5)
+    ax.set_yticks(ticks, [str(n) for n in names], fontsize=8 if C <= 20 else 5)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if C <= 20:
+        for t in range(C):
+            for p in range(C):
+                if conf[t, p]:
+                    ax.text(p, t, str(int(conf[t, p])), ha="center", va="center", fontsize=8,
+                            color="white" if rate[t, p] > 0.5 else "black")
+    ax.set_title(title or "confusion matrix", fontsize=10)
+    fig.subplots_adjust(left=0.1, right=0.9, bottom=0.1, top=0.92)
+    return _png_bytes(fig)
+
+
+def read_log(log_path):
+    if not os.path.exists(log_path):
+        raise UserError(f"{log_path}: no such training log")
+    recs = []
+    with open(log_path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except UnicodeDecodeError:
+                raise UserError(f"{log_path}:{n}: not UTF-8 text") from None
+            except json.JSONDecodeError as e:
+                raise UserError(f"{log_path}:{n}: invalid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), (int, float)):
+                raise UserError(f'{log_path}:{n}: expected a JSON object with a numeric "step"')
+            recs.append(rec)
+    if not recs:
+        raise UserError(f"{log_path}: no records (has training evaluated yet?)")
+    return recs
+
+
+def plot_curves(log_path, png_path):
+    """Train/validation loss and validation accuracy over optimizer steps, from a run's log.jsonl,
+    drawn to png_path (CURVES_SIZE pixels). Returns the (width, height) written."""
+    from matplotlib.figure import Figure
+    recs = read_log(log_path)
+
+    def series(key):
+        pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float))]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig = Figure(figsize=(CURVES_SIZE[0] / 100, CURVES_SIZE[1] / 100), dpi=100)
+    a1, a2 = fig.subplots(1, 2)
+    for key, label, style in (("train_loss", "training objective (label-weighted, mean since last eval)", "-o"),
+                              ("val_loss", "validation loss", "-o")):
+        xs, ys = series(key)
+        if xs:
+            a1.plot(xs, ys, style, label=label, markersize=3)
+    a1.set_xlabel("step")
+    a1.set_ylabel("cross entropy per token")
+    a1.set_title("loss")
+    a1.grid(alpha=0.3)
+    a1.legend(fontsize=8)
+    for key, label in (("val_accuracy", "classification accuracy"), ("val_token_accuracy", "next-token accuracy")):
+        xs, ys = series(key)
+        if xs:
+            a2.plot(xs, ys, "-o", label=label, markersize=3)
+    a2.set_ylim(0, 1)
+    a2.set_xlabel("step")
+    a2.set_ylabel("validation accuracy")
+    a2.set_title("validation accuracy")
+    a2.grid(alpha=0.3)
+    a2.legend(fontsize=8)
+    fig.suptitle(log_path, fontsize=9)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.85, wspace=0.25)
+    write_bytes(png_path, _png_bytes(fig))
+    return CURVES_SIZE

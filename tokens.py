@@ -1,0 +1,187 @@
+"""The token format: the vocabulary layout and the structure of one image's sequence.
+
+Vocabulary, for K codes and C classes (K=500, C=10 gives the original 516 entries):
+    0..5          <PAD> <UNK> <IMG> </IMG> <CLS> <EOS>
+    6..6+K-1      <Z_000> ... <Z_{K-1}>     codebook entries
+    6+K..6+K+C-1  <CLS_0> ... <CLS_{C-1}>   class labels
+
+One image (the v2 format):  <IMG> <Z_k> x L </IMG> <CLS> <CLS_y> <EOS>
+    the prefix   <IMG> codes </IMG> <CLS>   is what the classifier reads: the logits at <CLS>,
+                 restricted to the label tokens, give the class probabilities;
+    the tail     </IMG> <CLS> <CLS_y> <EOS>  (TAIL tokens) is never cut: truncation drops image codes.
+The v1 tail `</IMG> <CLS> <CLS> <EOS>` carries no label; it is repaired from the record's label field
+only when asked.
+"""
+from util import UserError, read_json, write_json
+
+SPECIALS = ["<PAD>", "<UNK>", "<IMG>", "</IMG>", "<CLS>", "<EOS>"]
+TAIL = 4          # </IMG> <CLS> <CLS_y> <EOS>
+PREFIX_TAIL = 2   # </IMG> <CLS>: how a classification prefix ends
+V1_HINT = "pass --repair_v1 to fill it in from the label field"
+
+
+class Vocab:
+    def __init__(self, num_codes, num_classes):
+        self.num_codes, self.num_classes = num_codes, num_classes
+        width = max(3, len(str(num_codes - 1)))
+        self.tokens = (SPECIALS + [f"<Z_{i:0{width}d}>" for i in range(num_codes)]
+                       + [f"<CLS_{c}>" for c in range(num_classes)])
+        self.ids = {t: i for i, t in enumerate(self.tokens)}
+        self.pad_id, self.unk_id, self.img_id, self.img_end_id, self.cls_id, self.eos_id = range(6)
+        self.code_offset = len(SPECIALS)
+        self.label_offset = self.code_offset + num_codes
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def code_id(self, k):
+        return self.code_offset + k
+
+    def label_id(self, c):
+        return self.label_offset + c
+
+    def is_code(self, i):
+        return self.code_offset <= i < self.label_offset
+
+    def is_label(self, i):
+        return self.label_offset <= i < self.label_offset + self.num_classes
+
+    def encode(self, tokens):
+        """'<IMG> <Z_001> ...' or a list of token strings -> list of ids (KeyError on unknown)."""
+        if isinstance(tokens, str):
+            tokens = tokens.split()
+        return [self.ids[t] for t in tokens]
+
+    def decode(self, ids):
+        return " ".join(self.tokens[i] for i in ids)
+
+    # -- the sequence of one image
+
+    def image_ids(self, codes, label):
+        """Code indices of one image (raster order) and its label -> the complete v2 sequence."""
+        return self.prefix_ids(codes) + [self.label_id(int(label)), self.eos_id]
+
+    def image_tokens(self, codes, label):
+        return self.decode(self.image_ids(codes, label))
+
+    def prefix_ids(self, codes):
+        """Code indices -> '<IMG> codes </IMG> <CLS>': what the classifier reads."""
+        return [self.img_id] + [self.code_id(int(k)) for k in codes] + [self.img_end_id, self.cls_id]
+
+    def image_codes(self, ids):
+        """Code indices of the image part of any sequence (after <IMG>, up to </IMG>, codes only)."""
+        out, started = [], ids[:1] != [self.img_id]   # a sequence cut before <IMG> still counts
+        for i in ids:
+            if i == self.img_id:
+                started = True
+            elif i == self.img_end_id:
+                break
+            elif started and self.is_code(i):
+                out.append(i - self.code_offset)
+        return out
+
+    def is_complete(self, ids, seq_len):
+        """Is this a complete v2 sequence: <IMG>, seq_len codes, </IMG> <CLS> <CLS_y> <EOS>?"""
+        return (len(ids) == seq_len + 1 + TAIL and ids[0] == self.img_id
+                and all(self.is_code(i) for i in ids[1:-TAIL]) and ids[-4] == self.img_end_id
+                and ids[-3] == self.cls_id and self.is_label(ids[-2]) and ids[-1] == self.eos_id)
+
+    def label_probs(self, logits):
+        """Logits (..., V) read at <CLS> -> probabilities (..., C) over the label tokens only: the one
+        place where the model's class prediction is read out."""
+        return logits[..., self.label_offset:self.label_offset + self.num_classes].float().softmax(-1)
+
+    def parse(self, text, what="prompt"):
+        """'<IMG> <Z_001> ...' typed by a user -> ids; unknown tokens and empty prompts are one-line errors."""
+        toks = text.split() if isinstance(text, str) else []
+        if not toks:
+            raise UserError(f"{what} is empty; give tokens such as '<IMG> <Z_000>'")
+        for t in toks:
+            if t not in self.ids:
+                codes = f"{self.tokens[self.code_offset]}..{self.tokens[self.label_offset - 1]}" \
+                    if self.num_codes else "no code tokens"
+                raise UserError(f"{what}: unknown token {t[:40]!r}; valid tokens are <PAD> <UNK> <IMG> </IMG> "
+                                f"<CLS> <EOS>, {codes} and <CLS_0>..<CLS_{self.num_classes - 1}>")
+        return self.encode(toks)
+
+    def check_record(self, rec, where, repair_v1=False, v1_hint=V1_HINT):
+        """One parsed JSONL record {"tokens": "...", "label": y, ...} -> (ids, label), validated; every
+        problem is a UserError naming `where` (file:line)."""
+        if not isinstance(rec, dict) or not isinstance(rec.get("tokens"), str):
+            raise UserError(f'{where}: expected a JSON object with a string field "tokens"')
+        label = rec.get("label")
+        if not isinstance(label, int) or isinstance(label, bool):
+            raise UserError(f'{where}: expected an integer field "label"')
+        if not 0 <= label < self.num_classes:
+            raise UserError(f"{where}: label {label} is out of range 0..{self.num_classes - 1}")
+        toks = rec["tokens"].split()
+        try:
+            ids = [self.ids[t] for t in toks]
+        except KeyError as e:
+            raise UserError(f"{where}: unknown token {e.args[0][:40]!r} (not in the vocabulary)") from None
+        if len(ids) < 1 + TAIL or ids[0] != self.img_id:
+            raise UserError(f"{where}: a sequence must start with <IMG> and end with </IMG> <CLS> <CLS_y> <EOS>")
+        if ids[-TAIL:] == [self.img_end_id, self.cls_id, self.cls_id, self.eos_id]:
+            if not repair_v1:
+                raise UserError(f"{where}: v1 tail '<CLS> <CLS> <EOS>' carries no label; {v1_hint}")
+            ids[-2] = self.label_id(label)
+        tail = ids[-TAIL:]
+        if tail[:2] != [self.img_end_id, self.cls_id] or tail[3] != self.eos_id or not self.is_label(tail[2]):
+            raise UserError(f"{where}: expected the tail </IMG> <CLS> <CLS_{label}> <EOS>, got "
+                            f"'{' '.join(toks[-TAIL:])}'")
+        if tail[2] != self.label_id(label):
+            raise UserError(f"{where}: tail says {toks[-2]} but the label field is {label}")
+        if not all(self.is_code(i) for i in ids[1:-TAIL]):
+            bad = next(t for t, i in zip(toks[1:], ids[1:]) if not self.is_code(i))
+            raise UserError(f"{where}: only code tokens <Z_k> may stand between <IMG> and </IMG>, found {bad}")
+        return ids, label
+
+    # -- files
+
+    def to_dict(self):
+        return dict(self.ids)
+
+    def save(self, path):
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d, where="vocab"):
+        """Rebuild from a token->id mapping; it must follow the layout rule exactly."""
+        if not isinstance(d, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in d.values()):
+            raise UserError(f"{where}: expected a JSON object mapping token -> integer id")
+        num_codes = sum(1 for t in d if t.startswith("<Z_"))
+        num_classes = sum(1 for t in d if t.startswith("<CLS_"))
+        v = cls(num_codes, num_classes)
+        if d != v.ids:
+            bad = next((t for t in v.tokens if d.get(t) != v.ids[t]), None)
+            bad = bad or next(t for t in d if t not in v.ids)
+            raise UserError(f"{where}: token {bad[:40]} has id {d.get(bad)}, expected {v.ids.get(bad)} "
+                            f"(layout: 6 specials, {num_codes} <Z_k>, {num_classes} <CLS_c>)")
+        return v
+
+    @classmethod
+    def load(cls, path):
+        return cls.from_dict(read_json(path, "vocab.json"), where=str(path))
+
+
+def cls_index(length):
+    """Index of <CLS> in a complete sequence of `length` tokens (the tail is fixed)."""
+    return length - 3
+
+
+def truncate(ids, max_length):
+    """Cut a complete sequence to max_length by dropping image codes from the end of the image; the
+    tail </IMG> <CLS> <CLS_y> <EOS> is always kept."""
+    if len(ids) <= max_length:
+        return ids
+    if max_length < 2 + TAIL:
+        raise UserError(f"max_length {max_length} is too short: the tail alone takes {TAIL} tokens")
+    return ids[:max_length - TAIL] + ids[-TAIL:]
+
+
+def fit_prefix(prefix, block_size):
+    """Cut a classification prefix '<IMG> ... </IMG> <CLS>' to block_size by dropping image codes,
+    as truncate() does in training."""
+    if len(prefix) <= block_size:
+        return prefix
+    return prefix[:block_size - PREFIX_TAIL] + prefix[-PREFIX_TAIL:]

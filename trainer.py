@@ -1,0 +1,413 @@
+"""Training: the settings (TrainConfig), the run folder (log, best/ and final/ checkpoints, exact
+resume), and the loop that trains the GPT on token sequences as a causal language model.
+
+train(cfg) reads top to bottom: set up the processes, load the data, build the model and optimiser,
+open the run folder (or resume it), then loop over optimizer steps, evaluating and saving as it goes.
+The data order, initial weights and dropout depend only on the seed, so a resumed run on the CPU ends
+bitwise equal to an uninterrupted one.
+"""
+import hashlib
+import json
+import math
+import os
+import re
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import checkpoint
+from cli import read_yaml, set_from_mapping
+from data import DataConfig, check_data_config, data_fields, ensure_prepared, make_batch, read_sequences
+from metrics import evaluate
+from model import GPT, GPTConfig
+from plots import plot_curves
+from tokenizer import Codebook
+from tokens import Vocab
+from util import UserError, atomic_path, check_dir, resolve_device, tidy_dir
+
+
+@dataclass
+class TrainConfig(DataConfig):
+    out_dir: str = "runs/demo"
+    init_from: str = ""          # "" = from scratch, or a checkpoint folder to start from
+    # model (GPT-2 architecture); block_size = max_length
+    n_layer: int = 6
+    n_head: int = 8
+    n_embd: int = 384
+    dropout: float = 0.0
+    max_length: int = 512        # longer sequences lose image tokens, never the label tail
+    # optimisation
+    batch_size: int = 16         # sequences per micro-batch and process
+    grad_accum: int = 1          # micro-batches per optimizer step
+    epochs: int = 30
+    lr: float = 1e-4             # peak, after linear warmup; cosine decay to min_lr
+    min_lr: float = 1e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0       # 0 = off
+    label_weight: float = 1.0    # loss weight of the label token relative to each image token
+    eval_every: int = 0          # optimizer steps between evaluations; 0 = once per epoch
+    seed: int = 1337
+    device: str = "auto"         # auto = cuda if available, else cpu; or cpu, cuda, cuda:N
+    compile: bool = True         # torch.compile (CUDA only)
+    bf16: bool = True            # bf16 autocast (CUDA only; the CPU trains in fp32)
+
+
+def load_config(path=None, overrides=None):
+    """YAML file (flat mapping) plus overrides ({key: value} from the command line) -> TrainConfig,
+    type- and range-checked."""
+    cfg = TrainConfig()
+    if path:
+        set_from_mapping(cfg, read_yaml(path), path)
+    set_from_mapping(cfg, overrides or {}, "command line")
+    if not cfg.data_dir:  # derive a folder name from the data settings, so changing them never collides
+        data = json.dumps({k: getattr(cfg, k) for k in data_fields() if k != "data_dir"}, sort_keys=True)
+        kind = cfg.source.partition(":")[0]
+        cfg.data_dir = f"data/{kind}-p{cfg.patch_size}-k{cfg.num_codes}-{hashlib.sha1(data.encode()).hexdigest()[:8]}"
+    for k in ("n_layer", "n_head", "n_embd", "max_length", "batch_size", "grad_accum", "epochs"):
+        if getattr(cfg, k) < 1:
+            raise UserError(f"config: {k} must be at least 1, got {getattr(cfg, k)}")
+    if cfg.n_embd % cfg.n_head:
+        raise UserError(f"config: n_embd {cfg.n_embd} is not divisible by n_head {cfg.n_head}")
+    for k in ("lr", "min_lr", "weight_decay", "grad_clip", "label_weight", "warmup_steps", "eval_every"):
+        if not getattr(cfg, k) >= 0:
+            raise UserError(f"config: {k} must be >= 0, got {getattr(cfg, k)}")
+    for k in ("dropout", "beta1", "beta2"):
+        if not 0 <= getattr(cfg, k) < 1:
+            raise UserError(f"config: {k} must be in [0, 1), got {getattr(cfg, k)}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise UserError(f"config: device must be auto, cpu or cuda[:N], got {cfg.device!r}")
+    check_data_config(cfg)
+    return cfg
+
+
+def get_lr(step, total, cfg):
+    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    ratio = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(ratio, 1.0))) * (cfg.lr - cfg.min_lr)
+
+
+# ----------------------------------------------------------------------------- set-up
+
+@dataclass
+class Processes:
+    """Where this process trains: its device, and its place among the DDP processes (torchrun)."""
+    device: str
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def ddp(self):
+        return self.world > 1
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def cuda(self):
+        return self.device.startswith("cuda")
+
+
+def setup_processes(cfg):
+    """Resolve the device, join the DDP process group under torchrun (NCCL on CUDA, gloo on CPU)."""
+    device = resolve_device(cfg.device, "config: device")
+    procs = Processes(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+        dist.init_process_group(backend="nccl" if procs.cuda else "gloo")
+        procs.rank, procs.world = dist.get_rank(), dist.get_world_size()
+        if procs.cuda:
+            procs.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(procs.device)
+    if procs.cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return procs
+
+
+def load_split(cfg, name, vocab):
+    """<data_dir>/<name>.jsonl -> x, y (N, T) next-token inputs and targets, cls_pos (N,)."""
+    seqs, _ = read_sequences(os.path.join(cfg.data_dir, f"{name}.jsonl"), vocab,
+                             v1_hint="training needs the v2 tail </IMG> <CLS> <CLS_y> <EOS>: prepare "
+                                     "the data again with data.py prepare")
+    return make_batch(seqs, cfg.max_length, vocab.pad_id)
+
+
+@dataclass
+class Data:
+    vocab: Vocab
+    book: Codebook
+    train: tuple   # x, y, cls_pos
+    val: tuple
+    weights: torch.Tensor   # (N, T) per-token loss weights of the training targets
+
+
+def load_data(cfg, procs, log):
+    """Prepare the data folder if needed (rank 0; the others wait) and read both splits."""
+    if procs.master:
+        ensure_prepared(cfg, device=procs.device, log=log)
+    if procs.ddp:
+        torch.distributed.barrier()
+    vocab = Vocab.load(os.path.join(cfg.data_dir, "vocab.json"))
+    book = Codebook.load(cfg.data_dir)
+    if book.cfg.num_codes != vocab.num_codes:
+        raise UserError(f"{cfg.data_dir}/vocab.json has {vocab.num_codes} code tokens, the codebook there "
+                        f"{book.cfg.num_codes} codes; prepare the data again")
+    train, val = load_split(cfg, "train", vocab), load_split(cfg, "val", vocab)
+    x, y, cls_pos = train
+    weights = (y != -100).float()
+    weights[torch.arange(len(weights)), cls_pos] = cfg.label_weight
+    return Data(vocab, book, train, val, weights)
+
+
+def build_model(cfg, vocab, log):
+    if cfg.init_from:
+        ck = checkpoint.load(cfg.init_from)
+        if ck.vocab.to_dict() != vocab.to_dict():
+            raise UserError(f"{cfg.init_from}: its vocabulary differs from {cfg.data_dir}/vocab.json")
+        if ck.model.config.block_size < cfg.max_length:
+            raise UserError(f"{cfg.init_from}: block size {ck.model.config.block_size} < max_length {cfg.max_length}")
+        log(f"starting from {cfg.init_from}")
+        return ck.model.train()
+    return GPT(GPTConfig(vocab_size=len(vocab), block_size=cfg.max_length, n_layer=cfg.n_layer,
+                         n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=True))
+
+
+class StopFlag:
+    """The first Ctrl-C (SIGINT) asks the loop to save and stop at the next step; a second one aborts."""
+
+    def __init__(self):
+        self.set, self.previous = False, None
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            pass
+
+    def _handle(self, *_):
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+
+    def restore(self):
+        """Put back the handler that was there before (train() may be called from a library)."""
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+# ----------------------------------------------------------------------------- the run folder
+
+@dataclass
+class Progress:
+    """What the loop carries from step to step and saves in final/trainer_state.pt."""
+    step: int = 0
+    best: float = None          # best validation accuracy so far
+    tokens: int = 0             # real target tokens trained on
+    history: list = field(default_factory=list)   # training losses since the last evaluation
+
+
+class RunFolder:
+    """out_dir: log.jsonl (one JSON line per evaluation), best/ (best validation accuracy), final/
+    (the latest state, resumable), curves.png. Only rank 0 writes."""
+
+    def __init__(self, out_dir, master):
+        self.dir, self.master = out_dir, master
+        self.log_path = os.path.join(out_dir, "log.jsonl")
+        self.final, self.best = os.path.join(out_dir, "final"), os.path.join(out_dir, "best")
+        if master:
+            os.makedirs(out_dir, exist_ok=True)
+            tidy_dir(self.final)  # what a killed earlier run may have left: temporary files and folders
+            tidy_dir(self.best)
+            for name in os.listdir(out_dir):
+                if name.startswith(".tmp-"):
+                    os.remove(os.path.join(out_dir, name))
+
+    def start(self):
+        """A fresh run: an earlier log in this folder is replaced."""
+        if self.master and os.path.exists(self.log_path):
+            os.remove(self.log_path)
+        return Progress()
+
+    def resume(self, model, opt, procs):
+        """Load final/ into model and optimizer and restore the RNGs -> Progress; log lines written
+        after that checkpoint (by a run killed later) are dropped."""
+        state = checkpoint.load_trainer_state(self.final)
+        model.load_state_dict(checkpoint.load(self.final, procs.device).model.state_dict())
+        opt.load_state_dict(state["optimizer"])
+        progress = Progress(int(state["step"]), state["best"], int(state["tokens"]), list(state.get("history", [])))
+        torch.set_rng_state(state["rng"])
+        if procs.cuda and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        if self.master and os.path.exists(self.log_path):
+            keep = []
+            with open(self.log_path, "rb") as f:
+                for ln in f:
+                    try:
+                        rec = json.loads(ln)
+                    except ValueError:  # a line cut short by a kill in mid-write: it is redone
+                        continue
+                    if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)) \
+                            and rec["step"] <= progress.step:
+                        keep.append(ln.rstrip(b"\r\n") + b"\n")
+            with atomic_path(self.log_path) as tmp:  # a kill while rewriting keeps the old log
+                with open(tmp, "wb") as f:
+                    f.writelines(keep)
+        return progress
+
+    def append_log(self, rec):
+        try:
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+        except OSError as e:
+            raise UserError(f"{self.log_path}: cannot write ({e.strerror or e})") from None
+
+    def save(self, model, cfg, data, metrics, state, improved):
+        """best/ (if improved) before final/: a kill between the two redoes this step, best/ included."""
+        if improved:
+            checkpoint.save(self.best, model, cfg, data.vocab, data.book, metrics)
+        checkpoint.save(self.final, model, cfg, data.vocab, data.book, metrics, state)
+
+    def plot(self):
+        if os.path.exists(self.log_path):
+            plot_curves(self.log_path, os.path.join(self.dir, "curves.png"))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train_step(model, opt, data, idx, cfg, procs, ctx):
+    """One optimizer step on the global batch `idx` (this process takes its share, in grad_accum
+    micro-batches): loss = label-weighted mean over the global batch's real targets. -> mean loss."""
+    x, y, _ = data.train
+    denom = data.weights[idx].sum().to(procs.device)
+    mine = idx.view(procs.world, -1)[procs.rank].view(cfg.grad_accum, -1)
+    loss_sum = torch.zeros((), device=procs.device)
+    for m in range(cfg.grad_accum):
+        rows = mine[m]
+        xb, yb, wb = x[rows].to(procs.device), y[rows].to(procs.device), data.weights[rows].to(procs.device)
+        sync = nullcontext() if not procs.ddp or m == cfg.grad_accum - 1 else model.no_sync()
+        with sync:
+            with ctx:
+                logits, _ = model(xb)
+            ce = F.cross_entropy(logits.float().transpose(1, 2), yb, ignore_index=-100, reduction="none")
+            loss = (ce * wb).sum() / denom
+            (loss * procs.world).backward()                     # DDP averages gradients over processes
+        loss_sum += loss.detach()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if procs.ddp:
+        torch.distributed.all_reduce(loss_sum)
+    return loss_sum.item()
+
+
+def evaluate_and_save(raw, opt, data, run, p, cfg, procs, ctx, total, t0, interrupted=False):
+    """Validation metrics, a log line and best/ (when improved), and final/ with the trainer state.
+    An interrupted run saves its state only (no log line, no best/), as if it had not stopped."""
+    metrics = evaluate(raw, *data.val, data.vocab, ctx=ctx)
+    rec = {"step": p.step, "epoch": p.step * cfg.epochs / total, "tokens": p.tokens,
+           "lr": get_lr(max(p.step - 1, 0), total, cfg),
+           "train_loss": sum(p.history) / len(p.history) if p.history else None, "time": time.time() - t0,
+           **{f"val_{k}": metrics[k] for k in ("loss", "perplexity", "token_accuracy", "image_perplexity", "accuracy")}}
+    improved = not interrupted and (p.best is None or metrics["accuracy"] > p.best)
+    if not interrupted:  # an interrupted run keeps them, so the next evaluation averages the same steps
+        p.history.clear()
+    if improved:
+        p.best = metrics["accuracy"]
+    if procs.master:
+        if not interrupted:
+            run.append_log(rec)
+        state = {"optimizer": opt.state_dict(), "step": p.step, "best": p.best, "tokens": p.tokens,
+                 "rng": torch.get_rng_state(), "done": p.step == total, "history": list(p.history)}
+        if procs.cuda:
+            state["cuda_rng"] = torch.cuda.get_rng_state()
+        run.save(raw, cfg, data, metrics, state, improved)
+    return rec
+
+
+def train(cfg, resume=False, log=print):
+    procs = setup_processes(cfg)
+    log = log if procs.master else (lambda *a, **k: None)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if procs.cuda and cfg.bf16 else nullcontext()
+    if procs.master:
+        check_dir(cfg.out_dir, "run folder (out_dir)")  # before any work
+
+    data = load_data(cfg, procs, log)
+    per_step = cfg.batch_size * cfg.grad_accum * procs.world     # sequences per optimizer step
+    steps_per_epoch = len(data.train[0]) // per_step
+    if steps_per_epoch == 0:
+        raise UserError(f"{cfg.data_dir}: {len(data.train[0])} training sequences are fewer than one step "
+                        f"({per_step} = batch_size x grad_accum x processes)")
+    total = steps_per_epoch * cfg.epochs
+
+    torch.manual_seed(cfg.seed)
+    raw = build_model(cfg, data.vocab, log).to(procs.device)
+    opt = raw.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), "cuda" if procs.cuda else "cpu")
+    run = RunFolder(cfg.out_dir, procs.master)
+    p = run.resume(raw, opt, procs) if resume else run.start()
+    if resume:
+        log(f"resumed {run.final} at step {p.step}/{total}")
+    log(f"model: {raw.num_params() / 1e6:.2f} M parameters; {len(data.train[0])} train / {len(data.val[0])} val "
+        f"sequences of <= {data.train[0].shape[1] + 1} tokens; {total} steps of {per_step} sequences "
+        f"on {procs.device}{' x ' + str(procs.world) if procs.ddp else ''}")
+    model = torch.compile(raw) if procs.cuda and cfg.compile else raw
+    if procs.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[torch.cuda.current_device()] if procs.cuda else None)
+
+    stop = StopFlag()
+    t0 = time.time()
+    bar = tqdm(total=total, initial=p.step, desc="training", disable=not procs.master, dynamic_ncols=True)
+    saved_at, perm_epoch, t_last, tok_last = None, -1, time.time(), p.tokens
+    while p.step < total and not stop.set:
+        epoch, k = divmod(p.step, steps_per_epoch)
+        if epoch != perm_epoch:  # data order depends only on (seed, epoch): resumes replay it exactly
+            perm = torch.randperm(len(data.train[0]), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            perm_epoch = epoch
+        idx = perm[k * per_step:(k + 1) * per_step]              # this step's global batch
+        for g in opt.param_groups:
+            g["lr"] = get_lr(p.step, total, cfg)
+        loss = train_step(model, opt, data, idx, cfg, procs, ctx)
+        if procs.ddp:                                           # all stop at the same step on Ctrl-C
+            stop.set = any_process(stop.set, procs.device)
+        p.step += 1
+        p.tokens += int((data.train[1][idx] != -100).sum())
+        p.history.append(loss)
+        bar.update(1)
+        if p.step % 10 == 0 or p.step == total:
+            now = time.time()
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{(p.tokens - tok_last) / (now - t_last):.0f}")
+            t_last, tok_last = now, p.tokens
+        if p.step == total or (p.step % cfg.eval_every == 0 if cfg.eval_every else p.step % steps_per_epoch == 0):
+            rec = evaluate_and_save(raw, opt, data, run, p, cfg, procs, ctx, total, t0)
+            saved_at = p.step
+            if procs.master:
+                bar.write(f"step {p.step}: train loss {rec['train_loss']:.4f}  val loss {rec['val_loss']:.4f}  "
+                          f"val ppl {rec['val_perplexity']:.2f}  val acc {rec['val_accuracy']:.4f}")
+    bar.close()
+    stop.restore()
+    if stop.set and p.step < total:
+        if saved_at != p.step:  # not saved by an evaluation at this very step
+            evaluate_and_save(raw, opt, data, run, p, cfg, procs, ctx, total, t0, interrupted=True)
+        log(f"interrupted: saved {run.final} at step {p.step}; continue with --resume")
+    if procs.master:
+        run.plot()
+    if procs.ddp:
+        torch.distributed.destroy_process_group()
+    return {"step": p.step, "best_accuracy": p.best, "seconds": time.time() - t0, "log": run.log_path}
+
+
+def any_process(flag, device):
+    """True on every DDP process if `flag` is True on any (a Ctrl-C reaches each at its own time)."""
+    t = torch.tensor(float(flag), device=device)
+    torch.distributed.all_reduce(t)
+    return t.item() > 0
