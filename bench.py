@@ -21,10 +21,12 @@ What is measured (ours vs peer, identical sizes, batch and dtype, same weights w
            tied output layer; embeddings lookups, biases and LayerNorms are not counted); 12*L*T*d
            counts the attention scores and the weighted values (forward 4*T*d per layer, backward
            twice that) over the full T x T square, although a causal kernel skips half of it.
-  sample   greedy sampling through our KV cache (sample.generate) vs transformers' generate() on
+  sample   greedy sampling through our KV cache (generation.generate) vs transformers' generate() on
            the model exported by hf_export and loaded with AutoModelForCausalLM; batch 1 and 16,
            prompt "<IMG>", the same number of new tokens on both sides (EOS disabled on both, so
-           neither stops early); the generated tokens are compared.
+           neither stops early); the generated tokens are compared. The ONNX graphs of the same export
+           (onnx/model.onnx fp32 and onnx/model_quantized.onnx int8 weights) run through our decoding
+           loop in onnxruntime (CPU only), reported as images/s (one image per row per call).
   kmeans   our tokenizer.kmeans vs scikit-learn KMeans(n_clusters=500, init="k-means++", n_init=1)
            on the same 300,000 feature vectors: the per-pixel features (patch_size 1) of the
            built-in training digits, as in the original project: position (x, y), intensity and
@@ -68,6 +70,7 @@ import hf_format
 from cli import parser, run_cli
 from generation import generate
 from model import GPT, GPTConfig
+from onnx_backend import OnnxGPT
 from tokenizer import Codebook, CodebookConfig, assign, kmeans, uint8_to_tensor
 from tokens import Vocab
 from trainer import TrainConfig
@@ -326,9 +329,10 @@ def bench_train(mcfg, batch, T, reps, warmup, device, peak, compile_ours=False, 
 
 # ----------------------------------------------------------------------------- sampling
 
-def export_pair(mcfg, folder, seed=0):
-    """A random model of these sizes saved as a checkpoint, exported to the Hugging Face format and
-    loaded back with transformers -> (our model, HF model, vocab)."""
+def export_pair(mcfg, folder, seed=0, threads=None):
+    """A random model of these sizes saved as a checkpoint, exported to the Hugging Face format (with
+    its ONNX graphs, fp32 and int8) and loaded back with transformers and onnxruntime -> (our model,
+    HF model, {"onnx": OnnxGPT, "onnx_int8": OnnxGPT}, vocab)."""
     from transformers import AutoModelForCausalLM
     vocab = Vocab(mcfg.vocab_size - 16, 10)
     torch.manual_seed(seed)
@@ -341,10 +345,13 @@ def export_pair(mcfg, folder, seed=0):
     tc = TrainConfig(n_layer=mcfg.n_layer, n_head=mcfg.n_head, n_embd=mcfg.n_embd, max_length=mcfg.block_size,
                      num_codes=vocab.num_codes)
     checkpoint.save(os.path.join(folder, "ckpt"), model, tc, vocab, book)
-    out = hf_format.write_export(checkpoint.load(os.path.join(folder, "ckpt")), os.path.join(folder, "hf"))
+    out = hf_format.write_export(checkpoint.load(os.path.join(folder, "ckpt")), os.path.join(folder, "hf"),
+                                 onnx="int8")
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     hf.generation_config.eos_token_id = None     # generate() must not stop early either
-    return model.eval(), hf, vocab
+    ort = {"onnx": OnnxGPT(os.path.join(out, "onnx", "model.onnx"), threads),
+           "onnx_int8": OnnxGPT(os.path.join(out, "onnx", "model_quantized.onnx"), threads)}
+    return model.eval(), hf, ort, vocab
 
 
 def our_generate(model, vocab, batch, new_tokens):
@@ -363,23 +370,31 @@ def hf_generate(hf, vocab, batch, new_tokens):
                            pad_token_id=vocab.pad_id).cpu()
 
 
-def bench_sample(model, hf, vocab, batch, new_tokens, reps, warmup, device, label=""):
-    ours = lambda: our_generate(model, vocab, batch, new_tokens)
-    theirs = lambda: hf_generate(hf, vocab, batch, new_tokens)
-    a, b = ours(), theirs()
+def bench_sample(model, hf, vocab, batch, new_tokens, reps, warmup, device, label="", ort=None):
+    """Greedy sampling: ours vs HF generate() (and onnxruntime fp32 / int8 through our decoding loop,
+    when `ort` maps names to OnnxGPT models). images/s counts one image per row and call."""
+    fns = {"ours": lambda: our_generate(model, vocab, batch, new_tokens),
+           "theirs": lambda: hf_generate(hf, vocab, batch, new_tokens)}
+    for name, m in (ort or {}).items():
+        fns[name] = lambda m=m: our_generate(m, vocab, batch, new_tokens)
+    first = {n: fn() for n, fn in fns.items()}
     for _ in range(max(0, warmup - 1)):
-        ours(), theirs()
+        for fn in fns.values():
+            fn()
     mem = {}
-    for name, fn in (("ours", ours), ("theirs", theirs)):
-        _, mem[name], method = peak_memory(fn, device)
-    times, cpu = alternate({"ours": ours, "theirs": theirs}, reps, device, label=label)
-    t_o, t_t = median(times["ours"]), median(times["theirs"])
+    for name in ("ours", "theirs"):
+        _, mem[name], method = peak_memory(fns[name], device)
+    times, cpu = alternate(fns, reps, device, label=label)
+    secs = {n: median(t) for n, t in times.items()}
     n = batch * new_tokens
+    a, b = first["ours"], first["theirs"]
     return {"batch": batch, "new_tokens": new_tokens, "prompt": "<IMG>", "decoding": "greedy, EOS disabled",
             "generated": {"ours": list(a.shape), "theirs": list(b.shape)},
             "same_tokens": a.shape == b.shape and torch.equal(a, b),
-            "seconds": {"ours": t_o, "theirs": t_t},
-            "tokens_per_s": {"ours": n / t_o, "theirs": n / t_t}, "ratio": t_t / t_o,
+            "same_tokens_ort": {k: torch.equal(first[k], a) for k in (ort or {})},
+            "seconds": secs, "tokens_per_s": {k: n / t for k, t in secs.items()},
+            "images_per_s": {k: batch / t for k, t in secs.items()}, "ratio": secs["theirs"] / secs["ours"],
+            "ratio_ort": {k: secs["theirs"] / secs[k] for k in (ort or {})},
             "peak_memory_bytes": mem, "memory_method": method, "ratio_cpu_time": _cpu_ratio(cpu),
             "raw_seconds": times, "raw_cpu_seconds": cpu}
 
@@ -573,12 +588,13 @@ def _run(a, command, sections, mcfg, lengths, sample_batches, device):
         folder = tempfile.mkdtemp(prefix="bench-export-")
         try:
             log("[sample] exporting a random model with hf_export and loading it with transformers")
-            model, hf, vocab = export_pair(mcfg, folder)
+            model, hf, ort, vocab = export_pair(mcfg, folder, threads=a.threads)
             model, hf = model.to(device), hf.to(device)
             for b in sample_batches:
                 reps = a.reps or (3 if quick else 7)
                 log(f"[sample] batch {b}, {a.new_tokens} new tokens: {warmup} warm-up + {reps} timed calls each side")
-                r = bench_sample(model, hf, vocab, b, a.new_tokens, reps, warmup, device, label=f"sample B={b}")
+                r = bench_sample(model, hf, vocab, b, a.new_tokens, reps, warmup, device, label=f"sample B={b}",
+                                 ort=None if device.type == "cuda" else ort)
                 r["key"] = f"sample_b{b}"
                 r["hf_attention"] = hf.config._attn_implementation
                 out["sample"].append(r)
@@ -645,6 +661,10 @@ def rows(out):
         add(r["key"], f"sampling tokens/s, batch {r['batch']}, {r['new_tokens']} new (vs HF generate)"
             + ("" if r["same_tokens"] else " [tokens differ]"),
             f"{r['tokens_per_s']['ours']:.0f}", f"{r['tokens_per_s']['theirs']:.0f}", r["ratio"], f"{r['ratio']:.2f}x")
+        for k, ratio in r.get("ratio_ort", {}).items():
+            add(f"{r['key']}_{k}", f"sampling images/s, onnxruntime {'int8' if 'int8' in k else 'fp32'} through our "
+                f"loop, batch {r['batch']} (vs HF generate)" + ("" if r["same_tokens_ort"][k] else " [tokens differ]"),
+                f"{r['images_per_s'][k]:.1f}", f"{r['images_per_s']['theirs']:.1f}", ratio, f"{ratio:.2f}x")
     if "kmeans" in out:
         r = out["kmeans"]
         add("kmeans_time", f"k-means seconds, {r['n']} x {r['dim']}, k={r['k']} (vs scikit-learn; lower is better)",

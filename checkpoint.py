@@ -18,6 +18,7 @@ import torch
 
 import hf_format
 from model import GPT, GPTConfig
+from onnx_backend import GRAPH, QUANTIZED, OnnxGPT
 from tokenizer import Codebook
 from tokens import Vocab
 from util import UserError, atomic_dir, read_json, resolve_dir, safetensors_error, write_json
@@ -107,8 +108,13 @@ def raw_model(model):
     return getattr(model, "_orig_mod", model)
 
 
-def load(folder, device="cpu"):
-    """A checkpoint folder (or a Hugging Face GPT-2 export) -> Checkpoint, the model in eval mode."""
+BACKENDS = ("torch", "onnx", "onnx-int8")
+
+
+def load(folder, device="cpu", backend="torch"):
+    """A checkpoint folder (or a Hugging Face GPT-2 export) -> Checkpoint, the model in eval mode.
+    backend "onnx" / "onnx-int8": the model is the folder's onnx/model.onnx (model_quantized.onnx)
+    run by onnxruntime on the CPU (an export made with `hf_export.py --onnx`), with the same interface."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     folder = resolve_dir(folder)
@@ -137,10 +143,26 @@ def load(folder, device="cpu"):
         if book.cfg.num_codes != vocab.num_codes:
             raise UserError(f"{folder}: the codebook has {book.cfg.num_codes} codes, vocab.json {vocab.num_codes}")
         settings = cfg.get("train") or {}
-    ck = Checkpoint(model.to(device).eval(), vocab, book, settings if isinstance(settings, dict) else {},
+    model = model.to(device) if backend == "torch" else onnx_model(folder, backend, model)  # onnxruntime: CPU
+    ck = Checkpoint(model.eval(), vocab, book, settings if isinstance(settings, dict) else {},
                     metrics, folder)
     ck.class_names = _class_names(ck)
     return ck
+
+
+def onnx_model(folder, backend, model):
+    """The onnxruntime stand-in for `model` from folder/onnx/, checked against the weights' config."""
+    if backend not in BACKENDS:
+        raise UserError(f"--backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    path = os.path.join(folder, "onnx", QUANTIZED if backend == "onnx-int8" else GRAPH)
+    if not os.path.isfile(path):
+        how = " --quantize int8" if backend == "onnx-int8" else ""
+        raise UserError(f"{path}: missing; write it with python hf_export.py --ckpt CHECKPOINT --onnx{how} "
+                        f"and pass the export folder as --ckpt")
+    onnx = OnnxGPT(path)
+    if onnx.config != model.config:
+        raise UserError(f"{path}: the graph's model ({onnx.config}) differs from {folder}'s weights ({model.config})")
+    return onnx
 
 
 def _class_names(ck):

@@ -37,6 +37,13 @@ def add_device(p, default="auto"):
     p.add_argument("--device", default=default, help="auto, cpu, cuda or cuda:N (default: %(default)s)")
 
 
+def add_backend(p):
+    p.add_argument("--backend", default="torch", choices=("torch", "onnx", "onnx-int8"),
+                   help="run the model in PyTorch, or its ONNX graph (fp32 or int8) in onnxruntime; the ONNX "
+                        "graphs are in the onnx/ folder of an export made with hf_export.py --onnx "
+                        "(default: %(default)s)")
+
+
 def run_cli(main):
     """Run main() and turn UserError (and Ctrl-C, a closed pipe, an OSError such as a full disk) into
     one line on stderr and a non-zero exit, never a traceback."""

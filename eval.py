@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 import checkpoint
-from cli import add_ckpt, add_device, parser, run_cli
+from cli import add_backend, add_ckpt, add_device, parser, run_cli
 from data import IMAGE_EXTS, load_folder, make_batch, read_image, read_sequences
 from metrics import class_probs, evaluate, next_tokens
 from plots import confusion_png, plot_curves
@@ -176,6 +176,7 @@ def build_parser():
                                   "goes to <out>_confusion.png); --curves: the PNG (default: RUN_DIR/curves.png)")
     ap.add_argument("--batch_size", type=int, default=64)
     add_device(ap)
+    add_backend(ap)
     return ap
 
 
@@ -191,7 +192,7 @@ def main(argv=None):
         raise UserError("--data/--images choose the evaluation data; they do not combine with --classify or --next")
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
-    ck = checkpoint.load(args.ckpt, resolve_device(args.device))
+    ck = checkpoint.load(args.ckpt, resolve_device(args.device), args.backend)
     if args.classify:
         return run_classify(args, ck)
     if args.next is not None:

@@ -3,6 +3,7 @@
     python hf_export.py                                   # runs/demo/best -> runs/demo/hf
     python hf_export.py --ckpt runs/v2/best --out exports/v2 --check
     python hf_export.py --push_to_hub user/mnist-image-gpt [--private]
+    python hf_export.py --onnx [--quantize int8] --check   # also onnx/model.onnx (onnxruntime)
 
 The folder (default `--out`: `hf/` next to the checkpoint folder, so runs/demo/best -> runs/demo/hf)
 loads with `transformers` unchanged, no custom code (AutoModelForCausalLM / AutoTokenizer); what it
@@ -16,6 +17,7 @@ import os
 import checkpoint
 import hf_format
 from cli import add_ckpt, parser, run_cli
+from onnx_backend import onnx_parity
 from util import UserError
 
 
@@ -26,12 +28,18 @@ def main(argv=None):
                    "e.g. runs/demo/hf); replaced only if it is an earlier export")
     p.add_argument("--check", action="store_true", help="load the folder with transformers and report "
                    "logit, greedy-generation and tokenizer parity with our model")
+    p.add_argument("--onnx", action="store_true", help="also write onnx/model.onnx: the decoder with its key/value "
+                   "cache for onnxruntime (Hugging Face GPT-2 input and output names)")
+    p.add_argument("--quantize", choices=("int8",), default=None, help="with --onnx: also write "
+                   "onnx/model_quantized.onnx, dynamically quantised by onnxruntime (int8 weights)")
     p.add_argument("--push_to_hub", metavar="REPO_ID", default=None,
                    help="upload the folder to this Hugging Face model repository (token: HF_TOKEN or login)")
     p.add_argument("--private", action="store_true", help="create the repository as private")
     a = p.parse_args(argv)
     if a.private and not a.push_to_hub:
         raise UserError("--private only applies together with --push_to_hub")
+    if a.quantize and not a.onnx:
+        raise UserError("--quantize only applies together with --onnx")
     token = None
     if a.push_to_hub:
         hf_format.check_repo_id(a.push_to_hub)   # fail on a bad id or a missing token before the export work
@@ -39,8 +47,12 @@ def main(argv=None):
     out = os.path.abspath(a.out or hf_format.default_out(a.ckpt))
     hf_format.check_out(out)
     ck = checkpoint.load(a.ckpt)
-    hf_format.write_export(ck, out, repo_id=a.push_to_hub)
+    hf_format.write_export(ck, out, repo_id=a.push_to_hub, onnx=a.quantize or ("fp32" if a.onnx else None))
     print(f"wrote {out} ({len(os.listdir(out))} files) from {ck.folder}")
+    if a.onnx:
+        sizes = {f: os.path.getsize(os.path.join(out, "onnx", f)) for f in os.listdir(os.path.join(out, "onnx"))
+                 if f.endswith(".onnx")}
+        print("onnx: " + ", ".join(f"onnx/{f} {n / 2 ** 20:.1f} MB" for f, n in sorted(sizes.items())))
     if a.check:
         try:
             r = hf_format.check_parity(ck.model, out, ck.vocab)
@@ -50,8 +62,14 @@ def main(argv=None):
               f"{'identical' if r['greedy_equal'] else 'DIFFERENT'} over {r['greedy_tokens']} tokens, tokenizer "
               f"{'identical' if r['tokenizer_equal'] else 'DIFFERENT'}"
               f"{', load problems ' + str(r['load_problems']) if r['load_problems'] else ''}")
-        if not (r["max_abs_logit_diff"] < 1e-4 and r["greedy_equal"] and r["tokenizer_equal"]
-                and not r["load_problems"]):
+        ok = r["max_abs_logit_diff"] < 1e-4 and r["greedy_equal"] and r["tokenizer_equal"] and not r["load_problems"]
+        for backend in ("onnx", "onnx-int8")[:2 if a.quantize else 1] if a.onnx else ():
+            o = onnx_parity(ck.model, checkpoint.load(out, backend=backend).model, ck.vocab)
+            print(f"{backend} parity: max |logit diff| {o['max_abs_logit_diff']:.3g} full, "
+                  f"{o['max_abs_cached_diff']:.3g} step by step through the cache; greedy "
+                  f"{'identical' if o['greedy_equal'] else 'different'} over {o['greedy_tokens']} tokens")
+            ok &= backend == "onnx-int8" or (o["max_abs_logit_diff"] < 1e-4 and o["greedy_equal"])
+        if not ok:
             return 1
     if a.push_to_hub:
         hf_format.push_to_hub(out, a.push_to_hub, a.private, token=token)

@@ -20,6 +20,7 @@ import torch
 
 from generation import generate
 from model import GPT, GPTConfig
+from onnx_backend import export_onnx, quantize_int8
 from tokenizer import Codebook
 from tokens import SPECIALS, Vocab
 from util import (UserError, atomic_dir, read_json, safetensors_error, write_json, write_text)
@@ -120,7 +121,7 @@ def _fmt(x):
     return f"{x:.4f}" if isinstance(x, float) else str(x)
 
 
-def model_card(mcfg, vocab, book, metrics, train, n_params, repo_id=None):
+def model_card(mcfg, vocab, book, metrics, train, n_params, repo_id=None, onnx=None):
     """README.md: YAML metadata, what the model is, the stored metrics, and a usage snippet."""
     L, C = book.seq_len, vocab.num_classes
     where = repo_id or "path/to/this/folder"
@@ -187,6 +188,23 @@ def model_card(mcfg, vocab, book, metrics, train, n_params, repo_id=None):
               "    scores = model(ids).logits[0, -1, labels]",
               'print("class", scores.argmax().item(), scores.softmax(-1).tolist())',
               "```", ""]
+    if onnx:
+        graphs = "`onnx/model.onnx`" + (" and `onnx/model_quantized.onnx` (int8 weights)" if onnx == "int8" else "")
+        lines += ["## ONNX", "",
+                  f"{graphs}: the decoder with its key/value cache, with the inputs and outputs of a Hugging Face "
+                  "GPT-2 decoder with past (`input_ids`, `attention_mask`, `position_ids`, "
+                  "`past_key_values.{i}.key/value` -> `logits`, `present.{i}.key/value`); `onnx/export.json` "
+                  "lists opset and shapes. Classify with onnxruntime and numpy only:", "",
+                  "```python", "import json, numpy as np, onnxruntime as ort",
+                  'vocab = json.load(open("vocab.json"))',
+                  's = ort.InferenceSession("onnx/model.onnx")',
+                  f"ids = np.array([[vocab[t] for t in \"<IMG> {' '.join(['<Z_000>'] * 3)} </IMG> <CLS>\".split()]])"
+                  "  # a real image's codes here",
+                  "past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in s.get_inputs()[3:]}",
+                  'logits = s.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids), '
+                  '"position_ids": np.arange(ids.shape[1])[None], **past})[0]',
+                  f'print("class", logits[0, -1, vocab["<CLS_0>"]:vocab["<CLS_0>"] + {C}].argmax())',
+                  "```", ""]
     return "\n".join(lines)
 
 
@@ -210,8 +228,9 @@ def check_out(out):
         raise UserError(f"{out}: exists and is not an earlier export; choose another --out or remove it")
 
 
-def write_export(ck, out, repo_id=None):
-    """Write the transformers folder for the checkpoint.Checkpoint `ck` to `out` (atomically)."""
+def write_export(ck, out, repo_id=None, onnx=None):
+    """Write the transformers folder for the checkpoint.Checkpoint `ck` to `out` (atomically).
+    onnx "fp32": also onnx/model.onnx (onnx_backend.py); "int8": that and onnx/model_quantized.onnx."""
     from safetensors.torch import save_file
     out = os.path.abspath(out)
     check_out(out)
@@ -232,8 +251,12 @@ def write_export(ck, out, repo_id=None):
             write_json(os.path.join(tmp, "train_config.json"), ck.settings)
         if ck.metrics is not None:
             write_json(os.path.join(tmp, "metrics.json"), ck.metrics)
+        if onnx:
+            export_onnx(ck.model, tmp)
+            if onnx == "int8":
+                quantize_int8(tmp)
         write_text(os.path.join(tmp, "README.md"),
-                   model_card(mcfg, vocab, book, ck.metrics, ck.settings, ck.model.num_params(), repo_id))
+                   model_card(mcfg, vocab, book, ck.metrics, ck.settings, ck.model.num_params(), repo_id, onnx))
     return out
 
 

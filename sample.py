@@ -18,7 +18,7 @@ import random
 import torch
 
 import checkpoint
-from cli import add_ckpt, add_device, parser, run_cli
+from cli import add_backend, add_ckpt, add_device, parser, run_cli
 from data import read_sequences
 from generation import generate
 from plots import save_grid
@@ -79,6 +79,7 @@ def build_parser():
     ap.add_argument("--out_png", help="image grid (default: <ckpt>/samples.png, or <ckpt>/completions.png)")
     ap.add_argument("--batch_size", type=int, default=64, help="rows decoded together (default: %(default)s)")
     add_device(ap)
+    add_backend(ap)
     return ap
 
 
@@ -119,7 +120,7 @@ def main(argv=None):
     check_file(out_png, "PNG grid")
     if a.out_jsonl:
         check_file(a.out_jsonl, "JSONL file")
-    ck = checkpoint.load(a.ckpt, resolve_device(a.device))
+    ck = checkpoint.load(a.ckpt, resolve_device(a.device), a.backend)
     model, vocab, book, names = ck.model, ck.vocab, ck.codebook, ck.class_names
     seq_len, block = book.seq_len, model.config.block_size
     gen = torch.Generator(device=model.device).manual_seed(a.seed)

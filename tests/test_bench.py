@@ -46,11 +46,13 @@ def test_json_structure(result):
     assert [r["batch"] for r in result["sample"]] == [1, 3]
     assert result["matmul_peak"]["samples"] == 4       # one per repetition of each training length
     for r in result["train"] + result["sample"]:
-        assert set(r["raw_seconds"]) == {"ours", "theirs"} and len(r["raw_seconds"]["ours"]) == 2
+        sides = {"ours", "theirs"} | ({"onnx", "onnx_int8"} if r in result["sample"] else set())
+        assert set(r["raw_seconds"]) == sides and len(r["raw_seconds"]["ours"]) == 2
         assert set(r["peak_memory_bytes"]) == {"ours", "theirs"}
         assert all(v >= 0 for v in r["peak_memory_bytes"].values())
     keys = [r["key"] for r in result["rows"]]
-    for k in ("train_long", "train_default", "mfu", "sample_b1", "sample_b3", "kmeans_time", "kmeans_inertia"):
+    for k in ("train_long", "train_default", "mfu", "sample_b1", "sample_b3", "sample_b1_onnx", "sample_b3_onnx_int8",
+              "kmeans_time", "kmeans_inertia"):
         assert k in keys
 
 
@@ -73,6 +75,7 @@ def test_same_work_on_both_sides(result):
         assert abs(r["first_loss"]["ours"] - r["first_loss"]["theirs"]) < 1e-4
     for r in result["sample"]:  # greedy, EOS off: the same tokens, all of them
         assert r["same_tokens"] and r["generated"]["ours"] == [r["batch"], 1 + r["new_tokens"]]
+        assert r["same_tokens_ort"]["onnx"]     # fp32 onnxruntime: the same greedy tokens too
     k = result["kmeans"]
     assert k["n"] == 600 and k["dim"] == 5 and k["k"] == 6
 

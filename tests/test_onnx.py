@@ -13,17 +13,16 @@ import onnxscript  # noqa: F401  (the exporter needs it)
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import onnx_backend as ob  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-from tokenizer import Vocab  # noqa: E402
-from util import UserError  # noqa: E402
-
-# --- the project's decoding loop and classification (sample.py and eval.py today; they move to library
-# modules in the library-core refactor: rewire these two imports then)
-from sample import generate  # noqa: E402
-from eval import class_probs, evaluate  # noqa: E402
+import checkpoint
+import eval as ev
+import hf_export
+import onnx_backend as ob
+import sample as sp
+from generation import generate
+from metrics import class_probs, evaluate
+from model import GPT, GPTConfig
+from tokens import Vocab
+from util import UserError
 
 VOCAB = Vocab(16, 8)            # 30 tokens: 6 specials, 16 codes, 8 labels
 BLOCK = 24
@@ -254,3 +253,38 @@ def test_bad_files_are_one_line_errors(tmp_path):
     onnx.save(onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 18)]), str(tmp_path / "other.onnx"))
     with pytest.raises(UserError, match="gpt_config"):
         ob.OnnxGPT(str(tmp_path / "other.onnx"))
+
+
+# ----------------------------------------------------------------------------- the commands
+
+def test_export_cli_check_and_the_onnx_backend_of_sample_and_eval(tiny, tmp_path, capsys):
+    """hf_export.py --onnx --quantize int8 --check writes both graphs and reports parity; sample.py and
+    eval.py with --backend onnx give what the PyTorch backend gives."""
+    out = str(tmp_path / "hf")
+    assert hf_export.main(["--ckpt", tiny.ckpt, "--out", out, "--onnx", "--quantize", "int8", "--check"]) == 0
+    text = capsys.readouterr().out
+    assert "onnx parity" in text and "onnx-int8 parity" in text and "greedy identical" in text
+    assert sorted(os.listdir(os.path.join(out, "onnx"))) == ["export.json", "model.onnx", "model_quantized.onnx"]
+    assert "## ONNX" in open(os.path.join(out, "README.md")).read()
+    runs = {}
+    for backend in ("torch", "onnx"):
+        png, jl = str(tmp_path / f"{backend}.png"), str(tmp_path / f"{backend}.jsonl")
+        assert sp.main(["--ckpt", out, "--backend", backend, "--num_samples", "5", "--seed", "3",
+                        "--out_png", png, "--out_jsonl", jl]) == 0
+        runs[backend] = [json.loads(line) for line in open(jl)]
+        e = str(tmp_path / f"{backend}_eval.json")
+        assert ev.main(["--ckpt", out, "--backend", backend, "--data", tiny.val, "--out", e]) == 0
+        runs[backend + "_eval"] = json.load(open(e))
+    capsys.readouterr()
+    assert [r["tokens"] for r in runs["torch"]] == [r["tokens"] for r in runs["onnx"]]   # same sampled tokens
+    a, b = runs["torch_eval"], runs["onnx_eval"]
+    assert a["confusion"] == b["confusion"] and a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    assert isinstance(checkpoint.load(out, backend="onnx-int8").model, ob.OnnxGPT)
+
+
+def test_onnx_backend_without_a_graph_is_one_clear_line(tiny, tmp_path):
+    with pytest.raises(UserError, match=r"onnx/model.onnx: missing; write it with python hf_export.py"):
+        checkpoint.load(tiny.ckpt, backend="onnx")
+    with pytest.raises(UserError, match="--quantize only applies together with --onnx"):
+        hf_export.main(["--ckpt", tiny.ckpt, "--out", str(tmp_path / "x"), "--quantize", "int8"])
+    assert not (tmp_path / "x").exists()
