@@ -29,7 +29,7 @@ def parser(doc, prog=None):
                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def add_ckpt(p, default="runs/demo/best", help="checkpoint folder, or a Hugging Face export"):
+def add_ckpt(p, default="runs/demo/final", help="checkpoint folder, or a Hugging Face export"):
     p.add_argument("--ckpt", default=default, help=f"{help} (default: %(default)s)")
 
 

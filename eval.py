@@ -1,7 +1,7 @@
 """Evaluate a checkpoint: loss, perplexity, next-token and classification accuracy; classify images
 or sequences; show the most likely next tokens; draw training curves.
 
-    python eval.py                                    # runs/demo/best on its validation split
+    python eval.py                                    # runs/demo/final on its test split (val.jsonl)
     python eval.py --ckpt runs/v2/best --data other.jsonl [--repair_v1]
     python eval.py --images my_digits/                # root/<class>/*.png, tokenised with the codebook
     python eval.py --classify a.png b.png folder/ seqs.jsonl
@@ -9,7 +9,9 @@ or sequences; show the most likely next tokens; draw training curves.
     python eval.py --curves runs/demo                 # runs/demo/curves.png from runs/demo/log.jsonl
 
 Evaluation prints a summary and writes all metrics to --out (default <ckpt>/eval.json) and the
-confusion matrix to <out without .json>_confusion.png.
+confusion matrix to <out without .json>_confusion.png. By default it reads the checkpoint's test split
+(<data_dir>/val.jsonl: held-out images that no training decision reads) and says which split and which
+checkpoint (and how that checkpoint was chosen) in its output and its JSON.
 """
 import os
 
@@ -62,9 +64,12 @@ def load_eval_data(args, ck):
         labels = [index[folder_names[y]] for y in labels.tolist()]
         seqs = [p + [vocab.label_id(y), vocab.eos_id] for p, y in zip(ck.encode_images(images), labels)]
         return seqs, f"{args.images} ({len(seqs)} images, tokenised with the checkpoint's codebook)"
-    path = args.data or ck.split_file("val")
+    if args.data:
+        seqs, _ = read_sequences(args.data, vocab, repair_v1=args.repair_v1)
+        return seqs, args.data
+    path = ck.split_file("val")
     seqs, _ = read_sequences(path, vocab, repair_v1=args.repair_v1)
-    return seqs, path
+    return seqs, f"{path} (the test split: held out, read by no training decision)"
 
 
 def run_eval(args, ck):
@@ -77,13 +82,14 @@ def run_eval(args, ck):
     cut = sum(len(s) > block for s in seqs)
     x, y, cls_pos = make_batch(seqs, block, ck.vocab.pad_id)
     metrics = evaluate(ck.model, x, y, cls_pos, ck.vocab, batch_size=args.batch_size, topk=(1, 2, 3, 5), progress=True)
-    report = {"checkpoint": ck.folder, "data": source, "classes": ck.class_names,
+    chosen = (ck.metrics or {}).get("chosen", "not recorded (a checkpoint written before this was recorded)")
+    report = {"checkpoint": ck.folder, "checkpoint_chosen": chosen, "data": source, "classes": ck.class_names,
               "truncated_sequences": cut, "block_size": block, **metrics, "confusion_png": png}
     image = confusion_png(metrics["confusion"], ck.class_names,
                           f"{ck.folder}: accuracy {100 * metrics['accuracy']:.2f} % on {metrics['n_sequences']}")
     write_json(out, report)
     write_bytes(png, image)
-    print(f"checkpoint {ck.folder} on {source}")
+    print(f"checkpoint {ck.folder} ({chosen}) on {source}")
     if cut:
         print(f"note: {cut} sequences are longer than the block size {block}; their image tokens were cut "
               f"(the label tail is kept), as in training")
@@ -162,7 +168,7 @@ def build_parser():
     add_ckpt(ap)
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--data", metavar="FILE.jsonl",
-                     help="evaluate on this sequence file (default: <data_dir>/val.jsonl of the checkpoint)")
+                     help="evaluate on this sequence file (default: the checkpoint's test split, <data_dir>/val.jsonl)")
     src.add_argument("--images", metavar="DIR", help="evaluate on an image folder DIR/<class name>/*.png|jpg...")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--classify", nargs="+", metavar="PATH",

@@ -1,11 +1,11 @@
 """Export a checkpoint in the Hugging Face GPT-2 format (and upload it).
 
-    python hf_export.py                                   # runs/demo/best -> runs/demo/hf
+    python hf_export.py                                   # runs/demo/final -> runs/demo/hf
     python hf_export.py --ckpt runs/v2/best --out exports/v2 --check
     python hf_export.py --push_to_hub user/mnist-image-gpt [--private]
     python hf_export.py --onnx [--quantize int8] --check   # also onnx/model.onnx (onnxruntime)
 
-The folder (default `--out`: `hf/` next to the checkpoint folder, so runs/demo/best -> runs/demo/hf)
+The folder (default `--out`: `hf/` next to the checkpoint folder, so runs/demo/final -> runs/demo/hf)
 loads with `transformers` unchanged, no custom code (AutoModelForCausalLM / AutoTokenizer); what it
 holds is described in hf_format.py. It is built under a temporary name and renamed into place, so an
 error leaves nothing half-written; an existing `--out` is replaced only if it is an earlier export.

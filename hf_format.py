@@ -151,7 +151,11 @@ def model_card(mcfg, vocab, book, metrics, train, n_params, repo_id=None, onnx=N
               "## Evaluation", ""]
     if metrics:
         n = metrics.get("n_sequences")
-        lines += [f"On the validation split ({n} sequences; data source `{src}`). Classification takes "
+        split = {"dev": "the development split (carved from the training images)"}.get(
+            metrics.get("split"), "the split it was evaluated on during training")
+        chosen = f" This checkpoint: {metrics['chosen']}." if metrics.get("chosen") else ""
+        lines += [f"On {split} ({n} sequences; data source `{src}`); the held-out test split is reported by the "
+                  f"project's `eval.py`, not here.{chosen} Classification takes "
                   "the logits at `<CLS>` and picks the largest among the label tokens only.", "",
                   "| metric | value |", "|---|---|"]
         names = [("accuracy", "classification accuracy"), ("perplexity", "perplexity (all real tokens)"),
@@ -218,7 +222,7 @@ def is_export(folder):
 
 
 def default_out(ckpt_folder):
-    """Where an export goes by default: hf/ next to the checkpoint folder (runs/demo/best -> runs/demo/hf)."""
+    """Where an export goes by default: hf/ next to the checkpoint folder (runs/demo/final -> runs/demo/hf)."""
     return os.path.join(os.path.dirname(os.path.abspath(ckpt_folder)), "hf")
 
 

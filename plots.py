@@ -92,10 +92,13 @@ def read_log(log_path):
 
 
 def plot_curves(log_path, png_path):
-    """Train/validation loss and validation accuracy over optimizer steps, from a run's log.jsonl,
-    drawn to png_path (CURVES_SIZE pixels). Returns the (width, height) written."""
+    """Training loss, development loss and development accuracy over optimizer steps, from a run's
+    log.jsonl, drawn to png_path (CURVES_SIZE pixels). Returns the (width, height) written. Logs of
+    earlier versions named the evaluated split "val"; they draw the same way."""
     from matplotlib.figure import Figure
     recs = read_log(log_path)
+    split = "val" if any("val_loss" in r for r in recs) else "dev"
+    name = {"dev": "development", "val": "validation"}[split]
 
     def series(key):
         pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float))]
@@ -104,7 +107,7 @@ def plot_curves(log_path, png_path):
     fig = Figure(figsize=(CURVES_SIZE[0] / 100, CURVES_SIZE[1] / 100), dpi=100)
     a1, a2 = fig.subplots(1, 2)
     for key, label, style in (("train_loss", "training objective (label-weighted, mean since last eval)", "-o"),
-                              ("val_loss", "validation loss", "-o")):
+                              (f"{split}_loss", f"{name} loss", "-o")):
         xs, ys = series(key)
         if xs:
             a1.plot(xs, ys, style, label=label, markersize=3)
@@ -112,17 +115,19 @@ def plot_curves(log_path, png_path):
     a1.set_ylabel("cross entropy per token")
     a1.set_title("loss")
     a1.grid(alpha=0.3)
-    a1.legend(fontsize=8)
-    for key, label in (("val_accuracy", "classification accuracy"), ("val_token_accuracy", "next-token accuracy")):
+    if a1.lines:
+        a1.legend(fontsize=8)
+    for key, label in ((f"{split}_accuracy", "classification accuracy"), (f"{split}_token_accuracy", "next-token accuracy")):
         xs, ys = series(key)
         if xs:
             a2.plot(xs, ys, "-o", label=label, markersize=3)
     a2.set_ylim(0, 1)
     a2.set_xlabel("step")
-    a2.set_ylabel("validation accuracy")
-    a2.set_title("validation accuracy")
+    a2.set_ylabel(f"{name} accuracy")
+    a2.set_title(f"{name} split")
     a2.grid(alpha=0.3)
-    a2.legend(fontsize=8)
+    if a2.lines:
+        a2.legend(fontsize=8)
     fig.suptitle(log_path, fontsize=9)
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.85, wspace=0.25)
     write_bytes(png_path, _png_bytes(fig))

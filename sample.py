@@ -1,6 +1,6 @@
 """Sample token sequences (images and their labels) from a trained checkpoint.
 
-    python sample.py                                   # 16 new digits from runs/demo/best, start "<IMG>"
+    python sample.py                                   # 16 new digits from runs/demo/final, start "<IMG>"
     python sample.py --top_p 0.9 --temperature 0.8 --num_samples 32 --out_jsonl samples.jsonl
     python sample.py --greedy --start "<IMG> <Z_000> <Z_000>"
     python sample.py --complete 10 --fraction 0.5      # finish the first half of 10 validation images

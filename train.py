@@ -5,9 +5,10 @@
 
 Every setting (the options below: TrainConfig in trainer.py and the data settings of data.DataConfig)
 can be set in the YAML file or overridden with --key value. If the sequence files are missing they
-are prepared first. The run folder (out_dir) gets log.jsonl (one JSON line per evaluation), best/
-(best validation accuracy), final/ (latest state, resumable with --resume) and curves.png.
-Ctrl-C saves final/ and exits 0.
+are prepared first. Training evaluates on the development split (dev.jsonl, made with dev_fraction > 0)
+and never reads the test split (val.jsonl). The run folder (out_dir) gets log.jsonl (one JSON line per
+evaluation), best/ (best development accuracy; only with a development split), final/ (the end of the
+schedule, resumable with --resume) and curves.png. Ctrl-C saves final/ and exits 0.
 """
 import sys
 
@@ -29,9 +30,9 @@ def main(argv=None):
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "resume") and v is not None}
     cfg = load_config(args.config, overrides)
     out = train(cfg, resume=args.resume)
-    if out["best_accuracy"] is not None:
-        print(f"done: {out['step']} steps in {out['seconds']:.0f} s; best val accuracy {out['best_accuracy']:.4f}; "
-              f"checkpoints in {cfg.out_dir}/best and {cfg.out_dir}/final")
+    best = f"; best dev accuracy {out['best_accuracy']:.4f} in {cfg.out_dir}/best" \
+        if out["best_accuracy"] is not None else ""
+    print(f"done: {out['step']} steps in {out['seconds']:.0f} s{best}; final checkpoint {cfg.out_dir}/final")
     return 0
 
 

@@ -148,12 +148,13 @@ class Data:
     vocab: Vocab
     book: Codebook
     train: tuple   # x, y, cls_pos
-    val: tuple
+    dev: tuple     # the development split (dev.jsonl), or None: then training evaluates nothing
     weights: torch.Tensor   # (N, T) per-token loss weights of the training targets
 
 
 def load_data(cfg, procs, log):
-    """Prepare the data folder if needed (rank 0; the others wait) and read both splits."""
+    """Prepare the data folder if needed (rank 0; the others wait) and read the training and the
+    development split. The test split (val.jsonl) is never read here: no training decision sees it."""
     if procs.master:
         ensure_prepared(cfg, device=procs.device, log=log)
     if procs.ddp:
@@ -163,11 +164,12 @@ def load_data(cfg, procs, log):
     if book.cfg.num_codes != vocab.num_codes:
         raise UserError(f"{cfg.data_dir}/vocab.json has {vocab.num_codes} code tokens, the codebook there "
                         f"{book.cfg.num_codes} codes; prepare the data again")
-    train, val = load_split(cfg, "train", vocab), load_split(cfg, "val", vocab)
+    train = load_split(cfg, "train", vocab)
+    dev = load_split(cfg, "dev", vocab) if os.path.exists(os.path.join(cfg.data_dir, "dev.jsonl")) else None
     x, y, cls_pos = train
     weights = (y != -100).float()
     weights[torch.arange(len(weights)), cls_pos] = cfg.label_weight
-    return Data(vocab, book, train, val, weights)
+    return Data(vocab, book, train, dev, weights)
 
 
 def build_model(cfg, vocab, log):
@@ -216,8 +218,8 @@ class Progress:
 
 
 class RunFolder:
-    """out_dir: log.jsonl (one JSON line per evaluation), best/ (best validation accuracy), final/
-    (the latest state, resumable), curves.png. Only rank 0 writes."""
+    """out_dir: log.jsonl (one JSON line per evaluation), best/ (best accuracy on the development
+    split, when there is one), final/ (the latest state, resumable), curves.png. Only rank 0 writes."""
 
     def __init__(self, out_dir, master):
         self.dir, self.master = out_dir, master
@@ -271,10 +273,14 @@ class RunFolder:
             raise UserError(f"{self.log_path}: cannot write ({e.strerror or e})") from None
 
     def save(self, model, cfg, data, metrics, state, improved):
-        """best/ (if improved) before final/: a kill between the two redoes this step, best/ included."""
+        """best/ (if improved) before final/: a kill between the two redoes this step, best/ included.
+        Each checkpoint's metrics.json says how it was chosen."""
+        note = lambda how: {**(metrics or {}), "step": state["step"], "chosen": how}
         if improved:
-            checkpoint.save(self.best, model, cfg, data.vocab, data.book, metrics)
-        checkpoint.save(self.final, model, cfg, data.vocab, data.book, metrics, state)
+            checkpoint.save(self.best, model, cfg, data.vocab, data.book,
+                            note("best: the highest development-split accuracy during training"))
+        checkpoint.save(self.final, model, cfg, data.vocab, data.book,
+                        note("final: the last step saved (the end of the schedule once done)"), state)
 
     def plot(self):
         if os.path.exists(self.log_path):
@@ -311,14 +317,18 @@ def train_step(model, opt, data, idx, cfg, procs, ctx):
 
 
 def evaluate_and_save(raw, opt, data, run, p, cfg, procs, ctx, total, t0, interrupted=False):
-    """Validation metrics, a log line and best/ (when improved), and final/ with the trainer state.
-    An interrupted run saves its state only (no log line, no best/), as if it had not stopped."""
-    metrics = evaluate(raw, *data.val, data.vocab, ctx=ctx)
+    """Metrics on the development split (when there is one), a log line and best/ (when they
+    improved), and final/ with the trainer state. An interrupted run saves its state only (no log
+    line, no best/), as if it had not stopped. Without a development split there is no best/."""
+    metrics = evaluate(raw, *data.dev, data.vocab, ctx=ctx) if data.dev else None
+    if metrics:
+        metrics["split"] = "dev"
     rec = {"step": p.step, "epoch": p.step * cfg.epochs / total, "tokens": p.tokens,
            "lr": get_lr(max(p.step - 1, 0), total, cfg),
            "train_loss": sum(p.history) / len(p.history) if p.history else None, "time": time.time() - t0,
-           **{f"val_{k}": metrics[k] for k in ("loss", "perplexity", "token_accuracy", "image_perplexity", "accuracy")}}
-    improved = not interrupted and (p.best is None or metrics["accuracy"] > p.best)
+           **{f"dev_{k}": metrics[k] for k in ("loss", "perplexity", "token_accuracy", "image_perplexity", "accuracy")
+              if metrics}}
+    improved = metrics is not None and not interrupted and (p.best is None or metrics["accuracy"] > p.best)
     if not interrupted:  # an interrupted run keeps them, so the next evaluation averages the same steps
         p.history.clear()
     if improved:
@@ -356,9 +366,9 @@ def train(cfg, resume=False, log=print):
     p = run.resume(raw, opt, procs) if resume else run.start()
     if resume:
         log(f"resumed {run.final} at step {p.step}/{total}")
-    log(f"model: {raw.num_params() / 1e6:.2f} M parameters; {len(data.train[0])} train / {len(data.val[0])} val "
-        f"sequences of <= {data.train[0].shape[1] + 1} tokens; {total} steps of {per_step} sequences "
-        f"on {procs.device}{' x ' + str(procs.world) if procs.ddp else ''}")
+    log(f"model: {raw.num_params() / 1e6:.2f} M parameters; {len(data.train[0])} train / "
+        f"{len(data.dev[0]) if data.dev else 'no'} dev sequences of <= {data.train[0].shape[1] + 1} tokens; {total} "
+        f"steps of {per_step} sequences on {procs.device}{' x ' + str(procs.world) if procs.ddp else ''}")
     model = torch.compile(raw) if procs.cuda and cfg.compile else raw
     if procs.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -391,8 +401,9 @@ def train(cfg, resume=False, log=print):
             rec = evaluate_and_save(raw, opt, data, run, p, cfg, procs, ctx, total, t0)
             saved_at = p.step
             if procs.master:
-                bar.write(f"step {p.step}: train loss {rec['train_loss']:.4f}  val loss {rec['val_loss']:.4f}  "
-                          f"val ppl {rec['val_perplexity']:.2f}  val acc {rec['val_accuracy']:.4f}")
+                bar.write(f"step {p.step}: train loss {rec['train_loss']:.4f}" + (
+                    f"  dev loss {rec['dev_loss']:.4f}  dev ppl {rec['dev_perplexity']:.2f}  dev acc "
+                    f"{rec['dev_accuracy']:.4f}" if "dev_loss" in rec else ""))
     bar.close()
     stop.restore()
     if stop.set and p.step < total:

@@ -572,8 +572,8 @@ CASES = [
     # ------------------------------------------------------------------ train.py
     *C("train-jsonl-truncated!", "train", truncated_train_jsonl),
     *train_jsonl(["no_label", "unknown_token", "label_range", "v1_tail", "not_utf8", "empty"]),
-    *train_with_data("val-truncated", lambda p: write_lines(os.path.join(p, "val.jsonl"), ['{"tokens": "<IMG>", "lab']),
-                     lambda p: [os.path.join(p, "val.jsonl") + ":1: invalid JSON"]),
+    *train_with_data("dev-truncated", lambda p: write_lines(os.path.join(p, "dev.jsonl"), ['{"tokens": "<IMG>", "lab']),
+                     lambda p: [os.path.join(p, "dev.jsonl") + ":1: invalid JSON"]),
     *train_with_data("report-not-an-object", lambda p: write_lines(os.path.join(p, "report.json"), ["[1, 2]"]),
                      lambda p: [os.path.join(p, "report.json"), "expected a JSON object"]),
     *train_with_data("vocab-does-not-match-codebook", lambda p: Vocab(9, 3).save(os.path.join(p, "vocab.json")),
@@ -779,7 +779,7 @@ def test_full_disk_during_training_keeps_no_checkpoint(env, tmp_path, monkeypatc
     code, stdout, stderr = run_inprocess("train", argv)
     monkeypatch.undo()
     run = out(d, "run")
-    check_failure(code, stdout, stderr, [os.path.join(run, "best"), "cannot write checkpoint (No space left on device)"])
+    check_failure(code, stdout, stderr, [os.path.join(run, "final"), "cannot write checkpoint (No space left on device)"])
     assert sorted(os.listdir(run)) == ["log.jsonl"], os.listdir(run)   # no final/, best/, .tmp-*
 
 

@@ -36,7 +36,7 @@ from fixtures import ROOT, write_images
 
 SEED = 20240531
 EVAL_EVERY = 2
-STEPS = 6 * 40          # 48 training images / batch 8 = 6 steps per epoch, 40 epochs; lr and label_weight
+STEPS = 6 * 40          # 48 training images (80 - 16 test - 16 dev) / batch 8 = 6 steps per epoch, 40 epochs; lr and label_weight
                         # are high enough that the validation accuracy improves (best/ is saved) mid-run
 FIRST = ["between_saves", "cli"]   # a fresh run killed between best/ and final/ at its first evaluation
                                    # (always an improvement), then the real command, also from scratch
@@ -191,19 +191,19 @@ class Checker:
             state = checkpoint.load_trainer_state(final)
             step, best_acc = state["step"], state["best"]
             assert step in self.ref, (what, step)
-            assert ck.metrics["loss"] == self.ref[step]["val_loss"], (what, step)
+            assert ck.metrics["loss"] == self.ref[step]["dev_loss"], (what, step)
             assert step >= self.last_step, f"{what}: the checkpoint went back from {self.last_step} to {step}"
             self.last_step = step
             self.loads += 2
         if os.path.exists(best) or os.path.exists(best + ".old"):
             ck = checkpoint.load(best); model = ck.model
             self.loads += 1
-            hit = [s for s, r in self.ref.items() if r["val_loss"] == ck.metrics["loss"]]
+            hit = [s for s, r in self.ref.items() if r["dev_loss"] == ck.metrics["loss"]]
             assert len(hit) == 1, (what, hit)
             s = hit[0]
             assert s <= step + EVAL_EVERY, f"{what}: best/ is from step {s}, final/ from {step}"
-            acc = self.ref[s]["val_accuracy"]
-            assert all(r["val_accuracy"] < acc for t, r in self.ref.items() if t < s), f"{what}: best/ was no improvement"
+            acc = self.ref[s]["dev_accuracy"]
+            assert all(r["dev_accuracy"] < acc for t, r in self.ref.items() if t < s), f"{what}: best/ was no improvement"
             assert ck.metrics["accuracy"] == acc
             if step:   # the best accuracy that final/ resumes with is best/'s, or best/ is one evaluation ahead
                 assert best_acc == acc if s <= step else best_acc < acc, (what, s, step, best_acc, acc)
@@ -234,9 +234,9 @@ def start(ctx, argv, log_file, inject=None):
 def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_run(tmp_path, forkserver):
     t_start = time.time()
     tmp = str(tmp_path)
-    write_images(os.path.join(tmp, "images"))
+    write_images(os.path.join(tmp, "images"), n=80)
     cfg = TrainConfig(source=f"folder:{tmp}/images", data_dir=f"{tmp}/data", out_dir=f"{tmp}/run",
-                      image_size=8, patch_size=2, num_codes=8, kmeans_iters=3, n_layer=2, n_head=2, n_embd=32,
+                      image_size=8, patch_size=2, num_codes=8, kmeans_iters=3, n_layer=2, n_head=2, n_embd=32, dev_fraction=0.25,
                       max_length=32, batch_size=8, epochs=STEPS // 6, eval_every=EVAL_EVERY, dropout=0.1,
                       lr=2e-2, label_weight=5.0, warmup_steps=3, seed=7, device="cpu")
     data.prepare(cfg)
@@ -270,8 +270,8 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_run(tmp_path, fork
         plan.append((kind, arg))
 
     kills, found = [], []
-    improved = [s for s in sorted(check.ref) if check.ref[s]["val_accuracy"] >
-                max([check.ref[t]["val_accuracy"] for t in check.ref if t < s], default=-1)]
+    improved = [s for s in sorted(check.ref) if check.ref[s]["dev_accuracy"] >
+                max([check.ref[t]["dev_accuracy"] for t in check.ref if t < s], default=-1)]
     for i, (kind, arg) in enumerate(plan):
         if kind == "between_saves" and i and not [s for s in improved if 0 < s - check.last_step <= 30]:
             kind = "between_renames"   # no improvement close ahead (says the reference run): no best/ save to hit
@@ -344,11 +344,11 @@ def test_same_config_and_seed_give_the_same_run(tmp_path):
     and end with the same weights, bit for bit. (The kill test above also compares a fresh
     `python train.py` run with a forked one, up to its first kill.)"""
     tmp = str(tmp_path)
-    write_images(os.path.join(tmp, "images"))
+    write_images(os.path.join(tmp, "images"), n=80)
     runs = []
     for name in ("a", "b"):
         cfg = TrainConfig(source=f"folder:{tmp}/images", data_dir=f"{tmp}/data", out_dir=f"{tmp}/{name}",
-                          image_size=8, patch_size=2, num_codes=8, kmeans_iters=3, n_layer=2, n_head=2, n_embd=32,
+                          image_size=8, patch_size=2, num_codes=8, kmeans_iters=3, n_layer=2, n_head=2, n_embd=32, dev_fraction=0.25,
                           max_length=32, batch_size=8, epochs=2, eval_every=3, dropout=0.1, lr=2e-2, seed=5,
                           device="cpu")
         train_mod.train(cfg, log=lambda *a: None)

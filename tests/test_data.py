@@ -269,7 +269,7 @@ def test_prepare_writes_everything(prepared):
     vocab = Vocab.load(d / "vocab.json")
     assert (vocab.num_codes, vocab.num_classes, len(vocab)) == (16, 3, 25)
     assert report["classes"] == ["class0", "class1", "class2"]
-    assert report["counts"] == {"train": [13, 13, 13], "val": [3, 3, 3], "train_augmented": 0}
+    assert report["counts"] == {"train": [13, 13, 13], "dev": [0, 0, 0], "val": [3, 3, 3], "train_augmented": 0}
     assert report["sequence_length"] == 16 + 5
     assert json.loads((d / "report.json").read_text())["counts"] == report["counts"]
     assert report["val_psnr_db"] > 15 and report["train_psnr_db"] > 15
@@ -280,7 +280,8 @@ def test_prepare_writes_everything(prepared):
     assert all(len(s) == 21 for s in tr_seqs + va_seqs)
     assert np.bincount(tr_labels).tolist() == [13, 13, 13] and np.bincount(va_labels).tolist() == [3, 3, 3]
     recs = [json.loads(line) for line in (d / "val.jsonl").read_text().splitlines()]
-    assert all(r["meta"]["split"] == "val" for r in recs)
+    assert all(r["meta"]["split"] == "test" for r in recs)
+    assert not (d / "dev.jsonl").exists()       # no development split without dev_fraction
     # the validation records are exactly the split's validation images, encoded by the saved codebook
     tr, va = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
     assert [r["meta"]["source"] for r in recs] == [os.path.join(f"class{labels[i]}", f"{order[i]:03d}.png") for i in va]
@@ -300,6 +301,24 @@ def test_codebook_is_fitted_on_training_images_only(prepared):
     assert torch.equal(book.colours, on_train.colours)
     on_all = Codebook.fit(x, cfg)
     assert not torch.equal(book.centroids, on_all.centroids)
+
+
+def test_dev_split_is_carved_from_training_images_and_the_test_split_stays(prepared):
+    """dev_fraction > 0: dev.jsonl holds a stratified share of the training images (the codebook is
+    fitted on the rest), and val.jsonl, the test split, holds the same images as without it."""
+    tmp, cfg, report, imgs, labels, order = prepared
+    dcfg = replace(cfg, dev_fraction=0.25, data_dir=str(tmp / "with_dev"))
+    rep = prepare(dcfg)
+    assert rep["counts"]["dev"] == [3, 3, 3] and rep["counts"]["train"] == [10, 10, 10]
+    assert rep["counts"]["val"] == report["counts"]["val"]
+    src = lambda d, f: {json.loads(line)["meta"]["source"] for line in (tmp / d / f).read_text().splitlines()}
+    dev, train, test = src("with_dev", "dev.jsonl"), src("with_dev", "train.jsonl"), src("with_dev", "val.jsonl")
+    assert test == src("prepared", "val.jsonl") and len(test) == 9
+    assert len(dev) == 9 and not dev & train and not dev & test and not train & test
+    tr, _ = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
+    sub, _ = stratified_split(labels[tr], 0.25, cfg.split_seed + 1)
+    on_train = Codebook.fit(to_tensor(imgs[tr[sub]][..., None]), dcfg)   # training minus dev only
+    assert torch.equal(Codebook.load(tmp / "with_dev").centroids, on_train.centroids)
 
 
 def test_ensure_prepared_reuses_or_refuses(prepared):
@@ -323,7 +342,7 @@ def test_ensure_prepared_prepares_a_new_folder(tmp_path):
     logs = []
     rep = ensure_prepared(cfg, log=logs.append)
     assert len(logs) == 1 and "preparing" in logs[0]
-    assert rep["counts"] == {"train": [8, 8, 8], "val": [2, 2, 2], "train_augmented": 48}
+    assert rep["counts"] == {"train": [8, 8, 8], "dev": [0, 0, 0], "val": [2, 2, 2], "train_augmented": 48}
     vocab = Vocab.load(tmp_path / "prepared" / "vocab.json")
     seqs, labels = read_sequences(tmp_path / "prepared" / "train.jsonl", vocab)
     assert len(seqs) == 24 * 3
@@ -343,7 +362,7 @@ def test_prepare_from_idx(tmp_path):
     cfg = DataConfig(source=f"idx:{tmp_path}", data_dir=str(tmp_path / "out"), image_size=12,
                      patch_size=3, num_codes=16, kmeans_iters=5)
     rep = prepare(cfg)
-    assert rep["counts"] == {"train": [11, 10, 10], "val": [3, 3, 3], "train_augmented": 0}
+    assert rep["counts"] == {"train": [11, 10, 10], "dev": [0, 0, 0], "val": [3, 3, 3], "train_augmented": 0}
     assert rep["sequence_length"] == 16 + 5
     vocab = Vocab.load(tmp_path / "out" / "vocab.json")
     assert len(read_sequences(tmp_path / "out" / "val.jsonl", vocab)[0]) == 9

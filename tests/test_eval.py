@@ -136,7 +136,8 @@ def test_eval_cli_default_split(tiny, capsys):
     out = capsys.readouterr().out
     assert "classification accuracy" in out and "confusion matrix" in out and tiny.val in out
     rep = json.load(open(os.path.join(tiny.ckpt, "eval.json")))
-    assert rep["data"] == tiny.val and rep["classes"] == CLASSES and rep["n_sequences"] == 24
+    assert rep["data"] == f"{tiny.val} (the test split: held out, read by no training decision)"
+    assert rep["classes"] == CLASSES and rep["n_sequences"] == 24 and "checkpoint_chosen" in rep
     assert png_size(os.path.join(tiny.ckpt, "eval_confusion.png")) == plots.CONFUSION_SIZE
     # the same numbers as evaluate() on the same data
     from data import read_sequences

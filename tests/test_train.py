@@ -4,6 +4,7 @@ classes, 2x2 patches, 8 codes: 21-token sequences) and tiny models (2 layers, 2 
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,18 +25,18 @@ from trainer import TrainConfig, load_config, load_split, train
 from util import UserError
 from fixtures import ROOT, write_images
 
-N_IMAGES, STEPS_PER_EPOCH = 60, 6   # 48 train / 12 val sequences, batches of 8
+N_IMAGES, STEPS_PER_EPOCH = 80, 6   # 48 train / 17 dev / 15 test sequences, batches of 8
 CKPT_FILES = ["model.safetensors", "config.json", "vocab.json", "codebook.json", "codebook.safetensors",
               "metrics.json"]
-LOGGED = ["step", "epoch", "tokens", "lr", "train_loss", "val_loss", "val_perplexity", "val_token_accuracy",
-          "val_image_perplexity", "val_accuracy"]   # every field of a log line except the wall-clock time
+LOGGED = ["step", "epoch", "tokens", "lr", "train_loss", "dev_loss", "dev_perplexity", "dev_token_accuracy",
+          "dev_image_perplexity", "dev_accuracy"]   # every field of a log line except the wall-clock time
 
 
 def make_cfg(tmp, out, **kw):
     base = dict(source=f"folder:{tmp / 'images'}", data_dir=str(tmp / "prepared"), image_size=8, patch_size=2,
                 num_codes=8, kmeans_iters=3, out_dir=str(tmp / out), n_layer=2, n_head=2, n_embd=32,
                 max_length=32, batch_size=8, epochs=3, lr=1e-3, min_lr=1e-4, warmup_steps=3, eval_every=4,
-                seed=1, device="cpu")
+                seed=1, device="cpu", dev_fraction=0.25)
     return TrainConfig(**{**base, **kw})
 
 
@@ -82,7 +83,7 @@ def run_a(tmp_path_factory):
     prepares the image folder itself. A spy on checkpoint.save records, at each save, the logits of the
     very model object being saved on a fixed probe batch."""
     tmp = tmp_path_factory.mktemp("train")
-    write_images(tmp / "images")
+    write_images(tmp / "images", n=N_IMAGES)
     cfg = make_cfg(tmp, "a")
     probe = torch.randint(0, 6 + 8 + 3, (3, 21), generator=torch.Generator().manual_seed(0))
     seen = {}
@@ -116,9 +117,26 @@ def test_run_a_trains_and_logs(run_a):
     assert [r["step"] for r in log] == [4, 8, 12, 16, 18]
     assert log[-1]["tokens"] == 18 * 8 * 20                             # 20 scored tokens per sequence
     assert all(r["train_loss"] is not None and np.isfinite(r["train_loss"]) for r in log)
-    assert log[-1]["val_loss"] < log[0]["val_loss"]
+    assert log[-1]["dev_loss"] < log[0]["dev_loss"]
     assert any("parameters" in str(line) for line in run_a["lines"])
     assert run_a["handlers"][0] == run_a["handlers"][1], "train() must put the SIGINT handler back"
+
+
+def test_no_training_decision_reads_the_test_split(run_a, tmp_path):
+    """The test split (val.jsonl) is replaced by garbage: training must not notice. The evaluations
+    (curves), best/ (the checkpoint choice) and final/ are those of the run with the real file."""
+    cfg = run_a["cfg"]
+    data = tmp_path / "prepared"
+    shutil.copytree(cfg.data_dir, data)
+    (data / "val.jsonl").write_text("not a sequence file\n")
+    cfg2 = replace(cfg, data_dir=str(data), out_dir=str(tmp_path / "run"))
+    train(cfg2, log=lambda *a: None)
+    assert [[r[k] for k in LOGGED] for r in read_log(cfg2)] == [[r[k] for k in LOGGED] for r in run_a["log"]]
+    for name in ("best", "final"):
+        a, b = weights(os.path.join(cfg.out_dir, name)), weights(os.path.join(cfg2.out_dir, name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    best = json.load(open(os.path.join(cfg2.out_dir, "best", "metrics.json")))
+    assert best["split"] == "dev" and best["chosen"].startswith("best: the highest development-split accuracy")
 
 
 def test_make_batch_scores_real_tokens_once(run_a):
@@ -187,7 +205,7 @@ def test_truncation_keeps_the_label_tail(run_a):
     assert x[:, :8].tolist() == [s[:8] for s in full]                  # <IMG> and the first 7 codes stay
     ck = checkpoint.load(os.path.join(cfg.out_dir, "final")); model = ck.model
     assert model.config.block_size == 12
-    assert ck.metrics["n_sequences"] == 12 and 0 <= ck.metrics["accuracy"] <= 1
+    assert ck.metrics["n_sequences"] == 17 and ck.metrics["split"] == "dev" and 0 <= ck.metrics["accuracy"] <= 1
 
 
 def test_grad_accum_matches_a_bigger_batch(run_a):
@@ -197,7 +215,7 @@ def test_grad_accum_matches_a_bigger_batch(run_a):
     got, want = read_log(cfg), run_a["log"]
     assert [r["step"] for r in got] == [r["step"] for r in want]
     for g, w in zip(got, want):
-        for k in ("train_loss", "val_loss"):
+        for k in ("train_loss", "dev_loss"):
             assert g[k] == pytest.approx(w[k], rel=1e-5), k
 
 
@@ -305,7 +323,7 @@ def test_torchrun_two_processes_match_one(run_a, tmp_path):
     assert [g["step"] for g in got] == [w["step"] for w in want]
     for g, w in zip(got, want):
         assert g["tokens"] == w["tokens"] and g["lr"] == w["lr"]
-        for k in ("train_loss", "val_loss", "val_perplexity"):
+        for k in ("train_loss", "dev_loss", "dev_perplexity"):
             assert g[k] == pytest.approx(w[k], rel=1e-5), (g["step"], k)
     wd, wa = weights(os.path.join(cfg.out_dir, "final")), weights(os.path.join(run_a["cfg"].out_dir, "final"))
     for k in wa:
@@ -326,9 +344,9 @@ def test_checkpoint_folders(run_a):
     assert saved["train"]["n_embd"] == 32 and saved["model"]["block_size"] == 32
     with open(os.path.join(out, "final", "metrics.json")) as f:
         metrics = json.load(f)
-    assert metrics["loss"] == run_a["log"][-1]["val_loss"]
+    assert metrics["loss"] == run_a["log"][-1]["dev_loss"]
     best = json.load(open(os.path.join(out, "best", "metrics.json")))
-    assert best["accuracy"] == run_a["out"]["best_accuracy"] == max(r["val_accuracy"] for r in run_a["log"])
+    assert best["accuracy"] == run_a["out"]["best_accuracy"] == max(r["dev_accuracy"] for r in run_a["log"])
 
 
 def test_loaded_model_gives_the_trained_logits(run_a):
@@ -436,7 +454,7 @@ def test_shipped_configs_load():
     for name in ("demo", "large"):  # augmented copies of the training images: their own data_dir
         cfg = load_config(os.path.join(ROOT, "config", f"{name}.yaml"))
         assert cfg.augment > 0 and cfg.data_dir != v2.data_dir and cfg.label_weight > 1
-        assert (cfg.source, cfg.patch_size, cfg.num_codes, cfg.dev_fraction) == ("builtin", 4, 500, 0.0)
+        assert (cfg.source, cfg.patch_size, cfg.num_codes, cfg.dev_fraction) == ("builtin", 4, 500, 0.1)
 
 
 def test_cli_help_lists_the_keys():
