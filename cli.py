@@ -29,8 +29,12 @@ def parser(doc, prog=None):
                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def add_ckpt(p, default="runs/demo/final", help="checkpoint folder, or a Hugging Face export"):
-    p.add_argument("--ckpt", default=default, help=f"{help} (default: %(default)s)")
+def add_ckpt(p, default="runs/demo/final", help="checkpoint folder, or a Hugging Face export", many=False):
+    if many:
+        p.add_argument("--ckpt", nargs="+", default=[default], help=f"{help}; several (one per seed, say) are "
+                       f"each evaluated and summarised as mean, std and 95 %% interval (default: {default})")
+    else:
+        p.add_argument("--ckpt", default=default, help=f"{help} (default: %(default)s)")
 
 
 def add_device(p, default="auto"):

@@ -3,6 +3,7 @@ or sequences; show the most likely next tokens; draw training curves.
 
     python eval.py                                    # runs/demo/final on its test split (val.jsonl)
     python eval.py --ckpt runs/v2/best --data other.jsonl [--repair_v1]
+    python eval.py --ckpt runs/demo/seed-*/final      # each on its test split, then mean +- std, 95 % interval
     python eval.py --images my_digits/                # root/<class>/*.png, tokenised with the codebook
     python eval.py --classify a.png b.png folder/ seqs.jsonl
     python eval.py --next "<IMG> <Z_000> <Z_000>" --top_k 5
@@ -21,7 +22,7 @@ from tqdm import tqdm
 import checkpoint
 from cli import add_backend, add_ckpt, add_device, parser, run_cli
 from data import IMAGE_EXTS, load_folder, make_batch, read_image, read_sequences
-from metrics import class_probs, evaluate, next_tokens
+from metrics import class_probs, evaluate, mean_std_ci, next_tokens
 from plots import confusion_png, plot_curves
 from util import UserError, check_file, resolve_device, write_bytes, write_json
 
@@ -72,11 +73,17 @@ def load_eval_data(args, ck):
     return seqs, f"{path} (the test split: held out, read by no training decision)"
 
 
-def run_eval(args, ck):
-    out = args.out or os.path.join(ck.folder, "eval.json")
+def outputs(args, folder):
+    """The metrics JSON and confusion PNG of one evaluation (checked before any work)."""
+    out = args.out if args.out and len(args.ckpt) == 1 else os.path.join(folder, "eval.json")
     png = os.path.splitext(out)[0] + "_confusion.png"
     check_file(out, "metrics file")
     check_file(png, "confusion matrix PNG")
+    return out, png
+
+
+def run_eval(args, ck):
+    out, png = outputs(args, ck.folder)
     seqs, source = load_eval_data(args, ck)
     block = ck.model.config.block_size
     cut = sum(len(s) > block for s in seqs)
@@ -95,6 +102,27 @@ def run_eval(args, ck):
               f"(the label tail is kept), as in training")
     print(summary(metrics, ck.class_names))
     print(f"wrote {out} and {png}")
+    return report
+
+
+def run_evals(args):
+    """Several checkpoints (one per seed): each evaluated as run_eval does, then summarised; --out,
+    if given, is the summary JSON."""
+    if args.out:
+        check_file(args.out, "summary JSON")
+    for folder in args.ckpt:
+        outputs(args, folder)
+    reports = [run_eval(args, checkpoint.load(f, resolve_device(args.device), args.backend)) for f in args.ckpt]
+    rows = {k: mean_std_ci([r[k] for r in reports]) for k in ("accuracy", "image_perplexity", "loss")}
+    a = rows["accuracy"]
+    print(f"{len(reports)} checkpoints: accuracy {100 * a['mean']:.2f} % +- {100 * a['std']:.2f} (sample std; 95 % "
+          f"interval of the mean {100 * a['ci95'][0]:.2f} .. {100 * a['ci95'][1]:.2f}); image-token perplexity "
+          f"{rows['image_perplexity']['mean']:.3f} +- {rows['image_perplexity']['std']:.3f}")
+    if args.out:
+        write_json(args.out, {"checkpoints": args.ckpt, "data": [r["data"] for r in reports],
+                              "per_checkpoint": [{k: r[k] for k in ("checkpoint", "accuracy", "image_perplexity", "loss")}
+                                                 for r in reports], **rows})
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -165,7 +193,7 @@ def run_next(args, ck):
 
 def build_parser():
     ap = parser(__doc__, prog="eval.py")
-    add_ckpt(ap)
+    add_ckpt(ap, many=True)
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--data", metavar="FILE.jsonl",
                      help="evaluate on this sequence file (default: the checkpoint's test split, <data_dir>/val.jsonl)")
@@ -198,12 +226,17 @@ def main(argv=None):
         raise UserError("--data/--images choose the evaluation data; they do not combine with --classify or --next")
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
-    ck = checkpoint.load(args.ckpt, resolve_device(args.device), args.backend)
+    if len(args.ckpt) > 1:
+        if args.classify or args.next:
+            raise UserError("several --ckpt are for evaluation; --classify and --next take one")
+        return run_evals(args)
+    ck = checkpoint.load(args.ckpt[0], resolve_device(args.device), args.backend)
     if args.classify:
         return run_classify(args, ck)
     if args.next is not None:
         return run_next(args, ck)
-    return run_eval(args, ck)
+    run_eval(args, ck)
+    return 0
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import re
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +23,12 @@ from tqdm import tqdm
 import checkpoint
 from cli import read_yaml, set_from_mapping
 from data import DataConfig, check_data_config, data_fields, ensure_prepared, make_batch, read_sequences
-from metrics import evaluate
+from metrics import evaluate, mean_std_ci
 from model import GPT, GPTConfig
 from plots import plot_curves
 from tokenizer import Codebook
 from tokens import Vocab
-from util import UserError, atomic_path, check_dir, resolve_device, tidy_dir
+from util import UserError, atomic_path, check_dir, read_json, resolve_device, tidy_dir, write_json
 
 
 @dataclass
@@ -86,6 +86,30 @@ def load_config(path=None, overrides=None):
         raise UserError(f"config: device must be auto, cpu or cuda[:N], got {cfg.device!r}")
     check_data_config(cfg)
     return cfg
+
+
+def seed_configs(cfg, n):
+    """n copies of cfg with the seeds cfg.seed, cfg.seed + 1, ..., each in its own out_dir/seed-<seed>
+    (the same data folder: the split and the codebook do not depend on the training seed)."""
+    return [replace(cfg, seed=cfg.seed + k, out_dir=os.path.join(cfg.out_dir, f"seed-{cfg.seed + k}"))
+            for k in range(n)]
+
+
+def train_seeds(cfg, n, resume=False, log=print):
+    """Train the configuration with n seeds (seed_configs; with resume, a started run continues and a
+    complete one is kept) and write out_dir/seeds.json: each run's development accuracy of final/,
+    and their mean, standard deviation and 95 % interval. -> that summary."""
+    runs = []
+    for c in seed_configs(cfg, n):
+        log(f"seed {c.seed}: {c.out_dir}")
+        started = os.path.exists(os.path.join(c.out_dir, "final", "trainer_state.pt"))
+        train(c, resume=resume and started, log=log)
+        final = read_json(os.path.join(c.out_dir, "final", "metrics.json"), "metrics.json")
+        runs.append({"seed": c.seed, "out_dir": c.out_dir, "final_dev_accuracy": final.get("accuracy")})
+    accs = [r["final_dev_accuracy"] for r in runs if isinstance(r["final_dev_accuracy"], float)]
+    summary = {"runs": runs, "final_dev_accuracy": mean_std_ci(accs) if len(accs) == n else None}
+    write_json(os.path.join(cfg.out_dir, "seeds.json"), summary)
+    return summary
 
 
 def get_lr(step, total, cfg):

@@ -471,3 +471,36 @@ def test_cli_config_error_is_one_line(tmp_path):
     assert "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "unknown key 'bogus'" in lines[0]
+
+
+def test_seeds_train_each_and_eval_summarises_them(run_a, tmp_path, capsys):
+    """train.py --seeds 2: two runs (seeds s and s + 1) in out_dir/seed-*, summarised in seeds.json;
+    eval.py with both checkpoints reports each on the test split and their mean, std and interval."""
+    import eval as ev
+    import train as train_script
+    from metrics import mean_std_ci
+    cfg = make_cfg(run_a["tmp"], "", out_dir=str(tmp_path / "seeds"), epochs=1, eval_every=0)
+    assert train_script.main(cli_args(cfg) + ["--seeds", "2"]) == 0
+    summary = json.load(open(tmp_path / "seeds" / "seeds.json"))
+    assert [r["seed"] for r in summary["runs"]] == [cfg.seed, cfg.seed + 1]
+    accs = [json.load(open(tmp_path / "seeds" / f"seed-{s}" / "final" / "metrics.json"))["accuracy"]
+            for s in (cfg.seed, cfg.seed + 1)]
+    assert summary["final_dev_accuracy"]["mean"] == pytest.approx(sum(accs) / 2)
+    a, b = (weights(str(tmp_path / "seeds" / f"seed-{s}" / "final")) for s in (cfg.seed, cfg.seed + 1))
+    assert any(not torch.equal(a[k], b[k]) for k in a)                  # really two different seeds
+    out = tmp_path / "summary.json"
+    finals = [str(tmp_path / "seeds" / f"seed-{s}" / "final") for s in (cfg.seed, cfg.seed + 1)]
+    assert ev.main(["--ckpt", *finals, "--out", str(out)]) == 0
+    rep = json.load(open(out))
+    each = [json.load(open(os.path.join(f, "eval.json")))["accuracy"] for f in finals]
+    assert rep["accuracy"] == mean_std_ci(each) and "2 checkpoints: accuracy" in capsys.readouterr().out
+
+
+def test_mean_std_ci_matches_scipy():
+    from scipy import stats
+    from metrics import mean_std_ci
+    for xs in ([0.97, 0.98, 0.985], [1.0, 2.0, 4.0, 8.0, 16.0], [0.5] * 2 + [0.7]):
+        s = mean_std_ci(xs)
+        lo, hi = stats.t.interval(0.95, len(xs) - 1, loc=np.mean(xs), scale=stats.sem(xs))
+        assert s["std"] == pytest.approx(np.std(xs, ddof=1)) and s["ci95"] == pytest.approx([lo, hi], rel=1e-3)
+    assert mean_std_ci([0.9]) == {"n": 1, "mean": 0.9, "std": None, "ci95": None}
