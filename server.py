@@ -324,8 +324,14 @@ def create_app(model, info, window=0.01, max_rows=64, batching=True, max_upload=
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
     seeds = np.random.default_rng(secrets.randbits(64))
 
-    def run_classify(key, prefixes):
-        return classify_ids(model, info, prefixes).tolist()
+    def run_classify(key, items):
+        """items: token-id prefixes or uint8 images (H, W, C), tokenised here together -> (prefix, probs)."""
+        prefixes = list(items)
+        at = [i for i, x in enumerate(items) if isinstance(x, np.ndarray)]
+        if at:
+            for i, p in zip(at, image_ids(np.stack([items[i] for i in at]), info)):
+                prefixes[i] = p
+        return list(zip(prefixes, classify_ids(model, info, prefixes).tolist()))
 
     def run_decode(key, items):
         """items: (prompt, settings); one call shares one group's settings (see decode_key)."""
@@ -401,18 +407,17 @@ def create_app(model, info, window=0.01, max_rows=64, batching=True, max_upload=
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind == "multipart/form-data":
             data, _ = await read_form(request, EmptyForm)
-            img = await run_in_threadpool(decode_upload, data, size, channels)
-            prefix = (await run_in_threadpool(image_ids, img[None], info))[0]
+            item = await run_in_threadpool(decode_upload, data, size, channels)
         elif kind == "application/json":
             try:
                 body = ClassifyTokens.model_validate_json(await request.body())
             except ValidationError as e:
                 raise HTTPException(422, validation_line(e.errors())) from None
-            prefix = tokens_prefix(body.tokens)
+            item = tokens_prefix(body.tokens)
         else:
             raise HTTPException(415, "send an image as multipart/form-data (field \"image\") "
                                      "or JSON {\"tokens\": \"...\"}")
-        (probs,), rows = await classifier.submit("classify", [prefix])
+        ((prefix, probs),), rows = await classifier.submit("classify", [item])
         c = int(np.argmax(probs))
         return ClassifyResponse(prediction=c, label=names[c], probability=probs[c], probabilities=probs,
                                 classes=names, tokens=vocab.decode(prefix), batch_rows=rows,
@@ -449,7 +454,7 @@ def create_app(model, info, window=0.01, max_rows=64, batching=True, max_upload=
         data, s = await read_form(request, CompleteForm)
         check_conditioning(s)
         img = await run_in_threadpool(decode_upload, data, size, channels)
-        prefix = (await run_in_threadpool(image_ids, img[None], info))[0]
+        prefix = (await asyncio.get_running_loop().run_in_executor(executor, image_ids, img[None], info))[0]
         codes = prefix[1:-2]
         keep = max(1, round(s.fraction * len(codes)))
         prompt = [vocab.img_id] + codes[:keep]

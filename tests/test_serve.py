@@ -287,6 +287,19 @@ def test_traversal_over_a_raw_socket(loaded):
         server_load.stop(srv, thread)
 
 
+def test_an_exported_hugging_face_folder_serves_the_same(ckpt, client, tmp_path):
+    out = tmp_path / "hf"
+    done = subprocess.run([sys.executable, "hf_export.py", "--ckpt", ckpt, "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with TestClient(server.create_app(*server.load_model(str(out), "cpu"))) as hf:
+        a = hf.post("/classify", files=upload(png(drawn_one()))).json()
+        b = client.post("/classify", files=upload(png(drawn_one()))).json()
+        assert a["tokens"] == b["tokens"] and np.allclose(a["probabilities"], b["probabilities"], atol=1e-5)
+        assert hf.post("/generate", json={"count": 2, "temperature": 0}).json()["samples"][0]["tokens"] == \
+            client.post("/generate", json={"count": 2, "temperature": 0}).json()["samples"][0]["tokens"]
+
+
 # ----------------------------------------------------------------------------- concurrency
 
 def gate(monkeypatch):
