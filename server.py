@@ -370,6 +370,10 @@ def create_app(model, info, window=0.01, max_rows=64, batching=True, max_upload=
     async def http_error(request, exc):
         return JSONResponse({"detail": one_line(exc.detail)}, status_code=exc.status_code)
 
+    @app.exception_handler(Exception)
+    async def server_error(request, exc):  # a bug: still one line of JSON, and the server carries on
+        return JSONResponse({"detail": f"internal error ({type(exc).__name__}: {one_line(exc)})"}, status_code=500)
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, exc):
         return JSONResponse({"detail": validation_line(jsonable_encoder(exc.errors()))}, status_code=422)
@@ -458,6 +462,9 @@ def create_app(model, info, window=0.01, max_rows=64, batching=True, max_upload=
         codes = prefix[1:-2]
         keep = max(1, round(s.fraction * len(codes)))
         prompt = [vocab.img_id] + codes[:keep]
+        if len(prompt) >= model.config.block_size:
+            raise HTTPException(422, f"the kept {keep} tokens fill the model's block size "
+                                     f"{model.config.block_size}; lower the fraction")
         samples, rows = await decode([prompt] * s.count, s)
         return CompleteResponse(samples=samples, classes=names, batch_rows=rows, kept=keep, total=len(codes),
                                 input_png=png_base64(pixels(prefix, info)),

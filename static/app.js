@@ -232,7 +232,8 @@ $("complete").addEventListener("click", async () => {
   } catch (err) {
     status(`complete: ${err.message}`);
   } finally {
-    busy($("complete"), !drawn);
+    busy($("complete"), false);
+    $("complete").disabled = !drawn;
   }
 });
 

@@ -302,6 +302,16 @@ def test_an_exported_hugging_face_folder_serves_the_same(ckpt, client, tmp_path)
 
 # ----------------------------------------------------------------------------- concurrency
 
+def test_a_failing_model_call_is_one_line_500_and_the_server_carries_on(loaded, monkeypatch):
+    real = server.decode_rows
+    monkeypatch.setattr(server, "decode_rows", lambda *a, **k: 1 / 0)
+    with TestClient(server.create_app(*loaded), raise_server_exceptions=False) as c:
+        r = c.post("/generate", json={"count": 1})
+        assert r.status_code == 500 and r.json() == {"detail": "internal error (ZeroDivisionError: division by zero)"}
+        monkeypatch.setattr(server, "decode_rows", real)
+        assert c.post("/generate", json={"count": 1}).status_code == 200
+
+
 def gate(monkeypatch):
     """Hold every decoding call in the model thread until released -> (entered, release) events."""
     entered, release = threading.Event(), threading.Event()
