@@ -3,12 +3,13 @@
     python serve.py                                  # runs/demo/best on http://127.0.0.1:8000
     python serve.py --ckpt hf_out --port 8080        # an exported Hugging Face folder works too
     python serve.py --host 0.0.0.0                   # reachable from other machines (off by default)
-    python serve.py --loadtest [--clients 32 --requests 256] [--quick] [--json load.json]
+    python serve.py --loadtest [--clients 32 --requests 256] [--quick] [--json load.json] [--threads 1]
 
 The load test starts the server on a free loopback port and drives it with concurrent clients,
 with and without request batching, and prints throughput and p50/p99 latency per endpoint.
 """
 import argparse
+import os
 import socket
 
 from util import UserError, run_cli, write_json
@@ -21,6 +22,8 @@ def build_parser():
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for the model (0: torch's default; 1 is steadier on a shared CPU)")
     p.add_argument("--batch_window_ms", type=float, default=10.0,
                    help="how long concurrent requests are collected into one model call")
     p.add_argument("--max_batch", type=int, default=64, help="most rows (images) in one model call")
@@ -38,6 +41,8 @@ def build_parser():
 def check_args(a):
     if not 0 < a.port < 65536:
         raise UserError(f"--port {a.port}: expected 1..65535")
+    if a.threads < 0:
+        raise UserError(f"--threads {a.threads}: expected 0 (torch's default) or a positive number")
     if a.batch_window_ms < 0 or a.batch_window_ms > 1000:
         raise UserError(f"--batch_window_ms {a.batch_window_ms}: expected 0..1000")
     if a.max_batch < 1:
@@ -66,19 +71,27 @@ def listen(host, port):
 def main(argv=None):
     a = build_parser().parse_args(argv)
     check_args(a)
+    import torch
     import uvicorn
 
     import server
     import server_load
+    if a.threads:
+        torch.set_num_threads(a.threads)
     sock = None if a.loadtest else listen(a.host, a.port)
     model, info = server.load_model(a.ckpt, a.device)
     opts = dict(window=a.batch_window_ms / 1000, max_rows=a.max_batch, max_upload=int(a.max_upload_mb * 2**20))
     if a.loadtest:
         clients, requests = (8, 32) if a.quick else (a.clients, a.requests)
+        load_before = [round(x, 2) for x in os.getloadavg()]
         rows = server_load.run(model, info, clients, requests, **opts)
         print(server_load.table(rows))
+        print(f"{a.ckpt}, {torch.get_num_threads()} model thread(s), batch window {a.batch_window_ms:g} ms; "
+              f"load average before the run {load_before[0]}")
         if a.json:
-            write_json(a.json, {"checkpoint": a.ckpt, "clients": clients, "requests": requests, "rows": rows})
+            write_json(a.json, {"checkpoint": a.ckpt, "threads": torch.get_num_threads(), "clients": clients,
+                                "requests": requests, "batch_window_ms": a.batch_window_ms,
+                                "load_average_before": load_before, "rows": rows})
         failed = sum(r["failed"] for r in rows)
         return 1 if failed else 0
     app = server.create_app(model, info, batching=not a.no_batching, **opts)

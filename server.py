@@ -349,9 +349,10 @@ def create_app(model, info, window=0.01, max_rows=64, batching=True, max_upload=
         return Sample(image_png=png_base64(pixels(ids, info)), tokens=vocab.decode(ids), label=wrote,
                       prediction=r["pred"], probability=r["prob"], well_formed=well)
 
-    win = window if batching else None
-    classifier = Batcher(run_classify, executor, win, max_rows)
-    decoder = Batcher(run_decode, executor, win, max_rows)
+    # /classify merges whatever is waiting without waiting for more (its call takes about a millisecond,
+    # less than any window would); decoding waits `window` for company, since one pass takes long
+    classifier = Batcher(run_classify, executor, 0 if batching else None, max_rows)
+    decoder = Batcher(run_decode, executor, window if batching else None, max_rows)
 
     @asynccontextmanager
     async def lifespan(app):
