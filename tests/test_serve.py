@@ -1,7 +1,7 @@
 """serve.py / server.py: every endpoint against a real model, bad input, batching, the load test, the
 command line, and the page in a real headless Chromium (Debian's chromium driven by Playwright).
 
-The model is a small GPT trained here on the built-in digits (about 30 s on 2 CPU cores), so that a
+The model is a small GPT trained here on the built-in digits (30-45 s on one CPU thread), so that a
 clearly drawn "1" is read as a 1. SERVE_TEST_CKPT=DIR uses an existing checkpoint instead, and
 SERVE_SCREENSHOTS=DIR keeps the browser test's screenshots there (serve.png, serve_phone.png).
 """
@@ -42,7 +42,8 @@ def ckpt(tmp_path_factory):
     cmd = [sys.executable, "train.py", "config/demo.yaml", "--out_dir", str(root / "run"),
            "--data_dir", str(root / "data"), "--augment", "0", "--epochs", "6", "--n_layer", "2",
            "--n_head", "2", "--n_embd", "64", "--num_codes", "64", "--kmeans_iters", "5"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    env = dict(os.environ, OMP_NUM_THREADS="1")     # one thread: steady when the CPU is shared
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     return str(root / "run" / "best")
 
