@@ -1,0 +1,526 @@
+"""The web service: the FastAPI app (classify, generate, complete, the page), request batching, uploads.
+
+    app = create_app(model, info)          # serve.py runs it with uvicorn
+
+Endpoints (OpenAPI docs at /docs):
+    POST /classify   an image upload (multipart field "image": PNG/JPEG/..., any size, grey or colour)
+                     or JSON {"tokens": "<IMG> <Z_017> ..."} -> probabilities per class, prediction
+    POST /generate   JSON {"count", "temperature", "top_k", "top_p", "seed", "digit", "cfg"} -> images
+                     (base64 PNG), their token sequences and the model's own label
+    POST /complete   multipart: "image" plus form fields "fraction", "count", sampling settings ->
+                     the first `fraction` of the image's tokens continued `count` times
+    GET  /healthz    the checkpoint's facts; GET / the page (static/), GET /static/... its files
+
+Model calls run in one worker thread, never on the event loop. Concurrent requests are collected for
+a short window and run as one batched call: N clients asking for a digit each cost about one batched
+decoding pass, not N. Every bad input gets a 4xx with a one-line JSON {"detail": "..."}.
+"""
+import asyncio
+import base64
+import io
+import os
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Optional
+
+import numpy as np
+import torch
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from data import read_image
+from util import UserError
+
+# --- model operations (rewired to the library core after issue 11) ---------------------------------
+# Every call into eval.py / sample.py / checkpoint.py is here and nowhere else in this file.
+import checkpoint  # noqa: E402
+from eval import class_names, class_probs, image_prefixes, parse_tokens, pick_device  # noqa: E402
+from sample import generate as sample_generate  # noqa: E402
+
+
+def load_model(folder, device="auto"):
+    """A checkpoint folder or an exported Hugging Face folder -> (model, info)."""
+    return checkpoint.load(folder, pick_device(device))
+
+
+def names_of(info):
+    return class_names(info)
+
+
+def image_ids(images, info):
+    """uint8 images (N, H, W, C) -> prefixes '<IMG> codes </IMG> <CLS>' (token ids)."""
+    return image_prefixes(images, info["codebook"], info["vocab"])
+
+
+def token_ids(text, info):
+    """A token string -> ids (unknown tokens: UserError)."""
+    return parse_tokens(text, info["vocab"], "tokens")
+
+
+def classify_ids(model, info, prefixes):
+    """Prefixes ending in <CLS> -> (N, C) probabilities over the class labels."""
+    return class_probs(model, prefixes, info["vocab"], batch_size=256)
+
+
+def decode_rows(model, info, prompts, temperature, top_k, top_p, generator):
+    """Continue each prompt until <EOS> (or the block size) -> dicts with ids, pred, prob."""
+    return sample_generate(model, prompts, info["vocab"], model.config.block_size, temperature=temperature,
+                           top_k=top_k or None, top_p=top_p, generator=generator, batch_size=256)
+
+
+def pixels(ids, info):
+    """Any token-id sequence -> uint8 image (H, W, C) through the checkpoint's codebook."""
+    img = info["codebook"].decode_ids(ids, info["vocab"])
+    return (img.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+
+
+def conditional(model, info):
+    """Can this checkpoint sample a chosen class? (No: class-conditional sampling does not exist yet.)"""
+    return False
+# --- end of model operations ------------------------------------------------------------------------
+
+STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+MAX_PIXELS = 4096 * 4096          # decoded size limit for an upload (a decompression bomb stops here)
+MAX_TOKENS_CHARS = 40_000
+NO_CONDITIONING = "class-conditional sampling needs a model trained with conditioning"
+
+
+# ----------------------------------------------------------------------------- requests and responses
+
+class Sampling(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    temperature: float = Field(1.0, ge=0, le=5, description="0 = greedy")
+    top_k: int = Field(0, ge=0, le=100_000, description="keep the k most likely tokens; 0 = off")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling; 1 = off")
+    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1,
+                                description="reproducible result: the request is then decoded on its own")
+    digit: Optional[int] = Field(None, ge=0, description="class to draw (needs a class-conditional model)")
+    cfg: Optional[float] = Field(None, ge=0, le=20, description="guidance scale (needs a class-conditional model)")
+
+
+class GenerateRequest(Sampling):
+    count: int = Field(4, ge=1, le=64, description="number of images")
+
+
+class CompleteForm(Sampling):
+    fraction: float = Field(0.5, gt=0, lt=1, description="share of the image's tokens (raster order) kept")
+    count: int = Field(4, ge=1, le=16, description="completions")
+
+
+class ClassifyTokens(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tokens: str = Field(..., min_length=1, max_length=MAX_TOKENS_CHARS,
+                        description="'<IMG> <Z_017> ... </IMG>' (a <CLS> is added when missing)")
+
+
+class ClassifyResponse(BaseModel):
+    prediction: int
+    label: str = Field(description="class name of the prediction")
+    probability: float
+    probabilities: list[float] = Field(description="one per class, in class order")
+    classes: list[str]
+    tokens: str = Field(description="the sequence the model read")
+    image_png: str = Field(description="base64 PNG: the input as the model sees it (decoded tokens)")
+    batch_rows: int = Field(description="rows in the batched model call this request shared")
+
+
+class Sample(BaseModel):
+    image_png: str = Field(description="base64 PNG of the decoded tokens")
+    tokens: str
+    label: Optional[int] = Field(description="the label token the model wrote (None if it wrote none)")
+    prediction: Optional[int] = Field(description="argmax of the model's label probabilities at <CLS>")
+    probability: Optional[float]
+    well_formed: bool = Field(description="'<IMG>', every code, '</IMG> <CLS> <CLS_y> <EOS>'")
+
+
+class GenerateResponse(BaseModel):
+    samples: list[Sample]
+    classes: list[str]
+    batch_rows: int = Field(description="rows in the batched decoding call this request shared")
+
+
+class CompleteResponse(GenerateResponse):
+    input_png: str = Field(description="base64 PNG: the uploaded image as the model sees it")
+    given_png: str = Field(description="base64 PNG: the part kept as the prompt")
+    kept: int = Field(description="image tokens kept")
+    total: int = Field(description="image tokens in a whole image")
+
+
+class Health(BaseModel):
+    status: str
+    checkpoint: str
+    classes: list[str]
+    image_size: list[int]
+    channels: int
+    vocab_size: int
+    block_size: int
+    parameters: int
+    device: str
+    conditional: bool
+    batching: bool
+
+
+# ----------------------------------------------------------------------------- batching
+
+class Batcher:
+    """Collects concurrent jobs for `window` seconds, then runs jobs with equal keys as one call of
+    run(key, items) -> results (one per item) in the model thread. A job with key None runs alone;
+    window None turns batching off (every job alone, in arrival order)."""
+
+    def __init__(self, run, executor, window, max_rows):
+        self.run, self.executor, self.window, self.max_rows = run, executor, window, max_rows
+        self.queue = None
+        self.task = None
+
+    def start(self):
+        self.queue = asyncio.Queue()
+        self.task = asyncio.create_task(self._loop())
+
+    async def stop(self):
+        self.task.cancel()
+        try:
+            await self.task
+        except asyncio.CancelledError:
+            pass
+
+    async def submit(self, key, items):
+        """-> (results for items, rows in the call they shared)"""
+        fut = asyncio.get_running_loop().create_future()
+        await self.queue.put((key, items, fut))
+        return await fut
+
+    async def _loop(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = [await self.queue.get()]
+            if self.window is not None:
+                if self.window > 0:
+                    await asyncio.sleep(self.window)
+                while not self.queue.empty():
+                    jobs.append(self.queue.get_nowait())
+            for group in self._groups(jobs):
+                items = [it for _, its, _ in group for it in its]
+                try:
+                    results = await loop.run_in_executor(self.executor, self.run, group[0][0], items)
+                except Exception as e:  # reaches the waiting requests, never ends the loop
+                    for *_, fut in group:
+                        if not fut.done():
+                            fut.set_exception(e)
+                    continue
+                at = 0
+                for _, its, fut in group:
+                    if not fut.done():
+                        fut.set_result((results[at:at + len(its)], len(items)))
+                    at += len(its)
+
+    def _groups(self, jobs):
+        """Jobs with equal keys together, up to max_rows items a group (a bigger job goes alone)."""
+        if self.window is None:
+            return [[j] for j in jobs]
+        groups, open_ = [], {}
+        for job in jobs:
+            key, items, _ = job
+            g = open_.get(key) if key is not None else None
+            if g is None or sum(len(j[1]) for j in g) + len(items) > self.max_rows:
+                g = []
+                groups.append(g)
+                if key is not None:
+                    open_[key] = g
+            g.append(job)
+        return groups
+
+
+# ----------------------------------------------------------------------------- uploads
+
+class Upload(io.BytesIO):
+    """Uploaded bytes, named 'upload' in error messages (data.read_image prefixes its path)."""
+
+    def __str__(self):
+        return "upload"
+
+    __repr__ = __str__
+
+
+def decode_upload(data, size, channels):
+    """Uploaded image bytes (any format Pillow reads, any size) -> uint8 (H, W, C) converted and resized
+    exactly as the training images (data.read_image). HTTPException 413 for an image over MAX_PIXELS
+    (a decompression bomb), 400 for anything that is not a readable image."""
+    from PIL import Image, UnidentifiedImageError
+    if not data:
+        raise HTTPException(400, "the image upload is empty")
+    try:
+        with Image.open(Upload(data)) as im:
+            w, h = im.size
+    except Image.DecompressionBombError as e:
+        raise HTTPException(413, f"image too large to decode ({e})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise HTTPException(400, f"not a readable image ({one_line(e)})") from None
+    if w * h > MAX_PIXELS:
+        raise HTTPException(413, f"image is {w}x{h} = {w * h} pixels; the limit is {MAX_PIXELS}")
+    try:
+        return np.array(read_image(Upload(data), size, channels))  # a writable copy for torch
+    except UserError as e:
+        raise HTTPException(400, one_line(e)) from None
+
+
+def one_line(e):
+    text = " ".join(str(e).split())
+    return text[:300] or type(e).__name__
+
+
+def png_base64(img):
+    """uint8 (H, W, C) -> base64 PNG text."""
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+async def read_form(request, model_cls):
+    """A multipart request -> (image bytes, validated settings); unknown fields are 422."""
+    try:
+        form = await request.form(max_files=1, max_fields=20)
+    except HTTPException:
+        raise
+    except Exception as e:  # a broken multipart body
+        raise HTTPException(400, f"cannot read the multipart form ({one_line(e)})") from None
+    upload = form.get("image")
+    if upload is None or isinstance(upload, str):
+        raise HTTPException(422, 'the form needs a file field "image"')
+    data = await upload.read()
+    fields = {k: v for k, v in form.multi_items() if k != "image"}
+    try:
+        settings = model_cls.model_validate(fields)
+    except ValidationError as e:
+        raise HTTPException(422, validation_line(e.errors())) from None
+    return data, settings
+
+
+def validation_line(errors):
+    """Pydantic errors -> one line: 'count: Input should be less than or equal to 64; ...'."""
+    parts = []
+    for err in errors[:3]:
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------- the app
+
+def create_app(model, info, window=0.01, max_rows=64, batching=True, max_upload=4 << 20, static_dir=STATIC):
+    """The FastAPI app around a loaded model. window: seconds to collect concurrent requests into one
+    model call (batching=False: every request is its own call); max_upload: bytes per request body."""
+    vocab, book = info["vocab"], info["codebook"]
+    names = names_of(info)
+    size, channels = tuple(book.image_size), book.channels
+    device = next(model.parameters()).device
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+    seeds = np.random.default_rng(secrets.randbits(64))
+
+    def run_classify(key, items):
+        """items: token-id prefixes or uint8 images (H, W, C), tokenised here together -> (prefix, probs)."""
+        prefixes = list(items)
+        at = [i for i, x in enumerate(items) if isinstance(x, np.ndarray)]
+        if at:
+            for i, p in zip(at, image_ids(np.stack([items[i] for i in at]), info)):
+                prefixes[i] = p
+        return list(zip(prefixes, classify_ids(model, info, prefixes).tolist()))
+
+    def run_decode(key, items):
+        """items: (prompt, settings); one call shares one group's settings (see decode_key)."""
+        temperature, top_k, top_p, seed = items[0][1]
+        gen = torch.Generator(device=device).manual_seed(int(seed if seed is not None else seeds.integers(2**62)))
+        rows = decode_rows(model, info, [p for p, _ in items], temperature, top_k, top_p, gen)
+        return [sample_of(r) for r in rows]
+
+    def sample_of(r):
+        ids = r["ids"]
+        wrote = ids[-2] - vocab.label_offset if (len(ids) >= 2 and ids[-1] == vocab.eos_id
+                                                   and vocab.label_offset <= ids[-2] < len(vocab)) else None
+        well = (len(ids) == book.seq_len + 5 and ids[0] == vocab.img_id and ids[-4] == vocab.img_end_id
+                and ids[-3] == vocab.cls_id and wrote is not None and all(vocab.is_code(i) for i in ids[1:-4]))
+        return Sample(image_png=png_base64(pixels(ids, info)), tokens=vocab.decode(ids), label=wrote,
+                      prediction=r["pred"], probability=r["prob"], well_formed=well)
+
+    # /classify merges whatever is waiting without waiting for more (its call takes about a millisecond,
+    # less than any window would); decoding waits `window` for company, since one pass takes long
+    classifier = Batcher(run_classify, executor, 0 if batching else None, max_rows)
+    decoder = Batcher(run_decode, executor, window if batching else None, max_rows)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        classifier.start()
+        decoder.start()
+        yield
+        await classifier.stop()
+        await decoder.stop()
+        executor.shutdown(wait=True)
+
+    app = FastAPI(title="imagegpt-tokens", lifespan=lifespan,
+                  description="Classify, complete and generate images with a GPT over codebook tokens.")
+    app.add_middleware(BodyLimit, max_bytes=max_upload)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):
+        return JSONResponse({"detail": one_line(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(request, exc):  # a bug: still one line of JSON, and the server carries on
+        return JSONResponse({"detail": f"internal error ({type(exc).__name__}: {one_line(exc)})"}, status_code=500)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc):
+        return JSONResponse({"detail": validation_line(jsonable_encoder(exc.errors()))}, status_code=422)
+
+    def check_conditioning(s):
+        if s.digit is not None or s.cfg is not None:
+            if not conditional(model, info):
+                raise HTTPException(422, NO_CONDITIONING)
+            if s.digit is not None and s.digit >= len(names):
+                raise HTTPException(422, f"digit {s.digit} is not a class of this model (0..{len(names) - 1})")
+
+    def decode_key(s):
+        """Requests with equal sampling settings share a call; a seeded one decodes alone."""
+        settings = (s.temperature, s.top_k, s.top_p, s.seed)
+        return None if s.seed is not None else settings, settings
+
+    async def decode(prompts, s):
+        key, settings = decode_key(s)
+        return await decoder.submit(key, [(p, settings) for p in prompts])
+
+    @app.get("/healthz", response_model=Health)
+    async def healthz():
+        return Health(status="ok", checkpoint=str(info.get("folder", "")), classes=names, image_size=list(size),
+                      channels=channels, vocab_size=len(vocab), block_size=model.config.block_size,
+                      parameters=sum(p.numel() for p in model.parameters()), device=str(device),
+                      conditional=conditional(model, info), batching=batching)
+
+    classify_doc = {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
+            "image": {"type": "string", "format": "binary"}}}},
+        "application/json": {"schema": ClassifyTokens.model_json_schema()}}}}
+
+    @app.post("/classify", response_model=ClassifyResponse, openapi_extra=classify_doc)
+    async def classify(request: Request):
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind == "multipart/form-data":
+            data, _ = await read_form(request, EmptyForm)
+            item = await run_in_threadpool(decode_upload, data, size, channels)
+        elif kind == "application/json":
+            try:
+                body = ClassifyTokens.model_validate_json(await request.body())
+            except ValidationError as e:
+                raise HTTPException(422, validation_line(e.errors())) from None
+            item = tokens_prefix(body.tokens)
+        else:
+            raise HTTPException(415, "send an image as multipart/form-data (field \"image\") "
+                                     "or JSON {\"tokens\": \"...\"}")
+        ((prefix, probs),), rows = await classifier.submit("classify", [item])
+        c = int(np.argmax(probs))
+        return ClassifyResponse(prediction=c, label=names[c], probability=probs[c], probabilities=probs,
+                                classes=names, tokens=vocab.decode(prefix), batch_rows=rows,
+                                image_png=png_base64(pixels(prefix, info)))
+
+    def tokens_prefix(text):
+        try:
+            ids = token_ids(text, info)
+        except UserError as e:
+            raise HTTPException(422, one_line(e)) from None
+        if vocab.cls_id in ids:
+            ids = ids[:ids.index(vocab.cls_id) + 1]
+        else:
+            ids = ids + ([] if vocab.img_end_id in ids else [vocab.img_end_id]) + [vocab.cls_id]
+        return ids
+
+    @app.post("/generate", response_model=GenerateResponse)
+    async def generate(body: GenerateRequest):
+        check_conditioning(body)
+        samples, rows = await decode([[vocab.img_id]] * body.count, body)
+        return GenerateResponse(samples=samples, classes=names, batch_rows=rows)
+
+    complete_doc = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["image"],
+        "properties": {"image": {"type": "string", "format": "binary"},
+                       **CompleteForm.model_json_schema()["properties"]}}}}}}
+
+    @app.post("/complete", response_model=CompleteResponse, openapi_extra=complete_doc)
+    async def complete(request: Request):
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "multipart/form-data":
+            raise HTTPException(415, "send the image as multipart/form-data (field \"image\", "
+                                     "settings as form fields)")
+        data, s = await read_form(request, CompleteForm)
+        check_conditioning(s)
+        img = await run_in_threadpool(decode_upload, data, size, channels)
+        prefix = (await asyncio.get_running_loop().run_in_executor(executor, image_ids, img[None], info))[0]
+        codes = prefix[1:-2]
+        keep = max(1, round(s.fraction * len(codes)))
+        prompt = [vocab.img_id] + codes[:keep]
+        if len(prompt) >= model.config.block_size:
+            raise HTTPException(422, f"the kept {keep} tokens fill the model's block size "
+                                     f"{model.config.block_size}; lower the fraction")
+        samples, rows = await decode([prompt] * s.count, s)
+        return CompleteResponse(samples=samples, classes=names, batch_rows=rows, kept=keep, total=len(codes),
+                                input_png=png_base64(pixels(prefix, info)),
+                                given_png=png_base64(pixels(prompt, info)))
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(os.path.join(static_dir, "index.html"))
+
+    app.mount("/static", StaticFiles(directory=static_dir), name="static")
+    return app
+
+
+class EmptyForm(BaseModel):
+    """/classify takes no form fields besides the image."""
+    model_config = ConfigDict(extra="forbid")
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over max_bytes gets 413 before the app reads any of it."""
+
+    def __init__(self, app, max_bytes):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._too_large(send)
+        chunks, total, more = [], 0, True
+        while more:  # read (at most max_bytes of) the body, then hand it on
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunks.append(msg.get("body", b""))
+            total += len(chunks[-1])
+            if total > self.max_bytes:
+                return await self._too_large(send)
+            more = msg.get("more_body", False)
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, send):
+        line = f'{{"detail": "request body over the limit of {self.max_bytes} bytes"}}'.encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(line)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": line})

@@ -1,0 +1,503 @@
+"""serve.py / server.py: every endpoint against a real model, bad input, batching, the load test, the
+command line, and the page in a real headless Chromium (Debian's chromium driven by Playwright).
+
+The model is a small GPT trained here on the built-in digits (30-45 s on one CPU thread), so that a
+clearly drawn "1" is read as a 1. SERVE_TEST_CKPT=DIR uses an existing checkpoint instead, and
+SERVE_SCREENSHOTS=DIR keeps the browser test's screenshots there (serve.png, serve_phone.png).
+"""
+import asyncio
+import base64
+import io
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image, ImageDraw
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import server  # noqa: E402
+import server_load  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A 0.1 M-parameter GPT, 64 codes, 6 epochs on the 4,000 built-in training digits (fixed seeds)."""
+    if os.environ.get("SERVE_TEST_CKPT"):
+        return os.environ["SERVE_TEST_CKPT"]
+    root = tmp_path_factory.mktemp("serve")
+    cmd = [sys.executable, "train.py", "config/demo.yaml", "--out_dir", str(root / "run"),
+           "--data_dir", str(root / "data"), "--augment", "0", "--epochs", "6", "--n_layer", "2",
+           "--n_head", "2", "--n_embd", "64", "--num_codes", "64", "--kmeans_iters", "5"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")     # one thread: steady when the CPU is shared
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return str(root / "run" / "best")
+
+
+@pytest.fixture(scope="module")
+def loaded(ckpt):
+    return server.load_model(ckpt, "cpu")
+
+
+@pytest.fixture(scope="module")
+def client(loaded):
+    with TestClient(server.create_app(*loaded)) as c:
+        yield c
+
+
+def png(img, fmt="PNG", mode=None):
+    buf = io.BytesIO()
+    im = Image.fromarray(img)
+    (im.convert(mode) if mode else im).save(buf, fmt)
+    return buf.getvalue()
+
+
+def drawn_one(w=280, h=280, colour=False):
+    """A '1' as someone draws it on the page: a white vertical stroke on black, centred."""
+    im = Image.new("RGB" if colour else "L", (w, h), 0)
+    ImageDraw.Draw(im).line([(w // 2, h // 7), (w // 2, h - h // 7)], fill=(255, 255, 255) if colour else 255,
+                            width=max(2, w // 13))
+    return np.asarray(im)
+
+
+def upload(data, name="x.png", kind="image/png"):
+    return {"image": (name, data, kind)}
+
+
+def decode_png(b64):
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+def patched_png_size(width, height):
+    """A valid 8x8 PNG whose header claims width x height (what a decompression bomb looks like to the
+    decoder before it inflates anything)."""
+    raw = png(np.zeros((8, 8), np.uint8))
+    ihdr = struct.pack(">II", width, height) + raw[24:29]
+    return raw[:8] + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + raw[33:]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- the API
+
+def test_healthz_page_and_docs(client, loaded):
+    h = client.get("/healthz").json()
+    model, info = loaded
+    assert h["status"] == "ok" and h["classes"] == [str(c) for c in range(10)]
+    assert h["image_size"] == [28, 28] and h["channels"] == 1 and h["vocab_size"] == len(info["vocab"])
+    assert h["conditional"] is False and h["batching"] is True
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="pad"' in page.text and "/static/app.js" in page.text
+    assert client.get("/static/app.js").status_code == 200
+    assert client.get("/static/style.css").status_code == 200
+    spec = client.get("/openapi.json").json()
+    assert {"/classify", "/generate", "/complete", "/healthz"} <= set(spec["paths"])
+    assert client.get("/docs").status_code == 200
+
+
+def test_classify_a_drawn_one_in_any_size_and_colour(client):
+    probs = []
+    for data in (png(drawn_one()), png(drawn_one(56, 56)), png(drawn_one(600, 400, colour=True), "JPEG"),
+                 png(drawn_one(28, 28), mode="RGBA")):
+        r = client.post("/classify", files=upload(data))
+        assert r.status_code == 200, r.text
+        j = r.json()
+        assert j["prediction"] == 1 and j["label"] == "1" and j["probability"] > 0.5
+        assert len(j["probabilities"]) == 10 and abs(sum(j["probabilities"]) - 1) < 1e-4
+        assert j["tokens"].startswith("<IMG> ") and j["tokens"].endswith(" </IMG> <CLS>")
+        assert decode_png(j["image_png"]).shape == (28, 28)
+        probs.append(j["probabilities"])
+    blank = client.post("/classify", files=upload(png(np.zeros((28, 28), np.uint8)))).json()
+    assert blank["probabilities"] != probs[0]          # the answer depends on the picture
+
+
+def test_classify_tokens_equals_the_image(client):
+    img = client.post("/classify", files=upload(png(drawn_one()))).json()
+    for text in (img["tokens"], img["tokens"].replace(" </IMG> <CLS>", ""), img["tokens"] + " <CLS_7> <EOS>"):
+        r = client.post("/classify", json={"tokens": text})
+        assert r.status_code == 200, r.text
+        assert np.allclose(r.json()["probabilities"], img["probabilities"], atol=1e-5)
+        assert r.json()["tokens"] == img["tokens"]
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"tokens": "<IMG> <Z_001> <Z_999>"}, 422, "unknown token '<Z_999>'"),
+    ({"tokens": "<IMG> hello"}, 422, "unknown token 'hello'"),
+    ({"tokens": ""}, 422, "tokens"),
+    ({"tokens": "   "}, 422, "empty"),
+    ({"tokens": "<IMG>", "extra": 1}, 422, "extra: Extra inputs are not permitted"),
+    ({}, 422, "tokens: Field required"),
+    ({"tokens": 5}, 422, "tokens"),
+])
+def test_classify_bad_json(client, body, status, words):
+    r = client.post("/classify", json=body)
+    assert r.status_code == status and words in r.json()["detail"], r.text
+    assert "\n" not in r.json()["detail"]
+
+
+def test_generate(client, loaded):
+    r = client.post("/generate", json={"count": 3, "seed": 7, "temperature": 0.9, "top_p": 0.9})
+    assert r.status_code == 200, r.text
+    j = r.json()
+    assert len(j["samples"]) == 3 and j["classes"][1] == "1"
+    for s in j["samples"]:
+        assert decode_png(s["image_png"]).shape == (28, 28)
+        assert s["tokens"].startswith("<IMG> ")
+        if s["well_formed"]:
+            assert s["tokens"].endswith(f"</IMG> <CLS> <CLS_{s['label']}> <EOS>")
+            assert 0 <= s["prediction"] < 10 and 0 < s["probability"] <= 1
+    assert sum(s["well_formed"] for s in j["samples"]) >= 2   # the model writes whole digits
+    again = client.post("/generate", json={"count": 3, "seed": 7, "temperature": 0.9, "top_p": 0.9}).json()
+    assert [s["tokens"] for s in again["samples"]] == [s["tokens"] for s in j["samples"]]   # seeded: reproducible
+    greedy = client.post("/generate", json={"count": 2, "temperature": 0}).json()["samples"]
+    assert greedy[0]["tokens"] == greedy[1]["tokens"]
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"count": 0}, "count: Input should be greater than or equal to 1"),
+    ({"count": 65}, "count: Input should be less than or equal to 64"),
+    ({"temperature": -1}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_k": -2}, "top_k"),
+    ({"count": "many"}, "count"),
+    ({"colour": "red"}, "colour: Extra inputs are not permitted"),
+    ({"digit": 3}, "class-conditional sampling needs a model trained with conditioning"),
+    ({"cfg": 2.0}, "class-conditional sampling needs a model trained with conditioning"),
+    ({"digit": -1}, "digit"),
+])
+def test_generate_bad_settings(client, body, words):
+    r = client.post("/generate", json=body)
+    assert r.status_code == 422 and words in r.json()["detail"], r.text
+    assert isinstance(r.json()["detail"], str) and "\n" not in r.json()["detail"]
+
+
+def test_generate_rejects_non_json(client):
+    r = client.post("/generate", content=b"count=3", headers={"content-type": "text/plain"})
+    assert r.status_code == 422 and isinstance(r.json()["detail"], str)
+    r = client.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and isinstance(r.json()["detail"], str)
+
+
+def test_complete_keeps_the_given_part(client):
+    r = client.post("/complete", files=upload(png(drawn_one())), data={"fraction": "0.5", "count": "3", "seed": "1"})
+    assert r.status_code == 200, r.text
+    j = r.json()
+    assert (j["kept"], j["total"]) == (24, 49) and len(j["samples"]) == 3
+    head = client.post("/classify", files=upload(png(drawn_one()))).json()["tokens"].split()[:1 + 24]
+    for s in j["samples"]:
+        assert s["tokens"].split()[:25] == head           # the prompt is the image's first 24 codes
+    given = decode_png(j["given_png"])
+    assert given.shape == (28, 28) and given[16:].max() == 0   # rows after the kept part stay black
+    assert decode_png(j["input_png"]).shape == (28, 28)
+    tiny = client.post("/complete", files=upload(png(drawn_one())), data={"fraction": "0.001", "count": "1"}).json()
+    assert tiny["kept"] == 1
+
+
+@pytest.mark.parametrize("data, words", [
+    ({"fraction": "1.5"}, "fraction: Input should be less than 1"),
+    ({"fraction": "half"}, "fraction"),
+    ({"count": "17"}, "count: Input should be less than or equal to 16"),
+    ({"size": "3"}, "size: Extra inputs are not permitted"),
+    ({"digit": "4"}, "class-conditional sampling needs a model trained with conditioning"),
+])
+def test_complete_bad_settings(client, data, words):
+    r = client.post("/complete", files=upload(png(drawn_one())), data=data)
+    assert r.status_code == 422 and words in r.json()["detail"], r.text
+
+
+def test_complete_needs_a_multipart_image(client):
+    r = client.post("/complete", data={"fraction": "0.5"})
+    assert r.status_code in (415, 422) and isinstance(r.json()["detail"], str)
+    r = client.post("/complete", files={"picture": ("x.png", png(drawn_one()), "image/png")})
+    assert r.status_code == 422 and 'file field "image"' in r.json()["detail"]
+    r = client.post("/complete", json={"image": "x"})
+    assert r.status_code == 415
+
+
+def test_bad_images_get_a_4xx_and_the_server_keeps_serving(client):
+    noise = png((np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8))
+    cases = [
+        (b"this is not an image", 400, "not a readable image"),
+        (b"", 400, "empty"),
+        (noise[:len(noise) // 2], 400, "image"),                         # truncated PNG
+        (png(drawn_one(), "JPEG")[:300], 400, "image"),                  # truncated JPEG
+        (patched_png_size(30000, 30000), 413, "too large"),              # Pillow's DecompressionBombError
+        (patched_png_size(5000, 5000), 413, f"the limit is {server.MAX_PIXELS}"),
+    ]
+    for data, status, words in cases:
+        for path in ("/classify", "/complete"):
+            r = client.post(path, files=upload(data))
+            assert r.status_code == status and words in r.json()["detail"], (path, r.text)
+            assert "\n" not in r.json()["detail"]
+    r = client.post("/classify", content=b"<IMG>", headers={"content-type": "text/plain"})
+    assert r.status_code == 415
+    assert client.get("/healthz").status_code == 200
+    assert client.post("/classify", files=upload(png(drawn_one()))).json()["prediction"] == 1
+
+
+def test_upload_over_the_size_limit_is_413(loaded):
+    with TestClient(server.create_app(*loaded, max_upload=50_000)) as c:
+        big = png((np.random.default_rng(1).random((300, 300)) * 255).astype(np.uint8))
+        assert len(big) > 50_000
+        r = c.post("/classify", files=upload(big))
+        assert r.status_code == 413 and "limit of 50000 bytes" in r.json()["detail"]
+        r = c.post("/generate", content=b"{" + b" " * 60_000 + b"}", headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        assert c.post("/classify", files=upload(png(drawn_one(100, 100)))).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/static/../server.py", "/static/%2e%2e/server.py", "/static/..%2fserver.py",
+                                  "/static/%2e%2e%2fserver.py", "/static//etc/passwd", "/static/../../etc/passwd",
+                                  "/../server.py", "/server.py", "/static/.", "/static/"])
+def test_no_path_outside_the_static_folder(client, path):
+    r = client.get(path)
+    assert r.status_code in (404, 400, 405) and "create_app" not in r.text and "root:" not in r.text
+
+
+def test_traversal_over_a_raw_socket(loaded):
+    """What a client sends unnormalised must not escape either (TestClient may normalise paths)."""
+    srv, thread, url = server_load.start(server.create_app(*loaded))
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        for target in (b"/static/../server.py", b"/static/..%2f..%2fetc/passwd", b"/static/%2e%2e/serve.py"):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                answer = b""
+                while chunk := s.recv(65536):
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 404") and b"import" not in answer, answer[:200]
+    finally:
+        server_load.stop(srv, thread)
+
+
+def test_an_exported_hugging_face_folder_serves_the_same(ckpt, client, tmp_path):
+    out = tmp_path / "hf"
+    done = subprocess.run([sys.executable, "hf_export.py", "--ckpt", ckpt, "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with TestClient(server.create_app(*server.load_model(str(out), "cpu"))) as hf:
+        a = hf.post("/classify", files=upload(png(drawn_one()))).json()
+        b = client.post("/classify", files=upload(png(drawn_one()))).json()
+        assert a["tokens"] == b["tokens"] and np.allclose(a["probabilities"], b["probabilities"], atol=1e-5)
+        assert hf.post("/generate", json={"count": 2, "temperature": 0}).json()["samples"][0]["tokens"] == \
+            client.post("/generate", json={"count": 2, "temperature": 0}).json()["samples"][0]["tokens"]
+
+
+# ----------------------------------------------------------------------------- concurrency
+
+def test_a_failing_model_call_is_one_line_500_and_the_server_carries_on(loaded, monkeypatch):
+    real = server.decode_rows
+    monkeypatch.setattr(server, "decode_rows", lambda *a, **k: 1 / 0)
+    with TestClient(server.create_app(*loaded), raise_server_exceptions=False) as c:
+        r = c.post("/generate", json={"count": 1})
+        assert r.status_code == 500 and r.json() == {"detail": "internal error (ZeroDivisionError: division by zero)"}
+        monkeypatch.setattr(server, "decode_rows", real)
+        assert c.post("/generate", json={"count": 1}).status_code == 200
+
+
+def gate(monkeypatch):
+    """Hold every decoding call in the model thread until released -> (entered, release) events."""
+    entered, release = threading.Event(), threading.Event()
+    real = server.decode_rows
+
+    def held(*args, **kwargs):
+        entered.set()
+        assert release.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(server, "decode_rows", held)
+    return entered, release
+
+
+def test_the_event_loop_stays_free_while_the_model_decodes(loaded, monkeypatch):
+    entered, release = gate(monkeypatch)
+
+    async def scenario(url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            busy = asyncio.create_task(c.post("/generate", json={"count": 2}))
+            assert await asyncio.get_running_loop().run_in_executor(None, entered.wait, 30)
+            health = await c.get("/healthz", timeout=5)                  # the model thread is held
+            page = await c.get("/", timeout=5)
+            still_busy = not busy.done()
+            release.set()
+            return health.status_code, page.status_code, still_busy, (await busy).status_code
+
+    srv, thread, url = server_load.start(server.create_app(*loaded))
+    try:
+        assert asyncio.run(scenario(url)) == (200, 200, True, 200)
+    finally:
+        release.set()
+        server_load.stop(srv, thread)
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_concurrent_generates_share_one_decoding_call(loaded, monkeypatch, batching):
+    entered, release = gate(monkeypatch)
+
+    async def burst(url, n):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            calls = [asyncio.create_task(c.post("/generate", json={"count": 1})) for _ in range(n)]
+            assert await asyncio.get_running_loop().run_in_executor(None, entered.wait, 30)
+            await asyncio.sleep(0.5)             # the others arrive while the first call is held
+            release.set()
+            return [(await t).json()["batch_rows"] for t in calls]
+
+    srv, thread, url = server_load.start(server.create_app(*loaded, batching=batching))
+    try:
+        rows = asyncio.run(burst(url, 8))
+    finally:
+        release.set()
+        server_load.stop(srv, thread)
+    if batching:
+        assert max(rows) >= 7 and sorted(rows)[-7:] == [max(rows)] * 7, rows   # 7 waiting requests: one call
+    else:
+        assert rows == [1] * 8
+
+
+def test_quick_load_test_has_no_failed_request(loaded, capsys):
+    rows = server_load.run(*loaded, clients=8, requests=24, progress=False)
+    assert [(r["endpoint"], r["batching"]) for r in rows] == [("classify", False), ("generate", False),
+                                                             ("classify", True), ("generate", True)]
+    assert all(r["failed"] == 0 and r["requests"] == 24 for r in rows)
+    assert all(r["mean_batch_rows"] == 1 for r in rows if not r["batching"])
+    with capsys.disabled():
+        print("\n" + server_load.table(rows))          # timings reported, not asserted
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def test_cli_help_errors_and_a_real_server(ckpt):
+    run = lambda *a: subprocess.run([sys.executable, "serve.py", *a], cwd=ROOT, capture_output=True,  # noqa: E731
+                                    text=True, timeout=120)
+    assert "--ckpt" in run("--help").stdout
+    r = run("--port", "70000")
+    assert r.returncode == 2 and r.stderr.strip() == "error: --port 70000: expected 1..65535"
+    r = run("--ckpt", "/nonexistent/ckpt", "--port", str(free_port()))
+    assert r.returncode == 2 and r.stderr.strip() == "error: /nonexistent/ckpt: no such checkpoint folder"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        r = run("--ckpt", ckpt, "--port", str(busy.getsockname()[1]))
+        assert r.returncode == 2 and "cannot listen" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "serve.py", "--ckpt", ckpt, "--port", str(port)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                h = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
+                time.sleep(0.2)
+        assert h.json()["status"] == "ok"
+        r = httpx.post(f"http://127.0.0.1:{port}/classify", files=upload(png(drawn_one())), timeout=30)
+        assert r.json()["prediction"] == 1
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert f"http://127.0.0.1:{port}/" in out
+
+
+# ----------------------------------------------------------------------------- the page in a browser
+
+def draw(page, strokes):
+    """Mouse strokes on the canvas; each stroke a list of (x, y) in 0..1 of the canvas."""
+    box = page.locator("#pad").bounding_box()
+    for stroke in strokes:
+        pts = [(box["x"] + x * box["width"], box["y"] + y * box["height"]) for x, y in stroke]
+        page.mouse.move(*pts[0])
+        page.mouse.down()
+        for p in pts[1:]:
+            page.mouse.move(*p, steps=8)
+        page.mouse.up()
+
+
+def probabilities(page):
+    return page.eval_on_selector_all("#bars .bar", "rows => rows.map(r => [r.dataset.class, +r.dataset.p])")
+
+
+def test_page_in_headless_chromium(loaded, tmp_path):
+    from playwright.sync_api import sync_playwright
+    shots = os.environ.get("SERVE_SCREENSHOTS") or str(tmp_path)
+    srv, thread, url = server_load.start(server.create_app(*loaded))
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1000, "height": 900})
+                errors = []
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                outside = []
+                page.on("request", lambda req: outside.append(req.url) if not req.url.startswith(
+                    (url, "data:", "blob:")) else None)
+                page.goto(url + "/")
+                page.wait_for_selector("body[data-ready='1']", timeout=15000)
+                assert len(probabilities(page)) == 10
+                assert page.is_disabled("#digit")                       # no conditioning in this model
+                assert "without class conditioning" in page.inner_text("#gen-note")
+
+                draw(page, [[(0.5, 0.15), (0.5, 0.5), (0.5, 0.85)]])   # a clearly drawn "1"
+                page.wait_for_selector("#probs[data-state='done']", timeout=15000)
+                probs = dict(probabilities(page))
+                assert max(probs, key=probs.get) == "1" and probs["1"] > 0.5, probs
+                assert page.inner_text("#pred") == "1"
+                assert page.is_visible("#seen")
+
+                page.fill("#count", "8")
+                page.click("#generate")
+                page.wait_for_selector("#results[data-count='8']", timeout=30000)
+                page.wait_for_function("[...document.querySelectorAll('#results img')]"
+                                       ".every(i => i.complete && i.naturalWidth === 28)")
+                captions = page.eval_on_selector_all("#results figcaption", "cs => cs.map(c => c.textContent)")
+                assert len(captions) == 8 and all(c for c in captions)
+                page.screenshot(path=os.path.join(shots, "serve.png"), full_page=True)
+
+                page.click("#complete")
+                page.wait_for_selector("#given .sample", timeout=30000)
+                page.wait_for_selector("#results[data-count='4']", timeout=30000)
+                assert "given: 24 of 49 tokens" in page.inner_text("#given")
+
+                page.click("#clear")
+                page.wait_for_selector("#probs[data-state='empty']")
+                assert page.inner_text("#pred") == "\u2013" and page.is_disabled("#complete")
+                assert not errors and not outside, (errors, outside)
+
+                phone = browser.new_page(viewport={"width": 375, "height": 812}, device_scale_factor=2,
+                                         has_touch=True, is_mobile=True)
+                phone.goto(url + "/")
+                phone.wait_for_selector("body[data-ready='1']", timeout=15000)
+                draw(phone, [[(0.5, 0.15), (0.5, 0.85)]])
+                phone.wait_for_selector("#probs[data-state='done']", timeout=15000)
+                assert phone.inner_text("#pred") == "1"
+                phone.click("#generate")
+                phone.wait_for_selector("#results[data-count='8']", timeout=30000)
+                width = phone.evaluate("document.documentElement.scrollWidth")
+                assert width <= 375, f"the page is {width} px wide on a 375 px phone"
+                pad = phone.locator("#pad").bounding_box()
+                assert pad["width"] >= 300 and pad["x"] >= 0 and pad["x"] + pad["width"] <= 375
+                phone.screenshot(path=os.path.join(shots, "serve_phone.png"), full_page=True)
+            finally:
+                browser.close()
+    finally:
+        server_load.stop(srv, thread)
+    assert Image.open(os.path.join(shots, "serve.png")).size[0] == 1000
