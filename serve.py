@@ -1,6 +1,7 @@
 """Serve a checkpoint over HTTP: the drawing page at / and the API (classify, generate, complete).
 
-    python serve.py                                  # runs/demo/best on http://127.0.0.1:8000
+    python serve.py                                  # runs/demo/final on http://127.0.0.1:8000
+    python serve.py --backend onnx --ckpt runs/demo/hf    # the model's ONNX graph in onnxruntime
     python serve.py --ckpt hf_out --port 8080        # an exported Hugging Face folder works too
     python serve.py --host 0.0.0.0                   # reachable from other machines (off by default)
     python serve.py --loadtest [--clients 32 --requests 256] [--quick] [--json load.json] [--threads 1]
@@ -8,20 +9,21 @@
 The load test starts the server on a free loopback port and drives it with concurrent clients,
 with and without request batching, and prints throughput and p50/p99 latency per endpoint.
 """
-import argparse
 import os
 import socket
 
-from util import UserError, run_cli, write_json
+import checkpoint
+from cli import add_backend, add_ckpt, add_device, parser, run_cli
+from util import UserError, resolve_device, write_json
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", default="runs/demo/best", help="checkpoint folder or exported Hugging Face folder")
+    p = parser(__doc__, prog="serve.py")
+    add_ckpt(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    add_device(p)
+    add_backend(p)
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for the model (0: torch's default; 1 is steadier on a shared CPU)")
     p.add_argument("--batch_window_ms", type=float, default=10.0,
@@ -79,12 +81,12 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     sock = None if a.loadtest else listen(a.host, a.port)
-    model, info = server.load_model(a.ckpt, a.device)
+    ck = checkpoint.load(a.ckpt, resolve_device(a.device), a.backend)
     opts = dict(window=a.batch_window_ms / 1000, max_rows=a.max_batch, max_upload=int(a.max_upload_mb * 2**20))
     if a.loadtest:
         clients, requests = (8, 32) if a.quick else (a.clients, a.requests)
         load_before = [round(x, 2) for x in os.getloadavg()]
-        rows = server_load.run(model, info, clients, requests, **opts)
+        rows = server_load.run(ck, clients, requests, **opts)
         print(server_load.table(rows))
         print(f"{a.ckpt}, {torch.get_num_threads()} model thread(s), batch window {a.batch_window_ms:g} ms; "
               f"load average before the run {load_before[0]}")
@@ -94,7 +96,7 @@ def main(argv=None):
                                 "load_average_before": load_before, "rows": rows})
         failed = sum(r["failed"] for r in rows)
         return 1 if failed else 0
-    app = server.create_app(model, info, batching=not a.no_batching, **opts)
+    app = server.create_app(ck, batching=not a.no_batching, **opts)
     print(f"serving {a.ckpt} on http://{a.host}:{a.port}/ (API docs at /docs); Ctrl-C stops")
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     return 0

@@ -1,6 +1,6 @@
 """The web service: the FastAPI app (classify, generate, complete, the page), request batching, uploads.
 
-    app = create_app(model, info)          # serve.py runs it with uvicorn
+    app = create_app(checkpoint.load(folder))      # serve.py runs it with uvicorn
 
 Endpoints (OpenAPI docs at /docs):
     POST /classify   an image upload (multipart field "image": PNG/JPEG/..., any size, grey or colour)
@@ -36,55 +36,28 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from data import read_image
+from generation import generate
+from metrics import class_probs
 from util import UserError
 
-# --- model operations (rewired to the library core after issue 11) ---------------------------------
-# Every call into eval.py / sample.py / checkpoint.py is here and nowhere else in this file.
-import checkpoint  # noqa: E402
-from eval import class_names, class_probs, image_prefixes, parse_tokens, pick_device  # noqa: E402
-from sample import generate as sample_generate  # noqa: E402
+# ----------------------------------------------------------------------------- model operations
 
-
-def load_model(folder, device="auto"):
-    """A checkpoint folder or an exported Hugging Face folder -> (model, info)."""
-    return checkpoint.load(folder, pick_device(device))
-
-
-def names_of(info):
-    return class_names(info)
-
-
-def image_ids(images, info):
-    """uint8 images (N, H, W, C) -> prefixes '<IMG> codes </IMG> <CLS>' (token ids)."""
-    return image_prefixes(images, info["codebook"], info["vocab"])
-
-
-def token_ids(text, info):
-    """A token string -> ids (unknown tokens: UserError)."""
-    return parse_tokens(text, info["vocab"], "tokens")
-
-
-def classify_ids(model, info, prefixes):
-    """Prefixes ending in <CLS> -> (N, C) probabilities over the class labels."""
-    return class_probs(model, prefixes, info["vocab"], batch_size=256)
-
-
-def decode_rows(model, info, prompts, temperature, top_k, top_p, generator):
+def decode_rows(ck, prompts, temperature, top_k, top_p, generator):
     """Continue each prompt until <EOS> (or the block size) -> dicts with ids, pred, prob."""
-    return sample_generate(model, prompts, info["vocab"], model.config.block_size, temperature=temperature,
-                           top_k=top_k or None, top_p=top_p, generator=generator, batch_size=256)
+    return generate(ck.model, prompts, ck.vocab, ck.model.config.block_size, temperature=temperature,
+                    top_k=top_k or None, top_p=top_p, generator=generator, batch_size=256)
 
 
-def pixels(ids, info):
+def pixels(ids, ck):
     """Any token-id sequence -> uint8 image (H, W, C) through the checkpoint's codebook."""
-    img = info["codebook"].decode_ids(ids, info["vocab"])
+    img = ck.codebook.decode_ids(ids, ck.vocab)
     return (img.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
 
 
-def conditional(model, info):
+def conditional(ck):
     """Can this checkpoint sample a chosen class? (No: class-conditional sampling does not exist yet.)"""
     return False
-# --- end of model operations ------------------------------------------------------------------------
+
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 MAX_PIXELS = 4096 * 4096          # decoded size limit for an upload (a decompression bomb stops here)
@@ -314,11 +287,10 @@ def validation_line(errors):
 
 # ----------------------------------------------------------------------------- the app
 
-def create_app(model, info, window=0.01, max_rows=64, batching=True, max_upload=4 << 20, static_dir=STATIC):
+def create_app(ck, window=0.01, max_rows=64, batching=True, max_upload=4 << 20, static_dir=STATIC):
     """The FastAPI app around a loaded model. window: seconds to collect concurrent requests into one
     model call (batching=False: every request is its own call); max_upload: bytes per request body."""
-    vocab, book = info["vocab"], info["codebook"]
-    names = names_of(info)
+    model, vocab, book, names = ck.model, ck.vocab, ck.codebook, ck.class_names
     size, channels = tuple(book.image_size), book.channels
     device = next(model.parameters()).device
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -329,15 +301,15 @@ def create_app(model, info, window=0.01, max_rows=64, batching=True, max_upload=
         prefixes = list(items)
         at = [i for i, x in enumerate(items) if isinstance(x, np.ndarray)]
         if at:
-            for i, p in zip(at, image_ids(np.stack([items[i] for i in at]), info)):
+            for i, p in zip(at, ck.encode_images(np.stack([items[i] for i in at]))):
                 prefixes[i] = p
-        return list(zip(prefixes, classify_ids(model, info, prefixes).tolist()))
+        return list(zip(prefixes, class_probs(model, prefixes, vocab, batch_size=256).tolist()))
 
     def run_decode(key, items):
         """items: (prompt, settings); one call shares one group's settings (see decode_key)."""
         temperature, top_k, top_p, seed = items[0][1]
         gen = torch.Generator(device=device).manual_seed(int(seed if seed is not None else seeds.integers(2**62)))
-        rows = decode_rows(model, info, [p for p, _ in items], temperature, top_k, top_p, gen)
+        rows = decode_rows(ck, [p for p, _ in items], temperature, top_k, top_p, gen)
         return [sample_of(r) for r in rows]
 
     def sample_of(r):
@@ -346,7 +318,7 @@ def create_app(model, info, window=0.01, max_rows=64, batching=True, max_upload=
                                                    and vocab.label_offset <= ids[-2] < len(vocab)) else None
         well = (len(ids) == book.seq_len + 5 and ids[0] == vocab.img_id and ids[-4] == vocab.img_end_id
                 and ids[-3] == vocab.cls_id and wrote is not None and all(vocab.is_code(i) for i in ids[1:-4]))
-        return Sample(image_png=png_base64(pixels(ids, info)), tokens=vocab.decode(ids), label=wrote,
+        return Sample(image_png=png_base64(pixels(ids, ck)), tokens=vocab.decode(ids), label=wrote,
                       prediction=r["pred"], probability=r["prob"], well_formed=well)
 
     # /classify merges whatever is waiting without waiting for more (its call takes about a millisecond,
@@ -381,7 +353,7 @@ def create_app(model, info, window=0.01, max_rows=64, batching=True, max_upload=
 
     def check_conditioning(s):
         if s.digit is not None or s.cfg is not None:
-            if not conditional(model, info):
+            if not conditional(ck):
                 raise HTTPException(422, NO_CONDITIONING)
             if s.digit is not None and s.digit >= len(names):
                 raise HTTPException(422, f"digit {s.digit} is not a class of this model (0..{len(names) - 1})")
@@ -397,10 +369,10 @@ def create_app(model, info, window=0.01, max_rows=64, batching=True, max_upload=
 
     @app.get("/healthz", response_model=Health)
     async def healthz():
-        return Health(status="ok", checkpoint=str(info.get("folder", "")), classes=names, image_size=list(size),
+        return Health(status="ok", checkpoint=str(ck.folder), classes=names, image_size=list(size),
                       channels=channels, vocab_size=len(vocab), block_size=model.config.block_size,
                       parameters=sum(p.numel() for p in model.parameters()), device=str(device),
-                      conditional=conditional(model, info), batching=batching)
+                      conditional=conditional(ck), batching=batching)
 
     classify_doc = {"requestBody": {"required": True, "content": {
         "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
@@ -426,11 +398,11 @@ def create_app(model, info, window=0.01, max_rows=64, batching=True, max_upload=
         c = int(np.argmax(probs))
         return ClassifyResponse(prediction=c, label=names[c], probability=probs[c], probabilities=probs,
                                 classes=names, tokens=vocab.decode(prefix), batch_rows=rows,
-                                image_png=png_base64(pixels(prefix, info)))
+                                image_png=png_base64(pixels(prefix, ck)))
 
     def tokens_prefix(text):
         try:
-            ids = token_ids(text, info)
+            ids = vocab.parse(text, "tokens")
         except UserError as e:
             raise HTTPException(422, one_line(e)) from None
         if vocab.cls_id in ids:
@@ -459,7 +431,7 @@ def create_app(model, info, window=0.01, max_rows=64, batching=True, max_upload=
         data, s = await read_form(request, CompleteForm)
         check_conditioning(s)
         img = await run_in_threadpool(decode_upload, data, size, channels)
-        prefix = (await asyncio.get_running_loop().run_in_executor(executor, image_ids, img[None], info))[0]
+        prefix = (await asyncio.get_running_loop().run_in_executor(executor, ck.encode_images, img[None]))[0]
         codes = prefix[1:-2]
         keep = max(1, round(s.fraction * len(codes)))
         prompt = [vocab.img_id] + codes[:keep]
@@ -468,8 +440,8 @@ def create_app(model, info, window=0.01, max_rows=64, batching=True, max_upload=
                                      f"{model.config.block_size}; lower the fraction")
         samples, rows = await decode([prompt] * s.count, s)
         return CompleteResponse(samples=samples, classes=names, batch_rows=rows, kept=keep, total=len(codes),
-                                input_png=png_base64(pixels(prefix, info)),
-                                given_png=png_base64(pixels(prompt, info)))
+                                input_png=png_base64(pixels(prefix, ck)),
+                                given_png=png_base64(pixels(prompt, ck)))
 
     @app.get("/", include_in_schema=False)
     async def page():

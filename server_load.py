@@ -88,8 +88,8 @@ async def drive(url, clients, requests, send, desc=None):
             "mean_batch_rows": round(float(np.mean(rows)), 2) if rows else 0.0}
 
 
-def senders(info):
-    png = digit_png(tuple(info["codebook"].image_size))
+def senders(ck):
+    png = digit_png(tuple(ck.codebook.image_size))
 
     def classify(client):
         return client.post("/classify", files={"image": ("one.png", png, "image/png")})
@@ -100,15 +100,15 @@ def senders(info):
     return {"classify": classify, "generate": generate}
 
 
-def run(model, info, clients, requests, window=0.01, max_rows=64, max_upload=4 << 20, progress=True):
+def run(ck, clients, requests, window=0.01, max_rows=64, max_upload=4 << 20, progress=True):
     """-> one row per (batching off/on, endpoint): clients, requests, failed, seconds, throughput
     (successful requests per second), p50/p99 latency in ms, mean rows per model call."""
     out = []
     for batching in (False, True):
-        app = create_app(model, info, window=window, max_rows=max_rows, batching=batching, max_upload=max_upload)
+        app = create_app(ck, window=window, max_rows=max_rows, batching=batching, max_upload=max_upload)
         srv, thread, url = start(app)
         try:
-            for endpoint, send in senders(info).items():
+            for endpoint, send in senders(ck).items():
                 asyncio.run(drive(url, min(clients, 4), min(requests, 4), send))   # warm-up, not counted
                 mode = "batched" if batching else "one by one"
                 res = asyncio.run(drive(url, clients, requests, send,

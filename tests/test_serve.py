@@ -23,10 +23,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import server  # noqa: E402
-import server_load  # noqa: E402
+import checkpoint
+import server
+import server_load
+from fixtures import ROOT
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -50,12 +50,12 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(ckpt):
-    return server.load_model(ckpt, "cpu")
+    return checkpoint.load(ckpt, "cpu")
 
 
 @pytest.fixture(scope="module")
 def client(loaded):
-    with TestClient(server.create_app(*loaded)) as c:
+    with TestClient(server.create_app(loaded)) as c:
         yield c
 
 
@@ -100,9 +100,9 @@ def free_port():
 
 def test_healthz_page_and_docs(client, loaded):
     h = client.get("/healthz").json()
-    model, info = loaded
+    ck = loaded
     assert h["status"] == "ok" and h["classes"] == [str(c) for c in range(10)]
-    assert h["image_size"] == [28, 28] and h["channels"] == 1 and h["vocab_size"] == len(info["vocab"])
+    assert h["image_size"] == [28, 28] and h["channels"] == 1 and h["vocab_size"] == len(ck.vocab)
     assert h["conditional"] is False and h["batching"] is True
     page = client.get("/")
     assert page.status_code == 200 and 'id="pad"' in page.text and "/static/app.js" in page.text
@@ -254,7 +254,7 @@ def test_bad_images_get_a_4xx_and_the_server_keeps_serving(client):
 
 
 def test_upload_over_the_size_limit_is_413(loaded):
-    with TestClient(server.create_app(*loaded, max_upload=50_000)) as c:
+    with TestClient(server.create_app(loaded, max_upload=50_000)) as c:
         big = png((np.random.default_rng(1).random((300, 300)) * 255).astype(np.uint8))
         assert len(big) > 50_000
         r = c.post("/classify", files=upload(big))
@@ -274,7 +274,7 @@ def test_no_path_outside_the_static_folder(client, path):
 
 def test_traversal_over_a_raw_socket(loaded):
     """What a client sends unnormalised must not escape either (TestClient may normalise paths)."""
-    srv, thread, url = server_load.start(server.create_app(*loaded))
+    srv, thread, url = server_load.start(server.create_app(loaded))
     try:
         port = int(url.rsplit(":", 1)[1])
         for target in (b"/static/../server.py", b"/static/..%2f..%2fetc/passwd", b"/static/%2e%2e/serve.py"):
@@ -293,7 +293,7 @@ def test_an_exported_hugging_face_folder_serves_the_same(ckpt, client, tmp_path)
     done = subprocess.run([sys.executable, "hf_export.py", "--ckpt", ckpt, "--out", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    with TestClient(server.create_app(*server.load_model(str(out), "cpu"))) as hf:
+    with TestClient(server.create_app(checkpoint.load(str(out), "cpu"))) as hf:
         a = hf.post("/classify", files=upload(png(drawn_one()))).json()
         b = client.post("/classify", files=upload(png(drawn_one()))).json()
         assert a["tokens"] == b["tokens"] and np.allclose(a["probabilities"], b["probabilities"], atol=1e-5)
@@ -306,7 +306,7 @@ def test_an_exported_hugging_face_folder_serves_the_same(ckpt, client, tmp_path)
 def test_a_failing_model_call_is_one_line_500_and_the_server_carries_on(loaded, monkeypatch):
     real = server.decode_rows
     monkeypatch.setattr(server, "decode_rows", lambda *a, **k: 1 / 0)
-    with TestClient(server.create_app(*loaded), raise_server_exceptions=False) as c:
+    with TestClient(server.create_app(loaded), raise_server_exceptions=False) as c:
         r = c.post("/generate", json={"count": 1})
         assert r.status_code == 500 and r.json() == {"detail": "internal error (ZeroDivisionError: division by zero)"}
         monkeypatch.setattr(server, "decode_rows", real)
@@ -340,7 +340,7 @@ def test_the_event_loop_stays_free_while_the_model_decodes(loaded, monkeypatch):
             release.set()
             return health.status_code, page.status_code, still_busy, (await busy).status_code
 
-    srv, thread, url = server_load.start(server.create_app(*loaded))
+    srv, thread, url = server_load.start(server.create_app(loaded))
     try:
         assert asyncio.run(scenario(url)) == (200, 200, True, 200)
     finally:
@@ -360,7 +360,7 @@ def test_concurrent_generates_share_one_decoding_call(loaded, monkeypatch, batch
             release.set()
             return [(await t).json()["batch_rows"] for t in calls]
 
-    srv, thread, url = server_load.start(server.create_app(*loaded, batching=batching))
+    srv, thread, url = server_load.start(server.create_app(loaded, batching=batching))
     try:
         rows = asyncio.run(burst(url, 8))
     finally:
@@ -373,7 +373,7 @@ def test_concurrent_generates_share_one_decoding_call(loaded, monkeypatch, batch
 
 
 def test_quick_load_test_has_no_failed_request(loaded, capsys):
-    rows = server_load.run(*loaded, clients=8, requests=24, progress=False)
+    rows = server_load.run(loaded, clients=8, requests=24, progress=False)
     assert [(r["endpoint"], r["batching"]) for r in rows] == [("classify", False), ("generate", False),
                                                              ("classify", True), ("generate", True)]
     assert all(r["failed"] == 0 and r["requests"] == 24 for r in rows)
@@ -439,7 +439,7 @@ def probabilities(page):
 def test_page_in_headless_chromium(loaded, tmp_path):
     from playwright.sync_api import sync_playwright
     shots = os.environ.get("SERVE_SCREENSHOTS") or str(tmp_path)
-    srv, thread, url = server_load.start(server.create_app(*loaded))
+    srv, thread, url = server_load.start(server.create_app(loaded))
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
