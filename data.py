@@ -33,7 +33,7 @@ from tqdm import tqdm
 from cli import add_settings, apply_settings, parser, run_cli
 from plots import save_grid
 from tokenizer import Codebook, CodebookConfig, psnr, uint8_to_tensor
-from tokens import V1_HINT, Vocab, cls_index, truncate
+from tokens import V1_HINT, Vocab, cls_index, has_label_tail, truncate
 from util import UserError, check_dir, check_file, read_json, resolve_device, write_json, write_jsonl
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -440,9 +440,20 @@ def read_sequences(path, vocab, repair_v1=False, v1_hint=V1_HINT):
     return seqs, labels
 
 
+def conditioned_copies(seqs, labels, vocab, fraction, drop, seed):
+    """Class-conditioned copies '<CLS_y> <IMG> codes </IMG> <EOS>' of a seeded share `fraction` of the
+    v2 sequences, the class replaced by the no-class marker <UNK> with probability `drop` (the
+    classifier-free guidance recipe). They are added to the plain sequences, never replace them."""
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.permutation(len(seqs))[:int(round(fraction * len(seqs)))])
+    unstated = rng.random(len(pick)) < drop
+    return [vocab.conditioned(seqs[i], None if u else labels[i]) for i, u in zip(pick.tolist(), unstated.tolist())]
+
+
 def make_batch(seqs, max_length, pad_id=0):
     """List of id lists -> x (B, T), y (B, T) with y[:, t] = the token after x[:, t] (the one and
-    only shift), padding labelled -100, and cls_pos (B,): the index of <CLS> in each row."""
+    only shift), padding labelled -100, and cls_pos (B,): the index of <CLS> in each row (-1 for a
+    class-conditioned sequence, which has no <CLS>)."""
     seqs = [truncate(s, max_length) for s in seqs]
     T = max(len(s) for s in seqs) - 1
     x = torch.full((len(seqs), T), pad_id, dtype=torch.long)
@@ -451,7 +462,7 @@ def make_batch(seqs, max_length, pad_id=0):
         t = torch.tensor(s)
         x[i, :len(s) - 1] = t[:-1]
         y[i, :len(s) - 1] = t[1:]
-    cls_pos = torch.tensor([cls_index(len(s)) for s in seqs])
+    cls_pos = torch.tensor([cls_index(len(s)) if has_label_tail(s) else -1 for s in seqs])
     return x, y, cls_pos
 
 

@@ -8,11 +8,21 @@ or sequences; show the most likely next tokens; draw training curves.
     python eval.py --classify a.png b.png folder/ seqs.jsonl
     python eval.py --next "<IMG> <Z_000> <Z_000>" --top_k 5
     python eval.py --curves runs/demo                 # runs/demo/curves.png from runs/demo/log.jsonl
+    python eval.py --generation --judge runs/judge    # class-conditional drawing, judged by a CNN
 
 Evaluation prints a summary and writes all metrics to --out (default <ckpt>/eval.json) and the
 confusion matrix to <out without .json>_confusion.png. By default it reads the checkpoint's test split
 (<data_dir>/val.jsonl: held-out images that no training decision reads) and says which split and which
 checkpoint (and how that checkpoint was chosen) in its output and its JSON.
+
+--generation (a model trained with cond_fraction > 0) draws --per_class samples of every class at each
+guidance scale of --scales and scores them with an independent judge (the CNN that `python baselines.py
+--save_judge DIR` saves, trained on real pixels): the share the judge calls the asked class (overall,
+per class), diversity (mean pairwise pixel distance of a class's samples / that of the real test digits
+of the class) and k-NN precision / recall in pixel space against the real test digits; beside them the
+ceilings: the judge on the real test digits and on their codebook reconstructions, and the same
+measures for real training digits passed through the codebook. Written to --out (default
+<ckpt>/generation.json).
 """
 import os
 
@@ -22,6 +32,8 @@ from tqdm import tqdm
 import checkpoint
 from cli import add_backend, add_ckpt, add_device, parser, run_cli
 from data import IMAGE_EXTS, load_folder, make_batch, read_image, read_sequences
+from generation_metrics import generation_report, load_judge, real_split, to_float
+from generation_metrics import summary as generation_summary
 from metrics import class_probs, evaluate, mean_std_ci, next_tokens
 from plots import confusion_png, plot_curves
 from util import UserError, check_file, resolve_device, write_bytes, write_json
@@ -182,12 +194,50 @@ def run_classify(args, ck):
 def run_next(args, ck):
     vocab = ck.vocab
     ids = vocab.parse(args.next, "--next")
+    args.top_k = 5 if args.top_k is None else args.top_k
     if args.top_k < 1:
         raise UserError(f"--top_k must be at least 1, got {args.top_k}")
     print(f"prompt: {len(ids)} tokens, ending in {vocab.tokens[ids[-1]]}")
     print(f"{'rank':>4}  {'token':<12}{'id':>5}  {'prob':>8}")
     for r, (tok, i, p) in enumerate(next_tokens(ck.model, ids, vocab, args.top_k), 1):
         print(f"{r:>4}  {tok:<12}{i:>5}  {p:8.4f}")
+    return 0
+
+
+def parse_scales(text):
+    try:
+        scales = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UserError(f"--scales {text!r}: expected comma-separated numbers such as 1,2,3,4,5") from None
+    if not scales or any(not v >= 0 for v in scales):
+        raise UserError(f"--scales {text!r}: guidance scales must be >= 0")
+    return scales
+
+
+def run_generation(args, ck):
+    if not args.judge:
+        raise UserError("--generation needs --judge DIR (a CNN saved by python baselines.py --save_judge DIR)")
+    if ck.settings and not ck.settings.get("cond_fraction"):
+        raise UserError(f"{ck.folder} was trained without class-conditioned sequences (cond_fraction 0); "
+                        f"train one with cond_fraction > 0 (config/demo_cond.yaml)")
+    if args.per_class < 2:
+        raise UserError(f"--per_class must be at least 2, got {args.per_class}")
+    scales = parse_scales(args.scales)
+    out = args.out or os.path.join(ck.folder, "generation.json")
+    check_file(out, "generation report")
+    judge = load_judge(args.judge, ck.class_names)
+    tr_img, tr_lab, te_img, te_lab = real_split(ck.settings)
+    ref = np.concatenate([np.flatnonzero(tr_lab == c)[:args.per_class] for c in range(ck.vocab.num_classes)])
+    sampling = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p)
+    report = generation_report(ck.model, ck.vocab, ck.codebook, judge, to_float(te_img), te_lab, to_float(tr_img[ref]),
+                               tr_lab[ref], scales, args.per_class, seed=args.seed, batch_size=args.batch_size,
+                               progress=True, **sampling)
+    report = {"checkpoint": ck.folder, "judge": args.judge, "test_split": f"{len(te_lab)} held-out images of "
+              f"{ck.settings.get('source')}", **report}
+    write_json(out, report)
+    print(f"checkpoint {ck.folder}, judge {args.judge}")
+    print(generation_summary(report, ck.class_names))
+    print(f"wrote {out}")
     return 0
 
 
@@ -204,7 +254,15 @@ def build_parser():
                            "and .jsonl sequence files")
     mode.add_argument("--next", metavar="PROMPT", help='print the top-k next tokens after a prompt, e.g. "<IMG> <Z_000>"')
     mode.add_argument("--curves", metavar="RUN_DIR", help="draw RUN_DIR/log.jsonl as training curves (PNG)")
-    ap.add_argument("--top_k", type=int, default=5, help="how many next tokens --next shows (default: %(default)s)")
+    mode.add_argument("--generation", action="store_true", help="measure class-conditional drawing with --judge")
+    ap.add_argument("--top_k", type=int, default=None, help="--next: how many next tokens to show (default: 5); "
+                                                            "--generation: sample from the k most likely (default: off)")
+    ap.add_argument("--judge", metavar="DIR", help="--generation: the judge CNN (cnn.json + cnn.safetensors)")
+    ap.add_argument("--per_class", type=int, default=100, help="--generation: samples per class (default: %(default)s)")
+    ap.add_argument("--scales", default="1,2,3,4,5", help="--generation: guidance scales (default: %(default)s)")
+    ap.add_argument("--temperature", type=float, default=1.0, help="--generation: sampling temperature")
+    ap.add_argument("--top_p", type=float, default=1.0, help="--generation: nucleus sampling (1 = off)")
+    ap.add_argument("--seed", type=int, default=0, help="--generation: sampling seed (default: %(default)s)")
     ap.add_argument("--repair_v1", action="store_true", help="fill in v1 tails '<CLS> <CLS> <EOS>' from the label field")
     ap.add_argument("--out", help="evaluation: metrics JSON (default: <ckpt>/eval.json; the confusion matrix "
                                   "goes to <out>_confusion.png); --curves: the PNG (default: RUN_DIR/curves.png)")
@@ -222,19 +280,24 @@ def main(argv=None):
         w, h = plot_curves(os.path.join(args.curves, "log.jsonl"), out)
         print(f"wrote {out} ({w}x{h})")
         return 0
-    if (args.data or args.images) and (args.classify or args.next):
-        raise UserError("--data/--images choose the evaluation data; they do not combine with --classify or --next")
+    if (args.data or args.images) and (args.classify or args.next or args.generation):
+        raise UserError("--data/--images choose the evaluation data; they do not combine with --classify, --next "
+                        "or --generation")
+    if args.judge and not args.generation:
+        raise UserError("--judge is for --generation")
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
     if len(args.ckpt) > 1:
-        if args.classify or args.next:
-            raise UserError("several --ckpt are for evaluation; --classify and --next take one")
+        if args.classify or args.next or args.generation:
+            raise UserError("several --ckpt are for evaluation; --classify, --next and --generation take one")
         return run_evals(args)
     ck = checkpoint.load(args.ckpt[0], resolve_device(args.device), args.backend)
     if args.classify:
         return run_classify(args, ck)
     if args.next is not None:
         return run_next(args, ck)
+    if args.generation:
+        return run_generation(args, ck)
     run_eval(args, ck)
     return 0
 

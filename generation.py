@@ -1,12 +1,13 @@
 """The decoding loop: next-token filters (temperature, top-k, top-p) and batched incremental
-generation through the model's key/value cache. Sampling, the export checks, the benchmarks and the
-tests all decode through generate()."""
+generation through the model's key/value cache, optionally with classifier-free guidance. Sampling,
+the export checks, the benchmarks and the tests all decode through generate()."""
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from util import UserError
 
+DEFAULT_GUIDANCE = 3.0   # the classifier-free guidance scale sample.py --digit uses unless told (1 = none)
 TOP_P_TOL = 1e-6  # a cumulative probability within this of p counts as reaching p (float32 logits
                   # give probabilities good to about 1e-7, so an exact boundary needs a margin)
 
@@ -61,10 +62,22 @@ def label_prediction(logits, vocab):
     return c, probs[c].item(), probs.tolist()
 
 
+def guide(cond, uncond, scale):
+    """Classifier-free guidance: uncond + scale * (cond - uncond), written as cond + (scale - 1) *
+    (cond - uncond) so that scale 1 gives the conditional logits exactly (bit for bit)."""
+    return cond + (scale - 1) * (cond - uncond)
+
+
 @torch.no_grad()
 def generate(model, prompts, vocab, max_new_tokens, temperature=1.0, top_k=None, top_p=None, greedy=False,
-             generator=None, batch_size=64, stop_at_eos=True, record_logits=False, progress=False):
+             generator=None, batch_size=64, stop_at_eos=True, record_logits=False, progress=False,
+             uncond=None, cfg_scale=1.0):
     """Continue each prompt (a list of token ids) with incremental decoding through the KV cache.
+
+    Classifier-free guidance: with `uncond` (one prompt per prompt, of the same length, e.g.
+    '<UNK> <IMG>' for '<CLS_7> <IMG>'), both are decoded in one batch through the cache, every step
+    chooses from guide(conditional logits, unconditional logits, cfg_scale), and the chosen token is
+    fed to both. The recorded logits are the guided ones.
 
     Prompts of equal length are decoded together (the cache has no padding mask, so rows of a batch
     must stay aligned); results come back in the order of `prompts`. A row stops after <EOS>, after
@@ -81,6 +94,8 @@ def generate(model, prompts, vocab, max_new_tokens, temperature=1.0, top_k=None,
     block = model.config.block_size
     results = [None] * len(prompts)
     groups = {}
+    if uncond is not None and (len(uncond) != len(prompts) or any(len(u) != len(p) for u, p in zip(uncond, prompts))):
+        raise UserError("guidance needs one unconditional prompt per prompt, of the same length")
     for i, p in enumerate(prompts):
         if not p:
             raise UserError("a prompt is empty; it needs at least one token (e.g. <IMG>)")
@@ -94,7 +109,8 @@ def generate(model, prompts, vocab, max_new_tokens, temperature=1.0, top_k=None,
             chunk = rows[s:s + batch_size]
             out = _generate_aligned(model, [prompts[i] for i in chunk], vocab, min(max_new_tokens, block - L),
                                     max_new_tokens, temperature, top_k, top_p, greedy, generator,
-                                    stop_at_eos, record_logits, progress)
+                                    stop_at_eos, record_logits, progress,
+                                    None if uncond is None else [uncond[i] for i in chunk], cfg_scale)
             for i, r in zip(chunk, out):
                 results[i] = r
     model.train(was_training)
@@ -102,17 +118,19 @@ def generate(model, prompts, vocab, max_new_tokens, temperature=1.0, top_k=None,
 
 
 def _generate_aligned(model, prompts, vocab, steps, max_new_tokens, temperature, top_k, top_p, greedy,
-                      generator, stop_at_eos, record_logits, progress):
+                      generator, stop_at_eos, record_logits, progress, uncond=None, cfg_scale=1.0):
     B, L = len(prompts), len(prompts[0])
     device = model.device
     eos = vocab.eos_id if stop_at_eos else None
-    cache = model.new_cache(B, max(L + steps - 1, L))   # the last sampled token is never fed
-    logits, _ = model(torch.tensor(prompts, device=device), cache=cache)   # prefill: (B, L, V)
+    rows = prompts + (uncond or [])                     # guidance: the unconditional rows follow
+    cache = model.new_cache(len(rows), max(L + steps - 1, L))   # the last sampled token is never fed
+    logits, _ = model(torch.tensor(rows, device=device), cache=cache)   # prefill: (rows, L, V)
     cls_logits = [None] * B
     for b, p in enumerate(prompts):
         if vocab.cls_id in p:
             cls_logits[b] = logits[b, p.index(vocab.cls_id)]
-    last = logits[:, -1]
+    mix = (lambda lg: lg) if uncond is None else (lambda lg: guide(lg[:B], lg[B:], cfg_scale))
+    last = mix(logits[:, -1])
     new = [[] for _ in range(B)]
     rec = [[] for _ in range(B)]
     done = [p[-1] == eos for p in prompts]
@@ -132,8 +150,8 @@ def _generate_aligned(model, prompts, vocab, steps, max_new_tokens, temperature,
                 done[b], stop[b] = True, "eos"
         if all(done) or step == steps - 1:
             break
-        logits, _ = model(torch.tensor(tok, device=device)[:, None], cache=cache)
-        last = logits[:, -1]
+        logits, _ = model(torch.tensor(tok * (len(rows) // B), device=device)[:, None], cache=cache)
+        last = mix(logits[:, -1])
         for b in range(B):
             if tok[b] == vocab.cls_id and cls_logits[b] is None:
                 cls_logits[b] = last[b]

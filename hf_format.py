@@ -209,7 +209,34 @@ def model_card(mcfg, vocab, book, metrics, train, n_params, repo_id=None, onnx=N
                   '"position_ids": np.arange(ids.shape[1])[None], **past})[0]',
                   f'print("class", logits[0, -1, vocab["<CLS_0>"]:vocab["<CLS_0>"] + {C}].argmax())',
                   "```", ""]
+    if train.get("cond_fraction"):
+        lines += ["## Draw a chosen class", "",
+                  "This model was also trained on class-conditioned sequences that state the class before the "
+                  "image and have no label after it: `<CLS_y> <IMG> <Z_k> ... </IMG> <EOS>`, and (for a share "
+                  f"{train.get('cond_drop')} of them) `<UNK> <IMG> ... </IMG> <EOS>`, where `<UNK>` (id "
+                  f"{vocab.unk_id}) means \"no class stated\". The classifier above never sees a stated class. "
+                  f"To draw a 7, prompt `<CLS_7> <IMG>` (`model.generate(cond, do_sample=True)` is plain "
+                  "conditional sampling); classifier-free guidance decodes the unconditional prompt "
+                  "`<UNK> <IMG>` beside it and samples from `uncond + scale * (cond - uncond)`:", "",
+                  "```python", GUIDANCE_SNIPPET.format(L=L), "```", ""]
     return "\n".join(lines)
+
+
+# the model card's guidance example; tests run it against an export (`model`, `tok` and `torch` defined)
+GUIDANCE_SNIPPET = """\
+digit, scale = 7, 3.0
+ids = tok([f"<CLS_{{digit}}> <IMG>", "<UNK> <IMG>"], return_tensors="pt").input_ids   # cond, uncond
+eos = tok.convert_tokens_to_ids("<EOS>")
+torch.manual_seed(0)
+with torch.no_grad():
+    for _ in range({L} + 2):                     # {L} codes, </IMG>, <EOS>
+        cond, uncond = model(ids).logits[:, -1]
+        guided = uncond + scale * (cond - uncond)
+        nxt = torch.multinomial(guided.softmax(-1), 1)
+        ids = torch.cat([ids, nxt.expand(2, 1)], 1)        # the same token for both rows
+        if nxt.item() == eos:
+            break
+print(tok.decode(ids[0]))   # <CLS_7> <IMG> <Z_...> ... </IMG> <EOS>; draw it with the codebook"""
 
 
 def is_export(folder):

@@ -4,13 +4,21 @@
     python sample.py --top_p 0.9 --temperature 0.8 --num_samples 32 --out_jsonl samples.jsonl
     python sample.py --greedy --start "<IMG> <Z_000> <Z_000>"
     python sample.py --complete 10 --fraction 0.5      # finish the first half of 10 validation images
+    python sample.py --digit 7 --num_samples 16        # draw sevens (a model trained with cond_fraction > 0)
+    python sample.py --grid --num_samples 10 --cfg 3   # a 10 x 10 picture: one row per class, guidance 3
+    python sample.py --complete 10 --digit 3           # finish the top half of 10 images as threes
 
 Decoding is incremental with the model's key/value cache (the prefix is never recomputed), batched,
 and each row stops at <EOS> (a complete image ends '</IMG> <CLS> <CLS_y> <EOS>'), at
 --max_new_tokens, or at the model's block size. For every row the model's own class prediction is
 read where <CLS> was fed: the argmax over the label tokens of the logits at that position.
+Class-conditional drawing (--digit, --grid) starts from '<CLS_d> <IMG>' and ends '</IMG> <EOS>';
+with classifier-free guidance (--cfg SCALE; 1 = plain conditional sampling) every step
+samples from uncond + SCALE * (cond - uncond), the unconditional prompt being '<UNK> <IMG>' (the class
+not stated), both decoded in one batch. A drawing is then read by the model's own classifier (its
+'<IMG> codes </IMG> <CLS>' prefix, where no class is stated) for the caption.
 Outputs: the token sequences (stdout, or --out_jsonl), and a PNG grid of the decoded images
-(--out_png, default <ckpt>/samples.png or <ckpt>/completions.png).
+(--out_png, default <ckpt>/samples.png, <ckpt>/grid.png or <ckpt>/completions.png).
 """
 import os
 import random
@@ -20,7 +28,8 @@ import torch
 import checkpoint
 from cli import add_backend, add_ckpt, add_device, parser, run_cli
 from data import read_sequences
-from generation import generate
+from generation import DEFAULT_GUIDANCE, generate
+from metrics import class_probs
 from plots import save_grid
 from tokens import TAIL
 from util import UserError, check_file, resolve_device, write_jsonl
@@ -30,7 +39,11 @@ def record(r, vocab, seq_len, **meta):
     """A generated row -> a JSONL record. 'label' is the label token the model wrote (well-formed
     sequences only, so they can be read back as data); 'pred'/'prob' its prediction at <CLS>."""
     ok = vocab.is_complete(r["ids"], seq_len)
-    return {"tokens": vocab.decode(r["ids"]), "label": r["ids"][-2] - vocab.label_offset if ok else None,
+    label = r["ids"][-2] - vocab.label_offset if ok else None
+    if vocab.is_conditioned(r["ids"]):  # '<CLS_d>|<UNK> <IMG> codes </IMG> <EOS>': the asked class is the label
+        ok = vocab.is_cond_complete(r["ids"], seq_len)
+        label = r["ids"][0] - vocab.label_offset if ok and vocab.is_label(r["ids"][0]) else None
+    return {"tokens": vocab.decode(r["ids"]), "label": label,
             "pred": r["pred"], "prob": r["prob"], "well_formed": ok, "stop": r["stop"],
             "codes": len(vocab.image_codes(r["ids"])), "meta": meta}
 
@@ -67,7 +80,12 @@ def build_parser():
                                                              "up to this cumulative probability (1 = off)")
     ap.add_argument("--greedy", action="store_true", help="always take the most likely token")
     ap.add_argument("--seed", type=int, default=1337)
-    ap.add_argument("--start", default="<IMG>", help='prompt tokens (default: "%(default)s")')
+    ap.add_argument("--start", default=None, help='prompt tokens (default: "<IMG>")')
+    ap.add_argument("--digit", metavar="CLASS", help="draw this class (a class name or index): prompt "
+                                                     "'<CLS_d> <IMG>'; with --complete, finish images as this class")
+    ap.add_argument("--grid", action="store_true", help="draw --num_samples of every class, one row per class")
+    ap.add_argument("--cfg", type=float, metavar="SCALE", help="classifier-free guidance scale for --digit/--grid "
+                    f"(default: {DEFAULT_GUIDANCE}; 1 = plain conditional sampling)")
     ap.add_argument("--complete", type=int, metavar="N",
                     help="completion mode: finish N validation images from their first --fraction of codes")
     ap.add_argument("--fraction", type=float, default=0.5, help="share of each image's codes kept (default: %(default)s)")
@@ -104,10 +122,44 @@ def check_args(a):
         raise UserError("--data is for --complete (the images to finish)")
     if a.repair_v1 and a.complete is None:
         raise UserError("--repair_v1 is for --complete (the sequence file it reads)")
+    if a.grid and (a.digit is not None or a.complete is not None):
+        raise UserError("--grid draws every class; it does not combine with --digit or --complete")
+    if a.start is not None and (a.digit is not None or a.grid or a.complete is not None):
+        raise UserError("--start is the prompt of free sampling; --digit, --grid and --complete make their own")
+    if a.cfg is not None and a.digit is None and not a.grid:
+        raise UserError("--cfg (guidance) needs a class to guide towards: --digit or --grid")
+    if a.cfg is not None and not a.cfg >= 0:
+        raise UserError(f"--cfg must be >= 0 (1 = plain conditional sampling), got {a.cfg}")
+
+
+def class_index(text, names):
+    """--digit: a class name or index -> index."""
+    if text in names:
+        return names.index(text)
+    if text.isdigit() and int(text) < len(names):
+        return int(text)
+    raise UserError(f"--digit {text!r}: not a class of this checkpoint (classes: {' '.join(names)})")
+
+
+def check_conditioned(ck):
+    """A model trained without class-conditioned sequences has never seen '<CLS_d> <IMG>'."""
+    frac = ck.settings.get("cond_fraction", 0)
+    if ck.settings and not frac:
+        raise UserError(f"{ck.folder} was trained without class-conditioned sequences (cond_fraction 0), so it "
+                        f"cannot be asked for a class; train one with cond_fraction > 0 (config/demo_cond.yaml)")
+
+
+def own_reading(model, vocab, res, batch_size):
+    """Fill pred/prob of conditioned rows: the model's own classifier on '<IMG> codes </IMG> <CLS>'."""
+    rows = [r for r in res if vocab.is_conditioned(r["ids"])]
+    if rows:
+        probs = class_probs(model, [vocab.prefix_ids(vocab.image_codes(r["ids"])) for r in rows], vocab, batch_size)
+        for r, p in zip(rows, probs):
+            r["pred"], r["prob"] = int(p.argmax()), p.max().item()
 
 
 def describe(i, r, names, vocab, seq_len):
-    ok = vocab.is_complete(r["ids"], seq_len)
+    ok = vocab.is_cond_complete(r["ids"], seq_len) if vocab.is_conditioned(r["ids"]) else vocab.is_complete(r["ids"], seq_len)
     codes = len(vocab.image_codes(r["ids"]))
     pred = f"predicted {names[r['pred']]} (p={r['prob']:.3f})" if r["pred"] is not None else "no <CLS>, no prediction"
     return f"sample {i}: {pred}; {codes} codes, {'complete image' if ok else 'not a complete image'}, stop: {r['stop']}"
@@ -116,7 +168,8 @@ def describe(i, r, names, vocab, seq_len):
 def main(argv=None):
     a = build_parser().parse_args(argv)
     check_args(a)
-    out_png = a.out_png or os.path.join(a.ckpt, "completions.png" if a.complete else "samples.png")
+    out_png = a.out_png or os.path.join(a.ckpt, "completions.png" if a.complete else "grid.png" if a.grid
+                                        else "samples.png")
     check_file(out_png, "PNG grid")
     if a.out_jsonl:
         check_file(a.out_jsonl, "JSONL file")
@@ -128,13 +181,35 @@ def main(argv=None):
                 generator=gen, batch_size=a.batch_size, progress=True)
     max_new = a.max_new_tokens or block
     settings = {"seed": a.seed, "temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p, "greedy": a.greedy}
+    digit = None if a.digit is None else class_index(a.digit, names)
+    if digit is not None or a.grid:
+        check_conditioned(ck)
+        scale = DEFAULT_GUIDANCE if a.cfg is None else a.cfg
+        settings["cfg"] = scale
+        guided = lambda prompts: dict(uncond=None if scale == 1 else [[vocab.unk_id] + p[1:] for p in prompts],
+                                      cfg_scale=scale)
 
-    if a.complete is None:
-        prompt = vocab.parse(a.start, "--start")
+    if a.complete is None and (digit is not None or a.grid):
+        asked = [c for c in range(vocab.num_classes) for _ in range(a.num_samples)] if a.grid else [digit] * a.num_samples
+        prompts = [vocab.cond_prompt(c) for c in asked]
+        res = generate(model, prompts, vocab, max_new, **opts, **guided(prompts))
+        own_reading(model, vocab, res, a.batch_size)
+        recs = [record(r, vocab, seq_len, index=i, asked=names[c], **settings) for i, (c, r) in enumerate(zip(asked, res))]
+        images = torch.stack([book.decode_ids(r["ids"], vocab) for r in res])
+        caps = [f"{names[c]}: reads {names[r['pred']]}" for c, r in zip(asked, res)]
+        size = save_grid(images, caps, out_png, ncol=a.num_samples if a.grid else None,
+                         scale=grid_scale(book.image_size[1]))
+        lines = [f"asked {names[c]}, " + describe(i, r, names, vocab, seq_len).replace("predicted", "the model reads", 1)
+                 for i, (c, r) in enumerate(zip(asked, res))]
+        hits = sum(r["pred"] == c for c, r in zip(asked, res))
+        lines.append(f"the model's own classifier reads the asked class in {hits}/{len(res)} drawings (guidance {scale})")
+    elif a.complete is None:
+        start = a.start or "<IMG>"
+        prompt = vocab.parse(start, "--start")
         if len(prompt) >= block:
             raise UserError(f"--start has {len(prompt)} tokens; the model's block size {block} leaves no room to generate")
         res = generate(model, [prompt] * a.num_samples, vocab, max_new, **opts)
-        recs = [record(r, vocab, seq_len, index=i, start=a.start, **settings) for i, r in enumerate(res)]
+        recs = [record(r, vocab, seq_len, index=i, start=start, **settings) for i, r in enumerate(res)]
         images = torch.stack([book.decode_ids(r["ids"], vocab) for r in res])
         caps = [f"{names[r['pred']]} {100 * r['prob']:.0f}%" if r["pred"] is not None else "-" for r in res]
         size = save_grid(images, caps, out_png, scale=grid_scale(book.image_size[1]))
@@ -149,26 +224,32 @@ def main(argv=None):
         for i in chosen:
             codes = seqs[i][1:-TAIL]
             keep = round(a.fraction * len(codes))
-            prompts.append([vocab.img_id] + codes[:keep])
+            prompts.append(([vocab.img_id] if digit is None else vocab.cond_prompt(digit)) + codes[:keep])
         if max(len(p) for p in prompts) >= block:
             raise UserError(f"the kept part of the images fills the model's block size {block}; lower --fraction")
-        res = generate(model, prompts, vocab, max_new, **opts)
+        res = generate(model, prompts, vocab, max_new, **opts, **(guided(prompts) if digit is not None else {}))
+        own_reading(model, vocab, res, a.batch_size)
         recs, cells, caps, lines = [], [], [], []
         hits = 0
         for n, (i, p, r) in enumerate(zip(chosen, prompts, res)):
-            y = labels[i]
+            y = labels[i] if digit is None else digit
             hits += r["pred"] == y
-            recs.append(record(r, vocab, seq_len, index=n, source=f"{path}#{i + 1}", true_label=y,
-                               kept_codes=len(p) - 1, **settings))
+            recs.append(record(r, vocab, seq_len, index=n, source=f"{path}#{i + 1}", true_label=labels[i],
+                               kept_codes=len(vocab.image_codes(p)), **settings))
             cells += [book.decode_ids(seqs[i], vocab), book.decode_ids(p, vocab), book.decode_ids(r["ids"], vocab)]
             pred = f"{names[r['pred']]} {100 * r['prob']:.0f}%" if r["pred"] is not None else "-"
             total = len(seqs[i]) - 1 - TAIL
-            caps += [f"true {names[y]}", f"kept {len(p) - 1}/{total}", f"pred {pred}"]
-            lines.append(f"{path}#{i + 1} (true {names[y]}, kept {len(p) - 1}/{total} codes): "
+            kept = len(vocab.image_codes(p))
+            caps += [f"true {names[labels[i]]}", f"kept {kept}/{total}",
+                     f"pred {pred}" if digit is None else f"as {names[digit]}: {pred}"]
+            lines.append(f"{path}#{i + 1} (true {names[labels[i]]}, kept {kept}/{total} codes"
+                         f"{'' if digit is None else ', asked ' + names[digit]}): "
                          + describe(n, r, names, vocab, seq_len).split(": ", 1)[1])
         per_row = 2 if len(chosen) > 1 else 1
         size = save_grid(torch.stack(cells), caps, out_png, ncol=3 * per_row, scale=grid_scale(book.image_size[1]))
-        lines.append(f"the prediction at <CLS> after completion matches the true label for {hits}/{len(chosen)} images")
+        lines.append(f"the prediction at <CLS> after completion matches the true label for {hits}/{len(chosen)} images"
+                     if digit is None else f"the model's own classifier reads {names[digit]} in {hits}/{len(chosen)} "
+                     f"completions (guidance {scale})")
 
     if a.out_jsonl:
         write_jsonl(a.out_jsonl, recs)

@@ -11,12 +11,24 @@ One image (the v2 format):  <IMG> <Z_k> x L </IMG> <CLS> <CLS_y> <EOS>
     the tail     </IMG> <CLS> <CLS_y> <EOS>  (TAIL tokens) is never cut: truncation drops image codes.
 The v1 tail `</IMG> <CLS> <CLS> <EOS>` carries no label; it is repaired from the record's label field
 only when asked.
+
+A class-conditioned sequence (made in training from a v2 one, never stored in files) states the class
+BEFORE the image and has no label after it:
+    <CLS_y> <IMG> <Z_k> x L </IMG> <EOS>      "draw a y"
+    <UNK>   <IMG> <Z_k> x L </IMG> <EOS>      "draw any digit": the class is not stated
+<UNK> (id 1, in the seed's vocabulary and otherwise unused) is the "no class" marker, so the
+vocabulary is the seed's 516 entries unchanged. Classifier-free guidance decodes the two prompts
+`<CLS_y> <IMG>` and `<UNK> <IMG>` side by side (same length, same positions). There is no <CLS> in a
+conditioned sequence, so the classifier (the logits at <CLS>) is only ever trained and read on plain
+v2 sequences, where no class comes before the image: a stated class can never leak into it.
 """
 from util import UserError, read_json, write_json
 
 SPECIALS = ["<PAD>", "<UNK>", "<IMG>", "</IMG>", "<CLS>", "<EOS>"]
 TAIL = 4          # </IMG> <CLS> <CLS_y> <EOS>
 PREFIX_TAIL = 2   # </IMG> <CLS>: how a classification prefix ends
+COND_TAIL = 2     # </IMG> <EOS>: how a class-conditioned sequence ends
+NO_CLASS = "<UNK>"  # the "no class" marker that opens an unconditional conditioned sequence
 V1_HINT = "pass --repair_v1 to fill it in from the label field"
 
 
@@ -79,6 +91,25 @@ class Vocab:
             elif started and self.is_code(i):
                 out.append(i - self.code_offset)
         return out
+
+    # -- class-conditioned sequences (generation): the class first, no label after the image
+
+    def cond_prompt(self, label=None):
+        """'<CLS_y> <IMG>' (label None: '<UNK> <IMG>', the class not stated): how a drawing starts."""
+        return [self.unk_id if label is None else self.label_id(int(label)), self.img_id]
+
+    def conditioned(self, ids, label=None):
+        """A complete v2 sequence -> its conditioned form '<CLS_y>|<UNK> <IMG> codes </IMG> <EOS>'."""
+        return self.cond_prompt(label) + ids[1:-TAIL] + [self.img_end_id, self.eos_id]
+
+    def is_conditioned(self, ids):
+        """Does this sequence start with a stated class (or the no-class marker) before <IMG>?"""
+        return len(ids) >= 2 and (ids[0] == self.unk_id or self.is_label(ids[0])) and ids[1] == self.img_id
+
+    def is_cond_complete(self, ids, seq_len):
+        """A complete conditioned sequence: marker, <IMG>, seq_len codes, </IMG> <EOS>?"""
+        return (len(ids) == seq_len + 2 + COND_TAIL and self.is_conditioned(ids)
+                and all(self.is_code(i) for i in ids[2:-COND_TAIL]) and ids[-2:] == [self.img_end_id, self.eos_id])
 
     def is_complete(self, ids, seq_len):
         """Is this a complete v2 sequence: <IMG>, seq_len codes, </IMG> <CLS> <CLS_y> <EOS>?"""
@@ -169,14 +200,20 @@ def cls_index(length):
     return length - 3
 
 
+def has_label_tail(ids):
+    """Does a complete sequence end with the label tail (v2), rather than '</IMG> <EOS>' (conditioned)?"""
+    return ids[-COND_TAIL] != SPECIALS.index("</IMG>")
+
+
 def truncate(ids, max_length):
     """Cut a complete sequence to max_length by dropping image codes from the end of the image; the
-    tail </IMG> <CLS> <CLS_y> <EOS> is always kept."""
+    tail (</IMG> <CLS> <CLS_y> <EOS>, or </IMG> <EOS> of a conditioned sequence) is always kept."""
     if len(ids) <= max_length:
         return ids
     if max_length < 2 + TAIL:
         raise UserError(f"max_length {max_length} is too short: the tail alone takes {TAIL} tokens")
-    return ids[:max_length - TAIL] + ids[-TAIL:]
+    tail = TAIL if has_label_tail(ids) else COND_TAIL
+    return ids[:max_length - tail] + ids[-tail:]
 
 
 def fit_prefix(prefix, block_size):

@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 import checkpoint
 from cli import read_yaml, set_from_mapping
-from data import DataConfig, check_data_config, data_fields, ensure_prepared, make_batch, read_sequences
+from data import (DataConfig, check_data_config, conditioned_copies, data_fields, ensure_prepared, make_batch,
+                  read_sequences)
 from metrics import evaluate, mean_std_ci
 from model import GPT, GPTConfig
 from plots import plot_curves
@@ -53,6 +54,11 @@ class TrainConfig(DataConfig):
     beta2: float = 0.95
     grad_clip: float = 1.0       # 0 = off
     label_weight: float = 1.0    # loss weight of the label token relative to each image token
+    cond_fraction: float = 0.0   # > 0: also train on class-conditioned copies '<CLS_y> <IMG> codes </IMG>
+                                 # <EOS>' of this share of the training sequences (class-conditional
+                                 # generation, sample.py --digit); they have no <CLS>, so never train the classifier
+    cond_drop: float = 0.1       # share of those copies whose class is replaced by <UNK> (unconditional,
+                                 # for classifier-free guidance)
     eval_every: int = 0          # optimizer steps between evaluations; 0 = once per epoch
     seed: int = 1337
     device: str = "auto"         # auto = cuda if available, else cpu; or cpu, cuda, cuda:N
@@ -79,6 +85,9 @@ def load_config(path=None, overrides=None):
     for k in ("lr", "min_lr", "weight_decay", "grad_clip", "label_weight", "warmup_steps", "eval_every"):
         if not getattr(cfg, k) >= 0:
             raise UserError(f"config: {k} must be >= 0, got {getattr(cfg, k)}")
+    for k in ("cond_fraction", "cond_drop"):
+        if not 0 <= getattr(cfg, k) <= 1:
+            raise UserError(f"config: {k} must be in [0, 1], got {getattr(cfg, k)}")
     for k in ("dropout", "beta1", "beta2"):
         if not 0 <= getattr(cfg, k) < 1:
             raise UserError(f"config: {k} must be in [0, 1), got {getattr(cfg, k)}")
@@ -159,11 +168,14 @@ def setup_processes(cfg):
     return procs
 
 
-def load_split(cfg, name, vocab):
-    """<data_dir>/<name>.jsonl -> x, y (N, T) next-token inputs and targets, cls_pos (N,)."""
-    seqs, _ = read_sequences(os.path.join(cfg.data_dir, f"{name}.jsonl"), vocab,
-                             v1_hint="training needs the v2 tail </IMG> <CLS> <CLS_y> <EOS>: prepare "
-                                     "the data again with data.py prepare")
+def load_split(cfg, name, vocab, conditioned=False):
+    """<data_dir>/<name>.jsonl -> x, y (N, T) next-token inputs and targets, cls_pos (N,); with
+    conditioned=True and cfg.cond_fraction > 0, class-conditioned copies follow the plain sequences."""
+    seqs, labels = read_sequences(os.path.join(cfg.data_dir, f"{name}.jsonl"), vocab,
+                                  v1_hint="training needs the v2 tail </IMG> <CLS> <CLS_y> <EOS>: prepare "
+                                          "the data again with data.py prepare")
+    if conditioned and cfg.cond_fraction > 0:
+        seqs = seqs + conditioned_copies(seqs, labels, vocab, cfg.cond_fraction, cfg.cond_drop, cfg.seed)
     return make_batch(seqs, cfg.max_length, vocab.pad_id)
 
 
@@ -188,11 +200,12 @@ def load_data(cfg, procs, log):
     if book.cfg.num_codes != vocab.num_codes:
         raise UserError(f"{cfg.data_dir}/vocab.json has {vocab.num_codes} code tokens, the codebook there "
                         f"{book.cfg.num_codes} codes; prepare the data again")
-    train = load_split(cfg, "train", vocab)
+    train = load_split(cfg, "train", vocab, conditioned=True)
     dev = load_split(cfg, "dev", vocab) if os.path.exists(os.path.join(cfg.data_dir, "dev.jsonl")) else None
     x, y, cls_pos = train
     weights = (y != -100).float()
-    weights[torch.arange(len(weights)), cls_pos] = cfg.label_weight
+    plain = (cls_pos >= 0).nonzero().squeeze(1)   # conditioned rows have no <CLS> and no label target
+    weights[plain, cls_pos[plain]] = cfg.label_weight
     return Data(vocab, book, train, dev, weights)
 
 
