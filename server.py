@@ -36,16 +36,26 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from data import read_image
-from generation import generate
+from generation import DEFAULT_GUIDANCE, generate
 from metrics import class_probs
 from util import UserError
 
 # ----------------------------------------------------------------------------- model operations
 
-def decode_rows(ck, prompts, temperature, top_k, top_p, generator):
-    """Continue each prompt until <EOS> (or the block size) -> dicts with ids, pred, prob."""
-    return generate(ck.model, prompts, ck.vocab, ck.model.config.block_size, temperature=temperature,
-                    top_k=top_k or None, top_p=top_p, generator=generator, batch_size=256)
+def decode_rows(ck, prompts, temperature, top_k, top_p, generator, scale=1.0):
+    """Continue each prompt until <EOS> (or the block size) -> dicts with ids, pred, prob. A prompt
+    that states a class ('<CLS_d> <IMG> ...') is guided by `scale` against the same prompt with the
+    class unstated; for the others the unconditional prompt is the prompt itself (no guidance)."""
+    v = ck.vocab
+    uncond = None if scale == 1 else [[v.unk_id] + p[1:] if v.is_conditioned(p) else p for p in prompts]
+    rows = generate(ck.model, prompts, v, ck.model.config.block_size, temperature=temperature, top_k=top_k or None,
+                    top_p=top_p, generator=generator, batch_size=256, uncond=uncond, cfg_scale=scale)
+    drawn = [i for i, r in enumerate(rows) if v.is_conditioned(r["ids"])]
+    if drawn:   # a drawing states its class first and has no <CLS>: the model's own reading of the image
+        probs = class_probs(ck.model, [v.prefix_ids(v.image_codes(rows[i]["ids"])) for i in drawn], v)
+        for i, p in zip(drawn, probs):
+            rows[i]["pred"], rows[i]["prob"] = int(p.argmax()), p.max().item()
+    return rows
 
 
 def pixels(ids, ck):
@@ -55,8 +65,8 @@ def pixels(ids, ck):
 
 
 def conditional(ck):
-    """Can this checkpoint sample a chosen class? (No: class-conditional sampling does not exist yet.)"""
-    return False
+    """Can this checkpoint draw a chosen class? (Trained with class-conditioned sequences.)"""
+    return bool(ck.settings.get("cond_fraction"))
 
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -307,17 +317,19 @@ def create_app(ck, window=0.01, max_rows=64, batching=True, max_upload=4 << 20, 
 
     def run_decode(key, items):
         """items: (prompt, settings); one call shares one group's settings (see decode_key)."""
-        temperature, top_k, top_p, seed = items[0][1]
+        temperature, top_k, top_p, seed, scale = items[0][1]
         gen = torch.Generator(device=device).manual_seed(int(seed if seed is not None else seeds.integers(2**62)))
-        rows = decode_rows(ck, [p for p, _ in items], temperature, top_k, top_p, gen)
+        rows = decode_rows(ck, [p for p, _ in items], temperature, top_k, top_p, gen, scale)
         return [sample_of(r) for r in rows]
 
     def sample_of(r):
         ids = r["ids"]
-        wrote = ids[-2] - vocab.label_offset if (len(ids) >= 2 and ids[-1] == vocab.eos_id
-                                                   and vocab.label_offset <= ids[-2] < len(vocab)) else None
-        well = (len(ids) == book.seq_len + 5 and ids[0] == vocab.img_id and ids[-4] == vocab.img_end_id
-                and ids[-3] == vocab.cls_id and wrote is not None and all(vocab.is_code(i) for i in ids[1:-4]))
+        if vocab.is_conditioned(ids):   # drawn as asked: the label is the stated class
+            wrote = ids[0] - vocab.label_offset if vocab.is_label(ids[0]) else None
+            well = vocab.is_cond_complete(ids, book.seq_len)
+        else:
+            well = vocab.is_complete(ids, book.seq_len)
+            wrote = ids[-2] - vocab.label_offset if well else None
         return Sample(image_png=png_base64(pixels(ids, ck)), tokens=vocab.decode(ids), label=wrote,
                       prediction=r["pred"], probability=r["prob"], well_formed=well)
 
@@ -360,7 +372,8 @@ def create_app(ck, window=0.01, max_rows=64, batching=True, max_upload=4 << 20, 
 
     def decode_key(s):
         """Requests with equal sampling settings share a call; a seeded one decodes alone."""
-        settings = (s.temperature, s.top_k, s.top_p, s.seed)
+        scale = (DEFAULT_GUIDANCE if s.cfg is None else s.cfg) if s.digit is not None else 1.0
+        settings = (s.temperature, s.top_k, s.top_p, s.seed, scale)
         return None if s.seed is not None else settings, settings
 
     async def decode(prompts, s):
@@ -414,7 +427,8 @@ def create_app(ck, window=0.01, max_rows=64, batching=True, max_upload=4 << 20, 
     @app.post("/generate", response_model=GenerateResponse)
     async def generate(body: GenerateRequest):
         check_conditioning(body)
-        samples, rows = await decode([[vocab.img_id]] * body.count, body)
+        prompt = [vocab.img_id] if body.digit is None else vocab.cond_prompt(body.digit)
+        samples, rows = await decode([prompt] * body.count, body)
         return GenerateResponse(samples=samples, classes=names, batch_rows=rows)
 
     complete_doc = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -434,7 +448,7 @@ def create_app(ck, window=0.01, max_rows=64, batching=True, max_upload=4 << 20, 
         prefix = (await asyncio.get_running_loop().run_in_executor(executor, ck.encode_images, img[None]))[0]
         codes = prefix[1:-2]
         keep = max(1, round(s.fraction * len(codes)))
-        prompt = [vocab.img_id] + codes[:keep]
+        prompt = ([vocab.img_id] if s.digit is None else vocab.cond_prompt(s.digit)) + codes[:keep]
         if len(prompt) >= model.config.block_size:
             raise HTTPException(422, f"the kept {keep} tokens fill the model's block size "
                                      f"{model.config.block_size}; lower the fraction")

@@ -501,3 +501,26 @@ def test_page_in_headless_chromium(loaded, tmp_path):
     finally:
         server_load.stop(srv, thread)
     assert Image.open(os.path.join(shots, "serve.png")).size[0] == 1000
+
+
+def test_a_conditioned_checkpoint_draws_the_asked_digit(tmp_path):
+    """With a checkpoint trained with cond_fraction > 0, /generate and /complete take a digit: the
+    prompt states it ('<CLS_d> <IMG>'), guidance (cfg) applies, and each sample's label is the digit
+    asked for (plumbing only: the weights are random, so the drawings are not judged here)."""
+    from fixtures import make_tiny_run
+    from trainer import TrainConfig
+    tiny = make_tiny_run(tmp_path)
+    ck = checkpoint.load(tiny.ckpt)
+    checkpoint.save(tiny.ckpt, ck.model, TrainConfig(data_dir=tiny.data_dir, cond_fraction=0.5), ck.vocab, ck.codebook)
+    with TestClient(server.create_app(checkpoint.load(tiny.ckpt))) as c:
+        assert c.get("/healthz").json()["conditional"] is True
+        for cfg in (1.0, 3.0):
+            r = c.post("/generate", json={"count": 3, "digit": 2, "cfg": cfg, "seed": 4})
+            assert r.status_code == 200, r.text
+            for s in r.json()["samples"]:
+                assert s["tokens"].startswith("<CLS_2> <IMG>") and s["label"] == 2
+        assert c.post("/generate", json={"count": 1, "digit": 3}).status_code == 422   # 3 classes: 0..2
+        img = (np.arange(16).reshape(4, 4) * 16).astype(np.uint8)
+        r = c.post("/complete", files=upload(png(img)), data={"fraction": "0.5", "count": "2", "digit": "1"})
+        assert r.status_code == 200, r.text
+        assert all(s["tokens"].startswith("<CLS_1> <IMG>") for s in r.json()["samples"])
