@@ -1,0 +1,70 @@
+"""Train and score the baselines on the project's split: k-NN, logistic regression, codebook k-NN, a small CNN.
+
+    python baselines.py                          # the built-in digits, 3 seeds -> runs/baselines/baselines.json
+    python baselines.py --seeds 5 --save_judge runs/judge
+    python baselines.py --source folder:my_images --image_size 28 --augment 6 --quick
+
+Every setting is chosen on a development split carved from the training images; the test split (the
+held-out images the README reports on) is scored once, at the end, after refitting on all training
+images. Any data setting (DataConfig: source, image_size, channels, val_fraction, split_seed, augment,
+max_shift, max_rotate, and the codebook's) can be given as --key value; the defaults are the CPU demo's
+(config/demo.yaml: 6 augmented copies, 4 x 4 patches, 500 codes). See baseline_suite.py for the protocol.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+from baseline_suite import SuiteConfig, check_suite, markdown_table, quick, run_baselines
+from classifiers import CNNTraining
+from data import DataConfig, check_data_config, data_fields, load_source, override
+from util import UserError, check_dir, output_problem, run_cli, write_json, write_text
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Data settings (--key value): " + ", ".join(
+                                     f for f in data_fields() if f != "data_dir"))
+    ap.add_argument("--seeds", type=int, default=3, help="runs of the seed-dependent baselines (CNN, codebook)")
+    ap.add_argument("--first_seed", type=int, default=0, help="the seeds are first_seed, first_seed + 1, ...")
+    ap.add_argument("--dev_fraction", type=float, default=0.2,
+                    help="share of the training images held out as the development split")
+    ap.add_argument("--epochs", type=int, default=CNNTraining.epochs, help="CNN epochs")
+    ap.add_argument("--quick", action="store_true", help="a fast smoke run (2 CNN epochs, fewer candidates)")
+    ap.add_argument("--out", default="runs/baselines/baselines.json", help="the JSON report")
+    ap.add_argument("--table", default="", help="also write the Markdown table to this file")
+    ap.add_argument("--save_judge", default="", help="save the first seed's final CNN to this folder "
+                    "(cnn.safetensors + cnn.json; classifiers.load_cnn reads it)")
+    args, rest = ap.parse_known_args()
+    cfg = override(DataConfig(augment=6), rest)
+    check_data_config(cfg)
+    for path in filter(None, (args.out, args.table)):  # fail before the work, not after it
+        problem = "is a folder" if os.path.isdir(path) else output_problem(path)
+        if problem:
+            raise UserError(f"{path}: cannot write the output file ({problem})")
+    if args.save_judge:
+        check_dir(args.save_judge, "judge folder")
+    suite = SuiteConfig(dev_fraction=args.dev_fraction, seeds=args.seeds, first_seed=args.first_seed,
+                        cnn=CNNTraining(epochs=args.epochs))
+    if args.quick:
+        suite, cfg = quick(suite, cfg)
+    check_suite(suite)
+    t0 = time.time()
+    images, labels, names, _ = load_source(cfg)
+    report, _ = run_baselines(images, labels, names, cfg, suite, save_judge=args.save_judge or None)
+    report["command"] = "python " + " ".join(sys.argv)
+    report["wall_seconds"] = round(time.time() - t0, 1)
+    table = markdown_table(report)
+    write_json(args.out, report)
+    if args.table:
+        write_text(args.table, table + "\n")
+    print(table)
+    print(f"\nwrote {args.out} ({report['wall_seconds']:.0f} s)" +
+          (f"; judge CNN in {args.save_judge}" if args.save_judge else ""))
+    print(json.dumps({k: round(v["test_accuracy"]["mean"], 4) for k, v in report["baselines"].items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
