@@ -100,8 +100,11 @@ def check_suite(suite):
         raise UserError(f"--dev_fraction must be between 0 and 1, got {suite.dev_fraction}")
     if suite.seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {suite.seeds}")
-    if suite.cnn.epochs < 1:
-        raise UserError(f"--epochs must be at least 1, got {suite.cnn.epochs}")
+    if suite.cnn.epochs < 1 or suite.cnn.batch_size < 1:
+        raise UserError(f"--epochs and --batch_size must be at least 1, got {suite.cnn.epochs} and "
+                        f"{suite.cnn.batch_size}")
+    if not suite.cnn.lr > 0 or suite.cnn.weight_decay < 0:
+        raise UserError(f"--lr must be > 0 and --weight_decay >= 0, got {suite.cnn.lr} and {suite.cnn.weight_decay}")
 
 
 def run_baselines(images, labels, class_names, cfg, suite=SuiteConfig(), save_judge=None, roles=None):
@@ -245,7 +248,8 @@ def run_baselines(images, labels, class_names, cfg, suite=SuiteConfig(), save_ju
            "ceiling of a judge of decoded tokens; nothing of its own is chosen)", judge_runs, True)
     report = {
         "protocol": __doc__.split("\n", 1)[1].strip(),
-        "data": {f.name: getattr(cfg, f.name) for f in fields(DataConfig) if f.name != "data_dir"},
+        "data": {f.name: getattr(cfg, f.name) for f in fields(DataConfig)
+                 if f.name not in ("data_dir", "dev_fraction", "codebook_seed")},
         "suite": asdict(suite),
         "seeds": seeds,
         "class_names": list(class_names),
@@ -281,7 +285,8 @@ def _params(runs):
         elif "l2" in p:
             shown.append(f"L2 weight {p['l2']:g}")
         elif "epochs" in p:
-            shown.append(f"{p['epochs']} epochs, AdamW lr {p['lr']:g}, weight decay {p['weight_decay']:g} (fixed)")
+            shown.append(f"{p['epochs']} epochs, batch {p['batch_size']}, AdamW lr {p['lr']:g}, weight decay "
+                         f"{p['weight_decay']:g} (fixed)")
         else:
             shown.append("none")
     counts = Counter(shown)
@@ -296,7 +301,7 @@ NAMES = {
     "logreg_pixels": "logistic regression on raw pixels",
     "knn_reconstructions": "k-NN on codebook reconstructions",
     "cnn": "LeNet-5-like CNN, same augmented copies",
-    "cnn_on_reconstructions": "the same CNN on codebook reconstructions of the test digits",
+    "cnn_on_reconstructions": "the same CNN on codebook reconstructions",
 }
 
 
@@ -309,7 +314,8 @@ def markdown_table(report):
         te, dev = res["test_accuracy"], res["dev_accuracy"]
         if te["n"] > 1:
             test = f"{100 * te['mean']:.2f} +- {100 * te['std']:.2f} %"
-            ci = f"{100 * te['ci95'][0]:.2f} to {100 * te['ci95'][1]:.2f} % ({te['n']} seeds)"
+            lo, hi = max(0.0, te["ci95"][0]), min(1.0, te["ci95"][1])   # (an accuracy stays in [0, 1])
+            ci = f"{100 * lo:.2f} to {100 * hi:.2f} % ({te['n']} seeds)"
             devs = f"{100 * dev['mean']:.2f} %"
         else:
             test = f"{100 * te['mean']:.2f} %"
