@@ -1,0 +1,333 @@
+"""The baselines of the evaluation protocol: which images each role gets, what is chosen on dev, what is scored on test.
+
+Three roles, never mixed (the project's split of its images, as data.prepare makes it):
+- test: the held-out images, data.stratified_split(labels, val_fraction, split_seed)[1] (the 1,000
+  built-in digits the README reports on); read once, for the final scores, after every choice is made;
+- train: the other images; data.prepare fits the codebook and the GPT on them (and on their augmented
+  copies);
+- dev: carved from train with data.stratified_split(labels[train], dev_fraction, split_seed + 1),
+  exactly as data.prepare does with dev_fraction; the rest of train is called fit here.
+
+Each baseline is fitted on fit and scored on dev for every candidate setting; the best dev accuracy
+picks the setting (ties go to the earlier candidate: fewer neighbours, cosine before L2, stronger L2
+weight). The chosen setting is then refitted on all of train (fit + dev, as the GPT is trained) and
+scored on test once. Augmented copies are made as data.prepare makes them: data.augment(images,
+augment, max_shift, max_rotate, seed=split_seed), the same fixed copies the GPT's training files hold.
+The seed-dependent baselines (the codebook's k-means start, the CNN's initial weights and batch
+order) run once per seed; the others are deterministic and run once.
+"""
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import classifiers as clf
+from stats import seed_summary, wilson_interval
+from util import UserError
+
+# ----------------------------------------------------------------------------- calls into data.py and
+# tokenizer.py (the only ones; kept here so they are easy to rewire)
+from data import DataConfig, augment, stratified_split, to_tensor  # noqa: E402
+from tokenizer import Codebook  # noqa: E402
+
+
+def project_split(labels, cfg, dev_fraction):
+    """The three roles as index arrays {train, fit, dev, test}: the split of data.prepare."""
+    train, test = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
+    sub, dev = stratified_split(labels[train], dev_fraction, cfg.split_seed + 1)
+    return {"train": train, "fit": train[sub], "dev": train[dev], "test": test}
+
+
+def augmented(x, cfg):
+    """x plus the fixed augmented copies data.prepare adds to a training set."""
+    if cfg.augment == 0:
+        return x
+    return torch.cat([x, augment(x, cfg.augment, cfg.max_shift, cfg.max_rotate, cfg.split_seed)])
+
+
+def fit_codebook(x, cfg, seed):
+    return Codebook.fit(x, replace(cfg, codebook_seed=seed))
+
+
+def reconstruct(book, x):
+    return book.decode(book.encode(x))
+# ----------------------------------------------------------------------------- end of the calls
+
+
+@dataclass
+class SuiteConfig:
+    dev_fraction: float = 0.2
+    seeds: int = 3                      # runs of the seed-dependent baselines
+    first_seed: int = 0                 # seeds first_seed .. first_seed + seeds - 1
+    knn_k: tuple = (1, 3, 5, 7, 9)      # k-NN candidates: every k with every metric
+    knn_metrics: tuple = clf.METRICS
+    logreg_l2: tuple = (1e-1, 1e-2, 1e-3, 1e-4)   # strongest first
+    cnn: clf.CNNTraining = field(default_factory=clf.CNNTraining)
+
+
+def quick(suite, cfg):
+    """A fast run for smoke tests -> (suite, data config): a short CNN schedule, fewer candidates, a
+    k-means on fewer vectors with fewer steps."""
+    return (replace(suite, knn_k=(1, 3), logreg_l2=(1e-2, 1e-3), cnn=replace(suite.cnn, epochs=min(suite.cnn.epochs, 2), warmup_steps=10)),
+            replace(cfg, kmeans_iters=min(cfg.kmeans_iters, 5), fit_samples=min(cfg.fit_samples, 20000)))
+
+
+def accuracy(pred, labels):
+    return (pred == labels).double().mean().item()
+
+
+def select(candidates, dev_accuracy):
+    """Score every candidate on dev -> (the best {params, dev_accuracy}, all of them); ties go to the
+    earlier candidate."""
+    table = [{"params": c, "dev_accuracy": dev_accuracy(c)} for c in candidates]
+    return table[max(range(len(table)), key=lambda i: (table[i]["dev_accuracy"], -i))], table
+
+
+def knn_select(ref, ref_labels, query, query_labels, suite, num_classes):
+    """Choose (k, metric) for a k-NN on ref by accuracy on query (the dev images)."""
+    kmax = min(max(suite.knn_k), len(ref))
+    neighbours = {m: clf.knn_neighbours(clf.flat(ref), clf.flat(query), kmax, m) for m in suite.knn_metrics}
+    cands = [{"k": k, "metric": m} for k in suite.knn_k if k <= kmax for m in suite.knn_metrics]
+    return select(cands, lambda c: accuracy(
+        clf.knn_vote(ref_labels, neighbours[c["metric"]], c["k"], num_classes), query_labels))
+
+
+def check_suite(suite):
+    if not 0 < suite.dev_fraction < 1:
+        raise UserError(f"--dev_fraction must be between 0 and 1, got {suite.dev_fraction}")
+    if suite.seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {suite.seeds}")
+    if suite.cnn.epochs < 1 or suite.cnn.batch_size < 1:
+        raise UserError(f"--epochs and --batch_size must be at least 1, got {suite.cnn.epochs} and "
+                        f"{suite.cnn.batch_size}")
+    if not suite.cnn.lr > 0 or suite.cnn.weight_decay < 0:
+        raise UserError(f"--lr must be > 0 and --weight_decay >= 0, got {suite.cnn.lr} and {suite.cnn.weight_decay}")
+
+
+def run_baselines(images, labels, class_names, cfg, suite=SuiteConfig(), save_judge=None, roles=None):
+    """Run every baseline under the protocol (module docstring) on images uint8 (N, H, W, C), labels (N,)
+    as data.load_source returns them; roles: the split (default project_split; tests pass their own).
+    Returns (report: a JSON-ready dict, predictions: {baseline: [test predictions (n_test,) per run]})."""
+    t_start = time.time()
+    check_suite(suite)
+    num_classes = len(class_names)
+    roles = roles or project_split(labels, cfg, suite.dev_fraction)
+    for role, idx in roles.items():
+        missing = sorted(set(range(num_classes)) - set(labels[idx].tolist()))
+        if missing:
+            raise UserError(f"{cfg.source}: {len(labels)} images are too few for the protocol's split: the "
+                            f"{role} images have no {', '.join(class_names[c] for c in missing)}")
+    x, y = to_tensor(images), torch.from_numpy(np.asarray(labels)).long()
+    X = {r: x[i] for r, i in roles.items()}
+    Y = {r: y[i] for r, i in roles.items()}
+    cnn_cfg = clf.CNNConfig(channels=x.shape[1], image_size=x.shape[2], num_classes=num_classes)
+    clf.LeNet(cnn_cfg)  # too small an image: one line now, not after the other baselines
+    seeds = list(range(suite.first_seed, suite.first_seed + suite.seeds))
+    results, predictions = {}, {}
+    steps = 3 + len(suite.logreg_l2) + 5 * len(seeds)
+    bar = tqdm(total=steps, desc="baselines", unit="step")
+
+    def stage(name):
+        bar.set_postfix_str(name)
+
+    def done(n=1):
+        bar.update(n)
+
+    def record(name, description, runs, seeded):
+        """runs: one dict per run (seed) with params, dev_accuracy, test predictions, seconds."""
+        test_acc = [accuracy(r["pred"], Y["test"]) for r in runs]
+        correct = [int((r["pred"] == Y["test"]).sum()) for r in runs]
+        predictions[name] = [r.pop("pred") for r in runs]
+        results[name] = {
+            "description": description,
+            "seeded": seeded,
+            "runs": [dict(r, test_accuracy=a, test_correct=c,
+                          test_wilson95=wilson_interval(c, len(Y["test"])))
+                     for r, a, c in zip(runs, test_acc, correct)],
+            "test_accuracy": seed_summary(test_acc),
+            "dev_accuracy": seed_summary([r["dev_accuracy"] for r in runs]),
+            "seconds": round(sum(r["seconds"] for r in runs), 2),
+        }
+
+    def selected(best, table, pred, t, **extra):
+        return dict(extra, params=best["params"], dev_accuracy=best["dev_accuracy"], dev_table=table, pred=pred,
+                    seconds=round(time.time() - t, 2))
+
+    # k-NN on raw pixels, with and without the augmented copies in the reference set
+    t = time.time()
+    stage("k-NN on pixels")
+    best, table = knn_select(X["fit"], Y["fit"], X["dev"], Y["dev"], suite, num_classes)
+    pred = clf.knn_predict(X["train"], Y["train"], X["test"], best["params"]["k"], best["params"]["metric"],
+                           num_classes)
+    done()
+    record("knn_pixels", "k-NN on raw pixels (the training images as the reference set)",
+           [selected(best, table, pred, t)], False)
+
+    t = time.time()
+    stage("k-NN on pixels + copies")
+    rep = cfg.augment + 1
+    aug_fit, aug_train = augmented(X["fit"], cfg), augmented(X["train"], cfg)
+    best, table = knn_select(aug_fit, Y["fit"].repeat(rep), X["dev"], Y["dev"], suite, num_classes)
+    pred = clf.knn_predict(aug_train, Y["train"].repeat(rep), X["test"], best["params"]["k"],
+                           best["params"]["metric"], num_classes)
+    done()
+    record("knn_pixels_augmented", f"k-NN on raw pixels, the training images and their {cfg.augment} "
+           f"augmented copies each as the reference set", [selected(best, table, pred, t)], False)
+
+    # multinomial logistic regression on raw pixels
+    t = time.time()
+
+    def logreg_dev(c):
+        stage(f"logistic regression, L2 {c['l2']:g}")
+        acc = accuracy(clf.fit_logreg(X["fit"], Y["fit"], num_classes, c["l2"]).predict(X["dev"]), Y["dev"])
+        done()
+        return acc
+
+    best, table = select([{"l2": v} for v in suite.logreg_l2], logreg_dev)
+    stage("logistic regression, refit")
+    pred = clf.fit_logreg(X["train"], Y["train"], num_classes, best["params"]["l2"]).predict(X["test"])
+    done()
+    record("logreg_pixels", "multinomial logistic regression on raw pixels (L-BFGS; the L2 weight on the weights "
+           "chosen on dev)", [selected(best, table, pred, t)], False)
+
+    # per seed: the codebook (k-NN on its reconstructions) and the CNN (also applied to the reconstructions)
+    recon_runs, cnn_runs, judge_runs = [], [], []
+    for s in seeds:
+        t = time.time()
+        stage(f"codebook (dev), seed {s}")
+        book_dev = fit_codebook(aug_fit, cfg, s)
+        best, table = knn_select(reconstruct(book_dev, X["fit"]), Y["fit"], reconstruct(book_dev, X["dev"]),
+                                 Y["dev"], suite, num_classes)
+        done()
+        stage(f"codebook, seed {s}")
+        book = fit_codebook(aug_train, cfg, s)
+        recon_test = reconstruct(book, X["test"])
+        pred = clf.knn_predict(reconstruct(book, X["train"]), Y["train"], recon_test, best["params"]["k"],
+                               best["params"]["metric"], num_classes)
+        done()
+        recon_runs.append(selected(best, table, pred, t, seed=s))
+
+        t = time.time()
+        stage(f"CNN (dev), seed {s}")
+        model_dev = train_cnn_bar(aug_fit, Y["fit"].repeat(rep), cnn_cfg, suite.cnn, s, f"CNN (dev), seed {s}")
+        dev_acc = accuracy(clf.cnn_predict(model_dev, X["dev"]), Y["dev"])
+        done()
+        stage(f"CNN, seed {s}")
+        model = train_cnn_bar(aug_train, Y["train"].repeat(rep), cnn_cfg, suite.cnn, s, f"CNN, seed {s}")
+        pred = clf.cnn_predict(model, X["test"])
+        done()
+        cnn_runs.append({"seed": s, "params": asdict(suite.cnn), "dev_accuracy": dev_acc, "pred": pred,
+                         "seconds": round(time.time() - t, 2)})
+        t = time.time()
+        stage(f"CNN on reconstructions, seed {s}")
+        judge_pred = clf.cnn_predict(model, recon_test)
+        judge_runs.append({"seed": s, "params": {}, "pred": judge_pred, "seconds": round(time.time() - t, 2),
+                           "dev_accuracy": accuracy(clf.cnn_predict(model_dev, reconstruct(book_dev, X["dev"])),
+                                                    Y["dev"])})
+        done()
+        if save_judge and s == seeds[0]:
+            clf.save_cnn(model, save_judge, class_names, info={
+                "trained_on": f"the {len(X['train'])} training images of {cfg.source} and {cfg.augment} augmented "
+                              f"copies of each (split_seed {cfg.split_seed}, val_fraction {cfg.val_fraction}, "
+                              f"max_shift {cfg.max_shift}, max_rotate {cfg.max_rotate})",
+                "training": asdict(suite.cnn), "seed": s,
+                "test_accuracy": accuracy(pred, Y["test"]),
+                "test_accuracy_on_codebook_reconstructions": accuracy(judge_pred, Y["test"]),
+                "codebook": f"fitted like data.prepare on the same images, codebook_seed {s}"})
+    bar.close()
+    n_params = sum(p.numel() for p in model.parameters())
+    record("knn_reconstructions", "k-NN on codebook reconstructions (the codebook fitted on the training images "
+           "and their augmented copies, like data.prepare, codebook_seed = the seed): what the tokens keep",
+           recon_runs, True)
+    record("cnn", f"LeNet-5-like CNN ({n_params:,} parameters) trained on the training images and their "
+           f"{cfg.augment} augmented copies each (the GPT's training set); fixed recipe", cnn_runs, True)
+    record("cnn_on_reconstructions", "the same CNN applied to codebook reconstructions of the images (the "
+           "ceiling of a judge of decoded tokens; nothing of its own is chosen)", judge_runs, True)
+    report = {
+        "protocol": __doc__.split("\n", 1)[1].strip(),
+        "data": {f.name: getattr(cfg, f.name) for f in fields(DataConfig)
+                 if f.name not in ("data_dir", "dev_fraction", "codebook_seed")},
+        "suite": asdict(suite),
+        "seeds": seeds,
+        "class_names": list(class_names),
+        "counts": {r: len(i) for r, i in roles.items()},
+        "test_per_class": np.bincount(labels[roles["test"]], minlength=num_classes).tolist(),
+        "torch_threads": torch.get_num_threads(),
+        "baselines": results,
+        "seconds_total": round(time.time() - t_start, 1),
+    }
+    return report, predictions
+
+
+def train_cnn_bar(x, y, cnn_cfg, training, seed, desc):
+    bar = tqdm(total=training.epochs * len(x), desc=desc, unit="img", unit_scale=True, leave=False)
+    model = clf.train_cnn(x, y, cnn_cfg, training, seed, progress=bar.update)
+    bar.close()
+    return model
+
+
+# ----------------------------------------------------------------------------- the README table
+
+def _pct(v):
+    return f"{100 * v:.1f} %"
+
+
+def _params(runs):
+    """The chosen setting of each run, counted (the codebook's may differ between seeds)."""
+    shown = []
+    for r in runs:
+        p = r["params"]
+        if "k" in p:
+            shown.append(f"k = {p['k']}, {p['metric']}")
+        elif "l2" in p:
+            shown.append(f"L2 weight {p['l2']:g}")
+        elif "epochs" in p:
+            shown.append(f"{p['epochs']} epochs, batch {p['batch_size']}, AdamW lr {p['lr']:g}, weight decay "
+                         f"{p['weight_decay']:g} (fixed)")
+        else:
+            shown.append("none")
+    counts = Counter(shown)
+    if len(counts) == 1:
+        return shown[0]
+    return "; ".join(f"{k} ({n} of {len(runs)} seeds)" for k, n in counts.items())
+
+
+NAMES = {
+    "knn_pixels": "k-NN on raw pixels",
+    "knn_pixels_augmented": "k-NN on raw pixels, augmented copies in the reference set",
+    "logreg_pixels": "logistic regression on raw pixels",
+    "knn_reconstructions": "k-NN on codebook reconstructions",
+    "cnn": "LeNet-5-like CNN, same augmented copies",
+    "cnn_on_reconstructions": "the same CNN on codebook reconstructions",
+}
+
+
+def markdown_table(report):
+    """The README table: one row per baseline, test accuracy as mean +- std over seeds where seeded."""
+    n_test = report["counts"]["test"]
+    lines = ["| baseline | setting (chosen on dev) | dev accuracy | test accuracy | 95 % CI of the mean over seeds (t) | time |",
+             "|---|---|---:|---:|---|---:|"]
+    for name, res in report["baselines"].items():
+        te, dev = res["test_accuracy"], res["dev_accuracy"]
+        if te["n"] > 1:
+            test = f"{100 * te['mean']:.2f} +- {100 * te['std']:.2f} %"
+            lo, hi = max(0.0, te["ci95"][0]), min(1.0, te["ci95"][1])   # (an accuracy stays in [0, 1])
+            ci = f"{100 * lo:.2f} to {100 * hi:.2f} % ({te['n']} seeds)"
+            devs = f"{100 * dev['mean']:.2f} %"
+        else:
+            test = f"{100 * te['mean']:.2f} %"
+            ci = "deterministic" if not res["seeded"] else "(1 seed)"
+            devs = f"{100 * dev['mean']:.2f} %"
+        lines.append(f"| {NAMES.get(name, name)} | {_params(res['runs'])} | {devs} | {test} | {ci} | "
+                     f"{res['seconds']:.0f} s |")
+    c = report["counts"]
+    lo, hi = wilson_interval(round(0.98 * n_test), n_test)
+    lines.append("")
+    lines.append(f"Images: {c['fit']} fit + {c['dev']} dev = {c['train']} training, {n_test} test. Dev accuracy: "
+                 f"fitted on the {c['fit']}, scored on the {c['dev']}; test accuracy: refitted on all {c['train']} "
+                 f"with the chosen setting. One run on {n_test} test images has a binomial 95 % interval of about "
+                 f"+-{100 * (hi - lo) / 2:.1f} points at 98 % (Wilson; per run in the JSON).")
+    return "\n".join(lines)
