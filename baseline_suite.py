@@ -25,13 +25,12 @@ import torch
 from tqdm import tqdm
 
 import classifiers as clf
+from data import DataConfig, augment, stratified_split
 from stats import seed_summary, wilson_interval
+from tokenizer import Codebook
+from tokenizer import uint8_to_tensor as to_tensor
 from util import UserError
 
-# ----------------------------------------------------------------------------- calls into data.py and
-# tokenizer.py (the only ones; kept here so they are easy to rewire)
-from data import DataConfig, augment, stratified_split, to_tensor  # noqa: E402
-from tokenizer import Codebook  # noqa: E402
 
 
 def project_split(labels, cfg, dev_fraction):
@@ -54,7 +53,6 @@ def fit_codebook(x, cfg, seed):
 
 def reconstruct(book, x):
     return book.decode(book.encode(x))
-# ----------------------------------------------------------------------------- end of the calls
 
 
 @dataclass

@@ -10,9 +10,7 @@ images. Any data setting (DataConfig: source, image_size, channels, val_fraction
 max_shift, max_rotate, and the codebook's) can be given as --key value; the defaults are the CPU demo's
 (config/demo.yaml: 6 augmented copies, 4 x 4 patches, 500 codes). See baseline_suite.py for the protocol.
 """
-import argparse
 import json
-import os
 import sys
 import time
 
@@ -20,16 +18,15 @@ import torch
 
 from baseline_suite import SuiteConfig, check_suite, markdown_table, quick, run_baselines
 from classifiers import CNNTraining
-from data import DataConfig, check_data_config, data_fields, load_source, override
-from util import UserError, check_dir, output_problem, run_cli, write_json, write_text
+from cli import add_settings, apply_settings, parser, run_cli
+from data import DataConfig, check_data_config, load_source
+from util import UserError, check_dir, check_file, write_json, write_text
 
 NOT_DATA = ("data_dir", "codebook_seed", "dev_fraction")   # DataConfig fields that baselines.py sets itself
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="Data settings (--key value): " + ", ".join(
-                                     f for f in data_fields() if f not in NOT_DATA))
+def main(argv=None):
+    ap = parser(__doc__, prog="baselines.py")
     ap.add_argument("--seeds", type=int, default=3, help="runs of the seed-dependent baselines (CNN, codebook)")
     ap.add_argument("--first_seed", type=int, default=0, help="the seeds are first_seed, first_seed + 1, ...")
     ap.add_argument("--dev_fraction", type=float, default=0.2,
@@ -46,17 +43,14 @@ def main():
     ap.add_argument("--table", default="", help="also write the Markdown table to this file")
     ap.add_argument("--save_judge", default="", help="save the first seed's final CNN to this folder "
                     "(cnn.safetensors + cnn.json; classifiers.load_cnn reads it)")
-    args, rest = ap.parse_known_args()
-    wrong = [k for k in rest[::2] if k.lstrip("-") in NOT_DATA]
-    if wrong:
-        raise UserError(f"{wrong[0]} is not a setting of baselines.py (the codebook seed is the run's seed; "
-                        f"nothing is read from or written to a data folder)")
-    cfg = override(DataConfig(augment=6), rest)
+    data = ap.add_argument_group("data settings (the codebook seed is the run's seed; no data folder is read "
+                                 "or written)")
+    add_settings(data, DataConfig, skip=NOT_DATA)
+    args = ap.parse_args(argv)
+    cfg = apply_settings(DataConfig(augment=6), args, skip=NOT_DATA)
     check_data_config(cfg)
     for path in filter(None, (args.out, args.table)):  # fail before the work, not after it
-        problem = "is a folder" if os.path.isdir(path) else output_problem(path)
-        if problem:
-            raise UserError(f"{path}: cannot write the output file ({problem})")
+        check_file(path, "output file")
     if args.save_judge:
         check_dir(args.save_judge, "judge folder")
     suite = SuiteConfig(dev_fraction=args.dev_fraction, seeds=args.seeds, first_seed=args.first_seed,

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from util import UserError, atomic_path, not_safetensors, read_json, write_json
+from util import UserError, atomic_path, read_json, safetensors_error, write_json
 
 METRICS = ("cosine", "l2")
 
@@ -241,7 +241,7 @@ def load_cnn(folder):
     except FileNotFoundError:
         raise UserError(f"{path}: missing") from None
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(not_safetensors(path, e)) from None
+        raise UserError(safetensors_error(path, e)) from None
     own = model.state_dict()
     if set(tensors) != set(own):
         raise UserError(f"{path}: holds {', '.join(sorted(tensors)) or 'no tensors'}; the architecture in "

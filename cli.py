@@ -84,17 +84,19 @@ def _fail(line, code):
 
 # ----------------------------------------------------------------------------- settings (dataclasses)
 
-def add_settings(p, cls):
-    """One --key option per field of the dataclass `cls` (values are checked by `apply_settings`)."""
+def add_settings(p, cls, skip=()):
+    """One --key option per field of the dataclass `cls` but `skip` (values are checked by `apply_settings`)."""
     for f in fields(cls):
+        if f.name in skip:
+            continue
         p.add_argument(f"--{f.name}", default=None, metavar=type(f.default).__name__.upper(),
                        help=f"(default: {f.default!r})")
 
 
-def apply_settings(cfg, args, where="command line"):
+def apply_settings(cfg, args, where="command line", skip=()):
     """Copy the --key options that were given (not None) from parsed `args` onto the dataclass `cfg`."""
     for f in fields(cfg):
-        v = getattr(args, f.name, None)
+        v = None if f.name in skip else getattr(args, f.name, None)
         if v is not None:
             setattr(cfg, f.name, coerce(f.name, v, type(getattr(cfg, f.name)), where))
     return cfg

@@ -34,8 +34,9 @@ from cli import add_backend, add_ckpt, add_device, parser, run_cli
 from data import IMAGE_EXTS, load_folder, make_batch, read_image, read_sequences
 from generation_metrics import generation_report, load_judge, real_split, to_float
 from generation_metrics import summary as generation_summary
-from metrics import class_probs, evaluate, mean_std_ci, next_tokens
+from metrics import class_probs, evaluate, next_tokens
 from plots import confusion_png, plot_curves
+from stats import seed_summary
 from util import UserError, check_file, resolve_device, write_bytes, write_json
 
 
@@ -125,7 +126,7 @@ def run_evals(args):
     for folder in args.ckpt:
         outputs(args, folder)
     reports = [run_eval(args, checkpoint.load(f, resolve_device(args.device), args.backend)) for f in args.ckpt]
-    rows = {k: mean_std_ci([r[k] for r in reports]) for k in ("accuracy", "image_perplexity", "loss")}
+    rows = {k: seed_summary([r[k] for r in reports]) for k in ("accuracy", "image_perplexity", "loss")}
     a = rows["accuracy"]
     print(f"{len(reports)} checkpoints: accuracy {100 * a['mean']:.2f} % +- {100 * a['std']:.2f} (sample std; 95 % "
           f"interval of the mean {100 * a['ci95'][0]:.2f} .. {100 * a['ci95'][1]:.2f}); image-token perplexity "

@@ -104,21 +104,3 @@ def next_tokens(model, ids, vocab, k=5):
     probs = logits[0, -1].float().softmax(-1).cpu()
     p, i = probs.topk(min(k, len(probs)))
     return [(vocab.tokens[j], j, q) for j, q in zip(i.tolist(), p.tolist())]
-
-
-# two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal's 1.96)
-T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-       2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-       2.045, 2.042]
-
-
-def mean_std_ci(values):
-    """Mean, sample standard deviation and the 95 % confidence interval of the mean (Student's t)
-    of repeated measurements (one per seed). One value: std and interval are None."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return {"n": n, "mean": mean, "std": None, "ci95": None}
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = (T95[n - 2] if n - 1 <= len(T95) else 1.96) * std / math.sqrt(n)
-    return {"n": n, "mean": mean, "std": std, "ci95": [mean - half, mean + half]}

@@ -24,7 +24,8 @@ import checkpoint
 from cli import read_yaml, set_from_mapping
 from data import (DataConfig, check_data_config, conditioned_copies, data_fields, ensure_prepared, make_batch,
                   read_sequences)
-from metrics import evaluate, mean_std_ci
+from metrics import evaluate
+from stats import seed_summary
 from model import GPT, GPTConfig
 from plots import plot_curves
 from tokenizer import Codebook
@@ -116,7 +117,7 @@ def train_seeds(cfg, n, resume=False, log=print):
         final = read_json(os.path.join(c.out_dir, "final", "metrics.json"), "metrics.json")
         runs.append({"seed": c.seed, "out_dir": c.out_dir, "final_dev_accuracy": final.get("accuracy")})
     accs = [r["final_dev_accuracy"] for r in runs if isinstance(r["final_dev_accuracy"], float)]
-    summary = {"runs": runs, "final_dev_accuracy": mean_std_ci(accs) if len(accs) == n else None}
+    summary = {"runs": runs, "final_dev_accuracy": seed_summary(accs) if len(accs) == n else None}
     write_json(os.path.join(cfg.out_dir, "seeds.json"), summary)
     return summary
 

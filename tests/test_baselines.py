@@ -11,15 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import baseline_suite as suite_mod  # noqa: E402
-import classifiers as clf  # noqa: E402
-from data import DataConfig  # noqa: E402
-from fixtures import write_images  # noqa: E402
-from stats import seed_summary, t975, wilson_interval  # noqa: E402
-from util import UserError  # noqa: E402
+import baseline_suite as suite_mod
+import classifiers as clf
+from data import DataConfig
+from fixtures import ROOT, write_images
+from stats import seed_summary, t975, wilson_interval
+from util import UserError
 
 
 def toy(n=90, size=12, seed=0, noise=60):
@@ -282,7 +279,7 @@ def test_baselines_command_bad_input_is_one_line(tmp_path):
     for args, match in ((["--source", f"folder:{tmp_path / 'none'}"], "no such folder"),
                         (["--seeds", "0"], "--seeds must be at least 1"),
                         (["--out", str(tmp_path)], "is a folder"),
-                        (["--nonsense", "1"], "unknown option --nonsense")):
+                        (["--nonsense", "1"], "unrecognized arguments: --nonsense 1")):
         r = subprocess.run([sys.executable, "baselines.py", *args], cwd=ROOT, capture_output=True, text=True,
                            timeout=120, env=ONE_THREAD)
         assert r.returncode == 2, (args, r.stderr)

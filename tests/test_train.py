@@ -478,7 +478,7 @@ def test_seeds_train_each_and_eval_summarises_them(run_a, tmp_path, capsys):
     eval.py with both checkpoints reports each on the test split and their mean, std and interval."""
     import eval as ev
     import train as train_script
-    from metrics import mean_std_ci
+    from stats import seed_summary
     cfg = make_cfg(run_a["tmp"], "", out_dir=str(tmp_path / "seeds"), epochs=1, eval_every=0)
     assert train_script.main(cli_args(cfg) + ["--seeds", "2"]) == 0
     summary = json.load(open(tmp_path / "seeds" / "seeds.json"))
@@ -493,14 +493,4 @@ def test_seeds_train_each_and_eval_summarises_them(run_a, tmp_path, capsys):
     assert ev.main(["--ckpt", *finals, "--out", str(out)]) == 0
     rep = json.load(open(out))
     each = [json.load(open(os.path.join(f, "eval.json")))["accuracy"] for f in finals]
-    assert rep["accuracy"] == mean_std_ci(each) and "2 checkpoints: accuracy" in capsys.readouterr().out
-
-
-def test_mean_std_ci_matches_scipy():
-    from scipy import stats
-    from metrics import mean_std_ci
-    for xs in ([0.97, 0.98, 0.985], [1.0, 2.0, 4.0, 8.0, 16.0], [0.5] * 2 + [0.7]):
-        s = mean_std_ci(xs)
-        lo, hi = stats.t.interval(0.95, len(xs) - 1, loc=np.mean(xs), scale=stats.sem(xs))
-        assert s["std"] == pytest.approx(np.std(xs, ddof=1)) and s["ci95"] == pytest.approx([lo, hi], rel=1e-3)
-    assert mean_std_ci([0.9]) == {"n": 1, "mean": 0.9, "std": None, "ci95": None}
+    assert rep["accuracy"] == seed_summary(each) and "2 checkpoints: accuracy" in capsys.readouterr().out
