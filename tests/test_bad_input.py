@@ -554,7 +554,7 @@ CASES = [
         ("patch-does-not-divide", ["--patch_size", "3"], ["image_size 8 is not divisible by patch_size 3"]),
         ("zero-codes", ["--num_codes", "0"], ["num_codes must be at least 1, got 0"]),
         ("val-fraction", ["--val_fraction", "1.5"], ["val_fraction must be between 0 and 1, got 1.5"]),
-        ("unknown-source", ["--source", "zip:foo"], ["source 'zip:foo': expected builtin, idx:DIR, folder:DIR or csv:DIR"]),
+        ("unknown-source", ["--source", "zip:foo"], ["source 'zip:foo': expected builtin, idx:DIR, folder:DIR, csv:DIR or hf:NAME_OR_PATH[:SPLIT]"]),
     ], lambda e, d: prepare_args(d, f"folder:{e.images}"), tag="prepare"),
     *under_file("data", lambda e, d, p: ["prepare", "--source", f"folder:{e.images}", "--data_dir", p, *PREP], "prepared"),
     *C("data-prepare-data-dir-is-a-file", "data", lambda e, d: (

@@ -611,3 +611,45 @@ def test_settings_from_the_command_line_and_coerce():
         with pytest.raises(UserError, match=f"y: {key} expects {typ.__name__}"):
             coerce(key, value, typ, "y")
     assert data.data_fields()[:2] == ["patch_size", "num_codes"] and "source" in data.data_fields()
+
+
+# ----------------------------------------------------------------------------- Hugging Face datasets
+
+def hf_dataset(n=30, size=10, seed=0):
+    """A small image classification data set as `datasets` holds them: PIL images (colour, another
+    size than the model's), a ClassLabel column with names."""
+    import datasets
+    rng = np.random.default_rng(seed)
+    imgs, labels = [], []
+    for i in range(n):
+        y = i % 3
+        a = (rng.random((size, size, 3)) * 40).astype(np.uint8)
+        a[2 * y + 1:2 * y + 4, 2:8] = 220
+        imgs.append(Image.fromarray(a, "RGB"))
+        labels.append(y)
+    feats = datasets.Features({"img": datasets.Image(), "digit": datasets.ClassLabel(names=["a", "b", "c"])})
+    return datasets.Dataset.from_dict({"img": imgs, "digit": labels}, features=feats), imgs, labels
+
+
+def test_hf_source_reads_a_saved_dataset_and_its_splits(tmp_path):
+    import datasets
+    ds, imgs, labels = hf_dataset()
+    ds.save_to_disk(str(tmp_path / "one"))
+    images, got, names, meta = data.load_hf(str(tmp_path / "one"), 8, 1)
+    assert names == ["a", "b", "c"] and got.tolist() == labels and images.shape == (30, 8, 8, 1)
+    want = np.asarray(imgs[4].convert("L").resize((8, 8), Image.Resampling.BILINEAR))
+    assert np.array_equal(images[4, :, :, 0], want)                  # converted as image folders are
+    datasets.DatasetDict({"train": ds, "test": ds.select(range(6))}).save_to_disk(str(tmp_path / "dict"))
+    assert len(data.load_hf(str(tmp_path / "dict") + ":test", 8, 1)[1]) == 6
+    assert len(data.load_hf(str(tmp_path / "dict"), 8, 3)[0]) == 30   # the train split by default
+    with pytest.raises(UserError, match=r"no split 'valid'; it has train, test"):
+        data.load_hf(str(tmp_path / "dict") + ":valid", 8, 1)
+    plain = datasets.Dataset.from_dict({"x": [1, 2]})
+    plain.save_to_disk(str(tmp_path / "plain"))
+    with pytest.raises(UserError, match="expected an Image column and a ClassLabel"):
+        data.load_hf(str(tmp_path / "plain"), 8, 1)
+    # prepare reads it like any other source, split and codebook included
+    cfg = DataConfig(source=f"hf:{tmp_path / 'one'}", data_dir=str(tmp_path / "prepared"), image_size=8,
+                     patch_size=2, num_codes=8, kmeans_iters=3)
+    rep = prepare(cfg)
+    assert rep["classes"] == ["a", "b", "c"] and rep["counts"]["val"] == [2, 2, 2]
