@@ -255,9 +255,11 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_run(tmp_path, fork
             return f.read()[-3000:]
 
     # the uninterrupted reference run
+    t0 = time.time()
     p = start(forkserver, [config, "--out_dir", ref], log_file(99))
     p.join(120)
     assert p.exitcode == 0, tail(99)
+    step_time = (time.time() - t0) / STEPS   # this machine's pace: "time" kills land a few steps in
     check = Checker(ref)
     assert sorted(check.ref) == list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))
 
@@ -290,8 +292,8 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_run(tmp_path, fork
             rc = p.wait(60)
         else:
             p = start(forkserver, argv, log_file(i), (kind, arg) if kind not in ("time", "checkpoint_write") else None)
-            if kind == "time":
-                time.sleep(arg)
+            if kind == "time":   # 1 to 12 steps' worth of time after the start, however fast the machine
+                time.sleep(arg * 20 * step_time)
                 p.kill()
             elif kind == "checkpoint_write":  # as soon as a new checkpoint folder is being written
                 deadline = time.time() + 60
