@@ -21,7 +21,7 @@ from cli import add_ckpt, add_device, parser, run_cli
 from data import IMAGE_EXTS, load_folder, make_batch, read_image, read_sequences
 from metrics import class_probs, evaluate, next_tokens
 from plots import confusion_png, plot_curves
-from util import UserError, check_file, resolve_device, write_bytes, write_json
+from util import UserError, check_file, check_outputs, resolve_device, write_bytes, write_json
 
 
 def summary(m, names):
@@ -72,6 +72,7 @@ def run_eval(args, ck):
     png = os.path.splitext(out)[0] + "_confusion.png"
     check_file(out, "metrics file")
     check_file(png, "confusion matrix PNG")
+    check_outputs(out, png)
     seqs, source = load_eval_data(args, ck)
     block = ck.model.config.block_size
     cut = sum(len(s) > block for s in seqs)
@@ -181,6 +182,11 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.top_k != 5 and args.next is None:
+        raise UserError("--top_k is for --next (how many next tokens it shows); evaluation reports top-1, 2, 3 "
+                        "and 5 accuracy")
+    if args.repair_v1 and (args.images or args.next is not None or args.curves):
+        raise UserError("--repair_v1 is for sequence files (--data, or .jsonl files given to --classify)")
     if args.curves:
         out = args.out or os.path.join(args.curves, "curves.png")
         check_file(out, "curves PNG")

@@ -7,18 +7,26 @@ Every setting (the options below: TrainConfig in trainer.py and the data setting
 can be set in the YAML file or overridden with --key value. If the sequence files are missing they
 are prepared first. The run folder (out_dir) gets log.jsonl (one JSON line per evaluation), best/
 (best validation accuracy), final/ (latest state, resumable with --resume) and curves.png.
-Ctrl-C saves final/ and exits 0.
+Ctrl-C saves final/ and exits 0. One run at a time per out_dir (a second one is refused, naming the
+first one's pid). --resume continues with the settings the run was started with: other model or data
+settings are refused, other training settings (lr, epochs, ...) too unless --allow_changes.
+max_length (the block size) is by default the data's sequence length; one that would cut the images is
+refused unless allow_truncation is true. A loss or weights that are not finite stop the run (exit 2),
+keeping the last good checkpoint.
 """
 import sys
 
 from cli import add_settings, parser, run_cli
 from trainer import TrainConfig, load_config, train
+from util import UserError
 
 
 def main(argv=None):
     ap = parser(__doc__, prog="train.py")
     ap.add_argument("config", nargs="?", help="YAML file of settings (a flat key: value mapping)")
     ap.add_argument("--resume", action="store_true", help="continue out_dir/final exactly where it stopped")
+    ap.add_argument("--allow_changes", action="store_true",
+                    help="with --resume: go on with training settings (lr, epochs, ...) other than the run's")
     add_settings(ap, TrainConfig)
     if argv is None:
         argv = sys.argv[1:]
@@ -26,9 +34,12 @@ def main(argv=None):
         ap.print_help()
         return 0
     args = ap.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "resume") and v is not None}
+    if args.allow_changes and not args.resume:
+        raise UserError("--allow_changes is for --resume (it allows other training settings than the run's)")
+    overrides = {k: v for k, v in vars(args).items()
+                 if k not in ("config", "resume", "allow_changes") and v is not None}
     cfg = load_config(args.config, overrides)
-    out = train(cfg, resume=args.resume)
+    out = train(cfg, resume=args.resume, allow_changes=args.allow_changes)
     if out["best_accuracy"] is not None:
         print(f"done: {out['step']} steps in {out['seconds']:.0f} s; best val accuracy {out['best_accuracy']:.4f}; "
               f"checkpoints in {cfg.out_dir}/best and {cfg.out_dir}/final")
