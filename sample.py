@@ -23,7 +23,8 @@ from data import read_sequences
 from generation import generate
 from plots import save_grid
 from tokens import TAIL
-from util import UserError, check_file, check_finite, check_memory, check_outputs, check_seed, resolve_device, write_jsonl
+from util import (UserError, check_file, check_finite, check_memory, check_outputs, check_seed, resolve_device,
+                  write_jsonl)
 
 
 def record(r, vocab, seq_len, **meta):

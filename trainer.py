@@ -420,7 +420,8 @@ def check_resume(cfg, folder, allow_changes, log):
     allow_changes, when they are listed and the run goes on with them."""
     path = os.path.join(resolve_dir(folder), "config.json")
     if not os.path.exists(path):
-        return   # load_trainer_state() says what is missing
+        checkpoint.load_trainer_state(folder)   # nothing to resume: say so before preparing any data
+        return
     saved = read_json(path, "checkpoint config.json")
     if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict) \
             or not isinstance(saved.get("model"), dict):

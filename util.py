@@ -61,16 +61,14 @@ def check_dir(path, what="output folder"):
         raise UserError(f"{path}: cannot create the {what} ({problem})")
 
 
-def check_file(path, what="output", suffix=None):
+def check_file(path, what="output"):
     """Fail before any work if `path` cannot be written as a file (it is a folder, or under a file, or
-    in a folder this user may not write to) or, given `suffix` (".png"), does not end in it."""
+    in a folder this user may not write to)."""
     if os.path.isdir(path) or str(path).endswith(os.sep):
         raise UserError(f"{path}: is a folder; the {what} must be a file path")
     problem = output_problem(path)
     if problem:
         raise UserError(f"{path}: cannot write the {what} ({problem})")
-    if suffix and not str(path).lower().endswith(suffix):
-        raise UserError(f"{path}: the {what} is written as {suffix[1:].upper()}; give a file name ending in {suffix}")
 
 
 def check_outputs(*paths):
