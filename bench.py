@@ -74,7 +74,7 @@ from onnx_backend import OnnxGPT
 from tokenizer import Codebook, CodebookConfig, assign, kmeans, uint8_to_tensor
 from tokens import Vocab
 from trainer import TrainConfig
-from util import UserError, resolve_device, write_json
+from util import UserError, check_file, check_memory, resolve_device, write_json
 
 # targets on the CPU (issue 7): key -> (comparison, value, description)
 TARGETS = {
@@ -505,6 +505,12 @@ def check_args(a):
     sections = {s.strip() for s in a.only.split(",") if s.strip()}
     if not sections or sections - {"train", "sample", "kmeans"}:
         raise UserError(f"--only: choose from train, sample, kmeans; got {a.only!r}")
+    for k in ("n_layer", "n_head", "n_embd", "block_size", "batch", "reps", "kmeans_n", "kmeans_k",
+              "kmeans_iters", "matmul_n"):
+        if getattr(a, k) is not None and getattr(a, k) < 1:
+            raise UserError(f"--{k} must be at least 1, got {getattr(a, k)}")
+    if a.warmup is not None and a.warmup < 0:
+        raise UserError(f"--warmup must be >= 0, got {a.warmup}")
     mcfg = GPTConfig(vocab_size=a.vocab_size, block_size=a.block_size, n_layer=a.n_layer, n_head=a.n_head,
                      n_embd=a.n_embd)
     if a.n_embd % a.n_head:
@@ -518,7 +524,16 @@ def check_args(a):
         raise UserError(f"--new_tokens must be in 1..{a.block_size - 1}")
     if a.threads is not None and a.threads < 1:
         raise UserError("--threads must be at least 1")
-    return sections, mcfg, lengths, ints(a.sample_batches, "--sample_batches")
+    batches = ints(a.sample_batches, "--sample_batches")
+    n = mcfg.num_params_estimate()   # two models (ours, HF) side by side, each training or sampling
+    need = {"train": 2 * (16 * n + 4 * a.batch * max(lengths) * (16 * a.n_layer * a.n_embd + 3 * a.vocab_size))
+            + 12 * (a.matmul_n or 2048) ** 2,
+            "sample": 2 * (4 * n + 4 * max(batches) * a.block_size * (2 * a.n_layer * a.n_embd + a.vocab_size)),
+            "kmeans": 4 * (a.kmeans_n or 300000) * (5 + a.kmeans_k) if a.kmeans_n else 0}
+    for s in sorted(sections):
+        check_memory(need[s], f"the {s} benchmark at these sizes", a.device,
+                     hint="lower the sizes")
+    return sections, mcfg, lengths, batches
 
 
 def run(a, command=None):
@@ -723,6 +738,8 @@ def format_report(out):
 
 def main(argv=None):
     a = build_parser().parse_args(argv)
+    if a.json:
+        check_file(a.json, "JSON file")   # before minutes of measuring
     out = run(a, " ".join(["python bench.py"] + list(sys.argv[1:] if argv is None else argv)))
     if a.json:
         write_json(a.json, out)

@@ -17,11 +17,14 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 import hf_format
+from data import DataConfig
+from metrics import check_metrics
 from model import GPT, GPTConfig
 from onnx_backend import GRAPH, QUANTIZED, OnnxGPT
 from tokenizer import Codebook
 from tokens import Vocab
-from util import UserError, atomic_dir, read_json, resolve_dir, safetensors_error, write_json
+from util import (UserError, atomic_dir, check_fields, check_finite_tensors, check_memory, human_bytes,
+                  load_safetensors, read_json, resolve_dir, safetensors_error, write_json)
 
 
 @dataclass
@@ -99,7 +102,14 @@ def model_config(cfg, where):
             raise UserError(f"{where}: model.{f.name} is {v!r}, expected {want}")
     if mcfg.n_embd % mcfg.n_head:
         raise UserError(f"{where}: model.n_embd {mcfg.n_embd} is not divisible by model.n_head {mcfg.n_head}")
+    check_model_fits(mcfg, where)
     return mcfg
+
+
+def check_model_fits(mcfg, where, device="cpu"):
+    """Refuse, before building it, a model whose weights alone (fp32) could not fit in memory."""
+    n = mcfg.num_params_estimate()
+    check_memory(4 * n, f"{where}: a model of {n:,} parameters ({human_bytes(4 * n)} of fp32 weights)", device)
 
 
 def raw_model(model):
@@ -116,7 +126,6 @@ def load(folder, device="cpu", backend="torch"):
     backend "onnx" / "onnx-int8": the model is the folder's onnx/model.onnx (model_quantized.onnx)
     run by onnxruntime on the CPU (an export made with `hf_export.py --onnx`), with the same interface."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
     folder = resolve_dir(folder)
     if not os.path.isdir(folder):
         raise UserError(f"{folder}: no such checkpoint folder")
@@ -125,9 +134,10 @@ def load(folder, device="cpu", backend="torch"):
         model, vocab, book, settings, metrics = hf_format.read_export(folder)
     else:
         mcfg = model_config(cfg, f"{folder}/config.json")
+        check_fields(cfg.get("train", {}), DataConfig, f"{folder}/config.json", "train.")
         path = os.path.join(folder, "model.safetensors")
         try:
-            sd = load_file(path)
+            sd = load_safetensors(path)
         except FileNotFoundError:
             raise UserError(f"{path}: missing") from None
         except (SafetensorError, OSError, ValueError) as e:
@@ -138,7 +148,8 @@ def load(folder, device="cpu", backend="torch"):
         model = GPT(mcfg)
         load_weights(model, sd, path)
         metrics_path = os.path.join(folder, "metrics.json")
-        metrics = read_json(metrics_path, "metrics.json") if os.path.exists(metrics_path) else None
+        metrics = check_metrics(read_json(metrics_path, "metrics.json"), metrics_path) \
+            if os.path.exists(metrics_path) else None
         book = Codebook.load(folder)
         if book.cfg.num_codes != vocab.num_codes:
             raise UserError(f"{folder}: the codebook has {book.cfg.num_codes} codes, vocab.json {vocab.num_codes}")
@@ -174,6 +185,8 @@ def _class_names(ck):
         except (UserError, AttributeError):
             names = None
         if isinstance(names, list) and len(names) == ck.vocab.num_classes:
+            if not all(isinstance(n, (str, int)) and not isinstance(n, bool) for n in names):
+                raise UserError(f"{path}: classes must be a list of class names (strings), got {str(names)[:80]}")
             return [str(n) for n in names]
     return [str(c) for c in range(ck.vocab.num_classes)]
 
@@ -189,6 +202,7 @@ def load_weights(model, sd, where):
     for k, v in sd.items():
         if v.shape != own[k].shape:
             raise UserError(f"{where}: {k} has shape {tuple(v.shape)}, the config needs {tuple(own[k].shape)}")
+    check_finite_tensors(sd, where)
     model.load_state_dict(sd, strict=False)
 
 
@@ -197,7 +211,7 @@ def load_trainer_state(folder):
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before refusing: one line only
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{path}: missing; this checkpoint cannot be resumed") from None
     except pickle.UnpicklingError as e:  # torch's own text would suggest weights_only=False: never
@@ -207,3 +221,24 @@ def load_trainer_state(folder):
     except Exception as e:  # pickle refusals, truncation, foreign files: all one line
         first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
         raise UserError(f"{path}: cannot load trainer state ({first[:200]})") from None
+    return check_trainer_state(state, path)
+
+
+def check_trainer_state(state, path):
+    """What save() wrote as trainer_state.pt: a dict with the optimizer state, step, best accuracy,
+    tokens, the RNG state and the losses since the last evaluation; anything else is one line."""
+    integer = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    want = {"optimizer": (lambda v: isinstance(v, dict), "the optimizer's state dict"),
+            "step": (integer, "a step count"), "tokens": (integer, "a token count"),
+            "best": (lambda v: v is None or isinstance(v, (int, float)) and not isinstance(v, bool), "a number or None"),
+            "rng": (lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8, "a uint8 tensor (the RNG state)"),
+            "history": (lambda v: isinstance(v, list), "a list of losses")}
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: holds a {type(state).__name__}, expected the trainer state this project saves")
+    for k, (ok, what) in want.items():
+        if k == "history" and k not in state:
+            continue
+        if k not in state or not ok(state[k]):
+            got = "nothing" if k not in state else type(state[k]).__name__
+            raise UserError(f"{path}: {k} is {got}, expected {what}; not a trainer state of this project")
+    return state

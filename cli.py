@@ -6,11 +6,12 @@ A script builds its parser with `parser(__doc__)`, adds the shared options it ta
 an OSError (a full disk) become one line on stderr and a non-zero exit, never a traceback.
 """
 import argparse
+import math
 import os
 import sys
 from dataclasses import fields
 
-from util import UserError
+from util import UserError, printable
 
 
 class Parser(argparse.ArgumentParser):
@@ -46,11 +47,25 @@ def add_backend(p):
                    help="run the model in PyTorch, or its ONNX graph (fp32 or int8) in onnxruntime; the ONNX "
                         "graphs are in the onnx/ folder of an export made with hf_export.py --onnx "
                         "(default: %(default)s)")
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
+
+
+def out_of_memory(e):
+    """Is this exception an allocation failure (MemoryError, torch's CPU or CUDA allocator)?"""
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and
+                                          any(s in str(e).lower() for s in OUT_OF_MEMORY))
 
 
 def run_cli(main):
-    """Run main() and turn UserError (and Ctrl-C, a closed pipe, an OSError such as a full disk) into
-    one line on stderr and a non-zero exit, never a traceback."""
+    """Run main() and turn UserError (and Ctrl-C, a closed pipe, an OSError such as a full disk, an
+    allocation that does not fit in memory) into one line on stderr and a non-zero exit, never a
+    traceback."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure:  # file names that are not UTF-8 are printed back as the bytes they are
+        try:
+            reconfigure(errors="surrogateescape")
+        except (ValueError, OSError):
+            pass
     try:
         code = main()
         sys.stdout.flush()  # `python eval.py | head`: a closed pipe shows up here, inside the try
@@ -67,6 +82,12 @@ def run_cli(main):
         _fail(f"error: {where}{e.strerror or e}", 1)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first.split("] ", 1)[-1] if first.startswith("[enforce fail") else first   # torch's C++ prefix
+        _fail(f"error: out of memory ({first[:200]}); use smaller sizes (batch, model, images, samples)", 1)
     sys.exit(code)
 
 
@@ -78,7 +99,7 @@ def _fail(line, code):
             bar.close()
         except Exception:  # never let a progress bar hide the message
             pass
-    print(line, file=sys.stderr)
+    print(printable(line), file=sys.stderr)   # a newline or odd bytes in a file name stay on this line
     sys.exit(code)
 
 
@@ -170,6 +191,8 @@ def coerce(key, value, typ, where):
         if typ is float:
             if isinstance(value, bool):
                 raise ValueError
+            if not math.isfinite(float(value)):   # inf and nan pass every range check: never a setting
+                raise UserError(f"{where}: {key} must be a finite number, got {value!r}")
             return float(value)
         if typ is str and not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ValueError

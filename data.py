@@ -35,7 +35,8 @@ from cli import add_settings, apply_settings, parser, run_cli
 from plots import save_grid
 from tokenizer import Codebook, CodebookConfig, psnr, uint8_to_tensor
 from tokens import V1_HINT, Vocab, cls_index, has_label_tail, truncate
-from util import UserError, check_dir, check_file, read_json, resolve_device, write_json, write_jsonl
+from util import (UserError, check_dir, check_fields, check_file, check_memory, check_seed, read_json, resolve_device,
+                  write_json, write_jsonl)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -76,6 +77,16 @@ def check_data_config(cfg, where="config"):
         raise UserError(f"{where}: val_fraction must be between 0 and 1, got {cfg.val_fraction}")
     if not 0 <= cfg.dev_fraction < 1:
         raise UserError(f"{where}: dev_fraction must be in [0, 1), got {cfg.dev_fraction}")
+    for k in ("split_seed", "codebook_seed"):
+        check_seed(getattr(cfg, k), f"{where}: {k}")
+    check_memory(image_bytes(cfg), f"{where}: one {cfg.image_size} x {cfg.image_size} image with "
+                 f"{cfg.channels} channel(s) and its patch features", hint="lower image_size")
+
+
+def image_bytes(cfg, n=1):
+    """A lower bound of the memory that preparing n images takes: the float images and their patch
+    features (colour and gradient groups, weighted copies), 4 bytes each."""
+    return 4 * n * cfg.image_size ** 2 * (3 * cfg.channels + 7)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -142,9 +153,17 @@ def load_idx(folder):
 
 
 def _class_files(root, exts):
+    """root/<class name>/<file ending in exts> -> (class names, [(path, class index)]). Hidden folders
+    (.git, .ipynb_checkpoints) are not classes; such files directly in root (in no class) are an error.
+    (prepare() refuses classes without files: a classifier cannot learn them.)"""
     if not os.path.isdir(root):
         raise UserError(f"{root}: no such folder")
-    names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    entries = sorted(os.listdir(root))
+    names = [d for d in entries if os.path.isdir(os.path.join(root, d)) and not d.startswith(".")]
+    loose = [f for f in entries if f.lower().endswith(exts) and os.path.isfile(os.path.join(root, f))]
+    if loose and names:
+        raise UserError(f"{os.path.join(root, loose[0])}: not in a class folder ({len(loose)} such file(s) in "
+                        f"{root}); move each into {root}/<class name>/")
     items = [(os.path.join(root, d, f), c) for c, d in enumerate(names)
              for f in sorted(os.listdir(os.path.join(root, d))) if f.lower().endswith(exts)]
     if not items:
@@ -214,9 +233,13 @@ def read_pixel_csv(path, channels):
     if not rows:
         raise UserError(f"{path}: no pixel rows")
     a = np.array(rows)
-    xs, ys = a[:, 1].astype(int), a[:, 2].astype(int)
+    if not np.isfinite(a).all():
+        raise UserError(f"{path}: a value is not a finite number (nan or inf)")
+    xs, ys = a[:, 1].astype(np.int64), a[:, 2].astype(np.int64)
     if xs.min() < 0 or ys.min() < 0:
         raise UserError(f"{path}: negative pixel coordinates")
+    check_memory(24 * (int(xs.max()) + 1) * (int(ys.max()) + 1),
+                 f"{path}: pixel coordinates up to x={xs.max()}, y={ys.max()} (an image of that size)")
     rgb = a[:, 4:7]
     if rgb.max() <= 1.0:
         rgb = rgb * 255
@@ -303,6 +326,9 @@ def load_source(cfg):
     else:
         raise UserError(f"source {cfg.source!r}: expected builtin, idx:DIR, folder:DIR, csv:DIR or hf:NAME_OR_PATH[:SPLIT]")
     images, labels, names, meta = out
+    if images.shape[1:3] != (cfg.image_size, cfg.image_size):
+        check_memory(image_bytes(cfg, len(images)), f"source {cfg.source}: {len(images)} images of "
+                     f"{cfg.image_size} x {cfg.image_size}", hint="lower image_size")
     if images.shape[-1] != cfg.channels:
         images = images.repeat(cfg.channels, -1) if images.shape[-1] == 1 else \
             images.mean(-1, keepdims=True).round().astype(np.uint8)
@@ -365,6 +391,21 @@ def prepare(cfg, device="cpu"):
             raise UserError(f"{cfg.source}: dev_fraction {cfg.dev_fraction} of {len(tr)} training images is no image")
     if len(tr) == 0 or len(va) == 0:
         raise UserError(f"{cfg.source}: {len(images)} images are too few for a train/test split")
+    counts = np.bincount(labels, minlength=len(names))
+    if (counts == 0).any():
+        name = names[int(np.flatnonzero(counts == 0)[0])]
+        kind, _, arg = cfg.source.partition(":")
+        raise UserError(f"{os.path.join(arg, name)}: class folder without image files; add images or remove it"
+                        if kind in ("folder", "csv") else
+                        f"{cfg.source}: no images of class {name} (labels 0..{len(names) - 1}); a class without "
+                        f"images cannot be learnt")
+    present = [names[c] for c in np.unique(labels)]
+    if len(present) < 2:
+        raise UserError(f"{cfg.source}: all {len(images)} images are of one class ({present[0]!r}); a "
+                        f"classifier needs images of at least 2 classes")
+    check_memory(image_bytes(cfg, len(tr) * (cfg.augment + 1) + len(va)),
+                 f"{cfg.source}: {len(tr)} training images x {cfg.augment + 1} (augment {cfg.augment}) and "
+                 f"{len(va)} test images of {cfg.image_size} x {cfg.image_size}", hint="lower augment or image_size")
     x = uint8_to_tensor(images)
     xtr = x[tr]
     n_aug = cfg.augment * len(tr)
@@ -566,10 +607,15 @@ def main(argv=None):
     else:
         path = os.path.join(args.data_dir, "report.json")
         rep = read_json(path, "report.json")
+        if not isinstance(rep, dict) or "config" not in rep:
+            raise UserError(f'{path}: expected a JSON object with the data settings under "config" '
+                            f'(a report.json written by data.py prepare)')
+        check_fields(rep["config"], DataConfig, path, "config.")
         try:
             cfg = DataConfig(**rep["config"])
-        except (KeyError, TypeError) as e:
+        except TypeError as e:
             raise UserError(f"{path}: not a report.json written by data.py prepare ({e})") from None
+        check_data_config(cfg, path)
         images, labels, names, _ = load_source(cfg)
         _, va = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
         va = va[:args.n]

@@ -37,7 +37,7 @@ from generation_metrics import summary as generation_summary
 from metrics import class_probs, evaluate, next_tokens
 from plots import confusion_png, plot_curves
 from stats import seed_summary
-from util import UserError, check_file, resolve_device, write_bytes, write_json
+from util import UserError, check_file, check_outputs, resolve_device, write_bytes, write_json
 
 
 def summary(m, names):
@@ -92,6 +92,7 @@ def outputs(args, folder):
     png = os.path.splitext(out)[0] + "_confusion.png"
     check_file(out, "metrics file")
     check_file(png, "confusion matrix PNG")
+    check_outputs(out, png)
     return out, png
 
 
@@ -275,6 +276,11 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.top_k is not None and args.next is None and not args.generation:
+        raise UserError("--top_k is for --next (how many next tokens it shows) and --generation (sampling); "
+                        "evaluation reports top-1, 2, 3 and 5 accuracy")
+    if args.repair_v1 and (args.images or args.next is not None or args.curves):
+        raise UserError("--repair_v1 is for sequence files (--data, or .jsonl files given to --classify)")
     if args.curves:
         out = args.out or os.path.join(args.curves, "curves.png")
         check_file(out, "curves PNG")

@@ -49,8 +49,16 @@ def choose_next(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, g
     from softmax(logits / temperature) after top-k, then top-p filtering."""
     if greedy or temperature == 0:
         return logits.argmax(-1)
-    logits = top_p_filter(top_k_filter(logits.float() / temperature, top_k), top_p)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    scaled = logits.float() / temperature
+    if not torch.isfinite(scaled).all():
+        if not torch.isfinite(logits).all():
+            raise UserError("the model's logits are not finite (NaN or inf): its weights are unusable")
+        # a temperature so small that the logits overflow (inf - inf would give NaN probabilities):
+        # scale the distances to the largest logit instead, in float64; the largest stays 0 and the
+        # others go to -inf, which is the limit of the distribution as the temperature goes to 0
+        scaled = (logits.double() - logits.double().amax(-1, keepdim=True)) / temperature
+    probs = top_p_filter(top_k_filter(scaled, top_k), top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 # ----------------------------------------------------------------------------- decoding

@@ -18,12 +18,15 @@ import os
 
 import torch
 
+from data import DataConfig
 from generation import generate
+from metrics import check_metrics
 from model import GPT, GPTConfig
 from onnx_backend import export_onnx, quantize_int8
 from tokenizer import Codebook
 from tokens import SPECIALS, Vocab
-from util import (UserError, atomic_dir, read_json, safetensors_error, write_json, write_text)
+from util import (UserError, atomic_dir, check_fields, check_finite_tensors, check_memory, human_bytes,
+                  load_safetensors, output_problem, read_json, safetensors_error, write_json, write_text)
 
 # our nn.Linear weights stored by GPT-2 as Conv1D, i.e. transposed: (in_features, out_features)
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -257,6 +260,9 @@ def check_out(out):
     """An existing output folder is replaced only if it is empty or an earlier export."""
     if os.path.exists(out) and not (os.path.isdir(out) and (not os.listdir(out) or is_export(out))):
         raise UserError(f"{out}: exists and is not an earlier export; choose another --out or remove it")
+    problem = output_problem(out)
+    if problem:
+        raise UserError(f"{out}: cannot write the export ({problem})")
 
 
 def write_export(ck, out, repo_id=None, onnx=None):
@@ -317,8 +323,11 @@ def _model_config(cfg, where):
     dropout = cfg.get("resid_pdrop", 0.1)
     if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise UserError(f"{where}: resid_pdrop is {dropout!r}; expected a probability")
-    return GPTConfig(vocab_size=cfg["vocab_size"], block_size=cfg["n_positions"], n_layer=cfg["n_layer"],
+    mcfg = GPTConfig(vocab_size=cfg["vocab_size"], block_size=cfg["n_positions"], n_layer=cfg["n_layer"],
                      n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=float(dropout), bias=True)
+    n = mcfg.num_params_estimate()
+    check_memory(4 * n, f"{where}: a model of {n:,} parameters ({human_bytes(4 * n)} of fp32 weights)")
+    return mcfg
 
 
 def from_gpt2_state_dict(sd, model, where):
@@ -350,6 +359,7 @@ def from_gpt2_state_dict(sd, model, where):
             need = tuple(own[k].t().shape) if k.endswith(CONV1D) else tuple(own[k].shape)
             raise UserError(f"{where}: {k} has shape {shape}, config.json needs {need}")
         out[k] = v.contiguous()
+    check_finite_tensors(out, where)
     if head is not None and not torch.equal(head.float(), out["transformer.wte.weight"]):
         raise UserError(f"{where}: lm_head.weight differs from transformer.wte.weight; "
                         "this project's model ties them")
@@ -361,7 +371,6 @@ def read_export(folder):
     codebook files added) -> (GPT, Vocab, Codebook, training settings dict, metrics or None).
     Any mismatch is a one-line UserError."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
     if not os.path.isdir(folder):
         raise UserError(f"{folder}: no such folder")
     where = os.path.join(folder, "config.json")
@@ -375,7 +384,7 @@ def read_export(folder):
                         f"{mcfg.vocab_size}")
     path = os.path.join(folder, "model.safetensors")
     try:
-        sd = load_file(path)
+        sd = load_safetensors(path)
     except FileNotFoundError:
         extra = " (sharded and pickled weights are not read; save with safetensors in one file)" \
             if any(os.path.exists(os.path.join(folder, f)) for f in
@@ -390,7 +399,12 @@ def read_export(folder):
         raise UserError(f"{folder}: the codebook has {book.cfg.num_codes} codes, vocab.json {vocab.num_codes}")
     optional = lambda name: (read_json(os.path.join(folder, name), name)
                              if os.path.exists(os.path.join(folder, name)) else None)
-    return model, vocab, book, optional("train_config.json") or {}, optional("metrics.json")
+    settings, metrics = optional("train_config.json"), optional("metrics.json")
+    if settings is not None:
+        check_fields(settings, DataConfig, os.path.join(folder, "train_config.json"))
+    if metrics is not None:
+        check_metrics(metrics, os.path.join(folder, "metrics.json"))
+    return model, vocab, book, settings or {}, metrics
 
 
 # ----------------------------------------------------------------------------- parity check

@@ -9,7 +9,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tokens import fit_prefix
-from util import UserError
+from util import UserError, json_type
+
+NUMBERS = ("loss", "perplexity", "token_accuracy", "image_loss", "image_perplexity", "image_token_accuracy",
+           "label_loss", "label_perplexity", "label_token_accuracy", "accuracy")
 
 
 @torch.no_grad()
@@ -72,6 +75,34 @@ def evaluate(model, x, y, cls_pos, vocab, batch_size=64, ctx=nullcontext(), topk
         "per_class_accuracy": per_class,
         "confusion": conf.tolist(),                          # rows: true class, columns: predicted
     }
+
+
+def check_metrics(m, where):
+    """metrics.json as read from disk -> the same dict, if it has the structure evaluate() writes
+    (keys it lacks are fine; a key of the wrong JSON type is a UserError naming it)."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    def bad(key, v, want):
+        raise UserError(f"{where}: {key} is {json_type(v)} ({str(v)[:40]}), expected {want}")
+
+    if not isinstance(m, dict):
+        raise UserError(f"{where}: the file is {json_type(m)}, expected a JSON object of metrics")
+    for k in NUMBERS:
+        if k in m and not number(m[k]):
+            bad(k, m[k], "a number")
+    if "n_sequences" in m and not (isinstance(m["n_sequences"], int) and not isinstance(m["n_sequences"], bool)):
+        bad("n_sequences", m["n_sequences"], "an integer")
+    top = m.get("topk_accuracy", {})
+    if not isinstance(top, dict) or not all(number(v) for v in top.values()):
+        bad("topk_accuracy", top, "an object of numbers")
+    per = m.get("per_class_accuracy", [])
+    if not isinstance(per, list) or not all(number(v) for v in per):
+        bad("per_class_accuracy", per, "a list of numbers")
+    conf = m.get("confusion", [])
+    if not isinstance(conf, list) or not all(isinstance(r, list) and all(number(v) for v in r) for r in conf):
+        bad("confusion", conf, "a list of lists of numbers")
+    return m
 
 
 @torch.no_grad()

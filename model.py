@@ -22,6 +22,13 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases kept (the Hugging Face GPT-2 export needs them)
 
+    def num_params_estimate(self):
+        """GPT.num_params() of a model of this config, computed without building it (a size check
+        before allocating)."""
+        d, b = self.n_embd, 1 if self.bias else 0
+        block = 12 * d * d + (9 * d) * b + 2 * d * (1 + b)     # attention, MLP, two LayerNorms
+        return (self.vocab_size + self.block_size) * d + self.n_layer * block + d * (1 + b)
+
 
 class KVCache:
     """Preallocated keys and values for incremental decoding.

@@ -6,7 +6,10 @@ import os
 
 import torch
 
-from util import UserError, atomic_path, write_bytes
+from util import UserError, atomic_path, json_type, write_bytes
+
+LOG_NUMBERS = ("epoch", "tokens", "lr", "train_loss", "time", "val_loss", "val_perplexity", "val_token_accuracy",
+               "val_image_perplexity", "val_accuracy")   # what a log line holds besides "step" (null: none yet)
 
 
 def save_grid(images, captions, path, ncol=None, scale=3):
@@ -83,8 +86,13 @@ def read_log(log_path):
                 raise UserError(f"{log_path}:{n}: not UTF-8 text") from None
             except json.JSONDecodeError as e:
                 raise UserError(f"{log_path}:{n}: invalid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("step"), (int, float)):
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), (int, float)) \
+                    or isinstance(rec["step"], bool):
                 raise UserError(f'{log_path}:{n}: expected a JSON object with a numeric "step"')
+            for k in LOG_NUMBERS:
+                v = rec.get(k)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                    raise UserError(f"{log_path}:{n}: {k} is {json_type(v)} ({str(v)[:40]}), expected a number")
             recs.append(rec)
     if not recs:
         raise UserError(f"{log_path}: no records (has training evaluated yet?)")

@@ -32,7 +32,8 @@ from generation import DEFAULT_GUIDANCE, generate
 from metrics import class_probs
 from plots import save_grid
 from tokens import TAIL
-from util import UserError, check_file, resolve_device, write_jsonl
+from util import (UserError, check_file, check_finite, check_memory, check_outputs, check_seed, resolve_device,
+                  write_jsonl)
 
 
 def record(r, vocab, seq_len, **meta):
@@ -108,6 +109,8 @@ def check_args(a):
         raise UserError(f"--max_new_tokens must be at least 1, got {a.max_new_tokens}")
     if not a.temperature >= 0:
         raise UserError(f"--temperature must be >= 0 (0 = greedy), got {a.temperature}")
+    check_finite(a.temperature, "--temperature")
+    check_seed(a.seed, "--seed")
     if a.top_k < 0:
         raise UserError(f"--top_k must be >= 0 (0 = off), got {a.top_k}")
     if not 0 < a.top_p <= 1:
@@ -130,6 +133,21 @@ def check_args(a):
         raise UserError("--cfg (guidance) needs a class to guide towards: --digit or --grid")
     if a.cfg is not None and not a.cfg >= 0:
         raise UserError(f"--cfg must be >= 0 (1 = plain conditional sampling), got {a.cfg}")
+    if a.greedy and (a.temperature != 1.0 or a.top_k or a.top_p != 1.0):
+        raise UserError("--greedy always takes the most likely token: --temperature, --top_k and --top_p "
+                        "do not apply to it")
+
+
+def check_sizes(a, model, book, vocab):
+    """Refuse, before generating, what could not fit in memory: the key/value cache and logits of one
+    batch, and every row's tokens, decoded image and cell of the PNG grid."""
+    c, n = model.config, a.num_samples if a.complete is None else a.complete
+    rows = min(a.batch_size, n)
+    batch = 4 * rows * c.block_size * (2 * c.n_layer * c.n_embd + len(vocab))
+    C, (H, W), s = book.channels, book.image_size, grid_scale(book.image_size[1])
+    per_row = 4 * C * H * W + 3 * (H * s + 16) * (W * s + 4) + 40 * c.block_size
+    check_memory(batch + n * per_row, f"{n} rows of up to {c.block_size} tokens, decoded into a PNG grid "
+                 f"({rows} at a time)", model.device, hint="lower --num_samples or --batch_size")
 
 
 def class_index(text, names):
@@ -173,9 +191,14 @@ def main(argv=None):
     check_file(out_png, "PNG grid")
     if a.out_jsonl:
         check_file(a.out_jsonl, "JSONL file")
+    check_outputs(out_png, a.out_jsonl)
     ck = checkpoint.load(a.ckpt, resolve_device(a.device), a.backend)
     model, vocab, book, names = ck.model, ck.vocab, ck.codebook, ck.class_names
     seq_len, block = book.seq_len, model.config.block_size
+    check_sizes(a, model, book, vocab)
+    if block < seq_len + 1 + TAIL:
+        print(f"note: the model's block size {block} is shorter than a complete image ({seq_len + 1 + TAIL} "
+              f"tokens: it was trained on cut images), so no row can be a complete image")
     gen = torch.Generator(device=model.device).manual_seed(a.seed)
     opts = dict(temperature=a.temperature, top_k=a.top_k or None, top_p=a.top_p, greedy=a.greedy,
                 generator=gen, batch_size=a.batch_size, progress=True)

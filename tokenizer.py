@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from util import UserError, atomic_path, read_json, safetensors_error, write_json
+from util import (UserError, atomic_path, check_fields, check_finite_tensors, check_memory, json_type, load_safetensors,
+                  read_json, safetensors_error, write_json)
 
 GROUPS = ("position", "time", "colour", "gradient")
 
@@ -245,14 +246,13 @@ class Codebook:
     @classmethod
     def load(cls, folder):
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
         path = os.path.join(folder, "codebook.json")
-        meta = read_json(path, "codebook.json")
+        meta = check_meta(read_json(path, "codebook.json"), path)
         try:
             cfg = CodebookConfig(**meta["config"])
             stats = {g: (torch.tensor(v["mean"], dtype=torch.float32), float(v["std"]))
                      for g, v in meta["stats"].items()}
-            tensors = load_file(os.path.join(folder, "codebook.safetensors"))
+            tensors = load_safetensors(os.path.join(folder, "codebook.safetensors"))
             book = cls(cfg, meta["image_size"], int(meta["channels"]), stats,
                        tensors["centroids"], tensors["colours"], meta.get("inertia"))
         except FileNotFoundError:
@@ -265,6 +265,9 @@ class Codebook:
             raise UserError(f"{folder}: codebook has {book.centroids.shape[0]} centroids, "
                             f"its settings say {cfg.num_codes}")
         book._check(folder)
+        check_finite_tensors({"centroids": book.centroids, "colours": book.colours,
+                              **{f"stats.{g}.mean": m for g, (m, _) in book.stats.items()}},
+                             os.path.join(folder, "codebook.safetensors"))
         return book
 
     def _check(self, folder):
@@ -276,6 +279,8 @@ class Codebook:
                 and all(isinstance(n, int) and n >= 1 and n % p == 0 for n in size)):
             raise UserError(f"{where}: image_size {list(size)}, channels {C}, patch_size {p}: expected "
                             f"channels 1 or 3 and an image size divisible by the patch size")
+        check_memory(4 * size[0] * size[1] * (3 * C + 7), f"{where}: image_size {list(size)}: one image and its "
+                     f"patch features")
         dims = {"position": 2, "time": 1, "colour": C * p * p, "gradient": 2 * p * p}
         want = sum(dims[g] for g in self._groups(self.cfg))
         bad = [g for g in self._groups(self.cfg) if g not in self.stats or self.stats[g][0].shape != (dims[g],)]
@@ -285,6 +290,38 @@ class Codebook:
                             f"{tuple(self.centroids.shape)}, colours {tuple(self.colours.shape)}; expected "
                             f"({self.cfg.num_codes}, {want}) and ({self.cfg.num_codes}, {C * p * p})"
                             f"{', statistics of ' + ', '.join(bad) if bad else ''})")
+
+
+def check_meta(meta, where):
+    """codebook.json as read from disk -> the same dict, if every value has the JSON type save() writes."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    integer = lambda v: isinstance(v, int) and not isinstance(v, bool)
+
+    def bad(key, v, want):
+        raise UserError(f"{where}: {key} is {json_type(v)} ({str(v)[:40]}), expected {want}")
+
+    if not isinstance(meta, dict):
+        raise UserError(f"{where}: the file is {json_type(meta)}, expected a JSON object (a codebook.json "
+                        f"written by this project)")
+    for key in ("config", "image_size", "channels", "stats"):
+        if key not in meta:
+            raise UserError(f"{where}: no {key!r}; not a codebook written by this project")
+    check_fields(meta["config"], CodebookConfig, where, "config.")
+    size = meta["image_size"]
+    if not (isinstance(size, list) and len(size) == 2 and all(integer(n) and n >= 1 for n in size)):
+        bad("image_size", size, "a list of two positive integers")
+    if not integer(meta["channels"]):
+        bad("channels", meta["channels"], "an integer")
+    if not (meta.get("inertia") is None or number(meta["inertia"])):
+        bad("inertia", meta["inertia"], "a number or null")
+    if not isinstance(meta["stats"], dict):
+        bad("stats", meta["stats"], "an object")
+    for g, v in meta["stats"].items():
+        if not (isinstance(v, dict) and isinstance(v.get("mean"), list) and all(number(x) for x in v["mean"])
+                and number(v.get("std")) and v["std"] > 0):
+            raise UserError(f'{where}: stats.{g} is {str(v)[:60]}, expected an object {{"mean": [numbers], '
+                            f'"std": a positive number}}')
+    return meta
 
 
 def uint8_to_tensor(images):

@@ -14,7 +14,7 @@ import re
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +29,9 @@ from stats import seed_summary
 from model import GPT, GPTConfig
 from plots import plot_curves
 from tokenizer import Codebook
-from tokens import Vocab
-from util import UserError, atomic_path, check_dir, read_json, resolve_device, tidy_dir, write_json
+from tokens import TAIL, Vocab
+from util import (UserError, atomic_path, check_dir, check_fields, check_memory, check_seed, lock_folder, read_json,
+                  resolve_device, resolve_dir, tidy_dir, write_json)
 
 
 @dataclass
@@ -42,7 +43,10 @@ class TrainConfig(DataConfig):
     n_head: int = 8
     n_embd: int = 384
     dropout: float = 0.0
-    max_length: int = 512        # longer sequences lose image tokens, never the label tail
+    max_length: int = 0          # = the block size; 0: the data's sequence length. Shorter than the data's
+                                 # sequences is refused unless allow_truncation (then image tokens are
+                                 # dropped, never the label tail)
+    allow_truncation: bool = False
     # optimisation
     batch_size: int = 16         # sequences per micro-batch and process
     grad_accum: int = 1          # micro-batches per optimizer step
@@ -78,9 +82,12 @@ def load_config(path=None, overrides=None):
         data = json.dumps({k: getattr(cfg, k) for k in data_fields() if k != "data_dir"}, sort_keys=True)
         kind = cfg.source.partition(":")[0]
         cfg.data_dir = f"data/{kind}-p{cfg.patch_size}-k{cfg.num_codes}-{hashlib.sha1(data.encode()).hexdigest()[:8]}"
-    for k in ("n_layer", "n_head", "n_embd", "max_length", "batch_size", "grad_accum", "epochs"):
+    for k in ("n_layer", "n_head", "n_embd", "batch_size", "grad_accum", "epochs"):
         if getattr(cfg, k) < 1:
             raise UserError(f"config: {k} must be at least 1, got {getattr(cfg, k)}")
+    if cfg.max_length < 0:
+        raise UserError(f"config: max_length must be >= 0 (0: the data's sequence length), got {cfg.max_length}")
+    check_seed(cfg.seed, "config: seed")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"config: n_embd {cfg.n_embd} is not divisible by n_head {cfg.n_head}")
     for k in ("lr", "min_lr", "weight_decay", "grad_clip", "label_weight", "warmup_steps", "eval_every"):
@@ -105,7 +112,7 @@ def seed_configs(cfg, n):
             for k in range(n)]
 
 
-def train_seeds(cfg, n, resume=False, log=print):
+def train_seeds(cfg, n, resume=False, allow_changes=False, log=print):
     """Train the configuration with n seeds (seed_configs; with resume, a started run continues and a
     complete one is kept) and write out_dir/seeds.json: each run's development accuracy of final/,
     and their mean, standard deviation and 95 % interval. -> that summary."""
@@ -113,7 +120,7 @@ def train_seeds(cfg, n, resume=False, log=print):
     for c in seed_configs(cfg, n):
         log(f"seed {c.seed}: {c.out_dir}")
         started = os.path.exists(os.path.join(c.out_dir, "final", "trainer_state.pt"))
-        train(c, resume=resume and started, log=log)
+        train(c, resume=resume and started, log=log, allow_changes=allow_changes)
         final = read_json(os.path.join(c.out_dir, "final", "metrics.json"), "metrics.json")
         runs.append({"seed": c.seed, "out_dir": c.out_dir, "final_dev_accuracy": final.get("accuracy")})
     accs = [r["final_dev_accuracy"] for r in runs if isinstance(r["final_dev_accuracy"], float)]
@@ -169,15 +176,38 @@ def setup_processes(cfg):
     return procs
 
 
-def load_split(cfg, name, vocab, conditioned=False):
-    """<data_dir>/<name>.jsonl -> x, y (N, T) next-token inputs and targets, cls_pos (N,); with
-    conditioned=True and cfg.cond_fraction > 0, class-conditioned copies follow the plain sequences."""
+def read_split(cfg, name, vocab, conditioned=False):
+    """<data_dir>/<name>.jsonl -> list of id sequences; with conditioned=True and cfg.cond_fraction > 0,
+    class-conditioned copies follow the plain sequences."""
     seqs, labels = read_sequences(os.path.join(cfg.data_dir, f"{name}.jsonl"), vocab,
                                   v1_hint="training needs the v2 tail </IMG> <CLS> <CLS_y> <EOS>: prepare "
                                           "the data again with data.py prepare")
     if conditioned and cfg.cond_fraction > 0:
         seqs = seqs + conditioned_copies(seqs, labels, vocab, cfg.cond_fraction, cfg.cond_drop, cfg.seed)
-    return make_batch(seqs, cfg.max_length, vocab.pad_id)
+    return seqs
+
+
+def load_split(cfg, name, vocab, conditioned=False):
+    """<data_dir>/<name>.jsonl -> x, y (N, T) next-token inputs and targets, cls_pos (N,)."""
+    return make_batch(read_split(cfg, name, vocab, conditioned), cfg.max_length, vocab.pad_id)
+
+
+def block_size(cfg, lengths, where):
+    """The sequence length to train with: cfg.max_length, or with 0 the longest of `lengths` (per
+    split: a list of sequence lengths). A max_length that would cut sequences is refused, naming how
+    many and what it would take, unless cfg.allow_truncation."""
+    longest = max(max(ls) for ls in lengths.values())
+    block = cfg.max_length or longest
+    if block >= longest or cfg.allow_truncation:
+        return block
+    cut = " and ".join(f"{sum(n > block for n in ls)} of {len(ls)} {name}" for name, ls in lengths.items())
+    raise UserError(too_short(block, longest, where, f"{cut} sequences"))
+
+
+def too_short(block, longest, where, cut):
+    return (f"config: max_length {block} is shorter than the sequences of {where} ({longest} tokens): it would "
+            f"cut {cut} (up to {longest - block} image tokens each, the bottom of the image); set max_length: "
+            f"{longest} (or 0, the data's length), or allow_truncation: true to train on the cut images")
 
 
 @dataclass
@@ -187,6 +217,7 @@ class Data:
     train: tuple   # x, y, cls_pos
     dev: tuple     # the development split (dev.jsonl), or None: then training evaluates nothing
     weights: torch.Tensor   # (N, T) per-token loss weights of the training targets
+    block: int = 0          # the sequence length trained with (the model's block size)
 
 
 def load_data(cfg, procs, log):
@@ -201,13 +232,19 @@ def load_data(cfg, procs, log):
     if book.cfg.num_codes != vocab.num_codes:
         raise UserError(f"{cfg.data_dir}/vocab.json has {vocab.num_codes} code tokens, the codebook there "
                         f"{book.cfg.num_codes} codes; prepare the data again")
-    train = load_split(cfg, "train", vocab, conditioned=True)
-    dev = load_split(cfg, "dev", vocab) if os.path.exists(os.path.join(cfg.data_dir, "dev.jsonl")) else None
+    splits = ["train"] + (["dev"] if os.path.exists(os.path.join(cfg.data_dir, "dev.jsonl")) else [])
+    seqs = {name: read_split(cfg, name, vocab, conditioned=name == "train") for name in splits}
+    block = block_size(cfg, {k: [len(q) for q in v] for k, v in seqs.items()}, cfg.data_dir)
+    cut = sum(len(q) > block for v in seqs.values() for q in v)
+    if cut:
+        log(f"note: max_length {block} cuts the image tokens of {cut} sequences (allow_truncation: true)")
+    train = make_batch(seqs["train"], block, vocab.pad_id)
+    dev = make_batch(seqs["dev"], block, vocab.pad_id) if "dev" in seqs else None
     x, y, cls_pos = train
     weights = (y != -100).float()
     plain = (cls_pos >= 0).nonzero().squeeze(1)   # conditioned rows have no <CLS> and no label target
     weights[plain, cls_pos[plain]] = cfg.label_weight
-    return Data(vocab, book, train, dev, weights)
+    return Data(vocab, book, train, dev, weights, block)
 
 
 def build_model(cfg, vocab, log):
@@ -261,6 +298,7 @@ class RunFolder:
 
     def __init__(self, out_dir, master):
         self.dir, self.master = out_dir, master
+        self.saved_step = None    # the step of the checkpoint this run last wrote (or resumed) in final/
         self.log_path = os.path.join(out_dir, "log.jsonl")
         self.final, self.best = os.path.join(out_dir, "final"), os.path.join(out_dir, "best")
         if master:
@@ -281,10 +319,20 @@ class RunFolder:
         """Load final/ into model and optimizer and restore the RNGs -> Progress; log lines written
         after that checkpoint (by a run killed later) are dropped."""
         state = checkpoint.load_trainer_state(self.final)
-        model.load_state_dict(checkpoint.load(self.final, procs.device).model.state_dict())
-        opt.load_state_dict(state["optimizer"])
+        saved = checkpoint.load(self.final, procs.device)
+        try:
+            model.load_state_dict(saved.model.state_dict())
+        except RuntimeError as e:
+            raise UserError(f"{saved.folder}: its weights do not fit this run's model "
+                            f"({str(e).strip().splitlines()[-1].strip()[:200]})") from None
+        try:
+            opt.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"])
+        except (ValueError, KeyError, RuntimeError, TypeError) as e:
+            raise UserError(f"{saved.folder}/trainer_state.pt: does not fit this run's model and optimizer "
+                            f"({str(e).strip()[:200]})") from None
         progress = Progress(int(state["step"]), state["best"], int(state["tokens"]), list(state.get("history", [])))
-        torch.set_rng_state(state["rng"])
+        self.saved_step = progress.step
         if procs.cuda and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"])
         if self.master and os.path.exists(self.log_path):
@@ -319,6 +367,7 @@ class RunFolder:
                             note("best: the highest development-split accuracy during training"))
         checkpoint.save(self.final, model, cfg, data.vocab, data.book,
                         note("final: the last step saved (the end of the schedule once done)"), state)
+        self.saved_step = state["step"]
 
     def plot(self):
         if os.path.exists(self.log_path):
@@ -357,7 +406,10 @@ def train_step(model, opt, data, idx, cfg, procs, ctx):
 def evaluate_and_save(raw, opt, data, run, p, cfg, procs, ctx, total, t0, interrupted=False):
     """Metrics on the development split (when there is one), a log line and best/ (when they
     improved), and final/ with the trainer state. An interrupted run saves its state only (no log
-    line, no best/), as if it had not stopped. Without a development split there is no best/."""
+    line, no best/), as if it had not stopped. Without a development split there is no best/. Weights
+    that are not finite are never saved: the run stops (see diverged())."""
+    if not all(bool(t.isfinite().all()) for t in raw.parameters()):
+        raise UserError(diverged(run, p, "the weights are not finite (NaN or inf)", cfg))
     metrics = evaluate(raw, *data.dev, data.vocab, ctx=ctx) if data.dev else None
     if metrics:
         metrics["split"] = "dev"
@@ -382,12 +434,94 @@ def evaluate_and_save(raw, opt, data, run, p, cfg, procs, ctx, total, t0, interr
     return rec
 
 
-def train(cfg, resume=False, log=print):
+def diverged(run, p, what, cfg):
+    """The one line for a run that met a non-finite loss or weights: what is kept on disk."""
+    kept = f"{run.final} keeps step {run.saved_step}" if run.saved_step is not None else \
+        "no checkpoint of this run was written"
+    return (f"step {p.step}: {what}; training diverged and was stopped ({kept}; final/ and best/ never get "
+            f"non-finite weights); lower lr (now {cfg.lr:g}) or keep grad_clip on")
+
+
+def check_fits(cfg, device):
+    """Refuse, before any work, a model and batch whose training (fp32 weights, gradients, AdamW's two
+    moments, and at least the activations and logits of one micro-batch) could not fit in memory."""
+    seq = (cfg.image_size // cfg.patch_size) ** 2 + 1 + TAIL        # what prepare writes
+    block = cfg.max_length or seq
+    vocab = 6 + cfg.num_codes + 2                                    # at least two classes
+    n = GPTConfig(vocab_size=vocab, block_size=block, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                  n_embd=cfg.n_embd).num_params_estimate()
+    T = min(block, seq)
+    act = 4 * cfg.batch_size * T * (16 * cfg.n_layer * cfg.n_embd + 3 * vocab)
+    check_memory(16 * n + act, f"config: training {n:,} parameters (weights, gradients, AdamW state) on "
+                 f"batches of {cfg.batch_size} x {T} tokens", device,
+                 hint="lower n_embd, n_layer, max_length, num_codes or batch_size")
+
+
+# what --resume may never change (the weights and the data are made for them), and what it changes only
+# when asked (the run would not be the one that was started); the rest (where and how it runs) is free
+RESUME_FIXED = ("n_layer", "n_head", "n_embd", "max_length")
+RESUME_FREE = ("out_dir", "init_from", "device", "compile", "bf16", "allow_truncation")
+
+
+def check_resume(cfg, folder, allow_changes, log):
+    """Compare the settings of a resumed run with those saved in folder/config.json, before any work:
+    model-shape and data changes are refused; schedule changes (lr, epochs, ...) too, unless
+    allow_changes, when they are listed and the run goes on with them."""
+    path = os.path.join(resolve_dir(folder), "config.json")
+    if not os.path.exists(path):
+        checkpoint.load_trainer_state(folder)   # nothing to resume: say so before preparing any data
+        return
+    saved = read_json(path, "checkpoint config.json")
+    if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict) \
+            or not isinstance(saved.get("model"), dict):
+        raise UserError(f'{path}: expected a JSON object with "model" and "train" objects (a checkpoint '
+                        f'config of this project)')
+    old = check_fields(saved["train"], TrainConfig, path, "train.")
+    now = asdict(cfg)
+    block = saved["model"].get("block_size")
+    same = lambda k: (old[k] or block) == (now[k] or block) if k == "max_length" else old[k] == now[k]
+    diff = [k for k in now if k in old and k not in RESUME_FREE and not same(k)]
+    show = lambda ks: ", ".join(f"{k} {old[k]!r} -> {now[k]!r}" for k in ks)
+    fixed = [k for k in diff if k in RESUME_FIXED or k in data_fields() and k != "data_dir"]
+    if fixed:
+        raise UserError(f"{path}: cannot resume with other model or data settings: {show(fixed)}; the "
+                        f"checkpoint's weights and data are made for the saved ones (start a new run in "
+                        f"another out_dir)")
+    if diff and not allow_changes:
+        raise UserError(f"{path}: --resume with other training settings than the run's: {show(diff)}; it "
+                        f"would not continue the same run; pass --allow_changes to go on with them")
+    if diff:
+        log(f"resuming with changed settings (--allow_changes): {show(diff)}")
+
+
+def train(cfg, resume=False, log=print, allow_changes=False):
+    """Train (or, with resume, continue) the run in cfg.out_dir, which this process locks first."""
     procs = setup_processes(cfg)
-    log = log if procs.master else (lambda *a, **k: None)
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if procs.cuda and cfg.bf16 else nullcontext()
+    lock = None
     if procs.master:
         check_dir(cfg.out_dir, "run folder (out_dir)")  # before any work
+        check_fits(cfg, procs.device)
+        lock = lock_folder(cfg.out_dir, "run folder (out_dir)",
+                           "; wait for that run to end or choose another out_dir")
+    try:
+        if resume:
+            check_resume(cfg, os.path.join(cfg.out_dir, "final"), allow_changes, log)
+        elif procs.master and os.path.exists(os.path.join(cfg.out_dir, "final", "config.json")):
+            log(f"note: {cfg.out_dir} holds an earlier run; this new one replaces its log, best/ and final/ "
+                f"(continue a run with --resume)")
+        return _train(cfg, procs, resume, log)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _train(cfg, procs, resume, log):
+    log = log if procs.master else (lambda *a, **k: None)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if procs.cuda and cfg.bf16 else nullcontext()
+    seq = (cfg.image_size // cfg.patch_size) ** 2 + 1 + TAIL       # what prepare will write
+    if 0 < cfg.max_length < seq and not cfg.allow_truncation:     # said before preparing the data
+        raise UserError(too_short(cfg.max_length, seq, f"image_size {cfg.image_size} in patches of "
+                                  f"{cfg.patch_size}", "every sequence"))
 
     data = load_data(cfg, procs, log)
     per_step = cfg.batch_size * cfg.grad_accum * procs.world     # sequences per optimizer step
@@ -398,7 +532,7 @@ def train(cfg, resume=False, log=print):
     total = steps_per_epoch * cfg.epochs
 
     torch.manual_seed(cfg.seed)
-    raw = build_model(cfg, data.vocab, log).to(procs.device)
+    raw = build_model(replace(cfg, max_length=data.block), data.vocab, log).to(procs.device)
     opt = raw.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), "cuda" if procs.cuda else "cpu")
     run = RunFolder(cfg.out_dir, procs.master)
     p = run.resume(raw, opt, procs) if resume else run.start()
@@ -428,6 +562,10 @@ def train(cfg, resume=False, log=print):
         if procs.ddp:                                           # all stop at the same step on Ctrl-C
             stop.set = any_process(stop.set, procs.device)
         p.step += 1
+        if not math.isfinite(loss):                             # nothing of this step is saved
+            bar.close()
+            stop.restore()
+            raise UserError(diverged(run, p, f"the training loss is {loss}", cfg))
         p.tokens += int((data.train[1][idx] != -100).sum())
         p.history.append(loss)
         bar.update(1)

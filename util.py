@@ -2,10 +2,12 @@
 
 Every output of the project is written under a temporary name and renamed into place (files with
 atomic_path, folders with atomic_dir), so an error or a kill leaves the old version or the new one,
-never a mix.
+never a mix. Outputs get the usual file mode (0666 less the umask), weights included. A run folder is
+held by one process at a time (lock_folder).
 """
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -17,6 +19,24 @@ class UserError(Exception):
     """A mistake in the user's input: printed as one line, exit status 2, no traceback."""
 
 
+def printable(text):
+    """`text` made safe for a one-line message: control characters (a newline or a carriage return in
+    a file name) and undecodable bytes (surrogate escapes) are written as escapes, like repr() does;
+    anything else, spaces and non-ASCII letters included, is left as it is."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable() or ch == " ":
+            out.append(ch)
+        elif 0xDC80 <= ord(ch) <= 0xDCFF:          # a byte that was not valid UTF-8 (surrogateescape)
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        else:
+            out.append(repr(ch)[1:-1])               # \n, \r, \t, \x1b, \u2028 ...
+    return "".join(out)
+
+
 def output_problem(path):
     """Why `path` cannot be created as a file or folder (an existing part of it is a file), or None."""
     d = os.path.dirname(os.path.abspath(path))
@@ -24,25 +44,45 @@ def output_problem(path):
         d = os.path.dirname(d)
     if d and not os.path.isdir(d):
         return f"{d} is a file"
+    if d and not os.access(d, os.W_OK | os.X_OK):
+        return f"{d} is not writable"
     return None
 
 
 def check_dir(path, what="output folder"):
-    """Fail before any work if `path` cannot be (or become) a folder."""
+    """Fail before any work if `path` cannot be (or become) a folder that this user can write in."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{path}: is a file; the {what} must be a folder")
-    problem = output_problem(path)
+    if os.path.isdir(path):
+        problem = None if os.access(path, os.W_OK | os.X_OK) else f"{path} is not writable"
+    else:
+        problem = output_problem(path)
     if problem:
         raise UserError(f"{path}: cannot create the {what} ({problem})")
 
 
 def check_file(path, what="output"):
-    """Fail before any work if `path` cannot be written as a file (it is a folder, or under a file)."""
-    if os.path.isdir(path):
+    """Fail before any work if `path` cannot be written as a file (it is a folder, or under a file, or
+    in a folder this user may not write to)."""
+    if os.path.isdir(path) or str(path).endswith(os.sep):
         raise UserError(f"{path}: is a folder; the {what} must be a file path")
     problem = output_problem(path)
     if problem:
         raise UserError(f"{path}: cannot write the {what} ({problem})")
+
+
+def check_outputs(*paths):
+    """Fail before any work if two outputs of one command are the same file (one would overwrite the
+    other)."""
+    seen = {}
+    for p in paths:
+        if p is None:
+            continue
+        key = os.path.realpath(p)
+        if key in seen:
+            raise UserError(f"{p}: given for two outputs (the same file as {seen[key]}); choose different files"
+                            if seen[key] != p else f"{p}: given for two outputs; choose different files")
+        seen[key] = p
 
 
 def umask():
@@ -94,6 +134,7 @@ def atomic_dir(folder, what="folder"):
         raise UserError(f"{folder}: cannot write {what} ({output_problem(folder) or e.strerror})") from None
     try:
         yield tmp
+        share_files(tmp)  # some writers (safetensors) make private files: outputs are for sharing
         old = folder + ".old"
         if os.path.exists(folder):
             shutil.rmtree(old, ignore_errors=True)
@@ -104,6 +145,14 @@ def atomic_dir(folder, what="folder"):
         raise UserError(f"{folder}: cannot write {what} ({e.strerror or e})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def share_files(folder):
+    """Give every file under `folder` the usual mode of a new file (0666 less the umask)."""
+    mode = 0o666 & ~umask()
+    for d, _, files in os.walk(folder):
+        for f in files:
+            os.chmod(os.path.join(d, f), mode)
 
 
 def tidy_dir(folder, marker="config.json"):
@@ -122,6 +171,93 @@ def resolve_dir(folder, marker="config.json"):
     if not os.path.exists(os.path.join(folder, marker)) and os.path.exists(os.path.join(folder + ".old", marker)):
         return folder + ".old"
     return folder
+
+
+class FolderLock:
+    """An advisory lock on a folder: fcntl.flock on `folder/.lock`, which holds the owner's pid (for the
+    message the next process gets). The kernel drops a flock when its process dies, however it dies, so
+    a lock file left by a killed process never blocks anyone: the next process simply takes it."""
+    NAME = ".lock"
+
+    def __init__(self, folder, fd, made, restore):
+        self.folder, self.fd = folder, fd
+        self.path = os.path.join(folder, self.NAME)
+        self.made = made          # the folders lock_folder() created, the deepest first
+        self.restore = restore    # (folder, its stat before the lock, its mtime right after) or None
+
+    def release(self):
+        """Remove the lock file (while still holding it) and close it, and remove the folders that
+        lock_folder() created if nothing else was written there. A run that changed nothing else
+        leaves no trace, not even a new modification time on the folder that held the lock."""
+        if self.fd is None:
+            return
+        unchanged = self.restore and os.stat(self.restore[0]).st_mtime_ns == self.restore[2]
+        try:
+            os.remove(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)   # closing drops the flock
+        self.fd = None
+        for d in self.made:
+            try:
+                os.rmdir(d)       # only if empty
+            except OSError:
+                unchanged = False
+                break
+        if unchanged:
+            before = self.restore[1]
+            os.utime(self.restore[0], ns=(before.st_atime_ns, before.st_mtime_ns))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def lock_folder(folder, what="folder", hint=""):
+    """Create `folder` if needed and lock it for this process -> FolderLock. If another living process
+    holds it: a UserError naming that process's pid."""
+    import fcntl
+    made, top = [], os.path.abspath(folder)
+    while top and not os.path.exists(top):
+        made.append(top)
+        top = os.path.dirname(top)
+    path = os.path.join(folder, FolderLock.NAME)
+    new = not os.path.exists(path)
+    before = os.stat(top) if new else None     # top: the folder whose entries the lock adds to
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{folder}: cannot create the {what} ({output_problem(folder) or e.strerror})") from None
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise UserError(f"{path}: cannot create the lock file of the {what} ({e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            except OSError:
+                pid = "unknown"
+            os.close(fd)
+            raise UserError(f"{folder}: the {what} is in use by another process (pid {pid}, lock file "
+                            f"{path}){hint}") from None
+        # the holder may have removed the file between our open() and flock(): then we locked a file
+        # nobody else will look at, so start again on the new one
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    restore = (top, before, os.stat(top).st_mtime_ns) if new else None
+    return FolderLock(folder, fd, made, restore)
 
 
 def write_bytes(path, data):
@@ -157,6 +293,54 @@ def read_json(path, what="JSON file"):
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
 
 
+def json_type(v):
+    """How a JSON value's type is named in messages."""
+    if isinstance(v, bool):
+        return "true/false"
+    if v is None:
+        return "null"
+    return {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number"}.get(type(v), type(v).__name__)
+
+
+def check_fields(obj, cls, where, prefix=""):
+    """A parsed JSON value that must be an object whose keys named like fields of the dataclass `cls`
+    hold values of those fields' types (other keys are left alone) -> obj, or a UserError naming the
+    file (`where`) and the key."""
+    from dataclasses import fields
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: {prefix.rstrip('.') or 'the file'} is {json_type(obj)}, expected a JSON object")
+    for f in fields(cls):
+        if f.name not in obj:
+            continue
+        v, typ = obj[f.name], type(f.default)
+        ok = isinstance(v, bool) if typ is bool else \
+            isinstance(v, int) and not isinstance(v, bool) if typ is int else \
+            isinstance(v, (int, float)) and not isinstance(v, bool) if typ is float else isinstance(v, typ)
+        if not ok:
+            want = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(typ, typ.__name__)
+            raise UserError(f"{where}: {prefix}{f.name} is {json_type(v)} ({str(v)[:40]}), expected {want}")
+    return obj
+
+
+def check_finite_tensors(tensors, where):
+    """Weights with NaN or inf in them (a diverged training run) are refused when read."""
+    for k, v in tensors.items():
+        if v.is_floating_point() and not bool(v.isfinite().all()):
+            raise UserError(f"{where}: {k} holds non-finite values (NaN or inf); these weights are unusable "
+                            f"(a training run that diverged?)")
+
+
+def load_safetensors(path):
+    """safetensors.torch.load_file, also for a path that is not UTF-8 (which safetensors refuses)."""
+    from safetensors.torch import load, load_file
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        with open(path, "rb") as f:
+            return load(f.read())
+    return load_file(path)
+
+
 def safetensors_error(path, error):
     """The one line for a weights file that safetensors cannot read. Pickles (a renamed
     pytorch_model.bin or torch.save file) are named as such: they are never unpickled, since
@@ -171,6 +355,58 @@ def safetensors_error(path, error):
         return (f"{path}: is {kind}, not safetensors; pickled weights are never loaded (unpickling can "
                 f"run code): convert them with safetensors in a trusted environment")
     return f"{path}: not a readable safetensors file ({error})"
+
+
+def memory_bytes(device="cpu"):
+    """How many bytes `device` can hold at most: a CUDA device's memory, or the machine's physical
+    memory (less, under a cgroup memory limit). None if unknown."""
+    if str(device).startswith(("cuda", "auto")):
+        import torch
+        if torch.cuda.is_available():
+            index = int(str(device).partition(":")[2] or 0)
+            return torch.cuda.get_device_properties(index).total_memory if index < torch.cuda.device_count() else None
+        if str(device).startswith("cuda"):
+            return None
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(limit) as f:
+                total = min(total, int(f.read().strip()))
+        except (OSError, ValueError):   # absent, or "max"
+            pass
+    return total
+
+
+def human_bytes(n):
+    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.3g} EB"
+
+
+def check_memory(need, what, device="cpu", hint=""):
+    """Refuse in one line, before allocating, what could not fit in `device`'s memory even when
+    nothing else ran: `need` is a lower bound of the bytes `what` takes."""
+    have = memory_bytes(device)
+    if have is not None and need > have:
+        raise UserError(f"{what} needs at least {human_bytes(need)}, more than the "
+                        f"{human_bytes(have)} of memory {'on ' + str(device) if str(device).startswith('cuda') else 'this machine has'}"
+                        f"{'; ' + hint if hint else ''}")
+
+
+def check_seed(value, where):
+    """Seeds are integers in 0 .. 2**63 - 1 (torch and numpy take them as 64-bit numbers)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:
+        raise UserError(f"{where} must be an integer in 0..{2 ** 63 - 1}, got {value}")
+
+
+def check_finite(value, where):
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{where} must be a finite number, got {value}")
 
 
 def resolve_device(name, where="--device"):

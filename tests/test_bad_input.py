@@ -203,7 +203,69 @@ def bad_ckpt(e, d, kind):
         return ck, [os.path.join(ck, "codebook.json"), "do not fit its settings"]
     if kind == "not_a_folder":
         return e.afile, [e.afile, "no such checkpoint folder"]
+    if kind in ("weights_nan", "weights_inf", "codebook_nan"):   # what a diverged run would have saved
+        from safetensors.torch import load_file, save_file
+        f = w if kind != "codebook_nan" else os.path.join(ck, "codebook.safetensors")
+        sd = load_file(f)
+        name = "transformer.h.1.mlp.c_fc.weight" if kind != "codebook_nan" else "centroids"
+        sd[name][0, 0] = float("nan") if kind != "weights_inf" else float("inf")
+        save_file(sd, f)
+        return ck, [f, f"{name} holds non-finite values (NaN or inf)"]
+    if kind in JSON_KINDS:
+        file, edit, expect = JSON_KINDS[kind]
+        edit_json(os.path.join(ck, file), edit)
+        return ck, [os.path.join(ck, file), expect]
+    if kind == "config_huge":
+        edit_json(cfg, lambda c: c["model"].update(n_embd=2 ** 20, n_head=1))
+        return ck, [cfg, "a model of", "parameters", "more than the"]
     raise KeyError(kind)
+
+
+def _set(key, value):
+    """An edit of a JSON object: obj[key] = value (key may be 'a.b' for a nested object)."""
+    def edit(obj):
+        *path, last = key.split(".")
+        for k in path:
+            obj = obj[k]
+        obj[last] = value
+    return edit
+
+
+# files of a checkpoint with a value of the wrong JSON type: kind -> (file, edit, expected part)
+JSON_KINDS = {
+    "json_config_data_dir_number": ("config.json", _set("train.data_dir", 5),
+                                    "train.data_dir is a number (5), expected a string"),
+    "json_config_source_list": ("config.json", _set("train.source", ["builtin"]),
+                                "train.source is a list (['builtin']), expected a string"),
+    "json_config_image_size_string": ("config.json", _set("train.image_size", "8"),
+                                      "train.image_size is a string (8), expected an integer"),
+    "json_config_model_list": ("config.json", _set("model", [2, 2, 32]), "not a checkpoint config of this project"),
+    "json_metrics_list": ("metrics.json", lambda m: [m], "the file is a list, expected a JSON object of metrics"),
+    "json_metrics_accuracy_string": ("metrics.json", _set("accuracy", "high"),
+                                     "accuracy is a string (high), expected a number"),
+    "json_metrics_topk_list": ("metrics.json", _set("topk_accuracy", [0.5]), "topk_accuracy is a list"),
+    "json_metrics_per_class_string": ("metrics.json", _set("per_class_accuracy", "all good"),
+                                      "per_class_accuracy is a string"),
+    "json_metrics_confusion_object": ("metrics.json", _set("confusion", {"0": [1]}), "confusion is an object"),
+    "json_metrics_n_string": ("metrics.json", _set("n_sequences", "12"), "n_sequences is a string (12), expected an integer"),
+    "json_codebook_list": ("codebook.json", lambda b: [b], "the file is a list, expected a JSON object"),
+    "json_codebook_config_list": ("codebook.json", _set("config", [2, 8]), "config is a list"),
+    "json_codebook_patch_string": ("codebook.json", _set("config.patch_size", "2"),
+                                   "config.patch_size is a string (2), expected an integer"),
+    "json_codebook_weight_string": ("codebook.json", _set("config.w_colour", "1"),
+                                    "config.w_colour is a string (1), expected a number"),
+    "json_codebook_image_size_number": ("codebook.json", _set("image_size", 8),
+                                        "image_size is a number (8), expected a list of two positive integers"),
+    "json_codebook_channels_string": ("codebook.json", _set("channels", "1"), "channels is a string (1), expected an integer"),
+    "json_codebook_stats_list": ("codebook.json", _set("stats", [1, 2]), "stats is a list ([1, 2]), expected an object"),
+    "json_codebook_std_string": ("codebook.json", _set("stats.colour.std", "x"), "stats.colour is {'mean': ["),
+    "json_codebook_mean_number": ("codebook.json", _set("stats.colour.mean", 0.5), "stats.colour is {'mean': 0.5"),
+    "json_codebook_inertia_string": ("codebook.json", _set("inertia", "low"), "inertia is a string (low), expected a number or null"),
+    "json_codebook_huge_image": ("codebook.json", _set("image_size", [2 ** 20, 2 ** 20]),
+                                 "one image and its patch features needs at least"),
+    "json_vocab_list": ("vocab.json", lambda v: list(v), "expected a JSON object mapping token -> integer id"),
+    "json_vocab_id_string": ("vocab.json", _set("<PAD>", "0"), "expected a JSON object mapping token -> integer id"),
+}
 
 
 def png_header(path, width, height):
@@ -286,6 +348,10 @@ def bad_idx(d, kind):
     if kind == "no_labels":
         idx_file(img, x)
         return root, [root, "found train images but not the labels"]
+    if kind == "label_gap":   # labels 0 and 2 only: class 1 would be in the vocabulary without an image
+        idx_file(img, x)
+        idx_file(lab, (np.arange(30) % 2) * 2)
+        return root, [f"idx:{root}: no images of class 1 (labels 0..2)"]
     raise KeyError(kind)
 
 
@@ -650,6 +716,467 @@ CASES = [
         [*hf_args(e, d)[0], "--push_to_hub", "me/my model"], ["'me/my model' is not a repository id"], hf_args(e, d)[1])),
     *C("hf_export-gpt2-folder-pickled-weights", "hf_export", export_gpt2(pickled=True)),
     *C("hf_export-gpt2-folder-relu", "hf_export", export_gpt2(activation="relu")),
+]
+
+
+# ----------------------------------------------------------------------------- round two (issue 18)
+# Kinds: non-finite weights and losses, sizes that cannot fit, JSON files with the wrong types, one line
+# whatever the file names, outputs checked before any work, settings that were silently accepted,
+# sequences cut by max_length, resuming with other settings.
+
+def run_copy(e, d):
+    """A copy of the trained run folder (log, best/, final/), for --resume."""
+    run = os.path.join(d, "run")
+    shutil.copytree(e.run, run)
+    return run
+
+
+def resume_changed(name, opts, expect):
+    """train.py --resume on a copy of the run with some settings other than the run's."""
+    def build(e, d):
+        run = run_copy(e, d)
+        args = [*e.train_args, "--data_dir", e.data, "--out_dir", run, "--resume", *opts]
+        return args, [os.path.join(run, "final", "config.json"), *expect], []
+    return [(f"train-resume-changed-{name}", "train", build)]
+
+
+def resume_config_lr_string(e, d):
+    """train.py --resume whose final/config.json holds a string where the learning rate should be."""
+    run = run_copy(e, d)
+    cfg = os.path.join(run, "final", "config.json")
+    edit_json(cfg, _set("train.lr", "fast"))
+    return [*e.train_args, "--data_dir", e.data, "--out_dir", run, "--resume"], \
+        [cfg, "train.lr is a string (fast), expected a number"], []
+
+
+def trainer_state(kind):
+    """train.py --resume whose final/trainer_state.pt holds plain data of the wrong structure."""
+    state = {"list": [1, 2, 3], "step_string": {"step": "3"}, "no_rng": None}[kind]
+
+    def build(e, d):
+        run = run_copy(e, d)
+        path = os.path.join(run, "final", "trainer_state.pt")
+        s = state
+        if kind == "no_rng":
+            s = torch.load(path, weights_only=True)
+            del s["rng"]
+        elif kind == "step_string":
+            s = dict(torch.load(path, weights_only=True), step="3")
+        torch.save(s, path)
+        expect = {"list": "holds a list, expected the trainer state", "step_string": "step is str, expected a step count",
+                  "no_rng": "rng is nothing, expected a uint8 tensor"}[kind]
+        return [*e.train_args, "--data_dir", e.data, "--out_dir", run, "--resume"], [path, expect], []
+    return [(f"train-resume-trainer-state-{kind.replace('_', '-')}", "train", build)]
+
+
+def image_tree(e, d, classes=("c0", "c1", "c2"), extra=None):
+    """root/<class>/ with the first 10 images of each class of the shared folder; extra(root) spoils it."""
+    root = os.path.join(d, "imgs")
+    for c in classes:
+        os.makedirs(os.path.join(root, c))
+        src = os.path.join(e.images, c if c in ("c0", "c1", "c2") else "c0")
+        for f in sorted(os.listdir(src))[:10]:
+            shutil.copy(os.path.join(src, f), os.path.join(root, c, f))
+    if extra:
+        extra(root)
+    return root
+
+
+def folder_case(id, script, classes, extra, expect, argv):
+    def build(e, d):
+        root = image_tree(e, d, classes, extra)
+        args, outs = argv(e, d, root)
+        return args, [p.replace("ROOT", root) for p in expect], outs
+    return [(id, script, build)]
+
+
+def prep_folder(e, d, root):
+    return prepare_args(d, f"folder:{root}")
+
+
+def train_folder(e, d, root):
+    return [*e.train_args, "--source", f"folder:{root}", "--data_dir", out(d, "data"), "--out_dir", out(d, "run")], \
+        [out(d, "data"), out(d, "run")]
+
+
+def csv_case(name, rows, expect):
+    def build(e, d):
+        p = [write_file(os.path.join(d, "csv", c, "a.csv"), b"pixel_id,x,y,t,R,G,B,A,Gx,Gy\n" + rows)
+             for c in ("c0", "c1")][0]                                     # the first one read
+        args, outs = prepare_args(d, f"csv:{os.path.join(d, 'csv')}")
+        return args, [p, expect], outs
+    return [(f"data-csv-{name}", "data", build)]
+
+
+def report_case(name, edit, expect):
+    """data.py reconstruct on a copy of the data folder whose report.json is spoilt by edit."""
+    def build(e, d):
+        data = data_copy(e, d, lambda p: edit_json(os.path.join(p, "report.json"), edit))
+        return ["reconstruct", data, "--out", out(d, "r.png")], [os.path.join(data, "report.json"), expect], \
+            [out(d, "r.png")]
+    return [(f"data-reconstruct-report-{name}", "data", build)]
+
+
+def report_classes(e, d):
+    """eval.py on a checkpoint whose data folder's report.json has classes that are not names."""
+    data = data_copy(e, d, lambda p: edit_json(os.path.join(p, "report.json"), _set("classes", [{"a": 1}, 2, 3])))
+    ck = copy_ckpt(e, d)
+    edit_json(os.path.join(ck, "config.json"), _set("train.data_dir", data))
+    args, outs = eval_args(e, d, ck)
+    return args, [os.path.join(data, "report.json"), "classes must be a list of class names"], outs
+
+
+def export_case(kind):
+    """A Hugging Face export of the tiny checkpoint, spoilt in one way -> (folder, expected parts)."""
+    def spoil(e, d):
+        import hf_format
+        f = hf_format.write_export(checkpoint.load(e.final), os.path.join(d, "gpt2"))
+        if kind == "nan":
+            from safetensors.torch import load_file, save_file
+            sd = load_file(os.path.join(f, "model.safetensors"))
+            sd["transformer.wte.weight"][3, 1] = float("nan")
+            save_file(sd, os.path.join(f, "model.safetensors"))
+            return f, [os.path.join(f, "model.safetensors"), "transformer.wte.weight holds non-finite values"]
+        if kind == "train_config_list":
+            write_file(os.path.join(f, "train_config.json"), b"[1, 2]")
+            return f, [os.path.join(f, "train_config.json"), "the file is a list, expected a JSON object"]
+        if kind == "train_config_data_dir":
+            edit_json(os.path.join(f, "train_config.json"), _set("data_dir", 7))
+            return f, [os.path.join(f, "train_config.json"), "data_dir is a number (7), expected a string"]
+        if kind == "metrics_string":
+            edit_json(os.path.join(f, "metrics.json"), _set("loss", "low"))
+            return f, [os.path.join(f, "metrics.json"), "loss is a string (low), expected a number"]
+        if kind == "huge":
+            edit_json(os.path.join(f, "config.json"), _set("n_embd", 2 ** 20))
+            return f, [os.path.join(f, "config.json"), "a model of", "more than the"]
+        raise KeyError(kind)
+    return spoil
+
+
+def E(script, kinds, argv):
+    """Cases on a spoilt export folder; argv(e, d, folder) -> (argv, outputs)."""
+    def make(kind):
+        def build(e, d):
+            f, expect = export_case(kind)(e, d)
+            args, outs = argv(e, d, f)
+            return args, expect, outs
+        return (f"{script}-export-{kind.replace('_', '-')}", script, build)
+    return [make(k) for k in kinds]
+
+
+def odd_name(name):
+    """A file name with a control character or bytes that are not UTF-8 (as Python passes them in argv)."""
+    return name.replace("NL", "\n").replace("CR", "\r").replace("ESC", "\x1b").replace("FF", "\udcff")
+
+
+def shown(name):
+    """How util.printable writes such a name in a message."""
+    return name.replace("NL", "\\n").replace("CR", "\\r").replace("ESC", "\\x1b").replace("FF", "\\xff")
+
+
+def named(id, script, name, argv, what):
+    """A command handed a path whose name has odd characters: still one line, the name escaped."""
+    def build(e, d):
+        p = os.path.join(d, odd_name(name))
+        args, outs = argv(e, d, p)
+        return args, [os.path.join(d, shown(name)), what], outs
+    return [(id, script, build)]
+
+
+def named_bad_jsonl(e, d, p):
+    write_lines(p, ['{"tokens": 5}'])
+    return p
+
+
+def bench_args(d, *extra):
+    return ["--quick", "--only", "kmeans", "--kmeans_data", "random", "--kmeans_n", "2000", "--kmeans_k", "4",
+            "--json", out(d, "bench.json"), *extra], [out(d, "bench.json")]
+
+
+BIG = str(2 ** 64)
+
+CASES += [
+    # ------------------------------------------------------------------ 1. non-finite weights and losses
+    *first(K("sample", ["weights_nan"], lambda e, d, ck: sample_args(e, d, ck), tag="nonfinite")),
+    *K("sample", ["weights_inf", "codebook_nan"], lambda e, d, ck: sample_args(e, d, ck), tag="nonfinite"),
+    *K("eval", ["weights_nan", "weights_inf", "codebook_nan"], lambda e, d, ck: eval_args(e, d, ck), tag="nonfinite"),
+    *K("hf_export", ["weights_nan", "codebook_nan"], lambda e, d, ck: hf_args(e, d, ck), tag="nonfinite"),
+    *K("train", ["weights_nan"], lambda e, d, ck: train_args(e, d, None, "--init_from", ck), tag="nonfinite-init-from"),
+    *[c for k in ("weights_nan", "codebook_nan") for c in resume_from(k)],
+    *K("data", ["codebook_nan"], lambda e, d, ck: (
+        ["render", e.val, "--codebook", ck, "--out", out(d, "grid.png")], [out(d, "grid.png")]), tag="render-nonfinite"),
+    *E("eval", ["nan"], lambda e, d, f: eval_args(e, d, f, data=e.val)),
+    *E("hf_export", ["nan"], lambda e, d, f: hf_args(e, d, f)),
+    *O("train", [
+        ("lr-1e30", ["--lr", "1e30"], ["the training loss is ", "training diverged and was stopped",
+                                       "no checkpoint of this run was written"]),
+        ("lr-inf", ["--lr", "inf"], ["command line: lr must be a finite number, got 'inf'"]),
+        ("min-lr-nan", ["--min_lr", "nan"], ["command line: min_lr must be a finite number, got 'nan'"]),
+        ("label-weight-inf", ["--label_weight", "inf"], ["label_weight must be a finite number"]),
+        ("max-shift-inf", ["--max_shift", "inf"], ["max_shift must be a finite number"]),
+    ], lambda e, d: train_args(e, d), tag="nonfinite"),
+    *C("train-yaml-lr-inf", "train", lambda e, d: (
+        [write_file(os.path.join(d, "cfg.yaml"), b"lr: .inf\n"), "--out_dir", out(d, "run")],
+        [os.path.join(d, "cfg.yaml"), "lr must be a finite number, got inf"], [out(d, "run")])),
+    *O("sample", [("temperature-inf", ["--temperature", "inf"], ["--temperature must be a finite number, got inf"])],
+       lambda e, d: sample_args(e, d), tag="nonfinite"),
+
+    # ------------------------------------------------------------------ 4. sizes that cannot fit, seeds
+    *O("train", [
+        ("n-embd-huge", ["--n_embd", str(2 ** 20)], ["config: training", "parameters", "more than the",
+                                                      "lower n_embd, n_layer, max_length, num_codes or batch_size"]),
+        ("n-layer-huge", ["--n_layer", str(10 ** 9)], ["config: training", "more than the"]),
+        ("max-length-huge", ["--max_length", str(10 ** 12)], ["config: training", "more than the"]),
+        ("batch-huge", ["--batch_size", str(10 ** 13)], ["on batches of 10000000000000 x 21 tokens", "more than the"]),
+        ("num-codes-huge", ["--num_codes", str(10 ** 11)], ["config: training", "more than the"]),
+        ("image-size-huge", ["--image_size", str(2 ** 22)], ["one 4194304 x 4194304 image", "more than the",
+                                                             "lower image_size"]),
+        ("seed-beyond-64-bits", ["--seed", BIG], [f"config: seed must be an integer in 0..{2 ** 63 - 1}, got {BIG}"]),
+        ("seed-negative", ["--seed", "-1"], ["config: seed must be an integer in 0..", "got -1"]),
+        ("split-seed-huge", ["--split_seed", str(2 ** 70)], ["config: split_seed must be an integer in 0.."]),
+        ("codebook-seed-negative", ["--codebook_seed", "-5"], ["config: codebook_seed must be an integer in 0.."]),
+    ], lambda e, d: train_args(e, d, out(d, "data")), tag="size"),
+    *O("data", [
+        ("image-size-huge", ["--image_size", str(2 ** 22)], ["one 4194304 x 4194304 image", "more than the"]),
+        ("augment-huge", ["--augment", str(10 ** 9)], ["training images x 1000000001 (augment 1000000000)",
+                                                       "more than the", "lower augment or image_size"]),
+        ("split-seed-huge", ["--split_seed", BIG], ["config: split_seed must be an integer in 0.."]),
+        ("codebook-seed-negative", ["--codebook_seed", "-1"], ["config: codebook_seed must be an integer in 0.."]),
+    ], lambda e, d: prepare_args(d, f"folder:{e.images}"), tag="size"),
+    *csv_case("huge-coordinate", b"0,0,0,0,1,1,1,1,0,0\n1,1000000000000,1000000000,0,1,1,1,1,0,0\n",
+              "pixel coordinates up to x=1000000000000, y=1000000000"),
+    *O("sample", [
+        ("num-samples-huge", ["--num_samples", str(10 ** 12)], ["1000000000000 rows of up to 32 tokens", "more than the",
+                                                                "lower --num_samples or --batch_size"]),
+        ("batch-and-samples-huge", ["--num_samples", str(10 ** 8), "--batch_size", str(10 ** 8)], ["more than the"]),
+        ("seed-beyond-64-bits", ["--seed", BIG], [f"--seed must be an integer in 0..{2 ** 63 - 1}, got {BIG}"]),
+        ("seed-negative", ["--seed", "-3"], ["--seed must be an integer in 0.."]),
+    ], lambda e, d: sample_args(e, d), tag="size"),
+    *K("eval", ["config_huge"], lambda e, d, ck: eval_args(e, d, ck), tag="size"),
+    *K("sample", ["config_huge"], lambda e, d, ck: sample_args(e, d, ck), tag="size"),
+    *K("hf_export", ["config_huge"], lambda e, d, ck: hf_args(e, d, ck), tag="size"),
+    *E("eval", ["huge"], lambda e, d, f: eval_args(e, d, f, data=e.val)),
+    *K("eval", ["json_codebook_huge_image"], lambda e, d, ck: eval_args(e, d, ck, images=e.images), tag="size"),
+    *O("bench", [
+        ("n-embd-huge", ["--only", "train", "--n_embd", str(2 ** 20)], ["the train benchmark at these sizes needs",
+                                                                         "more than the"]),
+        ("batch-huge", ["--only", "train", "--batch", str(10 ** 12)], ["the train benchmark", "more than the"]),
+        ("block-huge", ["--only", "sample", "--block_size", str(10 ** 11)], ["the sample benchmark", "more than the"]),
+        ("sample-batch-huge", ["--only", "sample", "--sample_batches", str(10 ** 10)], ["the sample benchmark"]),
+        ("matmul-huge", ["--only", "train", "--matmul_n", str(10 ** 7)], ["the train benchmark", "more than the"]),
+        ("kmeans-huge", ["--kmeans_n", str(10 ** 13)], ["the kmeans benchmark", "more than the"]),
+        ("reps-negative", ["--reps", "-2"], ["--reps must be at least 1, got -2"]),
+        ("warmup-negative", ["--warmup", "-1"], ["--warmup must be >= 0, got -1"]),
+        ("kmeans-k-zero", ["--kmeans_k", "0"], ["--kmeans_k must be at least 1, got 0"]),
+    ], lambda e, d: bench_args(d), tag="size"),
+
+    # ------------------------------------------------------------------ 5. JSON files with the wrong types
+    *K("eval", ["json_config_data_dir_number", "json_config_source_list", "json_config_image_size_string",
+                "json_config_model_list", "json_metrics_list", "json_metrics_accuracy_string",
+                "json_codebook_list", "json_codebook_config_list", "json_codebook_patch_string",
+                "json_codebook_stats_list", "json_codebook_std_string", "json_vocab_list"],
+       lambda e, d, ck: eval_args(e, d, ck), tag="ckpt"),
+    *K("hf_export", ["json_config_data_dir_number", "json_metrics_topk_list", "json_metrics_per_class_string",
+                     "json_metrics_confusion_object", "json_metrics_n_string", "json_codebook_weight_string",
+                     "json_codebook_image_size_number", "json_codebook_inertia_string", "json_vocab_id_string"],
+       lambda e, d, ck: hf_args(e, d, ck), tag="ckpt"),
+    *K("sample", ["json_config_model_list", "json_metrics_accuracy_string", "json_codebook_channels_string",
+                  "json_codebook_mean_number"], lambda e, d, ck: sample_args(e, d, ck), tag="ckpt"),
+    *K("data", ["json_codebook_list", "json_codebook_patch_string", "json_codebook_stats_list", "json_vocab_list"],
+       lambda e, d, ck: (["render", e.val, "--codebook", ck, "--out", out(d, "grid.png")], [out(d, "grid.png")]),
+       tag="render"),
+    *K("train", ["json_metrics_list", "json_codebook_config_list"],
+       lambda e, d, ck: train_args(e, d, None, "--init_from", ck), tag="init-from"),
+    *[c for k in ("json_config_source_list", "json_metrics_accuracy_string") for c in resume_from(k)],
+    *C("train-resume-config-lr-string", "train", resume_config_lr_string),
+    *trainer_state("list"), *trainer_state("step_string"), *trainer_state("no_rng"),
+    *report_case("source-number", _set("config.source", 5), "config.source is a number (5), expected a string"),
+    *report_case("config-list", _set("config", [1, 2]), "config is a list, expected a JSON object"),
+    *report_case("image-size-string", _set("config.image_size", "8"), "config.image_size is a string (8), expected an integer"),
+    *report_case("val-fraction", _set("config.val_fraction", 5), "val_fraction must be between 0 and 1, got 5"),
+    *report_case("no-config", lambda r: r.pop("config"), 'expected a JSON object with the data settings under "config"'),
+    *C("data-reconstruct-report-a-string", "data", lambda e, d: (
+        ["reconstruct", data_copy(e, d, lambda p: write_lines(os.path.join(p, "report.json"), ['"prepared"'])),
+         "--out", out(d, "r.png")],
+        [os.path.join(d, "data", "report.json"), 'expected a JSON object with the data settings'], [out(d, "r.png")])),
+    *C("eval-report-classes-not-names", "eval", report_classes),
+    *E("eval", ["train_config_list", "metrics_string"], lambda e, d, f: eval_args(e, d, f, data=e.val)),
+    *E("hf_export", ["train_config_data_dir", "train_config_list"], lambda e, d, f: hf_args(e, d, f)),
+    *C("eval-curves-loss-string", "eval", broken_log(b'{"step": 1, "train_loss": "abc"}\n',
+                                                     ":1: train_loss is a string (abc), expected a number")),
+    *C("eval-curves-accuracy-list", "eval", broken_log(b'{"step": 1}\n{"step": 2, "val_accuracy": [0.5]}\n',
+                                                       ":2: val_accuracy is a list ([0.5]), expected a number")),
+    *C("eval-curves-step-bool", "eval", broken_log(b'{"step": true}\n', ':1: expected a JSON object with a numeric "step"')),
+
+    # ------------------------------------------------------------------ 6. one line, whatever the flags and names
+    *O("bench", [
+        ("unknown-option", ["--fast"], ["bench.py: unrecognized arguments: --fast; valid options:"]),
+        ("not-an-int", ["--reps", "many"], ["bench.py: argument --reps: invalid int value: 'many'"]),
+        ("bad-choice", ["--kmeans_data", "mnist"], ["argument --kmeans_data: invalid choice: 'mnist'"]),
+        ("missing-value", ["--threads"], ["argument --threads: expected one argument"]),
+    ], lambda e, d: bench_args(d), tag="flag"),
+    *C("data-no-subcommand", "data", lambda e, d: ([], ["data.py: the following arguments are required: cmd"], [])),
+    *C("data-unknown-subcommand", "data", lambda e, d: (["draw"], ["argument cmd: invalid choice: 'draw'"], [])),
+    *C("data-render-no-file", "data", lambda e, d: (["render", "--out", out(d, "g.png")],
+                                                    ["data.py render: the following arguments are required: file"],
+                                                    [out(d, "g.png")])),
+    *C("data-reconstruct-n-not-int", "data", lambda e, d: (["reconstruct", e.data, "--n", "ten", "--out", out(d, "r.png")],
+                                                           ["data.py reconstruct: argument --n: invalid int value: 'ten'"],
+                                                           [out(d, "r.png")])),
+    *C("data-render-unknown-option", "data", lambda e, d: (["render", e.val, "--rows", "3"],
+                                                           ["data.py render: unrecognized arguments: --rows 3; valid options:"], [])),
+    *C("hf_export-unknown-option", "hf_export", lambda e, d: (["--fp16"], ["hf_export.py: unrecognized arguments: --fp16"], [])),
+    *C("eval-missing-value", "eval", lambda e, d: (["--top_k"], ["eval.py: argument --top_k: expected one argument"], [])),
+    *C("sample-not-a-float", "sample", lambda e, d: (["--temperature", "warm"], ["argument --temperature: invalid float value: 'warm'"], [])),
+    *C("train-two-configs", "train", lambda e, d: (["a.yaml", "b.yaml"], ["train.py: unrecognized arguments: b.yaml"], [])),
+    *named("eval-data-newline-in-name!", "eval", "badNLname.jsonl",
+           lambda e, d, p: eval_args(e, d, data=named_bad_jsonl(e, d, p)), ':1: expected a JSON object with a string field "tokens"'),
+    *named("eval-data-carriage-return-in-name", "eval", "a CR b.jsonl",
+           lambda e, d, p: eval_args(e, d, data=named_bad_jsonl(e, d, p)), ":1: expected a JSON object"),
+    *named("eval-data-undecodable-name!", "eval", "cafFF.jsonl",
+           lambda e, d, p: eval_args(e, d, data=named_bad_jsonl(e, d, p)), ":1: expected a JSON object"),
+    *named("sample-ckpt-newline-in-name", "sample", "ckNLpt", lambda e, d, p: sample_args(e, d, p),
+           "no such checkpoint folder"),
+    *named("sample-ckpt-undecodable-name", "sample", "ckFFpt", lambda e, d, p: sample_args(e, d, p),
+           "no such checkpoint folder"),
+    *named("hf_export-ckpt-escape-in-name", "hf_export", "ESC[31mred", lambda e, d, p: hf_args(e, d, p),
+           "no such checkpoint folder"),
+    *named("data-render-newline-in-name", "data", "seqsNL.jsonl",
+           lambda e, d, p: (["render", named_bad_jsonl(e, d, p), "--codebook", e.data, "--out", out(d, "g.png")],
+                            [out(d, "g.png")]), ":1: expected a JSON object"),
+    *named("data-prepare-undecodable-folder", "data", "imgFFs", lambda e, d, p: prepare_args(d, f"folder:{p}"),
+           "no such folder"),
+    *named("train-config-newline-in-name", "train", "cfgNL.yaml",
+           lambda e, d, p: ([write_file(p, b"layers: 4\n"), "--out_dir", out(d, "run")], [out(d, "run")]),
+           "unknown key 'layers'"),
+    *named("train-out-dir-under-a-file-with-odd-name", "train", "fileCRFF",
+           lambda e, d, p: ([*e.train_args, "--data_dir", e.data, "--out_dir", os.path.join(write_file(p, b"x"), "run")], []),
+           "is a file"),
+    *named("eval-curves-undecodable-name", "eval", "runFF",
+           lambda e, d, p: (["--curves", p, "--out", out(d, "c.png")], [out(d, "c.png")]), "no such training log"),
+
+    # ------------------------------------------------------------------ 7. every output checked before any work
+    *C("sample-jsonl-same-as-png", "sample", lambda e, d: (
+        ["--ckpt", e.final, "--out_png", out(d, "s.png"), "--out_jsonl", out(d, "s.png")],
+        [out(d, "s.png"), "given for two outputs"], [out(d, "s.png")])),
+    *C("sample-jsonl-same-file-other-spelling", "sample", lambda e, d: (
+        ["--ckpt", e.final, "--out_png", out(d, "s.png"), "--out_jsonl", os.path.join(d, "out", ".", "s.png")],
+        ["given for two outputs (the same file as"], [out(d, "s.png")])),
+    *C("sample-jsonl-is-a-folder", "sample", lambda e, d: (
+        ["--ckpt", e.final, "--out_png", out(d, "s.png"), "--out_jsonl", d],
+        [d, "is a folder; the JSONL file must be a file path"], [out(d, "s.png")])),
+    *C("sample-jsonl-ends-in-slash", "sample", lambda e, d: (
+        ["--ckpt", e.final, "--out_png", out(d, "s.png"), "--out_jsonl", out(d, "new") + "/"],
+        ["is a folder; the JSONL file must be a file path"], [out(d, "s.png"), out(d, "new")])),
+    *C("sample-complete-jsonl-under-a-file", "sample", lambda e, d: (
+        ["--ckpt", e.final, "--complete", "2", "--out_png", out(d, "c.png"), "--out_jsonl", os.path.join(e.afile, "c.jsonl")],
+        [e.afile, "is a file"], [out(d, "c.png")])),
+    *C("eval-out-ends-in-slash", "eval", lambda e, d: (
+        ["--ckpt", e.final, "--data", e.val, "--out", out(d, "m") + "/"], ["is a folder; the metrics file must be"],
+        [out(d, "m")])),
+    *C("eval-curves-out-is-a-folder", "eval", lambda e, d: (
+        ["--curves", e.run, "--out", d], [d, "is a folder; the curves PNG must be a file path"], [])),
+    *under_file("data", lambda e, d, p: ["reconstruct", e.data, "--out", p], "recon.png"),
+    *C("data-reconstruct-out-is-a-folder", "data", lambda e, d: (
+        ["reconstruct", e.data, "--out", d], [d, "is a folder; the PNG grid must be a file path"], [])),
+    *C("data-render-out-ends-in-slash", "data", lambda e, d: (
+        ["render", e.val, "--out", out(d, "g") + "/"], ["is a folder; the PNG grid must be a file path"], [out(d, "g")])),
+    *C("hf_export-out-is-a-file", "hf_export", lambda e, d: (
+        ["--ckpt", e.final, "--out", e.afile], [e.afile, "exists and is not an earlier export"], [])),
+    *under_file("bench", lambda e, d, p: bench_args(d)[0][:-1] + [p], "bench.json"),
+    *C("bench-json-is-a-folder", "bench", lambda e, d: (
+        [*bench_args(d)[0][:-1], d], [d, "is a folder; the JSON file must be a file path"], [])),
+    *C("bench-json-ends-in-slash", "bench", lambda e, d: (
+        [*bench_args(d)[0][:-1], out(d, "b") + "/"], ["is a folder; the JSON file must be a file path"], [out(d, "b")])),
+    *C("train-out-dir-is-a-file", "train", lambda e, d: (
+        [*e.train_args, "--data_dir", e.data, "--out_dir", e.afile], [e.afile, "is a file; the run folder"], [])),
+
+    # ------------------------------------------------------------------ 8. silently accepted before, refused now
+    *folder_case("data-prepare-single-class", "data", ("c0",), None,
+                 ["all 10 images are of one class ('c0'); a classifier needs images of at least 2 classes"], prep_folder),
+    *folder_case("train-single-class", "train", ("c1",), None, ["a classifier needs images of at least 2 classes"],
+                 train_folder),
+    *folder_case("data-prepare-empty-class-folder", "data", ("c0", "c1"), lambda r: os.makedirs(os.path.join(r, "c2")),
+                 ["ROOT/c2: class folder without image files; add images or remove it"], prep_folder),
+    *folder_case("data-prepare-class-folder-of-text-files", "data", ("c0", "c1"),
+                 lambda r: write_file(os.path.join(r, "notes", "readme.txt"), b"x"),
+                 ["ROOT/notes: class folder without image files"], prep_folder),
+    *folder_case("train-empty-class-folder", "train", ("c0", "c1", "c2"), lambda r: os.makedirs(os.path.join(r, "c9")),
+                 ["ROOT/c9: class folder without image files"], train_folder),
+    *folder_case("eval-images-stray-image", "eval", ("c0", "c1"),
+                 lambda r: shutil.copy(os.path.join(r, "c0", sorted(os.listdir(os.path.join(r, "c0")))[0]),
+                                       os.path.join(r, "x.png")),
+                 ["ROOT/x.png: not in a class folder"], lambda e, d, root: eval_args(e, d, images=root)),
+    *X("data", ["label_gap"], lambda e, d, root: prepare_args(d, f"idx:{root}")),
+    *folder_case("data-prepare-images-outside-class-folders", "data", ("c0", "c1"),
+                 lambda r: shutil.copy(os.path.join(r, "c0", sorted(os.listdir(os.path.join(r, "c0")))[0]),
+                                       os.path.join(r, "stray.png")),
+                 ["ROOT/stray.png: not in a class folder (1 such file(s)"], prep_folder),
+    *C("train-yaml-duplicated-lr", "train", lambda e, d: (
+        [write_file(os.path.join(d, "cfg.yaml"), b"lr: 1.0e-3\nepochs: 2\nlr: 3.0e-4\n"), "--out_dir", out(d, "run")],
+        [os.path.join(d, "cfg.yaml") + ":3: invalid YAML (duplicated key 'lr')"], [out(d, "run")])),
+    *C("train-yaml-duplicated-key-far-apart", "train", lambda e, d: (
+        [write_file(os.path.join(d, "cfg.yaml"), b"out_dir: a\n# the model\nn_layer: 2\nn_head: 2\nout_dir: b\n"),
+         "--out_dir", out(d, "run")],
+        [os.path.join(d, "cfg.yaml") + ":5: invalid YAML (duplicated key 'out_dir')"], [out(d, "run")])),
+    *C("data-reconstruct-n-negative", "data", lambda e, d: (
+        ["reconstruct", e.data, "--n", "-3", "--out", out(d, "r.png")], ["--n must be at least 1, got -3"], [out(d, "r.png")])),
+    *C("data-reconstruct-n-zero", "data", lambda e, d: (
+        ["reconstruct", e.data, "--n", "0", "--out", out(d, "r.png")], ["--n must be at least 1, got 0"], [out(d, "r.png")])),
+    *C("data-render-n-negative", "data", lambda e, d: (
+        ["render", e.val, "--n", "-3", "--out", out(d, "g.png")], ["--n must be at least 1, got -3"], [out(d, "g.png")])),
+    *csv_case("nan-value", b"0,0,0,0,nan,1,1,1,0,0\n", "a value is not a finite number (nan or inf)"),
+    *O("sample", [
+        ("greedy-with-temperature", ["--greedy", "--temperature", "0.5"], ["--greedy always takes the most likely token"]),
+        ("greedy-with-top-k", ["--greedy", "--top_k", "3"], ["--temperature, --top_k and --top_p do not apply"]),
+        ("greedy-with-top-p", ["--greedy", "--top_p", "0.9"], ["--greedy always takes the most likely token"]),
+        ("complete-with-start", ["--complete", "2", "--start", "<IMG> <Z_000>"], ["--start is the prompt of free sampling; --digit, --grid and --complete make their own"]),
+    ], lambda e, d: sample_args(e, d), tag="silent"),
+    *O("eval", [
+        ("top-k-without-next", ["--top_k", "3"], ["--top_k is for --next"]),
+        ("repair-v1-with-images", ["--images", "imgs", "--repair_v1"], ["--repair_v1 is for sequence files"]),
+    ], lambda e, d: eval_args(e, d), tag="silent"),
+    *C("eval-curves-with-top-k", "eval", lambda e, d: (["--curves", e.run, "--top_k", "2", "--out", out(d, "c.png")],
+                                                      ["--top_k is for --next"], [out(d, "c.png")])),
+    *O("train", [("allow-changes-without-resume", ["--allow_changes"], ["--allow_changes is for --resume"])],
+       lambda e, d: train_args(e, d), tag="silent"),
+
+    # ------------------------------------------------------------------ 9. sequences cut by max_length
+    *O("train", [
+        ("max-length-cuts-every-image", ["--max_length", "12"], [
+            "config: max_length 12 is shorter than the sequences of image_size 8 in patches of 2 (21 tokens): it would "
+            "cut every sequence (up to 9 image tokens each", "set max_length: 21 (or 0, the data's length), or "
+            "allow_truncation: true"]),
+        ("max-length-one-short", ["--max_length", "20"], ["max_length 20 is shorter", "up to 1 image tokens each"]),
+        ("max-length-negative", ["--max_length", "-1"], ["config: max_length must be >= 0 (0: the data's sequence length)"]),
+        ("image-size-longer-than-max-length", ["--image_size", "16", "--max_length", "32"], [
+            "max_length 32 is shorter than the sequences of image_size 16 in patches of 2 (69 tokens)"]),
+    ], lambda e, d: train_args(e, d, out(d, "data")), tag="cut"),
+    *C("train-max-length-colour-images", "train", lambda e, d: (
+        [*e.train_args, "--data_dir", out(d, "data"), "--out_dir", out(d, "run"), "--image_size", "32", "--channels", "3",
+         "--patch_size", "4", "--max_length", "64"],
+        ["max_length 64 is shorter than the sequences of image_size 32 in patches of 4 (69 tokens)", "set max_length: 69"],
+        [out(d, "data"), out(d, "run")])),
+
+    # ------------------------------------------------------------------ 3. resuming with other settings
+    *resume_changed("n-layer", ["--n_layer", "3"], ["cannot resume with other model or data settings: n_layer 2 -> 3"]),
+    *resume_changed("width-and-heads", ["--n_embd", "64", "--n_head", "4"],
+                    ["other model or data settings: n_head 2 -> 4, n_embd 32 -> 64"]),
+    *resume_changed("max-length", ["--max_length", "24"], ["other model or data settings: max_length 32 -> 24"]),
+    *resume_changed("num-codes", ["--num_codes", "16"], ["other model or data settings: num_codes 8 -> 16"]),
+    *resume_changed("patch-and-image-size", ["--patch_size", "4", "--image_size", "16"],
+                    ["other model or data settings: patch_size 2 -> 4, image_size 8 -> 16"]),
+    *resume_changed("augment", ["--augment", "2"], ["other model or data settings: augment 0 -> 2"]),
+    *resume_changed("model-and-lr", ["--lr", "0.002", "--n_layer", "4"], ["other model or data settings: n_layer 2 -> 4;"]),
+    *resume_changed("lr", ["--lr", "0.002"], ["--resume with other training settings than the run's: lr 0.001 -> 0.002",
+                                              "pass --allow_changes to go on with them"]),
+    *resume_changed("epochs-and-warmup", ["--epochs", "4", "--warmup_steps", "5"],
+                    ["other training settings than the run's: epochs 1 -> 4, warmup_steps 2 -> 5"]),
+    *resume_changed("seed", ["--seed", "2"], ["other training settings than the run's: seed 1 -> 2"]),
+    *resume_changed("batch-size", ["--batch_size", "4"], ["other training settings than the run's: batch_size 8 -> 4"]),
+    *resume_changed("label-weight", ["--label_weight", "5"], ["label_weight 1.0 -> 5.0"]),
+    *resume_changed("dropout", ["--dropout", "0.1"], ["other training settings than the run's: dropout 0.0 -> 0.1"]),
+    *resume_changed("data-dir", ["--data_dir", "elsewhere"], ["data_dir"]),
 ]
 
 

@@ -190,7 +190,7 @@ def test_train_loss_is_the_weighted_mean_over_real_tokens(run_a):
 
 
 def test_truncation_keeps_the_label_tail(run_a):
-    cfg = make_cfg(run_a["tmp"], "short", max_length=12, epochs=1, eval_every=0)
+    cfg = make_cfg(run_a["tmp"], "short", max_length=12, allow_truncation=True, epochs=1, eval_every=0)
     out = train(replace(cfg), log=lambda *a: None)
     assert out["step"] == STEPS_PER_EPOCH
     vocab = Vocab.load(os.path.join(cfg.data_dir, "vocab.json"))
@@ -298,9 +298,10 @@ def test_sigint_saves_and_resume_finishes(run_a, tmp_path):
     assert last % 5 == 0 and stopped - 5 < last <= stopped
     # resume, with fewer epochs so that it ends soon
     epochs = stopped // STEPS_PER_EPOCH + 1
-    r = run(args + ["--resume", "--epochs", str(epochs)])
+    r = run(args + ["--resume", "--allow_changes", "--epochs", str(epochs)])
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"resumed {final} at step {stopped}" in r.stdout
+    assert f"resuming with changed settings (--allow_changes): epochs 1000 -> {epochs}" in r.stdout
     state = checkpoint.load_trainer_state(final)
     assert state["done"] and state["step"] == epochs * STEPS_PER_EPOCH
     steps = [rec["step"] for rec in read_log(cfg)]
