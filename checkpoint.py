@@ -24,7 +24,7 @@ from onnx_backend import GRAPH, QUANTIZED, OnnxGPT
 from tokenizer import Codebook
 from tokens import Vocab
 from util import (UserError, atomic_dir, check_fields, check_finite_tensors, check_memory, human_bytes,
-                  load_safetensors, read_json, resolve_dir, safetensors_error, write_json)
+                  read_json, read_weights, resolve_dir, write_json)
 
 
 @dataclass
@@ -125,7 +125,6 @@ def load(folder, device="cpu", backend="torch"):
     """A checkpoint folder (or a Hugging Face GPT-2 export) -> Checkpoint, the model in eval mode.
     backend "onnx" / "onnx-int8": the model is the folder's onnx/model.onnx (model_quantized.onnx)
     run by onnxruntime on the CPU (an export made with `hf_export.py --onnx`), with the same interface."""
-    from safetensors import SafetensorError
     folder = resolve_dir(folder)
     if not os.path.isdir(folder):
         raise UserError(f"{folder}: no such checkpoint folder")
@@ -136,12 +135,7 @@ def load(folder, device="cpu", backend="torch"):
         mcfg = model_config(cfg, f"{folder}/config.json")
         check_fields(cfg.get("train", {}), DataConfig, f"{folder}/config.json", "train.")
         path = os.path.join(folder, "model.safetensors")
-        try:
-            sd = load_safetensors(path)
-        except FileNotFoundError:
-            raise UserError(f"{path}: missing") from None
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(safetensors_error(path, e)) from None
+        sd = read_weights(path)
         vocab = Vocab.load(os.path.join(folder, "vocab.json"))
         if len(vocab) != mcfg.vocab_size:
             raise UserError(f"{folder}/vocab.json has {len(vocab)} tokens, the model expects {mcfg.vocab_size}")

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from util import UserError, atomic_path, read_json, safetensors_error, write_json
+from util import UserError, atomic_path, read_json, read_weights, write_json
 
 METRICS = ("cosine", "l2")
 
@@ -214,8 +214,6 @@ def save_cnn(model, folder, class_names=None, info=None):
 def load_cnn(folder):
     """Read a CNN written by save_cnn -> (model in eval mode, the cnn.json contents). Any problem (a
     missing or foreign file, weights that do not fit the architecture) is a one-line UserError."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     if not os.path.isdir(folder):
         raise UserError(f"{folder}: no such folder (expected cnn.json and cnn.safetensors from save_cnn)")
     where = os.path.join(folder, "cnn.json")
@@ -236,12 +234,7 @@ def load_cnn(folder):
         raise UserError(f'{where}: "class_names" must be a list of {cfg.num_classes} strings')
     model = LeNet(cfg)
     path = os.path.join(folder, "cnn.safetensors")
-    try:
-        tensors = load_file(path)
-    except FileNotFoundError:
-        raise UserError(f"{path}: missing") from None
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(safetensors_error(path, e)) from None
+    tensors = read_weights(path)
     own = model.state_dict()
     if set(tensors) != set(own):
         raise UserError(f"{path}: holds {', '.join(sorted(tensors)) or 'no tensors'}; the architecture in "

@@ -26,7 +26,7 @@ from onnx_backend import export_onnx, quantize_int8
 from tokenizer import Codebook
 from tokens import SPECIALS, Vocab
 from util import (UserError, atomic_dir, check_fields, check_finite_tensors, check_memory, human_bytes,
-                  load_safetensors, output_problem, read_json, safetensors_error, write_json, write_text)
+                  output_problem, read_json, read_weights, write_json, write_text)
 
 # our nn.Linear weights stored by GPT-2 as Conv1D, i.e. transposed: (in_features, out_features)
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -370,7 +370,6 @@ def read_export(folder):
     """Read a GPT-2 folder written by write_export() (or a GPT-2 model over our vocabulary with the
     codebook files added) -> (GPT, Vocab, Codebook, training settings dict, metrics or None).
     Any mismatch is a one-line UserError."""
-    from safetensors import SafetensorError
     if not os.path.isdir(folder):
         raise UserError(f"{folder}: no such folder")
     where = os.path.join(folder, "config.json")
@@ -383,15 +382,10 @@ def read_export(folder):
         raise UserError(f"{folder}: vocab.json has {len(vocab)} tokens, config.json says vocab_size "
                         f"{mcfg.vocab_size}")
     path = os.path.join(folder, "model.safetensors")
-    try:
-        sd = load_safetensors(path)
-    except FileNotFoundError:
-        extra = " (sharded and pickled weights are not read; save with safetensors in one file)" \
-            if any(os.path.exists(os.path.join(folder, f)) for f in
-                   ("model.safetensors.index.json", "pytorch_model.bin")) else ""
-        raise UserError(f"{path}: missing{extra}") from None
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(safetensors_error(path, e)) from None
+    extra = " (sharded and pickled weights are not read; save with safetensors in one file)" \
+        if any(os.path.exists(os.path.join(folder, f)) for f in ("model.safetensors.index.json", "pytorch_model.bin")) \
+        else ""
+    sd = read_weights(path, extra)
     model = GPT(mcfg)
     model.load_state_dict(from_gpt2_state_dict(sd, model, path), strict=False)
     book = Codebook.load(folder)

@@ -18,7 +18,7 @@ def save_grid(images, captions, path, ncol=None, scale=3):
     N, C, H, W = images.shape
     ncol = ncol or min(N, max(1, int(math.ceil(math.sqrt(N)))))
     nrow = int(math.ceil(N / ncol))
-    cw, ch, cap = W * scale + 4, H * scale + 16, 12
+    cw, ch = W * scale + 4, H * scale + 16
     sheet = Image.new("RGB", (ncol * cw, nrow * ch), "white")
     draw = ImageDraw.Draw(sheet)
     arr = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()

@@ -341,6 +341,18 @@ def load_safetensors(path):
     return load_file(path)
 
 
+def read_weights(path, missing=""):
+    """A weights file -> {name: tensor}; a missing file (`missing` adds a hint), a truncated or foreign
+    one and a pickle are each one UserError line."""
+    from safetensors import SafetensorError
+    try:
+        return load_safetensors(path)
+    except FileNotFoundError:
+        raise UserError(f"{printable(path)}: missing{missing}") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(safetensors_error(path, e)) from None
+
+
 def safetensors_error(path, error):
     """The one line for a weights file that safetensors cannot read. Pickles (a renamed
     pytorch_model.bin or torch.save file) are named as such: they are never unpickled, since

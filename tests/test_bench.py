@@ -1,19 +1,16 @@
 """bench.py: a smoke run at tiny sizes (structure of the JSON, positive ratios; no timing claims)."""
 import json
 import math
-import os
-import sys
 
 import pytest
 
 import sklearn  # noqa: F401  (bench.py compares with scikit-learn and transformers: both must be there)
 import torch
-import transformers  # noqa: F401
+import transformers  # noqa: F401  (see above)
 
 import bench
 from model import GPTConfig
 from util import UserError
-from fixtures import ROOT
 
 TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--vocab_size", "36",
         "--batch", "2", "--lengths", "12,6", "--sample_batches", "1,3", "--new_tokens", "4",

@@ -187,7 +187,7 @@ class Checker:
         step = 0
         best_acc = None
         if os.path.exists(final) or os.path.exists(final + ".old"):
-            ck = checkpoint.load(final); model = ck.model                 # final/, or final.old between renames
+            ck = checkpoint.load(final)                 # final/, or final.old between renames
             state = checkpoint.load_trainer_state(final)
             step, best_acc = state["step"], state["best"]
             assert step in self.ref, (what, step)
@@ -196,7 +196,7 @@ class Checker:
             self.last_step = step
             self.loads += 2
         if os.path.exists(best) or os.path.exists(best + ".old"):
-            ck = checkpoint.load(best); model = ck.model
+            ck = checkpoint.load(best)
             self.loads += 1
             hit = [s for s, r in self.ref.items() if r["dev_loss"] == ck.metrics["loss"]]
             assert len(hit) == 1, (what, hit)

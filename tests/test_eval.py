@@ -6,7 +6,6 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -17,8 +16,6 @@ import metrics
 import plots
 from data import make_batch
 from fixtures import CLASSES, ROOT, png_size
-from model import GPT, GPTConfig
-from tokenizer import Codebook, CodebookConfig
 from tokens import Vocab
 from util import UserError
 

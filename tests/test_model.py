@@ -1,6 +1,4 @@
 import math
-import os
-import sys
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """generation.py and sample.py: the filters, cached decoding against full recomputation, seeds, the CLI."""
 import json
-import math
 import os
 import subprocess
 import sys

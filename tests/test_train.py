@@ -203,7 +203,8 @@ def test_truncation_keeps_the_label_tail(run_a):
     assert (x[rows, cls_pos] == vocab.cls_id).all() and (x[:, 8] == vocab.img_end_id).all()
     assert (y[:, -1] == vocab.eos_id).all() and (y != -100).all()
     assert x[:, :8].tolist() == [s[:8] for s in full]                  # <IMG> and the first 7 codes stay
-    ck = checkpoint.load(os.path.join(cfg.out_dir, "final")); model = ck.model
+    ck = checkpoint.load(os.path.join(cfg.out_dir, "final"))
+    model = ck.model
     assert model.config.block_size == 12
     assert ck.metrics["n_sequences"] == 17 and ck.metrics["split"] == "dev" and 0 <= ck.metrics["accuracy"] <= 1
 
@@ -353,7 +354,8 @@ def test_checkpoint_folders(run_a):
 def test_loaded_model_gives_the_trained_logits(run_a):
     out, probe = run_a["cfg"].out_dir, run_a["probe"]
     for name in ("best", "final"):
-        ck = checkpoint.load(os.path.join(out, name)); model = ck.model
+        ck = checkpoint.load(os.path.join(out, name))
+        model = ck.model
         with torch.no_grad():
             assert torch.equal(model(probe)[0], run_a["seen"][name])
         assert ck.vocab.num_codes == 8 and ck.vocab.num_classes == 3
