@@ -27,6 +27,9 @@ What is measured (ours vs peer, identical sizes, batch and dtype, same weights w
            neither stops early); the generated tokens are compared. The ONNX graphs of the same export
            (onnx/model.onnx fp32 and onnx/model_quantized.onnx int8 weights) run through our decoding
            loop in onnxruntime (CPU only), reported as images/s (one image per row per call).
+           Classification (at each sampling batch size): class probabilities of random prefixes
+           '<IMG> codes </IMG> <CLS>' (52 tokens) through metrics.class_probs, ours and onnxruntime,
+           vs one forward of the HF model read at <CLS>; images/s.
   kmeans   our tokenizer.kmeans vs scikit-learn KMeans(n_clusters=500, init="k-means++", n_init=1)
            on the same 300,000 feature vectors: the per-pixel features (patch_size 1) of the
            built-in training digits, as in the original project: position (x, y), intensity and
@@ -69,6 +72,7 @@ import data
 import hf_format
 from cli import parser, run_cli
 from generation import generate
+from metrics import class_probs
 from model import GPT, GPTConfig
 from onnx_backend import OnnxGPT
 from tokenizer import Codebook, CodebookConfig, assign, kmeans, uint8_to_tensor
@@ -370,6 +374,36 @@ def hf_generate(hf, vocab, batch, new_tokens):
                            pad_token_id=vocab.pad_id).cpu()
 
 
+def bench_classify(model, hf, vocab, batch, length, reps, warmup, device, label="", ort=None):
+    """Classification: `batch` random prefixes '<IMG> codes </IMG> <CLS>' of `length` tokens -> class
+    probabilities, through metrics.class_probs (ours, and onnxruntime when given) vs a plain forward of
+    the HF model read at the last position over the label tokens. images/s = batch / seconds."""
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(vocab.num_codes, (batch, length - 3), generator=g).tolist()
+    prefixes = [vocab.prefix_ids(c) for c in codes]
+    ids = torch.tensor(prefixes, device=device)
+    labels = slice(vocab.label_offset, vocab.label_offset + vocab.num_classes)
+
+    def theirs():
+        with torch.no_grad():
+            return hf(ids, attention_mask=torch.ones_like(ids)).logits[:, -1, labels].float().softmax(-1).cpu()
+
+    fns = {"ours": lambda: class_probs(model, prefixes, vocab, batch_size=batch), "theirs": theirs}
+    for name, m in (ort or {}).items():
+        fns[name] = lambda m=m: class_probs(m, prefixes, vocab, batch_size=batch)
+    first = {n: fn() for n, fn in fns.items()}
+    for _ in range(max(0, warmup - 1)):
+        for fn in fns.values():
+            fn()
+    times, _ = alternate(fns, reps, device, label=label)
+    secs = {n: median(t) for n, t in times.items()}
+    return {"batch": batch, "length": length, "seconds": secs,
+            "images_per_s": {k: batch / t for k, t in secs.items()},
+            "ratio": {k: secs["theirs"] / t for k, t in secs.items() if k != "theirs"},
+            "max_prob_diff": {k: (v - first["theirs"]).abs().max().item() for k, v in first.items() if k != "theirs"},
+            "raw_seconds": times}
+
+
 def bench_sample(model, hf, vocab, batch, new_tokens, reps, warmup, device, label="", ort=None):
     """Greedy sampling: ours vs HF generate() (and onnxruntime fp32 / int8 through our decoding loop,
     when `ort` maps names to OnnxGPT models). images/s counts one image per row and call."""
@@ -613,6 +647,11 @@ def _run(a, command, sections, mcfg, lengths, sample_batches, device):
                 r["key"] = f"sample_b{b}"
                 r["hf_attention"] = hf.config._attn_implementation
                 out["sample"].append(r)
+                log(f"[classify] batch {b}: {warmup} warm-up + {reps} timed calls each side")
+                c = bench_classify(model, hf, vocab, b, min(default_length() - 1, mcfg.block_size), reps, warmup, device,
+                                   label=f"classify B={b}", ort=None if device.type == "cuda" else ort)
+                c["key"] = f"classify_b{b}"
+                out.setdefault("classify", []).append(c)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -680,6 +719,11 @@ def rows(out):
             add(f"{r['key']}_{k}", f"sampling images/s, onnxruntime {'int8' if 'int8' in k else 'fp32'} through our "
                 f"loop, batch {r['batch']} (vs HF generate)" + ("" if r["same_tokens_ort"][k] else " [tokens differ]"),
                 f"{r['images_per_s'][k]:.1f}", f"{r['images_per_s']['theirs']:.1f}", ratio, f"{ratio:.2f}x")
+    for r in out.get("classify", []):
+        for k, ratio in r["ratio"].items():
+            side = {"ours": "ours (PyTorch)", "onnx": "onnxruntime fp32", "onnx_int8": "onnxruntime int8"}[k]
+            add(f"{r['key']}_{k}", f"classification images/s, {side}, batch {r['batch']} (vs an HF forward)",
+                f"{r['images_per_s'][k]:.0f}", f"{r['images_per_s']['theirs']:.0f}", ratio, f"{ratio:.2f}x")
     if "kmeans" in out:
         r = out["kmeans"]
         add("kmeans_time", f"k-means seconds, {r['n']} x {r['dim']}, k={r['k']} (vs scikit-learn; lower is better)",

@@ -49,6 +49,7 @@ def test_json_structure(result):
         assert all(v >= 0 for v in r["peak_memory_bytes"].values())
     keys = [r["key"] for r in result["rows"]]
     for k in ("train_long", "train_default", "mfu", "sample_b1", "sample_b3", "sample_b1_onnx", "sample_b3_onnx_int8",
+              "classify_b1_ours", "classify_b3_onnx",
               "kmeans_time", "kmeans_inertia"):
         assert k in keys
 
@@ -73,6 +74,9 @@ def test_same_work_on_both_sides(result):
     for r in result["sample"]:  # greedy, EOS off: the same tokens, all of them
         assert r["same_tokens"] and r["generated"]["ours"] == [r["batch"], 1 + r["new_tokens"]]
         assert r["same_tokens_ort"]["onnx"]     # fp32 onnxruntime: the same greedy tokens too
+    for r in result["classify"]:                # the same class probabilities on every side
+        assert set(r["ratio"]) == {"ours", "onnx", "onnx_int8"} and all(positive(v) for v in r["ratio"].values())
+        assert r["max_prob_diff"]["ours"] < 1e-5 and r["max_prob_diff"]["onnx"] < 1e-4
     k = result["kmeans"]
     assert k["n"] == 600 and k["dim"] == 5 and k["k"] == 6
 
