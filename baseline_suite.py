@@ -16,6 +16,7 @@ augment, max_shift, max_rotate, seed=split_seed), the same fixed copies the GPT'
 The seed-dependent baselines (the codebook's k-means start, the CNN's initial weights and batch
 order) run once per seed; the others are deterministic and run once.
 """
+import math
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -27,7 +28,7 @@ from tqdm import tqdm
 import classifiers as clf
 from data import DataConfig, augment, stratified_split
 from stats import seed_summary, wilson_interval
-from tokenizer import Codebook
+from tokenizer import Codebook, psnr
 from tokenizer import uint8_to_tensor as to_tensor
 from util import UserError
 
@@ -328,4 +329,64 @@ def markdown_table(report):
                  f"fitted on the {c['fit']}, scored on the {c['dev']}; test accuracy: refitted on all {c['train']} "
                  f"with the chosen setting. One run on {n_test} test images has a binomial 95 % interval of about "
                  f"+-{100 * (hi - lo) / 2:.1f} points at 98 % (Wilson; per run in the JSON).")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the tokenisation table
+
+TOKENISATIONS = [  # (row label, settings that differ from the base config)
+    ("`patch_size: 1` (the original per-pixel scheme)", {"patch_size": 1}),
+    ("`patch_size: 2`", {"patch_size": 2}),
+    ("**`patch_size: 4` (default)**", {}),
+    ("`patch_size: 7`", {"patch_size": 7}),
+    ("4, colour only (`w_gradient: 0`)", {"w_gradient": 0.0}),
+    ("4, with position (`w_position: 1`)", {"w_position": 1.0}),
+    ("4, K = 1000", {"num_codes": 1000}),
+]
+
+
+def tokenisation_table(images, labels, cfg, dev_fraction, rows=TOKENISATIONS, progress=True):
+    """What each tokenisation keeps, measured without the test split: the codebook is fitted on the
+    training images minus the development split (as data.prepare fits it), and the development
+    images are reconstructed. Per row: tokens per image, development PSNR, distinct sequences among
+    all training and development images, code perplexity, 1-NN accuracy of the development
+    reconstructions against the fitting images' reconstructions (L2; raw pixels beside it), seconds.
+    images uint8 (N, H, W, C); the test images are never touched. -> list of dicts."""
+    roles = project_split(labels, cfg, dev_fraction)
+    seen = np.concatenate([roles["fit"], roles["dev"]])
+    x = to_tensor(images[seen])
+    fit, dev = x[:len(roles["fit"])], x[len(roles["fit"]):]
+    y_fit, y_dev = torch.as_tensor(labels[roles["fit"]]), torch.as_tensor(labels[roles["dev"]])
+    C = int(labels.max()) + 1
+    raw = accuracy(clf.knn_predict(fit, y_fit, dev, 1, "l2", C), y_dev)
+    out = []
+    for label, change in tqdm(rows, desc="tokenisations", disable=not progress):
+        c = replace(cfg, **change)
+        if c.image_size % c.patch_size:
+            raise UserError(f"{label}: image_size {c.image_size} is not divisible by patch_size {c.patch_size}")
+        t0 = time.time()
+        book = Codebook.fit(fit, c)
+        codes = book.encode(x)
+        seconds = time.time() - t0
+        recon = book.decode(codes)
+        usage = torch.bincount(codes.flatten(), minlength=c.num_codes).double()
+        pr = usage[usage > 0] / usage.sum()
+        out.append({"setting": label, "change": change, "tokens_per_image": book.seq_len + 5,
+                    "dev_psnr_db": psnr(recon[len(fit):], dev),
+                    "distinct_sequences": len({tuple(s) for s in codes.tolist()}),
+                    "distinct_images": len({r.tobytes() for r in images[seen]}),
+                    "code_perplexity": math.exp(-(pr * pr.log()).sum().item()),
+                    "knn1_reconstructions": accuracy(clf.knn_predict(recon[:len(fit)], y_fit, recon[len(fit):], 1,
+                                                                     "l2", C), y_dev),
+                    "knn1_raw_pixels": raw, "seconds": seconds})
+    return out
+
+
+def tokenisation_markdown(rows):
+    lines = ["| setting | tokens / image | dev PSNR | distinct sequences | code perplexity | 1-NN on reconstructions "
+             "(raw pixels) | fit + encode |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['setting']} | {r['tokens_per_image']} | {r['dev_psnr_db']:.1f} dB | "
+                     f"{r['distinct_sequences']} / {r['distinct_images']} | {r['code_perplexity']:.1f} | "
+                     f"{_pct(r['knn1_reconstructions'])} ({_pct(r['knn1_raw_pixels'])}) | {r['seconds']:.0f} s |")
     return "\n".join(lines)

@@ -1,7 +1,9 @@
 """Train and score the baselines on the project's split: k-NN, logistic regression, codebook k-NN, a small CNN.
+(With --tokenisation: the table that chose the tokenisation, measured on the development split.)
 
     python baselines.py                          # the built-in digits, 3 seeds -> runs/baselines/baselines.json
     python baselines.py --seeds 5 --save_judge runs/judge
+    python baselines.py --tokenisation           # the tokenisation table -> runs/baselines/tokenisation.json
     python baselines.py --source folder:my_images --image_size 28 --augment 6 --quick
 
 Every setting is chosen on a development split carved from the training images; the test split (the
@@ -16,7 +18,8 @@ import time
 
 import torch
 
-from baseline_suite import SuiteConfig, check_suite, markdown_table, quick, run_baselines
+from baseline_suite import (TOKENISATIONS, SuiteConfig, check_suite, markdown_table, quick, run_baselines,
+                            tokenisation_markdown, tokenisation_table)
 from classifiers import CNNTraining
 from cli import add_settings, apply_settings, parser, run_cli
 from data import DataConfig, check_data_config, load_source
@@ -39,7 +42,11 @@ def main(argv=None):
                     help="torch CPU threads (default 1: the CNN's small batches gain nothing from more, and "
                          "stall badly when the cores are shared; results are reproducible per thread count)")
     ap.add_argument("--quick", action="store_true", help="a fast smoke run (2 CNN epochs, fewer candidates)")
-    ap.add_argument("--out", default="runs/baselines/baselines.json", help="the JSON report")
+    ap.add_argument("--tokenisation", action="store_true", help="instead of the baselines: the tokenisation "
+                    "table (patch sizes, feature groups, K), measured on the development split -> "
+                    "runs/baselines/tokenisation.json unless --out")
+    ap.add_argument("--out", default=None, help="the JSON report (default: runs/baselines/baselines.json, or "
+                    "runs/baselines/tokenisation.json with --tokenisation)")
     ap.add_argument("--table", default="", help="also write the Markdown table to this file")
     ap.add_argument("--save_judge", default="", help="save the first seed's final CNN to this folder "
                     "(cnn.safetensors + cnn.json; classifiers.load_cnn reads it)")
@@ -48,6 +55,7 @@ def main(argv=None):
     add_settings(data, DataConfig, skip=NOT_DATA)
     args = ap.parse_args(argv)
     cfg = apply_settings(DataConfig(augment=6), args, skip=NOT_DATA)
+    args.out = args.out or f"runs/baselines/{'tokenisation' if args.tokenisation else 'baselines'}.json"
     check_data_config(cfg)
     for path in filter(None, (args.out, args.table)):  # fail before the work, not after it
         check_file(path, "output file")
@@ -64,6 +72,17 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     t0 = time.time()
     images, labels, names, _ = load_source(cfg)
+    if args.tokenisation:
+        rows = tokenisation_table(images, labels, cfg, args.dev_fraction,
+                                  rows=TOKENISATIONS[1:4] if args.quick else TOKENISATIONS)
+        table = tokenisation_markdown(rows)
+        write_json(args.out, {"command": "python " + " ".join(sys.argv), "rows": rows,
+                              "wall_seconds": round(time.time() - t0, 1)})
+        if args.table:
+            write_text(args.table, table + "\n")
+        print(table)
+        print(f"\nwrote {args.out} ({time.time() - t0:.0f} s)")
+        return 0
     report, _ = run_baselines(images, labels, names, cfg, suite, save_judge=args.save_judge or None)
     report["command"] = "python " + " ".join(sys.argv)
     report["wall_seconds"] = round(time.time() - t0, 1)

@@ -284,3 +284,35 @@ def test_baselines_command_bad_input_is_one_line(tmp_path):
                            timeout=120, env=ONE_THREAD)
         assert r.returncode == 2, (args, r.stderr)
         assert r.stderr.strip().count("\n") == 0 and match in r.stderr, (args, r.stderr)
+
+
+def test_tokenisation_table_reads_no_test_image(tmp_path):
+    """Each row fits a codebook on the fitting images only and measures the development images; the
+    test images never enter (replacing them by noise changes nothing), and the figures are real:
+    finer patches reconstruct better and make longer sequences."""
+    images, labels = toy(n=90, size=12)
+    cfg = DataConfig(image_size=12, num_codes=8, kmeans_iters=3, fit_samples=5000)
+    rows = [("p2", {"patch_size": 2}), ("p4", {"patch_size": 4})]
+    a = suite_mod.tokenisation_table(images, labels, cfg, 0.25, rows=rows, progress=False)
+    test = suite_mod.project_split(labels, cfg, 0.25)["test"]
+    noisy = images.copy()
+    noisy[test] = np.random.default_rng(1).integers(0, 256, noisy[test].shape, dtype=np.uint8)
+    b = suite_mod.tokenisation_table(noisy, labels, cfg, 0.25, rows=rows, progress=False)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
+    assert strip(a) == strip(b)
+    p2, p4 = a
+    assert (p2["tokens_per_image"], p4["tokens_per_image"]) == (36 + 5, 9 + 5)
+    assert p2["dev_psnr_db"] > p4["dev_psnr_db"] and 0 < p4["knn1_reconstructions"] <= 1
+    assert p2["distinct_images"] == len(set(map(bytes, images[np.setdiff1d(np.arange(90), test)])))
+    assert "| p2 | 41 |" in suite_mod.tokenisation_markdown(a)
+
+
+def test_tokenisation_command(tmp_path):
+    write_images(str(tmp_path / "imgs"), n=60, size=28)
+    out = tmp_path / "tok.json"
+    r = subprocess.run([sys.executable, "baselines.py", "--tokenisation", "--quick", "--source",
+                        f"folder:{tmp_path / 'imgs'}", "--num_codes", "16", "--kmeans_iters", "3",
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.load(open(out))["rows"]
+    assert [x["tokens_per_image"] for x in rows] == [201, 54, 21] and "| setting |" in r.stdout
