@@ -40,6 +40,9 @@ def add_ckpt(p, default="runs/demo/final", help="checkpoint folder, or a Hugging
 
 def add_device(p, default="auto"):
     p.add_argument("--device", default=default, help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--bf16", default="auto", choices=("auto", "true", "false"),
+                   help="compute in bf16 (autocast) where the GPU or CPU supports it: auto; or true, false "
+                        "(default: %(default)s)")
 
 
 def add_backend(p):

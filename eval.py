@@ -37,7 +37,7 @@ from generation_metrics import summary as generation_summary
 from metrics import class_probs, evaluate, next_tokens
 from plots import confusion_png, plot_curves
 from stats import seed_summary
-from util import UserError, check_file, check_outputs, resolve_device, write_bytes, write_json
+from util import UserError, bf16_autocast, check_file, check_outputs, resolve_device, write_bytes, write_json
 
 
 def summary(m, names):
@@ -126,7 +126,9 @@ def run_evals(args):
         check_file(args.out, "summary JSON")
     for folder in args.ckpt:
         outputs(args, folder)
-    reports = [run_eval(args, checkpoint.load(f, resolve_device(args.device), args.backend)) for f in args.ckpt]
+    device = resolve_device(args.device)
+    with bf16_autocast(args.bf16, device):
+        reports = [run_eval(args, checkpoint.load(f, device, args.backend)) for f in args.ckpt]
     rows = {k: seed_summary([r[k] for r in reports]) for k in ("accuracy", "image_perplexity", "loss")}
     a = rows["accuracy"]
     print(f"{len(reports)} checkpoints: accuracy {100 * a['mean']:.2f} % +- {100 * a['std']:.2f} (sample std; 95 % "
@@ -299,13 +301,14 @@ def main(argv=None):
             raise UserError("several --ckpt are for evaluation; --classify, --next and --generation take one")
         return run_evals(args)
     ck = checkpoint.load(args.ckpt[0], resolve_device(args.device), args.backend)
-    if args.classify:
-        return run_classify(args, ck)
-    if args.next is not None:
-        return run_next(args, ck)
-    if args.generation:
-        return run_generation(args, ck)
-    run_eval(args, ck)
+    with bf16_autocast(args.bf16, ck.model.device):
+        if args.classify:
+            return run_classify(args, ck)
+        if args.next is not None:
+            return run_next(args, ck)
+        if args.generation:
+            return run_generation(args, ck)
+        run_eval(args, ck)
     return 0
 
 

@@ -32,8 +32,8 @@ from generation import DEFAULT_GUIDANCE, generate
 from metrics import class_probs
 from plots import save_grid
 from tokens import TAIL
-from util import (UserError, check_file, check_finite, check_memory, check_outputs, check_seed, resolve_device,
-                  write_jsonl)
+from util import (UserError, bf16_autocast, check_file, check_finite, check_memory, check_outputs, check_seed,
+                  resolve_device, write_jsonl)
 
 
 def record(r, vocab, seq_len, **meta):
@@ -193,6 +193,12 @@ def main(argv=None):
         check_file(a.out_jsonl, "JSONL file")
     check_outputs(out_png, a.out_jsonl)
     ck = checkpoint.load(a.ckpt, resolve_device(a.device), a.backend)
+    with bf16_autocast(a.bf16, ck.model.device):
+        return draw(a, ck, out_png)
+
+
+def draw(a, ck, out_png):
+    """Sample as the options say, write the outputs and print what was drawn."""
     model, vocab, book, names = ck.model, ck.vocab, ck.codebook, ck.class_names
     seq_len, block = book.seq_len, model.config.block_size
     check_sizes(a, model, book, vocab)

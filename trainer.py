@@ -30,8 +30,8 @@ from model import GPT, GPTConfig
 from plots import plot_curves
 from tokenizer import Codebook
 from tokens import TAIL, Vocab
-from util import (UserError, atomic_path, check_dir, check_fields, check_memory, check_seed, lock_folder, read_json,
-                  resolve_device, resolve_dir, tidy_dir, write_json)
+from util import (BF16, UserError, atomic_path, bf16_autocast, check_dir, check_fields, check_memory, check_seed,
+                  lock_folder, read_json, resolve_device, resolve_dir, tidy_dir, write_json)
 
 
 @dataclass
@@ -68,16 +68,20 @@ class TrainConfig(DataConfig):
     seed: int = 1337
     device: str = "auto"         # auto = cuda if available, else cpu; or cpu, cuda, cuda:N
     compile: bool = True         # torch.compile (CUDA only)
-    bf16: bool = True            # bf16 autocast (CUDA only; the CPU trains in fp32)
+    bf16: str = "auto"           # bf16 autocast: auto (where the GPU or CPU supports it), true or false
 
 
 def load_config(path=None, overrides=None):
     """YAML file (flat mapping) plus overrides ({key: value} from the command line) -> TrainConfig,
     type- and range-checked."""
     cfg = TrainConfig()
-    if path:
-        set_from_mapping(cfg, read_yaml(path), path)
-    set_from_mapping(cfg, overrides or {}, "command line")
+    for raw, where in ((read_yaml(path) if path else {}, path), (dict(overrides or {}), "command line")):
+        if isinstance(raw.get("bf16"), bool):   # YAML true/false: the switch's two fixed values
+            raw["bf16"] = str(raw["bf16"]).lower()
+        set_from_mapping(cfg, raw, where)
+    cfg.bf16 = cfg.bf16.lower()
+    if cfg.bf16 not in BF16:
+        raise UserError(f"config: bf16 must be auto, true or false, got {cfg.bf16!r}")
     if not cfg.data_dir:  # derive a folder name from the data settings, so changing them never collides
         data = json.dumps({k: getattr(cfg, k) for k in data_fields() if k != "data_dir"}, sort_keys=True)
         kind = cfg.source.partition(":")[0]
@@ -476,6 +480,8 @@ def check_resume(cfg, folder, allow_changes, log):
             or not isinstance(saved.get("model"), dict):
         raise UserError(f'{path}: expected a JSON object with "model" and "train" objects (a checkpoint '
                         f'config of this project)')
+    if isinstance(saved["train"].get("bf16"), bool):   # runs saved before bf16 took auto/true/false
+        saved["train"]["bf16"] = str(saved["train"]["bf16"]).lower()
     old = check_fields(saved["train"], TrainConfig, path, "train.")
     now = asdict(cfg)
     block = saved["model"].get("block_size")
@@ -517,7 +523,7 @@ def train(cfg, resume=False, log=print, allow_changes=False):
 
 def _train(cfg, procs, resume, log):
     log = log if procs.master else (lambda *a, **k: None)
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if procs.cuda and cfg.bf16 else nullcontext()
+    ctx = bf16_autocast(cfg.bf16, procs.device)
     seq = (cfg.image_size // cfg.patch_size) ** 2 + 1 + TAIL       # what prepare will write
     if 0 < cfg.max_length < seq and not cfg.allow_truncation:     # said before preparing the data
         raise UserError(too_short(cfg.max_length, seq, f"image_size {cfg.image_size} in patches of "

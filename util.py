@@ -421,6 +421,26 @@ def check_finite(value, where):
         raise UserError(f"{where} must be a finite number, got {value}")
 
 
+BF16 = ("auto", "true", "false")
+
+
+def bf16_autocast(setting, device):
+    """The precision to compute in: a bf16 autocast context, or a null one for fp32. setting "auto" takes
+    bf16 where the device supports it (a CUDA GPU with bf16, a CPU whose oneDNN has bf16 kernels),
+    "true" insists (an error where unsupported), "false" keeps fp32."""
+    import torch
+    from contextlib import nullcontext
+    if setting not in BF16:
+        raise UserError(f"bf16: expected auto, true or false, got {setting!r}")
+    cuda = str(device).startswith("cuda")
+    supported = torch.cuda.is_bf16_supported() if cuda else torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if setting == "true" and not supported:
+        raise UserError(f"bf16 true: {device} has no bf16 support here; use auto or false")
+    if setting == "false" or not supported:
+        return nullcontext()
+    return torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16)
+
+
 def resolve_device(name, where="--device"):
     """'auto', 'cpu', 'cuda' or 'cuda:N' -> the device to use ('cpu', 'cuda' or 'cuda:N'), checked
     against what this machine has."""

@@ -28,7 +28,7 @@ def make_cfg(tmp, **kw):
     base = dict(source=f"folder:{tmp / 'images'}", data_dir=str(tmp / "prepared"), image_size=8, patch_size=2,
                 num_codes=8, kmeans_iters=3, out_dir=str(tmp / "run"), n_layer=2, n_head=2, n_embd=32,
                 max_length=32, batch_size=16, epochs=40, lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_every=0,
-                seed=1, device="cpu", cond_fraction=1.0, cond_drop=0.2)
+                seed=1, device="cpu", cond_fraction=1.0, cond_drop=0.2, bf16="false")   # thresholds set in fp32
     return TrainConfig(**{**base, **kw})
 
 
@@ -216,7 +216,7 @@ def test_asking_an_unconditioned_model_for_a_class_is_one_line(tiny, tmp_path):
 def test_eval_generation_report(toy, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(eval_cmd, "load_judge", lambda folder, names: toy["judge"])
     out = str(tmp_path / "gen.json")
-    assert eval_cmd.main(["--ckpt", os.path.join(toy["cfg"].out_dir, "final"), "--generation", "--judge", "J",
+    assert eval_cmd.main(["--ckpt", os.path.join(toy["cfg"].out_dir, "final"), "--bf16", "false", "--generation", "--judge", "J",
                           "--per_class", "8", "--scales", "1,3", "--out", out]) == 0
     rep = json.load(open(out))
     assert list(rep["scales"]) == ["1.0", "3.0"] and rep["real"]["judge"]["accuracy"] == 1.0

@@ -129,7 +129,7 @@ def test_plot_curves_size_and_errors(tiny, tmp_path):
 # ----------------------------------------------------------------------------- command line
 
 def test_eval_cli_default_split(tiny, capsys):
-    assert ev.main(["--ckpt", tiny.ckpt, "--batch_size", "5"]) == 0
+    assert ev.main(["--ckpt", tiny.ckpt, "--batch_size", "5", "--bf16", "false"]) == 0
     out = capsys.readouterr().out
     assert "classification accuracy" in out and "confusion matrix" in out and tiny.val in out
     rep = json.load(open(os.path.join(tiny.ckpt, "eval.json")))

@@ -269,11 +269,11 @@ def test_export_cli_check_and_the_onnx_backend_of_sample_and_eval(tiny, tmp_path
     runs = {}
     for backend in ("torch", "onnx"):
         png, jl = str(tmp_path / f"{backend}.png"), str(tmp_path / f"{backend}.jsonl")
-        assert sp.main(["--ckpt", out, "--backend", backend, "--num_samples", "5", "--seed", "3",
+        assert sp.main(["--ckpt", out, "--backend", backend, "--bf16", "false", "--num_samples", "5", "--seed", "3",
                         "--out_png", png, "--out_jsonl", jl]) == 0
         runs[backend] = [json.loads(line) for line in open(jl)]
         e = str(tmp_path / f"{backend}_eval.json")
-        assert ev.main(["--ckpt", out, "--backend", backend, "--data", tiny.val, "--out", e]) == 0
+        assert ev.main(["--ckpt", out, "--backend", backend, "--bf16", "false", "--data", tiny.val, "--out", e]) == 0
         runs[backend + "_eval"] = json.load(open(e))
     capsys.readouterr()
     assert [r["tokens"] for r in runs["torch"]] == [r["tokens"] for r in runs["onnx"]]   # same sampled tokens

@@ -273,7 +273,7 @@ def test_resume_refuses_other_settings_before_preparing_data(run, tmp_path):
                                         r"it would not continue the same run; pass --allow_changes"):
         train(replace(cfg, lr=5e-4, epochs=4), resume=True, log=lambda *a: None)
     # the settings that say where and how it runs may change freely
-    out = train(replace(cfg, device="cpu", compile=False, bf16=False), resume=True, log=lambda *a: None)
+    out = train(replace(cfg, device="cpu", compile=False, bf16="false"), resume=True, log=lambda *a: None)
     assert out["step"] == STEPS
 
 

@@ -1,6 +1,7 @@
 """Training loop: the loss, truncation, resuming, Ctrl-C, DDP through torchrun, config errors and
 checkpoint folders. Everything runs on a tiny image folder written here (60 grey 8x8 images, 3
 classes, 2x2 patches, 8 codes: 21-token sequences) and tiny models (2 layers, 2 heads, 32 wide)."""
+import contextlib
 import json
 import os
 import pickle
@@ -36,7 +37,7 @@ def make_cfg(tmp, out, **kw):
     base = dict(source=f"folder:{tmp / 'images'}", data_dir=str(tmp / "prepared"), image_size=8, patch_size=2,
                 num_codes=8, kmeans_iters=3, out_dir=str(tmp / out), n_layer=2, n_head=2, n_embd=32,
                 max_length=32, batch_size=8, epochs=3, lr=1e-3, min_lr=1e-4, warmup_steps=3, eval_every=4,
-                seed=1, device="cpu", dev_fraction=0.25)
+                seed=1, device="cpu", dev_fraction=0.25, bf16="false")   # fp32: exact comparisons
     return TrainConfig(**{**base, **kw})
 
 
@@ -187,6 +188,24 @@ def test_train_loss_is_the_weighted_mean_over_real_tokens(run_a):
     w[torch.arange(len(idx)), cls_pos[idx]] = 3.0
     assert first["step"] == 1
     assert first["train_loss"] == pytest.approx(((ce * w).sum() / w.sum()).item(), rel=1e-5)
+
+
+def test_bf16_auto_trains_in_bf16_where_the_cpu_has_it(run_a):
+    """bf16 "auto" (the default) autocasts to bf16 on a CPU with bf16 kernels: the first training loss
+    is the fp32 one to bf16 precision, not bit for bit; "false" keeps fp32."""
+    from util import bf16_autocast
+    assert isinstance(bf16_autocast("false", "cpu"), contextlib.nullcontext)
+    with pytest.raises(UserError, match="expected auto, true or false"):
+        bf16_autocast("maybe", "cpu")
+    losses = {}
+    for mode in ("false", "auto"):
+        cfg = make_cfg(run_a["tmp"], f"prec-{mode}", epochs=1, eval_every=1, bf16=mode)
+        train(replace(cfg), log=lambda *a: None)
+        losses[mode] = read_log(cfg)[0]["train_loss"]
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():   # the project machines: AVX-512 with bf16
+        assert losses["auto"] != losses["false"] and losses["auto"] == pytest.approx(losses["false"], rel=1e-2)
+    else:
+        assert losses["auto"] == losses["false"]
 
 
 def test_truncation_keeps_the_label_tail(run_a):
@@ -437,7 +456,7 @@ def test_config_file_errors(tmp_path):
 def test_config_values_and_overrides(tmp_path):
     cfg = load_config(write(tmp_path, "n_layer: 3\nlr: 1e-3\ncompile: false\n# comment\n"),
                       {"n_layer": "4", "bf16": "false", "dropout": "0.1"})
-    assert (cfg.n_layer, cfg.lr, cfg.compile, cfg.bf16, cfg.dropout) == (4, 1e-3, False, False, 0.1)
+    assert (cfg.n_layer, cfg.lr, cfg.compile, cfg.bf16, cfg.dropout) == (4, 1e-3, False, "false", 0.1)
     assert isinstance(cfg.lr, float)
     assert load_config(write(tmp_path, "", "empty.yaml")) == TrainConfig()
     assert load_config(None, {"epochs": "2"}).epochs == 2
