@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import GPTConfig
+from model import GPT, GPTConfig
 from util import UserError, atomic_path, write_json
 
 OPSET = 18             # the torch.export-based exporter's default; ONNX Runtime 1.16+ runs it
@@ -200,8 +200,8 @@ class OnnxCache:
 
 class OnnxGPT:
     """An exported graph run by onnxruntime on the CPU, with the interface of model.GPT that the
-    decoding loop and the evaluation use: config, device, training, eval(), train(), parameters(),
-    new_cache(), and model(idx, targets=None, cache=None) -> (logits, loss).
+    decoding loop, the evaluation and the service use: config, device, training, eval(), train(),
+    num_params(), new_cache(), and model(idx, targets=None, cache=None) -> (logits, loss).
 
     threads: onnxruntime's intra-op threads (None: its default, one per physical core)."""
 
@@ -227,7 +227,6 @@ class OnnxGPT:
         self.training = False
         self._outputs = output_names(self.config.n_layer)
         self._past_names = input_names(self.config.n_layer)[3:]
-        self._param = torch.zeros(0)         # for next(model.parameters()).device
 
     def eval(self):
         return self
@@ -235,8 +234,11 @@ class OnnxGPT:
     def train(self, mode=True):
         return self
 
-    def parameters(self):
-        yield self._param
+    def num_params(self):
+        """The parameters of the GPT the graph was exported from (counted by model.GPT, on the meta
+        device: no memory)."""
+        with torch.device("meta"):
+            return GPT(self.config).num_params()
 
     def new_cache(self, batch_size, max_len, device=None, dtype=None):
         """An empty cache for up to max_len positions (device and dtype are accepted and ignored)."""

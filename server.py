@@ -302,7 +302,7 @@ def create_app(ck, window=0.01, max_rows=64, batching=True, max_upload=4 << 20, 
     model call (batching=False: every request is its own call); max_upload: bytes per request body."""
     model, vocab, book, names = ck.model, ck.vocab, ck.codebook, ck.class_names
     size, channels = tuple(book.image_size), book.channels
-    device = next(model.parameters()).device
+    device = model.device
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
     seeds = np.random.default_rng(secrets.randbits(64))
 
@@ -384,7 +384,7 @@ def create_app(ck, window=0.01, max_rows=64, batching=True, max_upload=4 << 20, 
     async def healthz():
         return Health(status="ok", checkpoint=str(ck.folder), classes=names, image_size=list(size),
                       channels=channels, vocab_size=len(vocab), block_size=model.config.block_size,
-                      parameters=sum(p.numel() for p in model.parameters()), device=str(device),
+                      parameters=model.num_params(), device=str(device),
                       conditional=conditional(ck), batching=batching)
 
     classify_doc = {"requestBody": {"required": True, "content": {
