@@ -50,8 +50,9 @@ def choose_next(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, g
     if greedy or temperature == 0:
         return logits.argmax(-1)
     scaled = logits.float() / temperature
-    if not torch.isfinite(scaled).all():
-        if not torch.isfinite(logits).all():
+    unusable = lambda t: bool((t.isnan() | (t == float("inf"))).any())   # -inf is a token ruled out
+    if unusable(scaled):
+        if unusable(logits):
             raise UserError("the model's logits are not finite (NaN or inf): its weights are unusable")
         # a temperature so small that the logits overflow (inf - inf would give NaN probabilities):
         # scale the distances to the largest logit instead, in float64; the largest stays 0 and the
@@ -79,13 +80,17 @@ def guide(cond, uncond, scale):
 @torch.no_grad()
 def generate(model, prompts, vocab, max_new_tokens, temperature=1.0, top_k=None, top_p=None, greedy=False,
              generator=None, batch_size=64, stop_at_eos=True, record_logits=False, progress=False,
-             uncond=None, cfg_scale=1.0):
+             uncond=None, cfg_scale=1.0, image_len=None):
     """Continue each prompt (a list of token ids) with incremental decoding through the KV cache.
 
     Classifier-free guidance: with `uncond` (one prompt per prompt, of the same length, e.g.
     '<UNK> <IMG>' for '<CLS_7> <IMG>'), both are decoded in one batch through the cache, every step
     chooses from guide(conditional logits, unconditional logits, cfg_scale), and the chosen token is
     fed to both. The recorded logits are the guided ones.
+
+    With image_len (the codebook's codes per image), a prompt that starts an image is continued in the
+    format (Vocab.format_mask): codes until the image is whole, then its tail; the model still chooses
+    every code and the label. Without it (or for other prompts) any token may follow.
 
     Prompts of equal length are decoded together (the cache has no padding mask, so rows of a batch
     must stay aligned); results come back in the order of `prompts`. A row stops after <EOS>, after
@@ -118,7 +123,7 @@ def generate(model, prompts, vocab, max_new_tokens, temperature=1.0, top_k=None,
             out = _generate_aligned(model, [prompts[i] for i in chunk], vocab, min(max_new_tokens, block - L),
                                     max_new_tokens, temperature, top_k, top_p, greedy, generator,
                                     stop_at_eos, record_logits, progress,
-                                    None if uncond is None else [uncond[i] for i in chunk], cfg_scale)
+                                    None if uncond is None else [uncond[i] for i in chunk], cfg_scale, image_len)
             for i, r in zip(chunk, out):
                 results[i] = r
     model.train(was_training)
@@ -126,9 +131,11 @@ def generate(model, prompts, vocab, max_new_tokens, temperature=1.0, top_k=None,
 
 
 def _generate_aligned(model, prompts, vocab, steps, max_new_tokens, temperature, top_k, top_p, greedy,
-                      generator, stop_at_eos, record_logits, progress, uncond=None, cfg_scale=1.0):
+                      generator, stop_at_eos, record_logits, progress, uncond=None, cfg_scale=1.0, image_len=None):
     B, L = len(prompts), len(prompts[0])
     device = model.device
+    allowed = None if image_len is None else \
+        torch.stack([vocab.format_mask(p, image_len, max(steps, 1)) for p in prompts]).to(device)   # (B, steps, V)
     eos = vocab.eos_id if stop_at_eos else None
     rows = prompts + (uncond or [])                     # guidance: the unconditional rows follow
     cache = model.new_cache(len(rows), max(L + steps - 1, L))   # the last sampled token is never fed
@@ -137,8 +144,12 @@ def _generate_aligned(model, prompts, vocab, steps, max_new_tokens, temperature,
     for b, p in enumerate(prompts):
         if vocab.cls_id in p:
             cls_logits[b] = logits[b, p.index(vocab.cls_id)]
-    mix = (lambda lg: lg) if uncond is None else (lambda lg: guide(lg[:B], lg[B:], cfg_scale))
-    last = mix(logits[:, -1])
+
+    def mix(lg, j):  # the logits new token j is chosen from: guided, then restricted to the format
+        lg = lg if uncond is None else guide(lg[:B], lg[B:], cfg_scale)
+        return lg if allowed is None else lg.masked_fill(~allowed[:, j], float("-inf"))
+
+    last = mix(logits[:, -1], 0)
     new = [[] for _ in range(B)]
     rec = [[] for _ in range(B)]
     done = [p[-1] == eos for p in prompts]
@@ -159,7 +170,7 @@ def _generate_aligned(model, prompts, vocab, steps, max_new_tokens, temperature,
         if all(done) or step == steps - 1:
             break
         logits, _ = model(torch.tensor(tok * (len(rows) // B), device=device)[:, None], cache=cache)
-        last = mix(logits[:, -1])
+        last = mix(logits[:, -1], step + 1)
         for b in range(B):
             if tok[b] == vocab.cls_id and cls_logits[b] is None:
                 cls_logits[b] = last[b]

@@ -120,7 +120,7 @@ def draw(model, vocab, book, classes, scale, generator, batch_size=64, progress=
     prompts = [vocab.cond_prompt(c) for c in classes]
     uncond = None if scale == 1 else [vocab.cond_prompt(None)] * len(prompts)
     res = generate(model, prompts, vocab, book.seq_len + 2, generator=generator, batch_size=batch_size,
-                   progress=progress, uncond=uncond, cfg_scale=scale, **sampling)
+                   progress=progress, uncond=uncond, cfg_scale=scale, image_len=book.seq_len, **sampling)
     return torch.stack([book.decode_ids(r["ids"], vocab) for r in res]), res
 
 

@@ -207,7 +207,7 @@ def draw(a, ck, out_png):
               f"tokens: it was trained on cut images), so no row can be a complete image")
     gen = torch.Generator(device=model.device).manual_seed(a.seed)
     opts = dict(temperature=a.temperature, top_k=a.top_k or None, top_p=a.top_p, greedy=a.greedy,
-                generator=gen, batch_size=a.batch_size, progress=True)
+                generator=gen, batch_size=a.batch_size, progress=True, image_len=seq_len)
     max_new = a.max_new_tokens or block
     settings = {"seed": a.seed, "temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p, "greedy": a.greedy}
     digit = None if a.digit is None else class_index(a.digit, names)

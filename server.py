@@ -49,7 +49,8 @@ def decode_rows(ck, prompts, temperature, top_k, top_p, generator, scale=1.0):
     v = ck.vocab
     uncond = None if scale == 1 else [[v.unk_id] + p[1:] if v.is_conditioned(p) else p for p in prompts]
     rows = generate(ck.model, prompts, v, ck.model.config.block_size, temperature=temperature, top_k=top_k or None,
-                    top_p=top_p, generator=generator, batch_size=256, uncond=uncond, cfg_scale=scale)
+                    top_p=top_p, generator=generator, batch_size=256, uncond=uncond, cfg_scale=scale,
+                    image_len=ck.codebook.seq_len)
     drawn = [i for i, r in enumerate(rows) if v.is_conditioned(r["ids"])]
     if drawn:   # a drawing states its class first and has no <CLS>: the model's own reading of the image
         probs = class_probs(ck.model, [v.prefix_ids(v.image_codes(rows[i]["ids"])) for i in drawn], v)

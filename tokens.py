@@ -22,6 +22,8 @@ vocabulary is the seed's 516 entries unchanged. Classifier-free guidance decodes
 conditioned sequence, so the classifier (the logits at <CLS>) is only ever trained and read on plain
 v2 sequences, where no class comes before the image: a stated class can never leak into it.
 """
+import torch
+
 from util import UserError, read_json, write_json
 
 SPECIALS = ["<PAD>", "<UNK>", "<IMG>", "</IMG>", "<CLS>", "<EOS>"]
@@ -110,6 +112,30 @@ class Vocab:
         """A complete conditioned sequence: marker, <IMG>, seq_len codes, </IMG> <EOS>?"""
         return (len(ids) == seq_len + 2 + COND_TAIL and self.is_conditioned(ids)
                 and all(self.is_code(i) for i in ids[2:-COND_TAIL]) and ids[-2:] == [self.img_end_id, self.eos_id])
+
+    def format_mask(self, prompt, seq_len, steps):
+        """Which tokens the format allows as each of the next `steps` tokens after `prompt` -> bool
+        (steps, V). A prompt that starts an image ('<IMG> codes...', or '<CLS_y>|<UNK> <IMG> codes...')
+        continues with codes until the image has seq_len of them, then its tail: '</IMG> <CLS>', one
+        label token, '<EOS>' (the class is the model's choice) or, conditioned, '</IMG> <EOS>'; past the
+        <EOS>, <PAD>. Any other prompt (one that does not follow the format so far) is not constrained."""
+        mask = torch.ones(steps, len(self), dtype=torch.bool)
+        cond = self.is_conditioned(prompt)
+        start = 2 if cond else 1                                     # where the codes begin
+        codes = prompt[start:]
+        if not (cond or prompt[:1] == [self.img_id]) or len(codes) > seq_len \
+                or not all(self.is_code(i) for i in codes):
+            return mask
+        tail = [[self.img_end_id], [self.eos_id]] if cond else \
+            [[self.img_end_id], [self.cls_id], range(self.label_offset, self.label_offset + self.num_classes),
+             [self.eos_id]]
+        mask[:] = False
+        for j in range(steps):
+            k = len(codes) + j - seq_len                             # position within the tail
+            allowed = range(self.code_offset, self.label_offset) if k < 0 else \
+                tail[k] if k < len(tail) else [self.pad_id]
+            mask[j, list(allowed)] = True
+        return mask
 
     def is_complete(self, ids, seq_len):
         """Is this a complete v2 sequence: <IMG>, seq_len codes, </IMG> <CLS> <CLS_y> <EOS>?"""

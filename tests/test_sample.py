@@ -181,6 +181,39 @@ def test_generate_rejects_bad_prompts(model):
     assert r["new"] == 0 and r["stop"] == "block_size"
 
 
+def test_format_mask_follows_the_token_format():
+    labels = set(range(VOCAB.label_offset, VOCAB.label_offset + 3))
+    allowed = lambda prompt, steps=9: [set(r.nonzero().flatten().tolist()) for r in VOCAB.format_mask(prompt, 4, steps)]
+    assert allowed([IMG, Z[1]]) == [set(Z)] * 3 + [{END}, {CLS}, labels, {EOS}, {VOCAB.pad_id}, {VOCAB.pad_id}]
+    cond = VOCAB.cond_prompt(2)
+    assert allowed(cond, 7) == [set(Z)] * 4 + [{END}, {EOS}, {VOCAB.pad_id}]
+    assert allowed([VOCAB.unk_id, IMG] + Z[:4], 2) == [{END}, {EOS}]
+    everything = [set(range(len(VOCAB)))] * 3
+    for free in ([CLS], [IMG, Z[0], END], [IMG] + Z[:5], [Z[0], IMG]):   # not an image begun in the format
+        assert allowed(free, 3) == everything
+
+
+@torch.no_grad()
+def test_decoding_in_the_format_makes_every_row_a_complete_image(model):
+    """An untrained model writes malformed rows; with image_len each row is a complete image (plain or
+    conditioned), its codes and label still sampled, and a seed still reproduces it."""
+    prompts = [[IMG], [IMG, Z[2]], VOCAB.cond_prompt(1), VOCAB.cond_prompt(None)] * 4
+    run = lambda **kw: gen.generate(model, prompts, VOCAB, 14, temperature=1.5,
+                                    generator=torch.Generator().manual_seed(3), **kw)
+    free = run()
+    assert not all(VOCAB.is_complete(r["ids"], 4) or VOCAB.is_cond_complete(r["ids"], 4) for r in free)
+    shaped = run(image_len=4)
+    assert [r["ids"] for r in shaped] == [r["ids"] for r in run(image_len=4)]
+    for p, r in zip(prompts, shaped):
+        assert (VOCAB.is_cond_complete if VOCAB.is_conditioned(p) else VOCAB.is_complete)(r["ids"], 4), r["ids"]
+        assert r["stop"] == "eos"
+    plain = [r for p, r in zip(prompts, shaped) if not VOCAB.is_conditioned(p)]
+    assert len({r["ids"][-2] for r in plain}) > 1 and all(r["pred"] is not None for r in plain)
+    guided = gen.generate(model, prompts[2:4], VOCAB, 14, uncond=[VOCAB.cond_prompt(None)] * 2, cfg_scale=4.0,
+                          generator=torch.Generator().manual_seed(3), temperature=1.5, image_len=4)
+    assert all(VOCAB.is_cond_complete(r["ids"], 4) for r in guided)
+
+
 def test_well_formed():
     seq = [IMG] + Z[:4] + [END, CLS, VOCAB.label_id(2), EOS]
     assert VOCAB.is_complete(seq, 4)
