@@ -19,7 +19,8 @@ checkpoint (and how that checkpoint was chosen) in its output and its JSON.
 guidance scale of --scales and scores them with an independent judge (the CNN that `python baselines.py
 --save_judge DIR` saves, trained on real pixels): the share the judge calls the asked class (overall,
 per class), diversity (mean pairwise pixel distance of a class's samples / that of the real test digits
-of the class) and k-NN precision / recall in pixel space against the real test digits; beside them the
+of the class) and k-NN precision / recall in pixel space against the real test digits (with --real dev:
+the development split, to choose sampling settings); beside them the
 ceilings: the judge on the real test digits and on their codebook reconstructions, and the same
 measures for real training digits passed through the codebook. Written to --out (default
 <ckpt>/generation.json).
@@ -230,13 +231,14 @@ def run_generation(args, ck):
     out = args.out or os.path.join(ck.folder, "generation.json")
     check_file(out, "generation report")
     judge = load_judge(args.judge, ck.class_names)
-    tr_img, tr_lab, te_img, te_lab = real_split(ck.settings)
+    tr_img, tr_lab, te_img, te_lab = real_split(ck.settings, args.real)
     ref = np.concatenate([np.flatnonzero(tr_lab == c)[:args.per_class] for c in range(ck.vocab.num_classes)])
     sampling = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p)
     report = generation_report(ck.model, ck.vocab, ck.codebook, judge, to_float(te_img), te_lab, to_float(tr_img[ref]),
                                tr_lab[ref], scales, args.per_class, seed=args.seed, batch_size=args.batch_size,
-                               progress=True, **sampling)
-    report = {"checkpoint": ck.folder, "judge": args.judge, "test_split": f"{len(te_lab)} held-out images of "
+                               progress=True, split=args.real, **sampling)
+    report = {"checkpoint": ck.folder, "judge": args.judge, "compared_with": f"the {args.real} split: "
+              f"{len(te_lab)} {'held-out' if args.real == 'test' else 'development'} images of "
               f"{ck.settings.get('source')}", **report}
     write_json(out, report)
     print(f"checkpoint {ck.folder}, judge {args.judge}")
@@ -264,6 +266,9 @@ def build_parser():
     ap.add_argument("--judge", metavar="DIR", help="--generation: the judge CNN (cnn.json + cnn.safetensors)")
     ap.add_argument("--per_class", type=int, default=100, help="--generation: samples per class (default: %(default)s)")
     ap.add_argument("--scales", default="1,2,3,4,5", help="--generation: guidance scales (default: %(default)s)")
+    ap.add_argument("--real", choices=("test", "dev"), default="test",
+                    help="--generation: the real digits the drawings are compared with: the test split (the "
+                         "report) or the development split (to choose sampling settings; default: %(default)s)")
     ap.add_argument("--temperature", type=float, default=1.0, help="--generation: sampling temperature")
     ap.add_argument("--top_p", type=float, default=1.0, help="--generation: nucleus sampling (1 = off)")
     ap.add_argument("--seed", type=int, default=0, help="--generation: sampling seed (default: %(default)s)")

@@ -125,7 +125,7 @@ def draw(model, vocab, book, classes, scale, generator, batch_size=64, progress=
 
 
 def generation_report(model, vocab, book, judge, real, real_labels, reference, reference_labels, scales,
-                      per_class, seed=0, k=KNN_K, batch_size=64, progress=False, **sampling):
+                      per_class, seed=0, k=KNN_K, batch_size=64, progress=False, split="test", **sampling):
     """Conditional samples (per_class of every class) at each guidance scale, judged and compared with
     the real images (float (N, C, H, W), e.g. the test split); the ceilings: the judge on the real
     images and on their codebook reconstructions, and the same measures for `reference` (real images
@@ -135,7 +135,7 @@ def generation_report(model, vocab, book, judge, real, real_labels, reference, r
     classes = [c for c in range(C) for _ in range(per_class)]
     recon = book.decode(book.encode(real))
     out = {"classes_asked": per_class, "knn_k": k, "sampling": {"seed": seed, **sampling},
-           "real": {"n": len(real), "judge": judged_accuracy(judge, real, real_labels, C)},
+           "real": {"n": len(real), "split": split, "judge": judged_accuracy(judge, real, real_labels, C)},
            "reconstructions": {"judge": judged_accuracy(judge, recon, real_labels, C)}}
     for v in (out["real"]["judge"], out["reconstructions"]["judge"]):
         v.pop("predictions")
@@ -156,11 +156,12 @@ def generation_report(model, vocab, book, judge, real, real_labels, reference, r
 def summary(report, names):
     """The report as a readable table: one row per guidance scale, then the ceilings."""
     pct = lambda v: f"{100 * v:5.1f}"
+    split = report["real"].get("split", "test")
     head = (f"{'guidance':>9} {'judge acc %':>11} {'worst class':>12} {'diversity':>10} {'min div':>8} "
             f"{'precision':>9} {'recall':>7} {'GPT reads':>9} {'complete':>8}")
     lines = [f"{report['classes_asked']} samples per class; diversity = mean pairwise pixel distance of the samples "
-             f"of a class / that of the real test digits of the class; precision/recall: k = {report['knn_k']} "
-             f"in pixel space against the {report['real']['n']} real test digits", head]
+             f"of a class / that of the real {split} digits of the class; precision/recall: k = {report['knn_k']} "
+             f"in pixel space against the {report['real']['n']} real {split} digits", head]
     for s, q in report["scales"].items():
         worst = min(range(len(names)), key=lambda c: q["judge_per_class"][c])
         lines.append(f"{s:>9} {pct(q['judge_accuracy']):>11} {names[worst] + ' ' + pct(q['judge_per_class'][worst]):>12} "
@@ -170,7 +171,7 @@ def summary(report, names):
     lines.append(f"{'codebook':>9} {pct(cg['judge_accuracy']):>11} {'':>12} {cg['diversity_ratio_mean']:10.3f} "
                  f"{cg['diversity_ratio_min']:8.3f} {cg['precision']:9.3f} {cg['recall']:7.3f}"
                  "   (real training digits through the codebook: a perfect generator of these tokens)")
-    lines.append(f"judge accuracy on the real test digits {pct(report['real']['judge']['accuracy']).strip()} %, "
+    lines.append(f"judge accuracy on the real {split} digits {pct(report['real']['judge']['accuracy']).strip()} %, "
                  f"on their codebook reconstructions {pct(report['reconstructions']['judge']['accuracy']).strip()} %")
     lines.append("judge accuracy per class (%):")
     lines.append(f"{'guidance':>9} " + "".join(f"{n:>6}" for n in names))
@@ -179,11 +180,19 @@ def summary(report, names):
     return "\n".join(lines)
 
 
-def real_split(settings):
-    """The real images a checkpoint was trained and tested on, from its data settings ->
-    (train images, train labels, test images, test labels), uint8 (N, H, W, C): the split of
-    data.prepare (the test split is the held-out val_fraction, whatever dev_fraction was)."""
+def real_split(settings, split="test"):
+    """The real images a checkpoint was trained on and is compared with, from its data settings ->
+    (train images, train labels, compared images, compared labels), uint8 (N, H, W, C), split as
+    data.prepare splits: with split "test" the held-out val_fraction (whatever dev_fraction was); with
+    "dev" the development split carved from the training images (which then exclude it), so that
+    sampling settings can be chosen without reading the test split."""
     cfg = DataConfig(**{k: settings[k] for k in data_fields() if k in settings})
     images, labels, _, _ = load_source(cfg)
     tr, te = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
+    if split == "dev":
+        if not cfg.dev_fraction > 0:
+            raise UserError("this checkpoint was trained without a development split (dev_fraction 0); compare "
+                            "with the test split instead")
+        sub, dev = stratified_split(labels[tr], cfg.dev_fraction, cfg.split_seed + 1)
+        tr, te = tr[sub], tr[dev]
     return images[tr], labels[tr], images[te], labels[te]

@@ -230,6 +230,26 @@ def test_eval_generation_report(toy, tmp_path, monkeypatch, capsys):
         eval_cmd.main(["--ckpt", os.path.join(toy["cfg"].out_dir, "final"), "--generation"])
 
 
+def test_generation_compared_with_the_dev_split_reads_no_test_image(toy, tmp_path):
+    """--real dev compares drawings with exactly the development images data.prepare writes to dev.jsonl:
+    no test image, and the training images it keeps exclude them."""
+    from data import prepare
+    from PIL import Image
+    cfg = replace(toy["cfg"], dev_fraction=0.2, data_dir=str(tmp_path / "prepared"))
+    prepare(cfg)
+    dev_files = [json.loads(ln)["meta"]["source"] for ln in open(tmp_path / "prepared" / "dev.jsonl")]
+    want = {np.asarray(Image.open(toy["tmp"] / "images" / f)).tobytes() for f in dev_files}
+    settings = dict(toy["ck"].settings, dev_fraction=0.2)
+    tr, _, dev, dev_labels = gm.real_split(settings, "dev")
+    _, _, test, _ = gm.real_split(settings, "test")
+    pixels = lambda a: {x.tobytes() for x in a}
+    assert pixels(dev) == want and len(dev) == len(dev_files) == 15
+    assert not pixels(dev) & pixels(test) and not pixels(dev) & pixels(tr)
+    assert len(tr) + len(dev) + len(test) == 90 and sorted(set(dev_labels.tolist())) == [0, 1, 2]
+    with pytest.raises(UserError, match="development split"):
+        gm.real_split(dict(settings, dev_fraction=0.0), "dev")
+
+
 # ----------------------------------------------------------------------------- export
 
 def test_model_card_guidance_snippet_runs_with_transformers(toy, tmp_path):
