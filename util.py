@@ -424,10 +424,14 @@ def check_finite(value, where):
 BF16 = ("auto", "true", "false")
 
 
-def bf16_autocast(setting, device):
+def bf16_autocast(setting, device, decoding=False):
     """The precision to compute in: a bf16 autocast context, or a null one for fp32. setting "auto" takes
     bf16 where the device supports it (a CUDA GPU with bf16, a CPU whose oneDNN has bf16 kernels),
-    "true" insists (an error where unsupported), "false" keeps fp32."""
+    "true" insists (an error where unsupported), "false" keeps fp32.
+
+    decoding: token-by-token generation (sample.py). There "auto" keeps fp32 on a CPU: one token's
+    matrices are too small for bf16 kernels to pay for the casts (measured slower at the demo and v2
+    sizes, batch 1 and 16; see the README's Performance section)."""
     import torch
     from contextlib import nullcontext
     if setting not in BF16:
@@ -436,7 +440,7 @@ def bf16_autocast(setting, device):
     supported = torch.cuda.is_bf16_supported() if cuda else torch.ops.mkldnn._is_mkldnn_bf16_supported()
     if setting == "true" and not supported:
         raise UserError(f"bf16 true: {device} has no bf16 support here; use auto or false")
-    if setting == "false" or not supported:
+    if setting == "false" or not supported or (setting == "auto" and decoding and not cuda):
         return nullcontext()
     return torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16)
 
