@@ -31,9 +31,9 @@ What is measured (ours vs peer, identical sizes and batch, same weights where it
            the model exported by hf_export and loaded with AutoModelForCausalLM; batch 1 and 16,
            prompt "<IMG>", the same number of new tokens on both sides (EOS disabled on both, so
            neither stops early); the generated tokens are compared; images/s (one image per row).
-           Ours computes as sample.py does by default (--bf16 auto for decoding: fp32 on a CPU,
-           bf16 autocast on a bf16 GPU), theirs in fp32 (transformers' default); ours in the other
-           precision is reported beside it. The ONNX graphs of the same export (onnx/model.onnx
+           Ours computes as sample.py does by default (--bf16 auto for decoding: bf16 autocast on a
+           bf16 GPU, and on a bf16 CPU for models at least 256 wide; fp32 otherwise), theirs in fp32
+           (transformers' default); ours in the other precision is reported beside it. The ONNX graphs of the same export (onnx/model.onnx
            fp32 and onnx/model_quantized.onnx int8 weights) run through our decoding loop in
            onnxruntime (CPU only). Classification (at each sampling batch size): class
            probabilities of random prefixes '<IMG> codes </IMG> <CLS>' (52 tokens) through
@@ -470,20 +470,23 @@ def bench_classify(model, hf, vocab, batch, length, reps, warmup, device, label=
 def bench_sample(model, hf, vocab, batch, new_tokens, reps, warmup, device, label="", ort=None):
     """Greedy sampling: ours vs HF generate() (and onnxruntime fp32 / int8 through our decoding loop,
     when `ort` maps names to OnnxGPT models). "ours" computes as sample.py does by default
-    (bf16_autocast("auto", decoding=True): fp32 on a CPU, bf16 autocast on a bf16 GPU); "ours_other"
+    (bf16_autocast("auto", decode_width=n_embd): bf16 autocast on a bf16 GPU, and on a bf16 CPU for
+    models at least util.BF16_DECODE_MIN_WIDTH wide; fp32 otherwise); "ours_other"
     is ours in the other precision (where the device has bf16), to show what the default chose
     between. HF generate() runs as transformers does by default: fp32. images/s counts one image
     per row and call."""
     bf16 = isinstance(bf16_autocast("auto", device), torch.autocast)
 
+    width = model.config.n_embd
+
     def ours(precision):
         def run():
-            with bf16_autocast(precision, device, decoding=True):
+            with bf16_autocast(precision, device, decode_width=width):
                 return our_generate(model, vocab, batch, new_tokens)
         return run
 
     fns = {"ours": ours("auto"), "theirs": lambda: hf_generate(hf, vocab, batch, new_tokens)}
-    default_bf16 = isinstance(bf16_autocast("auto", device, decoding=True), torch.autocast)
+    default_bf16 = isinstance(bf16_autocast("auto", device, decode_width=width), torch.autocast)
     if bf16:
         fns["ours_other"] = ours("false" if default_bf16 else "true")
     for name, m in (ort or {}).items():
@@ -504,7 +507,7 @@ def bench_sample(model, hf, vocab, batch, new_tokens, reps, warmup, device, labe
             "ours_other_precision": ("fp32" if default_bf16 else "bf16 autocast") if bf16 else None,
             "generated": {"ours": list(a.shape), "theirs": list(b.shape)},
             "same_tokens": a.shape == b.shape and torch.equal(a, b),
-            "same_tokens_ort": {k: torch.equal(first[k], a) for k in (ort or {})},
+            "same_tokens_as_hf": {k: v.shape == b.shape and torch.equal(v, b) for k, v in first.items() if k != "theirs"},
             "seconds": secs, "tokens_per_s": {k: n / t for k, t in secs.items()},
             "images_per_s": {k: batch / t for k, t in secs.items()}, "ratio": secs["theirs"] / secs["ours"],
             "ratio_other": {k: secs["theirs"] / secs[k] for k in secs if k not in ("ours", "theirs")},
@@ -807,14 +810,15 @@ def rows(out):
         for k, ratio in r["ratio_other"].items():
             what = {"ours_other": f"ours in {r['ours_other_precision']} (not the default)",
                     "onnx": "onnxruntime fp32 through our loop", "onnx_int8": "onnxruntime int8 through our loop"}[k]
-            differ = k in r["same_tokens_ort"] and not r["same_tokens_ort"][k]
+            differ = not r["same_tokens_as_hf"][k]
             add(f"{r['key']}_{k}", f"sampling images/s, {size}, batch {r['batch']}, {what} (vs HF generate())"
                 + (" [tokens differ]" if differ else ""),
                 f"{r['images_per_s'][k]:.1f}", f"{r['images_per_s']['theirs']:.1f}", ratio, f"{ratio:.2f}x")
     for r in out.get("classify", []):
         for k, ratio in r["ratio"].items():
             side = {"ours": "ours (PyTorch)", "onnx": "onnxruntime fp32", "onnx_int8": "onnxruntime int8"}[k]
-            add(f"{r['key']}_{k}", f"classification images/s, {side}, batch {r['batch']} (vs an HF forward)",
+            size = "demo model" if r["key"].startswith("classify_demo") else "model"
+            add(f"{r['key']}_{k}", f"classification images/s, {size}, {side}, batch {r['batch']} (vs an HF forward)",
                 f"{r['images_per_s'][k]:.0f}", f"{r['images_per_s']['theirs']:.0f}", ratio, f"{ratio:.2f}x")
     if "kmeans" in out:
         r = out["kmeans"]

@@ -76,7 +76,7 @@ def guide(cond, uncond, scale):
     return cond + (scale - 1) * (cond - uncond)
 
 
-@torch.inference_mode()
+@torch.no_grad()   # not inference_mode: under it autocast re-casts the weights at every call (no cache)
 def generate(model, prompts, vocab, max_new_tokens, temperature=1.0, top_k=None, top_p=None, greedy=False,
              generator=None, batch_size=64, stop_at_eos=True, record_logits=False, progress=False,
              uncond=None, cfg_scale=1.0):
