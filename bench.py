@@ -1,57 +1,68 @@
 """Benchmarks, each side by side with what users would otherwise pick, in one run on one machine.
 
-    python bench.py                      # everything at the v2 sizes (CPU: several minutes)
+    python bench.py --threads 1 --json bench.json   # everything (CPU: about 15 minutes)
     python bench.py --quick              # fewer repetitions, 100,000 k-means vectors
-    python bench.py --json bench.json    # also write every figure (and the raw timings) as JSON
-    python bench.py --only train,kmeans  # a subset: train, sample, kmeans
+    python bench.py --only train,kmeans  # a subset: train, sample, sample_demo, kmeans
+    python bench.py --preset gpu         # the README's GPU table on a CUDA GPU -> gpu_bench.json
 
-What is measured (ours vs peer, identical sizes, batch and dtype, same weights where it applies):
+What is measured (ours vs peer, identical sizes and batch, same weights where it applies):
   train    one training step (forward, loss, backward, AdamW step) of our GPT vs transformers'
            GPT2LMHeadModel built from the same GPT2Config our export writes (gelu_new, dropout 0,
            the attention implementation transformers picks by default, reported), loaded with our
            weights so both compute the same loss; AdamW with the same two groups and settings as
            train.py (ours: model.configure_optimizers; theirs: torch.optim.AdamW). Batch 16, at
            sequence length 512 and at the default one (the default tokenisation gives 54-token
-           sequences: 53 input tokens). Tokens/s = batch * length / step time.
+           sequences: 53 input tokens). Tokens/s = batch * length / step time. Each side runs in
+           fp32 and, where the device has bf16 kernels, under bf16 autocast; the up to four sides
+           alternate in one loop, and three comparisons are reported:
+             defaults  what a user gets: ours as train.py runs it (--bf16 auto: bf16 autocast where
+                       supported) vs theirs as transformers runs it unless told otherwise (fp32);
+             fp32      both fp32;   bf16   both under bf16 autocast.
   mfu      achieved FLOP/s of our training step over a matmul peak measured in the same run (a
-           large square matmul in the training dtype, sampled between the training steps).
-           FLOPs per token, the PaLM / nanoGPT convention:
+           large square matmul in the same dtype, sampled between the training steps). FLOPs per
+           token, the PaLM / nanoGPT convention, used by the MFU:
                6 * N + 12 * n_layer * T * n_embd
            N = the weights of the matmuls (12 * n_embd^2 per layer, plus vocab * n_embd for the
            tied output layer; embeddings lookups, biases and LayerNorms are not counted); 12*L*T*d
            counts the attention scores and the weighted values (forward 4*T*d per layer, backward
-           twice that) over the full T x T square, although a causal kernel skips half of it.
+           twice that) over the full T x T square. A causal kernel computes about half of that
+           square: 6 * N + 6 * n_layer * T * n_embd, reported beside it (in brackets).
   sample   greedy sampling through our KV cache (generation.generate) vs transformers' generate() on
            the model exported by hf_export and loaded with AutoModelForCausalLM; batch 1 and 16,
            prompt "<IMG>", the same number of new tokens on both sides (EOS disabled on both, so
-           neither stops early); the generated tokens are compared. The ONNX graphs of the same export
-           (onnx/model.onnx fp32 and onnx/model_quantized.onnx int8 weights) run through our decoding
-           loop in onnxruntime (CPU only), reported as images/s (one image per row per call).
-           Classification (at each sampling batch size): class probabilities of random prefixes
-           '<IMG> codes </IMG> <CLS>' (52 tokens) through metrics.class_probs, ours and onnxruntime,
-           vs one forward of the HF model read at <CLS>; images/s.
+           neither stops early); the generated tokens are compared; images/s (one image per row).
+           Ours computes as sample.py does by default (--bf16 auto for decoding: bf16 autocast on a
+           bf16 GPU, and on a bf16 CPU for models at least 256 wide; fp32 otherwise), theirs in fp32
+           (transformers' default); ours in the other precision is reported beside it. The ONNX graphs of the same export (onnx/model.onnx
+           fp32 and onnx/model_quantized.onnx int8 weights) run through our decoding loop in
+           onnxruntime (CPU only). Classification (at each sampling batch size): class
+           probabilities of random prefixes '<IMG> codes </IMG> <CLS>' (52 tokens) through
+           metrics.class_probs, ours and onnxruntime, vs one forward of the HF model read at <CLS>.
+           "sample" runs the model of --n_layer/--n_head/--n_embd/--block_size (v2 by default),
+           "sample_demo" the demo model (config/demo.yaml's sizes).
   kmeans   our tokenizer.kmeans vs scikit-learn KMeans(n_clusters=500, init="k-means++", n_init=1)
            on the same 300,000 feature vectors: the per-pixel features (patch_size 1) of the
            built-in training digits, as in the original project: position (x, y), intensity and
            gradient (Gx, Gy), each group standardised with weight 1 (time is 0 for still images and
-           left out): 5 dimensions, through Codebook.fit_data. Ours runs the project's default 30
-           Lloyd iterations, scikit-learn its defaults (up to 300, tol 1e-4). Both final inertias
-           are computed by the same float64 function.
+           left out): 5 dimensions, through Codebook.fit_data. The same rule on both sides: the
+           same number of Lloyd iterations (--kmeans_iters, the project's 30), tolerance 0 on both
+           (each stops early only at a fixed point; the iterations run are reported). Both final
+           inertias are computed by the same float64 function.
   memory   peak memory of a training step and of a sampling call, each side: on CUDA the
            allocator's peak (torch.cuda.max_memory_allocated) above what was allocated before; on
            Linux the growth of the process's peak RSS (VmHWM, reset through /proc/self/clear_refs)
            above the RSS before the call.
 
-Repetitions alternate ours / theirs (the order flips every repetition) and medians are reported,
+Repetitions alternate the sides (the order flips every repetition) and medians are reported,
 so that the ratios hold on a shared machine whose absolute speed drifts; the JSON also has the
 ratios of median process CPU time. Both sides use the same threads (--threads, default torch's:
 all cores). On a machine whose cores are busy with other jobs, prefer --threads 1: with all cores,
 every parallel region waits for a thread that a neighbour has preempted, which swamps small ops
 (a sampling step) on both sides alike.
 
-On CUDA the training step uses bf16 autocast on both sides and torch.compile for ours (as train.py
-does); sampling runs in the model's dtype (fp32) on both sides (as sample.py does); our k-means
-runs on the GPU (as data.prepare does), scikit-learn on the CPU.
+On CUDA ours is compiled (torch.compile, as train.py does) and uses fused AdamW; the run also checks
+that a bf16 training step of ours runs with the flash SDPA kernel forced (cuda_checks in the JSON);
+our k-means runs on the GPU (as data.prepare does), scikit-learn on the CPU.
 """
 import gc
 import math
@@ -70,7 +81,7 @@ import torch
 import checkpoint
 import data
 import hf_format
-from cli import parser, run_cli
+from cli import parser, read_yaml, run_cli
 from generation import generate
 from metrics import class_probs
 from model import GPT, GPTConfig
@@ -78,18 +89,31 @@ from onnx_backend import OnnxGPT
 from tokenizer import Codebook, CodebookConfig, assign, kmeans, uint8_to_tensor
 from tokens import Vocab
 from trainer import TrainConfig
-from util import UserError, check_file, check_memory, resolve_device, write_json
+from util import UserError, bf16_autocast, check_file, check_memory, resolve_device, write_json
 
-# targets on the CPU (issue 7): key -> (comparison, value, description)
+# targets on the CPU (issues 7 and 16): key -> (comparison, value, description)
 TARGETS = {
-    "train_long": (">=", 1.5, "training tokens/s vs HF GPT-2, length 512"),
-    "train_default": (">=", 1.15, "training tokens/s vs HF GPT-2, default length"),
-    "mfu": (">=", 0.80, "achieved FLOP/s vs measured matmul peak"),
-    "sample_b1": (">=", 3.0, "sampling tokens/s vs HF generate(), batch 1"),
-    "sample_b16": (">=", 2.0, "sampling tokens/s vs HF generate(), batch 16"),
-    "kmeans_time": ("<=", 0.5, "k-means time vs scikit-learn"),
+    "train_long_defaults": (">=", 1.6, "training tokens/s vs HF GPT-2 at each side's defaults, length 512"),
+    "train_default_defaults": (">=", 1.6, "training tokens/s vs HF GPT-2 at each side's defaults, default length"),
+    "train_long_fp32": (">=", 1.5, "training tokens/s vs HF GPT-2, both fp32, length 512"),
+    "mfu_train_long_fp32": (">=", 0.80, "achieved FLOP/s vs measured fp32 matmul peak"),
+    "sample_demo_b1": (">=", 3.0, "sampling images/s vs HF generate(), demo model, batch 1"),
+    "sample_demo_b16": (">=", 2.0, "sampling images/s vs HF generate(), demo model, batch 16"),
+    "sample_b1": (">=", 1.8, "sampling images/s vs HF generate(), v2 model, batch 1"),
+    "kmeans_time": ("<=", 0.5, "k-means time vs scikit-learn, the same iterations"),
     "kmeans_inertia": ("<=", 1.02, "k-means inertia vs scikit-learn"),
 }
+
+
+SECTIONS = ("train", "sample", "sample_demo", "kmeans")
+
+# --preset gpu: the README's GPU table in one run on a CUDA GPU (about 5 minutes on an H200): the v2
+# model's training step at lengths 512 and 53 (tokens/s, MFU, peak memory; bf16 and fp32, compiled),
+# sampling at batch 1, 16 and 256 for the v2 and demo models, the CUDA checks (flash SDPA, fused
+# AdamW), all written to gpu_bench.json. Later arguments override these (the tests run it with
+# --device cpu and tiny sizes).
+PRESETS = {"gpu": ["--device", "cuda", "--only", "train,sample,sample_demo", "--sample_batches", "1,16,256",
+                   "--json", "gpu_bench.json"]}
 
 
 def log(msg):
@@ -99,6 +123,13 @@ def log(msg):
 def default_length():
     """Input tokens of a default sequence: (28/p)^2 codes + <IMG> </IMG> <CLS> <CLS_y> <EOS>, minus 1."""
     return (28 // CodebookConfig().patch_size) ** 2 + 5 - 1
+
+
+def demo_config(vocab_size):
+    """The demo model's sizes (config/demo.yaml: layers, heads, width, max_length as the block)."""
+    d = read_yaml(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "demo.yaml"))
+    return GPTConfig(vocab_size=vocab_size, block_size=d["max_length"], n_layer=d["n_layer"], n_head=d["n_head"],
+                     n_embd=d["n_embd"])
 
 
 # ----------------------------------------------------------------------------- machine and timing
@@ -247,10 +278,12 @@ class MatmulPeak:
 
 # ----------------------------------------------------------------------------- training
 
-def flops_per_token(cfg, T):
-    """Training FLOPs per token (forward + backward): 6 N + 12 L T d, see the module docstring."""
+def flops_per_token(cfg, T, causal=False):
+    """Training FLOPs per token (forward + backward): 6 N + 12 L T d, the attention over the full T x T
+    square (the convention the MFU uses); causal: 6 N + 6 L T d, the half a causal kernel computes.
+    See the module docstring."""
     n_matmul = cfg.n_layer * 12 * cfg.n_embd ** 2 + cfg.vocab_size * cfg.n_embd
-    return 6 * n_matmul + 12 * cfg.n_layer * T * cfg.n_embd
+    return 6 * n_matmul + (6 if causal else 12) * cfg.n_layer * T * cfg.n_embd
 
 
 def hf_config(mcfg):
@@ -280,55 +313,85 @@ def adamw_groups(model, weight_decay):
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
-def bench_train(mcfg, batch, T, reps, warmup, device, peak, compile_ours=False, bf16=False, label=""):
-    """One training step of ours vs HF at (batch, T). -> dict of figures; peak (MatmulPeak) gets one
-    sample per repetition."""
+def cuda_checks(model, x, y, opt):
+    """What train.py relies on for speed on CUDA, checked on our model: a bf16 training step whose
+    attention runs in the flash SDPA kernel (forced: it raises where flash cannot run), and AdamW's
+    fused kernel. -> dict (True, or the reason it is not used)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    try:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(x, y)[1]
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        flash = True
+    except RuntimeError as e:
+        flash = str(e).splitlines()[0]
+    return {"flash_sdpa_bf16": flash, "fused_adamw": any(g.get("fused") for g in opt.param_groups) or "not fused",
+            "bf16_supported": torch.cuda.is_bf16_supported()}
+
+
+def bench_train(mcfg, batch, T, reps, warmup, device, peaks, label=""):
+    """One training step (forward, loss, backward, AdamW step) of ours and of HF's GPT-2 at (batch, T),
+    each in fp32 and, where the device has bf16 kernels, under bf16 autocast: up to four sides timed
+    in one alternation, so that every comparison comes from the same repetitions:
+        defaults  ours as train.py runs it (bf16_autocast("auto"): bf16 where supported; compiled on
+                  CUDA) vs theirs as transformers runs it unless told otherwise (fp32)
+        fp32      both in fp32 (ours compiled on CUDA)
+        bf16      both under bf16 autocast
+    peaks: precision ("fp32", "bf16") -> MatmulPeak, each sampled once per repetition. -> dict of figures."""
     tc = TrainConfig()
     ours, theirs = build_pair(mcfg, device)
     opt_o = ours.configure_optimizers(tc.weight_decay, tc.lr, (tc.beta1, tc.beta2), device.type)
     fused = {"fused": True} if any(g.get("fused") for g in opt_o.param_groups) else {}
     opt_t = torch.optim.AdamW(adamw_groups(theirs, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2), **fused)
-    step_o = torch.compile(ours) if compile_ours else ours
+    compiled = device.type == "cuda"
+    step_o = torch.compile(ours) if compiled else ours
     g = torch.Generator().manual_seed(1)
     seq = torch.randint(mcfg.vocab_size, (batch, T + 1), generator=g).to(device)
     x, y = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
-    ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+    precisions = {"fp32": nullcontext}
+    if isinstance(bf16_autocast("auto", device), torch.autocast):
+        precisions["bf16"] = lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
-    def run_ours():
-        with ctx():
-            _, loss = step_o(x, y)
-        loss.backward()
-        opt_o.step()
-        opt_o.zero_grad(set_to_none=True)
-        return loss.detach()
+    def training_step(loss_fn, opt, ctx):
+        def run():
+            with ctx():
+                loss = loss_fn()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach()
+        return run
 
-    def run_theirs():
-        with ctx():
-            loss = theirs(input_ids=x, labels=y, shift_labels=y).loss   # the same targets, unshifted again
-        loss.backward()
-        opt_t.step()
-        opt_t.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    first_o, first_t = run_ours().item(), run_theirs().item()   # same weights, same batch: same loss
+    checks = cuda_checks(ours, x, y, opt_o) if device.type == "cuda" else None
+    fns = {}
+    for p, ctx in precisions.items():
+        fns[f"ours_{p}"] = training_step(lambda: step_o(x, y)[1], opt_o, ctx)
+        fns[f"theirs_{p}"] = training_step(lambda: theirs(input_ids=x, labels=y, shift_labels=y).loss, opt_t, ctx)
+    # same weights, same batch: the same loss (HF unshifts the labels we pass as shift_labels); the
+    # bf16 sides then start from the weights after one identical fp32 step on each side
+    first = {n: fn().item() for n, fn in fns.items()}
     for _ in range(max(0, warmup - 1)):
-        run_ours(), run_theirs()
+        for fn in fns.values():
+            fn()
     mem = {}
-    for name, fn in (("ours", run_ours), ("theirs", run_theirs)):
-        _, mem[name], method = peak_memory(fn, device)
-    times, cpu = alternate({"ours": run_ours, "theirs": run_theirs}, reps, device, peak.sample, label)
-    t_o, t_t = median(times["ours"]), median(times["theirs"])
+    for n, fn in fns.items():
+        _, mem[n], method = peak_memory(fn, device)
+    times, cpu = alternate(fns, reps, device, lambda: [pk.sample() for pk in peaks.values()], label)
+    secs = {n: median(t) for n, t in times.items()}
     tokens = batch * T
-    fpt = flops_per_token(mcfg, T)
-    return {"batch": batch, "length": T, "dtype": "bf16 autocast" if bf16 else str(next(ours.parameters()).dtype).replace("torch.", ""),
-            "compile_ours": compile_ours, "hf_attention": theirs.config._attn_implementation,
-            "first_loss": {"ours": first_o, "theirs": first_t},
-            "seconds": {"ours": t_o, "theirs": t_t},
-            "tokens_per_s": {"ours": tokens / t_o, "theirs": tokens / t_t},
-            "ratio": t_t / t_o,
-            "flops_per_token": fpt, "achieved_flops": fpt * tokens / t_o,
+    default = "ours_bf16" if "bf16" in precisions else "ours_fp32"
+    pairs = {"defaults": (default, "theirs_fp32"), **{p: (f"ours_{p}", f"theirs_{p}") for p in precisions}}
+    return {"batch": batch, "length": T, "precisions": list(precisions), "ours_default": default,
+            "compile_ours": compiled, "hf_attention": theirs.config._attn_implementation, "cuda_checks": checks,
+            "first_loss": first, "seconds": secs,
+            "tokens_per_s": {n: tokens / t for n, t in secs.items()},
+            "pairs": pairs, "ratio": {k: secs[t] / secs[o] for k, (o, t) in pairs.items()},
+            "flops_per_token": {"full": flops_per_token(mcfg, T), "causal": flops_per_token(mcfg, T, causal=True)},
+            "achieved_flops": {p: flops_per_token(mcfg, T) * tokens / secs[f"ours_{p}"] for p in precisions},
             "peak_memory_bytes": mem, "memory_method": method,
-            "ratio_cpu_time": _cpu_ratio(cpu), "raw_seconds": times, "raw_cpu_seconds": cpu}
+            "ratio_cpu_time": {k: median(cpu[t]) / median(cpu[o]) for k, (o, t) in pairs.items()},
+            "raw_seconds": times, "raw_cpu_seconds": cpu}
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -406,9 +469,26 @@ def bench_classify(model, hf, vocab, batch, length, reps, warmup, device, label=
 
 def bench_sample(model, hf, vocab, batch, new_tokens, reps, warmup, device, label="", ort=None):
     """Greedy sampling: ours vs HF generate() (and onnxruntime fp32 / int8 through our decoding loop,
-    when `ort` maps names to OnnxGPT models). images/s counts one image per row and call."""
-    fns = {"ours": lambda: our_generate(model, vocab, batch, new_tokens),
-           "theirs": lambda: hf_generate(hf, vocab, batch, new_tokens)}
+    when `ort` maps names to OnnxGPT models). "ours" computes as sample.py does by default
+    (bf16_autocast("auto", decode_width=n_embd): bf16 autocast on a bf16 GPU, and on a bf16 CPU for
+    models at least util.BF16_DECODE_MIN_WIDTH wide; fp32 otherwise); "ours_other"
+    is ours in the other precision (where the device has bf16), to show what the default chose
+    between. HF generate() runs as transformers does by default: fp32. images/s counts one image
+    per row and call."""
+    bf16 = isinstance(bf16_autocast("auto", device), torch.autocast)
+
+    width = model.config.n_embd
+
+    def ours(precision):
+        def run():
+            with bf16_autocast(precision, device, decode_width=width):
+                return our_generate(model, vocab, batch, new_tokens)
+        return run
+
+    fns = {"ours": ours("auto"), "theirs": lambda: hf_generate(hf, vocab, batch, new_tokens)}
+    default_bf16 = isinstance(bf16_autocast("auto", device, decode_width=width), torch.autocast)
+    if bf16:
+        fns["ours_other"] = ours("false" if default_bf16 else "true")
     for name, m in (ort or {}).items():
         fns[name] = lambda m=m: our_generate(m, vocab, batch, new_tokens)
     first = {n: fn() for n, fn in fns.items()}
@@ -423,12 +503,14 @@ def bench_sample(model, hf, vocab, batch, new_tokens, reps, warmup, device, labe
     n = batch * new_tokens
     a, b = first["ours"], first["theirs"]
     return {"batch": batch, "new_tokens": new_tokens, "prompt": "<IMG>", "decoding": "greedy, EOS disabled",
+            "ours_precision": "bf16 autocast" if default_bf16 else "fp32",
+            "ours_other_precision": ("fp32" if default_bf16 else "bf16 autocast") if bf16 else None,
             "generated": {"ours": list(a.shape), "theirs": list(b.shape)},
             "same_tokens": a.shape == b.shape and torch.equal(a, b),
-            "same_tokens_ort": {k: torch.equal(first[k], a) for k in (ort or {})},
+            "same_tokens_as_hf": {k: v.shape == b.shape and torch.equal(v, b) for k, v in first.items() if k != "theirs"},
             "seconds": secs, "tokens_per_s": {k: n / t for k, t in secs.items()},
             "images_per_s": {k: batch / t for k, t in secs.items()}, "ratio": secs["theirs"] / secs["ours"],
-            "ratio_ort": {k: secs["theirs"] / secs[k] for k in (ort or {})},
+            "ratio_other": {k: secs["theirs"] / secs[k] for k in secs if k not in ("ours", "theirs")},
             "peak_memory_bytes": mem, "memory_method": method, "ratio_cpu_time": _cpu_ratio(cpu),
             "raw_seconds": times, "raw_cpu_seconds": cpu}
 
@@ -464,6 +546,9 @@ def inertia(x, c):
 
 
 def bench_kmeans(x, k, reps, iters, threads=None, seed=0, label="", device=torch.device("cpu")):
+    """Our tokenizer.kmeans vs scikit-learn's KMeans under the same rule: k-means++ start, then `iters`
+    Lloyd iterations on both sides (our relative-inertia tolerance and scikit-learn's centre-shift
+    tolerance both 0, so neither stops early unless nothing moves)."""
     from sklearn.cluster import KMeans
     try:
         from threadpoolctl import threadpool_limits
@@ -474,11 +559,13 @@ def bench_kmeans(x, k, reps, iters, threads=None, seed=0, label="", device=torch
     res = {}
 
     def ours():
-        res["ours"] = kmeans(xd, k, iters=iters, seed=seed)[0].cpu()
+        done = []
+        res["ours"] = kmeans(xd, k, iters=iters, seed=seed, tol=0.0, progress=lambda _, it: done.append(it))[0].cpu()
+        res["ours_iters"] = sum(done)
 
     def theirs():
         with limit():
-            km = KMeans(n_clusters=k, init="k-means++", n_init=1, random_state=seed).fit(xn)
+            km = KMeans(n_clusters=k, init="k-means++", n_init=1, random_state=seed, max_iter=iters, tol=0.0).fit(xn)
         res["theirs"] = km.cluster_centers_
         res["theirs_iters"] = int(km.n_iter_)
 
@@ -486,7 +573,8 @@ def bench_kmeans(x, k, reps, iters, threads=None, seed=0, label="", device=torch
     i_o, i_t = inertia(x, res["ours"]), inertia(x, res["theirs"])
     t_o, t_t = median(times["ours"]), median(times["theirs"])
     return {"n": len(x), "dim": x.shape[1], "k": k, "device": {"ours": str(device), "theirs": "cpu"}, "distinct_vectors": len(torch.unique(x, dim=0)),
-            "iters": {"ours": iters, "theirs": res["theirs_iters"]},
+            "iters": {"ours": res["ours_iters"], "theirs": res["theirs_iters"]}, "max_iters": iters,
+            "rule": "the same number of Lloyd iterations on both sides (tol 0: each stops early only at a fixed point)",
             "seconds": {"ours": t_o, "theirs": t_t}, "time_ratio": t_o / t_t,
             "time_ratio_cpu_time": median(cpu["ours"]) / median(cpu["theirs"]),
             "inertia": {"ours": i_o, "theirs": i_t}, "inertia_ratio": i_o / i_t,
@@ -497,9 +585,13 @@ def bench_kmeans(x, k, reps, iters, threads=None, seed=0, label="", device=torch
 
 def build_parser():
     ap = parser(__doc__, prog="bench.py")
+    ap.add_argument("--preset", choices=sorted(PRESETS),
+                    help="gpu: the README's GPU table in one run (see PRESETS; later arguments override it)")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and 100,000 k-means vectors")
     ap.add_argument("--json", metavar="OUT", help="write all figures to this JSON file")
-    ap.add_argument("--only", default="train,sample,kmeans", help="sections to run (default: %(default)s)")
+    ap.add_argument("--only", default="train,sample,sample_demo,kmeans",
+                    help="sections to run: train, sample (the model of --n_layer etc.), sample_demo (the demo "
+                         "model of config/demo.yaml), kmeans (default: %(default)s)")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     ap.add_argument("--threads", type=int, help="CPU threads for torch and scikit-learn (default: torch's)")
     ap.add_argument("--n_layer", type=int, default=6)
@@ -517,11 +609,10 @@ def build_parser():
     ap.add_argument("--warmup", type=int, help="untimed calls before timing (default: 2, --quick 1)")
     ap.add_argument("--kmeans_n", type=int, help="feature vectors (default: 300000, --quick 100000)")
     ap.add_argument("--kmeans_k", type=int, default=500)
-    ap.add_argument("--kmeans_iters", type=int, default=30, help="our Lloyd iterations (the project's default)")
+    ap.add_argument("--kmeans_iters", type=int, default=30,
+                    help="Lloyd iterations on both sides (default: %(default)s, the project's)")
     ap.add_argument("--kmeans_data", default="digits", choices=["digits", "random"])
     ap.add_argument("--matmul_n", type=int, help="side of the square peak matmul (default: 2048; CUDA 8192)")
-    ap.add_argument("--extra", action="store_true",
-                    help="also time both models with CPU bf16 autocast at the long length (an extra row)")
     return ap
 
 
@@ -537,8 +628,8 @@ def ints(text, what):
 
 def check_args(a):
     sections = {s.strip() for s in a.only.split(",") if s.strip()}
-    if not sections or sections - {"train", "sample", "kmeans"}:
-        raise UserError(f"--only: choose from train, sample, kmeans; got {a.only!r}")
+    if not sections or sections - set(SECTIONS):
+        raise UserError(f"--only: choose from {', '.join(SECTIONS)}; got {a.only!r}")
     for k in ("n_layer", "n_head", "n_embd", "block_size", "batch", "reps", "kmeans_n", "kmeans_k",
               "kmeans_iters", "matmul_n"):
         if getattr(a, k) is not None and getattr(a, k) < 1:
@@ -554,8 +645,9 @@ def check_args(a):
     lengths = ints(a.lengths, "--lengths") if a.lengths else [a.block_size, default_length()]
     if max(lengths) > a.block_size:
         raise UserError(f"--lengths: {max(lengths)} exceeds --block_size {a.block_size}")
-    if "sample" in sections and not 1 <= a.new_tokens < a.block_size:
-        raise UserError(f"--new_tokens must be in 1..{a.block_size - 1}")
+    for name, block in (("sample", a.block_size), ("sample_demo", demo_config(a.vocab_size).block_size)):
+        if name in sections and not 1 <= a.new_tokens < block:
+            raise UserError(f"--new_tokens must be in 1..{block - 1} (the block size of the {name} model)")
     if a.threads is not None and a.threads < 1:
         raise UserError("--threads must be at least 1")
     batches = ints(a.sample_batches, "--sample_batches")
@@ -563,6 +655,7 @@ def check_args(a):
     need = {"train": 2 * (16 * n + 4 * a.batch * max(lengths) * (16 * a.n_layer * a.n_embd + 3 * a.vocab_size))
             + 12 * (a.matmul_n or 2048) ** 2,
             "sample": 2 * (4 * n + 4 * max(batches) * a.block_size * (2 * a.n_layer * a.n_embd + a.vocab_size)),
+            "sample_demo": 2 * (4 * demo_config(a.vocab_size).num_params_estimate()),
             "kmeans": 4 * (a.kmeans_n or 300000) * (5 + a.kmeans_k) if a.kmeans_n else 0}
     for s in sorted(sections):
         check_memory(need[s], f"the {s} benchmark at these sizes", a.device,
@@ -605,52 +698,51 @@ def _run(a, command, sections, mcfg, lengths, sample_batches, device):
     t_start = time.time()
 
     if "train" in sections:
-        dtype = torch.bfloat16 if cuda else torch.float32
-        peak = MatmulPeak(a.matmul_n or (8192 if cuda else 2048), device, dtype)
+        dtypes = {"fp32": torch.float32}
+        if isinstance(bf16_autocast("auto", device), torch.autocast):
+            dtypes["bf16"] = torch.bfloat16
+        peaks = {p: MatmulPeak(a.matmul_n or (8192 if cuda else 2048), device, dt) for p, dt in dtypes.items()}
         out["train"] = []
         for i, T in enumerate(lengths):
-            reps = a.reps or ((3 if quick else 5) if T >= 256 else (5 if quick else 10))
-            log(f"[train] batch {a.batch}, length {T}: {warmup} warm-up + {reps} timed steps each side")
-            r = bench_train(mcfg, a.batch, T, reps, warmup, device, peak, compile_ours=cuda, bf16=cuda,
-                            label=f"train T={T}")
+            reps = a.reps or ((2 if quick else 3) if T >= 256 else (5 if quick else 8))
+            log(f"[train] batch {a.batch}, length {T}: {warmup} warm-up + {reps} timed steps each side "
+                f"({', '.join(dtypes)}, ours and HF)")
+            r = bench_train(mcfg, a.batch, T, reps, warmup, device, peaks, label=f"train T={T}")
             if len(lengths) == 1:
                 r["key"] = "train_default" if T == default_length() else "train_long"
             else:
                 r["key"] = "train_long" if i == 0 else "train_default" if i == len(lengths) - 1 else f"train_{T}"
             out["train"].append(r)
-        out["matmul_peak"] = peak.result()
-        for r in out["train"]:
-            r["mfu"] = r["achieved_flops"] / out["matmul_peak"]["median_flops"]
-        if a.extra and not cuda:
-            T = lengths[0]
-            log(f"[train, extra] CPU bf16 autocast on both sides, length {T}")
-            bpeak = MatmulPeak(a.matmul_n or 2048, device, torch.bfloat16)
-            r = bench_train(mcfg, a.batch, T, a.reps or (2 if quick else 3), warmup, device, bpeak, bf16=True,
-                            label=f"train bf16 T={T}")
-            r["key"] = "train_bf16"
-            r["mfu"] = r["achieved_flops"] / bpeak.result()["median_flops"]
-            r["matmul_peak"] = bpeak.result()
-            out["train_extra"] = [r]
+        out["matmul_peak"] = {p: pk.result() for p, pk in peaks.items()}
+        for r in out["train"]:   # MFU: achieved FLOP/s (full-square attention) over the same dtype's matmul
+            r["mfu"] = {p: f / out["matmul_peak"][p]["median_flops"] for p, f in r["achieved_flops"].items()}
+            r["mfu_causal"] = {p: m * r["flops_per_token"]["causal"] / r["flops_per_token"]["full"]
+                               for p, m in r["mfu"].items()}
 
-    if "sample" in sections:
-        out["sample"] = []
+    sizes = [(name, cfg) for name, cfg in (("sample", mcfg), ("sample_demo", demo_config(mcfg.vocab_size)))
+             if name in sections]
+    for name, cfg in sizes:
+        out.setdefault("sample", [])
         folder = tempfile.mkdtemp(prefix="bench-export-")
         try:
-            log("[sample] exporting a random model with hf_export and loading it with transformers")
-            model, hf, ort, vocab = export_pair(mcfg, folder, threads=a.threads)
+            log(f"[{name}] exporting a random {cfg.n_layer}x{cfg.n_head}x{cfg.n_embd} model with hf_export and "
+                f"loading it with transformers")
+            model, hf, ort, vocab = export_pair(cfg, folder, threads=a.threads)
             model, hf = model.to(device), hf.to(device)
             for b in sample_batches:
                 reps = a.reps or (3 if quick else 7)
-                log(f"[sample] batch {b}, {a.new_tokens} new tokens: {warmup} warm-up + {reps} timed calls each side")
-                r = bench_sample(model, hf, vocab, b, a.new_tokens, reps, warmup, device, label=f"sample B={b}",
+                log(f"[{name}] batch {b}, {a.new_tokens} new tokens: {warmup} warm-up + {reps} timed calls each side")
+                r = bench_sample(model, hf, vocab, b, a.new_tokens, reps, warmup, device, label=f"{name} B={b}",
                                  ort=None if device.type == "cuda" else ort)
-                r["key"] = f"sample_b{b}"
+                r["key"] = f"{name}_b{b}"
+                r["model"] = {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
+                              "block_size": cfg.block_size}
                 r["hf_attention"] = hf.config._attn_implementation
                 out["sample"].append(r)
                 log(f"[classify] batch {b}: {warmup} warm-up + {reps} timed calls each side")
-                c = bench_classify(model, hf, vocab, b, min(default_length() - 1, mcfg.block_size), reps, warmup, device,
+                c = bench_classify(model, hf, vocab, b, min(default_length() - 1, cfg.block_size), reps, warmup, device,
                                    label=f"classify B={b}", ort=None if device.type == "cuda" else ort)
-                c["key"] = f"classify_b{b}"
+                c["key"] = f"classify{name[len('sample'):]}_b{b}"
                 out.setdefault("classify", []).append(c)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -676,7 +768,7 @@ def _verdict(key, value, cuda):
     if key not in TARGETS or cuda or value is None or not math.isfinite(value):
         return None, None
     op, target, _ = TARGETS[key]
-    return f"{op} {target:g}{'x' if key != 'mfu' else ''}" if key != "mfu" else f">= {100 * target:.0f} %", \
+    return f"{op} {target:g}x" if not key.startswith("mfu") else f">= {100 * target:.0f} %", \
         (value >= target if op == ">=" else value <= target)
 
 
@@ -694,35 +786,39 @@ def rows(out):
         table.append({"key": key, "measure": measure, "ours": ours, "theirs": theirs, "ratio": ratio,
                       "ratio_text": ratio_text, "target": target, "met": met})
 
-    for r in out.get("train", []) + out.get("train_extra", []):
-        what = f"training tokens/s, length {r['length']}, batch {r['batch']}, {r['dtype']}"
-        if r["compile_ours"]:
-            what += ", ours compiled"
-        add(r["key"], what + " (vs HF GPT-2)", f"{r['tokens_per_s']['ours']:.0f}",
-            f"{r['tokens_per_s']['theirs']:.0f}", r["ratio"], f"{r['ratio']:.2f}x")
-    if "matmul_peak" in out:
-        p = out["matmul_peak"]
-        for r in out["train"]:
-            add("mfu" if r["key"] == "train_long" or len(out["train"]) == 1 else "mfu_" + r["key"],
-                f"achieved FLOP/s of our training step, length {r['length']} (vs {p['n']}^2 {p['dtype']} matmul)",
-                f"{r['achieved_flops'] / 1e9:.1f} GFLOP/s", f"{p['median_flops'] / 1e9:.1f} GFLOP/s",
-                r["mfu"], f"{100 * r['mfu']:.0f} %")
-    for r in out.get("train_extra", []):
-        add("mfu_bf16", f"achieved FLOP/s, bf16 autocast, length {r['length']} (vs bf16 matmul)",
-            f"{r['achieved_flops'] / 1e9:.1f} GFLOP/s", f"{r['matmul_peak']['median_flops'] / 1e9:.1f} GFLOP/s",
-            r["mfu"], f"{100 * r['mfu']:.0f} %")
+    names = {"fp32": "fp32", "bf16": "bf16 autocast"}
+    for r in out.get("train", []):
+        where = f"length {r['length']}, batch {r['batch']}"
+        for k, (o, t) in r["pairs"].items():
+            how = (f"defaults: ours {names[o.split('_')[1]]}, HF {names[t.split('_')[1]]}" if k == "defaults"
+                   else f"both {names[k]}") + (", ours compiled" if r["compile_ours"] else "")
+            add(f"{r['key']}_{k}", f"training tokens/s, {where}, {how} (vs HF GPT-2)",
+                f"{r['tokens_per_s'][o]:.0f}", f"{r['tokens_per_s'][t]:.0f}", r["ratio"][k], f"{r['ratio'][k]:.2f}x")
+    for r in out.get("train", []):
+        for p, mfu in r["mfu"].items():
+            peak = out["matmul_peak"][p]
+            add(f"mfu_{r['key']}_{p}", f"achieved FLOP/s of our {names[p]} training step, length {r['length']}, "
+                f"attention counted over the full square (causal half in brackets), vs a {peak['n']}^2 "
+                f"{peak['dtype']} matmul", f"{r['achieved_flops'][p] / 1e9:.1f} GFLOP/s",
+                f"{peak['median_flops'] / 1e9:.1f} GFLOP/s", mfu, f"{100 * mfu:.0f} % ({100 * r['mfu_causal'][p]:.0f} %)")
     for r in out.get("sample", []):
-        add(r["key"], f"sampling tokens/s, batch {r['batch']}, {r['new_tokens']} new (vs HF generate)"
-            + ("" if r["same_tokens"] else " [tokens differ]"),
-            f"{r['tokens_per_s']['ours']:.0f}", f"{r['tokens_per_s']['theirs']:.0f}", r["ratio"], f"{r['ratio']:.2f}x")
-        for k, ratio in r.get("ratio_ort", {}).items():
-            add(f"{r['key']}_{k}", f"sampling images/s, onnxruntime {'int8' if 'int8' in k else 'fp32'} through our "
-                f"loop, batch {r['batch']} (vs HF generate)" + ("" if r["same_tokens_ort"][k] else " [tokens differ]"),
+        m = r["model"]
+        size = ("demo model" if r["key"].startswith("sample_demo") else "model") + f" {m['n_layer']}x{m['n_head']}x{m['n_embd']}"
+        add(r["key"], f"sampling images/s, {size}, batch {r['batch']}, {r['new_tokens']} new tokens, ours at its "
+            f"default ({r['ours_precision']}) (vs HF generate(), fp32)" + ("" if r["same_tokens"] else " [tokens differ]"),
+            f"{r['images_per_s']['ours']:.1f}", f"{r['images_per_s']['theirs']:.1f}", r["ratio"], f"{r['ratio']:.2f}x")
+        for k, ratio in r["ratio_other"].items():
+            what = {"ours_other": f"ours in {r['ours_other_precision']} (not the default)",
+                    "onnx": "onnxruntime fp32 through our loop", "onnx_int8": "onnxruntime int8 through our loop"}[k]
+            differ = not r["same_tokens_as_hf"][k]
+            add(f"{r['key']}_{k}", f"sampling images/s, {size}, batch {r['batch']}, {what} (vs HF generate())"
+                + (" [tokens differ]" if differ else ""),
                 f"{r['images_per_s'][k]:.1f}", f"{r['images_per_s']['theirs']:.1f}", ratio, f"{ratio:.2f}x")
     for r in out.get("classify", []):
         for k, ratio in r["ratio"].items():
             side = {"ours": "ours (PyTorch)", "onnx": "onnxruntime fp32", "onnx_int8": "onnxruntime int8"}[k]
-            add(f"{r['key']}_{k}", f"classification images/s, {side}, batch {r['batch']} (vs an HF forward)",
+            size = "demo model" if r["key"].startswith("classify_demo") else "model"
+            add(f"{r['key']}_{k}", f"classification images/s, {size}, {side}, batch {r['batch']} (vs an HF forward)",
                 f"{r['images_per_s'][k]:.0f}", f"{r['images_per_s']['theirs']:.0f}", ratio, f"{ratio:.2f}x")
     if "kmeans" in out:
         r = out["kmeans"]
@@ -735,10 +831,11 @@ def rows(out):
     for sec, what in (("train", "training step"), ("sample", "sampling")):
         for r in out.get(sec, []):
             m = r["peak_memory_bytes"]
-            extra = f"length {r['length']}" if sec == "train" else f"batch {r['batch']}"
-            add(f"memory_{r['key']}", f"peak memory, {what}, {extra} ({r['memory_method']})",
-                _mb(m["ours"]), _mb(m["theirs"]), m["ours"] / m["theirs"] if m["theirs"] else float("nan"),
-                f"{m['ours'] / m['theirs']:.2f}x" if m["theirs"] else "-")
+            pairs = r["pairs"] if sec == "train" else {"": ("ours", "theirs")}
+            for k, (o, t) in pairs.items():
+                extra = f"length {r['length']}, {k}" if sec == "train" else f"batch {r['batch']}"
+                add(f"memory_{r['key']}" + (f"_{k}" if k else ""), f"peak memory, {what}, {extra} ({r['memory_method']})",
+                    _mb(m[o]), _mb(m[t]), m[o] / m[t] if m[t] else float("nan"), f"{m[o] / m[t]:.2f}x" if m[t] else "-")
     return table
 
 
@@ -764,15 +861,21 @@ def format_report(out):
         lines.append(f"| {r['measure']} | {r['ours']} | {r['theirs']} | {r['ratio_text']} | {r['target'] or ''} | {met} |")
     notes = []
     for r in out.get("train", []):
-        d = abs(r["first_loss"]["ours"] - r["first_loss"]["theirs"])
-        notes.append(f"length {r['length']}: first-step loss ours {r['first_loss']['ours']:.5f}, "
-                     f"HF {r['first_loss']['theirs']:.5f} (|diff| {d:.1e})")
+        f = r["first_loss"]
+        notes.append(f"length {r['length']}: first-step loss, fp32: ours {f['ours_fp32']:.5f}, HF {f['theirs_fp32']:.5f} "
+                     f"(|diff| {abs(f['ours_fp32'] - f['theirs_fp32']):.1e})"
+                     + (f"; bf16: ours {f['ours_bf16']:.5f}, HF {f['theirs_bf16']:.5f}" if "ours_bf16" in f else "")
+                     + f"; FLOPs per token {r['flops_per_token']['full']:,} (full-square attention, the MFU's count), "
+                     f"{r['flops_per_token']['causal']:,} (causal half)")
     if "kmeans" in out:
         k = out["kmeans"]
         notes.append(f"k-means data: {k['features']}; {k['distinct_vectors']} distinct of {k['n']}; "
-                     f"iterations ours {k['iters']['ours']}, scikit-learn {k['iters']['theirs']}")
+                     f"{k['rule']}: iterations run, ours {k['iters']['ours']}, scikit-learn {k['iters']['theirs']}")
+    for r in out.get("train", [])[:1]:
+        if r.get("cuda_checks"):
+            notes.append("CUDA checks: " + ", ".join(f"{k} {v}" for k, v in r["cuda_checks"].items()))
     for r in out.get("sample", []):
-        notes.append(f"sampling batch {r['batch']}: generated {r['generated']['ours']} vs {r['generated']['theirs']}, "
+        notes.append(f"{r['key']}: generated {r['generated']['ours']} vs {r['generated']['theirs']}, "
                      f"same tokens: {r['same_tokens']}")
     if notes:
         lines.append("")
@@ -780,11 +883,24 @@ def format_report(out):
     return "\n".join(lines)
 
 
+def expand_preset(argv):
+    """--preset NAME -> its arguments first, so that any argument given after it still wins."""
+    argv = list(argv)
+    if "--preset" in argv:
+        i = argv.index("--preset")
+        name = argv[i + 1] if i + 1 < len(argv) else ""
+        if name not in PRESETS:
+            raise UserError(f"--preset: choose from {', '.join(PRESETS)}; got {name!r}")
+        argv = PRESETS[name] + argv[:i] + argv[i + 2:]
+    return argv
+
+
 def main(argv=None):
+    argv = expand_preset(sys.argv[1:] if argv is None else argv)
     a = build_parser().parse_args(argv)
     if a.json:
         check_file(a.json, "JSON file")   # before minutes of measuring
-    out = run(a, " ".join(["python bench.py"] + list(sys.argv[1:] if argv is None else argv)))
+    out = run(a, " ".join(["python bench.py"] + argv))
     if a.json:
         write_json(a.json, out)
     print(format_report(out))

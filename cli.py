@@ -11,7 +11,7 @@ import os
 import sys
 from dataclasses import fields
 
-from util import UserError, printable
+from util import BF16_DECODE_MIN_WIDTH, UserError, printable
 
 
 class Parser(argparse.ArgumentParser):
@@ -41,8 +41,8 @@ def add_ckpt(p, default="runs/demo/final", help="checkpoint folder, or a Hugging
 def add_device(p, default="auto"):
     p.add_argument("--device", default=default, help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--bf16", default="auto", choices=("auto", "true", "false"),
-                   help="compute in bf16 (autocast) where the GPU or CPU supports it: auto; or true, false "
-                        "(default: %(default)s)")
+                   help="compute in bf16 (autocast) where the GPU or CPU supports it: auto (on a CPU, sampling "
+                        f"only for models at least {BF16_DECODE_MIN_WIDTH} wide); or true, false (default: %(default)s)")
 
 
 def add_backend(p):

@@ -30,17 +30,23 @@ class GPTConfig:
         return (self.vocab_size + self.block_size) * d + self.n_layer * block + d * (1 + b)
 
 
+def dropout(x, p, training):
+    """F.dropout, without even an op call when it does nothing (evaluation, or p = 0): a decoding
+    step would otherwise spend 2n_layer+1 calls on it."""
+    return F.dropout(x, p) if training and p > 0 else x
+
+
 class KVCache:
     """Preallocated keys and values for incremental decoding.
 
-    k[i], v[i]: (B, n_head, max_len, head_dim) for layer i; positions [0, pos) are filled.
-    GPT.forward writes the new tokens' keys/values at [pos, pos+T) and then advances pos by T.
+    kv[i]: (2, B, n_head, max_len, head_dim) for layer i, keys then values; positions [0, pos) are
+    filled. GPT.forward writes the new tokens' keys and values at [pos, pos+T) (one copy per layer)
+    and then advances pos by T.
     """
 
     def __init__(self, n_layer, batch_size, n_head, max_len, head_dim, device=None, dtype=None):
-        shape = (batch_size, n_head, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.kv = [torch.zeros((2, batch_size, n_head, max_len, head_dim), device=device, dtype=dtype)
+                   for _ in range(n_layer)]
         self.batch_size = batch_size
         self.max_len = max_len
         self.pos = 0
@@ -55,23 +61,18 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cache=None, layer=0):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        # (B, T, C) -> (B, nh, T, hd)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        # (B, T, 3C) -> (3, B, nh, T, hd): queries, keys, values
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv
         mask, is_causal = None, True
         if cache is not None:
             start, end = cache.pos, cache.pos + T
-            cache.k[layer][:, :, start:end] = k
-            cache.v[layer][:, :, start:end] = v
-            # attend over everything cached so far plus the new tokens: (B, nh, end, hd)
-            k = cache.k[layer][:, :, :end].to(q.dtype)
-            v = cache.v[layer][:, :, :end].to(q.dtype)
+            kv = cache.kv[layer]
+            kv[:, :, :, start:end] = qkv[1:]
+            k, v = kv[:, :, :, :end]  # everything cached so far plus the new tokens: (B, nh, end, hd)
             if start > 0:
                 is_causal = False  # is_causal would align the mask top-left, which is wrong here
                 if T > 1:
@@ -81,8 +82,8 @@ class CausalSelfAttention(nn.Module):
                 # T == 1: the single new token sees every cached position, so no mask
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return dropout(self.c_proj(y), self.dropout, self.training)
 
 
 class MLP(nn.Module):
@@ -91,10 +92,10 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return dropout(self.c_proj(self.gelu(self.c_fc(x))), self.dropout, self.training)
 
 
 class Block(nn.Module):
@@ -117,7 +118,6 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias),
         ))
@@ -150,14 +150,17 @@ class GPT(nn.Module):
         return n
 
     def new_cache(self, batch_size, max_len, device=None, dtype=None):
-        """An empty KVCache for up to max_len positions (defaults: the model's device and dtype)."""
+        """An empty KVCache for up to max_len positions (defaults: the model's device, and its dtype or
+        the autocast dtype when autocast is on)."""
         c = self.config
         if max_len > c.block_size:
             raise ValueError(f"cache length {max_len} exceeds block_size {c.block_size}")
         w = self.lm_head.weight
-        return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head,
-                       device=w.device if device is None else device,
-                       dtype=w.dtype if dtype is None else dtype)
+        device = w.device if device is None else torch.device(device)
+        if dtype is None:   # under autocast the keys and values come out in its dtype
+            autocast = torch.is_autocast_enabled(device.type)
+            dtype = torch.get_autocast_dtype(device.type) if autocast else w.dtype
+        return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head, device=device, dtype=dtype)
 
     def forward(self, idx, targets=None, cache=None):
         """idx (B, T) long -> (logits (B, T, vocab), loss or None).
@@ -175,8 +178,8 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence length {start + T} exceeds the cache's max_len {cache.max_len}")
             if B != cache.batch_size:
                 raise ValueError(f"batch size {B} does not match the cache's batch size {cache.batch_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        pos_emb = self.transformer.wpe.weight[start:start + T]  # positions start .. start+T-1: (T, C)
+        x = dropout(self.transformer.wte(idx) + pos_emb, self.config.dropout, self.training)  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache=cache, layer=i)
         x = self.transformer.ln_f(x)

@@ -193,7 +193,7 @@ def main(argv=None):
         check_file(a.out_jsonl, "JSONL file")
     check_outputs(out_png, a.out_jsonl)
     ck = checkpoint.load(a.ckpt, resolve_device(a.device), a.backend)
-    with bf16_autocast(a.bf16, ck.model.device):
+    with bf16_autocast(a.bf16, ck.model.device, decode_width=ck.model.config.n_embd):
         return draw(a, ck, out_png)
 
 

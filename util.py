@@ -424,10 +424,19 @@ def check_finite(value, where):
 BF16 = ("auto", "true", "false")
 
 
-def bf16_autocast(setting, device):
+BF16_DECODE_MIN_WIDTH = 256   # on a CPU, "auto" decodes in bf16 only for models at least this wide
+
+
+def bf16_autocast(setting, device, decode_width=None):
     """The precision to compute in: a bf16 autocast context, or a null one for fp32. setting "auto" takes
     bf16 where the device supports it (a CUDA GPU with bf16, a CPU whose oneDNN has bf16 kernels),
-    "true" insists (an error where unsupported), "false" keeps fp32."""
+    "true" insists (an error where unsupported), "false" keeps fp32.
+
+    decode_width: the model's width (n_embd) when the work is token-by-token decoding (sample.py).
+    On a CPU "auto" then takes bf16 only for models at least BF16_DECODE_MIN_WIDTH wide: one token's
+    matrices of a narrow model are too small for the bf16 kernels to pay for the casts (the demo
+    model, 128 wide, decodes about 2x slower in bf16; the v2 model, 384 wide, 1.3x faster; see the
+    README's Performance section)."""
     import torch
     from contextlib import nullcontext
     if setting not in BF16:
@@ -436,7 +445,8 @@ def bf16_autocast(setting, device):
     supported = torch.cuda.is_bf16_supported() if cuda else torch.ops.mkldnn._is_mkldnn_bf16_supported()
     if setting == "true" and not supported:
         raise UserError(f"bf16 true: {device} has no bf16 support here; use auto or false")
-    if setting == "false" or not supported:
+    narrow = decode_width is not None and decode_width < BF16_DECODE_MIN_WIDTH
+    if setting == "false" or not supported or (setting == "auto" and narrow and not cuda):
         return nullcontext()
     return torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16)
 

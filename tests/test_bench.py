@@ -15,7 +15,8 @@ from util import UserError
 TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--vocab_size", "36",
         "--batch", "2", "--lengths", "12,6", "--sample_batches", "1,3", "--new_tokens", "4",
         "--kmeans_n", "600", "--kmeans_k", "6", "--kmeans_iters", "5", "--kmeans_data", "random",
-        "--matmul_n", "64", "--reps", "2", "--warmup", "1", "--device", "cpu", "--threads", "1"]
+        "--matmul_n", "64", "--reps", "2", "--warmup", "1", "--device", "cpu", "--threads", "1",
+        "--only", "train,sample,kmeans"]
 # (one thread: on a machine whose other cores are busy, tiny steps on all cores wait on preempted threads)
 
 
@@ -33,6 +34,10 @@ def result(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()   # the project machines: AVX-512 with bf16
+PRECISIONS = ["fp32", "bf16"] if BF16 else ["fp32"]
+
+
 def test_json_structure(result):
     assert {"command", "machine", "model", "train", "matmul_peak", "sample", "kmeans", "rows"} <= set(result)
     assert result["command"].startswith("python bench.py")
@@ -40,43 +45,71 @@ def test_json_structure(result):
     assert m["torch"] and m["threads"] == 1 and m["device"] == "cpu"
     assert [r["length"] for r in result["train"]] == [12, 6]
     assert [r["key"] for r in result["train"]] == ["train_long", "train_default"]
-    assert [r["batch"] for r in result["sample"]] == [1, 3]
-    assert result["matmul_peak"]["samples"] == 4       # one per repetition of each training length
-    for r in result["train"] + result["sample"]:
-        sides = {"ours", "theirs"} | ({"onnx", "onnx_int8"} if r in result["sample"] else set())
+    assert [r["key"] for r in result["sample"]] == ["sample_b1", "sample_b3"]
+    assert set(result["matmul_peak"]) == set(PRECISIONS)
+    assert all(p["samples"] == 4 for p in result["matmul_peak"].values())   # one per repetition and length
+    for r in result["train"]:   # ours and HF, each in fp32 and (where supported) bf16, in one alternation
+        sides = {f"{who}_{p}" for who in ("ours", "theirs") for p in PRECISIONS}
+        assert set(r["raw_seconds"]) == set(r["peak_memory_bytes"]) == sides
+        assert all(len(t) == 2 for t in r["raw_seconds"].values())
+        assert r["pairs"]["defaults"] == ["ours_bf16" if BF16 else "ours_fp32", "theirs_fp32"]   # (JSON lists)
+        assert set(r["pairs"]) == {"defaults"} | set(PRECISIONS) and r["cuda_checks"] is None
+    for r in result["sample"]:
+        sides = {"ours", "theirs", "onnx", "onnx_int8"} | ({"ours_other"} if BF16 else set())
         assert set(r["raw_seconds"]) == sides and len(r["raw_seconds"]["ours"]) == 2
+        assert r["ours_precision"] == "fp32"   # sample.py's default for a model this narrow on a CPU
         assert set(r["peak_memory_bytes"]) == {"ours", "theirs"}
+    for r in result["train"] + result["sample"]:
         assert all(v >= 0 for v in r["peak_memory_bytes"].values())
     keys = [r["key"] for r in result["rows"]]
-    for k in ("train_long", "train_default", "mfu", "sample_b1", "sample_b3", "sample_b1_onnx", "sample_b3_onnx_int8",
-              "classify_b1_ours", "classify_b3_onnx",
-              "kmeans_time", "kmeans_inertia"):
-        assert k in keys
+    for k in ("train_long_defaults", "train_default_defaults", "train_long_fp32", "mfu_train_long_fp32",
+              "sample_b1", "sample_b3", "sample_b1_onnx", "sample_b3_onnx_int8",
+              "classify_b1_ours", "classify_b3_onnx", "kmeans_time", "kmeans_inertia", "memory_train_long_defaults"):
+        assert k in keys, k
+    if BF16:
+        assert {"train_long_bf16", "mfu_train_long_bf16", "sample_b1_ours_other"} <= set(keys)
 
 
 def test_ratios_are_positive_numbers(result):
     for r in result["train"]:
-        assert positive(r["ratio"]) and positive(r["mfu"]) and positive(r["achieved_flops"])
-        assert all(positive(v) for v in r["tokens_per_s"].values())
+        for d in (r["ratio"], r["mfu"], r["mfu_causal"], r["achieved_flops"], r["tokens_per_s"]):
+            assert d and all(positive(v) for v in d.values())
     for r in result["sample"]:
-        assert positive(r["ratio"]) and all(positive(v) for v in r["tokens_per_s"].values())
+        assert positive(r["ratio"]) and all(positive(v) for v in r["images_per_s"].values())
     k = result["kmeans"]
     assert positive(k["time_ratio"]) and positive(k["inertia_ratio"])
-    assert positive(result["matmul_peak"]["median_flops"])
+    assert all(positive(p["median_flops"]) for p in result["matmul_peak"].values())
     for row in result["rows"]:
         if not row["key"].startswith("memory"):
             assert positive(row["ratio"]), row
 
 
+def test_flops_are_counted_both_ways(result):
+    """The MFU counts attention over the full T x T square (nanoGPT's convention); the causal count
+    takes half of that attention term: 6 L T d less per token."""
+    cfg = GPTConfig(vocab_size=36, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    for r in result["train"]:
+        T = r["length"]
+        assert r["flops_per_token"]["full"] == bench.flops_per_token(cfg, T)
+        assert r["flops_per_token"]["full"] - r["flops_per_token"]["causal"] == 6 * cfg.n_layer * T * cfg.n_embd
+        for p, mfu in r["mfu"].items():
+            assert r["mfu_causal"][p] == pytest.approx(mfu * r["flops_per_token"]["causal"] / r["flops_per_token"]["full"])
+
+
 def test_same_work_on_both_sides(result):
-    for r in result["train"]:   # same weights and batch: the same first loss
-        assert abs(r["first_loss"]["ours"] - r["first_loss"]["theirs"]) < 1e-4
+    for r in result["train"]:   # same weights and batch: the same first loss, in fp32 and in bf16
+        f = r["first_loss"]
+        assert abs(f["ours_fp32"] - f["theirs_fp32"]) < 1e-4
+        if BF16:
+            assert abs(f["ours_bf16"] - f["theirs_bf16"]) < 2e-2
     for r in result["sample"]:  # greedy, EOS off: the same tokens, all of them
         assert r["same_tokens"] and r["generated"]["ours"] == [r["batch"], 1 + r["new_tokens"]]
-        assert r["same_tokens_ort"]["onnx"]     # fp32 onnxruntime: the same greedy tokens too
+        assert r["same_tokens_as_hf"]["onnx"]   # fp32 onnxruntime: the same greedy tokens too
     for r in result["classify"]:                # the same class probabilities on every side
         assert set(r["ratio"]) == {"ours", "onnx", "onnx_int8"} and all(positive(v) for v in r["ratio"].values())
         assert r["max_prob_diff"]["ours"] < 1e-5 and r["max_prob_diff"]["onnx"] < 1e-4
+    k = result["kmeans"]   # the same rule: the same number of Lloyd iterations on both sides
+    assert k["max_iters"] == 5 and k["iters"]["ours"] == k["iters"]["theirs"] == 5
     k = result["kmeans"]
     assert k["n"] == 600 and k["dim"] == 5 and k["k"] == 6
 
@@ -97,6 +130,26 @@ def test_flops_formula_matches_torch_flop_counter():
         model(x, x)[1].backward()
     attention = 12 * cfg.n_layer * T * cfg.n_embd
     assert bench.flops_per_token(cfg, T) - attention == counter.get_total_flops() / (3 * T)
+
+
+def test_gpu_preset_dry_run_on_the_cpu(tmp_path):
+    """--preset gpu (the README's GPU table) expands to its arguments and runs end to end; here on the
+    CPU at tiny sizes (the demo-size sampling rows at their real size, 2 new tokens)."""
+    argv = bench.expand_preset(["--preset", "gpu", "--device", "cpu", "--json", str(tmp_path / "gpu.json")])
+    assert argv[:2] == ["--device", "cuda"] and argv[-2:] == ["--json", str(tmp_path / "gpu.json")]
+    a = bench.build_parser().parse_args(argv)
+    assert a.device == "cpu" and a.only == "train,sample,sample_demo" and a.sample_batches == "1,16,256"
+    tiny = TINY[:TINY.index("--kmeans_n")] + ["--matmul_n", "64", "--reps", "1", "--warmup", "1", "--threads", "1"]
+    tiny[tiny.index("--sample_batches") + 1], tiny[tiny.index("--new_tokens") + 1] = "1,2", "2"
+    assert bench.main(["--preset", "gpu"] + tiny + ["--device", "cpu", "--json", str(tmp_path / "gpu.json")]) == 0
+    out = json.loads((tmp_path / "gpu.json").read_text())
+    assert set(out) >= {"train", "sample", "classify", "matmul_peak"} and "kmeans" not in out
+    assert [r["key"] for r in out["sample"]] == ["sample_b1", "sample_b2", "sample_demo_b1", "sample_demo_b2"]
+    demo = bench.demo_config(36)
+    assert out["sample"][-1]["model"] == {"n_layer": demo.n_layer, "n_head": demo.n_head, "n_embd": demo.n_embd,
+                                          "block_size": demo.block_size}
+    with pytest.raises(UserError, match="--preset"):
+        bench.expand_preset(["--preset", "tpu"])
 
 
 def test_bad_arguments():

@@ -172,6 +172,49 @@ def test_sampling_with_a_seed_is_reproducible(model):
     assert run(7) != run(8)
 
 
+@torch.no_grad()
+def test_rows_stop_on_their_own_and_finished_prompts_add_nothing(model):
+    """A batch whose rows finish at different steps (a prompt that already ends in <EOS>, rows that
+    sample <EOS>, rows that run to the limit): each row's tokens and logits end where it stopped."""
+    g = torch.Generator().manual_seed(11)
+    prompts = [[IMG, Z[1], EOS], [IMG], [IMG], [IMG, Z[2]]]
+    res = gen.generate(model, prompts * 3, VOCAB, 8, temperature=3.0, generator=g, record_logits=True)
+    assert res[0]["ids"] == prompts[0] and res[0]["new"] == 0 and res[0]["stop"] == "eos"
+    assert res[0]["logits"].shape == (0, len(VOCAB))
+    for prompt, r in zip(prompts * 3, res):
+        new = r["ids"][len(prompt):]
+        assert len(new) == r["new"] == len(r["logits"]) and EOS not in new[:-1]
+        assert (r["stop"] == "eos") == (prompt[-1] == EOS or new[-1:] == [EOS])
+    assert {r["stop"] for r in res} == {"eos", "max_new_tokens"}
+
+
+def test_decoding_under_bf16_autocast_keeps_its_cache_in_bf16(model):
+    """Under autocast the cache takes the autocast dtype (the keys and values come out in it), so a
+    bf16 decoding step attends bf16 to bf16; the greedy tokens follow a full bf16 forward."""
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        assert model.new_cache(1, 4).kv[0].dtype == torch.bfloat16
+        r = gen.generate(model, [[IMG, Z[1]]], VOCAB, 6, greedy=True, record_logits=True)[0]
+        assert r["logits"].dtype == torch.float32 and r["new"] == 6
+        for s in range(r["new"]):
+            full = full_last_logits(model, r["ids"][:2 + s]).float()
+            assert (r["logits"][s] - full).abs().max() < 0.05
+    assert model.new_cache(1, 4).kv[0].dtype == torch.float32
+
+
+def test_bf16_auto_decodes_narrow_models_in_fp32_on_a_cpu():
+    """--bf16 auto: bf16 for training and evaluation where supported; for decoding on a CPU only from
+    BF16_DECODE_MIN_WIDTH up (narrower models decode slower in bf16); true still insists."""
+    import contextlib
+    from util import BF16_DECODE_MIN_WIDTH, bf16_autocast
+    narrow, wide = BF16_DECODE_MIN_WIDTH // 2, BF16_DECODE_MIN_WIDTH
+    assert isinstance(bf16_autocast("auto", "cpu", decode_width=narrow), contextlib.nullcontext)
+    assert isinstance(bf16_autocast("false", "cpu", decode_width=wide), contextlib.nullcontext)
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():   # the project machines: AVX-512 with bf16
+        assert isinstance(bf16_autocast("auto", "cpu", decode_width=wide), torch.autocast)
+        assert isinstance(bf16_autocast("true", "cpu", decode_width=narrow), torch.autocast)
+        assert isinstance(bf16_autocast("auto", "cpu"), torch.autocast)
+
+
 def test_generate_rejects_bad_prompts(model):
     with pytest.raises(UserError, match="block size"):
         gen.generate(model, [[IMG] * 17], VOCAB, 5)
