@@ -64,10 +64,21 @@ def open_array(path, what):
 
 
 def gather(array, idx):
-    """array[idx] for a memory map, reading the rows in file order (each page once)."""
-    order = np.argsort(idx, kind="stable")
+    """array[idx] for rows idx (numpy ints). A memory-mapped array is read with one pread per row, not
+    through the map: a page touched through a map counts in the process's memory (RSS), and the kernel
+    maps the neighbours of each page touched (fault-around), so random rows would grow it step by step."""
+    if not isinstance(array, np.memmap):
+        return array[idx]
     out = np.empty((len(idx),) + array.shape[1:], array.dtype)
-    out[order] = array[idx[order]]
+    rows = out.reshape(len(idx), -1).view(np.uint8)
+    size = rows.shape[1]
+    fd = os.open(array.filename, os.O_RDONLY)
+    try:
+        for k, i in enumerate(idx.tolist()):
+            if os.preadv(fd, [rows[k]], array.offset + i * size) != size:
+                raise UserError(f"{array.filename}: row {i} is cut short (the file is truncated)")
+    finally:
+        os.close(fd)
     return out
 
 

@@ -560,7 +560,7 @@ def prepare(cfg, device="cpu"):
     # on the CPU every core tokenises chunks in its own process (one thread each); on a GPU this process
     # does; either way this process writes the files, in order, meanwhile
     n_images = sum(len(rows) * (c + 1) for _, rows, c in plan)
-    workers = 0 if str(device) != "cpu" or n_images < 4 * CHUNK else min(os.cpu_count() or 1, len(jobs))
+    workers = 0 if str(device) != "cpu" or n_images < 2 * CHUNK else min(os.cpu_count() or 1, len(jobs))
     loader = torch.utils.data.DataLoader(_Chunks(images, jobs, angles, shifts, book, device), batch_size=None,
                                          num_workers=workers, generator=torch.Generator())
     try:

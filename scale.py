@@ -10,7 +10,7 @@ its time from process start to the first step.
 Every measured command is a real subprocess: `python data.py prepare --source idx:DIR ...` and
 `python train.py ... --eval_every 1` (the demo model: 4 layers x 128, batch 32; each step writes a log
 line, the first one timing the first step; after --steps steps the run is interrupted with Ctrl-C, as a
-user would). The synthetic images and prepared folders are kept in --work_dir (about 1.5 GB for a
+user would; --repeats starts per size, medians reported). The synthetic images and prepared folders are kept in --work_dir (about 1.5 GB for a
 million images) unless --clean.
 """
 import json
@@ -60,7 +60,8 @@ def peak_rss(pid):
 
 
 def train_probe(src, data_dir, out_dir, steps, log):
-    """Start train.py on a prepared folder; -> seconds from its start to the first logged step, its peak
+    """Start train.py on a prepared folder; -> seconds from its start to the first logged step, of which
+    before the training loop (interpreter, imports, opening the data, building the model), and its peak
     RSS after `steps` steps (MiB); then stop it with Ctrl-C."""
     shutil.rmtree(out_dir, ignore_errors=True)
     args = [sys.executable, "train.py", "--source", f"idx:{src}", "--data_dir", data_dir, "--dev_fraction", "0",
@@ -83,11 +84,14 @@ def train_probe(src, data_dir, out_dir, steps, log):
     finally:
         if p.poll() is None:
             p.kill()
-    log(f"  train.py: first step after {first:.2f} s, peak RSS {rss:.0f} MiB after {steps} steps")
-    return first, rss
+    with open(path) as f:
+        in_loop = json.loads(f.readline())["time"]   # from the loop's start to the first log line
+    log(f"  train.py: first step after {first:.2f} s ({first - in_loop:.2f} s before the loop), peak RSS "
+        f"{rss:.0f} MiB after {steps} steps")
+    return first, first - in_loop, rss
 
 
-def measure(n, work, steps, log):
+def measure(n, work, steps, repeats, log):
     src, data_dir = os.path.join(work, f"src-{n}"), os.path.join(work, f"data-{n}")
     if not os.path.exists(os.path.join(src, "train-labels-idx1-ubyte")):
         make_source(src, n)
@@ -103,20 +107,23 @@ def measure(n, work, steps, log):
         rep = json.load(f)
     log(f"{n:,} images: prepared in {wall:.1f} s ({rep['images_per_second']:,} images/s tokenised, reading "
         f"{100 * rep['read_share']:.1f} %, k-means {rep['seconds_fit']} s; load average {load:.2f})")
-    first, rss = train_probe(src, data_dir, os.path.join(work, f"run-{n}"), steps, log)
+    probes = [train_probe(src, data_dir, os.path.join(work, f"run-{n}"), steps, log) for _ in range(repeats)]
+    first, start, rss = (float(np.median(v)) for v in zip(*probes))
     return {"images": n, "train_images": sum(rep["counts"]["train"]), "prepare_seconds": round(wall, 1),
             "images_per_second": rep["images_per_second"], "tokenise_processes": rep["tokenise_processes"],
             "read_share": rep["read_share"], "seconds_fit": rep["seconds_fit"], "seconds_tokenise": rep["seconds_tokenise"],
             "seconds_prepare_report": rep["seconds_total"], "first_step_seconds": round(first, 2),
+            "before_loop_seconds": round(start, 2), "probes": [[round(v, 2) for v in p] for p in probes],
             "peak_rss_mib": round(rss, 1), "load_average_before": round(load, 2)}
 
 
 def table(rows, steps):
     out = ["| images | prepare (wall) | tokenised images/s | reading share | k-means fit | first training step | "
-           f"training peak RSS ({steps} steps) |", "|---:|---:|---:|---:|---:|---:|---:|"]
+           f"of which before the loop | training peak RSS ({steps} steps) |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         out.append(f"| {r['images']:,} | {r['prepare_seconds']} s | {r['images_per_second']:,} | "
                    f"{100 * r['read_share']:.1f} % | {r['seconds_fit']} s | {r['first_step_seconds']} s | "
+                   f"{r['before_loop_seconds']} s | "
                    f"{r['peak_rss_mib']:.0f} MiB |")
     return "\n".join(out)
 
@@ -125,6 +132,8 @@ def main(argv=None):
     ap = parser(__doc__, prog="scale.py")
     ap.add_argument("--sizes", default="10000,1000000", help="numbers of images, comma-separated (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=20, help="training steps before the peak RSS is read (default: %(default)s)")
+    ap.add_argument("--repeats", type=int, default=3, help="training starts per size; the median is reported "
+                    "(default: %(default)s)")
     ap.add_argument("--work_dir", default="runs/scale", help="synthetic sources, prepared folders, runs (default: %(default)s)")
     ap.add_argument("--json", default="", help="write the results here (default: WORK_DIR/scale.json)")
     ap.add_argument("--clean", action="store_true", help="delete the synthetic data and prepared folders afterwards")
@@ -135,13 +144,13 @@ def main(argv=None):
         raise UserError(f"--sizes: expected comma-separated whole numbers, got {args.sizes!r}") from None
     if not sizes or min(sizes) < 100 or max(sizes) >= 1 << 32:
         raise UserError(f"--sizes: each must be in 100 .. {(1 << 32) - 1}, got {args.sizes}")
-    if args.steps < 1:
-        raise UserError(f"--steps must be at least 1, got {args.steps}")
+    if args.steps < 1 or args.repeats < 1:
+        raise UserError(f"--steps and --repeats must be at least 1, got {args.steps} and {args.repeats}")
     out = args.json or os.path.join(args.work_dir, "scale.json")
     check_dir(args.work_dir, "work folder (--work_dir)")
     check_file(out, "results (--json)")
     t0 = time.time()
-    rows = [measure(n, args.work_dir, args.steps, print) for n in sizes]
+    rows = [measure(n, args.work_dir, args.steps, args.repeats, print) for n in sizes]
     result = {"command": "python scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "rows": rows,
               "seconds_total": round(time.time() - t0, 1)}

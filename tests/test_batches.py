@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import checkpoint
+import data
 from batches import AugmentedRows, ListRows, ShardRows, epoch_steps, open_rows
 from data import IMAGES_FILE, check_data_config, prepare, read_sequences, token_dtype
 from tokenizer import Codebook, uint8_to_tensor
@@ -162,6 +163,9 @@ def test_token_arrays_and_jsonl_give_the_same_batches(fly, tmp_path):
     for f in os.listdir(only):
         if f.endswith((".npy", ".npz")):
             os.remove(only / f)
+    rep = json.loads((only / "report.json").read_text())
+    del rep["config"]["augment_on_the_fly"]              # a folder prepared before the setting existed
+    (only / "report.json").write_text(json.dumps(rep))
     jsonl = open_rows(replace(fixed, data_dir=str(only)), "train", vocab)
     assert isinstance(shards, ShardRows) and isinstance(jsonl, ListRows) and shards.n == jsonl.n
     tokens = np.load(os.path.join(fixed.data_dir, "train.tokens.npy"), allow_pickle=False)
@@ -239,3 +243,39 @@ def test_ddp_processes_read_disjoint_shares_covering_each_step(tmp_path):
         assert len(ra) == len(rb) == 8 and not set(ra) & set(rb) and sorted(ra + rb) == sorted(whole)
     first = [i for s in a[:6] + b[:6] for i in s]
     assert len(set(first)) == 96 and set(first) <= set(range(100))
+
+
+def test_prepare_in_worker_processes_writes_the_same_files(fly, tmp_path, monkeypatch):
+    """Chunks of 8 images tokenised in worker processes (one per core): the same files as one chunk in
+    this process."""
+    monkeypatch.setattr(data, "CHUNK", 8)
+    cfg = replace(fly["fixed"], data_dir=str(tmp_path / "chunked"))
+    rep = prepare(cfg)
+    ref = json.load(open(os.path.join(fly["fixed"].data_dir, "report.json")))
+    assert ref["tokenise_processes"] == 1 and rep["tokenise_processes"] == os.cpu_count()   # one per core
+    assert rep["images_tokenised"] == ref["images_tokenised"] == 60 - sum(ref["counts"]["train"]) + 3 * sum(
+        ref["counts"]["train"])
+    for k in ("counts", "val_psnr_db", "train_psnr_db", "distinct_images", "distinct_sequences", "codes_used",
+              "code_perplexity"):
+        assert rep[k] == ref[k], k
+    for f in sorted(os.listdir(fly["fixed"].data_dir)):
+        if f != "report.json":
+            with open(os.path.join(fly["fixed"].data_dir, f), "rb") as a, open(os.path.join(cfg.data_dir, f), "rb") as b:
+                assert a.read() == b.read(), f
+
+
+def test_scale_source_is_an_idx_source(tmp_path):
+    """scale.py's synthetic digits: an IDX source of transformed built-in digits, read memory-mapped."""
+    from data import load_builtin, load_idx
+    from scale import main, make_source
+    make_source(str(tmp_path), 300, chunk=128)
+    images, labels, names, meta = load_idx(str(tmp_path))
+    assert isinstance(images, np.memmap) and images.shape == (300, 28, 28, 1) and names == [str(c) for c in range(10)]
+    assert set(labels.tolist()) <= set(range(10)) and len(set(labels.tolist())) == 10
+    assert meta[299] == {"source": "train-images-idx3-ubyte", "index": 299}
+    base = {r.tobytes() for r in load_builtin()[0]}
+    assert sum(r.tobytes() in base for r in np.asarray(images)) < 30      # moved, not copied
+    for bad, said in ((["--sizes", "10,x"], "expected comma-separated whole numbers"),
+                      (["--sizes", "50"], "each must be in 100"), (["--steps", "0"], "--steps and --repeats must be at least 1")):
+        with pytest.raises(UserError, match=said):
+            main(bad + ["--work_dir", str(tmp_path / "w")])
