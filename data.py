@@ -450,14 +450,12 @@ class SplitWriter:
                                                 token_dtype(len(vocab)), (n, width))
         self.labels = np.zeros(n, np.int32)
 
-    def add(self, codes, labels, metas):
-        rows = self.vocab.image_id_rows(codes, labels)
+    def add(self, rows, labels, lines):
+        """rows (n, width) token ids, labels (n,), and their JSONL lines (jsonl_lines)."""
         self.tokens[self.at:self.at + len(rows)] = rows
         self.labels[self.at:self.at + len(rows)] = labels
         self.at += len(rows)
-        tok = self.vocab.tokens
-        self.jsonl.write("".join(json.dumps({"tokens": " ".join([tok[i] for i in r]), "label": y, "meta": m}) + "\n"
-                                 for r, y, m in zip(rows.tolist(), labels.tolist(), metas)))
+        self.jsonl.write(lines)
 
     def close(self):
         self.jsonl.close()
@@ -468,15 +466,29 @@ class SplitWriter:
                  lengths=np.full(n, width, np.int32))
 
 
-class _Chunks(torch.utils.data.Dataset):
-    """prepare's tokenising work, chunk by chunk (run in DataLoader worker processes, each on one
-    thread): job k = (split, rows, copy, positions) -> the codes of images[rows[positions]] (copy c > 0:
-    transformed as fixed copy c), and the figures of the report (PSNR sum, 64-bit hashes of the images
-    and sequences, seconds reading and tokenising)."""
+def jsonl_lines(rows, labels, metas, tokens):
+    """The JSONL records of id rows: exactly json.dumps({"tokens": ..., "label": ..., "meta": ...}) per
+    line (token names never need escaping), made by formatting, twice as fast."""
+    dumps = json.JSONEncoder().encode
+    return "".join('{"tokens": "%s", "label": %d, "meta": %s}\n' % (" ".join([tokens[i] for i in r]), y, dumps(m))
+                   for r, y, m in zip(rows.tolist(), labels.tolist(), metas))
 
-    def __init__(self, images, jobs, angles, shifts, book, device):
-        self.images, self.jobs, self.angles, self.shifts, self.device = images, jobs, angles, shifts, device
-        self.book, self.encoder = book, book.to(device)
+
+def _as_is(item):
+    """The DataLoader's collate_fn for prepare: the worker's dict as it is (numpy arrays stay numpy)."""
+    return item
+
+
+class _Chunks(torch.utils.data.Dataset):
+    """prepare's work, chunk by chunk (in DataLoader worker processes, one thread each): job k = (split,
+    rows, copy, positions) -> the token rows of images[rows[positions]] (copy c > 0: transformed as fixed
+    copy c) and their JSONL lines, and the figures of the report (code counts, PSNR sum, 64-bit hashes
+    of the images and sequences, seconds reading and tokenising)."""
+
+    def __init__(self, images, labels, meta, jobs, angles, shifts, book, vocab, device):
+        self.images, self.labels, self.meta, self.jobs = images, labels, meta, jobs
+        self.angles, self.shifts, self.book, self.vocab, self.device = angles, shifts, book, vocab, device
+        self.encoder = book.to(device)
 
     def __len__(self):
         return len(self.jobs)
@@ -490,13 +502,19 @@ class _Chunks(torch.utils.data.Dataset):
         if c:
             x = transform(x, self.angles[c - 1, pos], self.shifts[c - 1, pos])
         codes = self.encoder.encode(x.to(self.device)).cpu()
-        out = {"codes": codes.numpy().astype(np.int32), "read": t2 - t}
+        labels = self.labels[rows[pos]]
+        ids = self.vocab.image_id_rows(codes.numpy(), labels)
+        split = {"val": "test"}.get(name, name)
+        metas = [dict(self.meta[j], split=split, **({"augmented": c} if c else {})) for j in rows[pos]]
+        out = {"rows": ids.astype(token_dtype(len(self.vocab))), "labels": labels, "read": t2 - t,
+               "lines": jsonl_lines(ids, labels, metas, self.vocab.tokens),
+               "usage": np.bincount(codes.numpy().ravel(), minlength=self.book.cfg.num_codes)}
         if c == 0:
             mse = (self.book.decode(codes) - x).pow(2).flatten(1).mean(1).clamp_min(1e-10)
             out["psnr"] = (10 * torch.log10(1 / mse)).sum().item()
             if name != "dev":
                 digest = lambda a: [hashlib.blake2b(r.tobytes(), digest_size=8).digest() for r in a]
-                out["hashes"] = (digest(real), digest(out["codes"]))
+                out["hashes"] = (digest(real), digest(codes.numpy()))
         out["encode"] = time.perf_counter() - t2
         return out
 
@@ -561,8 +579,9 @@ def prepare(cfg, device="cpu"):
     # does; either way this process writes the files, in order, meanwhile
     n_images = sum(len(rows) * (c + 1) for _, rows, c in plan)
     workers = 0 if str(device) != "cpu" or n_images < 2 * CHUNK else min(os.cpu_count() or 1, len(jobs))
-    loader = torch.utils.data.DataLoader(_Chunks(images, jobs, angles, shifts, book, device), batch_size=None,
-                                         num_workers=workers, generator=torch.Generator())
+    loader = torch.utils.data.DataLoader(_Chunks(images, labels, meta, jobs, angles, shifts, book, vocab, device),
+                                         batch_size=None,
+                                         num_workers=workers, generator=torch.Generator(), collate_fn=_as_is)
     try:
         files = ["vocab.json", "codebook.json", "codebook.safetensors"]
         writers = {name: SplitWriter(stage, name, len(rows) * (c + 1), vocab, book.seq_len + 1 + TAIL)
@@ -570,12 +589,9 @@ def prepare(cfg, device="cpu"):
         t_tok = time.time()
         bar = tqdm(total=n_images, desc="tokenising", unit="img", leave=False)
         for (name, rows, c, pos), got in zip(jobs, loader):
-            codes = got["codes"]
-            split = {"val": "test"}.get(name, name)
-            writers[name].add(codes, labels[rows[pos]],
-                              [dict(meta[j], split=split, **({"augmented": c} if c else {})) for j in rows[pos]])
+            writers[name].add(got["rows"], got["labels"], got["lines"])
             if name != "dev":
-                usage += np.bincount(codes.ravel(), minlength=cfg.num_codes)
+                usage += got["usage"]
             if "psnr" in got:
                 s, n = psnr.get(name, (0.0, 0))
                 psnr[name] = (s + got["psnr"], n + len(pos))
