@@ -7,7 +7,8 @@ its time from process start to the first step.
     python scale.py                                  # 10,000 and 1,000,000 images -> runs/scale/scale.json
     python scale.py --sizes 2000,20000 --steps 5     # a quick look
 
-Every measured command is a real subprocess: `python data.py prepare --source idx:DIR ...` and
+Every measured command is a real subprocess: `python data.py prepare --source idx:DIR ...` (with
+OMP_NUM_THREADS=1: its k-means on one thread, its tokenising one process per core) and
 `python train.py ... --eval_every 1` (the demo model: 4 layers x 128, batch 32; each step writes a log
 line, the first one timing the first step; after --steps steps the run is interrupted with Ctrl-C, as a
 user would; --repeats starts per size, medians reported). The synthetic images and prepared folders are kept in --work_dir (about 1.5 GB for a
@@ -98,8 +99,11 @@ def measure(n, work, steps, repeats, log):
     shutil.rmtree(data_dir, ignore_errors=True)
     load = os.getloadavg()[0]
     t0 = time.time()
+    # one torch thread in prepare's main process (its k-means): the tokenising runs one process per core
+    # anyway, and on a shared machine two threads that wait for each other made the fit 3 to 10x slower
     r = subprocess.run([sys.executable, "data.py", "prepare", "--source", f"idx:{src}", "--data_dir", data_dir,
-                        "--dev_fraction", "0"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                        "--dev_fraction", "0"], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.time() - t0
     if r.returncode:
         raise UserError(f"data.py prepare on {src} failed: {r.stderr.strip()[-500:]}")
