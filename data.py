@@ -14,6 +14,11 @@ fitted, so the codebook only sees training images. Three roles, never mixed:
                   evaluates on it (curves, best/) and settings are compared on it
     val.jsonl     the held-out test split (the name is the original project's): read only for the
                   final report (eval.py), never by training
+Each split is also written as <split>.tokens.npy (the token ids, one fixed-width uint16 row per
+sequence, <PAD>-padded; int32 for a vocabulary over 65,536) and <split>.index.npz (labels, lengths),
+which training reads through a memory map; with augment_on_the_fly the training images themselves go
+to train.images.npy (uint8 N x H x W x C) instead of fixed augmented copies. Images are tokenised in
+chunks, in one worker process per CPU core.
 """
 import glob
 import gzip
@@ -745,8 +750,8 @@ def render_file(path, book, vocab, n, out, repair_v1=False, names=None):
 def main(argv=None):
     ap = parser(__doc__, prog="data.py")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=type(ap))
-    p = sub.add_parser("prepare", help="images -> train.jsonl, [dev.jsonl,] val.jsonl (the test split), vocab.json, "
-                                       "codebook, report.json",
+    p = sub.add_parser("prepare", help="images -> train, [dev,] val (the test split) as .jsonl, .tokens.npy and "
+                                       ".index.npz, vocab.json, codebook, report.json",
                        description="Any DataConfig field as --key value.")
     p.add_argument("--device", default="cpu", help="where k-means runs (cpu or cuda)")
     add_settings(p, DataConfig)
@@ -767,7 +772,10 @@ def main(argv=None):
         cfg = apply_settings(DataConfig(), args)
         rep = prepare(cfg, resolve_device(args.device))
         print(json.dumps({k: v for k, v in rep.items() if k != "config"}))
-        print(f"wrote {cfg.data_dir}: train.jsonl val.jsonl vocab.json codebook.* report.json")
+        print(f"wrote {cfg.data_dir}: <split>.jsonl, <split>.tokens.npy and <split>.index.npz for "
+              f"{', '.join(s for s in SPLITS if rep['counts'][s] and sum(rep['counts'][s]))}"
+              f"{', train.images.npy' if cfg.augment_on_the_fly else ''}, vocab.json, codebook.*, report.json "
+              f"({rep['images_per_second']:,} images/s tokenised)")
         return 0
     if args.n < 1:
         raise UserError(f"--n must be at least 1, got {args.n}")
