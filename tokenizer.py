@@ -215,6 +215,14 @@ class Codebook:
             out.append(assign(f.reshape(-1, f.shape[-1]), self.centroids)[0].reshape(f.shape[:2]))
         return torch.cat(out) if out else torch.zeros(0, self.seq_len, dtype=torch.long)
 
+    def to(self, device):
+        """This codebook with its centroids and statistics on `device` (for encode there)."""
+        if str(device) == "cpu":
+            return self
+        stats = {g: (m.to(device), s) for g, (m, s) in self.stats.items()}
+        return Codebook(self.cfg, self.image_size, self.channels, stats, self.centroids.to(device),
+                        self.colours.to(device), self.inertia)
+
     def decode(self, codes):
         """codes (N, L) long (-1 = missing, drawn black) -> images (N, C, H, W) float in [0, 1]."""
         codes = torch.as_tensor(codes, dtype=torch.long)

@@ -22,6 +22,7 @@ vocabulary is the seed's 516 entries unchanged. Classifier-free guidance decodes
 conditioned sequence, so the classifier (the logits at <CLS>) is only ever trained and read on plain
 v2 sequences, where no class comes before the image: a stated class can never leak into it.
 """
+import numpy as np
 import torch
 
 from util import UserError, read_json, write_json
@@ -74,6 +75,13 @@ class Vocab:
     def image_ids(self, codes, label):
         """Code indices of one image (raster order) and its label -> the complete v2 sequence."""
         return self.prefix_ids(codes) + [self.label_id(int(label)), self.eos_id]
+
+    def image_id_rows(self, codes, labels):
+        """image_ids for many images at once: codes (n, L) and labels (n,) integer arrays -> (n, L + 5) int64."""
+        codes, labels = np.asarray(codes, np.int64), np.asarray(labels, np.int64)
+        col = lambda v: np.full((len(codes), 1), v, np.int64)
+        return np.concatenate([col(self.img_id), codes + self.code_offset, col(self.img_end_id), col(self.cls_id),
+                               (labels + self.label_offset)[:, None], col(self.eos_id)], 1)
 
     def image_tokens(self, codes, label):
         return self.decode(self.image_ids(codes, label))

@@ -16,14 +16,15 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import checkpoint
 from cli import read_yaml, set_from_mapping
-from data import (DataConfig, check_data_config, conditioned_copies, data_fields, ensure_prepared, make_batch,
-                  read_sequences)
+from batches import epoch_steps, open_rows
+from data import DataConfig, check_data_config, data_fields, ensure_prepared, make_batch
 from metrics import evaluate
 from stats import seed_summary
 from model import GPT, GPTConfig
@@ -65,6 +66,9 @@ class TrainConfig(DataConfig):
     cond_drop: float = 0.1       # share of those copies whose class is replaced by <UNK> (unconditional,
                                  # for classifier-free guidance)
     eval_every: int = 0          # optimizer steps between evaluations; 0 = once per epoch
+    num_workers: int = 0         # DataLoader worker processes gathering (and, with augment_on_the_fly,
+                                 # transforming and tokenising) the batches; 0 = in the training process.
+                                 # The batches do not depend on it
     seed: int = 1337
     device: str = "auto"         # auto = cuda if available, else cpu; or cpu, cuda, cuda:N
     compile: bool = True         # torch.compile (CUDA only)
@@ -94,7 +98,7 @@ def load_config(path=None, overrides=None):
     check_seed(cfg.seed, "config: seed")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"config: n_embd {cfg.n_embd} is not divisible by n_head {cfg.n_head}")
-    for k in ("lr", "min_lr", "weight_decay", "grad_clip", "label_weight", "warmup_steps", "eval_every"):
+    for k in ("lr", "min_lr", "weight_decay", "grad_clip", "label_weight", "warmup_steps", "eval_every", "num_workers"):
         if not getattr(cfg, k) >= 0:
             raise UserError(f"config: {k} must be >= 0, got {getattr(cfg, k)}")
     for k in ("cond_fraction", "cond_drop"):
@@ -180,31 +184,23 @@ def setup_processes(cfg):
     return procs
 
 
-def read_split(cfg, name, vocab, conditioned=False):
-    """<data_dir>/<name>.jsonl -> list of id sequences; with conditioned=True and cfg.cond_fraction > 0,
-    class-conditioned copies follow the plain sequences."""
-    seqs, labels = read_sequences(os.path.join(cfg.data_dir, f"{name}.jsonl"), vocab,
-                                  v1_hint="training needs the v2 tail </IMG> <CLS> <CLS_y> <EOS>: prepare "
-                                          "the data again with data.py prepare")
-    if conditioned and cfg.cond_fraction > 0:
-        seqs = seqs + conditioned_copies(seqs, labels, vocab, cfg.cond_fraction, cfg.cond_drop, cfg.seed)
-    return seqs
+def load_split(cfg, name, vocab, conditioned=False, book=None):
+    """The whole split `name` of cfg.data_dir (token arrays, or JSONL) -> x, y (N, T) next-token inputs and
+    targets, cls_pos (N,); with conditioned=True and cfg.cond_fraction > 0 the class-conditioned copies
+    follow the plain sequences."""
+    rows = open_rows(cfg, name, vocab, book, conditioned)
+    return make_batch(rows.get(np.arange(rows.n), 0), cfg.max_length, vocab.pad_id)
 
 
-def load_split(cfg, name, vocab, conditioned=False):
-    """<data_dir>/<name>.jsonl -> x, y (N, T) next-token inputs and targets, cls_pos (N,)."""
-    return make_batch(read_split(cfg, name, vocab, conditioned), cfg.max_length, vocab.pad_id)
-
-
-def block_size(cfg, lengths, where):
-    """The sequence length to train with: cfg.max_length, or with 0 the longest of `lengths` (per
-    split: a list of sequence lengths). A max_length that would cut sequences is refused, naming how
-    many and what it would take, unless cfg.allow_truncation."""
-    longest = max(max(ls) for ls in lengths.values())
+def block_size(cfg, splits, where):
+    """The sequence length to train with: cfg.max_length, or with 0 the longest sequence of `splits`
+    (name -> rows). A max_length that would cut sequences is refused, naming how many and what it would
+    take, unless cfg.allow_truncation."""
+    longest = max(r.longest for r in splits.values())
     block = cfg.max_length or longest
     if block >= longest or cfg.allow_truncation:
         return block
-    cut = " and ".join(f"{sum(n > block for n in ls)} of {len(ls)} {name}" for name, ls in lengths.items())
+    cut = " and ".join(f"{int((r.lengths > block).sum())} of {r.n} {name}" for name, r in splits.items())
     raise UserError(too_short(block, longest, where, f"{cut} sequences"))
 
 
@@ -218,15 +214,15 @@ def too_short(block, longest, where, cut):
 class Data:
     vocab: Vocab
     book: Codebook
-    train: tuple   # x, y, cls_pos
-    dev: tuple     # the development split (dev.jsonl), or None: then training evaluates nothing
-    weights: torch.Tensor   # (N, T) per-token loss weights of the training targets
+    train: object  # the training rows (batches.open_rows): gathered step by step, never all at once
+    dev: tuple     # the development split (x, y, cls_pos), or None: then training evaluates nothing
     block: int = 0          # the sequence length trained with (the model's block size)
+    width: int = 0          # the width of every training row (min(block, longest sequence))
 
 
 def load_data(cfg, procs, log):
-    """Prepare the data folder if needed (rank 0; the others wait) and read the training and the
-    development split. The test split (val.jsonl) is never read here: no training decision sees it."""
+    """Prepare the data folder if needed (rank 0; the others wait), open the training rows and read the
+    development split. The test split (val.*) is never read here: no training decision sees it."""
     if procs.master:
         ensure_prepared(cfg, device=procs.device, log=log)
     if procs.ddp:
@@ -236,19 +232,17 @@ def load_data(cfg, procs, log):
     if book.cfg.num_codes != vocab.num_codes:
         raise UserError(f"{cfg.data_dir}/vocab.json has {vocab.num_codes} code tokens, the codebook there "
                         f"{book.cfg.num_codes} codes; prepare the data again")
-    splits = ["train"] + (["dev"] if os.path.exists(os.path.join(cfg.data_dir, "dev.jsonl")) else [])
-    seqs = {name: read_split(cfg, name, vocab, conditioned=name == "train") for name in splits}
-    block = block_size(cfg, {k: [len(q) for q in v] for k, v in seqs.items()}, cfg.data_dir)
-    cut = sum(len(q) > block for v in seqs.values() for q in v)
+    splits = {"train": open_rows(cfg, "train", vocab, book, conditioned=True)}
+    if any(os.path.exists(os.path.join(cfg.data_dir, "dev" + ext)) for ext in (".tokens.npy", ".jsonl")):
+        splits["dev"] = open_rows(cfg, "dev", vocab)
+    block = block_size(cfg, splits, cfg.data_dir)
+    cut = sum(int((r.lengths > block).sum()) for r in splits.values()) if block < max(
+        r.longest for r in splits.values()) else 0
     if cut:
         log(f"note: max_length {block} cuts the image tokens of {cut} sequences (allow_truncation: true)")
-    train = make_batch(seqs["train"], block, vocab.pad_id)
-    dev = make_batch(seqs["dev"], block, vocab.pad_id) if "dev" in seqs else None
-    x, y, cls_pos = train
-    weights = (y != -100).float()
-    plain = (cls_pos >= 0).nonzero().squeeze(1)   # conditioned rows have no <CLS> and no label target
-    weights[plain, cls_pos[plain]] = cfg.label_weight
-    return Data(vocab, book, train, dev, weights, block)
+    dev = splits.get("dev")
+    dev = make_batch(dev.get(np.arange(dev.n), 0), block, vocab.pad_id) if dev else None
+    return Data(vocab, book, splits["train"], dev, block, min(block, splits["train"].longest))
 
 
 def build_model(cfg, vocab, log):
@@ -380,16 +374,22 @@ class RunFolder:
 
 # ----------------------------------------------------------------------------- the loop
 
-def train_step(model, opt, data, idx, cfg, procs, ctx):
-    """One optimizer step on the global batch `idx` (this process takes its share, in grad_accum
-    micro-batches): loss = label-weighted mean over the global batch's real targets. -> mean loss."""
-    x, y, _ = data.train
-    denom = data.weights[idx].sum().to(procs.device)
-    mine = idx.view(procs.world, -1)[procs.rank].view(cfg.grad_accum, -1)
+def step_counts(micro, procs):
+    """(loss weight sum, real target tokens) of the global batch: this process's micro-batches (x, y, w),
+    summed over the processes. Integers, exact in float32."""
+    t = torch.tensor([sum(float(w.sum()) for _, _, w in micro), sum(int((y != -100).sum()) for _, y, _ in micro)],
+                     dtype=torch.float64, device=procs.device)
+    if procs.ddp:
+        torch.distributed.all_reduce(t)
+    return t[0].float(), int(t[1])
+
+
+def train_step(model, opt, micro, denom, cfg, procs, ctx):
+    """One optimizer step on this process's grad_accum micro-batches (x, y, w) of the global batch:
+    loss = label-weighted mean over the global batch's real targets (denom: their weight sum). -> mean loss."""
     loss_sum = torch.zeros((), device=procs.device)
-    for m in range(cfg.grad_accum):
-        rows = mine[m]
-        xb, yb, wb = x[rows].to(procs.device), y[rows].to(procs.device), data.weights[rows].to(procs.device)
+    for m, (xb, yb, wb) in enumerate(micro):
+        xb, yb, wb = xb.to(procs.device), yb.to(procs.device), wb.to(procs.device)
         sync = nullcontext() if not procs.ddp or m == cfg.grad_accum - 1 else model.no_sync()
         with sync:
             with ctx:
@@ -464,7 +464,7 @@ def check_fits(cfg, device):
 # what --resume may never change (the weights and the data are made for them), and what it changes only
 # when asked (the run would not be the one that was started); the rest (where and how it runs) is free
 RESUME_FIXED = ("n_layer", "n_head", "n_embd", "max_length")
-RESUME_FREE = ("out_dir", "init_from", "device", "compile", "bf16", "allow_truncation")
+RESUME_FREE = ("out_dir", "init_from", "device", "compile", "bf16", "allow_truncation", "num_workers")
 
 
 def check_resume(cfg, folder, allow_changes, log):
@@ -531,9 +531,9 @@ def _train(cfg, procs, resume, log):
 
     data = load_data(cfg, procs, log)
     per_step = cfg.batch_size * cfg.grad_accum * procs.world     # sequences per optimizer step
-    steps_per_epoch = len(data.train[0]) // per_step
+    steps_per_epoch = data.train.n // per_step
     if steps_per_epoch == 0:
-        raise UserError(f"{cfg.data_dir}: {len(data.train[0])} training sequences are fewer than one step "
+        raise UserError(f"{cfg.data_dir}: {data.train.n} training sequences are fewer than one step "
                         f"({per_step} = batch_size x grad_accum x processes)")
     total = steps_per_epoch * cfg.epochs
 
@@ -544,8 +544,8 @@ def _train(cfg, procs, resume, log):
     p = run.resume(raw, opt, procs) if resume else run.start()
     if resume:
         log(f"resumed {run.final} at step {p.step}/{total}")
-    log(f"model: {raw.num_params() / 1e6:.2f} M parameters; {len(data.train[0])} train / "
-        f"{len(data.dev[0]) if data.dev else 'no'} dev sequences of <= {data.train[0].shape[1] + 1} tokens; {total} "
+    log(f"model: {raw.num_params() / 1e6:.2f} M parameters; {data.train.n} train{' (augmented on the fly)' if cfg.augment_on_the_fly else ''} / "
+        f"{len(data.dev[0]) if data.dev else 'no'} dev sequences of <= {data.width} tokens; {total} "
         f"steps of {per_step} sequences on {procs.device}{' x ' + str(procs.world) if procs.ddp else ''}")
     model = torch.compile(raw) if procs.cuda and cfg.compile else raw
     if procs.ddp:
@@ -558,13 +558,15 @@ def _train(cfg, procs, resume, log):
     saved_at, perm_epoch, t_last, tok_last = None, -1, time.time(), p.tokens
     while p.step < total and not stop.set:
         epoch, k = divmod(p.step, steps_per_epoch)
-        if epoch != perm_epoch:  # data order depends only on (seed, epoch): resumes replay it exactly
-            perm = torch.randperm(len(data.train[0]), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        if epoch != perm_epoch:  # batches depend only on (seed, epoch, row): resumes replay them exactly
+            steps = epoch_steps(data.train, epoch, k, cfg, procs.rank, procs.world, data.block, data.width,
+                                data.vocab.pad_id)
             perm_epoch = epoch
-        idx = perm[k * per_step:(k + 1) * per_step]              # this step's global batch
+        micro = next(steps)                                      # this process's share of the step's batch
+        denom, n_tokens = step_counts(micro, procs)
         for g in opt.param_groups:
             g["lr"] = get_lr(p.step, total, cfg)
-        loss = train_step(model, opt, data, idx, cfg, procs, ctx)
+        loss = train_step(model, opt, micro, denom, cfg, procs, ctx)
         if procs.ddp:                                           # all stop at the same step on Ctrl-C
             stop.set = any_process(stop.set, procs.device)
         p.step += 1
@@ -572,7 +574,7 @@ def _train(cfg, procs, resume, log):
             bar.close()
             stop.restore()
             raise UserError(diverged(run, p, f"the training loss is {loss}", cfg))
-        p.tokens += int((data.train[1][idx] != -100).sum())
+        p.tokens += n_tokens
         p.history.append(loss)
         bar.update(1)
         if p.step % 10 == 0 or p.step == total:

@@ -483,12 +483,18 @@ def train_with_data(name, edit, expect):
     return [(f"train-data-{name}", "train", build)]
 
 
+def jsonl_only(folder):
+    """Leave the training split as JSONL only (as prepared before the token arrays), which training reads."""
+    for f in ("train.tokens.npy", "train.index.npz"):
+        os.remove(os.path.join(folder, f))
+
+
 def train_jsonl(kinds):
-    """train.py on a prepared data folder whose train.jsonl is broken in one way."""
+    """train.py on a prepared data folder whose train.jsonl (its only training file) is broken in one way."""
     def make(kind):
         def build(e, d):
             bad, expect = bad_jsonl(e, d, kind)
-            data = data_copy(e, d, lambda p: shutil.copy(bad, os.path.join(p, "train.jsonl")))
+            data = data_copy(e, d, lambda p: (shutil.copy(bad, os.path.join(p, "train.jsonl")), jsonl_only(p)))
             os.remove(bad)
             args, outs = train_args(e, d, data)
             expect = [x.replace(bad, os.path.join(data, "train.jsonl")) for x in expect]
@@ -504,6 +510,7 @@ def truncated_train_jsonl(e, d):
         with open(os.path.join(p, "train.jsonl")) as f:
             lines = f.read().splitlines()[:5]
         write_lines(os.path.join(p, "train.jsonl"), lines + [lines[0][:25]])   # a write cut short
+        jsonl_only(p)
     data = data_copy(e, d, edit)
     args, outs = train_args(e, d, data)
     return args, [os.path.join(data, "train.jsonl") + ":6: invalid JSON"], outs

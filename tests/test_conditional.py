@@ -16,6 +16,7 @@ import eval as eval_cmd
 import generation_metrics as gm
 from metrics import class_probs
 import sample as sample_cmd
+from batches import micro_batch
 from data import make_batch, read_sequences
 from generation import generate, guide
 from tokens import NO_CLASS, Vocab, truncate
@@ -79,14 +80,15 @@ def test_conditioned_copies_never_train_the_classifier(tmp_path):
     data = load_data(cfg, Processes("cpu"), log=lambda *a: None)
     v = data.vocab
     seqs, labels = read_sequences(os.path.join(cfg.data_dir, "train.jsonl"), v)
-    x, y, cls_pos = data.train
+    x, y, w = micro_batch(data.train, np.arange(data.train.n), 0, data.block, data.width, v.pad_id, cfg.label_weight)
+    cls_pos = load_split(cfg, "train", v, conditioned=True)[2]
     n = len(seqs)
     assert len(x) == 2 * n and (cls_pos[:n] >= 0).all() and (cls_pos[n:] == -1).all()
     is_label = (y >= v.label_offset) & (y < v.label_offset + v.num_classes)
     rows, cols = is_label.nonzero(as_tuple=True)
     assert rows.tolist() == list(range(n)) and cols.tolist() == cls_pos[:n].tolist()   # one per plain row, at <CLS>
     assert not (x[n:] == v.cls_id).any()                                 # no <CLS> in a conditioned row
-    assert (data.weights == 5.0).sum() == n and (data.weights[n:] <= 1).all()
+    assert (w == 5.0).sum() == n and (w[n:] <= 1).all()
     first = x[n:, 0]
     stated = [v.is_label(int(t)) for t in first]
     assert all(v.is_label(int(t)) or int(t) == v.unk_id for t in first)
