@@ -33,6 +33,7 @@ from tqdm import tqdm
 import checkpoint
 from cli import add_backend, add_ckpt, add_device, parser, run_cli
 from data import IMAGE_EXTS, load_folder, make_batch, read_image, read_sequences
+from generation import DRAW_TEMPERATURE
 from generation_metrics import generation_report, load_judge, real_split, to_float
 from generation_metrics import summary as generation_summary
 from metrics import class_probs, evaluate, next_tokens
@@ -269,7 +270,8 @@ def build_parser():
     ap.add_argument("--real", choices=("test", "dev"), default="test",
                     help="--generation: the real digits the drawings are compared with: the test split (the "
                          "report) or the development split (to choose sampling settings; default: %(default)s)")
-    ap.add_argument("--temperature", type=float, default=1.0, help="--generation: sampling temperature")
+    ap.add_argument("--temperature", type=float, default=DRAW_TEMPERATURE,
+                    help="--generation: sampling temperature (default: %(default)s, as sample.py --digit)")
     ap.add_argument("--top_p", type=float, default=1.0, help="--generation: nucleus sampling (1 = off)")
     ap.add_argument("--seed", type=int, default=0, help="--generation: sampling seed (default: %(default)s)")
     ap.add_argument("--repair_v1", action="store_true", help="fill in v1 tails '<CLS> <CLS> <EOS>' from the label field")

@@ -28,7 +28,7 @@ import torch
 import checkpoint
 from cli import add_backend, add_ckpt, add_device, parser, run_cli
 from data import read_sequences
-from generation import DEFAULT_GUIDANCE, generate
+from generation import DEFAULT_GUIDANCE, DRAW_TEMPERATURE, generate
 from metrics import class_probs
 from plots import save_grid
 from tokens import TAIL
@@ -75,7 +75,9 @@ def build_parser():
     ap.add_argument("--num_samples", type=int, default=16, help="sequences to draw (default: %(default)s)")
     ap.add_argument("--max_new_tokens", type=int, default=None,
                     help="most tokens to add per row (default: up to the model's block size)")
-    ap.add_argument("--temperature", type=float, default=1.0, help="logits are divided by this; 0 = greedy")
+    ap.add_argument("--temperature", type=float, default=None,
+                    help=f"logits are divided by this; 0 = greedy (default: 1, or {DRAW_TEMPERATURE} when drawing a "
+                         f"chosen class with --digit or --grid)")
     ap.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     ap.add_argument("--top_p", type=float, default=1.0, help="nucleus: keep the most likely tokens "
                                                              "up to this cumulative probability (1 = off)")
@@ -107,6 +109,11 @@ def check_args(a):
         raise UserError(f"--num_samples must be at least 1, got {a.num_samples}")
     if a.max_new_tokens is not None and a.max_new_tokens < 1:
         raise UserError(f"--max_new_tokens must be at least 1, got {a.max_new_tokens}")
+    if a.greedy and (a.temperature is not None or a.top_k or a.top_p != 1.0):
+        raise UserError("--greedy always takes the most likely token: --temperature, --top_k and --top_p "
+                        "do not apply to it")
+    if a.temperature is None:
+        a.temperature = DRAW_TEMPERATURE if a.digit is not None or a.grid else 1.0
     if not a.temperature >= 0:
         raise UserError(f"--temperature must be >= 0 (0 = greedy), got {a.temperature}")
     check_finite(a.temperature, "--temperature")
@@ -133,9 +140,6 @@ def check_args(a):
         raise UserError("--cfg (guidance) needs a class to guide towards: --digit or --grid")
     if a.cfg is not None and not a.cfg >= 0:
         raise UserError(f"--cfg must be >= 0 (1 = plain conditional sampling), got {a.cfg}")
-    if a.greedy and (a.temperature != 1.0 or a.top_k or a.top_p != 1.0):
-        raise UserError("--greedy always takes the most likely token: --temperature, --top_k and --top_p "
-                        "do not apply to it")
 
 
 def check_sizes(a, model, book, vocab):

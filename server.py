@@ -36,7 +36,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from data import read_image
-from generation import DEFAULT_GUIDANCE, generate
+from generation import DEFAULT_GUIDANCE, DRAW_TEMPERATURE, generate
 from metrics import class_probs
 from util import UserError
 
@@ -80,7 +80,8 @@ NO_CONDITIONING = "class-conditional sampling needs a model trained with conditi
 
 class Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    temperature: float = Field(1.0, ge=0, le=5, description="0 = greedy")
+    temperature: Optional[float] = Field(None, ge=0, le=5, description=f"0 = greedy; default 1, or {DRAW_TEMPERATURE} "
+                                                                       f"when drawing a chosen digit")
     top_k: int = Field(0, ge=0, le=100_000, description="keep the k most likely tokens; 0 = off")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling; 1 = off")
     seed: Optional[int] = Field(None, ge=0, le=2**63 - 1,
@@ -374,7 +375,8 @@ def create_app(ck, window=0.01, max_rows=64, batching=True, max_upload=4 << 20, 
     def decode_key(s):
         """Requests with equal sampling settings share a call; a seeded one decodes alone."""
         scale = (DEFAULT_GUIDANCE if s.cfg is None else s.cfg) if s.digit is not None else 1.0
-        settings = (s.temperature, s.top_k, s.top_p, s.seed, scale)
+        temperature = s.temperature if s.temperature is not None else DRAW_TEMPERATURE if s.digit is not None else 1.0
+        settings = (temperature, s.top_k, s.top_p, s.seed, scale)
         return None if s.seed is not None else settings, settings
 
     async def decode(prompts, s):

@@ -18,7 +18,7 @@ from metrics import class_probs
 import sample as sample_cmd
 from batches import micro_batch
 from data import make_batch, read_sequences
-from generation import generate, guide
+from generation import DRAW_TEMPERATURE, generate, guide
 from tokens import NO_CLASS, Vocab, truncate
 from trainer import TrainConfig, load_data, load_split, train, Processes
 from util import UserError
@@ -186,8 +186,11 @@ def test_sample_digit_grid_and_conditional_completion(toy, tmp_path, capsys):
     assert e.value.code == 0
     recs = [json.loads(line) for line in open(js)]
     assert len(recs) == 6 and all(r["meta"]["asked"] == "c2" and r["meta"]["cfg"] == 3.0 for r in recs)
+    assert all(r["meta"]["temperature"] == DRAW_TEMPERATURE for r in recs)     # a drawing's default
     assert all(r["tokens"].startswith("<CLS_2> <IMG>") for r in recs)
-    assert all(r["label"] == 2 for r in recs if r["well_formed"])
+    assert all(r["label"] == 2 and r["well_formed"] for r in recs)             # decoded in the format
+    assert sample_cmd.main(["--ckpt", ck, "--num_samples", "2", "--out_png", png, "--out_jsonl", js]) == 0
+    assert all(json.loads(line)["meta"]["temperature"] == 1.0 for line in open(js))   # free sampling's
     assert sample_cmd.main(["--ckpt", ck, "--grid", "--num_samples", "4", "--cfg", "1", "--out_png", png]) == 0
     w, h = png_size(png)
     assert (w, h) == (4 * (8 * 11 + 4), 3 * (8 * 11 + 16))       # 3 rows (classes) x 4, cells of scale 11
