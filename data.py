@@ -297,7 +297,7 @@ def load_csv(root, size, channels):
 
 def resize(images, size):
     """uint8 (N, H, W, C) -> uint8 (N, size, size, C), bilinear with antialiasing."""
-    t = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    t = torch.as_tensor(np.asarray(images, dtype=np.float32)).permute(0, 3, 1, 2)   # a copy: the input may be read-only
     t = F.interpolate(t, (size, size), mode="bilinear", antialias=True, align_corners=False)
     return t.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
 
