@@ -127,23 +127,21 @@ class Vocab:
         continues with codes until the image has seq_len of them, then its tail: '</IMG> <CLS>', one
         label token, '<EOS>' (the class is the model's choice) or, conditioned, '</IMG> <EOS>'; past the
         <EOS>, <PAD>. Any other prompt (one that does not follow the format so far) is not constrained."""
-        mask = torch.ones(steps, len(self), dtype=torch.bool)
         cond = self.is_conditioned(prompt)
         start = 2 if cond else 1                                     # where the codes begin
         codes = prompt[start:]
         if not (cond or prompt[:1] == [self.img_id]) or len(codes) > seq_len \
                 or not all(self.is_code(i) for i in codes):
-            return mask
+            return torch.ones(steps, len(self), dtype=torch.bool)
         tail = [[self.img_end_id], [self.eos_id]] if cond else \
             [[self.img_end_id], [self.cls_id], range(self.label_offset, self.label_offset + self.num_classes),
              [self.eos_id]]
-        mask[:] = False
-        for j in range(steps):
-            k = len(codes) + j - seq_len                             # position within the tail
-            allowed = range(self.code_offset, self.label_offset) if k < 0 else \
-                tail[k] if k < len(tail) else [self.pad_id]
-            mask[j, list(allowed)] = True
-        return mask
+        kinds = [range(self.code_offset, self.label_offset)] + tail + [[self.pad_id]]   # codes, the tail, <PAD>
+        table = torch.zeros(len(kinds), len(self), dtype=torch.bool)
+        for row, allowed in zip(table, kinds):
+            row[list(allowed)] = True
+        k = torch.arange(steps) + len(codes) - seq_len               # each step's position within the tail
+        return table[(k + 1).clamp(0, len(kinds) - 1)]               # k < 0: codes; past the tail: <PAD>
 
     def is_complete(self, ids, seq_len):
         """Is this a complete v2 sequence: <IMG>, seq_len codes, </IMG> <CLS> <CLS_y> <EOS>?"""
