@@ -403,6 +403,18 @@ def copy_params(n, copies, max_shift, max_rotate, seed):
     return torch.stack(angles) if angles else torch.zeros(0, n), torch.stack(shifts) if shifts else torch.zeros(0, n, 2)
 
 
+TTA_SEED = 1   # the draws of test-time augmentation (training's fixed copies draw with split_seed)
+
+
+def tta_views(images, copies, max_shift, max_rotate, seed=TTA_SEED):
+    """Test-time augmentation: float images (N, C, H, W) -> the images themselves, then `copies` randomly
+    shifted / rotated versions of them, drawn as training draws its augmented copies (one at a time)."""
+    angles, shifts = copy_params(len(images), copies, max_shift, max_rotate, seed)
+    yield images
+    for a, s in zip(angles, shifts):
+        yield transform(images, a, s)
+
+
 def transform(images, angles, shifts):
     """float (N, C, H, W) rotated by angles (N,) radians about the centre and shifted by shifts (N, 2)
     pixels (x, y); bilinear, black outside. Each image's result depends on its own angle and shift only."""

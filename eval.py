@@ -4,6 +4,7 @@ or sequences; show the most likely next tokens; draw training curves.
     python eval.py                                    # runs/demo/final on its test split (val.jsonl)
     python eval.py --ckpt runs/v2/best --data other.jsonl [--repair_v1]
     python eval.py --ckpt runs/demo/seed-*/final      # each on its test split, then mean +- std, 95 % interval
+    python eval.py --split dev --tta 8                # the development split; also with test-time augmentation
     python eval.py --images my_digits/                # root/<class>/*.png, tokenised with the codebook
     python eval.py --classify a.png b.png folder/ seqs.jsonl
     python eval.py --next "<IMG> <Z_000> <Z_000>" --top_k 5
@@ -13,7 +14,14 @@ or sequences; show the most likely next tokens; draw training curves.
 Evaluation prints a summary and writes all metrics to --out (default <ckpt>/eval.json) and the
 confusion matrix to <out without .json>_confusion.png. By default it reads the checkpoint's test split
 (<data_dir>/val.jsonl: held-out images that no training decision reads) and says which split and which
-checkpoint (and how that checkpoint was chosen) in its output and its JSON.
+checkpoint (and how that checkpoint was chosen) in its output and its JSON. --split dev reads the
+development split instead (<data_dir>/dev.jsonl), the one to compare settings on.
+
+--tta K adds classification with test-time augmentation: each image is also classified as K randomly
+shifted / rotated versions of it (drawn as training draws its copies, with the checkpoint's max_shift
+and max_rotate), and the class probabilities are averaged in log space. It needs the images, not only
+their tokens: the checkpoint's own split (read again from its data source, and checked to tokenise to
+exactly the split file's sequences) or --images.
 
 --generation (a model trained with cond_fraction > 0) draws --per_class samples of every class at each
 guidance scale of --scales and scores them with an independent judge (the CNN that `python baselines.py
@@ -28,17 +36,19 @@ measures for real training digits passed through the codebook. Written to --out 
 import os
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 import checkpoint
 from cli import add_backend, add_ckpt, add_device, parser, run_cli
-from data import IMAGE_EXTS, load_folder, make_batch, read_image, read_sequences
+from data import IMAGE_EXTS, DataConfig, data_fields, load_folder, make_batch, read_image, read_sequences
 from generation import DRAW_TEMPERATURE
 from generation_metrics import generation_report, load_judge, real_split, to_float
 from generation_metrics import summary as generation_summary
-from metrics import class_probs, evaluate, next_tokens
+from metrics import augmented_class_probs, class_probs, evaluate, next_tokens
 from plots import confusion_png, plot_curves
 from stats import seed_summary
+from tokenizer import uint8_to_tensor
 from util import UserError, bf16_autocast, check_file, check_outputs, resolve_device, write_bytes, write_json
 
 
@@ -65,7 +75,8 @@ def summary(m, names):
 
 
 def load_eval_data(args, ck):
-    """-> (list of id sequences, description of the source) for the chosen evaluation data."""
+    """-> (list of id sequences, description of the source, their uint8 images (N, H, W, C) or None) for
+    the chosen evaluation data; the images of the checkpoint's own split are read only for --tta."""
     vocab, book, names = ck.vocab, ck.codebook, ck.class_names
     if args.images:
         H, W = book.image_size
@@ -79,18 +90,41 @@ def load_eval_data(args, ck):
                             f"checkpoint (classes: {' '.join(names)})")
         labels = [index[folder_names[y]] for y in labels.tolist()]
         seqs = [p + [vocab.label_id(y), vocab.eos_id] for p, y in zip(ck.encode_images(images), labels)]
-        return seqs, f"{args.images} ({len(seqs)} images, tokenised with the checkpoint's codebook)"
+        return seqs, f"{args.images} ({len(seqs)} images, tokenised with the checkpoint's codebook)", images
     if args.data:
         seqs, _ = read_sequences(args.data, vocab, repair_v1=args.repair_v1)
-        return seqs, args.data
-    path = ck.split_file("val")
+        return seqs, args.data, None
+    path = ck.split_file("val" if args.split == "test" else "dev")
     seqs, _ = read_sequences(path, vocab, repair_v1=args.repair_v1)
-    return seqs, f"{path} (the test split: held out, read by no training decision)"
+    role = ("the test split: held out, read by no training decision" if args.split == "test" else
+            "the development split: carved from the training images, for comparing settings")
+    images = None
+    if args.tta:
+        images = real_split(ck.settings, args.split)[2]
+        if len(images) != len(seqs) or any(s[:len(p)] != p for s, p in zip(seqs, ck.encode_images(images))):
+            raise UserError(f"{path}: its sequences are not the tokens of the {args.split} images of the checkpoint's "
+                            f"data source any more (the source or its split changed); --tta needs those images")
+    return seqs, f"{path} ({role})", images
+
+
+def tta_metrics(ck, images, truth, copies, batch_size):
+    """Classification of uint8 images (N, H, W, C) with test-time augmentation (copies views each) ->
+    {copies, max_shift, max_rotate, accuracy, per_class_accuracy, confusion}."""
+    cfg = DataConfig(**{k: ck.settings[k] for k in data_fields() if k in ck.settings})
+    probs = augmented_class_probs(ck.model, ck.codebook, ck.vocab, uint8_to_tensor(images), copies, cfg.max_shift,
+                                  cfg.max_rotate, batch_size, progress=True)
+    C = ck.vocab.num_classes
+    conf = torch.zeros(C, C, dtype=torch.long).index_put_((truth, probs.argmax(1)), torch.ones(len(truth), dtype=torch.long),
+                                                          accumulate=True)
+    return {"copies": copies, "max_shift": cfg.max_shift, "max_rotate": cfg.max_rotate,
+            "accuracy": conf.diag().sum().item() / max(len(truth), 1),
+            "per_class_accuracy": (conf.diag().double() / conf.sum(1).clamp_min(1)).tolist(), "confusion": conf.tolist()}
 
 
 def outputs(args, folder):
     """The metrics JSON and confusion PNG of one evaluation (checked before any work)."""
-    out = args.out if args.out and len(args.ckpt) == 1 else os.path.join(folder, "eval.json")
+    default = "eval.json" if args.split == "test" or args.data or args.images else "eval_dev.json"
+    out = args.out if args.out and len(args.ckpt) == 1 else os.path.join(folder, default)
     png = os.path.splitext(out)[0] + "_confusion.png"
     check_file(out, "metrics file")
     check_file(png, "confusion matrix PNG")
@@ -100,7 +134,7 @@ def outputs(args, folder):
 
 def run_eval(args, ck):
     out, png = outputs(args, ck.folder)
-    seqs, source = load_eval_data(args, ck)
+    seqs, source, images = load_eval_data(args, ck)
     block = ck.model.config.block_size
     cut = sum(len(s) > block for s in seqs)
     x, y, cls_pos = make_batch(seqs, block, ck.vocab.pad_id)
@@ -108,6 +142,9 @@ def run_eval(args, ck):
     chosen = (ck.metrics or {}).get("chosen", "not recorded (a checkpoint written before this was recorded)")
     report = {"checkpoint": ck.folder, "checkpoint_chosen": chosen, "data": source, "classes": ck.class_names,
               "truncated_sequences": cut, "block_size": block, **metrics, "confusion_png": png}
+    if args.tta:
+        truth = y[torch.arange(len(y)), cls_pos] - ck.vocab.label_offset
+        report["tta"] = tta_metrics(ck, images, truth, args.tta, args.batch_size)
     image = confusion_png(metrics["confusion"], ck.class_names,
                           f"{ck.folder}: accuracy {100 * metrics['accuracy']:.2f} % on {metrics['n_sequences']}")
     write_json(out, report)
@@ -117,6 +154,10 @@ def run_eval(args, ck):
         print(f"note: {cut} sequences are longer than the block size {block}; their image tokens were cut "
               f"(the label tail is kept), as in training")
     print(summary(metrics, ck.class_names))
+    if args.tta:
+        t = report["tta"]
+        print(f"with test-time augmentation ({t['copies']} shifted / rotated views of each image, max_shift "
+              f"{t['max_shift']:g}, max_rotate {t['max_rotate']:g}): accuracy {100 * t['accuracy']:.2f} %")
     print(f"wrote {out} and {png}")
     return report
 
@@ -136,10 +177,14 @@ def run_evals(args):
     print(f"{len(reports)} checkpoints: accuracy {100 * a['mean']:.2f} % +- {100 * a['std']:.2f} (sample std; 95 % "
           f"interval of the mean {100 * a['ci95'][0]:.2f} .. {100 * a['ci95'][1]:.2f}); image-token perplexity "
           f"{rows['image_perplexity']['mean']:.3f} +- {rows['image_perplexity']['std']:.3f}")
+    if args.tta:
+        rows["tta_accuracy"] = t = seed_summary([r["tta"]["accuracy"] for r in reports])
+        print(f"with test-time augmentation ({args.tta} views): accuracy {100 * t['mean']:.2f} % +- {100 * t['std']:.2f} "
+              f"(95 % interval of the mean {100 * t['ci95'][0]:.2f} .. {100 * t['ci95'][1]:.2f})")
     if args.out:
         write_json(args.out, {"checkpoints": args.ckpt, "data": [r["data"] for r in reports],
-                              "per_checkpoint": [{k: r[k] for k in ("checkpoint", "accuracy", "image_perplexity", "loss")}
-                                                 for r in reports], **rows})
+                              "per_checkpoint": [{k: r[k] for k in ("checkpoint", "accuracy", "image_perplexity", "loss", "tta")
+                                                  if k in r} for r in reports], **rows})
         print(f"wrote {args.out}")
     return 0
 
@@ -255,6 +300,12 @@ def build_parser():
     src.add_argument("--data", metavar="FILE.jsonl",
                      help="evaluate on this sequence file (default: the checkpoint's test split, <data_dir>/val.jsonl)")
     src.add_argument("--images", metavar="DIR", help="evaluate on an image folder DIR/<class name>/*.png|jpg...")
+    src.add_argument("--split", choices=("test", "dev"), default="test",
+                     help="evaluate on the checkpoint's test split (val.jsonl) or its development split (dev.jsonl, "
+                          "to compare settings; default: %(default)s)")
+    ap.add_argument("--tta", type=int, default=0, metavar="K",
+                    help="also classify with test-time augmentation: K shifted / rotated views of each image "
+                         "(default: 0, off; needs images: the checkpoint's own split or --images)")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--classify", nargs="+", metavar="PATH",
                       help="print the predicted class and its probability for images, folders of images "
@@ -303,6 +354,11 @@ def main(argv=None):
         raise UserError("--judge is for --generation")
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.tta < 0:
+        raise UserError(f"--tta must be 0 (off) or a number of views, got {args.tta}")
+    if args.tta and (args.data or args.classify or args.next or args.generation):
+        raise UserError("--tta classifies images: it is for evaluation on the checkpoint's own split or --images, "
+                        "not --data sequences, --classify, --next or --generation")
     if len(args.ckpt) > 1:
         if args.classify or args.next or args.generation:
             raise UserError("several --ckpt are for evaluation; --classify, --next and --generation take one")

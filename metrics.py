@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data import tta_views
 from tokens import fit_prefix
 from util import UserError, json_type
 
@@ -124,6 +125,18 @@ def class_probs(model, prefixes, vocab, batch_size=64, progress=False):
         last = torch.tensor([len(p) - 1 for p in chunk], device=device)
         out.append(vocab.label_probs(logits[torch.arange(len(chunk), device=device), last]).cpu())
     return torch.cat(out) if out else torch.zeros(0, C)
+
+
+def augmented_class_probs(model, book, vocab, images, copies, max_shift, max_rotate, batch_size=64, progress=False):
+    """Test-time augmentation: float images (N, C, H, W) -> (N, C) class probabilities, the normalised
+    geometric mean of class_probs over the images and `copies` shifted / rotated versions of each
+    (data.tta_views, tokenised with the codebook `book`). copies 0: class_probs of the images alone."""
+    logp = 0
+    views = tta_views(images, copies, max_shift, max_rotate)
+    for x in tqdm(views, total=copies + 1, desc="test-time views", leave=False, disable=not progress):
+        prefixes = [vocab.prefix_ids(row) for row in book.encode(x).tolist()]
+        logp = logp + class_probs(model, prefixes, vocab, batch_size).double().clamp_min(1e-30).log()
+    return (logp / (copies + 1)).softmax(-1).float()
 
 
 @torch.no_grad()

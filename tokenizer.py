@@ -23,15 +23,18 @@ GROUPS = ("position", "time", "colour", "gradient")
 def assign(x, c, chunk=None):
     """Nearest centroid for each row of x (n, D) among c (k, D): (labels (n,), squared distance (n,)).
     argmin ||x - c||^2 = argmin (||c||^2 - 2 x.c), one fused addmm per chunk of rows; the default
-    chunk keeps each (chunk, k) block of distances near 2 MB, so it stays in cache for the min."""
+    chunk keeps each (chunk, k) block of distances near 2 MB, so it stays in cache for the min.
+    Always in the inputs' precision: under a caller's bf16 autocast the distances would be rounded and
+    images would get other codes than data.prepare gave them."""
     chunk = chunk or max(256, (1 << 19) // max(len(c), 1))
     c_sq = c.pow(2).sum(1)
     labels, dists = [], []
-    for i in range(0, len(x), chunk):
-        xi = x[i:i + chunk]
-        d, l = torch.addmm(c_sq, xi, c.T, alpha=-2).min(1)
-        labels.append(l)
-        dists.append((d + xi.pow(2).sum(1)).clamp_min_(0))
+    with torch.autocast(x.device.type, enabled=False):
+        for i in range(0, len(x), chunk):
+            xi = x[i:i + chunk]
+            d, l = torch.addmm(c_sq, xi, c.T, alpha=-2).min(1)
+            labels.append(l)
+            dists.append((d + xi.pow(2).sum(1)).clamp_min_(0))
     return torch.cat(labels), torch.cat(dists)
 
 

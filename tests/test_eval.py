@@ -223,3 +223,61 @@ def test_help_and_one_line_error_subprocess(tiny, tmp_path):
                        cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: --next: unknown token '<Z_8>'")
+
+
+# ----------------------------------------------------------------------------- test-time augmentation
+
+def test_tta_views_and_probs(tiny):
+    from data import tta_views
+    ck = checkpoint.load(tiny.ckpt)
+    x = torch.rand(5, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    views = list(tta_views(x, 3, 2.0, 10.0))
+    assert len(views) == 4 and torch.equal(views[0], x)
+    assert all(not torch.equal(v, x) for v in views[1:])
+    assert all(torch.equal(a, b) for a, b in zip(views, tta_views(x, 3, 2.0, 10.0)))   # fixed draws
+    plain = metrics.class_probs(ck.model, [ck.vocab.prefix_ids(r) for r in ck.codebook.encode(x).tolist()], ck.vocab)
+    zero = metrics.augmented_class_probs(ck.model, ck.codebook, ck.vocab, x, 0, 2.0, 10.0)
+    assert torch.allclose(zero, plain, atol=1e-6)      # no views: the plain probabilities
+    three = metrics.augmented_class_probs(ck.model, ck.codebook, ck.vocab, x, 3, 2.0, 10.0)
+    each = torch.stack([metrics.class_probs(ck.model, [ck.vocab.prefix_ids(r) for r in ck.codebook.encode(v).tolist()],
+                                            ck.vocab) for v in views]).double()
+    assert torch.allclose(three.double(), each.log().mean(0).softmax(-1), atol=1e-6)   # geometric mean, renormalised
+    assert torch.allclose(three.sum(1), torch.ones(5), atol=1e-6)
+
+
+def test_eval_cli_tta_on_images(tiny, tmp_path, capsys):
+    out = str(tmp_path / "tta.json")
+    assert ev.main(["--ckpt", tiny.ckpt, "--images", tiny.img_dir, "--tta", "3", "--bf16", "false", "--out", out]) == 0
+    rep = json.load(open(out))
+    t = rep["tta"]
+    assert t["copies"] == 3 and sum(map(sum, t["confusion"])) == 24 and 0 <= t["accuracy"] <= 1
+    assert t["accuracy"] == pytest.approx(sum(t["confusion"][c][c] for c in range(3)) / 24)
+    assert "with test-time augmentation (3 shifted / rotated views" in capsys.readouterr().out
+    # the same probabilities as the library function on the same images
+    from data import load_folder
+    from tokenizer import uint8_to_tensor
+    ck = checkpoint.load(tiny.ckpt)
+    images, labels, names, _ = load_folder(tiny.img_dir, 4, 1)
+    probs = metrics.augmented_class_probs(ck.model, ck.codebook, ck.vocab, uint8_to_tensor(images), 3, 2.0, 10.0)
+    truth = torch.tensor([CLASSES.index(names[y]) for y in labels.tolist()])
+    assert t["accuracy"] == pytest.approx((probs.argmax(1) == truth).double().mean().item())
+
+
+def test_eval_cli_tta_refusals(tiny, tmp_path):
+    out = tmp_path / "e.json"
+    with pytest.raises(UserError, match="--tta classifies images"):
+        ev.main(["--ckpt", tiny.ckpt, "--data", tiny.val, "--tta", "2", "--out", str(out)])
+    with pytest.raises(UserError, match="--tta must be 0"):
+        ev.main(["--ckpt", tiny.ckpt, "--images", tiny.img_dir, "--tta", "-1", "--out", str(out)])
+    # the tiny checkpoint's split file is not the tokens of its data source's images: refused, nothing written
+    with pytest.raises(UserError):
+        ev.main(["--ckpt", tiny.ckpt, "--tta", "2", "--out", str(out)])
+    assert not out.exists() and not (tmp_path / "e_confusion.png").exists()
+
+
+def test_codes_do_not_depend_on_a_callers_autocast():
+    from tokenizer import assign
+    x, c = torch.tensor([[0.501]]), torch.tensor([[0.0], [1.0]])   # nearer to 1; bf16 rounds 0.501 to 0.5, a tie
+    assert assign(x, c)[0].tolist() == [1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # eval.py and the service encode under autocast
+        assert assign(x, c)[0].tolist() == [1]
