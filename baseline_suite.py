@@ -23,10 +23,11 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import classifiers as clf
-from data import DataConfig, augment, stratified_split
+from data import DataConfig, augment, stratified_split, tta_views
 from stats import seed_summary, wilson_interval
 from tokenizer import Codebook, psnr
 from tokenizer import uint8_to_tensor as to_tensor
@@ -65,6 +66,7 @@ class SuiteConfig:
     knn_metrics: tuple = clf.METRICS
     logreg_l2: tuple = (1e-1, 1e-2, 1e-3, 1e-4)   # strongest first
     cnn: clf.CNNTraining = field(default_factory=clf.CNNTraining)
+    tta: int = 16                       # test-time views of the CNN's second row (the GPT's eval.py --tta 16)
 
 
 def quick(suite, cfg):
@@ -102,6 +104,8 @@ def check_suite(suite):
     if suite.cnn.epochs < 1 or suite.cnn.batch_size < 1:
         raise UserError(f"--epochs and --batch_size must be at least 1, got {suite.cnn.epochs} and "
                         f"{suite.cnn.batch_size}")
+    if suite.tta < 1:
+        raise UserError(f"--tta must be at least 1, got {suite.tta}")
     if not suite.cnn.lr > 0 or suite.cnn.weight_decay < 0:
         raise UserError(f"--lr must be > 0 and --weight_decay >= 0, got {suite.cnn.lr} and {suite.cnn.weight_decay}")
 
@@ -126,7 +130,7 @@ def run_baselines(images, labels, class_names, cfg, suite=SuiteConfig(), save_ju
     clf.LeNet(cnn_cfg)  # too small an image: one line now, not after the other baselines
     seeds = list(range(suite.first_seed, suite.first_seed + suite.seeds))
     results, predictions = {}, {}
-    steps = 3 + len(suite.logreg_l2) + 5 * len(seeds)
+    steps = 3 + len(suite.logreg_l2) + 6 * len(seeds)
     bar = tqdm(total=steps, desc="baselines", unit="step")
 
     def stage(name):
@@ -193,7 +197,7 @@ def run_baselines(images, labels, class_names, cfg, suite=SuiteConfig(), save_ju
            "chosen on dev)", [selected(best, table, pred, t)], False)
 
     # per seed: the codebook (k-NN on its reconstructions) and the CNN (also applied to the reconstructions)
-    recon_runs, cnn_runs, judge_runs = [], [], []
+    recon_runs, cnn_runs, tta_runs, judge_runs = [], [], [], []
     for s in seeds:
         t = time.time()
         stage(f"codebook (dev), seed {s}")
@@ -221,6 +225,12 @@ def run_baselines(images, labels, class_names, cfg, suite=SuiteConfig(), save_ju
         cnn_runs.append({"seed": s, "params": asdict(suite.cnn), "dev_accuracy": dev_acc, "pred": pred,
                          "seconds": round(time.time() - t, 2)})
         t = time.time()
+        stage(f"CNN with test-time augmentation, seed {s}")
+        tta_runs.append({"seed": s, "params": {"views": suite.tta},
+                         "dev_accuracy": accuracy(cnn_tta_predict(model_dev, X["dev"], cfg, suite.tta), Y["dev"]),
+                         "pred": cnn_tta_predict(model, X["test"], cfg, suite.tta), "seconds": round(time.time() - t, 2)})
+        done()
+        t = time.time()
         stage(f"CNN on reconstructions, seed {s}")
         judge_pred = clf.cnn_predict(model, recon_test)
         judge_runs.append({"seed": s, "params": {}, "pred": judge_pred, "seconds": round(time.time() - t, 2),
@@ -243,6 +253,8 @@ def run_baselines(images, labels, class_names, cfg, suite=SuiteConfig(), save_ju
            recon_runs, True)
     record("cnn", f"LeNet-5-like CNN ({n_params:,} parameters) trained on the training images and their "
            f"{cfg.augment} augmented copies each (the GPT's training set); fixed recipe", cnn_runs, True)
+    record("cnn_tta", f"the same CNNs, each image classified as the mean log-probability over it and {suite.tta} "
+           "shifted / rotated views (data.tta_views, as eval.py --tta scores the GPT)", tta_runs, True)
     record("cnn_on_reconstructions", "the same CNN applied to codebook reconstructions of the images (the "
            "ceiling of a judge of decoded tokens; nothing of its own is chosen)", judge_runs, True)
     report = {
@@ -259,6 +271,13 @@ def run_baselines(images, labels, class_names, cfg, suite=SuiteConfig(), save_ju
         "seconds_total": round(time.time() - t_start, 1),
     }
     return report, predictions
+
+
+def cnn_tta_predict(model, x, cfg, views):
+    """The CNN's predictions for float images x with test-time augmentation (data.tta_views)."""
+    logp = sum(F.log_softmax(clf.cnn_logits(model, v).double(), -1)
+               for v in tta_views(x, views, cfg.max_shift, cfg.max_rotate))
+    return logp.argmax(1)
 
 
 def train_cnn_bar(x, y, cnn_cfg, training, seed, desc):
@@ -283,6 +302,8 @@ def _params(runs):
             shown.append(f"k = {p['k']}, {p['metric']}")
         elif "l2" in p:
             shown.append(f"L2 weight {p['l2']:g}")
+        elif "views" in p:
+            shown.append(f"{p['views']} views (fixed)")
         elif "epochs" in p:
             shown.append(f"{p['epochs']} epochs, batch {p['batch_size']}, AdamW lr {p['lr']:g}, weight decay "
                          f"{p['weight_decay']:g} (fixed)")
@@ -300,6 +321,7 @@ NAMES = {
     "logreg_pixels": "logistic regression on raw pixels",
     "knn_reconstructions": "k-NN on codebook reconstructions",
     "cnn": "LeNet-5-like CNN, same augmented copies",
+    "cnn_tta": "the same CNN with test-time augmentation",
     "cnn_on_reconstructions": "the same CNN on codebook reconstructions",
 }
 

@@ -38,6 +38,8 @@ def main(argv=None):
     ap.add_argument("--batch_size", type=int, default=CNNTraining.batch_size, help="CNN batch size")
     ap.add_argument("--lr", type=float, default=CNNTraining.lr, help="CNN peak learning rate (AdamW, cosine)")
     ap.add_argument("--weight_decay", type=float, default=CNNTraining.weight_decay, help="CNN AdamW weight decay")
+    ap.add_argument("--tta", type=int, default=SuiteConfig.tta,
+                    help="test-time views of the CNN's test-time-augmentation row (as eval.py --tta; default: %(default)s)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: the CNN's small batches gain nothing from more, and "
                          "stall badly when the cores are shared; results are reproducible per thread count)")
@@ -61,7 +63,7 @@ def main(argv=None):
         check_file(path, "output file")
     if args.save_judge:
         check_dir(args.save_judge, "judge folder")
-    suite = SuiteConfig(dev_fraction=args.dev_fraction, seeds=args.seeds, first_seed=args.first_seed,
+    suite = SuiteConfig(dev_fraction=args.dev_fraction, seeds=args.seeds, first_seed=args.first_seed, tta=args.tta,
                         cnn=CNNTraining(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                         weight_decay=args.weight_decay))
     if args.quick:

@@ -241,7 +241,7 @@ def test_no_decision_reads_the_test_split():
             assert report["baselines"][name]["test_accuracy"]["mean"] == pytest.approx(want)
     assert clean["baselines"]["knn_pixels"]["test_accuracy"]["mean"] >= 0.8
     assert set(clean["baselines"]) == {"knn_pixels", "knn_pixels_augmented", "logreg_pixels",
-                                       "knn_reconstructions", "cnn", "cnn_on_reconstructions"}
+                                       "knn_reconstructions", "cnn", "cnn_tta", "cnn_on_reconstructions"}
 
 
 def test_the_check_catches_a_protocol_that_reads_test():
