@@ -4,7 +4,7 @@ or sequences; show the most likely next tokens; draw training curves.
     python eval.py                                    # runs/demo/final on its test split (val.jsonl)
     python eval.py --ckpt runs/v2/best --data other.jsonl [--repair_v1]
     python eval.py --ckpt runs/demo/seed-*/final      # each on its test split, then mean +- std, 95 % interval
-    python eval.py --split dev --tta 8                # the development split; also with test-time augmentation
+    python eval.py --split dev --tta 16               # the development split; also with test-time augmentation
     python eval.py --images my_digits/                # root/<class>/*.png, tokenised with the codebook
     python eval.py --classify a.png b.png folder/ seqs.jsonl
     python eval.py --next "<IMG> <Z_000> <Z_000>" --top_k 5
