@@ -596,7 +596,9 @@ def _train(cfg, procs, resume, log):
         log(f"interrupted: saved {run.final} at step {p.step}; continue with --resume")
     if procs.master:
         run.plot()
-    if procs.ddp:
+    if procs.ddp:   # every process here before any tears down; the DDP wrapper goes first, so that no
+        torch.distributed.barrier()   # gloo work object outlives its group (a rare abort at exit otherwise)
+        del model
         torch.distributed.destroy_process_group()
     return {"step": p.step, "best_accuracy": p.best, "seconds": time.time() - t0, "log": run.log_path}
 
