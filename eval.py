@@ -45,7 +45,7 @@ from data import IMAGE_EXTS, DataConfig, data_fields, load_folder, make_batch, r
 from generation import DRAW_TEMPERATURE
 from generation_metrics import generation_report, load_judge, real_split, to_float
 from generation_metrics import summary as generation_summary
-from metrics import augmented_class_probs, class_probs, evaluate, next_tokens
+from metrics import augmented_class_probs, class_probs, confusion_summary, evaluate, next_tokens
 from plots import confusion_png, plot_curves
 from stats import seed_summary
 from tokenizer import uint8_to_tensor
@@ -116,9 +116,7 @@ def tta_metrics(ck, images, truth, copies, batch_size):
     C = ck.vocab.num_classes
     conf = torch.zeros(C, C, dtype=torch.long).index_put_((truth, probs.argmax(1)), torch.ones(len(truth), dtype=torch.long),
                                                           accumulate=True)
-    return {"copies": copies, "max_shift": cfg.max_shift, "max_rotate": cfg.max_rotate,
-            "accuracy": conf.diag().sum().item() / max(len(truth), 1),
-            "per_class_accuracy": (conf.diag().double() / conf.sum(1).clamp_min(1)).tolist(), "confusion": conf.tolist()}
+    return {"copies": copies, "max_shift": cfg.max_shift, "max_rotate": cfg.max_rotate, **confusion_summary(conf)}
 
 
 def outputs(args, folder):

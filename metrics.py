@@ -58,7 +58,6 @@ def evaluate(model, x, y, cls_pos, vocab, batch_size=64, ctx=nullcontext(), topk
             topk_hit[k] += (ranked[:, :k] == truth[:, None]).any(1).sum().item()
     model.train(was_training)
     n = len(x)
-    per_class = (conf.diag().double() / conf.sum(1).clamp_min(1)).tolist()
     ppl = lambda loss, cnt: math.exp(loss / max(cnt, 1))
     return {
         "n_sequences": n,
@@ -71,11 +70,17 @@ def evaluate(model, x, y, cls_pos, vocab, batch_size=64, ctx=nullcontext(), topk
         "label_loss": s["lab_loss"] / max(n, 1),
         "label_perplexity": ppl(s["lab_loss"], n),
         "label_token_accuracy": s["lab_hit"] / max(n, 1),   # argmax over the whole vocabulary
-        "accuracy": conf.diag().sum().item() / max(n, 1),    # argmax over the label tokens only
         "topk_accuracy": {str(k): v / max(n, 1) for k, v in topk_hit.items()},
-        "per_class_accuracy": per_class,
-        "confusion": conf.tolist(),                          # rows: true class, columns: predicted
+        **confusion_summary(conf),                           # argmax over the label tokens only
     }
+
+
+def confusion_summary(conf):
+    """A confusion matrix (C, C) long (rows: true class, columns: predicted) -> accuracy, per-class
+    accuracy and the matrix as lists."""
+    return {"accuracy": conf.diag().sum().item() / max(conf.sum().item(), 1),
+            "per_class_accuracy": (conf.diag().double() / conf.sum(1).clamp_min(1)).tolist(),
+            "confusion": conf.tolist()}
 
 
 def check_metrics(m, where):
