@@ -6,7 +6,8 @@ A checkpoint is a self-contained folder:
     config.json              {"model": GPTConfig, "train": TrainConfig fields}
     vocab.json, codebook.json, codebook.safetensors
     metrics.json             validation metrics when it was written
-    trainer_state.pt         optimizer, step, RNG state (resumable checkpoints only; weights_only load)
+    trainer_state.pt         optimizer, step, RNG state, and the trained weights when model.safetensors
+                             holds their moving average (resumable checkpoints only; weights_only load)
 A Hugging Face GPT-2 folder written by hf_format.write_export() loads the same way.
 """
 import os
@@ -220,17 +221,20 @@ def load_trainer_state(folder):
 
 def check_trainer_state(state, path):
     """What save() wrote as trainer_state.pt: a dict with the optimizer state, step, best accuracy,
-    tokens, the RNG state and the losses since the last evaluation; anything else is one line."""
+    tokens, the RNG state, the losses since the last evaluation and (runs with a weight average) the
+    trained weights; anything else is one line."""
     integer = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
     want = {"optimizer": (lambda v: isinstance(v, dict), "the optimizer's state dict"),
             "step": (integer, "a step count"), "tokens": (integer, "a token count"),
             "best": (lambda v: v is None or isinstance(v, (int, float)) and not isinstance(v, bool), "a number or None"),
             "rng": (lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8, "a uint8 tensor (the RNG state)"),
-            "history": (lambda v: isinstance(v, list), "a list of losses")}
+            "history": (lambda v: isinstance(v, list), "a list of losses"),
+            "weights": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor)
+                                                             for k, t in v.items()), "a dict of named tensors")}
     if not isinstance(state, dict):
         raise UserError(f"{path}: holds a {type(state).__name__}, expected the trainer state this project saves")
     for k, (ok, what) in want.items():
-        if k == "history" and k not in state:
+        if k in ("history", "weights") and k not in state:
             continue
         if k not in state or not ok(state[k]):
             got = "nothing" if k not in state else type(state[k]).__name__

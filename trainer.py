@@ -13,7 +13,7 @@ import os
 import re
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -59,6 +59,9 @@ class TrainConfig(DataConfig):
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0       # 0 = off
+    ema: float = 0.0             # > 0: evaluate and save an exponential moving average of the weights with
+                                 # this decay per step (0.999: about the last 1,000 steps); the optimizer
+                                 # goes on with the trained weights, which final/'s trainer state keeps
     label_weight: float = 1.0    # loss weight of the label token relative to each image token
     cond_fraction: float = 0.0   # > 0: also train on class-conditioned copies '<CLS_y> <IMG> codes </IMG>
                                  # <EOS>' of this share of the training sequences (class-conditional
@@ -104,7 +107,7 @@ def load_config(path=None, overrides=None):
     for k in ("cond_fraction", "cond_drop"):
         if not 0 <= getattr(cfg, k) <= 1:
             raise UserError(f"config: {k} must be in [0, 1], got {getattr(cfg, k)}")
-    for k in ("dropout", "beta1", "beta2"):
+    for k in ("dropout", "beta1", "beta2", "ema"):
         if not 0 <= getattr(cfg, k) < 1:
             raise UserError(f"config: {k} must be in [0, 1), got {getattr(cfg, k)}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
@@ -290,6 +293,54 @@ class Progress:
     history: list = field(default_factory=list)   # training losses since the last evaluation
 
 
+class WeightAverage:
+    """The exponential moving average of a model's parameters (cfg.ema > 0). After optimizer step t
+    (1, 2, ...): avg += (1 - d) (w - avg) with d = min(decay, (1 + t) / (10 + t)), so that the first,
+    random weights fade out quickly. The average lives beside the model; applied() puts it in the model
+    for an evaluation or a save and then restores the trained weights, bit for bit."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.start_from(model)
+
+    def start_from(self, model):
+        self.avg = [p.detach().clone() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model, step):
+        d = min(self.decay, (1 + step) / (10 + step))
+        for a, p in zip(self.avg, model.parameters()):
+            a.lerp_(p, 1 - d)
+
+    @contextmanager
+    def applied(self, model):
+        params = list(model.parameters())
+        trained = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, a in zip(params, self.avg):
+                p.copy_(a)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, t in zip(params, trained):
+                    p.copy_(t)
+
+
+def trained_weights(model):
+    """{name: a copy of the parameter}: what the trainer state keeps of the weights the optimizer works on."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@torch.no_grad()
+def load_trained_weights(model, weights, path):
+    params = dict(model.named_parameters())
+    if set(weights) != set(params) or any(weights[n].shape != p.shape for n, p in params.items()):
+        raise UserError(f"{path}: its trained weights do not fit this run's model")
+    for n, p in params.items():
+        p.copy_(weights[n])
+
+
 class RunFolder:
     """out_dir: log.jsonl (one JSON line per evaluation), best/ (best accuracy on the development
     split, when there is one), final/ (the latest state, resumable), curves.png. Only rank 0 writes."""
@@ -313,9 +364,10 @@ class RunFolder:
             os.remove(self.log_path)
         return Progress()
 
-    def resume(self, model, opt, procs):
+    def resume(self, model, opt, procs, ema=None):
         """Load final/ into model and optimizer and restore the RNGs -> Progress; log lines written
-        after that checkpoint (by a run killed later) are dropped."""
+        after that checkpoint (by a run killed later) are dropped. final/'s weights are the average
+        when the run kept one (they restart ema); the trainer state's are the ones trained on."""
         state = checkpoint.load_trainer_state(self.final)
         saved = checkpoint.load(self.final, procs.device)
         try:
@@ -323,6 +375,10 @@ class RunFolder:
         except RuntimeError as e:
             raise UserError(f"{saved.folder}: its weights do not fit this run's model "
                             f"({str(e).strip().splitlines()[-1].strip()[:200]})") from None
+        if ema:
+            ema.start_from(model)
+        if "weights" in state:
+            load_trained_weights(model, state["weights"], f"{saved.folder}/trainer_state.pt")
         try:
             opt.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["rng"])
@@ -359,7 +415,8 @@ class RunFolder:
     def save(self, model, cfg, data, metrics, state, improved):
         """best/ (if improved) before final/: a kill between the two redoes this step, best/ included.
         Each checkpoint's metrics.json says how it was chosen."""
-        note = lambda how: {**(metrics or {}), "step": state["step"], "chosen": how}
+        note = lambda how: {**(metrics or {}), "step": state["step"], "chosen": how,
+                            **({"weights": f"exponential moving average (decay {cfg.ema:g})"} if cfg.ema else {})}
         if improved:
             checkpoint.save(self.best, model, cfg, data.vocab, data.book,
                             note("best: the highest development-split accuracy during training"))
@@ -407,34 +464,38 @@ def train_step(model, opt, micro, denom, cfg, procs, ctx):
     return loss_sum.item()
 
 
-def evaluate_and_save(raw, opt, data, run, p, cfg, procs, ctx, total, t0, interrupted=False):
+def evaluate_and_save(raw, opt, data, run, p, cfg, procs, ctx, total, t0, ema=None, interrupted=False):
     """Metrics on the development split (when there is one), a log line and best/ (when they
     improved), and final/ with the trainer state. An interrupted run saves its state only (no log
-    line, no best/), as if it had not stopped. Without a development split there is no best/. Weights
-    that are not finite are never saved: the run stops (see diverged())."""
+    line, no best/), as if it had not stopped. Without a development split there is no best/. With a
+    weight average (ema) the metrics and checkpoints are the average's; the trainer state keeps the
+    trained weights. Weights that are not finite are never saved: the run stops (see diverged())."""
     if not all(bool(t.isfinite().all()) for t in raw.parameters()):
         raise UserError(diverged(run, p, "the weights are not finite (NaN or inf)", cfg))
-    metrics = evaluate(raw, *data.dev, data.vocab, ctx=ctx) if data.dev else None
-    if metrics:
-        metrics["split"] = "dev"
-    rec = {"step": p.step, "epoch": p.step * cfg.epochs / total, "tokens": p.tokens,
-           "lr": get_lr(max(p.step - 1, 0), total, cfg),
-           "train_loss": sum(p.history) / len(p.history) if p.history else None, "time": time.time() - t0,
-           **{f"dev_{k}": metrics[k] for k in ("loss", "perplexity", "token_accuracy", "image_perplexity", "accuracy")
-              if metrics}}
-    improved = metrics is not None and not interrupted and (p.best is None or metrics["accuracy"] > p.best)
-    if not interrupted:  # an interrupted run keeps them, so the next evaluation averages the same steps
-        p.history.clear()
-    if improved:
-        p.best = metrics["accuracy"]
-    if procs.master:
-        if not interrupted:
-            run.append_log(rec)
-        state = {"optimizer": opt.state_dict(), "step": p.step, "best": p.best, "tokens": p.tokens,
-                 "rng": torch.get_rng_state(), "done": p.step == total, "history": list(p.history)}
-        if procs.cuda:
-            state["cuda_rng"] = torch.cuda.get_rng_state()
-        run.save(raw, cfg, data, metrics, state, improved)
+    state = {"step": p.step, "tokens": p.tokens, "done": p.step == total}
+    if ema:
+        state["weights"] = trained_weights(raw)
+    with ema.applied(raw) if ema else nullcontext():
+        metrics = evaluate(raw, *data.dev, data.vocab, ctx=ctx) if data.dev else None
+        if metrics:
+            metrics["split"] = "dev"
+        rec = {"step": p.step, "epoch": p.step * cfg.epochs / total, "tokens": p.tokens,
+               "lr": get_lr(max(p.step - 1, 0), total, cfg),
+               "train_loss": sum(p.history) / len(p.history) if p.history else None, "time": time.time() - t0,
+               **{f"dev_{k}": metrics[k] for k in ("loss", "perplexity", "token_accuracy", "image_perplexity",
+                                                   "accuracy") if metrics}}
+        improved = metrics is not None and not interrupted and (p.best is None or metrics["accuracy"] > p.best)
+        if not interrupted:  # an interrupted run keeps them, so the next evaluation averages the same steps
+            p.history.clear()
+        if improved:
+            p.best = metrics["accuracy"]
+        if procs.master:
+            if not interrupted:
+                run.append_log(rec)
+            state.update(optimizer=opt.state_dict(), best=p.best, rng=torch.get_rng_state(), history=list(p.history))
+            if procs.cuda:
+                state["cuda_rng"] = torch.cuda.get_rng_state()
+            run.save(raw, cfg, data, metrics, state, improved)
     return rec
 
 
@@ -541,7 +602,8 @@ def _train(cfg, procs, resume, log):
     raw = build_model(replace(cfg, max_length=data.block), data.vocab, log).to(procs.device)
     opt = raw.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), "cuda" if procs.cuda else "cpu")
     run = RunFolder(cfg.out_dir, procs.master)
-    p = run.resume(raw, opt, procs) if resume else run.start()
+    ema = WeightAverage(raw, cfg.ema) if cfg.ema else None
+    p = run.resume(raw, opt, procs, ema) if resume else run.start()
     if resume:
         log(f"resumed {run.final} at step {p.step}/{total}")
     log(f"model: {raw.num_params() / 1e6:.2f} M parameters; {data.train.n} train{' (augmented on the fly)' if cfg.augment_on_the_fly else ''} / "
@@ -570,6 +632,8 @@ def _train(cfg, procs, resume, log):
         if procs.ddp:                                           # all stop at the same step on Ctrl-C
             stop.set = any_process(stop.set, procs.device)
         p.step += 1
+        if ema:
+            ema.update(raw, p.step)
         if not math.isfinite(loss):                             # nothing of this step is saved
             bar.close()
             stop.restore()
@@ -582,7 +646,7 @@ def _train(cfg, procs, resume, log):
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{(p.tokens - tok_last) / (now - t_last):.0f}")
             t_last, tok_last = now, p.tokens
         if p.step == total or (p.step % cfg.eval_every == 0 if cfg.eval_every else p.step % steps_per_epoch == 0):
-            rec = evaluate_and_save(raw, opt, data, run, p, cfg, procs, ctx, total, t0)
+            rec = evaluate_and_save(raw, opt, data, run, p, cfg, procs, ctx, total, t0, ema)
             saved_at = p.step
             if procs.master:
                 bar.write(f"step {p.step}: train loss {rec['train_loss']:.4f}" + (
@@ -592,7 +656,7 @@ def _train(cfg, procs, resume, log):
     stop.restore()
     if stop.set and p.step < total:
         if saved_at != p.step:  # not saved by an evaluation at this very step
-            evaluate_and_save(raw, opt, data, run, p, cfg, procs, ctx, total, t0, interrupted=True)
+            evaluate_and_save(raw, opt, data, run, p, cfg, procs, ctx, total, t0, ema, interrupted=True)
         log(f"interrupted: saved {run.final} at step {p.step}; continue with --resume")
     if procs.master:
         run.plot()

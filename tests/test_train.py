@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import checkpoint
 import trainer as train_mod
 from data import make_batch, read_sequences
+from metrics import evaluate
 from model import GPT, GPTConfig
 from tokens import Vocab
 from trainer import TrainConfig, load_config, load_split, train
@@ -241,14 +242,15 @@ def test_grad_accum_matches_a_bigger_batch(run_a):
 
 # ----------------------------------------------------------------------------- resuming
 
-@pytest.mark.parametrize("stop_at", [5, 8])   # between two evaluations, and right after one
-def test_resume_continues_exactly(run_a, monkeypatch, stop_at):
+@pytest.mark.parametrize("stop_at,ema", [(5, 0.0), (8, 0.0), (5, 0.8)])   # between two evaluations, right after one
+def test_resume_continues_exactly(run_a, monkeypatch, stop_at, ema):
     """A run interrupted after `stop_at` steps and resumed logs the same losses and ends with the same
-    weights, bit for bit, as the same run left alone (dropout on, so the RNG state must come back too)."""
+    weights, bit for bit, as the same run left alone (dropout on, so the RNG state must come back too;
+    with a weight average, both the average and the trained weights)."""
     tmp = run_a["tmp"]
-    whole = make_cfg(tmp, f"whole{stop_at}", dropout=0.1)
+    whole = make_cfg(tmp, f"whole{stop_at}-{ema}", dropout=0.1, ema=ema)
     train(replace(whole), log=lambda *a: None)
-    cut = make_cfg(tmp, f"cut{stop_at}", dropout=0.1)
+    cut = make_cfg(tmp, f"cut{stop_at}-{ema}", dropout=0.1, ema=ema)
     monkeypatch.setattr(train_mod, "StopFlag", stop_after(stop_at))
     lines = []
     out = train(replace(cut), log=lines.append)
@@ -278,6 +280,48 @@ def test_resume_continues_exactly(run_a, monkeypatch, stop_at):
     assert torch.equal(sa["rng"], sb["rng"])
     for pa, pb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
         assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert ("weights" in sa) == (ema > 0) and ("weights" in sb) == (ema > 0)
+    if ema:
+        assert all(torch.equal(sa["weights"][k], sb["weights"][k]) for k in sa["weights"])
+
+
+def test_weight_average_is_evaluated_and_saved_without_changing_training(run_a, tmp_path):
+    """With ema, the optimizer's trajectory is run_a's, bit for bit (the trainer state keeps those
+    weights); final/ and the logged dev metrics are the average's: the average computed here from
+    the trained weights of every step, and the metrics of the loaded final/."""
+    steps = []
+    real_update = train_mod.WeightAverage.update
+
+    def spy(self, model, step):
+        steps.append([p.detach().clone() for p in model.parameters()])
+        return real_update(self, model, step)
+
+    cfg = replace(run_a["cfg"], out_dir=str(tmp_path / "ema"), ema=0.8)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(train_mod.WeightAverage, "update", spy)
+    try:
+        train(replace(cfg), log=lambda *a: None)
+    finally:
+        mp.undo()
+    final = os.path.join(cfg.out_dir, "final")
+    state = checkpoint.load_trainer_state(final)
+    plain = weights(os.path.join(run_a["cfg"].out_dir, "final"))
+    assert all(torch.equal(state["weights"][k], plain[k]) for k in state["weights"])   # training unchanged
+    model = checkpoint.load(final).model
+    avg = None
+    for t, ws in enumerate(steps, start=1):   # the definition, step by step, from the first weights
+        d = min(0.8, (1 + t) / (10 + t))
+        avg = [w.clone() for w in ws] if avg is None else [a + (1 - d) * (w - a) for a, w in zip(avg, ws)]
+    assert len(steps) == 3 * STEPS_PER_EPOCH
+    for a, p in zip(avg, model.parameters()):
+        assert torch.allclose(a, p, atol=1e-6)
+    assert any(not torch.equal(p, plain[n]) for n, p in model.state_dict().items() if n in plain)
+    log = read_log(cfg)
+    ck = checkpoint.load(final)
+    dev = load_split(cfg, "dev", ck.vocab)
+    m = evaluate(ck.model, *dev, ck.vocab)
+    assert m["loss"] == pytest.approx(log[-1]["dev_loss"], rel=1e-5)
+    assert json.load(open(os.path.join(final, "metrics.json")))["weights"].startswith("exponential moving average")
 
 
 def test_resume_without_a_checkpoint_is_a_user_error(run_a):
