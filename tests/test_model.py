@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, KVCache
+from model import GPT, GPTConfig, KVCache, SHORT_ATTENTION, causal_attention
 
 TINY = dict(vocab_size=40, block_size=32, n_layer=2, n_head=2, n_embd=32)
 
@@ -193,3 +193,21 @@ def test_optimizer_groups():
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == m.num_params()
     # wte/lm_head tied: listed once
     assert sum(p is m.lm_head.weight for p in decay["params"]) == 1
+
+
+@pytest.mark.parametrize("T", [1, 7, SHORT_ATTENTION, SHORT_ATTENTION + 3])   # explicit ops, then SDPA's kernel
+def test_causal_attention_is_sdpa(T):
+    """causal_attention gives scaled_dot_product_attention(is_causal=True) and its gradients, in fp32
+    to rounding and under bf16 autocast to bf16's precision, on either side of SHORT_ATTENTION."""
+    g = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(2, 3, T, 8, generator=g, requires_grad=True) for _ in range(3))
+    dy = torch.randn(2, 3, T, 8, generator=g)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    grads = torch.autograd.grad(want, (q, k, v), dy)
+    got = causal_attention(q, k, v)
+    assert torch.allclose(got, want, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), dy), grads):
+        assert torch.allclose(a, b, atol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = causal_attention(*(t.bfloat16() for t in (q, k, v)))
+    assert half.dtype == torch.bfloat16 and torch.allclose(half.float(), want, atol=0.05)
