@@ -119,17 +119,20 @@ def test_threads_are_restored(result):
 
 
 def test_flops_formula_matches_torch_flop_counter():
-    """The 6 N part counted independently: torch's FlopCounterMode over a real training step counts the
-    matmuls (it leaves the CPU attention kernel out, which is the 12 L T d part of the formula)."""
+    """The whole formula counted independently: torch's FlopCounterMode over a real training step counts
+    every matmul. On the CPU a sequence this short attends through model.causal_attention's explicit
+    matmuls over the full T x T square, which is the 12 L T d part; above SHORT_ATTENTION the CPU flash
+    kernel, which the counter leaves out, attends instead, and the count is the 6 N part alone."""
     from torch.utils.flop_counter import FlopCounterMode
-    from model import GPT
-    cfg = GPTConfig(vocab_size=100, block_size=32, n_layer=2, n_head=4, n_embd=48)
-    model, T = GPT(cfg), 32
-    x = torch.randint(100, (3, T), generator=torch.Generator().manual_seed(0))
-    with FlopCounterMode(display=False) as counter:
-        model(x, x)[1].backward()
-    attention = 12 * cfg.n_layer * T * cfg.n_embd
-    assert bench.flops_per_token(cfg, T) - attention == counter.get_total_flops() / (3 * T)
+    from model import GPT, SHORT_ATTENTION
+    cfg = GPTConfig(vocab_size=100, block_size=SHORT_ATTENTION + 8, n_layer=2, n_head=4, n_embd=48)
+    model = GPT(cfg)
+    for T, attention in ((32, 12 * cfg.n_layer * 32 * cfg.n_embd), (SHORT_ATTENTION + 8, 0)):
+        x = torch.randint(100, (3, T), generator=torch.Generator().manual_seed(0))
+        with FlopCounterMode(display=False) as counter:
+            model(x, x)[1].backward()
+        assert bench.flops_per_token(cfg, T) - 12 * cfg.n_layer * T * cfg.n_embd + attention == \
+            counter.get_total_flops() / (3 * T)
 
 
 def test_gpu_preset_dry_run_on_the_cpu(tmp_path):
