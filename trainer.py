@@ -314,22 +314,19 @@ class WeightAverage:
 
     @contextmanager
     def applied(self, model):
-        params = list(model.parameters())
-        trained = [p.detach().clone() for p in params]
+        """Inside: the model holds the average; yields {name: a copy of the trained parameter}, which
+        the trainer state keeps."""
+        named = list(model.named_parameters())
+        trained = {n: p.detach().clone() for n, p in named}
         with torch.no_grad():
-            for p, a in zip(params, self.avg):
+            for (_, p), a in zip(named, self.avg):
                 p.copy_(a)
         try:
-            yield
+            yield trained
         finally:
             with torch.no_grad():
-                for p, t in zip(params, trained):
-                    p.copy_(t)
-
-
-def trained_weights(model):
-    """{name: a copy of the parameter}: what the trainer state keeps of the weights the optimizer works on."""
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+                for n, p in named:
+                    p.copy_(trained[n])
 
 
 @torch.no_grad()
@@ -473,9 +470,9 @@ def evaluate_and_save(raw, opt, data, run, p, cfg, procs, ctx, total, t0, ema=No
     if not all(bool(t.isfinite().all()) for t in raw.parameters()):
         raise UserError(diverged(run, p, "the weights are not finite (NaN or inf)", cfg))
     state = {"step": p.step, "tokens": p.tokens, "done": p.step == total}
-    if ema:
-        state["weights"] = trained_weights(raw)
-    with ema.applied(raw) if ema else nullcontext():
+    with ema.applied(raw) if ema else nullcontext() as trained:
+        if trained is not None:
+            state["weights"] = trained
         metrics = evaluate(raw, *data.dev, data.vocab, ctx=ctx) if data.dev else None
         if metrics:
             metrics["split"] = "dev"
