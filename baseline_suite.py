@@ -12,7 +12,7 @@ Each baseline is fitted on fit and scored on dev for every candidate setting; th
 picks the setting (ties go to the earlier candidate: fewer neighbours, cosine before L2, stronger L2
 weight). The chosen setting is then refitted on all of train (fit + dev, as the GPT is trained) and
 scored on test once. Augmented copies are made as data.prepare makes them: data.augment(images,
-augment, max_shift, max_rotate, seed=split_seed), the same fixed copies the GPT's training files hold.
+augment, cfg, seed=split_seed), the same fixed copies the GPT's training files hold.
 The seed-dependent baselines (the codebook's k-means start, the CNN's initial weights and batch
 order) run once per seed; the others are deterministic and run once.
 """
@@ -46,7 +46,7 @@ def augmented(x, cfg):
     """x plus the fixed augmented copies data.prepare adds to a training set."""
     if cfg.augment == 0:
         return x
-    return torch.cat([x, augment(x, cfg.augment, cfg.max_shift, cfg.max_rotate, cfg.split_seed)])
+    return torch.cat([x, augment(x, cfg.augment, cfg, cfg.split_seed)])
 
 
 def fit_codebook(x, cfg, seed):
@@ -241,7 +241,8 @@ def run_baselines(images, labels, class_names, cfg, suite=SuiteConfig(), save_ju
             clf.save_cnn(model, save_judge, class_names, info={
                 "trained_on": f"the {len(X['train'])} training images of {cfg.source} and {cfg.augment} augmented "
                               f"copies of each (split_seed {cfg.split_seed}, val_fraction {cfg.val_fraction}, "
-                              f"max_shift {cfg.max_shift}, max_rotate {cfg.max_rotate})",
+                              f"max_shift {cfg.max_shift}, max_rotate {cfg.max_rotate}, max_scale {cfg.max_scale}, "
+                              f"max_shear {cfg.max_shear})",
                 "training": asdict(suite.cnn), "seed": s,
                 "test_accuracy": accuracy(pred, Y["test"]),
                 "test_accuracy_on_codebook_reconstructions": accuracy(judge_pred, Y["test"]),
@@ -276,7 +277,7 @@ def run_baselines(images, labels, class_names, cfg, suite=SuiteConfig(), save_ju
 def cnn_tta_predict(model, x, cfg, views):
     """The CNN's predictions for float images x with test-time augmentation (data.tta_views)."""
     logp = sum(F.log_softmax(clf.cnn_logits(model, v).double(), -1)
-               for v in tta_views(x, views, cfg.max_shift, cfg.max_rotate))
+               for v in tta_views(x, views, cfg))
     return logp.argmax(1)
 
 

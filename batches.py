@@ -20,7 +20,7 @@ import os
 import numpy as np
 import torch
 
-from data import IMAGES_FILE, make_batch, read_sequences, transform
+from data import IMAGES_FILE, make_batch, read_sequences, scale_shear, transform
 from tokenizer import uint8_to_tensor
 from util import UserError
 
@@ -111,7 +111,8 @@ class ShardRows:
 class AugmentedRows:
     """augment_on_the_fly: an epoch has (augment + 1) x N rows; row j is training image j mod N, as it is
     for j < N, else rotated and shifted by amounts drawn from (seed, epoch, j) (uniform within
-    max_rotate degrees and max_shift pixels, as the fixed copies), then tokenised with the codebook."""
+    max_rotate degrees and max_shift pixels, scaled and sheared within max_scale and max_shear, as the fixed
+    copies), then tokenised with the codebook."""
 
     def __init__(self, folder, vocab, book, cfg):
         path = os.path.join(folder, IMAGES_FILE)
@@ -123,23 +124,23 @@ class AugmentedRows:
             raise UserError(f"{path}: expected uint8 images (N, {book.image_size[0]}, {book.image_size[1]}, "
                             f"{book.channels}) with their labels in train.index.npz, got {self.images.dtype} "
                             f"{self.images.shape}")
-        self.vocab, self.book, self.seed = vocab, book, cfg.seed
-        self.max_shift, self.max_rotate = cfg.max_shift, math.radians(cfg.max_rotate)
+        self.vocab, self.book, self.seed, self.jitter = vocab, book, cfg.seed, cfg
         self.n = self.N * (cfg.augment + 1)
         self.longest = book.seq_len + 5
         self.lengths = np.broadcast_to(np.int64(self.longest), (self.n,))   # all alike; no memory
 
     def params(self, idx, epoch):
-        """The rotation (radians) and shift (pixels) of rows idx in this epoch: float32 (n,), (n, 2)."""
-        u = np.array([np.random.default_rng([self.seed, epoch, j]).random(3) for j in idx.tolist()]).reshape(-1, 3)
+        """The moves of rows idx in this epoch: float32 (n, 5) as data.transform takes them."""
+        u = np.array([np.random.default_rng([self.seed, epoch, j]).random(5) for j in idx.tolist()]).reshape(-1, 5)
         u = torch.from_numpy(u * 2 - 1).float()
-        return u[:, 0] * self.max_rotate, u[:, 1:] * self.max_shift
+        return torch.cat([u[:, :1] * math.radians(self.jitter.max_rotate), u[:, 1:3] * self.jitter.max_shift,
+                          scale_shear(u[:, 3:], self.jitter)], 1)
 
     def get(self, idx, epoch):
         x = uint8_to_tensor(gather(self.images, idx % self.N))
         moved = torch.from_numpy(idx >= self.N)
         if moved.any():
-            x[moved] = transform(x[moved], *self.params(idx[idx >= self.N], epoch))
+            x[moved] = transform(x[moved], self.params(idx[idx >= self.N], epoch))
         rows = self.vocab.image_id_rows(self.book.encode(x).numpy(), self.labels[idx % self.N])
         return rows.tolist()
 

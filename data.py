@@ -55,12 +55,14 @@ class DataConfig(CodebookConfig):
     channels: int = 1            # 1 = grey, 3 = RGB
     val_fraction: float = 0.2
     split_seed: int = 0
-    augment: int = 0             # extra randomly shifted / rotated copies of each training image
+    augment: int = 0             # extra randomly shifted / rotated (/ scaled / sheared) copies of each training image
     augment_on_the_fly: bool = False  # true: the copies are not written; training draws a fresh shift and
                                  # rotation for each of them every epoch (an epoch still has augment + 1
                                  # sequences per training image: the same steps as the fixed copies)
     max_shift: float = 2.0       # pixels
     max_rotate: float = 10.0     # degrees
+    max_scale: float = 0.0       # the copies are scaled by a factor in [1 - max_scale, 1 + max_scale]
+    max_shear: float = 0.0       # degrees of horizontal shear
     dev_fraction: float = 0.0    # > 0: hold out this share of the TRAINING images as the development
                                  # split (dev.jsonl: curves, best/, comparing settings); the held-out
                                  # test split (val.jsonl) stays the same and no training decision reads it
@@ -75,9 +77,12 @@ def check_data_config(cfg, where="config"):
     for k in ("image_size", "patch_size", "num_codes", "fit_samples"):
         if getattr(cfg, k) < 1:
             raise UserError(f"{where}: {k} must be at least 1, got {getattr(cfg, k)}")
-    for k in ("kmeans_iters", "augment", "max_shift", "max_rotate"):
+    for k in ("kmeans_iters", "augment", "max_shift", "max_rotate", "max_scale", "max_shear"):
         if getattr(cfg, k) < 0:
             raise UserError(f"{where}: {k} must be >= 0, got {getattr(cfg, k)}")
+    if cfg.max_scale >= 1 or cfg.max_shear >= 60:
+        raise UserError(f"{where}: max_scale must be below 1 and max_shear below 60 degrees, got {cfg.max_scale:g} "
+                        f"and {cfg.max_shear:g}")
     if cfg.augment_on_the_fly and cfg.augment < 1:
         raise UserError(f"{where}: augment_on_the_fly needs augment >= 1 (the transformed copies of each training "
                         f"image per epoch), got augment {cfg.augment}")
@@ -386,42 +391,52 @@ def stratified_split(labels, val_fraction=0.2, seed=0):
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
-def augment(images, copies, max_shift, max_rotate, seed):
-    """float (N, C, H, W) -> (copies * N, C, H, W): random shifts (pixels) and rotations (degrees)."""
-    angles, shifts = copy_params(len(images), copies, max_shift, max_rotate, seed)
-    return torch.cat([transform(images, a, s) for a, s in zip(angles, shifts)]) if copies else images[:0]
+def augment(images, copies, jitter, seed):
+    """float (N, C, H, W) -> (copies * N, C, H, W): the fixed copies, randomly moved as copy_params draws."""
+    params = copy_params(len(images), copies, jitter, seed)
+    return torch.cat([transform(images, p) for p in params]) if copies else images[:0]
 
 
-def copy_params(n, copies, max_shift, max_rotate, seed):
-    """The random transforms of the fixed copies: angles (copies, n) in radians and shifts (copies, n, 2)
-    in pixels, uniform in [-max, max], drawn copy after copy from one generator seeded with `seed`."""
+def copy_params(n, copies, jitter, seed):
+    """The random moves of the fixed copies: float (copies, n, 5), each row (angle in radians, shift x and y
+    in pixels, scale factor, shear in radians) as transform takes it, uniform within the limits of `jitter`
+    (a DataConfig, or anything with its max_rotate, max_shift, max_scale and max_shear). One generator
+    seeded with `seed` draws the angles and shifts copy after copy, then the scales and shears, so that
+    turning scale and shear on leaves the angles and shifts as they were."""
     g = torch.Generator().manual_seed(seed)
-    angles, shifts = [], []
-    for _ in range(copies):
-        angles.append((torch.rand(n, generator=g) * 2 - 1) * math.radians(max_rotate))
-        shifts.append((torch.rand(n, 2, generator=g) * 2 - 1) * max_shift)
-    return torch.stack(angles) if angles else torch.zeros(0, n), torch.stack(shifts) if shifts else torch.zeros(0, n, 2)
+    params = torch.zeros(copies, n, 5)
+    for c in range(copies):
+        params[c, :, 0] = (torch.rand(n, generator=g) * 2 - 1) * math.radians(jitter.max_rotate)
+        params[c, :, 1:3] = (torch.rand(n, 2, generator=g) * 2 - 1) * jitter.max_shift
+    params[:, :, 3:] = scale_shear(torch.rand(copies, n, 2, generator=g) * 2 - 1, jitter)
+    return params
+
+
+def scale_shear(u, jitter):
+    """Uniform draws u (..., 2) in [-1, 1] -> (..., 2): the scale factor and the shear (radians)."""
+    return torch.stack([1 + u[..., 0] * jitter.max_scale, u[..., 1] * math.radians(jitter.max_shear)], -1)
 
 
 TTA_SEED = 1   # the draws of test-time augmentation (training's fixed copies draw with split_seed)
 
 
-def tta_views(images, copies, max_shift, max_rotate, seed=TTA_SEED):
+def tta_views(images, copies, jitter, seed=TTA_SEED):
     """Test-time augmentation: float images (N, C, H, W) -> the images themselves, then `copies` randomly
-    shifted / rotated versions of them, drawn as training draws its augmented copies (one at a time)."""
-    angles, shifts = copy_params(len(images), copies, max_shift, max_rotate, seed)
+    moved versions of them, drawn as training draws its augmented copies (copy_params, one at a time)."""
     yield images
-    for a, s in zip(angles, shifts):
-        yield transform(images, a, s)
+    for p in copy_params(len(images), copies, jitter, seed):
+        yield transform(images, p)
 
 
-def transform(images, angles, shifts):
-    """float (N, C, H, W) rotated by angles (N,) radians about the centre and shifted by shifts (N, 2)
-    pixels (x, y); bilinear, black outside. Each image's result depends on its own angle and shift only."""
+def transform(images, params):
+    """float (N, C, H, W) moved by params (N, 5) (copy_params): sheared horizontally, scaled and rotated
+    about the centre, then shifted; bilinear, black outside. Each image's result depends on its own row."""
     N, C, H, W = images.shape
-    cos, sin = angles.cos(), angles.sin()
-    theta = torch.stack([torch.stack([cos, -sin, -2 * shifts[:, 0] / W], 1),
-                         torch.stack([sin, cos, -2 * shifts[:, 1] / H], 1)], 1)
+    angles, shifts, scales, shears = params[:, 0], params[:, 1:3], params[:, 3], params[:, 4]
+    cos, sin, k = angles.cos() / scales, angles.sin() / scales, shears.tan()
+    # the output pixel p samples the input at A p + t, A = rotation x shear / scale (what the grid wants)
+    theta = torch.stack([torch.stack([cos, k * cos - sin, -2 * shifts[:, 0] / W], 1),
+                         torch.stack([sin, k * sin + cos, -2 * shifts[:, 1] / H], 1)], 1)
     grid = F.affine_grid(theta, (N, C, H, W), align_corners=False)
     return F.grid_sample(images, grid, align_corners=False, padding_mode="zeros")
 
@@ -440,7 +455,7 @@ def token_dtype(vocab_size):
     return np.uint16 if vocab_size <= 1 << 16 else np.int32
 
 
-def fit_images(images, tr, angles, shifts, cfg):
+def fit_images(images, tr, params, cfg):
     """float (n, C, H, W): what the codebook is fitted on: the training images and their fixed copies
     (also with augment_on_the_fly, so that both ways tokenise with the same codebook); a seeded sample
     of FIT_IMAGES of them when there are more."""
@@ -451,7 +466,7 @@ def fit_images(images, tr, angles, shifts, cfg):
     for c in range(cfg.augment + 1):
         pos = pick[(pick >= c * len(tr)) & (pick < (c + 1) * len(tr))] - c * len(tr)
         x = uint8_to_tensor(images[tr[pos]])
-        out.append(transform(x, angles[c - 1, pos], shifts[c - 1, pos]) if c else x)
+        out.append(transform(x, params[c - 1, pos]) if c else x)
     return torch.cat(out)
 
 
@@ -502,9 +517,9 @@ class _Chunks(torch.utils.data.Dataset):
     copy c) and their JSONL lines, and the figures of the report (code counts, PSNR sum, 64-bit hashes
     of the images and sequences, seconds reading and tokenising)."""
 
-    def __init__(self, images, labels, meta, jobs, angles, shifts, book, vocab, device):
+    def __init__(self, images, labels, meta, jobs, params, book, vocab, device):
         self.images, self.labels, self.meta, self.jobs = images, labels, meta, jobs
-        self.angles, self.shifts, self.book, self.vocab, self.device = angles, shifts, book, vocab, device
+        self.params, self.book, self.vocab, self.device = params, book, vocab, device
         self.encoder = book.to(device)
 
     def __len__(self):
@@ -517,7 +532,7 @@ class _Chunks(torch.utils.data.Dataset):
         t2 = time.perf_counter()
         x = uint8_to_tensor(real)
         if c:
-            x = transform(x, self.angles[c - 1, pos], self.shifts[c - 1, pos])
+            x = transform(x, self.params[c - 1, pos])
         codes = self.encoder.encode(x.to(self.device)).cpu()
         labels = self.labels[rows[pos]]
         ids = self.vocab.image_id_rows(codes.numpy(), labels)
@@ -567,13 +582,13 @@ def prepare(cfg, device="cpu"):
         raise UserError(f"{cfg.source}: all {len(images)} images are of one class ({present[0]!r}); a "
                         f"classifier needs images of at least 2 classes")
     n_fit = len(tr) * (cfg.augment + 1)
-    check_memory(image_bytes(cfg, min(n_fit, FIT_IMAGES) + CHUNK) + 12 * len(tr) * cfg.augment,
+    check_memory(image_bytes(cfg, min(n_fit, FIT_IMAGES) + CHUNK) + 20 * len(tr) * cfg.augment,
                  f"{cfg.source}: {len(tr)} training images x {cfg.augment + 1} (augment {cfg.augment}) and "
                  f"{len(va)} test images of {cfg.image_size} x {cfg.image_size}", hint="lower augment or image_size")
-    angles, shifts = copy_params(len(tr), cfg.augment, cfg.max_shift, cfg.max_rotate, cfg.split_seed)
+    params = copy_params(len(tr), cfg.augment, cfg, cfg.split_seed)
     bar = tqdm(total=cfg.num_codes - 1 + cfg.kmeans_iters, desc="fitting codebook (k-means)", leave=False)
     t1 = time.time()
-    book = Codebook.fit(fit_images(images, tr, angles, shifts, cfg), cfg, device=device,
+    book = Codebook.fit(fit_images(images, tr, params, cfg), cfg, device=device,
                         progress=lambda a, b: bar.update(a + b))
     bar.close()
     t_fit = time.time() - t1
@@ -596,7 +611,7 @@ def prepare(cfg, device="cpu"):
     # does; either way this process writes the files, in order, meanwhile
     n_images = sum(len(rows) * (c + 1) for _, rows, c in plan)
     workers = 0 if str(device) != "cpu" or n_images < 2 * CHUNK else min(os.cpu_count() or 1, len(jobs))
-    loader = torch.utils.data.DataLoader(_Chunks(images, labels, meta, jobs, angles, shifts, book, vocab, device),
+    loader = torch.utils.data.DataLoader(_Chunks(images, labels, meta, jobs, params, book, vocab, device),
                                          batch_size=None,
                                          num_workers=workers, generator=torch.Generator(), collate_fn=_as_is)
     try:

@@ -18,8 +18,8 @@ checkpoint (and how that checkpoint was chosen) in its output and its JSON. --sp
 development split instead (<data_dir>/dev.jsonl), the one to compare settings on.
 
 --tta K adds classification with test-time augmentation: each image is also classified as K randomly
-shifted / rotated versions of it (drawn as training draws its copies, with the checkpoint's max_shift
-and max_rotate), and the class probabilities are averaged in log space. It needs the images, not only
+shifted / rotated versions of it (drawn as training draws its copies, with the checkpoint's max_shift,
+max_rotate, max_scale and max_shear), and the class probabilities are averaged in log space. It needs the images, not only
 their tokens: the checkpoint's own split (read again from its data source, and checked to tokenise to
 exactly the split file's sequences) or --images.
 
@@ -109,14 +109,15 @@ def load_eval_data(args, ck):
 
 def tta_metrics(ck, images, truth, copies, batch_size):
     """Classification of uint8 images (N, H, W, C) with test-time augmentation (copies views each) ->
-    {copies, max_shift, max_rotate, accuracy, per_class_accuracy, confusion}."""
+    {copies, max_shift, max_rotate, max_scale, max_shear, accuracy, per_class_accuracy, confusion}."""
     cfg = DataConfig(**{k: ck.settings[k] for k in data_fields() if k in ck.settings})
-    probs = augmented_class_probs(ck.model, ck.codebook, ck.vocab, uint8_to_tensor(images), copies, cfg.max_shift,
-                                  cfg.max_rotate, batch_size, progress=True)
+    probs = augmented_class_probs(ck.model, ck.codebook, ck.vocab, uint8_to_tensor(images), copies, cfg, batch_size,
+                                  progress=True)
     C = ck.vocab.num_classes
     conf = torch.zeros(C, C, dtype=torch.long).index_put_((truth, probs.argmax(1)), torch.ones(len(truth), dtype=torch.long),
                                                           accumulate=True)
-    return {"copies": copies, "max_shift": cfg.max_shift, "max_rotate": cfg.max_rotate, **confusion_summary(conf)}
+    return {"copies": copies, "max_shift": cfg.max_shift, "max_rotate": cfg.max_rotate, "max_scale": cfg.max_scale,
+            "max_shear": cfg.max_shear, **confusion_summary(conf)}
 
 
 def outputs(args, folder):
@@ -154,8 +155,9 @@ def run_eval(args, ck):
     print(summary(metrics, ck.class_names))
     if args.tta:
         t = report["tta"]
-        print(f"with test-time augmentation ({t['copies']} shifted / rotated views of each image, max_shift "
-              f"{t['max_shift']:g}, max_rotate {t['max_rotate']:g}): accuracy {100 * t['accuracy']:.2f} %")
+        print(f"with test-time augmentation ({t['copies']} moved views of each image, max_shift {t['max_shift']:g}, "
+              f"max_rotate {t['max_rotate']:g}, max_scale {t['max_scale']:g}, max_shear {t['max_shear']:g}): "
+              f"accuracy {100 * t['accuracy']:.2f} %")
     print(f"wrote {out} and {png}")
     return report
 
@@ -302,7 +304,8 @@ def build_parser():
                      help="evaluate on the checkpoint's test split (val.jsonl) or its development split (dev.jsonl, "
                           "to compare settings; default: %(default)s)")
     ap.add_argument("--tta", type=int, default=0, metavar="K",
-                    help="also classify with test-time augmentation: K shifted / rotated views of each image "
+                    help="also classify with test-time augmentation: K moved (shifted / rotated, scaled / sheared as in "
+                         "training) views of each image "
                          "(default: 0, off; needs images: the checkpoint's own split or --images)")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--classify", nargs="+", metavar="PATH",

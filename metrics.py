@@ -132,12 +132,13 @@ def class_probs(model, prefixes, vocab, batch_size=64, progress=False):
     return torch.cat(out) if out else torch.zeros(0, C)
 
 
-def augmented_class_probs(model, book, vocab, images, copies, max_shift, max_rotate, batch_size=64, progress=False):
+def augmented_class_probs(model, book, vocab, images, copies, jitter, batch_size=64, progress=False):
     """Test-time augmentation: float images (N, C, H, W) -> (N, C) class probabilities, the normalised
-    geometric mean of class_probs over the images and `copies` shifted / rotated versions of each
-    (data.tta_views, tokenised with the codebook `book`). copies 0: class_probs of the images alone."""
+    geometric mean of class_probs over the images and `copies` versions of each moved within the limits
+    of `jitter` (data.tta_views, tokenised with the codebook `book`). copies 0: class_probs of the images
+    alone."""
     logp = 0
-    views = tta_views(images, copies, max_shift, max_rotate)
+    views = tta_views(images, copies, jitter)
     for x in tqdm(views, total=copies + 1, desc="test-time views", leave=False, disable=not progress):
         prefixes = [vocab.prefix_ids(row) for row in book.encode(x).tolist()]
         logp = logp + class_probs(model, prefixes, vocab, batch_size).double().clamp_min(1e-30).log()

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from cli import parser, run_cli
-from data import copy_params, load_builtin, transform
+from data import DataConfig, copy_params, load_builtin, transform
 from tokenizer import uint8_to_tensor
 from util import UserError, check_dir, check_file, write_json
 
@@ -42,13 +42,13 @@ def make_source(folder, n, seed=0, chunk=8192):
     images, labels, _, _ = load_builtin()
     rng = np.random.default_rng(seed)
     pick = rng.integers(0, len(images), n)
-    angles, shifts = copy_params(n, 1, 3.0, 15.0, seed)
+    moves = copy_params(n, 1, DataConfig(max_shift=3.0, max_rotate=15.0), seed)[0]
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "train-images-idx3-ubyte"), "wb") as f:
         f.write(bytes([0, 0, 8, 3]) + np.array([n, 28, 28], ">u4").tobytes())
         for i in tqdm(range(0, n, chunk), desc=f"making {n:,} images", leave=False):
             j = slice(i, min(i + chunk, n))
-            x = transform(uint8_to_tensor(images[pick[j]]), angles[0, j], shifts[0, j])
+            x = transform(uint8_to_tensor(images[pick[j]]), moves[j])
             f.write((x * 255).round().clamp(0, 255).byte().numpy().tobytes())
     with open(os.path.join(folder, "train-labels-idx1-ubyte"), "wb") as f:
         f.write(bytes([0, 0, 8, 1]) + np.array([n], ">u4").tobytes() + labels[pick].astype(np.uint8).tobytes())

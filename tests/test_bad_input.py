@@ -942,6 +942,8 @@ CASES += [
         ("seed-negative", ["--seed", "-1"], ["config: seed must be an integer in 0..", "got -1"]),
         ("split-seed-huge", ["--split_seed", str(2 ** 70)], ["config: split_seed must be an integer in 0.."]),
         ("codebook-seed-negative", ["--codebook_seed", "-5"], ["config: codebook_seed must be an integer in 0.."]),
+        ("max-scale-one", ["--max_scale", "1"], ["config: max_scale must be below 1 and max_shear below 60 degrees"]),
+        ("max-shear-negative", ["--max_shear", "-3"], ["config: max_shear must be >= 0, got -3"]),
     ], lambda e, d: train_args(e, d, out(d, "data")), tag="size"),
     *O("data", [
         ("image-size-huge", ["--image_size", str(2 ** 22)], ["one 4194304 x 4194304 image", "more than the"]),

@@ -1,5 +1,6 @@
 import gzip
 import json
+import math
 import os
 import re
 import struct
@@ -14,8 +15,9 @@ from PIL import Image
 
 import data
 from cli import add_settings, apply_settings, coerce, parser
-from data import (DataConfig, augment, ensure_prepared, load_builtin, load_csv, load_folder, load_idx,
-                  load_source, make_batch, prepare, read_pixel_csv, read_sequences, stratified_split)
+from data import (DataConfig, augment, copy_params, ensure_prepared, load_builtin, load_csv, load_folder, load_idx,
+                  load_source, make_batch, prepare, read_pixel_csv, read_sequences, stratified_split,
+                  transform)
 from fixtures import ROOT
 from plots import save_grid
 from tokenizer import Codebook
@@ -232,15 +234,49 @@ def test_stratified_split():
 
 def test_augment():
     x = to_tensor(digit_images(6, size=12)[0][..., None])
-    same = augment(x, 2, 0.0, 0.0, seed=0)
+    still = DataConfig(max_shift=0.0, max_rotate=0.0)
+    same = augment(x, 2, still, seed=0)
     assert same.shape == (12, 1, 12, 12)
     assert torch.allclose(same[:6], x, atol=1e-5) and torch.allclose(same[6:], x, atol=1e-5)
-    a = augment(x, 3, 2.0, 10.0, seed=0)
+    a = augment(x, 3, DataConfig(), seed=0)
     assert a.shape == (18, 1, 12, 12) and 0 <= a.min() and a.max() <= 1
     assert not torch.allclose(a[:6], x, atol=1e-2)
-    assert torch.equal(a, augment(x, 3, 2.0, 10.0, seed=0))
-    assert not torch.equal(a, augment(x, 3, 2.0, 10.0, seed=1))
-    assert augment(x, 0, 2.0, 10.0, seed=0).shape == (0, 1, 12, 12)
+    assert torch.equal(a, augment(x, 3, DataConfig(), seed=0))
+    assert not torch.equal(a, augment(x, 3, DataConfig(), seed=1))
+    assert augment(x, 0, DataConfig(), seed=0).shape == (0, 1, 12, 12)
+    # scale and shear alone move the images too
+    assert not torch.allclose(augment(x, 2, replace(still, max_scale=0.3), seed=0)[:6], x, atol=1e-2)
+    assert not torch.allclose(augment(x, 2, replace(still, max_shear=20.0), seed=0)[:6], x, atol=1e-2)
+
+
+def test_copy_params_scale_and_shear_leave_the_rotations_and_shifts():
+    plain = copy_params(50, 3, DataConfig(), seed=4)
+    more = copy_params(50, 3, DataConfig(max_scale=0.2, max_shear=10.0), seed=4)
+    assert plain.shape == more.shape == (3, 50, 5)
+    assert torch.equal(plain[..., :3], more[..., :3])    # the fixed copies made before scale and shear existed
+    assert torch.equal(plain[..., 3], torch.ones(3, 50)) and torch.equal(plain[..., 4], torch.zeros(3, 50))
+    assert plain[..., 0].abs().max() <= math.radians(10) and plain[..., 1:3].abs().max() <= 2
+    assert ((more[..., 3] - 1).abs().max() <= 0.2 + 1e-6) and (more[..., 3] - 1).abs().max() > 0.15
+    assert more[..., 4].abs().max() <= math.radians(10) + 1e-6 and more[..., 4].abs().max() > math.radians(8)
+
+
+def test_transform_scales_and_shears_about_the_centre():
+    x = torch.zeros(1, 1, 16, 16)
+    x[..., 6:10, 6:10] = 1                          # a 4 x 4 square at the centre
+    move = lambda angle=0.0, dx=0.0, dy=0.0, scale=1.0, shear=0.0: torch.tensor([[angle, dx, dy, scale, shear]])
+    assert torch.allclose(transform(x, move()), x, atol=1e-6)
+    big = transform(x, move(scale=2.0))             # twice as large: 8 x 8, still centred
+    assert big.sum().item() == pytest.approx(64, abs=1) and torch.equal(big, big.flip(-1)) and torch.equal(big, big.flip(-2))
+    assert big[0, 0, 5:11, 5:11].min() > 0.99 and big[0, 0, :3].max() == 0
+    assert transform(x, move(scale=0.5)).sum().item() == pytest.approx(4, abs=0.5)
+    bar = torch.zeros(1, 1, 16, 16)
+    bar[..., 2:14, 7:9] = 1                          # a vertical bar through the centre
+    slant = transform(bar, move(shear=math.atan(0.5)))
+    cols = torch.arange(16.0)
+    centre = lambda row: (slant[0, 0, row] * cols).sum() / slant[0, 0, row].sum()
+    assert centre(3).item() == pytest.approx(7.5 - 0.5 * (3 - 7.5), abs=0.3)     # half a pixel per row
+    assert centre(12).item() == pytest.approx(7.5 - 0.5 * (12 - 7.5), abs=0.3)
+    assert slant.sum().item() == pytest.approx(bar.sum().item(), rel=0.02)   # a shear keeps the area
 
 
 # ----------------------------------------------------------------------------- prepare

@@ -228,17 +228,17 @@ def test_help_and_one_line_error_subprocess(tiny, tmp_path):
 # ----------------------------------------------------------------------------- test-time augmentation
 
 def test_tta_views_and_probs(tiny):
-    from data import tta_views
+    from data import DataConfig, tta_views
     ck = checkpoint.load(tiny.ckpt)
     x = torch.rand(5, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-    views = list(tta_views(x, 3, 2.0, 10.0))
+    views = list(tta_views(x, 3, DataConfig()))
     assert len(views) == 4 and torch.equal(views[0], x)
     assert all(not torch.equal(v, x) for v in views[1:])
-    assert all(torch.equal(a, b) for a, b in zip(views, tta_views(x, 3, 2.0, 10.0)))   # fixed draws
+    assert all(torch.equal(a, b) for a, b in zip(views, tta_views(x, 3, DataConfig())))   # fixed draws
     plain = metrics.class_probs(ck.model, [ck.vocab.prefix_ids(r) for r in ck.codebook.encode(x).tolist()], ck.vocab)
-    zero = metrics.augmented_class_probs(ck.model, ck.codebook, ck.vocab, x, 0, 2.0, 10.0)
+    zero = metrics.augmented_class_probs(ck.model, ck.codebook, ck.vocab, x, 0, DataConfig())
     assert torch.allclose(zero, plain, atol=1e-6)      # no views: the plain probabilities
-    three = metrics.augmented_class_probs(ck.model, ck.codebook, ck.vocab, x, 3, 2.0, 10.0)
+    three = metrics.augmented_class_probs(ck.model, ck.codebook, ck.vocab, x, 3, DataConfig())
     each = torch.stack([metrics.class_probs(ck.model, [ck.vocab.prefix_ids(r) for r in ck.codebook.encode(v).tolist()],
                                             ck.vocab) for v in views]).double()
     assert torch.allclose(three.double(), each.log().mean(0).softmax(-1), atol=1e-6)   # geometric mean, renormalised
@@ -252,13 +252,13 @@ def test_eval_cli_tta_on_images(tiny, tmp_path, capsys):
     t = rep["tta"]
     assert t["copies"] == 3 and sum(map(sum, t["confusion"])) == 24 and 0 <= t["accuracy"] <= 1
     assert t["accuracy"] == pytest.approx(sum(t["confusion"][c][c] for c in range(3)) / 24)
-    assert "with test-time augmentation (3 shifted / rotated views" in capsys.readouterr().out
+    assert "with test-time augmentation (3 moved views" in capsys.readouterr().out
     # the same probabilities as the library function on the same images
-    from data import load_folder
+    from data import DataConfig, load_folder
     from tokenizer import uint8_to_tensor
     ck = checkpoint.load(tiny.ckpt)
     images, labels, names, _ = load_folder(tiny.img_dir, 4, 1)
-    probs = metrics.augmented_class_probs(ck.model, ck.codebook, ck.vocab, uint8_to_tensor(images), 3, 2.0, 10.0)
+    probs = metrics.augmented_class_probs(ck.model, ck.codebook, ck.vocab, uint8_to_tensor(images), 3, DataConfig())
     truth = torch.tensor([CLASSES.index(names[y]) for y in labels.tolist()])
     assert t["accuracy"] == pytest.approx((probs.argmax(1) == truth).double().mean().item())
 
