@@ -144,8 +144,8 @@ def _generate_aligned(model, prompts, vocab, steps, max_new_tokens, temperature,
                       generator, stop_at_eos, record_logits, progress, uncond=None, cfg_scale=1.0, image_len=None):
     """Decode one batch of equal-length prompts. The loop keeps everything per row in tensors
     (tokens, finished rows, logits at <CLS>) so that a step is the model call plus a few whole-batch
-    ops, with no Python loop over rows; the only per-step read back is whether every row is done
-    (and none when EOS does not stop)."""
+    ops, with no Python loop over rows; the per-step read backs are whether every row is done (none
+    when EOS does not stop) and whether any row chose <CLS> (its logits are kept only then)."""
     B, L = len(prompts), len(prompts[0])
     device = model.device
     allowed = None if image_len is None else \
@@ -172,7 +172,9 @@ def _generate_aligned(model, prompts, vocab, steps, max_new_tokens, temperature,
     for step in tqdm(range(steps), desc="sampling", leave=False, disable=not progress):
         if eos is not None and bool(done.all()):
             break
-        tok = choose_next(last, temperature, top_k, top_p, greedy, generator).masked_fill_(done, vocab.pad_id)
+        tok = choose_next(last, temperature, top_k, top_p, greedy, generator)
+        if eos is not None:   # without EOS no row finishes early
+            tok.masked_fill_(done, vocab.pad_id)
         new[:, step] = tok
         if record_logits:
             rec[:, step] = last
@@ -183,9 +185,11 @@ def _generate_aligned(model, prompts, vocab, steps, max_new_tokens, temperature,
             break
         logits, _ = model((tok if uncond is None else tok.repeat(2))[:, None], cache=cache)
         last = mix(logits[:, -1], step + 1)
-        first_cls = (tok == vocab.cls_id) & ~has_cls
-        cls_logits = torch.where(first_cls[:, None], last, cls_logits)
-        has_cls |= first_cls
+        fed_cls = tok == vocab.cls_id
+        if bool(fed_cls.any()):   # once or twice per image: keep the logits of the rows that fed it first
+            first_cls = fed_cls & ~has_cls
+            cls_logits = torch.where(first_cls[:, None], last, cls_logits)
+            has_cls |= first_cls
     return [_result(prompts[b], toks, eos, max_new_tokens, has, cls_logits[b], rec, b, vocab)
             for b, (toks, has) in enumerate(zip(new[:, :ran].tolist(), has_cls.tolist()))]
 
