@@ -56,8 +56,8 @@ class DataConfig(CodebookConfig):
     val_fraction: float = 0.2
     split_seed: int = 0
     augment: int = 0             # extra randomly shifted / rotated (/ scaled / sheared) copies of each training image
-    augment_on_the_fly: bool = False  # true: the copies are not written; training draws a fresh shift and
-                                 # rotation for each of them every epoch (an epoch still has augment + 1
+    augment_on_the_fly: bool = False  # true: the copies are not written; training draws fresh moves
+                                 # for each of them every epoch (an epoch still has augment + 1
                                  # sequences per training image: the same steps as the fixed copies)
     max_shift: float = 2.0       # pixels
     max_rotate: float = 10.0     # degrees

@@ -18,10 +18,10 @@ checkpoint (and how that checkpoint was chosen) in its output and its JSON. --sp
 development split instead (<data_dir>/dev.jsonl), the one to compare settings on.
 
 --tta K adds classification with test-time augmentation: each image is also classified as K randomly
-shifted / rotated versions of it (drawn as training draws its copies, with the checkpoint's max_shift,
-max_rotate, max_scale and max_shear), and the class probabilities are averaged in log space. It needs the images, not only
-their tokens: the checkpoint's own split (read again from its data source, and checked to tokenise to
-exactly the split file's sequences) or --images.
+moved versions of it (drawn as training draws its copies, with the checkpoint's max_shift, max_rotate,
+max_scale and max_shear), and the class probabilities are averaged in log space. It needs the images,
+not only their tokens: the checkpoint's own split (read again from its data source, and checked to
+tokenise to exactly the split file's sequences) or --images.
 
 --generation (a model trained with cond_fraction > 0) draws --per_class samples of every class at each
 guidance scale of --scales and scores them with an independent judge (the CNN that `python baselines.py

@@ -186,7 +186,7 @@ def _generate_aligned(model, prompts, vocab, steps, max_new_tokens, temperature,
         logits, _ = model((tok if uncond is None else tok.repeat(2))[:, None], cache=cache)
         last = mix(logits[:, -1], step + 1)
         fed_cls = tok == vocab.cls_id
-        if bool(fed_cls.any()):   # once or twice per image: keep the logits of the rows that fed it first
+        if bool(fed_cls.any()):   # about once per image: keep the logits of the rows that fed it first
             first_cls = fed_cls & ~has_cls
             cls_logits = torch.where(first_cls[:, None], last, cls_logits)
             has_cls |= first_cls
