@@ -14,13 +14,12 @@ grad_accum x processes rows of it and each process gathers only its own share, i
 workers (num_workers; 0 gathers in the training process). What a batch holds depends only on (seed,
 epoch, row), never on the number of workers, so a resumed run replays the same batches.
 """
-import math
 import os
 
 import numpy as np
 import torch
 
-from data import IMAGES_FILE, make_batch, read_sequences, scale_shear, transform
+from data import IMAGES_FILE, make_batch, moves, read_sequences, transform
 from tokenizer import uint8_to_tensor
 from util import UserError
 
@@ -132,9 +131,7 @@ class AugmentedRows:
     def params(self, idx, epoch):
         """The moves of rows idx in this epoch: float32 (n, 5) as data.transform takes them."""
         u = np.array([np.random.default_rng([self.seed, epoch, j]).random(5) for j in idx.tolist()]).reshape(-1, 5)
-        u = torch.from_numpy(u * 2 - 1).float()
-        return torch.cat([u[:, :1] * math.radians(self.jitter.max_rotate), u[:, 1:3] * self.jitter.max_shift,
-                          scale_shear(u[:, 3:], self.jitter)], 1)
+        return moves(torch.from_numpy(u * 2 - 1).float(), self.jitter)
 
     def get(self, idx, epoch):
         x = uint8_to_tensor(gather(self.images, idx % self.N))

@@ -404,17 +404,20 @@ def copy_params(n, copies, jitter, seed):
     seeded with `seed` draws the angles and shifts copy after copy, then the scales and shears, so that
     turning scale and shear on leaves the angles and shifts as they were."""
     g = torch.Generator().manual_seed(seed)
-    params = torch.zeros(copies, n, 5)
+    u = torch.empty(copies, n, 5)
     for c in range(copies):
-        params[c, :, 0] = (torch.rand(n, generator=g) * 2 - 1) * math.radians(jitter.max_rotate)
-        params[c, :, 1:3] = (torch.rand(n, 2, generator=g) * 2 - 1) * jitter.max_shift
-    params[:, :, 3:] = scale_shear(torch.rand(copies, n, 2, generator=g) * 2 - 1, jitter)
-    return params
+        u[c, :, 0] = torch.rand(n, generator=g) * 2 - 1
+        u[c, :, 1:3] = torch.rand(n, 2, generator=g) * 2 - 1
+    u[:, :, 3:] = torch.rand(copies, n, 2, generator=g) * 2 - 1
+    return moves(u, jitter)
 
 
-def scale_shear(u, jitter):
-    """Uniform draws u (..., 2) in [-1, 1] -> (..., 2): the scale factor and the shear (radians)."""
-    return torch.stack([1 + u[..., 0] * jitter.max_scale, u[..., 1] * math.radians(jitter.max_shear)], -1)
+def moves(u, jitter):
+    """Uniform draws u (..., 5) in [-1, 1] -> the moves transform takes (..., 5): angle (radians), shift
+    x and y (pixels), scale factor, shear (radians), each within the limits of `jitter`."""
+    return torch.stack([u[..., 0] * math.radians(jitter.max_rotate), u[..., 1] * jitter.max_shift,
+                        u[..., 2] * jitter.max_shift, 1 + u[..., 3] * jitter.max_scale,
+                        u[..., 4] * math.radians(jitter.max_shear)], -1)
 
 
 TTA_SEED = 1   # the draws of test-time augmentation (training's fixed copies draw with split_seed)
