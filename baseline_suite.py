@@ -242,7 +242,7 @@ def run_baselines(images, labels, class_names, cfg, suite=SuiteConfig(), save_ju
                 "trained_on": f"the {len(X['train'])} training images of {cfg.source} and {cfg.augment} augmented "
                               f"copies of each (split_seed {cfg.split_seed}, val_fraction {cfg.val_fraction}, "
                               f"max_shift {cfg.max_shift}, max_rotate {cfg.max_rotate}, max_scale {cfg.max_scale}, "
-                              f"max_shear {cfg.max_shear})",
+                              f"max_shear {cfg.max_shear}, max_elastic {cfg.max_elastic})",
                 "training": asdict(suite.cnn), "seed": s,
                 "test_accuracy": accuracy(pred, Y["test"]),
                 "test_accuracy_on_codebook_reconstructions": accuracy(judge_pred, Y["test"]),

@@ -19,7 +19,7 @@ import os
 import numpy as np
 import torch
 
-from data import IMAGES_FILE, make_batch, moves, read_sequences, transform
+from data import IMAGES_FILE, make_batch, move_width, moves, read_sequences, transform
 from tokenizer import uint8_to_tensor
 from util import UserError
 
@@ -110,8 +110,8 @@ class ShardRows:
 class AugmentedRows:
     """augment_on_the_fly: an epoch has (augment + 1) x N rows; row j is training image j mod N, as it is
     for j < N, else rotated and shifted by amounts drawn from (seed, epoch, j) (uniform within
-    max_rotate degrees and max_shift pixels, scaled and sheared within max_scale and max_shear, as the fixed
-    copies), then tokenised with the codebook."""
+    max_rotate degrees and max_shift pixels, scaled and sheared within max_scale and max_shear, warped within
+    max_elastic, as the fixed copies), then tokenised with the codebook."""
 
     def __init__(self, folder, vocab, book, cfg):
         path = os.path.join(folder, IMAGES_FILE)
@@ -129,8 +129,9 @@ class AugmentedRows:
         self.lengths = np.broadcast_to(np.int64(self.longest), (self.n,))   # all alike; no memory
 
     def params(self, idx, epoch):
-        """The moves of rows idx in this epoch: float32 (n, 5) as data.transform takes them."""
-        u = np.array([np.random.default_rng([self.seed, epoch, j]).random(5) for j in idx.tolist()]).reshape(-1, 5)
+        """The moves of rows idx in this epoch: float32 (n, move_width) as data.transform takes them."""
+        w = move_width(self.jitter)
+        u = np.array([np.random.default_rng([self.seed, epoch, j]).random(w) for j in idx.tolist()]).reshape(-1, w)
         return moves(torch.from_numpy(u * 2 - 1).float(), self.jitter)
 
     def get(self, idx, epoch):

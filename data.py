@@ -63,6 +63,8 @@ class DataConfig(CodebookConfig):
     max_rotate: float = 10.0     # degrees
     max_scale: float = 0.0       # the copies are scaled by a factor in [1 - max_scale, 1 + max_scale]
     max_shear: float = 0.0       # degrees of horizontal shear
+    max_elastic: float = 0.0     # pixels: a smooth random warp, each point of a WARP_GRID x WARP_GRID lattice
+                                 # moved by up to this in x and y, bicubic in between
     dev_fraction: float = 0.0    # > 0: hold out this share of the TRAINING images as the development
                                  # split (dev.jsonl: curves, best/, comparing settings); the held-out
                                  # test split (val.jsonl) stays the same and no training decision reads it
@@ -77,12 +79,15 @@ def check_data_config(cfg, where="config"):
     for k in ("image_size", "patch_size", "num_codes", "fit_samples"):
         if getattr(cfg, k) < 1:
             raise UserError(f"{where}: {k} must be at least 1, got {getattr(cfg, k)}")
-    for k in ("kmeans_iters", "augment", "max_shift", "max_rotate", "max_scale", "max_shear"):
+    for k in ("kmeans_iters", "augment", "max_shift", "max_rotate", "max_scale", "max_shear", "max_elastic"):
         if getattr(cfg, k) < 0:
             raise UserError(f"{where}: {k} must be >= 0, got {getattr(cfg, k)}")
     if cfg.max_scale >= 1 or cfg.max_shear >= 60:
         raise UserError(f"{where}: max_scale must be below 1 and max_shear below 60 degrees, got {cfg.max_scale:g} "
                         f"and {cfg.max_shear:g}")
+    if cfg.max_elastic > cfg.image_size / WARP_GRID:
+        raise UserError(f"{where}: max_elastic must be at most image_size / {WARP_GRID} = "
+                        f"{cfg.image_size / WARP_GRID:g} pixels (the spacing of the warp's lattice), got {cfg.max_elastic:g}")
     if cfg.augment_on_the_fly and cfg.augment < 1:
         raise UserError(f"{where}: augment_on_the_fly needs augment >= 1 (the transformed copies of each training "
                         f"image per epoch), got augment {cfg.augment}")
@@ -397,27 +402,40 @@ def augment(images, copies, jitter, seed):
     return torch.cat([transform(images, p) for p in params]) if copies else images[:0]
 
 
+WARP_GRID = 4   # max_elastic: the warp's lattice of control points, WARP_GRID x WARP_GRID over the image
+
+
+def move_width(jitter):
+    """The columns of one move: angle, shift x, shift y, scale, shear, then with max_elastic the warp's
+    displacements (x then y, WARP_GRID x WARP_GRID each)."""
+    return 5 + 2 * WARP_GRID ** 2 if jitter.max_elastic else 5
+
+
 def copy_params(n, copies, jitter, seed):
-    """The random moves of the fixed copies: float (copies, n, 5), each row (angle in radians, shift x and y
-    in pixels, scale factor, shear in radians) as transform takes it, uniform within the limits of `jitter`
-    (a DataConfig, or anything with its max_rotate, max_shift, max_scale and max_shear). One generator
-    seeded with `seed` draws the angles and shifts copy after copy, then the scales and shears, so that
-    turning scale and shear on leaves the angles and shifts as they were."""
+    """The random moves of the fixed copies: float (copies, n, move_width(jitter)), each row (angle in radians,
+    shift x and y in pixels, scale factor, shear in radians[, warp displacements in pixels]) as transform
+    takes it, uniform within the limits of `jitter` (a DataConfig, or anything with its max_rotate,
+    max_shift, max_scale, max_shear and max_elastic). One generator seeded with `seed` draws the angles and
+    shifts copy after copy, then the scales and shears, then the warps, so that turning the later ones on
+    leaves the earlier ones as they were."""
     g = torch.Generator().manual_seed(seed)
-    u = torch.empty(copies, n, 5)
+    u = torch.empty(copies, n, move_width(jitter))
     for c in range(copies):
         u[c, :, 0] = torch.rand(n, generator=g) * 2 - 1
         u[c, :, 1:3] = torch.rand(n, 2, generator=g) * 2 - 1
-    u[:, :, 3:] = torch.rand(copies, n, 2, generator=g) * 2 - 1
+    u[:, :, 3:5] = torch.rand(copies, n, 2, generator=g) * 2 - 1
+    u[:, :, 5:] = torch.rand(copies, n, u.shape[2] - 5, generator=g) * 2 - 1
     return moves(u, jitter)
 
 
 def moves(u, jitter):
-    """Uniform draws u (..., 5) in [-1, 1] -> the moves transform takes (..., 5): angle (radians), shift
-    x and y (pixels), scale factor, shear (radians), each within the limits of `jitter`."""
-    return torch.stack([u[..., 0] * math.radians(jitter.max_rotate), u[..., 1] * jitter.max_shift,
-                        u[..., 2] * jitter.max_shift, 1 + u[..., 3] * jitter.max_scale,
-                        u[..., 4] * math.radians(jitter.max_shear)], -1)
+    """Uniform draws u (..., move_width(jitter)) in [-1, 1] -> the moves transform takes, the same shape:
+    angle (radians), shift x and y (pixels), scale factor, shear (radians)[, warp displacements (pixels)],
+    each within the limits of `jitter`."""
+    return torch.cat([torch.stack([u[..., 0] * math.radians(jitter.max_rotate), u[..., 1] * jitter.max_shift,
+                                   u[..., 2] * jitter.max_shift, 1 + u[..., 3] * jitter.max_scale,
+                                   u[..., 4] * math.radians(jitter.max_shear)], -1),
+                      u[..., 5:] * jitter.max_elastic], -1)
 
 
 TTA_SEED = 1   # the draws of test-time augmentation (training's fixed copies draw with split_seed)
@@ -432,8 +450,11 @@ def tta_views(images, copies, jitter, seed=TTA_SEED):
 
 
 def transform(images, params):
-    """float (N, C, H, W) moved by params (N, 5) (copy_params): sheared horizontally, scaled and rotated
-    about the centre, then shifted; bilinear, black outside. Each image's result depends on its own row."""
+    """float (N, C, H, W) moved by params (N, 5 or 5 + 2 WARP_GRID^2) (copy_params): sheared horizontally,
+    scaled and rotated about the centre, then shifted, then warped when the row has warp columns (each
+    output pixel also moved by a displacement interpolated bicubically from the WARP_GRID x WARP_GRID
+    lattice, corners on the image's corners); bilinear, black outside. Each image's result depends on its
+    own row."""
     N, C, H, W = images.shape
     angles, shifts, scales, shears = params[:, 0], params[:, 1:3], params[:, 3], params[:, 4]
     cos, sin, k = angles.cos() / scales, angles.sin() / scales, shears.tan()
@@ -441,6 +462,10 @@ def transform(images, params):
     theta = torch.stack([torch.stack([cos, k * cos - sin, -2 * shifts[:, 0] / W], 1),
                          torch.stack([sin, k * sin + cos, -2 * shifts[:, 1] / H], 1)], 1)
     grid = F.affine_grid(theta, (N, C, H, W), align_corners=False)
+    if params.shape[1] > 5:   # the warp: pixels -> the grid's units (2 / W per pixel across, 2 / H down)
+        lattice = params[:, 5:].reshape(N, 2, WARP_GRID, WARP_GRID)
+        warp = F.interpolate(lattice, size=(H, W), mode="bicubic", align_corners=True)
+        grid = grid - warp.permute(0, 2, 3, 1) * torch.tensor([2 / W, 2 / H])
     return F.grid_sample(images, grid, align_corners=False, padding_mode="zeros")
 
 

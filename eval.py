@@ -19,7 +19,7 @@ development split instead (<data_dir>/dev.jsonl), the one to compare settings on
 
 --tta K adds classification with test-time augmentation: each image is also classified as K randomly
 moved versions of it (drawn as training draws its copies, with the checkpoint's max_shift, max_rotate,
-max_scale and max_shear), and the class probabilities are averaged in log space. It needs the images,
+max_scale, max_shear and max_elastic), and the class probabilities are averaged in log space. It needs the images,
 not only their tokens: the checkpoint's own split (read again from its data source, and checked to
 tokenise to exactly the split file's sequences) or --images.
 
@@ -109,7 +109,7 @@ def load_eval_data(args, ck):
 
 def tta_metrics(ck, images, truth, copies, batch_size):
     """Classification of uint8 images (N, H, W, C) with test-time augmentation (copies views each) ->
-    {copies, max_shift, max_rotate, max_scale, max_shear, accuracy, per_class_accuracy, confusion}."""
+    {copies, max_shift, max_rotate, max_scale, max_shear, max_elastic, accuracy, per_class_accuracy, confusion}."""
     cfg = DataConfig(**{k: ck.settings[k] for k in data_fields() if k in ck.settings})
     probs = augmented_class_probs(ck.model, ck.codebook, ck.vocab, uint8_to_tensor(images), copies, cfg, batch_size,
                                   progress=True)
@@ -117,7 +117,7 @@ def tta_metrics(ck, images, truth, copies, batch_size):
     conf = torch.zeros(C, C, dtype=torch.long).index_put_((truth, probs.argmax(1)), torch.ones(len(truth), dtype=torch.long),
                                                           accumulate=True)
     return {"copies": copies, "max_shift": cfg.max_shift, "max_rotate": cfg.max_rotate, "max_scale": cfg.max_scale,
-            "max_shear": cfg.max_shear, **confusion_summary(conf)}
+            "max_shear": cfg.max_shear, "max_elastic": cfg.max_elastic, **confusion_summary(conf)}
 
 
 def outputs(args, folder):
@@ -156,8 +156,8 @@ def run_eval(args, ck):
     if args.tta:
         t = report["tta"]
         print(f"with test-time augmentation ({t['copies']} moved views of each image, max_shift {t['max_shift']:g}, "
-              f"max_rotate {t['max_rotate']:g}, max_scale {t['max_scale']:g}, max_shear {t['max_shear']:g}): "
-              f"accuracy {100 * t['accuracy']:.2f} %")
+              f"max_rotate {t['max_rotate']:g}, max_scale {t['max_scale']:g}, max_shear {t['max_shear']:g}, "
+              f"max_elastic {t['max_elastic']:g}): accuracy {100 * t['accuracy']:.2f} %")
     print(f"wrote {out} and {png}")
     return report
 

@@ -944,6 +944,9 @@ CASES += [
         ("codebook-seed-negative", ["--codebook_seed", "-5"], ["config: codebook_seed must be an integer in 0.."]),
         ("max-scale-one", ["--max_scale", "1"], ["config: max_scale must be below 1 and max_shear below 60 degrees"]),
         ("max-shear-negative", ["--max_shear", "-3"], ["config: max_shear must be >= 0, got -3"]),
+        ("max-elastic-negative", ["--max_elastic", "-1"], ["config: max_elastic must be >= 0, got -1"]),
+        ("max-elastic-beyond-lattice", ["--max_elastic", "9"], ["config: max_elastic must be at most image_size / 4",
+                                                               "got 9"]),
     ], lambda e, d: train_args(e, d, out(d, "data")), tag="size"),
     *O("data", [
         ("image-size-huge", ["--image_size", str(2 ** 22)], ["one 4194304 x 4194304 image", "more than the"]),

@@ -19,7 +19,7 @@ import torch
 import checkpoint
 import data
 from batches import AugmentedRows, ListRows, ShardRows, epoch_steps, open_rows
-from data import IMAGES_FILE, check_data_config, prepare, read_sequences, token_dtype
+from data import IMAGES_FILE, WARP_GRID, check_data_config, prepare, read_sequences, token_dtype
 from tokenizer import Codebook, uint8_to_tensor
 from tokens import Vocab
 from trainer import TrainConfig, train
@@ -95,6 +95,15 @@ def test_on_the_fly_rows_are_fresh_each_epoch_and_deterministic(fly):
     other = AugmentedRows(cfg.data_dir, vocab, book, replace(cfg, seed=2))
     assert other.get(idx, 0)[:rows.N] == plain and other.get(idx, 0) != e0   # another seed, other transforms
 
+
+
+def test_on_the_fly_warp_leaves_the_other_moves(fly):
+    cfg, vocab, book = fly["cfg"], fly["vocab"], fly["book"]
+    idx = np.arange(5, 40)
+    plain = AugmentedRows(cfg.data_dir, vocab, book, cfg).params(idx, 1)
+    warped = AugmentedRows(cfg.data_dir, vocab, book, replace(cfg, max_elastic=1.0)).params(idx, 1)
+    assert plain.shape == (35, 5) and warped.shape == (35, 5 + 2 * WARP_GRID ** 2)
+    assert torch.equal(warped[:, :5], plain) and 0.9 < warped[:, 5:].abs().max() <= 1.0
 
 def test_on_the_fly_batches_do_not_depend_on_the_workers(fly):
     cfg, vocab = fly["cfg"], fly["vocab"]

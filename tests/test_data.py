@@ -15,8 +15,8 @@ from PIL import Image
 
 import data
 from cli import add_settings, apply_settings, coerce, parser
-from data import (DataConfig, augment, copy_params, ensure_prepared, load_builtin, load_csv, load_folder, load_idx,
-                  load_source, make_batch, prepare, read_pixel_csv, read_sequences, stratified_split,
+from data import (WARP_GRID, DataConfig, augment, copy_params, ensure_prepared, load_builtin, load_csv, load_folder,
+                  load_idx, load_source, make_batch, prepare, read_pixel_csv, read_sequences, stratified_split,
                   transform)
 from fixtures import ROOT
 from plots import save_grid
@@ -247,6 +247,7 @@ def test_augment():
     # scale and shear alone move the images too
     assert not torch.allclose(augment(x, 2, replace(still, max_scale=0.3), seed=0)[:6], x, atol=1e-2)
     assert not torch.allclose(augment(x, 2, replace(still, max_shear=20.0), seed=0)[:6], x, atol=1e-2)
+    assert not torch.allclose(augment(x, 2, replace(still, max_elastic=1.5), seed=0)[:6], x, atol=1e-2)
 
 
 def test_copy_params_scale_and_shear_leave_the_rotations_and_shifts():
@@ -277,6 +278,34 @@ def test_transform_scales_and_shears_about_the_centre():
     assert centre(3).item() == pytest.approx(7.5 - 0.5 * (3 - 7.5), abs=0.3)     # half a pixel per row
     assert centre(12).item() == pytest.approx(7.5 - 0.5 * (12 - 7.5), abs=0.3)
     assert slant.sum().item() == pytest.approx(bar.sum().item(), rel=0.02)   # a shear keeps the area
+
+
+
+def test_copy_params_warp_leaves_the_other_moves():
+    plain = copy_params(50, 3, DataConfig(max_scale=0.1, max_shear=5.0), seed=4)
+    warped = copy_params(50, 3, DataConfig(max_scale=0.1, max_shear=5.0, max_elastic=1.5), seed=4)
+    assert plain.shape == (3, 50, 5) and warped.shape == (3, 50, 5 + 2 * WARP_GRID ** 2)
+    assert torch.equal(warped[..., :5], plain)        # the copies made before the warp existed
+    assert warped[..., 5:].abs().max() <= 1.5 + 1e-6 and warped[..., 5:].abs().max() > 1.4
+    assert warped[..., 5:].std() > 0.5                # each control point drawn on its own
+
+
+def test_transform_warps_smoothly():
+    x = torch.zeros(1, 1, 16, 16)
+    x[..., 4:12, 7:9] = 1                             # a vertical bar
+    none = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0]])
+    lattice = torch.zeros(1, 2, WARP_GRID, WARP_GRID)
+    lattice[:, 0] = 3.0                               # every control point 3 px to the right: a shift
+    shifted = transform(x, torch.cat([none, lattice.flatten(1)], 1))
+    assert torch.allclose(shifted, transform(x, torch.tensor([[0.0, 3.0, 0.0, 1.0, 0.0]])), atol=1e-5)
+    assert torch.allclose(transform(x, torch.cat([none, torch.zeros(1, 2 * WARP_GRID ** 2)], 1)), x, atol=1e-6)
+    lattice = torch.zeros(1, 2, WARP_GRID, WARP_GRID)
+    lattice[:, 0] = torch.linspace(-2, 2, WARP_GRID)[:, None]   # the top 2 px left, the bottom 2 px right
+    bent = transform(x, torch.cat([none, lattice.flatten(1)], 1))
+    cols = torch.arange(16.0)
+    centre = lambda row: ((bent[0, 0, row] * cols).sum() / bent[0, 0, row].sum()).item()
+    assert centre(4) < 7.5 - 0.5 and centre(11) > 7.5 + 0.5 and centre(4) < centre(7) < centre(11)
+    assert bent.sum().item() == pytest.approx(x.sum().item(), rel=0.05)   # bent, not cut
 
 
 # ----------------------------------------------------------------------------- prepare
