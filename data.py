@@ -87,7 +87,8 @@ def check_data_config(cfg, where="config"):
                         f"and {cfg.max_shear:g}")
     if cfg.max_elastic > cfg.image_size / WARP_GRID:
         raise UserError(f"{where}: max_elastic must be at most image_size / {WARP_GRID} = "
-                        f"{cfg.image_size / WARP_GRID:g} pixels (the spacing of the warp's lattice), got {cfg.max_elastic:g}")
+                        f"{cfg.image_size / WARP_GRID:g} pixels (the spacing of the warp's lattice), "
+                        f"got {cfg.max_elastic:g}")
     if cfg.augment_on_the_fly and cfg.augment < 1:
         raise UserError(f"{where}: augment_on_the_fly needs augment >= 1 (the transformed copies of each training "
                         f"image per epoch), got augment {cfg.augment}")
@@ -465,7 +466,7 @@ def transform(images, params):
     if params.shape[1] > 5:   # the warp: pixels -> the grid's units (2 / W per pixel across, 2 / H down)
         lattice = params[:, 5:].reshape(N, 2, WARP_GRID, WARP_GRID)
         warp = F.interpolate(lattice, size=(H, W), mode="bicubic", align_corners=True)
-        grid = grid - warp.permute(0, 2, 3, 1) * torch.tensor([2 / W, 2 / H])
+        grid = grid - warp.permute(0, 2, 3, 1) * grid.new_tensor([2 / W, 2 / H])
     return F.grid_sample(images, grid, align_corners=False, padding_mode="zeros")
 
 
