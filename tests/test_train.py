@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import checkpoint
 import trainer as train_mod
-from data import make_batch, read_sequences
+from data import check_data_config, make_batch, read_sequences
 from metrics import evaluate
 from model import GPT, GPTConfig
 from tokens import Vocab
@@ -521,6 +521,10 @@ def test_shipped_configs_load():
         cfg = load_config(os.path.join(ROOT, "config", f"{name}.yaml"))
         assert cfg.augment > 0 and cfg.data_dir != v2.data_dir and cfg.label_weight > 1
         assert (cfg.source, cfg.patch_size, cfg.num_codes, cfg.dev_fraction) == ("builtin", 4, 500, 0.1)
+    best = load_config(os.path.join(ROOT, "config", "best.yaml"))   # the warp has a data folder of its own
+    assert (best.augment, best.max_elastic) == (20, 1.5) and best.data_dir != cfg.data_dir
+    for name in sorted(os.listdir(os.path.join(ROOT, "config"))):     # every one passes the data checks
+        check_data_config(load_config(os.path.join(ROOT, "config", name)), name)
 
 
 def test_cli_help_lists_the_keys():
@@ -560,3 +564,4 @@ def test_seeds_train_each_and_eval_summarises_them(run_a, tmp_path, capsys):
     rep = json.load(open(out))
     each = [json.load(open(os.path.join(f, "eval.json")))["accuracy"] for f in finals]
     assert rep["accuracy"] == seed_summary(each) and "2 checkpoints: accuracy" in capsys.readouterr().out
+
