@@ -96,7 +96,6 @@ def test_on_the_fly_rows_are_fresh_each_epoch_and_deterministic(fly):
     assert other.get(idx, 0)[:rows.N] == plain and other.get(idx, 0) != e0   # another seed, other transforms
 
 
-
 def test_on_the_fly_warp_leaves_the_other_moves(fly):
     cfg, vocab, book = fly["cfg"], fly["vocab"], fly["book"]
     idx = np.arange(5, 40)
@@ -104,6 +103,7 @@ def test_on_the_fly_warp_leaves_the_other_moves(fly):
     warped = AugmentedRows(cfg.data_dir, vocab, book, replace(cfg, max_elastic=1.0)).params(idx, 1)
     assert plain.shape == (35, 5) and warped.shape == (35, 5 + 2 * WARP_GRID ** 2)
     assert torch.equal(warped[:, :5], plain) and 0.9 < warped[:, 5:].abs().max() <= 1.0
+
 
 def test_on_the_fly_batches_do_not_depend_on_the_workers(fly):
     cfg, vocab = fly["cfg"], fly["vocab"]
