@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import classifiers as clf
-from data import DataConfig, augment, stratified_split, tta_views
+from data import MOVE_LIMITS, DataConfig, augment, stratified_split, tta_views
 from stats import seed_summary, wilson_interval
 from tokenizer import Codebook, psnr
 from tokenizer import uint8_to_tensor as to_tensor
@@ -241,8 +241,7 @@ def run_baselines(images, labels, class_names, cfg, suite=SuiteConfig(), save_ju
             clf.save_cnn(model, save_judge, class_names, info={
                 "trained_on": f"the {len(X['train'])} training images of {cfg.source} and {cfg.augment} augmented "
                               f"copies of each (split_seed {cfg.split_seed}, val_fraction {cfg.val_fraction}, "
-                              f"max_shift {cfg.max_shift}, max_rotate {cfg.max_rotate}, max_scale {cfg.max_scale}, "
-                              f"max_shear {cfg.max_shear}, max_elastic {cfg.max_elastic})",
+                              f"{', '.join(f'{k} {getattr(cfg, k)}' for k in MOVE_LIMITS)})",
                 "training": asdict(suite.cnn), "seed": s,
                 "test_accuracy": accuracy(pred, Y["test"]),
                 "test_accuracy_on_codebook_reconstructions": accuracy(judge_pred, Y["test"]),

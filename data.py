@@ -70,6 +70,9 @@ class DataConfig(CodebookConfig):
                                  # test split (val.jsonl) stays the same and no training decision reads it
 
 
+MOVE_LIMITS = ("max_shift", "max_rotate", "max_scale", "max_shear", "max_elastic")   # how far copies and views move
+
+
 def data_fields():
     return [f.name for f in fields(DataConfig)]
 
@@ -79,7 +82,7 @@ def check_data_config(cfg, where="config"):
     for k in ("image_size", "patch_size", "num_codes", "fit_samples"):
         if getattr(cfg, k) < 1:
             raise UserError(f"{where}: {k} must be at least 1, got {getattr(cfg, k)}")
-    for k in ("kmeans_iters", "augment", "max_shift", "max_rotate", "max_scale", "max_shear", "max_elastic"):
+    for k in ("kmeans_iters", "augment", *MOVE_LIMITS):
         if getattr(cfg, k) < 0:
             raise UserError(f"{where}: {k} must be >= 0, got {getattr(cfg, k)}")
     if cfg.max_scale >= 1 or cfg.max_shear >= 60:

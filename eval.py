@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 import checkpoint
 from cli import add_backend, add_ckpt, add_device, parser, run_cli
-from data import IMAGE_EXTS, DataConfig, data_fields, load_folder, make_batch, read_image, read_sequences
+from data import IMAGE_EXTS, MOVE_LIMITS, DataConfig, data_fields, load_folder, make_batch, read_image, read_sequences
 from generation import DRAW_TEMPERATURE
 from generation_metrics import generation_report, load_judge, real_split, to_float
 from generation_metrics import summary as generation_summary
@@ -116,8 +116,7 @@ def tta_metrics(ck, images, truth, copies, batch_size):
     C = ck.vocab.num_classes
     conf = torch.zeros(C, C, dtype=torch.long).index_put_((truth, probs.argmax(1)), torch.ones(len(truth), dtype=torch.long),
                                                           accumulate=True)
-    return {"copies": copies, "max_shift": cfg.max_shift, "max_rotate": cfg.max_rotate, "max_scale": cfg.max_scale,
-            "max_shear": cfg.max_shear, "max_elastic": cfg.max_elastic, **confusion_summary(conf)}
+    return {"copies": copies, **{k: getattr(cfg, k) for k in MOVE_LIMITS}, **confusion_summary(conf)}
 
 
 def outputs(args, folder):
@@ -155,9 +154,9 @@ def run_eval(args, ck):
     print(summary(metrics, ck.class_names))
     if args.tta:
         t = report["tta"]
-        print(f"with test-time augmentation ({t['copies']} moved views of each image, max_shift {t['max_shift']:g}, "
-              f"max_rotate {t['max_rotate']:g}, max_scale {t['max_scale']:g}, max_shear {t['max_shear']:g}, "
-              f"max_elastic {t['max_elastic']:g}): accuracy {100 * t['accuracy']:.2f} %")
+        limits = ", ".join(f"{k} {t[k]:g}" for k in MOVE_LIMITS)
+        print(f"with test-time augmentation ({t['copies']} moved views of each image, {limits}): "
+              f"accuracy {100 * t['accuracy']:.2f} %")
     print(f"wrote {out} and {png}")
     return report
 
