@@ -1,12 +1,12 @@
 """The baselines of the evaluation protocol: which images each role gets, what is chosen on dev, what is scored on test.
 
 Three roles, never mixed (the project's split of its images, as data.prepare makes it):
-- test: the held-out images, data.stratified_split(labels, val_fraction, split_seed)[1] (the 1,000
+- test: the held-out images, data.split_roles(labels, cfg)[2] (the 1,000
   built-in digits the README reports on); read once, for the final scores, after every choice is made;
 - train: the other images; data.prepare fits the codebook and the GPT on them (and on their augmented
   copies);
-- dev: carved from train with data.stratified_split(labels[train], dev_fraction, split_seed + 1),
-  exactly as data.prepare does with dev_fraction; the rest of train is called fit here.
+- dev: carved from train by data.split_roles (split_seed + 1, fold 0), exactly as data.prepare does with
+  dev_fraction; the rest of train is called fit here.
 
 Each baseline is fitted on fit and scored on dev for every candidate setting; the best dev accuracy
 picks the setting (ties go to the earlier candidate: fewer neighbours, cosine before L2, stronger L2
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import classifiers as clf
-from data import MOVE_LIMITS, DataConfig, augment, stratified_split, tta_views
+from data import MOVE_LIMITS, DataConfig, augment, split_roles, tta_views
 from stats import seed_summary, wilson_interval
 from tokenizer import Codebook, psnr
 from tokenizer import uint8_to_tensor as to_tensor
@@ -36,10 +36,10 @@ from util import UserError
 
 
 def project_split(labels, cfg, dev_fraction):
-    """The three roles as index arrays {train, fit, dev, test}: the split of data.prepare."""
-    train, test = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
-    sub, dev = stratified_split(labels[train], dev_fraction, cfg.split_seed + 1)
-    return {"train": train, "fit": train[sub], "dev": train[dev], "test": test}
+    """The three roles as index arrays {train, fit, dev, test}: the split of data.prepare (data.split_roles)
+    with this dev_fraction; train is fit and dev together."""
+    fit, dev, test = split_roles(labels, replace(cfg, dev_fraction=dev_fraction))
+    return {"train": np.sort(np.concatenate([fit, dev])), "fit": fit, "dev": dev, "test": test}
 
 
 def augmented(x, cfg):

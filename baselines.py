@@ -26,7 +26,8 @@ from cli import add_settings, apply_settings, parser, run_cli
 from data import DataConfig, check_data_config, load_source
 from util import UserError, check_dir, check_file, write_json, write_text
 
-NOT_DATA = ("data_dir", "codebook_seed", "dev_fraction")   # DataConfig fields that baselines.py sets itself
+NOT_DATA = ("data_dir", "codebook_seed", "dev_fraction", "dev_fold")   # DataConfig fields baselines.py sets itself
+# (no folder; the seed; its own development split: --dev_fraction, fold 0)
 
 
 def main(argv=None):

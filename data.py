@@ -68,6 +68,8 @@ class DataConfig(CodebookConfig):
     dev_fraction: float = 0.0    # > 0: hold out this share of the TRAINING images as the development
                                  # split (dev.jsonl: curves, best/, comparing settings); the held-out
                                  # test split (val.jsonl) stays the same and no training decision reads it
+    dev_fold: int = 0            # which development split: folds 0, 1, ... (below 1 / dev_fraction) are
+                                 # disjoint, for cross-validation over the training images; 0 is the usual one
 
 
 MOVE_LIMITS = ("max_shift", "max_rotate", "max_scale", "max_shear", "max_elastic")   # how far copies and views move
@@ -103,6 +105,11 @@ def check_data_config(cfg, where="config"):
         raise UserError(f"{where}: val_fraction must be between 0 and 1, got {cfg.val_fraction}")
     if not 0 <= cfg.dev_fraction < 1:
         raise UserError(f"{where}: dev_fraction must be in [0, 1), got {cfg.dev_fraction}")
+    if cfg.dev_fold and not cfg.dev_fraction > 0:
+        raise UserError(f"{where}: dev_fold {cfg.dev_fold} needs a development split (dev_fraction > 0)")
+    if not 0 <= cfg.dev_fold < folds(cfg.dev_fraction):
+        raise UserError(f"{where}: dev_fold must be 0 or more and, with dev_fraction {cfg.dev_fraction:g}, below "
+                        f"{folds(cfg.dev_fraction)} (the disjoint development splits there are), got {cfg.dev_fold}")
     for k in ("split_seed", "codebook_seed"):
         check_seed(getattr(cfg, k), f"{where}: {k}")
     check_memory(image_bytes(cfg), f"{where}: one {cfg.image_size} x {cfg.image_size} image with "
@@ -386,18 +393,38 @@ def load_source(cfg):
 
 # ----------------------------------------------------------------------------- split, augmentation
 
-def stratified_split(labels, val_fraction=0.2, seed=0):
-    """Deterministic per-class shuffle; the first round(n_c * val_fraction) of each class are
-    validation. Returns sorted (train indices, val indices)."""
+def folds(fraction):
+    """How many disjoint held-out parts of this share there are (dev_fold runs from 0 to this - 1)."""
+    return int(1 / fraction + 1e-9) if fraction > 0 else 1
+
+
+def stratified_split(labels, val_fraction=0.2, seed=0, fold=0):
+    """Deterministic per-class shuffle; of each class, the k = round(n_c * val_fraction) images from
+    position fold * k on are validation (fold 0: the first k), so folds 0, 1, ... are disjoint.
+    Returns sorted (train indices, val indices)."""
     rng = np.random.default_rng(seed)
     train, val = [], []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         idx = idx[rng.permutation(len(idx))]
         k = int(round(len(idx) * val_fraction))
-        val.append(idx[:k])
-        train.append(idx[k:])
+        if (fold + 1) * k > len(idx):
+            raise UserError(f"fold {fold} of a {val_fraction:g} split: class {c} has {len(idx)} images, {k} per "
+                            f"fold, so only folds 0 to {len(idx) // k - 1} exist")
+        val.append(idx[fold * k:(fold + 1) * k])
+        train.append(np.concatenate([idx[:fold * k], idx[(fold + 1) * k:]]))
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def split_roles(labels, cfg):
+    """The three roles of a source's images -> sorted index arrays (train, dev, test): test is the held-out
+    val_fraction (split_seed), whatever the other settings; with dev_fraction > 0, dev is fold dev_fold of the
+    remaining training images (split_seed + 1) and train the rest; else dev is empty."""
+    train, test = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
+    if not cfg.dev_fraction > 0:
+        return train, train[:0], test
+    sub, dev = stratified_split(labels[train], cfg.dev_fraction, cfg.split_seed + 1, cfg.dev_fold)
+    return train[sub], train[dev], test
 
 
 def augment(images, copies, jitter, seed):
@@ -592,13 +619,9 @@ def prepare(cfg, device="cpu"):
     check_dir(cfg.data_dir, "data folder")
     images, labels, names, meta = load_source(cfg)
     t_load = time.time() - t0
-    tr, va = stratified_split(labels, cfg.val_fraction, cfg.split_seed)   # va: the held-out test split
-    dev = tr[:0]
-    if cfg.dev_fraction > 0:  # carve a development split out of the training images
-        sub, d = stratified_split(labels[tr], cfg.dev_fraction, cfg.split_seed + 1)
-        tr, dev = tr[sub], tr[d]
-        if len(dev) == 0:
-            raise UserError(f"{cfg.source}: dev_fraction {cfg.dev_fraction} of {len(tr)} training images is no image")
+    tr, dev, va = split_roles(labels, cfg)   # va: the held-out test split
+    if cfg.dev_fraction > 0 and len(dev) == 0:
+        raise UserError(f"{cfg.source}: dev_fraction {cfg.dev_fraction} of {len(tr)} training images is no image")
     if len(tr) == 0 or len(va) == 0:
         raise UserError(f"{cfg.source}: {len(images)} images are too few for a train/test split")
     counts = np.bincount(labels, minlength=len(names))

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import DataConfig, data_fields, load_source, stratified_split
+from data import DataConfig, data_fields, load_source, split_roles
 from generation import generate
 from metrics import class_probs
 from util import UserError
@@ -188,11 +188,12 @@ def real_split(settings, split="test"):
     sampling settings can be chosen without reading the test split."""
     cfg = DataConfig(**{k: settings[k] for k in data_fields() if k in settings})
     images, labels, _, _ = load_source(cfg)
-    tr, te = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
+    tr, dev, te = split_roles(labels, cfg)
     if split == "dev":
         if not cfg.dev_fraction > 0:
             raise UserError("this checkpoint was trained without a development split (dev_fraction 0); compare "
                             "with the test split instead")
-        sub, dev = stratified_split(labels[tr], cfg.dev_fraction, cfg.split_seed + 1)
-        tr, te = tr[sub], tr[dev]
+        te = dev
+    else:
+        tr = np.sort(np.concatenate([tr, dev]))
     return images[tr], labels[tr], images[te], labels[te]

@@ -947,6 +947,8 @@ CASES += [
         ("max-elastic-negative", ["--max_elastic", "-1"], ["config: max_elastic must be >= 0, got -1"]),
         ("max-elastic-beyond-lattice", ["--max_elastic", "9"], ["config: max_elastic must be at most image_size / 4",
                                                                "got 9"]),
+        ("dev-fold-beyond-folds", ["--dev_fraction", "0.25", "--dev_fold", "4"],
+         ["config: dev_fold must be 0 or more and, with dev_fraction 0.25, below 4", "got 4"]),
     ], lambda e, d: train_args(e, d, out(d, "data")), tag="size"),
     *O("data", [
         ("image-size-huge", ["--image_size", str(2 ** 22)], ["one 4194304 x 4194304 image", "more than the"]),
@@ -954,6 +956,8 @@ CASES += [
                                                        "more than the", "lower augment or image_size"]),
         ("split-seed-huge", ["--split_seed", BIG], ["config: split_seed must be an integer in 0.."]),
         ("codebook-seed-negative", ["--codebook_seed", "-1"], ["config: codebook_seed must be an integer in 0.."]),
+        ("dev-fold-without-dev-split", ["--dev_fraction", "0", "--dev_fold", "1"],
+         ["config: dev_fold 1 needs a development split (dev_fraction > 0)"]),
     ], lambda e, d: prepare_args(d, f"folder:{e.images}"), tag="size"),
     *csv_case("huge-coordinate", b"0,0,0,0,1,1,1,1,0,0\n1,1000000000000,1000000000,0,1,1,1,1,0,0\n",
               "pixel coordinates up to x=1000000000000, y=1000000000"),

@@ -15,9 +15,9 @@ from PIL import Image
 
 import data
 from cli import add_settings, apply_settings, coerce, parser
-from data import (WARP_GRID, DataConfig, augment, copy_params, ensure_prepared, load_builtin, load_csv, load_folder,
-                  load_idx, load_source, make_batch, prepare, read_pixel_csv, read_sequences, stratified_split,
-                  transform)
+from data import (WARP_GRID, DataConfig, augment, check_data_config, copy_params, ensure_prepared, folds, load_builtin,
+                  load_csv, load_folder, load_idx, load_source, make_batch, prepare, read_pixel_csv, read_sequences,
+                  stratified_split, transform)
 from fixtures import ROOT
 from plots import save_grid
 from tokenizer import Codebook
@@ -232,6 +232,27 @@ def test_stratified_split():
     assert (len(tr), len(va)) == (4000, 1000)
 
 
+def test_folds_of_a_split_are_disjoint_stratified_and_fold_0_is_the_split():
+    labels = np.repeat(np.arange(4), 40)
+    np.random.default_rng(0).shuffle(labels)
+    held = [stratified_split(labels, 0.1, seed=3, fold=f) for f in range(folds(0.1))]
+    assert folds(0.1) == 10 and folds(0.25) == 4 and folds(0.3) == 3 and folds(0.0) == 1
+    assert all(np.bincount(labels[va], minlength=4).tolist() == [4] * 4 for _, va in held)
+    assert np.array_equal(np.sort(np.concatenate([va for _, va in held])), np.arange(len(labels)))
+    assert all(np.array_equal(np.sort(np.concatenate([tr, va])), np.arange(len(labels))) for tr, va in held)
+    assert all(np.array_equal(a, b) for a, b in zip(held[0], stratified_split(labels, 0.1, seed=3)))
+    with pytest.raises(UserError, match="only folds 0 to 9 exist"):
+        stratified_split(labels, 0.1, seed=3, fold=10)
+
+
+def test_dev_fold_checks():
+    check_data_config(DataConfig(dev_fraction=0.1, dev_fold=9))
+    for fraction, fold, want in ((0.1, 10, "below 10"), (0.25, 4, "below 4"), (0.1, -1, "below 10"),
+                                 (0.0, 1, "needs a development split")):
+        with pytest.raises(UserError, match=want):
+            check_data_config(DataConfig(dev_fraction=fraction, dev_fold=fold))
+
+
 def test_augment():
     x = to_tensor(digit_images(6, size=12)[0][..., None])
     still = DataConfig(max_shift=0.0, max_rotate=0.0)
@@ -384,6 +405,24 @@ def test_dev_split_is_carved_from_training_images_and_the_test_split_stays(prepa
     sub, _ = stratified_split(labels[tr], 0.25, cfg.split_seed + 1)
     on_train = Codebook.fit(to_tensor(imgs[tr[sub]][..., None]), dcfg)   # training minus dev only
     assert torch.equal(Codebook.load(tmp / "with_dev").centroids, on_train.centroids)
+
+
+def test_another_dev_fold_is_another_dev_split_with_the_same_test_split(prepared):
+    """dev_fold 1: a development split disjoint from fold 0's, drawn from the same training images, and
+    the same test split (cross-validation over the training images never touches the test images)."""
+    tmp, cfg, report, _, _, _ = prepared
+    src = lambda d, f: {json.loads(line)["meta"]["source"] for line in (tmp / d / f).read_text().splitlines()}
+    sets = {}
+    for fold in (0, 1):
+        name = f"fold{fold}"
+        rep = prepare(replace(cfg, dev_fraction=0.25, dev_fold=fold, data_dir=str(tmp / name)))
+        assert rep["counts"]["dev"] == [3, 3, 3] and rep["counts"]["train"] == [10, 10, 10]
+        sets[fold] = {f: src(name, f) for f in ("train.jsonl", "dev.jsonl", "val.jsonl")}
+    a, b = sets[0], sets[1]
+    assert not a["dev.jsonl"] & b["dev.jsonl"] and a["val.jsonl"] == b["val.jsonl"] == src("prepared", "val.jsonl")
+    assert a["train.jsonl"] | a["dev.jsonl"] == b["train.jsonl"] | b["dev.jsonl"]
+    with pytest.raises(UserError, match=r"other data settings \(dev_fold\)"):
+        ensure_prepared(replace(cfg, dev_fraction=0.25, dev_fold=0, data_dir=str(tmp / "fold1")), log=print)
 
 
 def test_ensure_prepared_reuses_or_refuses(prepared):
