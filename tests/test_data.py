@@ -6,7 +6,7 @@ import re
 import struct
 import subprocess
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pytest
@@ -19,6 +19,7 @@ from data import (WARP_GRID, DataConfig, augment, check_data_config, copy_params
                   load_csv, load_folder, load_idx, load_source, make_batch, prepare, read_pixel_csv, read_sequences,
                   stratified_split, transform)
 from fixtures import ROOT
+from generation_metrics import real_split
 from plots import save_grid
 from tokenizer import Codebook
 from tokenizer import uint8_to_tensor as to_tensor
@@ -421,6 +422,11 @@ def test_another_dev_fold_is_another_dev_split_with_the_same_test_split(prepared
     a, b = sets[0], sets[1]
     assert not a["dev.jsonl"] & b["dev.jsonl"] and a["val.jsonl"] == b["val.jsonl"] == src("prepared", "val.jsonl")
     assert a["train.jsonl"] | a["dev.jsonl"] == b["train.jsonl"] | b["dev.jsonl"]
+    # what eval --split dev and --generation read back from a checkpoint's settings: the same images
+    keys = lambda images: {im.tobytes() for im in images}
+    dev = [keys(real_split(asdict(replace(cfg, dev_fraction=0.25, dev_fold=f)), "dev")[2]) for f in (0, 1)]
+    test = [keys(real_split(asdict(replace(cfg, dev_fraction=0.25, dev_fold=f)), "test")[2]) for f in (0, 1)]
+    assert len(dev[0]) == len(dev[1]) == 9 and not dev[0] & dev[1] and test[0] == test[1]
     with pytest.raises(UserError, match=r"other data settings \(dev_fold\)"):
         ensure_prepared(replace(cfg, dev_fraction=0.25, dev_fold=0, data_dir=str(tmp / "fold1")), log=print)
 
