@@ -880,8 +880,7 @@ def main(argv=None):
             raise UserError(f"{path}: not a report.json written by data.py prepare ({e})") from None
         check_data_config(cfg, path)
         images, labels, names, _ = load_source(cfg)
-        _, va = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
-        va = va[:args.n]
+        va = split_roles(labels, cfg)[2][:args.n]   # the test split's first n
         book = Codebook.load(args.data_dir)
         x = uint8_to_tensor(images[va])
         recon = book.decode(book.encode(x))
