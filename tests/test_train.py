@@ -522,7 +522,8 @@ def test_shipped_configs_load():
         assert cfg.augment > 0 and cfg.data_dir != v2.data_dir and cfg.label_weight > 1
         assert (cfg.source, cfg.patch_size, cfg.num_codes, cfg.dev_fraction) == ("builtin", 4, 500, 0.1)
     best = load_config(os.path.join(ROOT, "config", "best.yaml"))   # the warp has a data folder of its own
-    assert (best.augment, best.max_elastic, best.num_codes) == (20, 1.5, 1000) and best.data_dir != cfg.data_dir
+    assert (best.augment, best.max_elastic, best.num_codes, best.n_layer) == (20, 1.5, 1000, 6)
+    assert best.data_dir != cfg.data_dir
     for name in sorted(os.listdir(os.path.join(ROOT, "config"))):     # every one passes the data checks
         check_data_config(load_config(os.path.join(ROOT, "config", name)), name)
 
