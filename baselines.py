@@ -19,12 +19,23 @@ import time
 
 import torch
 
-from baseline_suite import (TOKENISATIONS, SuiteConfig, check_suite, markdown_table, quick, run_baselines,
-                            tokenisation_markdown, tokenisation_table)
-from classifiers import CNNTraining
-from cli import add_settings, apply_settings, parser, run_cli
-from data import DataConfig, check_data_config, load_source
-from util import UserError, check_dir, check_file, write_json, write_text
+from imagegpt.baseline_protocol import (
+    TOKENISATIONS,
+    SuiteConfig,
+    check_suite,
+    markdown_table,
+    quick,
+    run_baselines,
+    tokenisation_markdown,
+    tokenisation_table,
+)
+from imagegpt.classifiers import CNNTraining
+from imagegpt.cli import parser, run_cli
+from imagegpt.data_config import DataConfig, check_data_config
+from imagegpt.errors import UserError
+from imagegpt.files import check_dir, check_file, write_json, write_text
+from imagegpt.settings import add_settings, apply_settings
+from imagegpt.sources import load_source
 
 NOT_DATA = ("data_dir", "codebook_seed", "dev_fraction", "dev_fold")   # DataConfig fields baselines.py sets itself
 # (no folder; the seed; its own development split: --dev_fraction, fold 0)

@@ -78,18 +78,19 @@ from contextlib import nullcontext
 
 import torch
 
-import checkpoint
-import data
-import hf_format
-from cli import parser, read_yaml, run_cli
-from generation import generate
-from metrics import class_probs
+from imagegpt import checkpoint, huggingface, sources, splits
+from imagegpt.cli import parser, run_cli
+from imagegpt.decoding import generate
+from imagegpt.device import bf16_autocast, check_memory, resolve_device
+from imagegpt.errors import UserError
+from imagegpt.files import check_file, write_json
+from imagegpt.metrics import class_probs
+from imagegpt.onnx_runtime import OnnxGPT
+from imagegpt.settings import read_yaml
+from imagegpt.token_format import Vocab
+from imagegpt.training import TrainConfig
 from model import GPT, GPTConfig
-from onnx_backend import OnnxGPT
 from tokenizer import Codebook, CodebookConfig, assign, kmeans, uint8_to_tensor
-from tokens import Vocab
-from trainer import TrainConfig
-from util import UserError, bf16_autocast, check_file, check_memory, resolve_device, write_json
 
 # targets on the CPU (issues 7 and 16): key -> (comparison, value, description)
 TARGETS = {
@@ -289,7 +290,7 @@ def flops_per_token(cfg, T, causal=False):
 def hf_config(mcfg):
     """The transformers GPT2Config that hf_export writes for a model of these sizes."""
     from transformers import GPT2Config
-    d = hf_format.gpt2_config(mcfg, Vocab(mcfg.vocab_size - 16, 10))
+    d = huggingface.gpt2_config(mcfg, Vocab(mcfg.vocab_size - 16, 10))
     return GPT2Config(**{k: v for k, v in d.items() if k not in ("architectures", "model_type", "dtype")})
 
 
@@ -299,7 +300,7 @@ def build_pair(mcfg, device, seed=0):
     torch.manual_seed(seed)
     ours = GPT(mcfg)
     theirs = GPT2LMHeadModel(hf_config(mcfg))
-    missing, unexpected = theirs.load_state_dict(hf_format.to_gpt2_state_dict(ours), strict=False)
+    missing, unexpected = theirs.load_state_dict(huggingface.to_gpt2_state_dict(ours), strict=False)
     bad = [k for k in missing if k != "lm_head.weight"] + list(unexpected)
     if bad:
         raise RuntimeError(f"weights do not map onto GPT2LMHeadModel: {bad[:3]}")
@@ -412,7 +413,7 @@ def export_pair(mcfg, folder, seed=0, threads=None):
     tc = TrainConfig(n_layer=mcfg.n_layer, n_head=mcfg.n_head, n_embd=mcfg.n_embd, max_length=mcfg.block_size,
                      num_codes=vocab.num_codes)
     checkpoint.save(os.path.join(folder, "ckpt"), model, tc, vocab, book)
-    out = hf_format.write_export(checkpoint.load(os.path.join(folder, "ckpt")), os.path.join(folder, "hf"),
+    out = huggingface.write_export(checkpoint.load(os.path.join(folder, "ckpt")), os.path.join(folder, "hf"),
                                  onnx="int8")
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     hf.generation_config.eos_token_id = None     # generate() must not stop early either
@@ -529,8 +530,8 @@ def kmeans_data(n, source="digits", seed=0):
         centres = torch.randn(50, 5, generator=g) * 3
         x = centres[torch.randint(50, (n,), generator=g)] + torch.randn(n, 5, generator=g)
         return x, "random: 50 Gaussian blobs in 5 dimensions"
-    images, labels, _, _ = data.load_builtin()
-    train, _ = data.stratified_split(labels, 0.2, 0)
+    images, labels, _, _ = sources.load_builtin()
+    train, _ = splits.stratified_split(labels, 0.2, 0)
     cfg = CodebookConfig(patch_size=1, w_position=1.0, w_time=0.0, w_colour=1.0, w_gradient=1.0,
                          fit_samples=n, codebook_seed=seed)
     imgs = uint8_to_tensor(images[train])

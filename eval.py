@@ -39,17 +39,28 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import checkpoint
-from cli import add_backend, add_ckpt, add_device, parser, run_cli
-from data import IMAGE_EXTS, MOVE_LIMITS, DataConfig, data_fields, load_folder, make_batch, read_image, read_sequences
-from generation import DRAW_TEMPERATURE
-from generation_metrics import generation_report, load_judge, real_split, to_float
-from generation_metrics import summary as generation_summary
-from metrics import augmented_class_probs, class_probs, confusion_summary, evaluate, next_tokens
-from plots import confusion_png, plot_curves
-from stats import seed_summary
+from imagegpt import checkpoint
+from imagegpt.augment import MOVE_LIMITS
+from imagegpt.cli import add_backend, add_ckpt, add_device, parser, run_cli
+from imagegpt.data_config import DataConfig, data_fields
+from imagegpt.decoding import DRAW_TEMPERATURE
+from imagegpt.device import bf16_autocast, resolve_device
+from imagegpt.drawing_report import generation_report, load_judge, real_split, to_float
+from imagegpt.drawing_report import summary as generation_summary
+from imagegpt.errors import UserError
+from imagegpt.files import check_file, check_outputs, write_bytes, write_json
+from imagegpt.metrics import (
+    augmented_class_probs,
+    class_probs,
+    confusion_summary,
+    evaluate,
+    next_tokens,
+)
+from imagegpt.plots import confusion_png, plot_curves
+from imagegpt.sequences import make_batch, read_sequences
+from imagegpt.sources import IMAGE_EXTS, load_folder, read_image
+from imagegpt.stats import seed_summary
 from tokenizer import uint8_to_tensor
-from util import UserError, bf16_autocast, check_file, check_outputs, resolve_device, write_bytes, write_json
 
 
 def summary(m, names):

@@ -14,11 +14,10 @@ eval.py, sample.py and train.py's `init_from`) reads such a folder like one of i
 """
 import os
 
-import checkpoint
-import hf_format
-from cli import add_ckpt, parser, run_cli
-from onnx_backend import onnx_parity
-from util import UserError
+from imagegpt import checkpoint, huggingface
+from imagegpt.cli import add_ckpt, parser, run_cli
+from imagegpt.errors import UserError
+from imagegpt.onnx_runtime import onnx_parity
 
 
 def main(argv=None):
@@ -42,12 +41,12 @@ def main(argv=None):
         raise UserError("--quantize only applies together with --onnx")
     token = None
     if a.push_to_hub:
-        hf_format.check_repo_id(a.push_to_hub)   # fail on a bad id or a missing token before the export work
-        token = hf_format.hub_token()
-    out = os.path.abspath(a.out or hf_format.default_out(a.ckpt))
-    hf_format.check_out(out)
+        huggingface.check_repo_id(a.push_to_hub)   # fail on a bad id or a missing token before the export work
+        token = huggingface.hub_token()
+    out = os.path.abspath(a.out or huggingface.default_out(a.ckpt))
+    huggingface.check_out(out)
     ck = checkpoint.load(a.ckpt)
-    hf_format.write_export(ck, out, repo_id=a.push_to_hub, onnx=a.quantize or ("fp32" if a.onnx else None))
+    huggingface.write_export(ck, out, repo_id=a.push_to_hub, onnx=a.quantize or ("fp32" if a.onnx else None))
     print(f"wrote {out} ({len(os.listdir(out))} files) from {ck.folder}")
     if a.onnx:
         sizes = {f: os.path.getsize(os.path.join(out, "onnx", f)) for f in os.listdir(os.path.join(out, "onnx"))
@@ -55,7 +54,7 @@ def main(argv=None):
         print("onnx: " + ", ".join(f"onnx/{f} {n / 2 ** 20:.1f} MB" for f, n in sorted(sizes.items())))
     if a.check:
         try:
-            r = hf_format.check_parity(ck.model, out, ck.vocab)
+            r = huggingface.check_parity(ck.model, out, ck.vocab)
         except ImportError:
             raise UserError("--check needs transformers (pip install transformers)") from None
         print(f"parity: max |logit diff| {r['max_abs_logit_diff']:.3g} (fp32), greedy generate "
@@ -72,7 +71,7 @@ def main(argv=None):
         if not ok:
             return 1
     if a.push_to_hub:
-        hf_format.push_to_hub(out, a.push_to_hub, a.private, token=token)
+        huggingface.push_to_hub(out, a.push_to_hub, a.private, token=token)
     return 0
 
 

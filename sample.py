@@ -25,15 +25,16 @@ import random
 
 import torch
 
-import checkpoint
-from cli import add_backend, add_ckpt, add_device, parser, run_cli
-from data import read_sequences
-from generation import DEFAULT_GUIDANCE, DRAW_TEMPERATURE, generate
-from metrics import class_probs
-from plots import save_grid
-from tokens import TAIL
-from util import (UserError, bf16_autocast, check_file, check_finite, check_memory, check_outputs, check_seed,
-                  resolve_device, write_jsonl)
+from imagegpt import checkpoint
+from imagegpt.cli import add_backend, add_ckpt, add_device, parser, run_cli
+from imagegpt.decoding import DEFAULT_GUIDANCE, DRAW_TEMPERATURE, generate
+from imagegpt.device import bf16_autocast, check_memory, resolve_device
+from imagegpt.errors import UserError, check_finite, check_seed
+from imagegpt.files import check_file, check_outputs, write_jsonl
+from imagegpt.metrics import class_probs
+from imagegpt.plots import save_grid
+from imagegpt.sequences import read_sequences
+from imagegpt.token_format import TAIL
 
 
 def record(r, vocab, seq_len, **meta):

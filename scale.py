@@ -26,10 +26,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli import parser, run_cli
-from data import DataConfig, copy_params, load_builtin, transform
+from imagegpt.augment import copy_params, transform
+from imagegpt.cli import parser, run_cli
+from imagegpt.data_config import DataConfig
+from imagegpt.errors import UserError
+from imagegpt.files import check_dir, check_file, write_json
+from imagegpt.sources import load_builtin
 from tokenizer import uint8_to_tensor
-from util import UserError, check_dir, check_file, write_json
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MODEL = ["--n_layer", "4", "--n_head", "4", "--n_embd", "128", "--batch_size", "32", "--lr", "1e-3",

@@ -12,9 +12,11 @@ with and without request batching, and prints throughput and p50/p99 latency per
 import os
 import socket
 
-import checkpoint
-from cli import add_backend, add_ckpt, add_device, parser, run_cli
-from util import UserError, resolve_device, write_json
+from imagegpt import checkpoint
+from imagegpt.cli import add_backend, add_ckpt, add_device, parser, run_cli
+from imagegpt.device import resolve_device
+from imagegpt.errors import UserError
+from imagegpt.files import write_json
 
 
 def build_parser():
@@ -76,8 +78,7 @@ def main(argv=None):
     import torch
     import uvicorn
 
-    import server
-    import server_load
+    from imagegpt import loadtest, service
     if a.threads:
         torch.set_num_threads(a.threads)
     sock = None if a.loadtest else listen(a.host, a.port)
@@ -86,8 +87,8 @@ def main(argv=None):
     if a.loadtest:
         clients, requests = (8, 32) if a.quick else (a.clients, a.requests)
         load_before = [round(x, 2) for x in os.getloadavg()]
-        rows = server_load.run(ck, clients, requests, **opts)
-        print(server_load.table(rows))
+        rows = loadtest.run(ck, clients, requests, **opts)
+        print(loadtest.table(rows))
         print(f"{a.ckpt}, {torch.get_num_threads()} model thread(s), batch window {a.batch_window_ms:g} ms; "
               f"load average before the run {load_before[0]}")
         if a.json:
@@ -96,7 +97,7 @@ def main(argv=None):
                                 "load_average_before": load_before, "rows": rows})
         failed = sum(r["failed"] for r in rows)
         return 1 if failed else 0
-    app = server.create_app(ck, batching=not a.no_batching, **opts)
+    app = service.create_app(ck, batching=not a.no_batching, **opts)
     print(f"serving {a.ckpt} on http://{a.host}:{a.port}/ (API docs at /docs); Ctrl-C stops")
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     return 0

@@ -12,8 +12,18 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from util import (UserError, atomic_path, check_fields, check_finite_tensors, check_memory, json_type, load_safetensors,
-                  read_json, safetensors_error, write_json)
+from imagegpt.device import check_memory
+from imagegpt.errors import UserError
+from imagegpt.files import (
+    atomic_path,
+    check_finite_tensors,
+    json_type,
+    load_safetensors,
+    read_json,
+    safetensors_error,
+    write_json,
+)
+from imagegpt.settings import check_fields
 
 GROUPS = ("position", "time", "colour", "gradient")
 

@@ -23,9 +23,10 @@ accuracies are summarised (mean, standard deviation, 95 % interval) in out_dir/s
 """
 import sys
 
-from cli import add_settings, parser, run_cli
-from trainer import TrainConfig, load_config, train, train_seeds
-from util import UserError
+from imagegpt.cli import parser, run_cli
+from imagegpt.errors import UserError
+from imagegpt.settings import add_settings
+from imagegpt.training import TrainConfig, load_config, train, train_seeds
 
 
 def main(argv=None):

@@ -28,11 +28,11 @@ CLASSES = ["cat", "dog", "eel"]
 def make_tiny_run(root, seed=0):
     """A random-init checkpoint with its own 4x4 codebook (8 codes, 2x2 patches), 3 classes, a data
     folder with val.jsonl and report.json, a log.jsonl, and the images as a class folder tree."""
-    import checkpoint
+    from imagegpt import checkpoint
+    from imagegpt.token_format import Vocab
+    from imagegpt.training import TrainConfig
     from model import GPT, GPTConfig
     from tokenizer import Codebook, CodebookConfig
-    from tokens import Vocab
-    from trainer import TrainConfig
     root = str(root)
     g = torch.Generator().manual_seed(seed)
     imgs = (torch.rand(24, 1, 4, 4, generator=g) * 255).round() / 255

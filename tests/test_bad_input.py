@@ -37,14 +37,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from fixtures import ROOT, write_images
 from PIL import Image
 
-import checkpoint
-import cli
+from imagegpt import checkpoint, cli
+from imagegpt.token_format import Vocab
+from imagegpt.training import TrainConfig, train
 from model import GPT, GPTConfig
-from tokens import Vocab
-from trainer import TrainConfig, train
-from fixtures import ROOT, write_images
 
 BAR = re.compile(r"^[^:]*: *\d+%\|")   # a tqdm progress bar line
 
@@ -575,9 +574,8 @@ def other_vocab(e, d):
 
 def gpt2_folder(e, d, pickled=False, activation=None):
     """A Hugging Face GPT-2 folder (exported from the tiny checkpoint), then spoilt."""
-    import checkpoint
-    import hf_format
-    f = hf_format.write_export(checkpoint.load(e.final), os.path.join(d, "gpt2"))
+    from imagegpt import checkpoint, huggingface
+    f = huggingface.write_export(checkpoint.load(e.final), os.path.join(d, "gpt2"))
     if pickled:  # what an old transformers save looks like: pytorch_model.bin, no safetensors
         os.remove(os.path.join(f, "model.safetensors"))
         with open(os.path.join(f, "pytorch_model.bin"), "wb") as fh:
@@ -836,8 +834,8 @@ def report_classes(e, d):
 def export_case(kind):
     """A Hugging Face export of the tiny checkpoint, spoilt in one way -> (folder, expected parts)."""
     def spoil(e, d):
-        import hf_format
-        f = hf_format.write_export(checkpoint.load(e.final), os.path.join(d, "gpt2"))
+        from imagegpt import huggingface
+        f = huggingface.write_export(checkpoint.load(e.final), os.path.join(d, "gpt2"))
         if kind == "nan":
             from safetensors.torch import load_file, save_file
             sd = load_file(os.path.join(f, "model.safetensors"))
@@ -877,7 +875,7 @@ def odd_name(name):
 
 
 def shown(name):
-    """How util.printable writes such a name in a message."""
+    """How errors.printable writes such a name in a message."""
     return name.replace("NL", "\\n").replace("CR", "\\r").replace("ESC", "\\x1b").replace("FF", "\\xff")
 
 
@@ -1343,7 +1341,7 @@ def test_closed_pipe_is_quiet(env, tmp_path):
 def test_odd_images_are_converted_not_refused(env, tmp_path):
     """16-bit grey, CMYK, 1-bit, RGBA of another size and a 1x1 image are read like the 8-bit grey
     image they show (16-bit values scaled by 1/257, not clipped at 255)."""
-    from data import read_image
+    from imagegpt.sources import read_image
     grey = (np.arange(64).reshape(8, 8) * 4).astype(np.uint8)
     files = {
         "i16.png": Image.fromarray(grey.astype(np.uint16) * 257),

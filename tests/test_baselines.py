@@ -10,13 +10,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-
-import baseline_suite as suite_mod
-import classifiers as clf
-from data import DataConfig
 from fixtures import ROOT, write_images
-from stats import seed_summary, t975, wilson_interval
-from util import UserError
+
+from imagegpt import baseline_protocol as suite_mod
+from imagegpt import classifiers as clf
+from imagegpt.data_config import DataConfig
+from imagegpt.errors import UserError
+from imagegpt.stats import seed_summary, t975, wilson_interval
 
 
 def toy(n=90, size=12, seed=0, noise=60):

@@ -15,16 +15,19 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-
-import checkpoint
-import data
-from batches import AugmentedRows, ListRows, ShardRows, epoch_steps, open_rows
-from data import IMAGES_FILE, WARP_GRID, check_data_config, prepare, read_sequences, token_dtype
-from tokenizer import Codebook, uint8_to_tensor
-from tokens import Vocab
-from trainer import TrainConfig, train
-from util import UserError
 from fixtures import ROOT, write_images
+
+from imagegpt import checkpoint
+from imagegpt import prepare as prepare_mod
+from imagegpt.augment import WARP_GRID
+from imagegpt.batches import AugmentedRows, ListRows, ShardRows, epoch_steps, open_rows
+from imagegpt.data_config import check_data_config
+from imagegpt.errors import UserError
+from imagegpt.prepare import IMAGES_FILE, prepare, token_dtype
+from imagegpt.sequences import read_sequences
+from imagegpt.token_format import Vocab
+from imagegpt.training import TrainConfig, train
+from tokenizer import Codebook, uint8_to_tensor
 
 AUGMENT = 2
 
@@ -257,7 +260,7 @@ def test_ddp_processes_read_disjoint_shares_covering_each_step(tmp_path):
 def test_prepare_in_worker_processes_writes_the_same_files(fly, tmp_path, monkeypatch):
     """Chunks of 8 images tokenised in worker processes (one per core): the same files as one chunk in
     this process."""
-    monkeypatch.setattr(data, "CHUNK", 8)
+    monkeypatch.setattr(prepare_mod, "CHUNK", 8)
     cfg = replace(fly["fixed"], data_dir=str(tmp_path / "chunked"))
     rep = prepare(cfg)
     ref = json.load(open(os.path.join(fly["fixed"].data_dir, "report.json")))
@@ -275,7 +278,7 @@ def test_prepare_in_worker_processes_writes_the_same_files(fly, tmp_path, monkey
 
 def test_scale_source_is_an_idx_source(tmp_path):
     """scale.py's synthetic digits: an IDX source of transformed built-in digits, read memory-mapped."""
-    from data import load_builtin, load_idx
+    from imagegpt.sources import load_builtin, load_idx
     from scale import main, make_source
     make_source(str(tmp_path), 300, chunk=128)
     images, labels, names, meta = load_idx(str(tmp_path))

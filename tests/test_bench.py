@@ -3,14 +3,13 @@ import json
 import math
 
 import pytest
-
 import sklearn  # noqa: F401  (bench.py compares with scikit-learn and transformers: both must be there)
 import torch
 import transformers  # noqa: F401  (see above)
 
 import bench
+from imagegpt.errors import UserError
 from model import GPTConfig
-from util import UserError
 
 TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--vocab_size", "36",
         "--batch", "2", "--lengths", "12,6", "--sample_batches", "1,3", "--new_tokens", "4",
@@ -124,6 +123,7 @@ def test_flops_formula_matches_torch_flop_counter():
     matmuls over the full T x T square, which is the 12 L T d part; above SHORT_ATTENTION the CPU flash
     kernel, which the counter leaves out, attends instead, and the count is the 6 N part alone."""
     from torch.utils.flop_counter import FlopCounterMode
+
     from model import GPT, SHORT_ATTENTION
     cfg = GPTConfig(vocab_size=100, block_size=SHORT_ATTENTION + 8, n_layer=2, n_head=4, n_embd=48)
     model = GPT(cfg)

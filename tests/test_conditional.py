@@ -10,19 +10,19 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-
-import checkpoint
-import eval as eval_cmd
-import generation_metrics as gm
-from metrics import class_probs
-import sample as sample_cmd
-from batches import micro_batch
-from data import make_batch, read_sequences
-from generation import DRAW_TEMPERATURE, generate, guide
-from tokens import NO_CLASS, Vocab, truncate
-from trainer import TrainConfig, load_data, load_split, train, Processes
-from util import UserError
 from fixtures import png_size, write_images
+
+import eval as eval_cmd
+import sample as sample_cmd
+from imagegpt import checkpoint
+from imagegpt import drawing_report as gm
+from imagegpt.batches import micro_batch
+from imagegpt.decoding import DRAW_TEMPERATURE, generate, guide
+from imagegpt.errors import UserError
+from imagegpt.metrics import class_probs
+from imagegpt.sequences import make_batch, read_sequences
+from imagegpt.token_format import NO_CLASS, Vocab, truncate
+from imagegpt.training import Processes, TrainConfig, load_data, load_split, train
 
 
 def make_cfg(tmp, **kw):
@@ -238,8 +238,9 @@ def test_eval_generation_report(toy, tmp_path, monkeypatch, capsys):
 def test_generation_compared_with_the_dev_split_reads_no_test_image(toy, tmp_path):
     """--real dev compares drawings with exactly the development images data.prepare writes to dev.jsonl:
     no test image, and the training images it keeps exclude them."""
-    from data import prepare
     from PIL import Image
+
+    from imagegpt.prepare import prepare
     cfg = replace(toy["cfg"], dev_fraction=0.2, data_dir=str(tmp_path / "prepared"))
     prepare(cfg)
     dev_files = [json.loads(ln)["meta"]["source"] for ln in open(tmp_path / "prepared" / "dev.jsonl")]
@@ -258,14 +259,15 @@ def test_generation_compared_with_the_dev_split_reads_no_test_image(toy, tmp_pat
 # ----------------------------------------------------------------------------- export
 
 def test_model_card_guidance_snippet_runs_with_transformers(toy, tmp_path):
-    import hf_format
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    out = hf_format.write_export(toy["ck"], str(tmp_path / "hf"))
+
+    from imagegpt import huggingface
+    out = huggingface.write_export(toy["ck"], str(tmp_path / "hf"))
     card = open(os.path.join(out, "README.md")).read()
     assert "## Draw a chosen class" in card and "<UNK> <IMG>" in card
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
-    snippet = hf_format.GUIDANCE_SNIPPET.format(L=toy["ck"].codebook.seq_len).replace("digit, scale = 7", "digit, scale = 1")
+    snippet = huggingface.GUIDANCE_SNIPPET.format(L=toy["ck"].codebook.seq_len).replace("digit, scale = 7", "digit, scale = 1")
     env = {"model": model, "tok": tok, "torch": torch, "print": lambda *a: None}
     exec(snippet, env)
     ids = env["ids"][0].tolist()

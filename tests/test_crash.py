@@ -26,13 +26,12 @@ from dataclasses import asdict
 
 import pytest
 import torch
-
-import checkpoint
-import data
-import trainer as train_mod
-from trainer import TrainConfig
-from util import resolve_dir
 from fixtures import ROOT, write_images
+
+from imagegpt import checkpoint, prepare
+from imagegpt import training as train_mod
+from imagegpt.files import resolve_dir
+from imagegpt.training import TrainConfig
 
 SEED = 20240531
 EVAL_EVERY = 2
@@ -72,7 +71,7 @@ def _inject(kind, n):
     """Make this process SIGKILL itself the n-th time training reaches the point `kind`."""
     import contextlib
 
-    import trainer as train   # the run folder's log and checkpoints are written there
+    from imagegpt import training as train
     seen = [0]
 
     def nth():
@@ -80,7 +79,7 @@ def _inject(kind, n):
         return seen[0] == n
 
     if kind == "between_saves":        # an evaluation improved: one of best/ and final/ saved, not the other
-        import checkpoint
+        from imagegpt import checkpoint
         real_save, last = checkpoint.save, [None]
 
         def save(folder, model, *a, **k):
@@ -136,8 +135,8 @@ def child(argv, log_file, inject=None):
 
     from tqdm import tqdm
     tqdm.set_lock(threading.RLock())   # not tqdm's multiprocessing lock: a SIGKILL would leak its semaphore
-    import cli
     import train
+    from imagegpt import cli
     if inject:
         _inject(*inject)
     sys.argv = ["train.py", *argv]
@@ -239,7 +238,7 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_run(tmp_path, fork
                       image_size=8, patch_size=2, num_codes=8, kmeans_iters=3, n_layer=2, n_head=2, n_embd=32, dev_fraction=0.25,
                       max_length=32, batch_size=8, epochs=STEPS // 6, eval_every=EVAL_EVERY, dropout=0.1,
                       lr=2e-2, label_weight=5.0, warmup_steps=3, seed=7, device="cpu")
-    data.prepare(cfg)
+    prepare.prepare(cfg)
     config = os.path.join(tmp, "config.yaml")
     with open(config, "w") as f:
         f.write("".join(f"{k}: {json.dumps(v)}\n" for k, v in asdict(cfg).items()))

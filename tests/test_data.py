@@ -11,21 +11,32 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import pytest
 import torch
+from fixtures import ROOT
 from PIL import Image
 
 import data
-from cli import add_settings, apply_settings, coerce, parser
-from data import (WARP_GRID, DataConfig, augment, check_data_config, copy_params, ensure_prepared, folds, load_builtin,
-                  load_csv, load_folder, load_idx, load_source, make_batch, prepare, read_pixel_csv, read_sequences,
-                  stratified_split, transform)
-from fixtures import ROOT
-from generation_metrics import real_split
-from plots import save_grid
+from imagegpt import data_config, sources
+from imagegpt.augment import WARP_GRID, augment, copy_params, transform
+from imagegpt.cli import parser
+from imagegpt.data_config import DataConfig, check_data_config
+from imagegpt.drawing_report import real_split
+from imagegpt.errors import UserError
+from imagegpt.plots import save_grid
+from imagegpt.prepare import ensure_prepared, prepare
+from imagegpt.sequences import make_batch, read_sequences
+from imagegpt.settings import add_settings, apply_settings, coerce
+from imagegpt.sources import (
+    load_builtin,
+    load_csv,
+    load_folder,
+    load_idx,
+    load_source,
+    read_pixel_csv,
+)
+from imagegpt.splits import folds, stratified_split
+from imagegpt.token_format import Vocab, truncate
 from tokenizer import Codebook
 from tokenizer import uint8_to_tensor as to_tensor
-from tokens import Vocab, truncate
-from util import UserError
-
 
 # ----------------------------------------------------------------------------- fixtures written by the tests
 
@@ -677,7 +688,7 @@ def test_prepare_with_a_larger_config(tmp_path, monkeypatch, capsys):
     write_folder(tmp_path / "images", n=30)
     cfg = Bigger(**vars(tiny_cfg(tmp_path)))
     rep = ensure_prepared(cfg, log=lambda m: None)
-    assert list(rep["config"]) == data.data_fields()
+    assert list(rep["config"]) == data_config.data_fields()
     assert DataConfig(**rep["config"]) == tiny_cfg(tmp_path)
     assert Codebook.load(tmp_path / "prepared").cfg.num_codes == 16
     assert ensure_prepared(cfg, log=None) == rep
@@ -720,7 +731,7 @@ def test_settings_from_the_command_line_and_coerce():
                             ("b", "maybe", bool)]:
         with pytest.raises(UserError, match=f"y: {key} expects {typ.__name__}"):
             coerce(key, value, typ, "y")
-    assert data.data_fields()[:2] == ["patch_size", "num_codes"] and "source" in data.data_fields()
+    assert data_config.data_fields()[:2] == ["patch_size", "num_codes"] and "source" in data_config.data_fields()
 
 
 # ----------------------------------------------------------------------------- Hugging Face datasets
@@ -745,19 +756,19 @@ def test_hf_source_reads_a_saved_dataset_and_its_splits(tmp_path):
     import datasets
     ds, imgs, labels = hf_dataset()
     ds.save_to_disk(str(tmp_path / "one"))
-    images, got, names, meta = data.load_hf(str(tmp_path / "one"), 8, 1)
+    images, got, names, meta = sources.load_hf(str(tmp_path / "one"), 8, 1)
     assert names == ["a", "b", "c"] and got.tolist() == labels and images.shape == (30, 8, 8, 1)
     want = np.asarray(imgs[4].convert("L").resize((8, 8), Image.Resampling.BILINEAR))
     assert np.array_equal(images[4, :, :, 0], want)                  # converted as image folders are
     datasets.DatasetDict({"train": ds, "test": ds.select(range(6))}).save_to_disk(str(tmp_path / "dict"))
-    assert len(data.load_hf(str(tmp_path / "dict") + ":test", 8, 1)[1]) == 6
-    assert len(data.load_hf(str(tmp_path / "dict"), 8, 3)[0]) == 30   # the train split by default
+    assert len(sources.load_hf(str(tmp_path / "dict") + ":test", 8, 1)[1]) == 6
+    assert len(sources.load_hf(str(tmp_path / "dict"), 8, 3)[0]) == 30   # the train split by default
     with pytest.raises(UserError, match=r"no split 'valid'; it has train, test"):
-        data.load_hf(str(tmp_path / "dict") + ":valid", 8, 1)
+        sources.load_hf(str(tmp_path / "dict") + ":valid", 8, 1)
     plain = datasets.Dataset.from_dict({"x": [1, 2]})
     plain.save_to_disk(str(tmp_path / "plain"))
     with pytest.raises(UserError, match="expected an Image column and a ClassLabel"):
-        data.load_hf(str(tmp_path / "plain"), 8, 1)
+        sources.load_hf(str(tmp_path / "plain"), 8, 1)
     # prepare reads it like any other source, split and codebook included
     cfg = DataConfig(source=f"hf:{tmp_path / 'one'}", data_dir=str(tmp_path / "prepared"), image_size=8,
                      patch_size=2, num_codes=8, kmeans_iters=3)

@@ -9,15 +9,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn as nn
-
-import checkpoint
-import eval as ev
-import metrics
-import plots
-from data import make_batch
 from fixtures import CLASSES, ROOT, png_size
-from tokens import Vocab
-from util import UserError
+
+import eval as ev
+from imagegpt import checkpoint, metrics, plots
+from imagegpt.errors import UserError
+from imagegpt.sequences import make_batch
+from imagegpt.token_format import Vocab
 
 # ----------------------------------------------------------------------------- known answers
 
@@ -137,7 +135,7 @@ def test_eval_cli_default_split(tiny, capsys):
     assert rep["classes"] == CLASSES and rep["n_sequences"] == 24 and "checkpoint_chosen" in rep
     assert png_size(os.path.join(tiny.ckpt, "eval_confusion.png")) == plots.CONFUSION_SIZE
     # the same numbers as evaluate() on the same data
-    from data import read_sequences
+    from imagegpt.sequences import read_sequences
     ck = checkpoint.load(tiny.ckpt)
     model = ck.model
     x, y, c = make_batch(read_sequences(tiny.val, ck.vocab)[0], 16)
@@ -188,7 +186,7 @@ def test_classify_images_and_sequences(tiny, capsys):
     assert len(rows) == 24 + 1 + 24 and last.startswith("accuracy on the 24 labelled sequences")
     ck = checkpoint.load(tiny.ckpt)
     model = ck.model
-    from data import read_sequences
+    from imagegpt.sequences import read_sequences
     seqs, labels = read_sequences(tiny.val, ck.vocab)
     probs = metrics.class_probs(model, [s[:-2] for s in seqs], ck.vocab)
     for row, p, y in zip(rows[25:], probs, labels):
@@ -228,7 +226,8 @@ def test_help_and_one_line_error_subprocess(tiny, tmp_path):
 # ----------------------------------------------------------------------------- test-time augmentation
 
 def test_tta_views_and_probs(tiny):
-    from data import DataConfig, tta_views
+    from imagegpt.augment import tta_views
+    from imagegpt.data_config import DataConfig
     ck = checkpoint.load(tiny.ckpt)
     x = torch.rand(5, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     views = list(tta_views(x, 3, DataConfig()))
@@ -254,7 +253,8 @@ def test_eval_cli_tta_on_images(tiny, tmp_path, capsys):
     assert t["accuracy"] == pytest.approx(sum(t["confusion"][c][c] for c in range(3)) / 24)
     assert "with test-time augmentation (3 moved views" in capsys.readouterr().out
     # the same probabilities as the library function on the same images
-    from data import DataConfig, load_folder
+    from imagegpt.data_config import DataConfig
+    from imagegpt.sources import load_folder
     from tokenizer import uint8_to_tensor
     ck = checkpoint.load(tiny.ckpt)
     images, labels, names, _ = load_folder(tiny.img_dir, 4, 1)

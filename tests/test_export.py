@@ -10,20 +10,17 @@ import sys
 
 import pytest
 import torch
-
-import checkpoint
-import generation
-import hf_export
-import hf_format
 from fixtures import ROOT
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
+
+import hf_export
+from imagegpt import checkpoint, decoding, huggingface
+from imagegpt.cli import run_cli
+from imagegpt.errors import UserError
+from imagegpt.token_format import Vocab
+from imagegpt.training import TrainConfig, build_model
 from model import GPT, GPTConfig
 from tokenizer import Codebook, CodebookConfig
-from tokens import Vocab
-from trainer import TrainConfig, build_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
-from util import UserError
-
-from cli import run_cli
 
 BLOCK = 32
 METRICS = {"n_sequences": 12, "loss": 1.25, "perplexity": 3.4903, "token_accuracy": 0.625,
@@ -48,7 +45,7 @@ def tiny_checkpoint(folder, bias=True, seed=0):
 
 def export(ckpt, out=None):
     """What hf_export.py does without its printing: checkpoint folder -> export folder."""
-    return hf_format.write_export(checkpoint.load(ckpt), out or hf_format.default_out(ckpt))
+    return huggingface.write_export(checkpoint.load(ckpt), out or huggingface.default_out(ckpt))
 
 
 def read(folder):
@@ -88,7 +85,7 @@ def test_folder_contents_and_config(exported):
     out = exported["out"]
     assert out == str(exported["root"] / "run" / "hf")  # default: hf/ next to the checkpoint folder
     files = set(os.listdir(out))
-    assert set(hf_format.FILES) | {"metrics.json", "train_config.json"} == files
+    assert set(huggingface.FILES) | {"metrics.json", "train_config.json"} == files
     assert not [f for f in os.listdir(exported["root"] / "run") if f.startswith(".")]  # no temp dirs left
     cfg = json.load(open(os.path.join(out, "config.json")))
     v = exported["vocab"]
@@ -133,16 +130,16 @@ def test_greedy_generate_matches_ours(exported, hf):
     mine = greedy(ours, prompt, steps, v.eos_id, v.pad_id)
     assert theirs.shape[1] > prompt.shape[1] + 5
     assert torch.equal(theirs, mine)
-    res = generation.generate(ours, prompt.tolist(), v, steps, greedy=True)  # the --check path agrees
+    res = decoding.generate(ours, prompt.tolist(), v, steps, greedy=True)  # the --check path agrees
     assert [r["ids"] + [v.pad_id] * (mine.shape[1] - len(r["ids"])) for r in res] == mine.tolist()
-    assert hf_format.check_parity(ours, exported["out"], v)["greedy_equal"]
+    assert huggingface.check_parity(ours, exported["out"], v)["greedy_equal"]
 
 
 def test_greedy_generate_matches_generation_py(exported, hf):
     v, ours = exported["vocab"], exported["model"]
     g = torch.Generator().manual_seed(6)
     prompts = [[v.img_id] + torch.randint(v.code_offset, v.label_offset, (n,), generator=g).tolist() for n in (1, 2, 4)]
-    for p, r in zip(prompts, generation.generate(ours, prompts, v, BLOCK, greedy=True)):
+    for p, r in zip(prompts, decoding.generate(ours, prompts, v, BLOCK, greedy=True)):
         theirs = hf.generate(torch.tensor([p]), do_sample=False, max_length=BLOCK,
                              attention_mask=torch.ones(1, len(p), dtype=torch.long))
         assert theirs[0].tolist() == r["ids"]
@@ -249,7 +246,7 @@ def test_clear_errors_for_folders_that_do_not_fit(exported, tmp_path, case, patt
     }
     d = _broken_copy(exported, tmp_path, **edits[case])
     with pytest.raises(UserError, match=pattern) as e:
-        hf_format.read_export(d)
+        huggingface.read_export(d)
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match=pattern):
         checkpoint.load(d)
@@ -269,12 +266,12 @@ def test_export_is_atomic_and_does_not_clobber_other_folders(exported, tmp_path,
 
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(hf_format, "model_card", boom)
+    monkeypatch.setattr(huggingface, "model_card", boom)
     with pytest.raises(UserError, match="No space left"):
         export(exported["ckpt"], out)
     assert {f: open(out / f, "rb").read() for f in os.listdir(out)} == before  # the earlier export is intact
     assert sorted(os.listdir(tmp_path)) == ["hf"]                              # no temp folders left
-    monkeypatch.setattr(hf_format, "model_card", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(huggingface, "model_card", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         export(exported["ckpt"], tmp_path / "new")
     assert sorted(os.listdir(tmp_path)) == ["hf"]
@@ -332,9 +329,9 @@ def test_push_to_hub_sends_the_folder(exported, tmp_path, monkeypatch, no_networ
     (c_name, c_repo, c_kw, c_tok), (u_name, u_repo, u_kw, u_tok) = FakeApi.calls
     assert (c_name, c_repo, c_kw["private"], c_kw["exist_ok"], c_tok) == ("create_repo", "me/img-gpt", True, True, "hf_test_token")
     assert (u_name, u_repo, u_kw["folder_path"], u_kw["repo_type"]) == ("upload_folder", "me/img-gpt", str(out), "model")
-    plan = hf_format.upload_plan(out, "me/img-gpt", private=True)
+    plan = huggingface.upload_plan(out, "me/img-gpt", private=True)
     assert plan == {"repo_id": "me/img-gpt", "private": True,
-                    "files": sorted(set(hf_format.FILES) | {"metrics.json", "train_config.json"})}
+                    "files": sorted(set(huggingface.FILES) | {"metrics.json", "train_config.json"})}
     assert u_kw["allow_patterns"] == plan["files"]
     assert "uploaded 12 files to https://huggingface.co/me/img-gpt (private)" in capsys.readouterr().out
     assert "repo = \"me/img-gpt\"" in open(out / "README.md").read()

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, KVCache, SHORT_ATTENTION, causal_attention
+from model import GPT, SHORT_ATTENTION, GPTConfig, KVCache, causal_attention
 
 TINY = dict(vocab_size=40, block_size=32, n_layer=2, n_head=2, n_embd=32)
 

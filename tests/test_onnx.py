@@ -13,16 +13,15 @@ import onnxscript  # noqa: F401  (the exporter needs it)
 import pytest
 import torch
 
-import checkpoint
 import eval as ev
 import hf_export
-import onnx_backend as ob
 import sample as sp
-from generation import generate
-from metrics import class_probs, evaluate
+from imagegpt import checkpoint, onnx_export, onnx_runtime
+from imagegpt.decoding import generate
+from imagegpt.errors import UserError
+from imagegpt.metrics import class_probs, evaluate
+from imagegpt.token_format import Vocab
 from model import GPT, GPTConfig
-from tokens import Vocab
-from util import UserError
 
 VOCAB = Vocab(16, 8)            # 30 tokens: 6 specials, 16 codes, 8 labels
 BLOCK = 24
@@ -48,8 +47,8 @@ def tiny_model(seed=0):
 def exported(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("onnx_export"))
     model = tiny_model()
-    path = ob.export_onnx(model, folder)
-    sizes = ob.quantize_int8(folder)
+    path = onnx_export.export_onnx(model, folder)
+    sizes = onnx_export.quantize_int8(folder)
     return model, folder, path, sizes
 
 
@@ -75,7 +74,7 @@ def test_export_writes_the_graph_and_its_description(exported):
     assert path == os.path.join(folder, "onnx", "model.onnx")
     onnx.checker.check_model(path, full_check=True)
     info = json.load(open(os.path.join(folder, "onnx", "export.json")))
-    assert info["opset"] == ob.OPSET and info["gpt_config"]["n_layer"] == 2
+    assert info["opset"] == onnx_export.OPSET and info["gpt_config"]["n_layer"] == 2
     assert info["inputs"]["past_key_values.1.value"] == {
         "dtype": "float32", "shape": ["batch_size", 2, "past_sequence_length", 16]}
     assert info["outputs"]["present.0.key"]["shape"][2] == "past_sequence_length + sequence_length"
@@ -115,7 +114,7 @@ def test_graph_runs_with_plain_onnxruntime_and_has_the_hugging_face_names(export
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
-    assert got["names"] == [ob.input_names(2), ob.output_names(2)]
+    assert got["names"] == [onnx_export.input_names(2), onnx_export.output_names(2)]
     assert got["names"][0][:5] == ["input_ids", "attention_mask", "position_ids",
                                    "past_key_values.0.key", "past_key_values.0.value"]
     with torch.no_grad():
@@ -131,7 +130,7 @@ def test_attention_mask_zero_hides_left_padding(exported):
     s = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     ids = random_tokens(1, 6, seed=2)
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1).numpy()
-    empty = {n: np.zeros((1, 2, 0, 16), np.float32) for n in ob.input_names(2)[3:]}
+    empty = {n: np.zeros((1, 2, 0, 16), np.float32) for n in onnx_export.input_names(2)[3:]}
     feed = {"input_ids": padded, "attention_mask": np.array([[0, 0, 0, 1, 1, 1, 1, 1, 1]]),
             "position_ids": np.array([[0, 0, 0, 0, 1, 2, 3, 4, 5]]), **empty}
     logits = s.run(["logits"], feed)[0]
@@ -145,7 +144,7 @@ def test_attention_mask_zero_hides_left_padding(exported):
 
 def test_onnx_logits_equal_torch_with_and_without_the_cache(exported):
     model, _, path, _ = exported
-    onx = ob.OnnxGPT(path, threads=1)
+    onx = onnx_runtime.OnnxGPT(path, threads=1)
     assert onx.config == model.config and onx.device == torch.device("cpu") and not onx.training
     assert onx.eval() is onx and onx.train() is onx and onx.device.type == "cpu"
     assert onx.num_params() == model.num_params()
@@ -172,7 +171,7 @@ def test_onnx_logits_equal_torch_with_and_without_the_cache(exported):
 
 def test_onnx_rejects_what_gpt_rejects(exported):
     _, _, path, _ = exported
-    onx = ob.OnnxGPT(path)
+    onx = onnx_runtime.OnnxGPT(path)
     with pytest.raises(ValueError, match="block_size"):
         onx(random_tokens(1, BLOCK + 1, seed=0))
     with pytest.raises(ValueError, match="block_size"):
@@ -186,7 +185,7 @@ def test_onnx_rejects_what_gpt_rejects(exported):
 
 def test_greedy_decoding_gives_the_same_tokens(exported):
     model, _, path, _ = exported
-    onx = ob.OnnxGPT(path)
+    onx = onnx_runtime.OnnxGPT(path)
     prompts = [[IMG], [IMG], [IMG, VOCAB.code_id(3)], [IMG, VOCAB.code_id(0), VOCAB.code_id(5), END, CLS]]
     with torch.no_grad():
         a = generate(model, prompts, VOCAB, max_new_tokens=BLOCK, greedy=True)
@@ -199,7 +198,7 @@ def test_greedy_decoding_gives_the_same_tokens(exported):
 
 def test_classification_at_cls_is_identical(exported):
     model, _, path, _ = exported
-    onx = ob.OnnxGPT(path)
+    onx = onnx_runtime.OnnxGPT(path)
     seqs = sequences(24, seed=4)
     prefixes = [s[:-2] for s in seqs]                       # '<IMG> ... </IMG> <CLS>', different lengths
     with torch.no_grad():
@@ -208,7 +207,7 @@ def test_classification_at_cls_is_identical(exported):
     assert torch.equal(got.argmax(1), want.argmax(1))
     assert (got - want).abs().max() < 1e-5
     # the evaluation (metrics over all tokens, classification at <CLS>) is the same too
-    from data import make_batch   # noqa: E402
+    from imagegpt.sequences import make_batch
     x, y, cls_pos = make_batch(seqs, BLOCK, VOCAB.pad_id)
     m_torch = evaluate(model, x, y, cls_pos, VOCAB, batch_size=5)
     m_onnx = evaluate(onx, x, y, cls_pos, VOCAB, batch_size=5)
@@ -226,7 +225,7 @@ def test_int8_copy_is_smaller_loads_and_stays_close(exported):
     x = random_tokens(4, BLOCK, seed=5)
     with torch.no_grad():
         want = model(x)[0]
-    onx = ob.OnnxGPT(q)
+    onx = onnx_runtime.OnnxGPT(q)
     got = onx(x)[0]
     diff = (got - want).abs().max().item()
     assert 1e-6 < diff < INT8_TOL * want.abs().max().item(), diff     # changed, but only a little
@@ -241,19 +240,19 @@ def test_int8_copy_is_smaller_loads_and_stays_close(exported):
 
 def test_bad_files_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="no such ONNX graph"):
-        ob.OnnxGPT(str(tmp_path / "missing.onnx"))
+        onnx_runtime.OnnxGPT(str(tmp_path / "missing.onnx"))
     with pytest.raises(UserError, match="export it first"):
-        ob.quantize_int8(str(tmp_path))
+        onnx_export.quantize_int8(str(tmp_path))
     (tmp_path / "junk.onnx").write_bytes(b"not a graph")
     with pytest.raises(UserError, match="cannot load"):
-        ob.OnnxGPT(str(tmp_path / "junk.onnx"))
+        onnx_runtime.OnnxGPT(str(tmp_path / "junk.onnx"))
     # a valid graph without our metadata (as written by another tool)
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
     g = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g", [x],
                                [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
     onnx.save(onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 18)]), str(tmp_path / "other.onnx"))
     with pytest.raises(UserError, match="gpt_config"):
-        ob.OnnxGPT(str(tmp_path / "other.onnx"))
+        onnx_runtime.OnnxGPT(str(tmp_path / "other.onnx"))
 
 
 # ----------------------------------------------------------------------------- the commands
@@ -280,7 +279,7 @@ def test_export_cli_check_and_the_onnx_backend_of_sample_and_eval(tiny, tmp_path
     assert [r["tokens"] for r in runs["torch"]] == [r["tokens"] for r in runs["onnx"]]   # same sampled tokens
     a, b = runs["torch_eval"], runs["onnx_eval"]
     assert a["confusion"] == b["confusion"] and a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-    assert isinstance(checkpoint.load(out, backend="onnx-int8").model, ob.OnnxGPT)
+    assert isinstance(checkpoint.load(out, backend="onnx-int8").model, onnx_runtime.OnnxGPT)
 
 
 def test_onnx_backend_without_a_graph_is_one_clear_line(tiny, tmp_path):

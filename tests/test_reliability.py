@@ -19,15 +19,13 @@ from dataclasses import replace
 
 import pytest
 import torch
-
-import checkpoint
-import cli
-import generation
-import trainer as trainer_mod
-import util
 from fixtures import ROOT, write_images
-from trainer import TrainConfig, load_config, train
-from util import UserError
+
+from imagegpt import checkpoint, cli, decoding, device, errors
+from imagegpt import files as files_mod
+from imagegpt import training as trainer_mod
+from imagegpt.errors import UserError
+from imagegpt.training import TrainConfig, load_config, train
 
 TINY = dict(image_size=8, patch_size=2, num_codes=8, kmeans_iters=3, n_layer=2, n_head=2, n_embd=32,
             batch_size=8, epochs=2, eval_every=3, lr=1e-3, warmup_steps=2, seed=1, device="cpu", dev_fraction=0.25)
@@ -100,7 +98,7 @@ def test_the_block_size_follows_the_data_and_best_only_improves(run):
     best = checkpoint.load(os.path.join(run["cfg"].out_dir, "best"))
     first_best = next(r for r in log if r["dev_accuracy"] == max(r["dev_accuracy"] for r in log))
     assert best.metrics["accuracy"] == first_best["dev_accuracy"] and best.metrics["loss"] == first_best["dev_loss"]
-    assert not os.path.exists(os.path.join(run["cfg"].out_dir, util.FolderLock.NAME))
+    assert not os.path.exists(os.path.join(run["cfg"].out_dir, files_mod.FolderLock.NAME))
 
 
 def poison(monkeypatch, at, what):
@@ -183,7 +181,7 @@ def wait_for(cond, what, timeout=120):
 
 def lock_pid(folder):
     try:
-        return open(os.path.join(folder, util.FolderLock.NAME)).read().strip()
+        return open(os.path.join(folder, files_mod.FolderLock.NAME)).read().strip()
     except FileNotFoundError:
         return ""
 
@@ -220,11 +218,11 @@ def test_a_stale_lock_never_blocks(run, tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     cfg = copy_run(run, tmp_path / "run")
-    with open(os.path.join(cfg.out_dir, util.FolderLock.NAME), "w") as f:
+    with open(os.path.join(cfg.out_dir, files_mod.FolderLock.NAME), "w") as f:
         f.write(f"{dead.pid}\n")
     out = train(replace(cfg, epochs=3), resume=True, allow_changes=True, log=lambda *a: None)
     assert out["step"] == 3 * 6
-    assert not os.path.exists(os.path.join(cfg.out_dir, util.FolderLock.NAME))
+    assert not os.path.exists(os.path.join(cfg.out_dir, files_mod.FolderLock.NAME))
     # the lock of a run killed in the middle of training
     cfg = replace(run["cfg"], out_dir=str(tmp_path / "killed"), epochs=100)
     p = subprocess.Popen([sys.executable, "train.py", *cli_args(cfg)], cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -236,27 +234,27 @@ def test_a_stale_lock_never_blocks(run, tmp_path):
         p.wait(60)
     assert lock_pid(cfg.out_dir) == str(p.pid)   # left behind, holding a dead pid
     out = train(replace(cfg, epochs=1), log=lambda *a: None)
-    assert out["step"] == 6 and not os.path.exists(os.path.join(cfg.out_dir, util.FolderLock.NAME))
+    assert out["step"] == 6 and not os.path.exists(os.path.join(cfg.out_dir, files_mod.FolderLock.NAME))
 
 
 def test_the_lock_itself(tmp_path):
     """lock_folder(): a second holder is refused naming the first one's pid; release leaves no trace,
     not even a new modification time; the folders it created go away again."""
     folder = tmp_path / "a" / "b"
-    lock = util.lock_folder(str(folder), "run folder", "; try later")
+    lock = files.lock_folder(str(folder), "run folder", "; try later")
     assert lock_pid(folder) == str(os.getpid())
     with pytest.raises(UserError, match=rf"b: the run folder is in use by another process \(pid {os.getpid()}, "
                                         rf"lock file .*\.lock\); try later"):
-        util.lock_folder(str(folder), "run folder", "; try later")
+        files.lock_folder(str(folder), "run folder", "; try later")
     lock.release()
     lock.release()   # twice is harmless
     assert not (tmp_path / "a").exists()
     (tmp_path / "old").mkdir()
     os.utime(tmp_path / "old", ns=(10 ** 18, 10 ** 18))
-    with util.lock_folder(str(tmp_path / "old")):
+    with files.lock_folder(str(tmp_path / "old")):
         assert (tmp_path / "old" / ".lock").exists()
     assert os.listdir(tmp_path / "old") == [] and os.stat(tmp_path / "old").st_mtime_ns == 10 ** 18
-    with util.lock_folder(str(tmp_path / "old")):
+    with files.lock_folder(str(tmp_path / "old")):
         (tmp_path / "old" / "written").write_text("x")    # a real change keeps its time
     assert os.stat(tmp_path / "old").st_mtime_ns != 10 ** 18
 
@@ -286,7 +284,7 @@ def test_a_temperature_near_zero_is_greedy_never_nan(t):
     logits[0, :3] = 55.0                                     # a tie for the largest: either is fine
     want = logits.argmax(-1)
     for top_k, top_p in ((None, None), (5, None), (None, 0.5), (3, 0.9)):
-        got = generation.choose_next(logits, temperature=t, top_k=top_k, top_p=top_p, generator=g)
+        got = decoding.choose_next(logits, temperature=t, top_k=top_k, top_p=top_p, generator=g)
         assert (got[1:] == want[1:]).all() and got[0].item() in (0, 1, 2)
 
 
@@ -294,8 +292,8 @@ def test_ordinary_temperatures_sample_as_before():
     """The near-zero path is taken only when the scaled logits overflow: the usual draws are unchanged."""
     logits = torch.randn(32, 40, generator=torch.Generator().manual_seed(1)) * 3
     for t in (0.3, 0.8, 1.0, 2.5):
-        a = generation.choose_next(logits, temperature=t, top_k=10, top_p=0.9, generator=torch.Generator().manual_seed(5))
-        ref = generation.top_p_filter(generation.top_k_filter(logits.float() / t, 10), 0.9).softmax(-1)
+        a = decoding.choose_next(logits, temperature=t, top_k=10, top_p=0.9, generator=torch.Generator().manual_seed(5))
+        ref = decoding.top_p_filter(decoding.top_k_filter(logits.float() / t, 10), 0.9).softmax(-1)
         b = torch.multinomial(ref, 1, generator=torch.Generator().manual_seed(5)).squeeze(-1)
         assert torch.equal(a, b)
 
@@ -303,15 +301,15 @@ def test_ordinary_temperatures_sample_as_before():
 def test_generation_at_a_tiny_temperature_equals_greedy(run):
     ck = checkpoint.load(os.path.join(run["cfg"].out_dir, "final"))
     prompts = [[ck.vocab.img_id]] * 3
-    greedy = generation.generate(ck.model, prompts, ck.vocab, 30, greedy=True)
-    cold = generation.generate(ck.model, prompts, ck.vocab, 30, temperature=1e-40,
+    greedy = decoding.generate(ck.model, prompts, ck.vocab, 30, greedy=True)
+    cold = decoding.generate(ck.model, prompts, ck.vocab, 30, temperature=1e-40,
                                generator=torch.Generator().manual_seed(0))
     assert [r["ids"] for r in cold] == [r["ids"] for r in greedy]
 
 
 def test_nonfinite_logits_are_one_line():
     with pytest.raises(UserError, match="logits are not finite"):
-        generation.choose_next(torch.tensor([[1.0, float("nan")]]), temperature=1e-45)
+        decoding.choose_next(torch.tensor([[1.0, float("nan")]]), temperature=1e-45)
 
 
 def test_an_allocation_that_fails_is_one_line():
@@ -336,9 +334,9 @@ def test_size_estimates_let_the_shipped_configs_through(monkeypatch):
     """The estimates refuse what cannot fit, never what can: every shipped config fits in 4 GB, none in 20 MB."""
     for name in ("demo", "large", "v1", "v2"):
         cfg = load_config(os.path.join(ROOT, "config", f"{name}.yaml"))
-        monkeypatch.setattr(util, "memory_bytes", lambda device="cpu": 4 * 10 ** 9)
+        monkeypatch.setattr(device, "memory_bytes", lambda device="cpu": 4 * 10 ** 9)
         trainer_mod.check_fits(cfg, "cpu")
-        monkeypatch.setattr(util, "memory_bytes", lambda device="cpu": 20 * 10 ** 6)
+        monkeypatch.setattr(device, "memory_bytes", lambda device="cpu": 20 * 10 ** 6)
         with pytest.raises(UserError, match="more than the 20.0 MB of memory"):
             trainer_mod.check_fits(cfg, "cpu")
 
@@ -346,10 +344,10 @@ def test_size_estimates_let_the_shipped_configs_through(monkeypatch):
 # ----------------------------------------------------------------------------- 6. odd file names
 
 def test_printable():
-    assert util.printable("runs/demo/best") == "runs/demo/best"
-    assert util.printable("é ü 数字 a b") == "é ü 数字 a b"
-    assert util.printable("a\nb\rc\td\x1be\x00f\u2028") == "a\\nb\\rc\\td\\x1be\\x00f\\u2028"
-    assert util.printable("caf\udce9.png") == "caf\\xe9.png"
+    assert errors.printable("runs/demo/best") == "runs/demo/best"
+    assert errors.printable("é ü 数字 a b") == "é ü 数字 a b"
+    assert errors.printable("a\nb\rc\td\x1be\x00f\u2028") == "a\\nb\\rc\\td\\x1be\\x00f\\u2028"
+    assert errors.printable("caf\udce9.png") == "caf\\xe9.png"
 
 
 def test_a_name_with_bytes_that_are_not_utf8_is_written_and_printed(run, tmp_path):
@@ -406,10 +404,10 @@ def test_an_output_in_a_folder_that_cannot_be_written_is_refused_first(run, tmp_
 # ----------------------------------------------------------------------------- 8. class folders, notes
 
 def test_hidden_folders_are_not_classes(tmp_path):
-    import data
+    from imagegpt import sources
     write_images(str(tmp_path / "imgs"), n=12)
     shutil.copytree(tmp_path / "imgs" / "c0", tmp_path / "imgs" / ".ipynb_checkpoints")
-    names, items = data._class_files(str(tmp_path / "imgs"), data.IMAGE_EXTS)
+    names, items = sources._class_files(str(tmp_path / "imgs"), sources.IMAGE_EXTS)
     assert names == ["c0", "c1", "c2"] and len(items) == 12
 
 
@@ -428,7 +426,7 @@ def test_allow_truncation_trains_on_cut_images_and_says_so(run, tmp_path):
     train(cfg, log=lines.append)
     assert any("note: max_length 12 cuts the image tokens of 65 sequences" in str(x) for x in lines)
     assert checkpoint.load(os.path.join(cfg.out_dir, "final")).model.config.block_size == 12
-    import sample   # such a model cannot draw a whole image: sampling says so
+    import sample  # such a model cannot draw a whole image: sampling says so
     code, out, err = run_main(sample.main, ["--ckpt", os.path.join(cfg.out_dir, "final"), "--num_samples", "2",
                                             "--out_png", str(tmp_path / "s.png")])
     assert code == 0, err
@@ -455,14 +453,13 @@ def modes(folder):
 @pytest.mark.parametrize("mask", [0o022, 0o027, 0o002])
 def test_every_output_follows_the_umask(run, tmp_path, mask):
     """Weights, codebooks, exports, settings, pictures: 0666 less the umask, folders 0777 less it."""
-    import hf_format
-    import plots
+    from imagegpt import huggingface, plots
     old = os.umask(mask)
     try:
         ck = checkpoint.load(os.path.join(run["cfg"].out_dir, "final"))
         checkpoint.save(str(tmp_path / "ckpt"), ck.model, run["cfg"], ck.vocab, ck.codebook, ck.metrics,
                         checkpoint.load_trainer_state(os.path.join(run["cfg"].out_dir, "final")))
-        hf_format.write_export(ck, str(tmp_path / "hf"))
+        huggingface.write_export(ck, str(tmp_path / "hf"))
         ck.codebook.save(str(tmp_path))
         plots.plot_curves(os.path.join(run["cfg"].out_dir, "log.jsonl"), str(tmp_path / "curves.png"))
     finally:
@@ -476,7 +473,7 @@ def test_every_output_follows_the_umask(run, tmp_path, mask):
 
 
 def test_the_training_run_wrote_shareable_files(run):
-    mask = util.umask()
+    mask = files_mod.umask()
     for folder in (run["cfg"].out_dir, run["cfg"].data_dir):
         for name, mode in modes(folder).items():
             want = (0o777 if os.path.isdir(os.path.join(folder, name)) else 0o666) & ~mask

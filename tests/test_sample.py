@@ -6,13 +6,13 @@ import sys
 
 import pytest
 import torch
-
-import generation as gen
-import sample as sp
 from fixtures import ROOT, png_size
+
+import sample as sp
+from imagegpt import decoding as gen
+from imagegpt.errors import UserError
+from imagegpt.token_format import Vocab
 from model import GPT, GPTConfig
-from tokens import Vocab
-from util import UserError
 
 INF = float("-inf")
 VOCAB = Vocab(8, 3)   # 17 tokens: specials 0..5, <Z_000..007> 6..13, <CLS_0..2> 14..16
@@ -205,7 +205,8 @@ def test_bf16_auto_decodes_narrow_models_in_fp32_on_a_cpu():
     """--bf16 auto: bf16 for training and evaluation where supported; for decoding on a CPU only from
     BF16_DECODE_MIN_WIDTH up (narrower models decode slower in bf16); true still insists."""
     import contextlib
-    from util import BF16_DECODE_MIN_WIDTH, bf16_autocast
+
+    from imagegpt.device import BF16_DECODE_MIN_WIDTH, bf16_autocast
     narrow, wide = BF16_DECODE_MIN_WIDTH // 2, BF16_DECODE_MIN_WIDTH
     assert isinstance(bf16_autocast("auto", "cpu", decode_width=narrow), contextlib.nullcontext)
     assert isinstance(bf16_autocast("false", "cpu", decode_width=wide), contextlib.nullcontext)

@@ -21,12 +21,10 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from fixtures import ROOT
 from PIL import Image, ImageDraw
 
-import checkpoint
-import server
-import server_load
-from fixtures import ROOT
+from imagegpt import checkpoint, loadtest, service
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -55,7 +53,7 @@ def loaded(ckpt):
 
 @pytest.fixture(scope="module")
 def client(loaded):
-    with TestClient(server.create_app(loaded)) as c:
+    with TestClient(service.create_app(loaded)) as c:
         yield c
 
 
@@ -240,7 +238,7 @@ def test_bad_images_get_a_4xx_and_the_server_keeps_serving(client):
         (noise[:len(noise) // 2], 400, "image"),                         # truncated PNG
         (png(drawn_one(), "JPEG")[:300], 400, "image"),                  # truncated JPEG
         (patched_png_size(30000, 30000), 413, "too large"),              # Pillow's DecompressionBombError
-        (patched_png_size(5000, 5000), 413, f"the limit is {server.MAX_PIXELS}"),
+        (patched_png_size(5000, 5000), 413, f"the limit is {service.MAX_PIXELS}"),
     ]
     for data, status, words in cases:
         for path in ("/classify", "/complete"):
@@ -254,7 +252,7 @@ def test_bad_images_get_a_4xx_and_the_server_keeps_serving(client):
 
 
 def test_upload_over_the_size_limit_is_413(loaded):
-    with TestClient(server.create_app(loaded, max_upload=50_000)) as c:
+    with TestClient(service.create_app(loaded, max_upload=50_000)) as c:
         big = png((np.random.default_rng(1).random((300, 300)) * 255).astype(np.uint8))
         assert len(big) > 50_000
         r = c.post("/classify", files=upload(big))
@@ -274,7 +272,7 @@ def test_no_path_outside_the_static_folder(client, path):
 
 def test_traversal_over_a_raw_socket(loaded):
     """What a client sends unnormalised must not escape either (TestClient may normalise paths)."""
-    srv, thread, url = server_load.start(server.create_app(loaded))
+    srv, thread, url = loadtest.start(service.create_app(loaded))
     try:
         port = int(url.rsplit(":", 1)[1])
         for target in (b"/static/../server.py", b"/static/..%2f..%2fetc/passwd", b"/static/%2e%2e/serve.py"):
@@ -285,7 +283,7 @@ def test_traversal_over_a_raw_socket(loaded):
                     answer += chunk
             assert answer.startswith(b"HTTP/1.1 404") and b"import" not in answer, answer[:200]
     finally:
-        server_load.stop(srv, thread)
+        loadtest.stop(srv, thread)
 
 
 def test_an_exported_hugging_face_folder_serves_the_same(ckpt, client, tmp_path):
@@ -293,7 +291,7 @@ def test_an_exported_hugging_face_folder_serves_the_same(ckpt, client, tmp_path)
     done = subprocess.run([sys.executable, "hf_export.py", "--ckpt", ckpt, "--out", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    with TestClient(server.create_app(checkpoint.load(str(out), "cpu"))) as hf:
+    with TestClient(service.create_app(checkpoint.load(str(out), "cpu"))) as hf:
         a = hf.post("/classify", files=upload(png(drawn_one()))).json()
         b = client.post("/classify", files=upload(png(drawn_one()))).json()
         assert a["tokens"] == b["tokens"] and np.allclose(a["probabilities"], b["probabilities"], atol=1e-5)
@@ -304,26 +302,26 @@ def test_an_exported_hugging_face_folder_serves_the_same(ckpt, client, tmp_path)
 # ----------------------------------------------------------------------------- concurrency
 
 def test_a_failing_model_call_is_one_line_500_and_the_server_carries_on(loaded, monkeypatch):
-    real = server.decode_rows
-    monkeypatch.setattr(server, "decode_rows", lambda *a, **k: 1 / 0)
-    with TestClient(server.create_app(loaded), raise_server_exceptions=False) as c:
+    real = service.decode_rows
+    monkeypatch.setattr(service, "decode_rows", lambda *a, **k: 1 / 0)
+    with TestClient(service.create_app(loaded), raise_server_exceptions=False) as c:
         r = c.post("/generate", json={"count": 1})
         assert r.status_code == 500 and r.json() == {"detail": "internal error (ZeroDivisionError: division by zero)"}
-        monkeypatch.setattr(server, "decode_rows", real)
+        monkeypatch.setattr(service, "decode_rows", real)
         assert c.post("/generate", json={"count": 1}).status_code == 200
 
 
 def gate(monkeypatch):
     """Hold every decoding call in the model thread until released -> (entered, release) events."""
     entered, release = threading.Event(), threading.Event()
-    real = server.decode_rows
+    real = service.decode_rows
 
     def held(*args, **kwargs):
         entered.set()
         assert release.wait(60)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(server, "decode_rows", held)
+    monkeypatch.setattr(service, "decode_rows", held)
     return entered, release
 
 
@@ -340,12 +338,12 @@ def test_the_event_loop_stays_free_while_the_model_decodes(loaded, monkeypatch):
             release.set()
             return health.status_code, page.status_code, still_busy, (await busy).status_code
 
-    srv, thread, url = server_load.start(server.create_app(loaded))
+    srv, thread, url = loadtest.start(service.create_app(loaded))
     try:
         assert asyncio.run(scenario(url)) == (200, 200, True, 200)
     finally:
         release.set()
-        server_load.stop(srv, thread)
+        loadtest.stop(srv, thread)
 
 
 @pytest.mark.parametrize("batching", [True, False])
@@ -360,12 +358,12 @@ def test_concurrent_generates_share_one_decoding_call(loaded, monkeypatch, batch
             release.set()
             return [(await t).json()["batch_rows"] for t in calls]
 
-    srv, thread, url = server_load.start(server.create_app(loaded, batching=batching))
+    srv, thread, url = loadtest.start(service.create_app(loaded, batching=batching))
     try:
         rows = asyncio.run(burst(url, 8))
     finally:
         release.set()
-        server_load.stop(srv, thread)
+        loadtest.stop(srv, thread)
     if batching:
         assert max(rows) >= 7 and sorted(rows)[-7:] == [max(rows)] * 7, rows   # 7 waiting requests: one call
     else:
@@ -373,13 +371,13 @@ def test_concurrent_generates_share_one_decoding_call(loaded, monkeypatch, batch
 
 
 def test_quick_load_test_has_no_failed_request(loaded, capsys):
-    rows = server_load.run(loaded, clients=8, requests=24, progress=False)
+    rows = loadtest.run(loaded, clients=8, requests=24, progress=False)
     assert [(r["endpoint"], r["batching"]) for r in rows] == [("classify", False), ("generate", False),
                                                              ("classify", True), ("generate", True)]
     assert all(r["failed"] == 0 and r["requests"] == 24 for r in rows)
     assert all(r["mean_batch_rows"] == 1 for r in rows if not r["batching"])
     with capsys.disabled():
-        print("\n" + server_load.table(rows))          # timings reported, not asserted
+        print("\n" + loadtest.table(rows))          # timings reported, not asserted
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -439,7 +437,7 @@ def probabilities(page):
 def test_page_in_headless_chromium(loaded, tmp_path):
     from playwright.sync_api import sync_playwright
     shots = os.environ.get("SERVE_SCREENSHOTS") or str(tmp_path)
-    srv, thread, url = server_load.start(server.create_app(loaded))
+    srv, thread, url = loadtest.start(service.create_app(loaded))
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -453,7 +451,7 @@ def test_page_in_headless_chromium(loaded, tmp_path):
                 page.goto(url + "/")
                 page.wait_for_selector("body[data-ready='1']", timeout=15000)
                 assert len(probabilities(page)) == 10
-                conditional = server.conditional(loaded)                # SERVE_TEST_CKPT may be either kind
+                conditional = service.conditional(loaded)                # SERVE_TEST_CKPT may be either kind
                 assert page.is_disabled("#digit") != conditional
                 assert ("without class conditioning" in page.inner_text("#gen-note")) != conditional
 
@@ -505,7 +503,7 @@ def test_page_in_headless_chromium(loaded, tmp_path):
             finally:
                 browser.close()
     finally:
-        server_load.stop(srv, thread)
+        loadtest.stop(srv, thread)
     assert Image.open(os.path.join(shots, "serve.png")).size[0] == 1000
 
 
@@ -514,11 +512,12 @@ def test_a_conditioned_checkpoint_draws_the_asked_digit(tmp_path):
     prompt states it ('<CLS_d> <IMG>'), guidance (cfg) applies, and each sample's label is the digit
     asked for (plumbing only: the weights are random, so the drawings are not judged here)."""
     from fixtures import make_tiny_run
-    from trainer import TrainConfig
+
+    from imagegpt.training import TrainConfig
     tiny = make_tiny_run(tmp_path)
     ck = checkpoint.load(tiny.ckpt)
     checkpoint.save(tiny.ckpt, ck.model, TrainConfig(data_dir=tiny.data_dir, cond_fraction=0.5), ck.vocab, ck.codebook)
-    with TestClient(server.create_app(checkpoint.load(tiny.ckpt))) as c:
+    with TestClient(service.create_app(checkpoint.load(tiny.ckpt))) as c:
         assert c.get("/healthz").json()["conditional"] is True
         for cfg in (1.0, 3.0):
             r = c.post("/generate", json={"count": 3, "digit": 2, "cfg": cfg, "seed": 4})

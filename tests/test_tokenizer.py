@@ -4,10 +4,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from imagegpt.errors import UserError
+from imagegpt.token_format import Vocab
 from tokenizer import Codebook, CodebookConfig, assign, kmeans, pixel_features, psnr
-from tokens import Vocab
-from util import UserError
-
 
 # ----------------------------------------------------------------------------- vocabulary
 

@@ -16,16 +16,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-import checkpoint
-import trainer as train_mod
-from data import check_data_config, make_batch, read_sequences
-from metrics import evaluate
-from model import GPT, GPTConfig
-from tokens import Vocab
-from trainer import TrainConfig, load_config, load_split, train
-from util import UserError
 from fixtures import ROOT, write_images
+
+from imagegpt import checkpoint
+from imagegpt import training as train_mod
+from imagegpt.data_config import check_data_config
+from imagegpt.errors import UserError
+from imagegpt.metrics import evaluate
+from imagegpt.sequences import make_batch, read_sequences
+from imagegpt.token_format import Vocab
+from imagegpt.training import TrainConfig, load_config, load_split, train
+from model import GPT, GPTConfig
 
 N_IMAGES, STEPS_PER_EPOCH = 80, 6   # 48 train / 17 dev / 15 test sequences, batches of 8
 CKPT_FILES = ["model.safetensors", "config.json", "vocab.json", "codebook.json", "codebook.safetensors",
@@ -194,7 +195,7 @@ def test_train_loss_is_the_weighted_mean_over_real_tokens(run_a):
 def test_bf16_auto_trains_in_bf16_where_the_cpu_has_it(run_a):
     """bf16 "auto" (the default) autocasts to bf16 on a CPU with bf16 kernels: the first training loss
     is the fp32 one to bf16 precision, not bit for bit; "false" keeps fp32."""
-    from util import bf16_autocast
+    from imagegpt.device import bf16_autocast
     assert isinstance(bf16_autocast("false", "cpu"), contextlib.nullcontext)
     with pytest.raises(UserError, match="expected auto, true or false"):
         bf16_autocast("maybe", "cpu")
@@ -549,7 +550,7 @@ def test_seeds_train_each_and_eval_summarises_them(run_a, tmp_path, capsys):
     eval.py with both checkpoints reports each on the test split and their mean, std and interval."""
     import eval as ev
     import train as train_script
-    from stats import seed_summary
+    from imagegpt.stats import seed_summary
     cfg = make_cfg(run_a["tmp"], "", out_dir=str(tmp_path / "seeds"), epochs=1, eval_every=0)
     assert train_script.main(cli_args(cfg) + ["--seeds", "2"]) == 0
     summary = json.load(open(tmp_path / "seeds" / "seeds.json"))

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from util import UserError
+from imagegpt.errors import UserError
 
 DEFAULT_GUIDANCE = 3.0   # the classifier-free guidance scale sample.py --digit uses unless told (1 = none)
 DRAW_TEMPERATURE = 0.9   # and its sampling temperature (other sampling: 1); chosen on the development split

@@ -13,10 +13,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import DataConfig, data_fields, load_source, split_roles
-from generation import generate
-from metrics import class_probs
-from util import UserError
+from imagegpt.data_config import DataConfig, data_fields
+from imagegpt.decoding import generate
+from imagegpt.errors import UserError
+from imagegpt.metrics import class_probs
+from imagegpt.sources import load_source
+from imagegpt.splits import split_roles
 
 KNN_K = 3   # neighbours for the precision / recall radii
 
@@ -25,7 +27,7 @@ def load_judge(folder, class_names):
     """The CNN in `folder` (cnn.json + cnn.safetensors, classifiers.save_cnn) -> judge callable; its
     class names must be the checkpoint's."""
     try:
-        import classifiers
+        from imagegpt import classifiers
     except ImportError:
         raise UserError("the judge needs classifiers.py (the baselines' CNN, issue 12) beside this module") from None
     model, meta = classifiers.load_cnn(folder)

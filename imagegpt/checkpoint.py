@@ -8,7 +8,7 @@ A checkpoint is a self-contained folder:
     metrics.json             validation metrics when it was written
     trainer_state.pt         optimizer, step, RNG state, and the trained weights when model.safetensors
                              holds their moving average (resumable checkpoints only; weights_only load)
-A Hugging Face GPT-2 folder written by hf_format.write_export() loads the same way.
+A Hugging Face GPT-2 folder written by huggingface.write_export() loads the same way.
 """
 import os
 import pickle
@@ -17,15 +17,25 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-import hf_format
-from data import DataConfig
-from metrics import check_metrics
+from imagegpt import huggingface
+from imagegpt.data_config import DataConfig
+from imagegpt.device import check_memory, human_bytes
+from imagegpt.errors import UserError
+from imagegpt.files import (
+    atomic_dir,
+    check_finite_tensors,
+    read_json,
+    read_weights,
+    resolve_dir,
+    write_json,
+)
+from imagegpt.metrics import check_metrics
+from imagegpt.onnx_export import GRAPH, QUANTIZED
+from imagegpt.onnx_runtime import OnnxGPT
+from imagegpt.settings import check_fields
+from imagegpt.token_format import Vocab
 from model import GPT, GPTConfig
-from onnx_backend import GRAPH, QUANTIZED, OnnxGPT
 from tokenizer import Codebook
-from tokens import Vocab
-from util import (UserError, atomic_dir, check_fields, check_finite_tensors, check_memory, human_bytes,
-                  read_json, read_weights, resolve_dir, write_json)
 
 
 @dataclass
@@ -131,7 +141,7 @@ def load(folder, device="cpu", backend="torch"):
         raise UserError(f"{folder}: no such checkpoint folder")
     cfg = read_json(os.path.join(folder, "config.json"), "checkpoint config.json")
     if isinstance(cfg, dict) and cfg.get("model_type") == "gpt2":
-        model, vocab, book, settings, metrics = hf_format.read_export(folder)
+        model, vocab, book, settings, metrics = huggingface.read_export(folder)
     else:
         mcfg = model_config(cfg, f"{folder}/config.json")
         check_fields(cfg.get("train", {}), DataConfig, f"{folder}/config.json", "train.")

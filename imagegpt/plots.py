@@ -6,7 +6,8 @@ import os
 
 import torch
 
-from util import UserError, atomic_path, json_type, write_bytes
+from imagegpt.errors import UserError
+from imagegpt.files import atomic_path, json_type, write_bytes
 
 LOG_NUMBERS = ("epoch", "tokens", "lr", "train_loss", "time", "val_loss", "val_perplexity", "val_token_accuracy",
                "val_image_perplexity", "val_accuracy")   # what a log line holds besides "step" (null: none yet)

@@ -1,17 +1,16 @@
-"""The command-line style every script shares: the parser, the shared options, settings from YAML
-files and --key value overrides, and the wrapper that turns errors into one line.
+"""The command-line style every script shares: the parser, the shared options, and the wrapper that
+turns errors into one line.
 
 A script builds its parser with `parser(__doc__)`, adds the shared options it takes (`add_ckpt`,
 `add_device`), and runs `main` through `run_cli`: a UserError, a bad flag, Ctrl-C, a closed pipe or
 an OSError (a full disk) become one line on stderr and a non-zero exit, never a traceback.
 """
 import argparse
-import math
 import os
 import sys
-from dataclasses import fields
 
-from util import BF16_DECODE_MIN_WIDTH, UserError, printable
+from imagegpt.device import BF16_DECODE_MIN_WIDTH
+from imagegpt.errors import UserError, printable
 
 
 class Parser(argparse.ArgumentParser):
@@ -50,6 +49,8 @@ def add_backend(p):
                    help="run the model in PyTorch, or its ONNX graph (fp32 or int8) in onnxruntime; the ONNX "
                         "graphs are in the onnx/ folder of an export made with hf_export.py --onnx "
                         "(default: %(default)s)")
+
+
 OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
 
 
@@ -104,101 +105,3 @@ def _fail(line, code):
             pass
     print(printable(line), file=sys.stderr)   # a newline or odd bytes in a file name stay on this line
     sys.exit(code)
-
-
-# ----------------------------------------------------------------------------- settings (dataclasses)
-
-def add_settings(p, cls, skip=()):
-    """One --key option per field of the dataclass `cls` but `skip` (values are checked by `apply_settings`)."""
-    for f in fields(cls):
-        if f.name in skip:
-            continue
-        p.add_argument(f"--{f.name}", default=None, metavar=type(f.default).__name__.upper(),
-                       help=f"(default: {f.default!r})")
-
-
-def apply_settings(cfg, args, where="command line", skip=()):
-    """Copy the --key options that were given (not None) from parsed `args` onto the dataclass `cfg`."""
-    for f in fields(cfg):
-        v = None if f.name in skip else getattr(args, f.name, None)
-        if v is not None:
-            setattr(cfg, f.name, coerce(f.name, v, type(getattr(cfg, f.name)), where))
-    return cfg
-
-
-def read_yaml(path):
-    """A flat YAML mapping -> dict; errors name the file and line. Duplicated keys are refused."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    def mapping(loader, node):
-        seen = set()
-        for key_node, _ in node.value:
-            key = loader.construct_object(key_node)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicated key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return loader.construct_mapping(node)
-
-    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
-    try:
-        with open(path, encoding="utf-8") as f:
-            loader = Loader(f)   # a SafeLoader: plain data only, never Python objects
-            try:
-                raw = loader.get_single_data()
-            finally:
-                loader.dispose()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read config ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text (expected a YAML config)") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise UserError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
-    raw = raw or {}
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping of key: value")
-    return raw
-
-
-def set_from_mapping(cfg, raw, where):
-    """Apply a {key: value} mapping (a YAML file) to the dataclass `cfg`; unknown keys are errors."""
-    valid = [f.name for f in fields(cfg)]
-    for k, v in raw.items():
-        if k not in valid:
-            raise UserError(f"{where}: unknown key {k!r}; valid keys: {', '.join(valid)}")
-        setattr(cfg, k, coerce(k, v, type(getattr(cfg, k)), where))
-    return cfg
-
-
-def coerce(key, value, typ, where):
-    """Convert a string (command line) or a YAML value to the field's type, or raise UserError."""
-    try:
-        if typ is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "1", "yes"):
-                return True
-            if str(value).lower() in ("false", "0", "no"):
-                return False
-            raise ValueError
-        if typ is int and isinstance(value, str):
-            return int(value)
-        if typ is int:
-            if isinstance(value, bool) or not float(value).is_integer():
-                raise ValueError
-            return int(value)
-        if typ is float:
-            if isinstance(value, bool):
-                raise ValueError
-            if not math.isfinite(float(value)):   # inf and nan pass every range check: never a setting
-                raise UserError(f"{where}: {key} must be a finite number, got {value!r}")
-            return float(value)
-        if typ is str and not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ValueError
-        return str(value)
-    except (TypeError, ValueError, OverflowError):
-        raise UserError(f"{where}: {key} expects {typ.__name__}, got {value!r}") from None

@@ -21,18 +21,29 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import checkpoint
-from cli import read_yaml, set_from_mapping
-from batches import epoch_steps, open_rows
-from data import DataConfig, check_data_config, data_fields, ensure_prepared, make_batch
-from metrics import evaluate
-from stats import seed_summary
+from imagegpt import checkpoint
+from imagegpt.batches import epoch_steps, open_rows
+from imagegpt.data_config import DataConfig, check_data_config, data_fields
+from imagegpt.device import BF16, bf16_autocast, check_memory, resolve_device
+from imagegpt.errors import UserError, check_seed
+from imagegpt.files import (
+    atomic_path,
+    check_dir,
+    lock_folder,
+    read_json,
+    resolve_dir,
+    tidy_dir,
+    write_json,
+)
+from imagegpt.metrics import evaluate
+from imagegpt.plots import plot_curves
+from imagegpt.prepare import ensure_prepared
+from imagegpt.sequences import make_batch
+from imagegpt.settings import check_fields, read_yaml, set_from_mapping
+from imagegpt.stats import seed_summary
+from imagegpt.token_format import TAIL, Vocab
 from model import GPT, GPTConfig
-from plots import plot_curves
 from tokenizer import Codebook
-from tokens import TAIL, Vocab
-from util import (BF16, UserError, atomic_path, bf16_autocast, check_dir, check_fields, check_memory, check_seed,
-                  lock_folder, read_json, resolve_device, resolve_dir, tidy_dir, write_json)
 
 
 @dataclass

@@ -25,7 +25,8 @@ v2 sequences, where no class comes before the image: a stated class can never le
 import numpy as np
 import torch
 
-from util import UserError, read_json, write_json
+from imagegpt.errors import UserError
+from imagegpt.files import read_json, write_json
 
 SPECIALS = ["<PAD>", "<UNK>", "<IMG>", "</IMG>", "<CLS>", "<EOS>"]
 TAIL = 4          # </IMG> <CLS> <CLS_y> <EOS>

@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from util import UserError, atomic_path, read_json, read_weights, write_json
+from imagegpt.errors import UserError
+from imagegpt.files import atomic_path, read_json, read_weights, write_json
 
 METRICS = ("cosine", "l2")
 

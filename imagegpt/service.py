@@ -35,10 +35,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from data import read_image
-from generation import DEFAULT_GUIDANCE, DRAW_TEMPERATURE, generate
-from metrics import class_probs
-from util import UserError
+from imagegpt.decoding import DEFAULT_GUIDANCE, DRAW_TEMPERATURE, generate
+from imagegpt.errors import UserError
+from imagegpt.metrics import class_probs
+from imagegpt.sources import read_image
 
 # ----------------------------------------------------------------------------- model operations
 
@@ -70,7 +70,7 @@ def conditional(ck):
     return bool(ck.settings.get("cond_fraction"))
 
 
-STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+STATIC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")   # the page
 MAX_PIXELS = 4096 * 4096          # decoded size limit for an upload (a decompression bomb stops here)
 MAX_TOKENS_CHARS = 40_000
 NO_CONDITIONING = "class-conditional sampling needs a model trained with conditioning"

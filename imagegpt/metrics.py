@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import tta_views
-from tokens import fit_prefix
-from util import UserError, json_type
+from imagegpt.augment import tta_views
+from imagegpt.errors import UserError
+from imagegpt.files import json_type
+from imagegpt.token_format import fit_prefix
 
 NUMBERS = ("loss", "perplexity", "token_accuracy", "image_loss", "image_perplexity", "image_token_accuracy",
            "label_loss", "label_perplexity", "label_token_accuracy", "accuracy")

@@ -18,15 +18,25 @@ import os
 
 import torch
 
-from data import DataConfig
-from generation import generate
-from metrics import check_metrics
+from imagegpt.data_config import DataConfig
+from imagegpt.decoding import generate
+from imagegpt.device import check_memory, human_bytes
+from imagegpt.errors import UserError
+from imagegpt.files import (
+    atomic_dir,
+    check_finite_tensors,
+    output_problem,
+    read_json,
+    read_weights,
+    write_json,
+    write_text,
+)
+from imagegpt.metrics import check_metrics
+from imagegpt.onnx_export import export_onnx, quantize_int8
+from imagegpt.settings import check_fields
+from imagegpt.token_format import SPECIALS, Vocab
 from model import GPT, GPTConfig
-from onnx_backend import export_onnx, quantize_int8
 from tokenizer import Codebook
-from tokens import SPECIALS, Vocab
-from util import (UserError, atomic_dir, check_fields, check_finite_tensors, check_memory, human_bytes,
-                  output_problem, read_json, read_weights, write_json, write_text)
 
 # our nn.Linear weights stored by GPT-2 as Conv1D, i.e. transposed: (in_features, out_features)
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

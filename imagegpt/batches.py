@@ -19,9 +19,11 @@ import os
 import numpy as np
 import torch
 
-from data import IMAGES_FILE, make_batch, move_width, moves, read_sequences, transform
+from imagegpt.augment import move_width, moves, transform
+from imagegpt.errors import UserError
+from imagegpt.prepare import IMAGES_FILE
+from imagegpt.sequences import make_batch, read_sequences
 from tokenizer import uint8_to_tensor
-from util import UserError
 
 V2_HINT = "training needs the v2 tail </IMG> <CLS> <CLS_y> <EOS>: prepare the data again with data.py prepare"
 

@@ -26,13 +26,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import classifiers as clf
-from data import MOVE_LIMITS, DataConfig, augment, split_roles, tta_views
-from stats import seed_summary, wilson_interval
+from imagegpt import classifiers as clf
+from imagegpt.augment import MOVE_LIMITS, augment, tta_views
+from imagegpt.data_config import DataConfig
+from imagegpt.errors import UserError
+from imagegpt.splits import split_roles
+from imagegpt.stats import seed_summary, wilson_interval
 from tokenizer import Codebook, psnr
 from tokenizer import uint8_to_tensor as to_tensor
-from util import UserError
-
 
 
 def project_split(labels, cfg, dev_fraction):

@@ -1,40 +1,18 @@
-"""Files and errors: the one-line user error, atomic file and folder writes, JSON, the device name.
+"""Files: atomic writes of files and folders, the run-folder lock, JSON, and reading weights.
 
 Every output of the project is written under a temporary name and renamed into place (files with
 atomic_path, folders with atomic_dir), so an error or a kill leaves the old version or the new one,
 never a mix. Outputs get the usual file mode (0666 less the umask), weights included. A run folder is
-held by one process at a time (lock_folder).
+held by one process at a time (lock_folder). Weights are read from safetensors only, never unpickled.
 """
 import glob
 import json
-import math
 import os
-import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 
-
-class UserError(Exception):
-    """A mistake in the user's input: printed as one line, exit status 2, no traceback."""
-
-
-def printable(text):
-    """`text` made safe for a one-line message: control characters (a newline or a carriage return in
-    a file name) and undecodable bytes (surrogate escapes) are written as escapes, like repr() does;
-    anything else, spaces and non-ASCII letters included, is left as it is."""
-    text = str(text)
-    if text.isprintable():
-        return text
-    out = []
-    for ch in text:
-        if ch.isprintable() or ch == " ":
-            out.append(ch)
-        elif 0xDC80 <= ord(ch) <= 0xDCFF:          # a byte that was not valid UTF-8 (surrogateescape)
-            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
-        else:
-            out.append(repr(ch)[1:-1])               # \n, \r, \t, \x1b, \u2028 ...
-    return "".join(out)
+from imagegpt.errors import UserError, printable
 
 
 def output_problem(path):
@@ -302,26 +280,6 @@ def json_type(v):
     return {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number"}.get(type(v), type(v).__name__)
 
 
-def check_fields(obj, cls, where, prefix=""):
-    """A parsed JSON value that must be an object whose keys named like fields of the dataclass `cls`
-    hold values of those fields' types (other keys are left alone) -> obj, or a UserError naming the
-    file (`where`) and the key."""
-    from dataclasses import fields
-    if not isinstance(obj, dict):
-        raise UserError(f"{where}: {prefix.rstrip('.') or 'the file'} is {json_type(obj)}, expected a JSON object")
-    for f in fields(cls):
-        if f.name not in obj:
-            continue
-        v, typ = obj[f.name], type(f.default)
-        ok = isinstance(v, bool) if typ is bool else \
-            isinstance(v, int) and not isinstance(v, bool) if typ is int else \
-            isinstance(v, (int, float)) and not isinstance(v, bool) if typ is float else isinstance(v, typ)
-        if not ok:
-            want = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(typ, typ.__name__)
-            raise UserError(f"{where}: {prefix}{f.name} is {json_type(v)} ({str(v)[:40]}), expected {want}")
-    return obj
-
-
 def check_finite_tensors(tensors, where):
     """Weights with NaN or inf in them (a diverged training run) are refused when read."""
     for k, v in tensors.items():
@@ -367,102 +325,3 @@ def safetensors_error(path, error):
         return (f"{path}: is {kind}, not safetensors; pickled weights are never loaded (unpickling can "
                 f"run code): convert them with safetensors in a trusted environment")
     return f"{path}: not a readable safetensors file ({error})"
-
-
-def memory_bytes(device="cpu"):
-    """How many bytes `device` can hold at most: a CUDA device's memory, or the machine's physical
-    memory (less, under a cgroup memory limit). None if unknown."""
-    if str(device).startswith(("cuda", "auto")):
-        import torch
-        if torch.cuda.is_available():
-            index = int(str(device).partition(":")[2] or 0)
-            return torch.cuda.get_device_properties(index).total_memory if index < torch.cuda.device_count() else None
-        if str(device).startswith("cuda"):
-            return None
-    try:
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            with open(limit) as f:
-                total = min(total, int(f.read().strip()))
-        except (OSError, ValueError):   # absent, or "max"
-            pass
-    return total
-
-
-def human_bytes(n):
-    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
-        if n < 1000 or unit == "PB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.3g} EB"
-
-
-def check_memory(need, what, device="cpu", hint=""):
-    """Refuse in one line, before allocating, what could not fit in `device`'s memory even when
-    nothing else ran: `need` is a lower bound of the bytes `what` takes."""
-    have = memory_bytes(device)
-    if have is not None and need > have:
-        raise UserError(f"{what} needs at least {human_bytes(need)}, more than the "
-                        f"{human_bytes(have)} of memory {'on ' + str(device) if str(device).startswith('cuda') else 'this machine has'}"
-                        f"{'; ' + hint if hint else ''}")
-
-
-def check_seed(value, where):
-    """Seeds are integers in 0 .. 2**63 - 1 (torch and numpy take them as 64-bit numbers)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:
-        raise UserError(f"{where} must be an integer in 0..{2 ** 63 - 1}, got {value}")
-
-
-def check_finite(value, where):
-    if isinstance(value, float) and not math.isfinite(value):
-        raise UserError(f"{where} must be a finite number, got {value}")
-
-
-BF16 = ("auto", "true", "false")
-
-
-BF16_DECODE_MIN_WIDTH = 256   # on a CPU, "auto" decodes in bf16 only for models at least this wide
-
-
-def bf16_autocast(setting, device, decode_width=None):
-    """The precision to compute in: a bf16 autocast context, or a null one for fp32. setting "auto" takes
-    bf16 where the device supports it (a CUDA GPU with bf16, a CPU whose oneDNN has bf16 kernels),
-    "true" insists (an error where unsupported), "false" keeps fp32.
-
-    decode_width: the model's width (n_embd) when the work is token-by-token decoding (sample.py).
-    On a CPU "auto" then takes bf16 only for models at least BF16_DECODE_MIN_WIDTH wide: one token's
-    matrices of a narrow model are too small for the bf16 kernels to pay for the casts (the demo
-    model, 128 wide, decodes about 2x slower in bf16; the v2 model, 384 wide, 1.3x faster; see the
-    README's Performance section)."""
-    import torch
-    from contextlib import nullcontext
-    if setting not in BF16:
-        raise UserError(f"bf16: expected auto, true or false, got {setting!r}")
-    cuda = str(device).startswith("cuda")
-    supported = torch.cuda.is_bf16_supported() if cuda else torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if setting == "true" and not supported:
-        raise UserError(f"bf16 true: {device} has no bf16 support here; use auto or false")
-    narrow = decode_width is not None and decode_width < BF16_DECODE_MIN_WIDTH
-    if setting == "false" or not supported or (setting == "auto" and narrow and not cuda):
-        return nullcontext()
-    return torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16)
-
-
-def resolve_device(name, where="--device"):
-    """'auto', 'cpu', 'cuda' or 'cuda:N' -> the device to use ('cpu', 'cuda' or 'cuda:N'), checked
-    against what this machine has."""
-    import torch
-    if not isinstance(name, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
-        raise UserError(f"{where}: expected auto, cpu, cuda or cuda:N, got {name!r}")
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"{where} {name}: no CUDA device is available")
-        index = int(name.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise UserError(f"{where} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return name

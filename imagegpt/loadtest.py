@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from server import create_app
+from imagegpt.service import create_app
 
 REQUEST_TIMEOUT = 120.0   # seconds; a slower request counts as failed
 

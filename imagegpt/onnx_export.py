@@ -1,9 +1,7 @@
-"""The GPT outside PyTorch: ONNX export (decoder with key/value cache), int8 quantisation, and an
-onnxruntime model that stands in for model.GPT in the decoding loop and the evaluation.
+"""The GPT as ONNX graphs: export (the decoder with its key/value cache) and int8 quantisation.
 
     export_onnx(model, folder)    -> folder/onnx/model.onnx (+ folder/onnx/export.json: opset, shapes)
     quantize_int8(folder)         -> folder/onnx/model_quantized.onnx (dynamic int8 weights)
-    OnnxGPT(path)                 -> model(idx, cache=cache) as GPT.forward, run by onnxruntime
 
 The graph is one decoder for every step, laid out and named as the Hugging Face ONNX tools lay out a
 GPT-2 decoder with past, so runtimes written for those load it:
@@ -17,7 +15,7 @@ GPT-2 decoder with past, so runtimes written for those load it:
                                                          + sequence_length, head_dim)
 
 The first step feeds past tensors of length 0. The GPT's configuration is stored in the graph's
-metadata (key "gpt_config", JSON), so OnnxGPT needs nothing but the .onnx file.
+metadata (key "gpt_config", JSON), so imagegpt.onnx_runtime.OnnxGPT needs nothing but the .onnx file.
 """
 import copy
 import json
@@ -26,17 +24,22 @@ import os
 import warnings
 from dataclasses import asdict
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig
-from util import UserError, atomic_path, write_json
+from imagegpt.errors import UserError
+from imagegpt.files import atomic_path, write_json
 
 OPSET = 18             # the torch.export-based exporter's default; ONNX Runtime 1.16+ runs it
+
+
 GRAPH = "model.onnx"
+
+
 QUANTIZED = "model_quantized.onnx"
+
+
 INFO = "export.json"
 
 
@@ -48,8 +51,6 @@ def input_names(n_layer):
 def output_names(n_layer):
     return ["logits"] + [f"present.{i}.{kv}" for i in range(n_layer) for kv in ("key", "value")]
 
-
-# ----------------------------------------------------------------------------- export
 
 class _Decoder(nn.Module):
     """The export view of a GPT: the same submodules and weights, but a cache that is passed in and
@@ -169,8 +170,6 @@ def _describe(value_info):
             "shape": [d.dim_param or d.dim_value for d in t.shape.dim]}
 
 
-# ----------------------------------------------------------------------------- quantisation
-
 def quantize_int8(folder):
     """folder/onnx/model.onnx -> folder/onnx/model_quantized.onnx with onnxruntime's dynamic
     quantisation: weights of the matrix products and the embedding lookups stored as int8 (one
@@ -183,118 +182,3 @@ def quantize_int8(folder):
     with atomic_path(dst) as tmp, _quiet(""):    # its advice to pre-process changes nothing on this graph
         quantize_dynamic(src, tmp, weight_type=QuantType.QInt8)
     return {"fp32_bytes": os.path.getsize(src), "int8_bytes": os.path.getsize(dst)}
-
-
-# ----------------------------------------------------------------------------- inference
-
-class OnnxCache:
-    """The key/value cache of OnnxGPT: the present.* arrays of the last step, fed back as past.
-    pos: tokens cached so far (as model.KVCache.pos)."""
-
-    def __init__(self, batch_size, max_len, past):
-        self.batch_size = batch_size
-        self.max_len = max_len
-        self.past = past     # [key 0, value 0, key 1, ...], each (B, n_head, pos, head_dim) float32
-        self.pos = 0
-
-
-class OnnxGPT:
-    """An exported graph run by onnxruntime on the CPU, with the interface of model.GPT that the
-    decoding loop, the evaluation and the service use: config, device, training, eval(), train(),
-    num_params(), new_cache(), and model(idx, targets=None, cache=None) -> (logits, loss).
-
-    threads: onnxruntime's intra-op threads (None: its default, one per physical core)."""
-
-    def __init__(self, path, threads=None):
-        import onnxruntime as ort
-        if not os.path.isfile(path):
-            raise UserError(f"{path}: no such ONNX graph")
-        opts = ort.SessionOptions()
-        if threads is not None:
-            opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1        # one graph, run node after node: no inter-op pool needed
-        opts.log_severity_level = 3          # errors only
-        try:
-            self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        except Exception as e:               # onnxruntime raises its own exception types
-            raise UserError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
-        meta = self.session.get_modelmeta().custom_metadata_map
-        if "gpt_config" not in meta:
-            raise UserError(f"{path}: no gpt_config in the graph's metadata (not written by onnx_backend.export_onnx)")
-        self.config = GPTConfig(**json.loads(meta["gpt_config"]))
-        self.path = path
-        self.device = torch.device("cpu")
-        self.training = False
-        self._outputs = output_names(self.config.n_layer)
-        self._past_names = input_names(self.config.n_layer)[3:]
-
-    def eval(self):
-        return self
-
-    def train(self, mode=True):
-        return self
-
-    def num_params(self):
-        """The parameters of the GPT the graph was exported from (counted by model.GPT, on the meta
-        device: no memory)."""
-        with torch.device("meta"):
-            return GPT(self.config).num_params()
-
-    def new_cache(self, batch_size, max_len, device=None, dtype=None):
-        """An empty cache for up to max_len positions (device and dtype are accepted and ignored)."""
-        c = self.config
-        if max_len > c.block_size:
-            raise ValueError(f"cache length {max_len} exceeds block_size {c.block_size}")
-        empty = np.zeros((batch_size, c.n_head, 0, c.n_embd // c.n_head), np.float32)
-        return OnnxCache(batch_size, max_len, [empty] * (2 * c.n_layer))
-
-    def __call__(self, idx, targets=None, cache=None):
-        """idx (B, T) long -> (logits (B, T, vocab) float32, loss or None), as GPT.forward; with a
-        cache, idx follows the cache.pos cached tokens and cache.pos advances by T."""
-        B, T = idx.shape
-        start = 0 if cache is None else cache.pos
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence length {start + T} (cached {start} + new {T}) "
-                             f"exceeds block_size {self.config.block_size}")
-        if cache is None:
-            past = self.new_cache(B, T).past
-        else:
-            if start + T > cache.max_len:
-                raise ValueError(f"sequence length {start + T} exceeds the cache's max_len {cache.max_len}")
-            if B != cache.batch_size:
-                raise ValueError(f"batch size {B} does not match the cache's batch size {cache.batch_size}")
-            past = cache.past
-        feed = {"input_ids": idx.detach().cpu().numpy().astype(np.int64, copy=False),
-                "attention_mask": np.ones((B, start + T), np.int64),
-                "position_ids": np.tile(np.arange(start, start + T, dtype=np.int64), (B, 1))}
-        feed.update(zip(self._past_names, past))
-        out = self.session.run(self._outputs if cache is not None else self._outputs[:1], feed)
-        logits = torch.from_numpy(out[0])
-        if cache is not None:
-            cache.past = out[1:]
-            cache.pos += T
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1).cpu(), ignore_index=-100)
-        return logits, loss
-
-
-@torch.no_grad()
-def onnx_parity(model, onnx, vocab, batch=4, seed=0):
-    """Compare an OnnxGPT with the torch model it was exported from, on random sequences: the largest
-    |logit difference| of a full forward, and step by step through the cache (prefill half, then one
-    token at a time), and greedy decoding's tokens (through generation.generate on both)."""
-    from generation import generate
-    model = model.float().cpu().eval()
-    T = model.config.block_size
-    x = torch.randint(len(vocab), (batch, T), generator=torch.Generator().manual_seed(seed))
-    want = model(x)[0]
-    full = (onnx(x)[0] - want).abs().max().item()
-    cache, half = onnx.new_cache(batch, T), T // 2
-    steps = [onnx(x[:, :half], cache=cache)[0]] + [onnx(x[:, t:t + 1], cache=cache)[0] for t in range(half, T)]
-    cached = (torch.cat(steps, 1) - want).abs().max().item()
-    prompts = [[vocab.img_id] + x[b, 1:3].tolist() for b in range(batch)]
-    ours = [r["ids"] for r in generate(model, prompts, vocab, T, greedy=True)]
-    theirs = [r["ids"] for r in generate(onnx, prompts, vocab, T, greedy=True)]
-    return {"max_abs_logit_diff": full, "max_abs_cached_diff": cached, "greedy_equal": ours == theirs,
-            "greedy_tokens": sum(len(r) - len(p) for r, p in zip(ours, prompts))}

@@ -1,0 +1,1 @@
+"""The library of imagegpt-tokens (the commands at the top level of the repository call it)."""

@@ -1,0 +1,309 @@
+"""Preparing a data folder: load the source, split, fit the codebook on the training images, and write
+every split as token sequences (prepare), or check that a folder was prepared with these settings
+(ensure_prepared).
+
+A prepared folder holds, for each split (train, dev when asked for, val: the test split), the
+sequences three ways: <split>.jsonl (one record per image, the original project's format),
+<split>.tokens.npy (the token ids, one fixed-width uint16 row per sequence, <PAD>-padded; int32 for a
+vocabulary over 65,536) and <split>.index.npz (labels, lengths); then vocab.json, the codebook and
+report.json. With augment_on_the_fly the training images themselves go to train.images.npy (uint8
+N x H x W x C) instead of fixed augmented copies. Images are tokenised in chunks, in one worker
+process per CPU core.
+"""
+import glob
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from imagegpt.augment import copy_params, transform
+from imagegpt.data_config import DataConfig, check_data_config, data_fields, image_bytes
+from imagegpt.device import check_memory
+from imagegpt.errors import UserError
+from imagegpt.files import check_dir, read_json, write_json
+from imagegpt.sources import load_source
+from imagegpt.splits import split_roles
+from imagegpt.token_format import TAIL, Vocab
+from tokenizer import Codebook, uint8_to_tensor
+
+FIT_IMAGES = 30000   # the codebook is fitted on at most this many training images (a seeded sample beyond)
+
+
+CHUNK = 4096         # images read, transformed and tokenised at a time
+
+
+SPLITS = ("train", "dev", "val")
+
+
+SPLIT_FILES = (".jsonl", ".tokens.npy", ".index.npz")
+
+
+IMAGES_FILE = "train.images.npy"   # with augment_on_the_fly: the training images, uint8 (N, H, W, C)
+
+
+def token_dtype(vocab_size):
+    """The dtype of the token arrays: uint16 while every id fits, else int32."""
+    return np.uint16 if vocab_size <= 1 << 16 else np.int32
+
+
+def fit_images(images, tr, params, cfg):
+    """float (n, C, H, W): what the codebook is fitted on: the training images and their fixed copies
+    (also with augment_on_the_fly, so that both ways tokenise with the same codebook); a seeded sample
+    of FIT_IMAGES of them when there are more."""
+    n = len(tr) * (cfg.augment + 1)
+    pick = np.arange(n) if n <= FIT_IMAGES else \
+        np.sort(np.random.default_rng(cfg.codebook_seed).choice(n, FIT_IMAGES, replace=False))
+    out = []
+    for c in range(cfg.augment + 1):
+        pos = pick[(pick >= c * len(tr)) & (pick < (c + 1) * len(tr))] - c * len(tr)
+        x = uint8_to_tensor(images[tr[pos]])
+        out.append(transform(x, params[c - 1, pos]) if c else x)
+    return torch.cat(out)
+
+
+class SplitWriter:
+    """One split's files, written chunk by chunk: <name>.jsonl (the interchange format), <name>.tokens.npy
+    (n, width) token ids padded with <PAD> (uint16; int32 for a vocabulary of more than 65,536 tokens) and
+    <name>.index.npz (labels, lengths: int32 arrays of n)."""
+
+    def __init__(self, folder, name, n, vocab, width):
+        self.folder, self.name, self.vocab, self.at = folder, name, vocab, 0
+        self.jsonl = open(os.path.join(folder, f"{name}.jsonl"), "w", encoding="utf-8")
+        self.tokens = np.lib.format.open_memmap(os.path.join(folder, f"{name}.tokens.npy"), "w+",
+                                                token_dtype(len(vocab)), (n, width))
+        self.labels = np.zeros(n, np.int32)
+
+    def add(self, rows, labels, lines):
+        """rows (n, width) token ids, labels (n,), and their JSONL lines (jsonl_lines)."""
+        self.tokens[self.at:self.at + len(rows)] = rows
+        self.labels[self.at:self.at + len(rows)] = labels
+        self.at += len(rows)
+        self.jsonl.write(lines)
+
+    def close(self):
+        self.jsonl.close()
+        n, width = self.tokens.shape
+        self.tokens.flush()
+        del self.tokens
+        np.savez(os.path.join(self.folder, f"{self.name}.index.npz"), labels=self.labels,
+                 lengths=np.full(n, width, np.int32))
+
+
+def jsonl_lines(rows, labels, metas, tokens):
+    """The JSONL records of id rows: exactly json.dumps({"tokens": ..., "label": ..., "meta": ...}) per
+    line (token names never need escaping), made by formatting, twice as fast."""
+    dumps = json.JSONEncoder().encode
+    return "".join('{"tokens": "%s", "label": %d, "meta": %s}\n' % (" ".join([tokens[i] for i in r]), y, dumps(m))
+                   for r, y, m in zip(rows.tolist(), labels.tolist(), metas))
+
+
+def _as_is(item):
+    """The DataLoader's collate_fn for prepare: the worker's dict as it is (numpy arrays stay numpy)."""
+    return item
+
+
+class _Chunks(torch.utils.data.Dataset):
+    """prepare's work, chunk by chunk (in DataLoader worker processes, one thread each): job k = (split,
+    rows, copy, positions) -> the token rows of images[rows[positions]] (copy c > 0: transformed as fixed
+    copy c) and their JSONL lines, and the figures of the report (code counts, PSNR sum, 64-bit hashes
+    of the images and sequences, seconds reading and tokenising)."""
+
+    def __init__(self, images, labels, meta, jobs, params, book, vocab, device):
+        self.images, self.labels, self.meta, self.jobs = images, labels, meta, jobs
+        self.params, self.book, self.vocab, self.device = params, book, vocab, device
+        self.encoder = book.to(device)
+
+    def __len__(self):
+        return len(self.jobs)
+
+    def __getitem__(self, k):
+        name, rows, c, pos = self.jobs[k]
+        t = time.perf_counter()
+        real = np.ascontiguousarray(self.images[rows[pos]])   # a memory-mapped or decoded source is read here
+        t2 = time.perf_counter()
+        x = uint8_to_tensor(real)
+        if c:
+            x = transform(x, self.params[c - 1, pos])
+        codes = self.encoder.encode(x.to(self.device)).cpu()
+        labels = self.labels[rows[pos]]
+        ids = self.vocab.image_id_rows(codes.numpy(), labels)
+        split = {"val": "test"}.get(name, name)
+        metas = [dict(self.meta[j], split=split, **({"augmented": c} if c else {})) for j in rows[pos]]
+        out = {"rows": ids.astype(token_dtype(len(self.vocab))), "labels": labels, "read": t2 - t,
+               "lines": jsonl_lines(ids, labels, metas, self.vocab.tokens),
+               "usage": np.bincount(codes.numpy().ravel(), minlength=self.book.cfg.num_codes)}
+        if c == 0:
+            mse = (self.book.decode(codes) - x).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+            out["psnr"] = (10 * torch.log10(1 / mse)).sum().item()
+            if name != "dev":
+                digest = lambda a: [hashlib.blake2b(r.tobytes(), digest_size=8).digest() for r in a]
+                out["hashes"] = (digest(real), digest(codes.numpy()))
+        out["encode"] = time.perf_counter() - t2
+        return out
+
+
+def prepare(cfg, device="cpu"):
+    """Load the source, split, fit the codebook on (a sample of) the training images, then tokenise
+    every split in chunks of CHUNK images and write its files (SplitWriter; with augment_on_the_fly also
+    the training images). Nothing is written to data_dir until everything is done."""
+    t0 = time.time()
+    check_data_config(cfg)
+    check_dir(cfg.data_dir, "data folder")
+    images, labels, names, meta = load_source(cfg)
+    t_load = time.time() - t0
+    tr, dev, va = split_roles(labels, cfg)   # va: the held-out test split
+    if cfg.dev_fraction > 0 and len(dev) == 0:
+        raise UserError(f"{cfg.source}: dev_fraction {cfg.dev_fraction} of {len(tr)} training images is no image")
+    if len(tr) == 0 or len(va) == 0:
+        raise UserError(f"{cfg.source}: {len(images)} images are too few for a train/test split")
+    counts = np.bincount(labels, minlength=len(names))
+    if (counts == 0).any():
+        name = names[int(np.flatnonzero(counts == 0)[0])]
+        kind, _, arg = cfg.source.partition(":")
+        raise UserError(f"{os.path.join(arg, name)}: class folder without image files; add images or remove it"
+                        if kind in ("folder", "csv") else
+                        f"{cfg.source}: no images of class {name} (labels 0..{len(names) - 1}); a class without "
+                        f"images cannot be learnt")
+    present = [names[c] for c in np.unique(labels)]
+    if len(present) < 2:
+        raise UserError(f"{cfg.source}: all {len(images)} images are of one class ({present[0]!r}); a "
+                        f"classifier needs images of at least 2 classes")
+    n_fit = len(tr) * (cfg.augment + 1)
+    check_memory(image_bytes(cfg, min(n_fit, FIT_IMAGES) + CHUNK) + 20 * len(tr) * cfg.augment,
+                 f"{cfg.source}: {len(tr)} training images x {cfg.augment + 1} (augment {cfg.augment}) and "
+                 f"{len(va)} test images of {cfg.image_size} x {cfg.image_size}", hint="lower augment or image_size")
+    params = copy_params(len(tr), cfg.augment, cfg, cfg.split_seed)
+    bar = tqdm(total=cfg.num_codes - 1 + cfg.kmeans_iters, desc="fitting codebook (k-means)", leave=False)
+    t1 = time.time()
+    book = Codebook.fit(fit_images(images, tr, params, cfg), cfg, device=device,
+                        progress=lambda a, b: bar.update(a + b))
+    bar.close()
+    t_fit = time.time() - t1
+    vocab = Vocab(cfg.num_codes, len(names))
+    copies = 0 if cfg.augment_on_the_fly else cfg.augment
+    plan = [("train", tr, copies), ("dev", dev, 0), ("val", va, 0)]
+    # the files are written to a temporary folder inside data_dir and moved in at the end (report.json
+    # last, which marks the folder as prepared): an error or a kill leaves none of them half-written
+    made = not os.path.exists(cfg.data_dir)
+    os.makedirs(cfg.data_dir, exist_ok=True)
+    for old in glob.glob(os.path.join(cfg.data_dir, ".prepare-*")):  # left by a killed earlier run
+        shutil.rmtree(old, ignore_errors=True)
+    stage = tempfile.mkdtemp(dir=cfg.data_dir, prefix=".prepare-")
+    times = {"read": t_load, "encode": 0.0}
+    psnr, distinct = {}, (set(), set())
+    usage = np.zeros(cfg.num_codes, np.int64)
+    jobs = [(name, rows, c, np.arange(i, min(i + CHUNK, len(rows))))
+            for name, rows, n_copies in plan for c in range(n_copies + 1) for i in range(0, len(rows), CHUNK)]
+    # on the CPU every core tokenises chunks in its own process (one thread each); on a GPU this process
+    # does; either way this process writes the files, in order, meanwhile
+    n_images = sum(len(rows) * (c + 1) for _, rows, c in plan)
+    workers = 0 if str(device) != "cpu" or n_images < 2 * CHUNK else min(os.cpu_count() or 1, len(jobs))
+    loader = torch.utils.data.DataLoader(_Chunks(images, labels, meta, jobs, params, book, vocab, device),
+                                         batch_size=None,
+                                         num_workers=workers, generator=torch.Generator(), collate_fn=_as_is)
+    try:
+        files = ["vocab.json", "codebook.json", "codebook.safetensors"]
+        writers = {name: SplitWriter(stage, name, len(rows) * (c + 1), vocab, book.seq_len + 1 + TAIL)
+                   for name, rows, c in plan if len(rows)}
+        t_tok = time.time()
+        bar = tqdm(total=n_images, desc="tokenising", unit="img", leave=False)
+        for (name, rows, c, pos), got in zip(jobs, loader):
+            writers[name].add(got["rows"], got["labels"], got["lines"])
+            if name != "dev":
+                usage += got["usage"]
+            if "psnr" in got:
+                s, n = psnr.get(name, (0.0, 0))
+                psnr[name] = (s + got["psnr"], n + len(pos))
+            for seen, new in zip(distinct, got.get("hashes", ())):
+                seen.update(new)
+            times["read"] += got["read"]
+            times["encode"] += got["encode"]
+            bar.update(len(pos))
+        bar.close()
+        t_tok = time.time() - t_tok
+        for name, w in writers.items():
+            w.close()
+            files += [name + ext for ext in SPLIT_FILES]
+        if cfg.augment_on_the_fly:  # the training images themselves: training transforms them each epoch
+            keep = np.lib.format.open_memmap(os.path.join(stage, IMAGES_FILE), "w+", np.uint8,
+                                             (len(tr),) + images.shape[1:])
+            for i in range(0, len(tr), CHUNK):
+                keep[i:i + CHUNK] = images[tr[i:i + CHUNK]]
+            keep.flush()
+            del keep
+            files.append(IMAGES_FILE)
+        vocab.save(os.path.join(stage, "vocab.json"))
+        book.save(stage)
+        outputs = [n + ext for n in SPLITS for ext in SPLIT_FILES] + [IMAGES_FILE]
+        for f in outputs:   # left by an earlier prepare with other settings (dev split, on the fly)
+            if f not in files and os.path.exists(os.path.join(cfg.data_dir, f)):
+                os.remove(os.path.join(cfg.data_dir, f))
+        for f in files:
+            os.replace(os.path.join(stage, f), os.path.join(cfg.data_dir, f))
+    except BaseException as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        if made:
+            shutil.rmtree(cfg.data_dir, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk: name the folder, not a temporary file in it
+            raise UserError(f"{cfg.data_dir}: cannot write the prepared files ({e.strerror or e})") from None
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
+    pr = torch.from_numpy(usage).double() / usage.sum()
+    tokenised, total = n_images, time.time() - t0
+    report = {
+        "config": {k: getattr(cfg, k) for k in data_fields()},  # cfg may be a TrainConfig
+        "classes": names,
+        "counts": {"train": np.bincount(labels[tr], minlength=len(names)).tolist(),
+                   "dev": np.bincount(labels[dev], minlength=len(names)).tolist(),
+                   "val": np.bincount(labels[va], minlength=len(names)).tolist(),
+                   "train_augmented": copies * len(tr)},
+        "sequence_length": book.seq_len + 1 + TAIL,
+        "val_psnr_db": round(psnr["val"][0] / psnr["val"][1], 3),
+        "train_psnr_db": round(psnr["train"][0] / psnr["train"][1], 3),
+        "distinct_images": len(distinct[0]),
+        "distinct_sequences": len(distinct[1]),
+        "distinct_share": round(len(distinct[1]) / len(distinct[0]), 6),
+        "codes_used": int((usage > 0).sum()),
+        "code_perplexity": round(math.exp(-(pr[pr > 0] * pr[pr > 0].log()).sum().item()), 1),
+        "kmeans_inertia": book.inertia,
+        "images_tokenised": tokenised,
+        "tokenise_processes": max(workers, 1),
+        "images_per_second": round(tokenised / t_tok),
+        "images_per_second_end_to_end": round(tokenised / total),
+        "read_share": round(times["read"] / (times["read"] + times["encode"]), 3),
+        "seconds_read": round(times["read"], 2),
+        "seconds_fit": round(t_fit, 2),
+        "seconds_encode": round(times["encode"], 2),
+        "seconds_tokenise": round(t_tok, 2),
+        "seconds_total": round(total, 2),
+    }
+    write_json(os.path.join(cfg.data_dir, "report.json"), report)
+    return report
+
+
+def ensure_prepared(cfg, device="cpu", log=print):
+    """Prepare cfg.data_dir unless it already holds files made with the same data settings."""
+    path = os.path.join(cfg.data_dir, "report.json")
+    if os.path.exists(path):
+        report = read_json(path, "report.json")
+        made = report.get("config") if isinstance(report, dict) else None
+        if not isinstance(made, dict):
+            raise UserError(f"{path}: expected a JSON object with the data settings under \"config\" "
+                            f"(a report.json written by data.py prepare)")
+        want = asdict(DataConfig(**{k: getattr(cfg, k) for k in data_fields()}))
+        default = asdict(DataConfig())   # a setting newer than the folder: it was prepared with the default
+        diff = [k for k in want if k != "data_dir" and made.get(k, default[k]) != want[k]]
+        if diff:
+            raise UserError(f"{cfg.data_dir} was prepared with other data settings ({', '.join(diff)}); "
+                            f"use another data_dir or delete it")
+        return report
+    log(f"preparing {cfg.data_dir} from {cfg.source} ...")
+    return prepare(cfg, device)
