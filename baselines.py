@@ -11,7 +11,7 @@ held-out images the README reports on) is scored once, at the end, after refitti
 images. Any data setting (DataConfig: source, image_size, channels, val_fraction, split_seed, augment,
 max_shift, max_rotate, max_scale, max_shear, max_elastic, and the codebook's) can be given as --key value;
 the defaults are the CPU demo's (config/demo.yaml: 6 augmented copies, 4 x 4 patches, 500 codes). See
-baseline_suite.py for the protocol.
+imagegpt/baseline_protocol.py for the protocol.
 """
 import json
 import sys
@@ -34,14 +34,14 @@ from imagegpt.cli import parser, run_cli
 from imagegpt.data_config import DataConfig, check_data_config
 from imagegpt.errors import UserError
 from imagegpt.files import check_dir, check_file, write_json, write_text
-from imagegpt.settings import add_settings, apply_settings
+from imagegpt.settings import add_options, apply_options, build
 from imagegpt.sources import load_source
 
 NOT_DATA = ("data_dir", "codebook_seed", "dev_fraction", "dev_fold")   # DataConfig fields baselines.py sets itself
 # (no folder; the seed; its own development split: --dev_fraction, fold 0)
 
 
-def main(argv=None):
+def build_parser():
     ap = parser(__doc__, prog="baselines.py")
     ap.add_argument("--seeds", type=int, default=3, help="runs of the seed-dependent baselines (CNN, codebook)")
     ap.add_argument("--first_seed", type=int, default=0, help="the seeds are first_seed, first_seed + 1, ...")
@@ -65,11 +65,13 @@ def main(argv=None):
     ap.add_argument("--table", default="", help="also write the Markdown table to this file")
     ap.add_argument("--save_judge", default="", help="save the first seed's final CNN to this folder "
                     "(cnn.safetensors + cnn.json; classifiers.load_cnn reads it)")
-    data = ap.add_argument_group("data settings (the codebook seed is the run's seed; no data folder is read "
-                                 "or written)")
-    add_settings(data, DataConfig, skip=NOT_DATA)
-    args = ap.parse_args(argv)
-    cfg = apply_settings(DataConfig(augment=6), args, skip=NOT_DATA)
+    add_options(ap, DataConfig, skip=NOT_DATA)   # the codebook seed is the run's seed; no data folder is used
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    cfg = apply_options(build(DataConfig, augment=6), args, skip=NOT_DATA)
     args.out = args.out or f"runs/baselines/{'tokenisation' if args.tokenisation else 'baselines'}.json"
     check_data_config(cfg)
     for path in filter(None, (args.out, args.table)):  # fail before the work, not after it

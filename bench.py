@@ -27,7 +27,7 @@ What is measured (ours vs peer, identical sizes and batch, same weights where it
            counts the attention scores and the weighted values (forward 4*T*d per layer, backward
            twice that) over the full T x T square. A causal kernel computes about half of that
            square: 6 * N + 6 * n_layer * T * n_embd, reported beside it (in brackets).
-  sample   greedy sampling through our KV cache (generation.generate) vs transformers' generate() on
+  sample   greedy sampling through our KV cache (decoding.generate) vs transformers' generate() on
            the model exported by hf_export and loaded with AutoModelForCausalLM; batch 1 and 16,
            prompt "<IMG>", the same number of new tokens on both sides (EOS disabled on both, so
            neither stops early); the generated tokens are compared; images/s (one image per row).
@@ -62,7 +62,7 @@ every parallel region waits for a thread that a neighbour has preempted, which s
 
 On CUDA ours is compiled (torch.compile, as train.py does) and uses fused AdamW; the run also checks
 that a bf16 training step of ours runs with the flash SDPA kernel forced (cuda_checks in the JSON);
-our k-means runs on the GPU (as data.prepare does), scikit-learn on the CPU.
+our k-means runs on the GPU (as prepare.prepare does), scikit-learn on the CPU.
 """
 import gc
 import math
@@ -88,6 +88,7 @@ from imagegpt.metrics import class_probs
 from imagegpt.onnx_runtime import OnnxGPT
 from imagegpt.settings import read_yaml
 from imagegpt.token_format import Vocab
+from imagegpt.settings import build
 from imagegpt.training import TrainConfig
 from model import GPT, GPTConfig
 from tokenizer import Codebook, CodebookConfig, assign, kmeans, uint8_to_tensor
@@ -410,8 +411,8 @@ def export_pair(mcfg, folder, seed=0, threads=None):
     g = torch.Generator().manual_seed(seed)
     book = Codebook.fit(torch.rand(max(2, -(-vocab.num_codes // 49)) + 1, 1, 28, 28, generator=g),
                         CodebookConfig(num_codes=vocab.num_codes, kmeans_iters=1))
-    tc = TrainConfig(n_layer=mcfg.n_layer, n_head=mcfg.n_head, n_embd=mcfg.n_embd, max_length=mcfg.block_size,
-                     num_codes=vocab.num_codes)
+    tc = build(TrainConfig, n_layer=mcfg.n_layer, n_head=mcfg.n_head, n_embd=mcfg.n_embd, max_length=mcfg.block_size,
+               num_codes=vocab.num_codes)
     checkpoint.save(os.path.join(folder, "ckpt"), model, tc, vocab, book)
     out = huggingface.write_export(checkpoint.load(os.path.join(folder, "ckpt")), os.path.join(folder, "hf"),
                                  onnx="int8")
@@ -472,7 +473,7 @@ def bench_sample(model, hf, vocab, batch, new_tokens, reps, warmup, device, labe
     """Greedy sampling: ours vs HF generate() (and onnxruntime fp32 / int8 through our decoding loop,
     when `ort` maps names to OnnxGPT models). "ours" computes as sample.py does by default
     (bf16_autocast("auto", decode_width=n_embd): bf16 autocast on a bf16 GPU, and on a bf16 CPU for
-    models at least util.BF16_DECODE_MIN_WIDTH wide; fp32 otherwise); "ours_other"
+    models at least device.BF16_DECODE_MIN_WIDTH wide; fp32 otherwise); "ours_other"
     is ours in the other precision (where the device has bf16), to show what the default chose
     between. HF generate() runs as transformers does by default: fp32. images/s counts one image
     per row and call."""
@@ -556,7 +557,7 @@ def bench_kmeans(x, k, reps, iters, threads=None, seed=0, label="", device=torch
         limit = (lambda: threadpool_limits(limits=threads)) if threads else nullcontext
     except ImportError:
         limit = nullcontext
-    xn, xd = x.numpy(), x.to(device)     # ours runs where the project fits codebooks (data.prepare)
+    xn, xd = x.numpy(), x.to(device)     # ours runs where the project fits codebooks (prepare.prepare)
     res = {}
 
     def ours():
@@ -595,10 +596,10 @@ def build_parser():
                          "model of config/demo.yaml), kmeans (default: %(default)s)")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     ap.add_argument("--threads", type=int, help="CPU threads for torch and scikit-learn (default: torch's)")
-    ap.add_argument("--n_layer", type=int, default=6)
-    ap.add_argument("--n_head", type=int, default=8)
-    ap.add_argument("--n_embd", type=int, default=384)
-    ap.add_argument("--block_size", type=int, default=512)
+    ap.add_argument("--n_layer", type=int, default=6, help="transformer blocks of the benchmarked model (default: %(default)s)")
+    ap.add_argument("--n_head", type=int, default=8, help="its attention heads (default: %(default)s)")
+    ap.add_argument("--n_embd", type=int, default=384, help="its width (default: %(default)s)")
+    ap.add_argument("--block_size", type=int, default=512, help="its block size (default: %(default)s)")
     ap.add_argument("--vocab_size", type=int, default=516, help="codes + 16 (default: %(default)s)")
     ap.add_argument("--batch", type=int, default=16, help="training batch (default: %(default)s)")
     ap.add_argument("--lengths", help="training sequence lengths, long first (default: block size and "
@@ -609,10 +610,11 @@ def build_parser():
     ap.add_argument("--reps", type=int, help="timed repetitions per measure (default: by measure and mode)")
     ap.add_argument("--warmup", type=int, help="untimed calls before timing (default: 2, --quick 1)")
     ap.add_argument("--kmeans_n", type=int, help="feature vectors (default: 300000, --quick 100000)")
-    ap.add_argument("--kmeans_k", type=int, default=500)
+    ap.add_argument("--kmeans_k", type=int, default=500, help="k-means clusters (default: %(default)s)")
     ap.add_argument("--kmeans_iters", type=int, default=30,
                     help="Lloyd iterations on both sides (default: %(default)s, the project's)")
-    ap.add_argument("--kmeans_data", default="digits", choices=["digits", "random"])
+    ap.add_argument("--kmeans_data", default="digits", choices=["digits", "random"],
+                    help="k-means on the built-in digits' features or on random blobs (default: %(default)s)")
     ap.add_argument("--matmul_n", type=int, help="side of the square peak matmul (default: 2048; CUDA 8192)")
     return ap
 

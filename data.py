@@ -18,24 +18,23 @@ images. Three roles, never mixed:
 Each split is also written as <split>.tokens.npy and <split>.index.npz (imagegpt/prepare.py says what
 they hold), which training reads through a memory map.
 """
+import argparse
 import json
 import os
 
 import torch
 
 from imagegpt.cli import parser, run_cli
-from imagegpt.data_config import DataConfig, check_data_config
+from imagegpt.data_config import DataConfig
 from imagegpt.device import resolve_device
 from imagegpt.errors import UserError
-from imagegpt.files import check_file, read_json
+from imagegpt.files import check_file
 from imagegpt.plots import save_grid
-from imagegpt.prepare import SPLITS, prepare
+from imagegpt.prepare import SPLITS, prepare, reconstructions
 from imagegpt.sequences import read_sequences
-from imagegpt.settings import add_settings, apply_settings, check_fields
-from imagegpt.sources import load_source
-from imagegpt.splits import split_roles
+from imagegpt.settings import add_options, apply_options
 from imagegpt.token_format import Vocab
-from tokenizer import Codebook, psnr, uint8_to_tensor
+from tokenizer import Codebook
 
 
 def render_file(path, book, vocab, n, out, repair_v1=False, names=None):
@@ -46,29 +45,35 @@ def render_file(path, book, vocab, n, out, repair_v1=False, names=None):
     return save_grid(images, caps, out)
 
 
-def main(argv=None):
+def build_parser():
     ap = parser(__doc__, prog="data.py")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=type(ap))
     p = sub.add_parser("prepare", help="images -> train, [dev,] val (the test split) as .jsonl, .tokens.npy and "
                                        ".index.npz, vocab.json, codebook, report.json",
-                       description="Any DataConfig field as --key value.")
-    p.add_argument("--device", default="cpu", help="where k-means runs (cpu or cuda)")
-    add_settings(p, DataConfig)
+                       description="Every data setting as --key value (the groups below).")
+    p.add_argument("--device", default="cpu", help="where k-means runs (cpu or cuda) (default: %(default)s)")
+    add_options(p, DataConfig)
     r = sub.add_parser("render", help="draw sequences from a JSONL file as one PNG grid")
-    r.add_argument("file")
+    r.add_argument("file", help="a JSONL sequence file")
     r.add_argument("--codebook", help="folder with codebook.json and vocab.json (default: the file's folder)")
-    r.add_argument("--n", type=int, default=64)
-    r.add_argument("--out", default="grid.png")
+    r.add_argument("--n", type=int, default=64, help="how many sequences to draw (default: %(default)s)")
+    r.add_argument("--out", default="grid.png", help="the PNG grid to write (default: %(default)s)")
     r.add_argument("--repair_v1", action="store_true", help="fill in v1 tails from the label field")
-    c = sub.add_parser("reconstruct", help="real validation images next to their codebook reconstruction")
-    c.add_argument("data_dir")
-    c.add_argument("--n", type=int, default=32)
-    c.add_argument("--out", default="reconstruction.png")
+    c = sub.add_parser("reconstruct", help="real test images next to their codebook reconstruction")
+    c.add_argument("data_dir", help="a prepared data folder")
+    c.add_argument("--n", type=int, default=32, help="how many test images (default: %(default)s)")
+    c.add_argument("--out", default="reconstruction.png", help="the PNG grid to write (default: %(default)s)")
+    return ap
+
+
+def main(argv=None):
+    ap = build_parser()
     args, rest = ap.parse_known_args(argv)
     if rest:  # named by the sub-command's parser, which lists its own options
-        {"prepare": p, "render": r, "reconstruct": c}[args.cmd].error(f"unrecognized arguments: {' '.join(rest)}")
+        sub = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.cmd].error(f"unrecognized arguments: {' '.join(rest)}")
     if args.cmd == "prepare":
-        cfg = apply_settings(DataConfig(), args)
+        cfg = apply_options(DataConfig(), args)
         rep = prepare(cfg, resolve_device(args.device))
         print(json.dumps({k: v for k, v in rep.items() if k != "config"}))
         print(f"wrote {cfg.data_dir}: <split>.jsonl, <split>.tokens.npy and <split>.index.npz for "
@@ -85,26 +90,9 @@ def main(argv=None):
                            args.n, args.out, args.repair_v1)
         print(f"wrote {args.out} ({size[0]}x{size[1]})")
     else:
-        path = os.path.join(args.data_dir, "report.json")
-        rep = read_json(path, "report.json")
-        if not isinstance(rep, dict) or "config" not in rep:
-            raise UserError(f'{path}: expected a JSON object with the data settings under "config" '
-                            f'(a report.json written by data.py prepare)')
-        check_fields(rep["config"], DataConfig, path, "config.")
-        try:
-            cfg = DataConfig(**rep["config"])
-        except TypeError as e:
-            raise UserError(f"{path}: not a report.json written by data.py prepare ({e})") from None
-        check_data_config(cfg, path)
-        images, labels, names, _ = load_source(cfg)
-        va = split_roles(labels, cfg)[2][:args.n]   # the test split's first n
-        book = Codebook.load(args.data_dir)
-        x = uint8_to_tensor(images[va])
-        recon = book.decode(book.encode(x))
-        both = torch.stack([x, recon], 1).flatten(0, 1)
-        caps = [f"{names[labels[i]]} {s}" for i in va for s in ("real", "code")]
+        both, caps, db = reconstructions(args.data_dir, args.n)
         size = save_grid(both, caps, args.out, ncol=8)
-        print(f"wrote {args.out} ({size[0]}x{size[1]}); PSNR {psnr(recon, x):.2f} dB")
+        print(f"wrote {args.out} ({size[0]}x{size[1]}); PSNR {db:.2f} dB")
     return 0
 
 

@@ -42,8 +42,8 @@ from tqdm import tqdm
 from imagegpt import checkpoint
 from imagegpt.augment import MOVE_LIMITS
 from imagegpt.cli import add_backend, add_ckpt, add_device, parser, run_cli
-from imagegpt.data_config import DataConfig, data_fields
-from imagegpt.decoding import DRAW_TEMPERATURE
+from imagegpt.data_config import data_settings
+from imagegpt import drawing
 from imagegpt.device import bf16_autocast, resolve_device
 from imagegpt.drawing_report import generation_report, load_judge, real_split, to_float
 from imagegpt.drawing_report import summary as generation_summary
@@ -121,7 +121,7 @@ def load_eval_data(args, ck):
 def tta_metrics(ck, images, truth, copies, batch_size):
     """Classification of uint8 images (N, H, W, C) with test-time augmentation (copies views each) ->
     {copies, max_shift, max_rotate, max_scale, max_shear, max_elastic, accuracy, per_class_accuracy, confusion}."""
-    cfg = DataConfig(**{k: ck.settings[k] for k in data_fields() if k in ck.settings})
+    cfg = data_settings(ck.settings)
     probs = augmented_class_probs(ck.model, ck.codebook, ck.vocab, uint8_to_tensor(images), copies, cfg, batch_size,
                                   progress=True)
     C = ck.vocab.num_classes
@@ -332,14 +332,14 @@ def build_parser():
     ap.add_argument("--real", choices=("test", "dev"), default="test",
                     help="--generation: the real digits the drawings are compared with: the test split (the "
                          "report) or the development split (to choose sampling settings; default: %(default)s)")
-    ap.add_argument("--temperature", type=float, default=DRAW_TEMPERATURE,
+    ap.add_argument("--temperature", type=float, default=drawing.TEMPERATURE,
                     help="--generation: sampling temperature (default: %(default)s, as sample.py --digit)")
     ap.add_argument("--top_p", type=float, default=1.0, help="--generation: nucleus sampling (1 = off)")
     ap.add_argument("--seed", type=int, default=0, help="--generation: sampling seed (default: %(default)s)")
     ap.add_argument("--repair_v1", action="store_true", help="fill in v1 tails '<CLS> <CLS> <EOS>' from the label field")
     ap.add_argument("--out", help="evaluation: metrics JSON (default: <ckpt>/eval.json; the confusion matrix "
                                   "goes to <out>_confusion.png); --curves: the PNG (default: RUN_DIR/curves.png)")
-    ap.add_argument("--batch_size", type=int, default=64)
+    ap.add_argument("--batch_size", type=int, default=64, help="sequences per forward pass (default: %(default)s)")
     add_device(ap)
     add_backend(ap)
     return ap

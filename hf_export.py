@@ -7,7 +7,7 @@
 
 The folder (default `--out`: `hf/` next to the checkpoint folder, so runs/demo/final -> runs/demo/hf)
 loads with `transformers` unchanged, no custom code (AutoModelForCausalLM / AutoTokenizer); what it
-holds is described in hf_format.py. It is built under a temporary name and renamed into place, so an
+holds is described in imagegpt/huggingface.py. It is built under a temporary name and renamed into place, so an
 error leaves nothing half-written; an existing `--out` is replaced only if it is an earlier export.
 `--push_to_hub REPO_ID` uploads it (token from HF_TOKEN or `hf auth login`). checkpoint.load() (so
 eval.py, sample.py and train.py's `init_from`) reads such a folder like one of its own checkpoints.
@@ -20,7 +20,7 @@ from imagegpt.errors import UserError
 from imagegpt.onnx_runtime import onnx_parity
 
 
-def main(argv=None):
+def build_parser():
     p = parser(__doc__, prog="hf_export.py")
     add_ckpt(p, help="checkpoint folder to export")
     p.add_argument("--out", default=None, help="output folder (default: hf/ next to the checkpoint folder, "
@@ -34,7 +34,11 @@ def main(argv=None):
     p.add_argument("--push_to_hub", metavar="REPO_ID", default=None,
                    help="upload the folder to this Hugging Face model repository (token: HF_TOKEN or login)")
     p.add_argument("--private", action="store_true", help="create the repository as private")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    a = build_parser().parse_args(argv)
     if a.private and not a.push_to_hub:
         raise UserError("--private only applies together with --push_to_hub")
     if a.quantize and not a.onnx:

@@ -14,13 +14,21 @@ from torch.nn import functional as F
 
 @dataclass
 class GPTConfig:
+    """The model's shape (the defaults are the original's v2 model, about 11 M parameters)."""
     vocab_size: int = 516
+    """tokens in the vocabulary (516: 6 markers, 500 codes, 10 classes); training takes it from the data"""
     block_size: int = 512
+    """the longest sequence the model reads (its position embeddings); training takes it from max_length"""
     n_layer: int = 6
+    """transformer blocks"""
     n_head: int = 8
+    """attention heads per block (n_embd must be divisible by it)"""
     n_embd: int = 384
+    """width of the embeddings and of every block"""
     dropout: float = 0.0
-    bias: bool = True  # biases kept (the Hugging Face GPT-2 export needs them)
+    """dropout probability in training (0: none)"""
+    bias: bool = True
+    """biases in the linear layers and LayerNorms (the Hugging Face GPT-2 format needs them)"""
 
     def num_params_estimate(self):
         """GPT.num_params() of a model of this config, computed without building it (a size check

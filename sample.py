@@ -1,22 +1,22 @@
 """Sample token sequences (images and their labels) from a trained checkpoint.
 
-    python sample.py                                   # 16 new digits from runs/demo/final, start "<IMG>"
+    python sample.py                                   # 16 new images from runs/demo/final, start "<IMG>"
     python sample.py --top_p 0.9 --temperature 0.8 --num_samples 32 --out_jsonl samples.jsonl
     python sample.py --greedy --start "<IMG> <Z_000> <Z_000>"
-    python sample.py --complete 10 --fraction 0.5      # finish the first half of 10 validation images
-    python sample.py --digit 7 --num_samples 16        # draw sevens (a model trained with cond_fraction > 0)
-    python sample.py --grid --num_samples 10 --cfg 3   # a 10 x 10 picture: one row per class, guidance 3
-    python sample.py --complete 10 --digit 3           # finish the top half of 10 images as threes
+    python sample.py --complete 10 --fraction 0.5      # finish the first half of 10 test images
+    python sample.py --class 7 --num_samples 16        # draw sevens (a model trained with cond_fraction > 0)
+    python sample.py --grid --num_samples 10 --guidance 3   # one row per class, guidance 3
+    python sample.py --complete 10 --class 3           # finish the top half of 10 images as threes
 
 Decoding is incremental with the model's key/value cache (the prefix is never recomputed), batched,
 and each row stops at <EOS> (a complete image ends '</IMG> <CLS> <CLS_y> <EOS>'), at
 --max_new_tokens, or at the model's block size. For every row the model's own class prediction is
 read where <CLS> was fed: the argmax over the label tokens of the logits at that position.
-Class-conditional drawing (--digit, --grid) starts from '<CLS_d> <IMG>' and ends '</IMG> <EOS>';
-with classifier-free guidance (--cfg SCALE; 1 = plain conditional sampling) every step
+Drawing a chosen class (--class, --grid) starts from '<CLS_y> <IMG>' and ends '</IMG> <EOS>';
+with classifier-free guidance (--guidance SCALE; 1 = plain conditional sampling) every step
 samples from uncond + SCALE * (cond - uncond), the unconditional prompt being '<UNK> <IMG>' (the class
 not stated), both decoded in one batch. A drawing is then read by the model's own classifier (its
-'<IMG> codes </IMG> <CLS>' prefix, where no class is stated) for the caption.
+'<IMG> codes </IMG> <CLS>' prefix, where no class is stated) for the caption (imagegpt/drawing.py).
 Outputs: the token sequences (stdout, or --out_jsonl), and a PNG grid of the decoded images
 (--out_png, default <ckpt>/samples.png, <ckpt>/grid.png or <ckpt>/completions.png).
 """
@@ -25,28 +25,22 @@ import random
 
 import torch
 
-from imagegpt import checkpoint
+from imagegpt import checkpoint, drawing
 from imagegpt.cli import add_backend, add_ckpt, add_device, parser, run_cli
-from imagegpt.decoding import DEFAULT_GUIDANCE, DRAW_TEMPERATURE, generate
 from imagegpt.device import bf16_autocast, check_memory, resolve_device
 from imagegpt.errors import UserError, check_finite, check_seed
 from imagegpt.files import check_file, check_outputs, write_jsonl
-from imagegpt.metrics import class_probs
 from imagegpt.plots import save_grid
 from imagegpt.sequences import read_sequences
 from imagegpt.token_format import TAIL
 
 
 def record(r, vocab, seq_len, **meta):
-    """A generated row -> a JSONL record. 'label' is the label token the model wrote (well-formed
-    sequences only, so they can be read back as data); 'pred'/'prob' its prediction at <CLS>."""
-    ok = vocab.is_complete(r["ids"], seq_len)
-    label = r["ids"][-2] - vocab.label_offset if ok else None
-    if vocab.is_conditioned(r["ids"]):  # '<CLS_d>|<UNK> <IMG> codes </IMG> <EOS>': the asked class is the label
-        ok = vocab.is_cond_complete(r["ids"], seq_len)
-        label = r["ids"][0] - vocab.label_offset if ok and vocab.is_label(r["ids"][0]) else None
+    """A generated row -> a JSONL record. 'label' is the class the row states or the label token it
+    wrote (complete images only, so they can be read back as data); 'pred'/'prob' the model's reading."""
+    label, complete = drawing.outcome(r["ids"], vocab, seq_len)
     return {"tokens": vocab.decode(r["ids"]), "label": label,
-            "pred": r["pred"], "prob": r["prob"], "well_formed": ok, "stop": r["stop"],
+            "pred": r["pred"], "prob": r["prob"], "well_formed": complete, "stop": r["stop"],
             "codes": len(vocab.image_codes(r["ids"])), "meta": meta}
 
 
@@ -77,28 +71,31 @@ def build_parser():
     ap.add_argument("--max_new_tokens", type=int, default=None,
                     help="most tokens to add per row (default: up to the model's block size)")
     ap.add_argument("--temperature", type=float, default=None,
-                    help=f"logits are divided by this; 0 = greedy (default: 1, or {DRAW_TEMPERATURE} when drawing a "
-                         f"chosen class with --digit or --grid)")
-    ap.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+                    help=f"logits are divided by this; 0 = greedy (default: 1, or {drawing.TEMPERATURE} when drawing a "
+                         f"chosen class with --class or --grid)")
+    ap.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (default: 0 = off)")
     ap.add_argument("--top_p", type=float, default=1.0, help="nucleus: keep the most likely tokens "
-                                                             "up to this cumulative probability (1 = off)")
+                                                             "up to this cumulative probability (default: 1 = off)")
     ap.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--seed", type=int, default=1337, help="seed of the sampling and of the images --complete "
+                                                           "picks (default: %(default)s)")
     ap.add_argument("--start", default=None, help='prompt tokens (default: "<IMG>")')
-    ap.add_argument("--digit", metavar="CLASS", help="draw this class (a class name or index): prompt "
-                                                     "'<CLS_d> <IMG>'; with --complete, finish images as this class")
+    ap.add_argument("--class", "--digit", dest="label", metavar="CLASS",
+                    help="draw this class (a class name or index): prompt '<CLS_y> <IMG>'; with --complete, finish "
+                         "images as this class (--digit is the older name)")
     ap.add_argument("--grid", action="store_true", help="draw --num_samples of every class, one row per class")
-    ap.add_argument("--cfg", type=float, metavar="SCALE", help="classifier-free guidance scale for --digit/--grid "
-                    f"(default: {DEFAULT_GUIDANCE}; 1 = plain conditional sampling)")
+    ap.add_argument("--guidance", "--cfg", dest="guidance", type=float, metavar="SCALE",
+                    help=f"classifier-free guidance scale for --class/--grid (default: {drawing.GUIDANCE}; 1 = plain "
+                         f"conditional sampling; --cfg is the older name)")
     ap.add_argument("--complete", type=int, metavar="N",
-                    help="completion mode: finish N validation images from their first --fraction of codes")
+                    help="completion mode: finish N test images from their first --fraction of codes")
     ap.add_argument("--fraction", type=float, default=0.5, help="share of each image's codes kept (default: %(default)s)")
     ap.add_argument("--data", metavar="FILE.jsonl", help="--complete: images from this sequence file "
                                                          "(default: <data_dir>/val.jsonl of the checkpoint)")
     ap.add_argument("--repair_v1", action="store_true", help="--complete: fill in v1 tails '<CLS> <CLS> <EOS>' "
                                                              "of the --data file from its label field")
     ap.add_argument("--out_jsonl", help="write the sequences here instead of printing them")
-    ap.add_argument("--out_png", help="image grid (default: <ckpt>/samples.png, or <ckpt>/completions.png)")
+    ap.add_argument("--out_png", help="image grid (default: <ckpt>/samples.png, <ckpt>/grid.png or <ckpt>/completions.png)")
     ap.add_argument("--batch_size", type=int, default=64, help="rows decoded together (default: %(default)s)")
     add_device(ap)
     add_backend(ap)
@@ -114,7 +111,7 @@ def check_args(a):
         raise UserError("--greedy always takes the most likely token: --temperature, --top_k and --top_p "
                         "do not apply to it")
     if a.temperature is None:
-        a.temperature = DRAW_TEMPERATURE if a.digit is not None or a.grid else 1.0
+        a.temperature = drawing.TEMPERATURE if a.label is not None or a.grid else 1.0
     if not a.temperature >= 0:
         raise UserError(f"--temperature must be >= 0 (0 = greedy), got {a.temperature}")
     check_finite(a.temperature, "--temperature")
@@ -133,14 +130,14 @@ def check_args(a):
         raise UserError("--data is for --complete (the images to finish)")
     if a.repair_v1 and a.complete is None:
         raise UserError("--repair_v1 is for --complete (the sequence file it reads)")
-    if a.grid and (a.digit is not None or a.complete is not None):
-        raise UserError("--grid draws every class; it does not combine with --digit or --complete")
-    if a.start is not None and (a.digit is not None or a.grid or a.complete is not None):
-        raise UserError("--start is the prompt of free sampling; --digit, --grid and --complete make their own")
-    if a.cfg is not None and a.digit is None and not a.grid:
-        raise UserError("--cfg (guidance) needs a class to guide towards: --digit or --grid")
-    if a.cfg is not None and not a.cfg >= 0:
-        raise UserError(f"--cfg must be >= 0 (1 = plain conditional sampling), got {a.cfg}")
+    if a.grid and (a.label is not None or a.complete is not None):
+        raise UserError("--grid draws every class; it does not combine with --class or --complete")
+    if a.start is not None and (a.label is not None or a.grid or a.complete is not None):
+        raise UserError("--start is the prompt of free sampling; --class, --grid and --complete make their own")
+    if a.guidance is not None and a.label is None and not a.grid:
+        raise UserError("--guidance needs a class to guide towards: --class or --grid")
+    if a.guidance is not None and not a.guidance >= 0:
+        raise UserError(f"--guidance must be >= 0 (1 = plain conditional sampling), got {a.guidance}")
 
 
 def check_sizes(a, model, book, vocab):
@@ -155,37 +152,19 @@ def check_sizes(a, model, book, vocab):
                  f"({rows} at a time)", model.device, hint="lower --num_samples or --batch_size")
 
 
-def class_index(text, names):
-    """--digit: a class name or index -> index."""
-    if text in names:
-        return names.index(text)
-    if text.isdigit() and int(text) < len(names):
-        return int(text)
-    raise UserError(f"--digit {text!r}: not a class of this checkpoint (classes: {' '.join(names)})")
-
-
 def check_conditioned(ck):
-    """A model trained without class-conditioned sequences has never seen '<CLS_d> <IMG>'."""
+    """A model trained without class-conditioned sequences has never seen '<CLS_y> <IMG>'."""
     frac = ck.settings.get("cond_fraction", 0)
     if ck.settings and not frac:
         raise UserError(f"{ck.folder} was trained without class-conditioned sequences (cond_fraction 0), so it "
                         f"cannot be asked for a class; train one with cond_fraction > 0 (config/demo_cond.yaml)")
 
 
-def own_reading(model, vocab, res, batch_size):
-    """Fill pred/prob of conditioned rows: the model's own classifier on '<IMG> codes </IMG> <CLS>'."""
-    rows = [r for r in res if vocab.is_conditioned(r["ids"])]
-    if rows:
-        probs = class_probs(model, [vocab.prefix_ids(vocab.image_codes(r["ids"])) for r in rows], vocab, batch_size)
-        for r, p in zip(rows, probs):
-            r["pred"], r["prob"] = int(p.argmax()), p.max().item()
-
-
 def describe(i, r, names, vocab, seq_len):
-    ok = vocab.is_cond_complete(r["ids"], seq_len) if vocab.is_conditioned(r["ids"]) else vocab.is_complete(r["ids"], seq_len)
+    complete = drawing.outcome(r["ids"], vocab, seq_len)[1]
     codes = len(vocab.image_codes(r["ids"]))
     pred = f"predicted {names[r['pred']]} (p={r['prob']:.3f})" if r["pred"] is not None else "no <CLS>, no prediction"
-    return f"sample {i}: {pred}; {codes} codes, {'complete image' if ok else 'not a complete image'}, stop: {r['stop']}"
+    return f"sample {i}: {pred}; {codes} codes, {'complete image' if complete else 'not a complete image'}, stop: {r['stop']}"
 
 
 def main(argv=None):
@@ -199,92 +178,28 @@ def main(argv=None):
     check_outputs(out_png, a.out_jsonl)
     ck = checkpoint.load(a.ckpt, resolve_device(a.device), a.backend)
     with bf16_autocast(a.bf16, ck.model.device, decode_width=ck.model.config.n_embd):
-        return draw(a, ck, out_png)
+        return run(a, ck, out_png)
 
 
-def draw(a, ck, out_png):
-    """Sample as the options say, write the outputs and print what was drawn."""
-    model, vocab, book, names = ck.model, ck.vocab, ck.codebook, ck.class_names
-    seq_len, block = book.seq_len, model.config.block_size
-    check_sizes(a, model, book, vocab)
-    if block < seq_len + 1 + TAIL:
-        print(f"note: the model's block size {block} is shorter than a complete image ({seq_len + 1 + TAIL} "
+def run(a, ck, out_png):
+    """Draw as the options say, write the grid (and the JSONL) and print what was drawn."""
+    book, block = ck.codebook, ck.model.config.block_size
+    check_sizes(a, ck.model, book, ck.vocab)
+    if block < book.seq_len + 1 + TAIL:
+        print(f"note: the model's block size {block} is shorter than a complete image ({book.seq_len + 1 + TAIL} "
               f"tokens: it was trained on cut images), so no row can be a complete image")
-    gen = torch.Generator(device=model.device).manual_seed(a.seed)
-    opts = dict(temperature=a.temperature, top_k=a.top_k or None, top_p=a.top_p, greedy=a.greedy,
-                generator=gen, batch_size=a.batch_size, progress=True, image_len=seq_len)
-    max_new = a.max_new_tokens or block
-    settings = {"seed": a.seed, "temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p, "greedy": a.greedy}
-    digit = None if a.digit is None else class_index(a.digit, names)
-    if digit is not None or a.grid:
+    label = None if a.label is None else ck.class_index(a.label, "--class")
+    if label is not None or a.grid:
         check_conditioned(ck)
-        scale = DEFAULT_GUIDANCE if a.cfg is None else a.cfg
-        settings["cfg"] = scale
-        guided = lambda prompts: dict(uncond=None if scale == 1 else [[vocab.unk_id] + p[1:] for p in prompts],
-                                      cfg_scale=scale)
-
-    if a.complete is None and (digit is not None or a.grid):
-        asked = [c for c in range(vocab.num_classes) for _ in range(a.num_samples)] if a.grid else [digit] * a.num_samples
-        prompts = [vocab.cond_prompt(c) for c in asked]
-        res = generate(model, prompts, vocab, max_new, **opts, **guided(prompts))
-        own_reading(model, vocab, res, a.batch_size)
-        recs = [record(r, vocab, seq_len, index=i, asked=names[c], **settings) for i, (c, r) in enumerate(zip(asked, res))]
-        images = torch.stack([book.decode_ids(r["ids"], vocab) for r in res])
-        caps = [f"{names[c]}: reads {names[r['pred']]}" for c, r in zip(asked, res)]
-        size = save_grid(images, caps, out_png, ncol=a.num_samples if a.grid else None,
-                         scale=grid_scale(book.image_size[1]))
-        lines = [f"asked {names[c]}, " + describe(i, r, names, vocab, seq_len).replace("predicted", "the model reads", 1)
-                 for i, (c, r) in enumerate(zip(asked, res))]
-        hits = sum(r["pred"] == c for c, r in zip(asked, res))
-        lines.append(f"the model's own classifier reads the asked class in {hits}/{len(res)} drawings (guidance {scale})")
-    elif a.complete is None:
-        start = a.start or "<IMG>"
-        prompt = vocab.parse(start, "--start")
-        if len(prompt) >= block:
-            raise UserError(f"--start has {len(prompt)} tokens; the model's block size {block} leaves no room to generate")
-        res = generate(model, [prompt] * a.num_samples, vocab, max_new, **opts)
-        recs = [record(r, vocab, seq_len, index=i, start=start, **settings) for i, r in enumerate(res)]
-        images = torch.stack([book.decode_ids(r["ids"], vocab) for r in res])
-        caps = [f"{names[r['pred']]} {100 * r['prob']:.0f}%" if r["pred"] is not None else "-" for r in res]
-        size = save_grid(images, caps, out_png, scale=grid_scale(book.image_size[1]))
-        lines = [describe(i, r, names, vocab, seq_len) for i, r in enumerate(res)]
-    else:
-        path = a.data or ck.split_file("val")
-        seqs, labels = read_sequences(path, vocab, repair_v1=a.repair_v1)
-        chosen = pick_examples(labels, a.complete, vocab.num_classes, a.seed)
-        if len(chosen) < a.complete:
-            print(f"note: {path} has only {len(chosen)} sequences")
-        prompts = []
-        for i in chosen:
-            codes = seqs[i][1:-TAIL]
-            keep = round(a.fraction * len(codes))
-            prompts.append(([vocab.img_id] if digit is None else vocab.cond_prompt(digit)) + codes[:keep])
-        if max(len(p) for p in prompts) >= block:
-            raise UserError(f"the kept part of the images fills the model's block size {block}; lower --fraction")
-        res = generate(model, prompts, vocab, max_new, **opts, **(guided(prompts) if digit is not None else {}))
-        own_reading(model, vocab, res, a.batch_size)
-        recs, cells, caps, lines = [], [], [], []
-        hits = 0
-        for n, (i, p, r) in enumerate(zip(chosen, prompts, res)):
-            y = labels[i] if digit is None else digit
-            hits += r["pred"] == y
-            recs.append(record(r, vocab, seq_len, index=n, source=f"{path}#{i + 1}", true_label=labels[i],
-                               kept_codes=len(vocab.image_codes(p)), **settings))
-            cells += [book.decode_ids(seqs[i], vocab), book.decode_ids(p, vocab), book.decode_ids(r["ids"], vocab)]
-            pred = f"{names[r['pred']]} {100 * r['prob']:.0f}%" if r["pred"] is not None else "-"
-            total = len(seqs[i]) - 1 - TAIL
-            kept = len(vocab.image_codes(p))
-            caps += [f"true {names[labels[i]]}", f"kept {kept}/{total}",
-                     f"pred {pred}" if digit is None else f"as {names[digit]}: {pred}"]
-            lines.append(f"{path}#{i + 1} (true {names[labels[i]]}, kept {kept}/{total} codes"
-                         f"{'' if digit is None else ', asked ' + names[digit]}): "
-                         + describe(n, r, names, vocab, seq_len).split(": ", 1)[1])
-        per_row = 2 if len(chosen) > 1 else 1
-        size = save_grid(torch.stack(cells), caps, out_png, ncol=3 * per_row, scale=grid_scale(book.image_size[1]))
-        lines.append(f"the prediction at <CLS> after completion matches the true label for {hits}/{len(chosen)} images"
-                     if digit is None else f"the model's own classifier reads {names[digit]} in {hits}/{len(chosen)} "
-                     f"completions (guidance {scale})")
-
+    sampling = dict(temperature=a.temperature, top_k=a.top_k or None, top_p=a.top_p, greedy=a.greedy,
+                    generator=torch.Generator(device=ck.model.device).manual_seed(a.seed), progress=True)
+    settings = {"seed": a.seed, "temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p, "greedy": a.greedy}
+    if label is not None or a.grid:
+        settings["guidance"] = a.guidance = drawing.GUIDANCE if a.guidance is None else a.guidance
+    mode = complete_images if a.complete is not None else draw_classes if label is not None or a.grid \
+        else sample_freely
+    recs, cells, captions, ncol, lines = mode(a, ck, label, sampling, settings)
+    size = save_grid(torch.stack(cells), captions, out_png, ncol=ncol, scale=grid_scale(book.image_size[1]))
     if a.out_jsonl:
         write_jsonl(a.out_jsonl, recs)
     for line, rec in zip(lines, recs):
@@ -297,6 +212,78 @@ def draw(a, ck, out_png):
     print(f"{done}/{len(recs)} rows are complete images; wrote {out_png} ({size[0]}x{size[1]})"
           + (f" and {a.out_jsonl}" if a.out_jsonl else ""))
     return 0
+
+
+def decode(a, ck, prompts, sampling, guidance=1.0):
+    return drawing.draw(ck.model, ck.vocab, ck.codebook.seq_len, prompts, a.max_new_tokens or ck.model.config.block_size,
+                        guidance, a.batch_size, **sampling)
+
+
+def draw_classes(a, ck, label, sampling, settings):
+    """--class / --grid: --num_samples drawings of the class (of every class, one row each)."""
+    vocab, names, seq_len = ck.vocab, ck.class_names, ck.codebook.seq_len
+    asked = [c for c in range(vocab.num_classes) for _ in range(a.num_samples)] if a.grid else [label] * a.num_samples
+    res = decode(a, ck, [drawing.prompt(vocab, c) for c in asked], sampling, a.guidance)
+    recs = [record(r, vocab, seq_len, index=i, asked=names[c], **settings) for i, (c, r) in enumerate(zip(asked, res))]
+    cells = [ck.codebook.decode_ids(r["ids"], vocab) for r in res]
+    captions = [f"{names[c]}: reads {names[r['pred']]}" for c, r in zip(asked, res)]
+    lines = [f"asked {names[c]}, " + describe(i, r, names, vocab, seq_len).replace("predicted", "the model reads", 1)
+             for i, (c, r) in enumerate(zip(asked, res))]
+    hits = sum(r["pred"] == c for c, r in zip(asked, res))
+    lines.append(f"the model's own classifier reads the asked class in {hits}/{len(res)} drawings (guidance {a.guidance})")
+    return recs, cells, captions, a.num_samples if a.grid else None, lines
+
+
+def sample_freely(a, ck, label, sampling, settings):
+    """--num_samples rows from the prompt --start (default '<IMG>')."""
+    vocab, names, seq_len = ck.vocab, ck.class_names, ck.codebook.seq_len
+    start = a.start or "<IMG>"
+    prompt = vocab.parse(start, "--start")
+    if len(prompt) >= ck.model.config.block_size:
+        raise UserError(f"--start has {len(prompt)} tokens; the model's block size {ck.model.config.block_size} "
+                        f"leaves no room to generate")
+    res = decode(a, ck, [prompt] * a.num_samples, sampling)
+    recs = [record(r, vocab, seq_len, index=i, start=start, **settings) for i, r in enumerate(res)]
+    cells = [ck.codebook.decode_ids(r["ids"], vocab) for r in res]
+    captions = [f"{names[r['pred']]} {100 * r['prob']:.0f}%" if r["pred"] is not None else "-" for r in res]
+    return recs, cells, captions, None, [describe(i, r, names, vocab, seq_len) for i, r in enumerate(res)]
+
+
+def complete_images(a, ck, label, sampling, settings):
+    """--complete N: the first --fraction of N test images (or --data), finished by the model (as the
+    class --class, if given); each shown as the real image, the kept part and the completion."""
+    vocab, names, seq_len, book = ck.vocab, ck.class_names, ck.codebook.seq_len, ck.codebook
+    path = a.data or ck.split_file("val")
+    seqs, labels = read_sequences(path, vocab, repair_v1=a.repair_v1)
+    chosen = pick_examples(labels, a.complete, vocab.num_classes, a.seed)
+    if len(chosen) < a.complete:
+        print(f"note: {path} has only {len(chosen)} sequences")
+    prompts = []
+    for i in chosen:
+        codes = seqs[i][1:-TAIL]
+        prompts.append(drawing.prompt(vocab, label, codes[:round(a.fraction * len(codes))]))
+    if max(len(p) for p in prompts) >= ck.model.config.block_size:
+        raise UserError(f"the kept part of the images fills the model's block size {ck.model.config.block_size}; "
+                        f"lower --fraction")
+    res = decode(a, ck, prompts, sampling, a.guidance if label is not None else 1.0)
+    recs, cells, captions, lines = [], [], [], []
+    hits = 0
+    for n, (i, p, r) in enumerate(zip(chosen, prompts, res)):
+        hits += r["pred"] == (labels[i] if label is None else label)
+        kept, total = len(vocab.image_codes(p)), len(seqs[i]) - 1 - TAIL
+        recs.append(record(r, vocab, seq_len, index=n, source=f"{path}#{i + 1}", true_label=labels[i],
+                           kept_codes=kept, **settings))
+        cells += [book.decode_ids(seqs[i], vocab), book.decode_ids(p, vocab), book.decode_ids(r["ids"], vocab)]
+        pred = f"{names[r['pred']]} {100 * r['prob']:.0f}%" if r["pred"] is not None else "-"
+        captions += [f"true {names[labels[i]]}", f"kept {kept}/{total}",
+                     f"pred {pred}" if label is None else f"as {names[label]}: {pred}"]
+        lines.append(f"{path}#{i + 1} (true {names[labels[i]]}, kept {kept}/{total} codes"
+                     f"{'' if label is None else ', asked ' + names[label]}): "
+                     + describe(n, r, names, vocab, seq_len).split(": ", 1)[1])
+    lines.append(f"the prediction at <CLS> after completion matches the true label for {hits}/{len(chosen)} images"
+                 if label is None else f"the model's own classifier reads {names[label]} in {hits}/{len(chosen)} "
+                 f"completions (guidance {a.guidance})")
+    return recs, cells, captions, 3 * (2 if len(chosen) > 1 else 1), lines
 
 
 if __name__ == "__main__":

@@ -135,7 +135,7 @@ def table(rows, steps):
     return "\n".join(out)
 
 
-def main(argv=None):
+def build_parser():
     ap = parser(__doc__, prog="scale.py")
     ap.add_argument("--sizes", default="10000,1000000", help="numbers of images, comma-separated (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=20, help="training steps before the peak RSS is read (default: %(default)s)")
@@ -144,7 +144,11 @@ def main(argv=None):
     ap.add_argument("--work_dir", default="runs/scale", help="synthetic sources, prepared folders, runs (default: %(default)s)")
     ap.add_argument("--json", default="", help="write the results here (default: WORK_DIR/scale.json)")
     ap.add_argument("--clean", action="store_true", help="delete the synthetic data and prepared folders afterwards")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
         sizes = [int(s) for s in args.sizes.split(",")]
     except ValueError:

@@ -23,7 +23,7 @@ def build_parser():
     p = parser(__doc__, prog="serve.py")
     add_ckpt(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     add_device(p)
     add_backend(p)
     p.add_argument("--threads", type=int, default=0,

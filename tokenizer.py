@@ -35,7 +35,7 @@ def assign(x, c, chunk=None):
     argmin ||x - c||^2 = argmin (||c||^2 - 2 x.c), one fused addmm per chunk of rows; the default
     chunk keeps each (chunk, k) block of distances near 2 MB, so it stays in cache for the min.
     Always in the inputs' precision: under a caller's bf16 autocast the distances would be rounded and
-    images would get other codes than data.prepare gave them."""
+    images would get other codes than prepare.prepare gave them."""
     chunk = chunk or max(256, (1 << 19) // max(len(c), 1))
     c_sq = c.pow(2).sum(1)
     labels, dists = [], []
@@ -113,15 +113,25 @@ def kmeans(x, k, iters=30, seed=0, tol=1e-4, progress=None):
 
 @dataclass
 class CodebookConfig:
-    patch_size: int = 4         # a token stands for a p x p patch (1 = one pixel, the original)
-    num_codes: int = 500        # K
-    w_position: float = 0.0     # group weights; 0 drops the group from the features
+    """How images become codes: the patch a token stands for, the number of codes, the feature weights."""
+    patch_size: int = 4
+    """a token stands for a patch_size x patch_size patch of pixels (1: one pixel, as the original)"""
+    num_codes: int = 500
+    """codes in the codebook (K): the image tokens <Z_0> .. <Z_K-1>"""
+    w_position: float = 0.0
+    """weight of a patch's position (x, y) in its features; 0 leaves it out"""
     w_time: float = 0.0
+    """weight of the time (frame) feature t, 0 for still images; 0 leaves it out"""
     w_colour: float = 1.0
+    """weight of a patch's pixel values (grey or R, G, B) in its features"""
     w_gradient: float = 0.5
-    fit_samples: int = 300000   # feature vectors sampled from the training images for k-means
+    """weight of the intensity gradients (Gx, Gy) in a patch's features; 0 leaves them out"""
+    fit_samples: int = 300000
+    """patches sampled from the training images for k-means"""
     kmeans_iters: int = 30
+    """largest number of k-means (Lloyd) iterations after the k-means++ start"""
     codebook_seed: int = 0
+    """seed of the k-means start and of the patches sampled for it"""
 
 
 def pixel_features(images, p):

@@ -4,7 +4,8 @@
     python train.py config/demo.yaml --seeds 3               # seeds 1337, 1338, 1339 in runs/demo/seed-*
     torchrun --nproc_per_node=2 train.py config/v2.yaml       # DDP (NCCL on CUDA, gloo on CPU)
 
-Every setting (the options below: TrainConfig in trainer.py and the data settings of data.DataConfig)
+Every setting (the options below: imagegpt/training.py's TrainConfig, composed of the data settings of
+imagegpt/data_config.py, the codebook's of tokenizer.py and the model's of model.py)
 can be set in the YAML file or overridden with --key value. If the sequence files are missing they
 are prepared first. Training evaluates on the development split (dev.jsonl, made with dev_fraction > 0)
 and never reads the test split (val.jsonl). The run folder (out_dir) gets log.jsonl (one JSON line per
@@ -25,11 +26,11 @@ import sys
 
 from imagegpt.cli import parser, run_cli
 from imagegpt.errors import UserError
-from imagegpt.settings import add_settings
+from imagegpt.settings import add_options
 from imagegpt.training import TrainConfig, load_config, train, train_seeds
 
 
-def main(argv=None):
+def build_parser():
     ap = parser(__doc__, prog="train.py")
     ap.add_argument("config", nargs="?", help="YAML file of settings (a flat key: value mapping)")
     ap.add_argument("--resume", action="store_true", help="continue out_dir/final exactly where it stopped")
@@ -37,7 +38,12 @@ def main(argv=None):
                     "out_dir/seed-<seed> and summarise them (default: %(default)s)")
     ap.add_argument("--allow_changes", action="store_true",
                     help="with --resume: go on with training settings (lr, epochs, ...) other than the run's")
-    add_settings(ap, TrainConfig)
+    add_options(ap, TrainConfig)
+    return ap
+
+
+def main(argv=None):
+    ap = build_parser()
     if argv is None:
         argv = sys.argv[1:]
     if not argv:  # nothing to train on without a config or settings: say how

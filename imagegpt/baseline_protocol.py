@@ -1,17 +1,17 @@
 """The baselines of the evaluation protocol: which images each role gets, what is chosen on dev, what is scored on test.
 
-Three roles, never mixed (the project's split of its images, as data.prepare makes it):
-- test: the held-out images, data.split_roles(labels, cfg)[2] (the 1,000
+Three roles, never mixed (the project's split of its images, as prepare.prepare makes it):
+- test: the held-out images, splits.split_roles(labels, cfg)[2] (the 1,000
   built-in digits the README reports on); read once, for the final scores, after every choice is made;
-- train: the other images; data.prepare fits the codebook and the GPT on them (and on their augmented
+- train: the other images; prepare.prepare fits the codebook and the GPT on them (and on their augmented
   copies);
-- dev: carved from train by data.split_roles (split_seed + 1, fold 0), exactly as data.prepare does with
+- dev: carved from train by splits.split_roles (split_seed + 1, fold 0), exactly as prepare.prepare does with
   dev_fraction; the rest of train is called fit here.
 
 Each baseline is fitted on fit and scored on dev for every candidate setting; the best dev accuracy
 picks the setting (ties go to the earlier candidate: fewer neighbours, cosine before L2, stronger L2
 weight). The chosen setting is then refitted on all of train (fit + dev, as the GPT is trained) and
-scored on test once. Augmented copies are made as data.prepare makes them: data.augment(images,
+scored on test once. Augmented copies are made as prepare.prepare makes them: augment.augment(images,
 augment, cfg, seed=split_seed), the same fixed copies the GPT's training files hold.
 The seed-dependent baselines (the codebook's k-means start, the CNN's initial weights and batch
 order) run once per seed; the others are deterministic and run once.
@@ -19,7 +19,7 @@ order) run once per seed; the others are deterministic and run once.
 import math
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from imagegpt import classifiers as clf
 from imagegpt.augment import MOVE_LIMITS, augment, tta_views
-from imagegpt.data_config import DataConfig
 from imagegpt.errors import UserError
+from imagegpt.settings import changed, flat
 from imagegpt.splits import split_roles
 from imagegpt.stats import seed_summary, wilson_interval
 from tokenizer import Codebook, psnr
@@ -37,21 +37,21 @@ from tokenizer import uint8_to_tensor as to_tensor
 
 
 def project_split(labels, cfg, dev_fraction):
-    """The three roles as index arrays {train, fit, dev, test}: the split of data.prepare (data.split_roles)
+    """The three roles as index arrays {train, fit, dev, test}: the split of prepare.prepare (splits.split_roles)
     with this dev_fraction; train is fit and dev together."""
-    fit, dev, test = split_roles(labels, replace(cfg, dev_fraction=dev_fraction))
+    fit, dev, test = split_roles(labels, changed(cfg, dev_fraction=dev_fraction))
     return {"train": np.sort(np.concatenate([fit, dev])), "fit": fit, "dev": dev, "test": test}
 
 
 def augmented(x, cfg):
-    """x plus the fixed augmented copies data.prepare adds to a training set."""
+    """x plus the fixed augmented copies prepare.prepare adds to a training set."""
     if cfg.augment == 0:
         return x
     return torch.cat([x, augment(x, cfg.augment, cfg, cfg.split_seed)])
 
 
 def fit_codebook(x, cfg, seed):
-    return Codebook.fit(x, replace(cfg, codebook_seed=seed))
+    return Codebook.fit(x, replace(cfg.codebook, codebook_seed=seed))
 
 
 def reconstruct(book, x):
@@ -74,7 +74,7 @@ def quick(suite, cfg):
     """A fast run for smoke tests -> (suite, data config): a short CNN schedule, fewer candidates, a
     k-means on fewer vectors with fewer steps."""
     return (replace(suite, knn_k=(1, 3), logreg_l2=(1e-2, 1e-3), cnn=replace(suite.cnn, epochs=min(suite.cnn.epochs, 2), warmup_steps=10)),
-            replace(cfg, kmeans_iters=min(cfg.kmeans_iters, 5), fit_samples=min(cfg.fit_samples, 20000)))
+            changed(cfg, kmeans_iters=min(cfg.codebook.kmeans_iters, 5), fit_samples=min(cfg.codebook.fit_samples, 20000)))
 
 
 def accuracy(pred, labels):
@@ -113,169 +113,182 @@ def check_suite(suite):
 
 def run_baselines(images, labels, class_names, cfg, suite=SuiteConfig(), save_judge=None, roles=None):
     """Run every baseline under the protocol (module docstring) on images uint8 (N, H, W, C), labels (N,)
-    as data.load_source returns them; roles: the split (default project_split; tests pass their own).
+    as sources.load_source returns them; roles: the split (default project_split; tests pass their own).
     Returns (report: a JSON-ready dict, predictions: {baseline: [test predictions (n_test,) per run]})."""
     t_start = time.time()
     check_suite(suite)
-    num_classes = len(class_names)
-    roles = roles or project_split(labels, cfg, suite.dev_fraction)
-    for role, idx in roles.items():
-        missing = sorted(set(range(num_classes)) - set(labels[idx].tolist()))
-        if missing:
-            raise UserError(f"{cfg.source}: {len(labels)} images are too few for the protocol's split: the "
-                            f"{role} images have no {', '.join(class_names[c] for c in missing)}")
-    x, y = to_tensor(images), torch.from_numpy(np.asarray(labels)).long()
-    X = {r: x[i] for r, i in roles.items()}
-    Y = {r: y[i] for r, i in roles.items()}
-    cnn_cfg = clf.CNNConfig(channels=x.shape[1], image_size=x.shape[2], num_classes=num_classes)
-    clf.LeNet(cnn_cfg)  # too small an image: one line now, not after the other baselines
-    seeds = list(range(suite.first_seed, suite.first_seed + suite.seeds))
-    results, predictions = {}, {}
-    steps = 3 + len(suite.logreg_l2) + 6 * len(seeds)
-    bar = tqdm(total=steps, desc="baselines", unit="step")
+    run = SuiteRun(images, labels, class_names, cfg, suite, roles or project_split(labels, cfg, suite.dev_fraction))
+    run.pixel_knn()
+    run.logistic_regression()
+    seeded = [run.seeded(s, save_judge if s == run.seeds[0] else None) for s in run.seeds]
+    run.bar.close()
+    recon_runs, cnn_runs, tta_runs, judge_runs, models = zip(*seeded)
+    n_params = sum(p.numel() for p in models[-1].parameters())
+    run.record("knn_reconstructions", "k-NN on codebook reconstructions (the codebook fitted on the training images "
+               "and their augmented copies, like data.py prepare, codebook_seed = the seed): what the tokens keep",
+               recon_runs, True)
+    run.record("cnn", f"LeNet-5-like CNN ({n_params:,} parameters) trained on the training images and their "
+               f"{cfg.augment} augmented copies each (the GPT's training set); fixed recipe", cnn_runs, True)
+    run.record("cnn_tta", f"the same CNNs, each image classified as the mean log-probability over it and {suite.tta} "
+               "shifted / rotated views (augment.tta_views, as eval.py --tta scores the GPT)", tta_runs, True)
+    run.record("cnn_on_reconstructions", "the same CNN applied to codebook reconstructions of the images (the "
+               "ceiling of a judge of decoded tokens; nothing of its own is chosen)", judge_runs, True)
+    report = {
+        "protocol": __doc__.split("\n", 1)[1].strip(),
+        "data": {k: v for k, v in flat(cfg).items() if k not in ("data_dir", "dev_fraction", "codebook_seed")},
+        "suite": asdict(suite),
+        "seeds": run.seeds,
+        "class_names": list(class_names),
+        "counts": {r: len(i) for r, i in run.roles.items()},
+        "test_per_class": np.bincount(labels[run.roles["test"]], minlength=run.num_classes).tolist(),
+        "torch_threads": torch.get_num_threads(),
+        "baselines": run.results,
+        "seconds_total": round(time.time() - t_start, 1),
+    }
+    return report, run.predictions
 
-    def stage(name):
-        bar.set_postfix_str(name)
 
-    def done(n=1):
-        bar.update(n)
+class SuiteRun:
+    """One run of the suite: the images of each role (X, Y), the progress bar, and what each baseline
+    scored (results) and predicted on the test images (predictions)."""
 
-    def record(name, description, runs, seeded):
+    def __init__(self, images, labels, class_names, cfg, suite, roles):
+        self.cfg, self.suite, self.roles, self.class_names = cfg, suite, roles, class_names
+        self.num_classes = len(class_names)
+        for role, idx in roles.items():
+            missing = sorted(set(range(self.num_classes)) - set(labels[idx].tolist()))
+            if missing:
+                raise UserError(f"{cfg.source}: {len(labels)} images are too few for the protocol's split: the "
+                                f"{role} images have no {', '.join(class_names[c] for c in missing)}")
+        x, y = to_tensor(images), torch.from_numpy(np.asarray(labels)).long()
+        self.X = {r: x[i] for r, i in roles.items()}
+        self.Y = {r: y[i] for r, i in roles.items()}
+        self.cnn_cfg = clf.CNNConfig(channels=x.shape[1], image_size=x.shape[2], num_classes=self.num_classes)
+        clf.LeNet(self.cnn_cfg)  # too small an image: one line now, not after the other baselines
+        self.seeds = list(range(suite.first_seed, suite.first_seed + suite.seeds))
+        self.results, self.predictions = {}, {}
+        self.bar = tqdm(total=3 + len(suite.logreg_l2) + 6 * len(self.seeds), desc="baselines", unit="step")
+        self.aug_fit, self.aug_train = augmented(self.X["fit"], cfg), augmented(self.X["train"], cfg)
+        self.rep = cfg.augment + 1
+
+    def stage(self, name):
+        self.bar.set_postfix_str(name)
+
+    def record(self, name, description, runs, seeded):
         """runs: one dict per run (seed) with params, dev_accuracy, test predictions, seconds."""
+        Y = self.Y
         test_acc = [accuracy(r["pred"], Y["test"]) for r in runs]
         correct = [int((r["pred"] == Y["test"]).sum()) for r in runs]
-        predictions[name] = [r.pop("pred") for r in runs]
-        results[name] = {
+        self.predictions[name] = [r.pop("pred") for r in runs]
+        self.results[name] = {
             "description": description,
             "seeded": seeded,
-            "runs": [dict(r, test_accuracy=a, test_correct=c,
-                          test_wilson95=wilson_interval(c, len(Y["test"])))
+            "runs": [dict(r, test_accuracy=a, test_correct=c, test_wilson95=wilson_interval(c, len(Y["test"])))
                      for r, a, c in zip(runs, test_acc, correct)],
             "test_accuracy": seed_summary(test_acc),
             "dev_accuracy": seed_summary([r["dev_accuracy"] for r in runs]),
             "seconds": round(sum(r["seconds"] for r in runs), 2),
         }
 
+    @staticmethod
     def selected(best, table, pred, t, **extra):
         return dict(extra, params=best["params"], dev_accuracy=best["dev_accuracy"], dev_table=table, pred=pred,
                     seconds=round(time.time() - t, 2))
 
-    # k-NN on raw pixels, with and without the augmented copies in the reference set
-    t = time.time()
-    stage("k-NN on pixels")
-    best, table = knn_select(X["fit"], Y["fit"], X["dev"], Y["dev"], suite, num_classes)
-    pred = clf.knn_predict(X["train"], Y["train"], X["test"], best["params"]["k"], best["params"]["metric"],
-                           num_classes)
-    done()
-    record("knn_pixels", "k-NN on raw pixels (the training images as the reference set)",
-           [selected(best, table, pred, t)], False)
-
-    t = time.time()
-    stage("k-NN on pixels + copies")
-    rep = cfg.augment + 1
-    aug_fit, aug_train = augmented(X["fit"], cfg), augmented(X["train"], cfg)
-    best, table = knn_select(aug_fit, Y["fit"].repeat(rep), X["dev"], Y["dev"], suite, num_classes)
-    pred = clf.knn_predict(aug_train, Y["train"].repeat(rep), X["test"], best["params"]["k"],
-                           best["params"]["metric"], num_classes)
-    done()
-    record("knn_pixels_augmented", f"k-NN on raw pixels, the training images and their {cfg.augment} "
-           f"augmented copies each as the reference set", [selected(best, table, pred, t)], False)
-
-    # multinomial logistic regression on raw pixels
-    t = time.time()
-
-    def logreg_dev(c):
-        stage(f"logistic regression, L2 {c['l2']:g}")
-        acc = accuracy(clf.fit_logreg(X["fit"], Y["fit"], num_classes, c["l2"]).predict(X["dev"]), Y["dev"])
-        done()
-        return acc
-
-    best, table = select([{"l2": v} for v in suite.logreg_l2], logreg_dev)
-    stage("logistic regression, refit")
-    pred = clf.fit_logreg(X["train"], Y["train"], num_classes, best["params"]["l2"]).predict(X["test"])
-    done()
-    record("logreg_pixels", "multinomial logistic regression on raw pixels (L-BFGS; the L2 weight on the weights "
-           "chosen on dev)", [selected(best, table, pred, t)], False)
-
-    # per seed: the codebook (k-NN on its reconstructions) and the CNN (also applied to the reconstructions)
-    recon_runs, cnn_runs, tta_runs, judge_runs = [], [], [], []
-    for s in seeds:
+    def pixel_knn(self):
+        """k-NN on raw pixels, with and without the augmented copies in the reference set."""
+        X, Y, suite, C = self.X, self.Y, self.suite, self.num_classes
         t = time.time()
-        stage(f"codebook (dev), seed {s}")
-        book_dev = fit_codebook(aug_fit, cfg, s)
+        self.stage("k-NN on pixels")
+        best, table = knn_select(X["fit"], Y["fit"], X["dev"], Y["dev"], suite, C)
+        pred = clf.knn_predict(X["train"], Y["train"], X["test"], best["params"]["k"], best["params"]["metric"], C)
+        self.bar.update()
+        self.record("knn_pixels", "k-NN on raw pixels (the training images as the reference set)",
+                    [self.selected(best, table, pred, t)], False)
+        t = time.time()
+        self.stage("k-NN on pixels + copies")
+        best, table = knn_select(self.aug_fit, Y["fit"].repeat(self.rep), X["dev"], Y["dev"], suite, C)
+        pred = clf.knn_predict(self.aug_train, Y["train"].repeat(self.rep), X["test"], best["params"]["k"],
+                               best["params"]["metric"], C)
+        self.bar.update()
+        self.record("knn_pixels_augmented", f"k-NN on raw pixels, the training images and their {self.cfg.augment} "
+                    f"augmented copies each as the reference set", [self.selected(best, table, pred, t)], False)
+
+    def logistic_regression(self):
+        """Multinomial logistic regression on raw pixels, its L2 weight chosen on dev."""
+        X, Y, C = self.X, self.Y, self.num_classes
+        t = time.time()
+
+        def dev_accuracy(c):
+            self.stage(f"logistic regression, L2 {c['l2']:g}")
+            acc = accuracy(clf.fit_logreg(X["fit"], Y["fit"], C, c["l2"]).predict(X["dev"]), Y["dev"])
+            self.bar.update()
+            return acc
+
+        best, table = select([{"l2": v} for v in self.suite.logreg_l2], dev_accuracy)
+        self.stage("logistic regression, refit")
+        pred = clf.fit_logreg(X["train"], Y["train"], C, best["params"]["l2"]).predict(X["test"])
+        self.bar.update()
+        self.record("logreg_pixels", "multinomial logistic regression on raw pixels (L-BFGS; the L2 weight on the "
+                    "weights chosen on dev)", [self.selected(best, table, pred, t)], False)
+
+    def seeded(self, s, save_judge=None):
+        """The seed-dependent baselines of seed s: the codebook (k-NN on its reconstructions) and the CNN
+        (plain, with test-time augmentation, and applied to the reconstructions) -> their four runs and
+        the CNN (saved as the judge to save_judge, if given)."""
+        X, Y, suite, C, cfg = self.X, self.Y, self.suite, self.num_classes, self.cfg
+        t = time.time()
+        self.stage(f"codebook (dev), seed {s}")
+        book_dev = fit_codebook(self.aug_fit, cfg, s)
         best, table = knn_select(reconstruct(book_dev, X["fit"]), Y["fit"], reconstruct(book_dev, X["dev"]),
-                                 Y["dev"], suite, num_classes)
-        done()
-        stage(f"codebook, seed {s}")
-        book = fit_codebook(aug_train, cfg, s)
+                                 Y["dev"], suite, C)
+        self.bar.update()
+        self.stage(f"codebook, seed {s}")
+        book = fit_codebook(self.aug_train, cfg, s)
         recon_test = reconstruct(book, X["test"])
         pred = clf.knn_predict(reconstruct(book, X["train"]), Y["train"], recon_test, best["params"]["k"],
-                               best["params"]["metric"], num_classes)
-        done()
-        recon_runs.append(selected(best, table, pred, t, seed=s))
+                               best["params"]["metric"], C)
+        self.bar.update()
+        recon_run = self.selected(best, table, pred, t, seed=s)
 
         t = time.time()
-        stage(f"CNN (dev), seed {s}")
-        model_dev = train_cnn_bar(aug_fit, Y["fit"].repeat(rep), cnn_cfg, suite.cnn, s, f"CNN (dev), seed {s}")
+        self.stage(f"CNN (dev), seed {s}")
+        model_dev = train_cnn_bar(self.aug_fit, Y["fit"].repeat(self.rep), self.cnn_cfg, suite.cnn, s,
+                                  f"CNN (dev), seed {s}")
         dev_acc = accuracy(clf.cnn_predict(model_dev, X["dev"]), Y["dev"])
-        done()
-        stage(f"CNN, seed {s}")
-        model = train_cnn_bar(aug_train, Y["train"].repeat(rep), cnn_cfg, suite.cnn, s, f"CNN, seed {s}")
+        self.bar.update()
+        self.stage(f"CNN, seed {s}")
+        model = train_cnn_bar(self.aug_train, Y["train"].repeat(self.rep), self.cnn_cfg, suite.cnn, s, f"CNN, seed {s}")
         pred = clf.cnn_predict(model, X["test"])
-        done()
-        cnn_runs.append({"seed": s, "params": asdict(suite.cnn), "dev_accuracy": dev_acc, "pred": pred,
-                         "seconds": round(time.time() - t, 2)})
+        self.bar.update()
+        cnn_run = {"seed": s, "params": asdict(suite.cnn), "dev_accuracy": dev_acc, "pred": pred,
+                   "seconds": round(time.time() - t, 2)}
         t = time.time()
-        stage(f"CNN with test-time augmentation, seed {s}")
-        tta_runs.append({"seed": s, "params": {"views": suite.tta},
-                         "dev_accuracy": accuracy(cnn_tta_predict(model_dev, X["dev"], cfg, suite.tta), Y["dev"]),
-                         "pred": cnn_tta_predict(model, X["test"], cfg, suite.tta), "seconds": round(time.time() - t, 2)})
-        done()
+        self.stage(f"CNN with test-time augmentation, seed {s}")
+        tta_run = {"seed": s, "params": {"views": suite.tta},
+                   "dev_accuracy": accuracy(cnn_tta_predict(model_dev, X["dev"], cfg, suite.tta), Y["dev"]),
+                   "pred": cnn_tta_predict(model, X["test"], cfg, suite.tta), "seconds": round(time.time() - t, 2)}
+        self.bar.update()
         t = time.time()
-        stage(f"CNN on reconstructions, seed {s}")
+        self.stage(f"CNN on reconstructions, seed {s}")
         judge_pred = clf.cnn_predict(model, recon_test)
-        judge_runs.append({"seed": s, "params": {}, "pred": judge_pred, "seconds": round(time.time() - t, 2),
-                           "dev_accuracy": accuracy(clf.cnn_predict(model_dev, reconstruct(book_dev, X["dev"])),
-                                                    Y["dev"])})
-        done()
-        if save_judge and s == seeds[0]:
-            clf.save_cnn(model, save_judge, class_names, info={
+        judge_run = {"seed": s, "params": {}, "pred": judge_pred, "seconds": round(time.time() - t, 2),
+                     "dev_accuracy": accuracy(clf.cnn_predict(model_dev, reconstruct(book_dev, X["dev"])), Y["dev"])}
+        self.bar.update()
+        if save_judge:
+            clf.save_cnn(model, save_judge, self.class_names, info={
                 "trained_on": f"the {len(X['train'])} training images of {cfg.source} and {cfg.augment} augmented "
                               f"copies of each (split_seed {cfg.split_seed}, val_fraction {cfg.val_fraction}, "
                               f"{', '.join(f'{k} {getattr(cfg, k)}' for k in MOVE_LIMITS)})",
                 "training": asdict(suite.cnn), "seed": s,
                 "test_accuracy": accuracy(pred, Y["test"]),
                 "test_accuracy_on_codebook_reconstructions": accuracy(judge_pred, Y["test"]),
-                "codebook": f"fitted like data.prepare on the same images, codebook_seed {s}"})
-    bar.close()
-    n_params = sum(p.numel() for p in model.parameters())
-    record("knn_reconstructions", "k-NN on codebook reconstructions (the codebook fitted on the training images "
-           "and their augmented copies, like data.prepare, codebook_seed = the seed): what the tokens keep",
-           recon_runs, True)
-    record("cnn", f"LeNet-5-like CNN ({n_params:,} parameters) trained on the training images and their "
-           f"{cfg.augment} augmented copies each (the GPT's training set); fixed recipe", cnn_runs, True)
-    record("cnn_tta", f"the same CNNs, each image classified as the mean log-probability over it and {suite.tta} "
-           "shifted / rotated views (data.tta_views, as eval.py --tta scores the GPT)", tta_runs, True)
-    record("cnn_on_reconstructions", "the same CNN applied to codebook reconstructions of the images (the "
-           "ceiling of a judge of decoded tokens; nothing of its own is chosen)", judge_runs, True)
-    report = {
-        "protocol": __doc__.split("\n", 1)[1].strip(),
-        "data": {f.name: getattr(cfg, f.name) for f in fields(DataConfig)
-                 if f.name not in ("data_dir", "dev_fraction", "codebook_seed")},
-        "suite": asdict(suite),
-        "seeds": seeds,
-        "class_names": list(class_names),
-        "counts": {r: len(i) for r, i in roles.items()},
-        "test_per_class": np.bincount(labels[roles["test"]], minlength=num_classes).tolist(),
-        "torch_threads": torch.get_num_threads(),
-        "baselines": results,
-        "seconds_total": round(time.time() - t_start, 1),
-    }
-    return report, predictions
+                "codebook": f"fitted like data.py prepare on the same images, codebook_seed {s}"})
+        return recon_run, cnn_run, tta_run, judge_run, model
 
 
 def cnn_tta_predict(model, x, cfg, views):
-    """The CNN's predictions for float images x with test-time augmentation (data.tta_views)."""
+    """The CNN's predictions for float images x with test-time augmentation (augment.tta_views)."""
     logp = sum(F.log_softmax(clf.cnn_logits(model, v).double(), -1)
                for v in tta_views(x, views, cfg))
     return logp.argmax(1)
@@ -370,7 +383,7 @@ TOKENISATIONS = [  # (row label, settings that differ from the base config)
 
 def tokenisation_table(images, labels, cfg, dev_fraction, rows=TOKENISATIONS, progress=True):
     """What each tokenisation keeps, measured without the test split: the codebook is fitted on the
-    training images minus the development split (as data.prepare fits it), and the development
+    training images minus the development split (as prepare.prepare fits it), and the development
     images are reconstructed. Per row: tokens per image, development PSNR, distinct sequences among
     all training and development images, code perplexity, 1-NN accuracy of the development
     reconstructions against the fitting images' reconstructions (L2; raw pixels beside it), seconds.
@@ -384,15 +397,15 @@ def tokenisation_table(images, labels, cfg, dev_fraction, rows=TOKENISATIONS, pr
     raw = accuracy(clf.knn_predict(fit, y_fit, dev, 1, "l2", C), y_dev)
     out = []
     for label, change in tqdm(rows, desc="tokenisations", disable=not progress):
-        c = replace(cfg, **change)
-        if c.image_size % c.patch_size:
-            raise UserError(f"{label}: image_size {c.image_size} is not divisible by patch_size {c.patch_size}")
+        c = changed(cfg, **change)
+        if c.image_size % c.codebook.patch_size:
+            raise UserError(f"{label}: image_size {c.image_size} is not divisible by patch_size {c.codebook.patch_size}")
         t0 = time.time()
-        book = Codebook.fit(fit, c)
+        book = Codebook.fit(fit, c.codebook)
         codes = book.encode(x)
         seconds = time.time() - t0
         recon = book.decode(codes)
-        usage = torch.bincount(codes.flatten(), minlength=c.num_codes).double()
+        usage = torch.bincount(codes.flatten(), minlength=c.codebook.num_codes).double()
         pr = usage[usage > 0] / usage.sum()
         out.append({"setting": label, "change": change, "tokens_per_image": book.seq_len + 5,
                     "dev_psnr_db": psnr(recon[len(fit):], dev),

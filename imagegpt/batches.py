@@ -125,13 +125,13 @@ class AugmentedRows:
             raise UserError(f"{path}: expected uint8 images (N, {book.image_size[0]}, {book.image_size[1]}, "
                             f"{book.channels}) with their labels in train.index.npz, got {self.images.dtype} "
                             f"{self.images.shape}")
-        self.vocab, self.book, self.seed, self.jitter = vocab, book, cfg.seed, cfg
-        self.n = self.N * (cfg.augment + 1)
+        self.vocab, self.book, self.seed, self.jitter = vocab, book, cfg.seed, cfg.data
+        self.n = self.N * (cfg.data.augment + 1)
         self.longest = book.seq_len + 5
         self.lengths = np.broadcast_to(np.int64(self.longest), (self.n,))   # all alike; no memory
 
     def params(self, idx, epoch):
-        """The moves of rows idx in this epoch: float32 (n, move_width) as data.transform takes them."""
+        """The moves of rows idx in this epoch: float32 (n, move_width) as augment.transform takes them."""
         w = move_width(self.jitter)
         u = np.array([np.random.default_rng([self.seed, epoch, j]).random(w) for j in idx.tolist()]).reshape(-1, w)
         return moves(torch.from_numpy(u * 2 - 1).float(), self.jitter)
@@ -168,9 +168,9 @@ class ConditionedRows:
 
 
 def open_rows(cfg, name, vocab, book=None, conditioned=False):
-    """The rows of split `name` of cfg.data_dir (see the module docstring)."""
-    folder = cfg.data_dir
-    if name == "train" and cfg.augment_on_the_fly:
+    """The rows of split `name` of cfg.data.data_dir (see the module docstring)."""
+    folder = cfg.data.data_dir
+    if name == "train" and cfg.data.augment_on_the_fly:
         rows = AugmentedRows(folder, vocab, book, cfg)
     elif os.path.exists(os.path.join(folder, f"{name}.tokens.npy")):
         rows = ShardRows(folder, name, vocab)

@@ -3,7 +3,7 @@ object (Checkpoint) and as a folder, written atomically and read without pickles
 
 A checkpoint is a self-contained folder:
     model.safetensors        weights (the tied lm_head is stored once, as transformer.wte.weight)
-    config.json              {"model": GPTConfig, "train": TrainConfig fields}
+    config.json              {"model": GPTConfig, "train": the other settings of the run, flat}
     vocab.json, codebook.json, codebook.safetensors
     metrics.json             validation metrics when it was written
     trainer_state.pt         optimizer, step, RNG state, and the trained weights when model.safetensors
@@ -32,7 +32,7 @@ from imagegpt.files import (
 from imagegpt.metrics import check_metrics
 from imagegpt.onnx_export import GRAPH, QUANTIZED
 from imagegpt.onnx_runtime import OnnxGPT
-from imagegpt.settings import check_fields
+from imagegpt.settings import check_fields, flat, names
 from imagegpt.token_format import Vocab
 from model import GPT, GPTConfig
 from tokenizer import Codebook
@@ -43,7 +43,7 @@ class Checkpoint:
     model: GPT
     vocab: Vocab
     codebook: Codebook
-    settings: dict = field(default_factory=dict)   # the TrainConfig fields it was trained with ({}: unknown)
+    settings: dict = field(default_factory=dict)   # the flat settings it was trained with ({}: unknown)
     metrics: dict = None                           # the metrics stored with it, if any
     folder: str = ""
     class_names: list = None                       # from <data_dir>/report.json, else '0', '1', ...
@@ -67,26 +67,42 @@ class Checkpoint:
                             f"root, prepare the data again, or pass --data FILE.jsonl")
         return path
 
+    def class_index(self, text, what="class"):
+        """A class name or index (as the user typed it) -> its index."""
+        text = str(text)
+        if text in self.class_names:
+            return self.class_names.index(text)
+        if text.isdigit() and int(text) < len(self.class_names):
+            return int(text)
+        raise UserError(f"{what} {text!r}: not a class of this checkpoint (classes: {' '.join(self.class_names)})")
+
     def encode_images(self, images):
         """uint8 images (N, H, W, C) of the codebook's size -> classification prefixes (id lists)."""
         return self.codebook.prefixes(images, self.vocab)
 
 
 def save(folder, model, settings, vocab, codebook, metrics=None, trainer_state=None):
-    """Write a checkpoint folder; `settings` is a TrainConfig (or any dataclass of settings)."""
+    """Write a checkpoint folder; `settings` is the run's TrainConfig: config.json keeps the model's shape
+    under "model" and the run's other settings, flat, under "train"."""
     from safetensors.torch import save_file
     with atomic_dir(folder, "checkpoint") as tmp:
         sd = {k: v.detach().cpu().contiguous() for k, v in raw_model(model).state_dict().items()
               if k != "lm_head.weight"}
         save_file(sd, os.path.join(tmp, "model.safetensors"))
         write_json(os.path.join(tmp, "config.json"),
-                   {"model": asdict(raw_model(model).config), "train": asdict(settings)})
+                   {"model": asdict(raw_model(model).config), "train": run_settings(settings)})
         vocab.save(os.path.join(tmp, "vocab.json"))
         codebook.save(tmp)
         if metrics is not None:
             write_json(os.path.join(tmp, "metrics.json"), metrics)
         if trainer_state is not None:
             torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
+
+
+def run_settings(settings):
+    """The flat settings of a run (a TrainConfig) but the model's, which config.json keeps under "model"."""
+    model = set(names(GPTConfig))
+    return {k: v for k, v in flat(settings).items() if k not in model}
 
 
 def model_config(cfg, where):

@@ -1,50 +1,71 @@
 """The data settings (DataConfig): where the images come from, their size, the split, the augmented
 copies and the codebook, and the checks of values no run can use."""
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 
 from imagegpt.augment import MOVE_LIMITS, WARP_GRID
 from imagegpt.device import check_memory
 from imagegpt.errors import UserError, check_seed
+from imagegpt.settings import build, flat, known, names
 from imagegpt.splits import folds
 from tokenizer import CodebookConfig
 
 
 @dataclass
-class DataConfig(CodebookConfig):
-    source: str = "builtin"      # builtin | idx:DIR | folder:DIR | csv:DIR | hf:NAME_OR_PATH[:SPLIT]
+class DataConfig:
+    """Where the images come from, how they are split and copied, and the codebook that tokenises them."""
+    codebook: CodebookConfig = field(default_factory=CodebookConfig)
+    source: str = "builtin"
+    """where the labelled images come from: builtin, idx:DIR, folder:DIR, csv:DIR or hf:NAME_OR_PATH[:SPLIT]"""
     data_dir: str = "data/mnist5k"
-    image_size: int = 28         # images are resized to image_size x image_size
-    channels: int = 1            # 1 = grey, 3 = RGB
+    """the prepared data folder (token sequences, vocabulary, codebook); '' derives a name from the data settings"""
+    image_size: int = 28
+    """images are resized to image_size x image_size pixels"""
+    channels: int = 1
+    """1 for grey images, 3 for colour (RGB)"""
     val_fraction: float = 0.2
+    """share of each class held out as the test split (val.jsonl), read only by the final report"""
     split_seed: int = 0
-    augment: int = 0             # extra randomly shifted / rotated (/ scaled / sheared) copies of each training image
-    augment_on_the_fly: bool = False  # true: the copies are not written; training draws fresh moves
-                                 # for each of them every epoch (an epoch still has augment + 1
-                                 # sequences per training image: the same steps as the fixed copies)
-    max_shift: float = 2.0       # pixels
-    max_rotate: float = 10.0     # degrees
-    max_scale: float = 0.0       # the copies are scaled by a factor in [1 - max_scale, 1 + max_scale]
-    max_shear: float = 0.0       # degrees of horizontal shear
-    max_elastic: float = 0.0     # pixels: a smooth random warp, each point of a WARP_GRID x WARP_GRID lattice
-                                 # moved by up to this in x and y, bicubic in between
-    dev_fraction: float = 0.0    # > 0: hold out this share of the TRAINING images as the development
-                                 # split (dev.jsonl: curves, best/, comparing settings); the held-out
-                                 # test split (val.jsonl) stays the same and no training decision reads it
-    dev_fold: int = 0            # which development split: folds 0, 1, ... (below 1 / dev_fraction) are
+    """seed of the stratified split and of the augmented copies"""
+    augment: int = 0
+    """extra randomly moved copies of each training image (shifted, rotated, scaled, sheared, warped)"""
+    augment_on_the_fly: bool = False
+    """draw the copies afresh every epoch while training instead of writing them once (the same steps)"""
+    max_shift: float = 2.0
+    """largest shift of a copy, in pixels (across and down)"""
+    max_rotate: float = 10.0
+    """largest rotation of a copy, in degrees"""
+    max_scale: float = 0.0
+    """copies are scaled by a factor in [1 - max_scale, 1 + max_scale]"""
+    max_shear: float = 0.0
+    """largest horizontal shear of a copy, in degrees"""
+    max_elastic: float = 0.0
+    """a smooth random warp of each copy: the points of a 4 x 4 lattice move by up to this many pixels"""
+    dev_fraction: float = 0.0
+    """share of the training images held out as the development split (dev.jsonl: curves, best/, comparing settings)"""
+    dev_fold: int = 0
+    """which of the disjoint development splits (0 .. 1 / dev_fraction - 1), for cross-validation"""
 
 
 def data_fields():
-    return [f.name for f in fields(DataConfig)]
+    """The flat names of the data settings (codebook settings first), as report.json's "config" lists them."""
+    return names(DataConfig)
+
+
+def data_settings(values):
+    """A DataConfig from the data settings in a flat mapping (a checkpoint's settings, report.json's
+    "config"); settings it lacks keep their defaults, other keys are left alone."""
+    return build(DataConfig, known(DataConfig, values))
 
 
 def check_data_config(cfg, where="config"):
     """Values the type check lets through but no run can use: one clear line before any work."""
+    v = flat(cfg)
     for k in ("image_size", "patch_size", "num_codes", "fit_samples"):
-        if getattr(cfg, k) < 1:
-            raise UserError(f"{where}: {k} must be at least 1, got {getattr(cfg, k)}")
+        if v[k] < 1:
+            raise UserError(f"{where}: {k} must be at least 1, got {v[k]}")
     for k in ("kmeans_iters", "augment", *MOVE_LIMITS):
-        if getattr(cfg, k) < 0:
-            raise UserError(f"{where}: {k} must be >= 0, got {getattr(cfg, k)}")
+        if v[k] < 0:
+            raise UserError(f"{where}: {k} must be >= 0, got {v[k]}")
     if cfg.max_scale >= 1 or cfg.max_shear >= 60:
         raise UserError(f"{where}: max_scale must be below 1 and max_shear below 60 degrees, got {cfg.max_scale:g} "
                         f"and {cfg.max_shear:g}")
@@ -57,8 +78,8 @@ def check_data_config(cfg, where="config"):
                         f"image per epoch), got augment {cfg.augment}")
     if cfg.channels not in (1, 3):
         raise UserError(f"{where}: channels must be 1 (grey) or 3 (RGB), got {cfg.channels}")
-    if cfg.image_size % cfg.patch_size:
-        raise UserError(f"{where}: image_size {cfg.image_size} is not divisible by patch_size {cfg.patch_size}")
+    if cfg.image_size % cfg.codebook.patch_size:
+        raise UserError(f"{where}: image_size {cfg.image_size} is not divisible by patch_size {cfg.codebook.patch_size}")
     if not 0 < cfg.val_fraction < 1:
         raise UserError(f"{where}: val_fraction must be between 0 and 1, got {cfg.val_fraction}")
     if not 0 <= cfg.dev_fraction < 1:
@@ -69,7 +90,7 @@ def check_data_config(cfg, where="config"):
         raise UserError(f"{where}: dev_fold must be 0 or more and, with dev_fraction {cfg.dev_fraction:g}, below "
                         f"{folds(cfg.dev_fraction)} (the disjoint development splits there are), got {cfg.dev_fold}")
     for k in ("split_seed", "codebook_seed"):
-        check_seed(getattr(cfg, k), f"{where}: {k}")
+        check_seed(v[k], f"{where}: {k}")
     check_memory(image_bytes(cfg), f"{where}: one {cfg.image_size} x {cfg.image_size} image with "
                  f"{cfg.channels} channel(s) and its patch features", hint="lower image_size")
 

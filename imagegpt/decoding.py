@@ -7,9 +7,6 @@ from tqdm import tqdm
 
 from imagegpt.errors import UserError
 
-DEFAULT_GUIDANCE = 3.0   # the classifier-free guidance scale sample.py --digit uses unless told (1 = none)
-DRAW_TEMPERATURE = 0.9   # and its sampling temperature (other sampling: 1); chosen on the development split
-                         # (README "Drawing a chosen digit"): >= 98 % judged the asked class, diversity >= 0.8 of real
 TOP_P_TOL = 1e-6  # a cumulative probability within this of p counts as reaching p (float32 logits
                   # give probabilities good to about 1e-7, so an exact boundary needs a margin)
 

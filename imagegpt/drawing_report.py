@@ -13,10 +13,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from imagegpt.data_config import DataConfig, data_fields
-from imagegpt.decoding import generate
+from imagegpt.data_config import data_settings
+from imagegpt import drawing
 from imagegpt.errors import UserError
-from imagegpt.metrics import class_probs
 from imagegpt.sources import load_source
 from imagegpt.splits import split_roles
 
@@ -117,12 +116,11 @@ def quality(judge, images, labels, real, real_labels, num_classes, k=KNN_K):
 # ----------------------------------------------------------------------------- drawing
 
 def draw(model, vocab, book, classes, scale, generator, batch_size=64, progress=False, **sampling):
-    """One conditioned sample per entry of `classes`: prompts '<CLS_c> <IMG>' (guided by '<UNK> <IMG>'
-    unless scale is 1) -> (images (N, C, H, W), generate() results)."""
-    prompts = [vocab.cond_prompt(c) for c in classes]
-    uncond = None if scale == 1 else [vocab.cond_prompt(None)] * len(prompts)
-    res = generate(model, prompts, vocab, book.seq_len + 2, generator=generator, batch_size=batch_size,
-                   progress=progress, uncond=uncond, cfg_scale=scale, image_len=book.seq_len, **sampling)
+    """One drawing per entry of `classes` (imagegpt.drawing, guidance `scale`) -> (images (N, C, H, W),
+    the drawings, each read by the model's own classifier)."""
+    prompts = [drawing.prompt(vocab, c) for c in classes]
+    res = drawing.draw(model, vocab, book.seq_len, prompts, book.seq_len + 2, scale, batch_size,
+                       generator=generator, progress=progress, **sampling)
     return torch.stack([book.decode_ids(r["ids"], vocab) for r in res]), res
 
 
@@ -148,8 +146,7 @@ def generation_report(model, vocab, book, judge, real, real_labels, reference, r
         g = torch.Generator(device=model.device).manual_seed(seed)
         images, res = draw(model, vocab, book, classes, s, g, batch_size=batch_size, progress=progress, **sampling)
         q = quality(judge, images, classes, real, real_labels, C, k)
-        own = class_probs(model, [vocab.prefix_ids(vocab.image_codes(r["ids"])) for r in res], vocab, batch_size)
-        q["gpt_reads_asked_class"] = (own.argmax(-1) == torch.tensor(classes)).double().mean().item()
+        q["gpt_reads_asked_class"] = sum(r["pred"] == c for r, c in zip(res, classes)) / len(res)
         q["well_formed"] = sum(vocab.is_cond_complete(r["ids"], book.seq_len) for r in res) / len(res)
         out["scales"][str(s)] = q
     return out
@@ -185,10 +182,10 @@ def summary(report, names):
 def real_split(settings, split="test"):
     """The real images a checkpoint was trained on and is compared with, from its data settings ->
     (train images, train labels, compared images, compared labels), uint8 (N, H, W, C), split as
-    data.prepare splits: with split "test" the held-out val_fraction (whatever dev_fraction was); with
+    prepare.prepare splits: with split "test" the held-out val_fraction (whatever dev_fraction was); with
     "dev" the development split carved from the training images (which then exclude it), so that
     sampling settings can be chosen without reading the test split."""
-    cfg = DataConfig(**{k: settings[k] for k in data_fields() if k in settings})
+    cfg = data_settings(settings)
     images, labels, _, _ = load_source(cfg)
     tr, dev, te = split_roles(labels, cfg)
     if split == "dev":

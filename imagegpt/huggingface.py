@@ -135,10 +135,18 @@ def _fmt(x):
 
 
 def model_card(mcfg, vocab, book, metrics, train, n_params, repo_id=None, onnx=None):
-    """README.md: YAML metadata, what the model is, the stored metrics, and a usage snippet."""
+    """README.md: YAML metadata, what the model is, the stored metrics, and usage snippets."""
+    lines = card_intro(mcfg, vocab, book, n_params) + card_evaluation(metrics, train)
+    lines += card_usage(vocab, book, repo_id)
+    if onnx:
+        lines += card_onnx(vocab, onnx)
+    if train.get("cond_fraction"):
+        lines += card_drawing(vocab, book, train)
+    return "\n".join(lines)
+
+
+def card_intro(mcfg, vocab, book, n_params):
     L, C = book.seq_len, vocab.num_classes
-    where = repo_id or "path/to/this/folder"
-    src = train.get("source", "?")
     tags = ["gpt2", "image-generation", "image-classification", "image-tokens", "kmeans-codebook",
             "nanogpt"]
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:"]
@@ -160,14 +168,18 @@ def model_card(mcfg, vocab, book, metrics, train, n_params, repo_id=None, onnx=N
               "bos = `<IMG>`, eos = `<EOS>`, pad = `<PAD>`.", "",
               "`codebook.json` and `codebook.safetensors` hold the codebook, so token sequences (real or "
               "generated) can be rendered to images again with the project's `tokenizer.py` "
-              "(`Codebook.load(folder).decode_ids(ids, Vocab.load(folder + '/vocab.json'))`).", "",
-              "## Evaluation", ""]
+              "(`Codebook.load(folder).decode_ids(ids, Vocab.load(folder + '/vocab.json'))`).", ""]
+    return lines
+
+
+def card_evaluation(metrics, train):
+    lines = ["## Evaluation", ""]
     if metrics:
         n = metrics.get("n_sequences")
         split = {"dev": "the development split (carved from the training images)"}.get(
             metrics.get("split"), "the split it was evaluated on during training")
         chosen = f" This checkpoint: {metrics['chosen']}." if metrics.get("chosen") else ""
-        lines += [f"On {split} ({n} sequences; data source `{src}`); the held-out test split is reported by the "
+        lines += [f"On {split} ({n} sequences; data source `{train.get('source', '?')}`); the held-out test split is reported by the "
                   f"project's `eval.py`, not here.{chosen} Classification takes "
                   "the logits at `<CLS>` and picks the largest among the label tokens only.", "",
                   "| metric | value |", "|---|---|"]
@@ -187,52 +199,63 @@ def model_card(mcfg, vocab, book, metrics, train, n_params, repo_id=None, onnx=N
         keys = ("epochs", "batch_size", "lr", "max_length", "patch_size", "num_codes", "augment")
         lines += ["", "## Training", "", "Plain PyTorch (nanoGPT style), cross entropy over all real next "
                   "tokens: " + ", ".join(f"{k} {train[k]}" for k in keys if k in train) + "."]
-    lines += ["", "## Usage", "", "```python", "import torch",
-              "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              f'repo = "{where}"',
-              "tok = AutoTokenizer.from_pretrained(repo)",
-              "model = AutoModelForCausalLM.from_pretrained(repo).eval()", "",
-              "# sample an image and its label: <IMG> <Z_...> ... </IMG> <CLS> <CLS_y> <EOS>",
-              'prompt = tok("<IMG>", return_tensors="pt").input_ids',
-              "torch.manual_seed(0)",
-              "out = model.generate(prompt, do_sample=True, top_p=0.9)  # stops at <EOS>",
-              "print(tok.decode(out[0]))", "",
-              "# classify: the logits at <CLS> over the label tokens only",
-              f"labels = tok.convert_tokens_to_ids([f\"<CLS_{{c}}>\" for c in range({C})])",
-              f"image = out[0, :{L + 1}].tolist()  # <IMG> and the {L} code tokens (use a real image's here)",
-              'ids = torch.tensor([image + tok.convert_tokens_to_ids(["</IMG>", "<CLS>"])])',
-              "with torch.no_grad():",
-              "    scores = model(ids).logits[0, -1, labels]",
-              'print("class", scores.argmax().item(), scores.softmax(-1).tolist())',
-              "```", ""]
-    if onnx:
-        graphs = "`onnx/model.onnx`" + (" and `onnx/model_quantized.onnx` (int8 weights)" if onnx == "int8" else "")
-        lines += ["## ONNX", "",
-                  f"{graphs}: the decoder with its key/value cache, with the inputs and outputs of a Hugging Face "
-                  "GPT-2 decoder with past (`input_ids`, `attention_mask`, `position_ids`, "
-                  "`past_key_values.{i}.key/value` -> `logits`, `present.{i}.key/value`); `onnx/export.json` "
-                  "lists opset and shapes. Classify with onnxruntime and numpy only:", "",
-                  "```python", "import json, numpy as np, onnxruntime as ort",
-                  'vocab = json.load(open("vocab.json"))',
-                  's = ort.InferenceSession("onnx/model.onnx")',
-                  f"ids = np.array([[vocab[t] for t in \"<IMG> {' '.join(['<Z_000>'] * 3)} </IMG> <CLS>\".split()]])"
-                  "  # a real image's codes here",
-                  "past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in s.get_inputs()[3:]}",
-                  'logits = s.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids), '
-                  '"position_ids": np.arange(ids.shape[1])[None], **past})[0]',
-                  f'print("class", logits[0, -1, vocab["<CLS_0>"]:vocab["<CLS_0>"] + {C}].argmax())',
-                  "```", ""]
-    if train.get("cond_fraction"):
-        lines += ["## Draw a chosen class", "",
-                  "This model was also trained on class-conditioned sequences that state the class before the "
-                  "image and have no label after it: `<CLS_y> <IMG> <Z_k> ... </IMG> <EOS>`, and (for a share "
-                  f"{train.get('cond_drop')} of them) `<UNK> <IMG> ... </IMG> <EOS>`, where `<UNK>` (id "
-                  f"{vocab.unk_id}) means \"no class stated\". The classifier above never sees a stated class. "
-                  f"To draw a 7, prompt `<CLS_7> <IMG>` (`model.generate(cond, do_sample=True)` is plain "
-                  "conditional sampling); classifier-free guidance decodes the unconditional prompt "
-                  "`<UNK> <IMG>` beside it and samples from `uncond + scale * (cond - uncond)`:", "",
-                  "```python", GUIDANCE_SNIPPET.format(L=L), "```", ""]
-    return "\n".join(lines)
+    return lines
+
+
+def card_usage(vocab, book, repo_id):
+    L, C = book.seq_len, vocab.num_classes
+    where = repo_id or "path/to/this/folder"
+    return ["", "## Usage", "", "```python", "import torch",
+           "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+           f'repo = "{where}"',
+           "tok = AutoTokenizer.from_pretrained(repo)",
+           "model = AutoModelForCausalLM.from_pretrained(repo).eval()", "",
+           "# sample an image and its label: <IMG> <Z_...> ... </IMG> <CLS> <CLS_y> <EOS>",
+           'prompt = tok("<IMG>", return_tensors="pt").input_ids',
+           "torch.manual_seed(0)",
+           "out = model.generate(prompt, do_sample=True, top_p=0.9)  # stops at <EOS>",
+           "print(tok.decode(out[0]))", "",
+           "# classify: the logits at <CLS> over the label tokens only",
+           f"labels = tok.convert_tokens_to_ids([f\"<CLS_{{c}}>\" for c in range({C})])",
+           f"image = out[0, :{L + 1}].tolist()  # <IMG> and the {L} code tokens (use a real image's here)",
+           'ids = torch.tensor([image + tok.convert_tokens_to_ids(["</IMG>", "<CLS>"])])',
+           "with torch.no_grad():",
+           "    scores = model(ids).logits[0, -1, labels]",
+           'print("class", scores.argmax().item(), scores.softmax(-1).tolist())',
+           "```", ""]
+
+
+def card_onnx(vocab, onnx):
+    C = vocab.num_classes
+    graphs = "`onnx/model.onnx`" + (" and `onnx/model_quantized.onnx` (int8 weights)" if onnx == "int8" else "")
+    return ["## ONNX", "",
+           f"{graphs}: the decoder with its key/value cache, with the inputs and outputs of a Hugging Face "
+           "GPT-2 decoder with past (`input_ids`, `attention_mask`, `position_ids`, "
+           "`past_key_values.{i}.key/value` -> `logits`, `present.{i}.key/value`); `onnx/export.json` "
+           "lists opset and shapes. Classify with onnxruntime and numpy only:", "",
+           "```python", "import json, numpy as np, onnxruntime as ort",
+           'vocab = json.load(open("vocab.json"))',
+           's = ort.InferenceSession("onnx/model.onnx")',
+           f"ids = np.array([[vocab[t] for t in \"<IMG> {' '.join(['<Z_000>'] * 3)} </IMG> <CLS>\".split()]])"
+           "  # a real image's codes here",
+           "past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in s.get_inputs()[3:]}",
+           'logits = s.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids), '
+           '"position_ids": np.arange(ids.shape[1])[None], **past})[0]',
+           f'print("class", logits[0, -1, vocab["<CLS_0>"]:vocab["<CLS_0>"] + {C}].argmax())',
+           "```", ""]
+
+
+def card_drawing(vocab, book, train):
+    L = book.seq_len
+    return ["## Draw a chosen class", "",
+           "This model was also trained on class-conditioned sequences that state the class before the "
+           "image and have no label after it: `<CLS_y> <IMG> <Z_k> ... </IMG> <EOS>`, and (for a share "
+           f"{train.get('cond_drop')} of them) `<UNK> <IMG> ... </IMG> <EOS>`, where `<UNK>` (id "
+           f"{vocab.unk_id}) means \"no class stated\". The classifier above never sees a stated class. "
+           f"To draw a 7, prompt `<CLS_7> <IMG>` (`model.generate(cond, do_sample=True)` is plain "
+           "conditional sampling); classifier-free guidance decodes the unconditional prompt "
+           "`<UNK> <IMG>` beside it and samples from `uncond + scale * (cond - uncond)`:", "",
+           "```python", GUIDANCE_SNIPPET.format(L=L), "```", ""]
 
 
 # the model card's guidance example; tests run it against an export (`model`, `tok` and `torch` defined)
@@ -277,7 +300,7 @@ def check_out(out):
 
 def write_export(ck, out, repo_id=None, onnx=None):
     """Write the transformers folder for the checkpoint.Checkpoint `ck` to `out` (atomically).
-    onnx "fp32": also onnx/model.onnx (onnx_backend.py); "int8": that and onnx/model_quantized.onnx."""
+    onnx "fp32": also onnx/model.onnx (imagegpt/onnx_export.py); "int8": that and onnx/model_quantized.onnx."""
     from safetensors.torch import save_file
     out = os.path.abspath(out)
     check_out(out)

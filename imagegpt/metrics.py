@@ -136,7 +136,7 @@ def class_probs(model, prefixes, vocab, batch_size=64, progress=False):
 def augmented_class_probs(model, book, vocab, images, copies, jitter, batch_size=64, progress=False):
     """Test-time augmentation: float images (N, C, H, W) -> (N, C) class probabilities, the normalised
     geometric mean of class_probs over the images and `copies` versions of each moved within the limits
-    of `jitter` (data.tta_views, tokenised with the codebook `book`). copies 0: class_probs of the images
+    of `jitter` (augment.tta_views, tokenised with the codebook `book`). copies 0: class_probs of the images
     alone."""
     logp = 0
     views = tta_views(images, copies, jitter)

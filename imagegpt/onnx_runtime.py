@@ -111,7 +111,7 @@ class OnnxGPT:
 def onnx_parity(model, onnx, vocab, batch=4, seed=0):
     """Compare an OnnxGPT with the torch model it was exported from, on random sequences: the largest
     |logit difference| of a full forward, and step by step through the cache (prefill half, then one
-    token at a time), and greedy decoding's tokens (through generation.generate on both)."""
+    token at a time), and greedy decoding's tokens (through decoding.generate on both)."""
     from imagegpt.decoding import generate
     model = model.float().cpu().eval()
     T = model.config.block_size

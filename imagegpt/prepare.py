@@ -18,21 +18,22 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from imagegpt.augment import copy_params, transform
-from imagegpt.data_config import DataConfig, check_data_config, data_fields, image_bytes
+from imagegpt.data_config import DataConfig, check_data_config, image_bytes
 from imagegpt.device import check_memory
 from imagegpt.errors import UserError
+from imagegpt.settings import build, check_fields, flat
 from imagegpt.files import check_dir, read_json, write_json
 from imagegpt.sources import load_source
 from imagegpt.splits import split_roles
 from imagegpt.token_format import TAIL, Vocab
-from tokenizer import Codebook, uint8_to_tensor
+from tokenizer import Codebook, psnr, uint8_to_tensor
 
 FIT_IMAGES = 30000   # the codebook is fitted on at most this many training images (a seeded sample beyond)
 
@@ -60,7 +61,7 @@ def fit_images(images, tr, params, cfg):
     of FIT_IMAGES of them when there are more."""
     n = len(tr) * (cfg.augment + 1)
     pick = np.arange(n) if n <= FIT_IMAGES else \
-        np.sort(np.random.default_rng(cfg.codebook_seed).choice(n, FIT_IMAGES, replace=False))
+        np.sort(np.random.default_rng(cfg.codebook.codebook_seed).choice(n, FIT_IMAGES, replace=False))
     out = []
     for c in range(cfg.augment + 1):
         pos = pick[(pick >= c * len(tr)) & (pick < (c + 1) * len(tr))] - c * len(tr)
@@ -153,13 +154,51 @@ class _Chunks(torch.utils.data.Dataset):
 def prepare(cfg, device="cpu"):
     """Load the source, split, fit the codebook on (a sample of) the training images, then tokenise
     every split in chunks of CHUNK images and write its files (SplitWriter; with augment_on_the_fly also
-    the training images). Nothing is written to data_dir until everything is done."""
+    the training images). Nothing is written to data_dir until everything is done -> the report."""
     t0 = time.time()
     check_data_config(cfg)
     check_dir(cfg.data_dir, "data folder")
     images, labels, names, meta = load_source(cfg)
     t_load = time.time() - t0
-    tr, dev, va = split_roles(labels, cfg)   # va: the held-out test split
+    tr, dev, va = roles(cfg, images, labels, names)   # va: the held-out test split
+    params = copy_params(len(tr), cfg.augment, cfg, cfg.split_seed)
+    t1 = time.time()
+    book = fit_codebook(fit_images(images, tr, params, cfg), cfg, device)
+    t_fit = time.time() - t1
+    vocab = Vocab(cfg.codebook.num_codes, len(names))
+    copies = 0 if cfg.augment_on_the_fly else cfg.augment
+    plan = [("train", tr, copies), ("dev", dev, 0), ("val", va, 0)]
+    with staged(cfg.data_dir) as (stage, files):
+        tally = tokenise(images, labels, meta, plan, params, book, vocab, device, stage, t_load)
+        files += [name + ext for name, rows, _ in plan if len(rows) for ext in SPLIT_FILES]
+        if cfg.augment_on_the_fly:  # the training images themselves: training transforms them each epoch
+            keep = np.lib.format.open_memmap(os.path.join(stage, IMAGES_FILE), "w+", np.uint8,
+                                             (len(tr),) + images.shape[1:])
+            for i in range(0, len(tr), CHUNK):
+                keep[i:i + CHUNK] = images[tr[i:i + CHUNK]]
+            keep.flush()
+            del keep
+            files.append(IMAGES_FILE)
+        vocab.save(os.path.join(stage, "vocab.json"))
+        book.save(stage)
+    report = {
+        "config": flat(cfg),
+        "classes": names,
+        "counts": {"train": np.bincount(labels[tr], minlength=len(names)).tolist(),
+                   "dev": np.bincount(labels[dev], minlength=len(names)).tolist(),
+                   "val": np.bincount(labels[va], minlength=len(names)).tolist(),
+                   "train_augmented": copies * len(tr)},
+        "sequence_length": book.seq_len + 1 + TAIL,
+        **tally.figures(book, t_fit, time.time() - t0),
+    }
+    write_json(os.path.join(cfg.data_dir, "report.json"), report)
+    return report
+
+
+def roles(cfg, images, labels, names):
+    """The three roles of the source's images (splits.split_roles) -> (train, dev, test) index arrays,
+    refused in one line where no classifier could be trained or tested on them."""
+    tr, dev, va = split_roles(labels, cfg)
     if cfg.dev_fraction > 0 and len(dev) == 0:
         raise UserError(f"{cfg.source}: dev_fraction {cfg.dev_fraction} of {len(tr)} training images is no image")
     if len(tr) == 0 or len(va) == 0:
@@ -180,113 +219,120 @@ def prepare(cfg, device="cpu"):
     check_memory(image_bytes(cfg, min(n_fit, FIT_IMAGES) + CHUNK) + 20 * len(tr) * cfg.augment,
                  f"{cfg.source}: {len(tr)} training images x {cfg.augment + 1} (augment {cfg.augment}) and "
                  f"{len(va)} test images of {cfg.image_size} x {cfg.image_size}", hint="lower augment or image_size")
-    params = copy_params(len(tr), cfg.augment, cfg, cfg.split_seed)
-    bar = tqdm(total=cfg.num_codes - 1 + cfg.kmeans_iters, desc="fitting codebook (k-means)", leave=False)
-    t1 = time.time()
-    book = Codebook.fit(fit_images(images, tr, params, cfg), cfg, device=device,
-                        progress=lambda a, b: bar.update(a + b))
+    return tr, dev, va
+
+
+def fit_codebook(x, cfg, device):
+    """Codebook.fit on the float images x with a progress bar over the k-means steps."""
+    bar = tqdm(total=cfg.codebook.num_codes - 1 + cfg.codebook.kmeans_iters, desc="fitting codebook (k-means)",
+               leave=False)
+    book = Codebook.fit(x, cfg.codebook, device=device, progress=lambda a, b: bar.update(a + b))
     bar.close()
-    t_fit = time.time() - t1
-    vocab = Vocab(cfg.num_codes, len(names))
-    copies = 0 if cfg.augment_on_the_fly else cfg.augment
-    plan = [("train", tr, copies), ("dev", dev, 0), ("val", va, 0)]
-    # the files are written to a temporary folder inside data_dir and moved in at the end (report.json
-    # last, which marks the folder as prepared): an error or a kill leaves none of them half-written
-    made = not os.path.exists(cfg.data_dir)
-    os.makedirs(cfg.data_dir, exist_ok=True)
-    for old in glob.glob(os.path.join(cfg.data_dir, ".prepare-*")):  # left by a killed earlier run
+    return book
+
+
+@contextmanager
+def staged(data_dir):
+    """Yield (a temporary folder inside data_dir, the list of file names to move in): the files are
+    written there and moved into data_dir only if the block succeeds (report.json, written after,
+    marks the folder as prepared), so an error or a kill leaves none of them half-written. Outputs of
+    an earlier prepare that this one does not write (a dev split, on-the-fly images) are removed."""
+    made = not os.path.exists(data_dir)
+    os.makedirs(data_dir, exist_ok=True)
+    for old in glob.glob(os.path.join(data_dir, ".prepare-*")):  # left by a killed earlier run
         shutil.rmtree(old, ignore_errors=True)
-    stage = tempfile.mkdtemp(dir=cfg.data_dir, prefix=".prepare-")
-    times = {"read": t_load, "encode": 0.0}
-    psnr, distinct = {}, (set(), set())
-    usage = np.zeros(cfg.num_codes, np.int64)
-    jobs = [(name, rows, c, np.arange(i, min(i + CHUNK, len(rows))))
-            for name, rows, n_copies in plan for c in range(n_copies + 1) for i in range(0, len(rows), CHUNK)]
-    # on the CPU every core tokenises chunks in its own process (one thread each); on a GPU this process
-    # does; either way this process writes the files, in order, meanwhile
-    n_images = sum(len(rows) * (c + 1) for _, rows, c in plan)
-    workers = 0 if str(device) != "cpu" or n_images < 2 * CHUNK else min(os.cpu_count() or 1, len(jobs))
-    loader = torch.utils.data.DataLoader(_Chunks(images, labels, meta, jobs, params, book, vocab, device),
-                                         batch_size=None,
-                                         num_workers=workers, generator=torch.Generator(), collate_fn=_as_is)
+    stage = tempfile.mkdtemp(dir=data_dir, prefix=".prepare-")
+    files = ["vocab.json", "codebook.json", "codebook.safetensors"]
     try:
-        files = ["vocab.json", "codebook.json", "codebook.safetensors"]
-        writers = {name: SplitWriter(stage, name, len(rows) * (c + 1), vocab, book.seq_len + 1 + TAIL)
-                   for name, rows, c in plan if len(rows)}
-        t_tok = time.time()
-        bar = tqdm(total=n_images, desc="tokenising", unit="img", leave=False)
-        for (name, rows, c, pos), got in zip(jobs, loader):
-            writers[name].add(got["rows"], got["labels"], got["lines"])
-            if name != "dev":
-                usage += got["usage"]
-            if "psnr" in got:
-                s, n = psnr.get(name, (0.0, 0))
-                psnr[name] = (s + got["psnr"], n + len(pos))
-            for seen, new in zip(distinct, got.get("hashes", ())):
-                seen.update(new)
-            times["read"] += got["read"]
-            times["encode"] += got["encode"]
-            bar.update(len(pos))
-        bar.close()
-        t_tok = time.time() - t_tok
-        for name, w in writers.items():
-            w.close()
-            files += [name + ext for ext in SPLIT_FILES]
-        if cfg.augment_on_the_fly:  # the training images themselves: training transforms them each epoch
-            keep = np.lib.format.open_memmap(os.path.join(stage, IMAGES_FILE), "w+", np.uint8,
-                                             (len(tr),) + images.shape[1:])
-            for i in range(0, len(tr), CHUNK):
-                keep[i:i + CHUNK] = images[tr[i:i + CHUNK]]
-            keep.flush()
-            del keep
-            files.append(IMAGES_FILE)
-        vocab.save(os.path.join(stage, "vocab.json"))
-        book.save(stage)
-        outputs = [n + ext for n in SPLITS for ext in SPLIT_FILES] + [IMAGES_FILE]
-        for f in outputs:   # left by an earlier prepare with other settings (dev split, on the fly)
-            if f not in files and os.path.exists(os.path.join(cfg.data_dir, f)):
-                os.remove(os.path.join(cfg.data_dir, f))
+        yield stage, files
+        for f in [n + ext for n in SPLITS for ext in SPLIT_FILES] + [IMAGES_FILE]:
+            if f not in files and os.path.exists(os.path.join(data_dir, f)):
+                os.remove(os.path.join(data_dir, f))
         for f in files:
-            os.replace(os.path.join(stage, f), os.path.join(cfg.data_dir, f))
+            os.replace(os.path.join(stage, f), os.path.join(data_dir, f))
     except BaseException as e:
         shutil.rmtree(stage, ignore_errors=True)
         if made:
-            shutil.rmtree(cfg.data_dir, ignore_errors=True)
+            shutil.rmtree(data_dir, ignore_errors=True)
         if isinstance(e, OSError):  # a full disk: name the folder, not a temporary file in it
-            raise UserError(f"{cfg.data_dir}: cannot write the prepared files ({e.strerror or e})") from None
+            raise UserError(f"{data_dir}: cannot write the prepared files ({e.strerror or e})") from None
         raise
     shutil.rmtree(stage, ignore_errors=True)
-    pr = torch.from_numpy(usage).double() / usage.sum()
-    tokenised, total = n_images, time.time() - t0
-    report = {
-        "config": {k: getattr(cfg, k) for k in data_fields()},  # cfg may be a TrainConfig
-        "classes": names,
-        "counts": {"train": np.bincount(labels[tr], minlength=len(names)).tolist(),
-                   "dev": np.bincount(labels[dev], minlength=len(names)).tolist(),
-                   "val": np.bincount(labels[va], minlength=len(names)).tolist(),
-                   "train_augmented": copies * len(tr)},
-        "sequence_length": book.seq_len + 1 + TAIL,
-        "val_psnr_db": round(psnr["val"][0] / psnr["val"][1], 3),
-        "train_psnr_db": round(psnr["train"][0] / psnr["train"][1], 3),
-        "distinct_images": len(distinct[0]),
-        "distinct_sequences": len(distinct[1]),
-        "distinct_share": round(len(distinct[1]) / len(distinct[0]), 6),
-        "codes_used": int((usage > 0).sum()),
-        "code_perplexity": round(math.exp(-(pr[pr > 0] * pr[pr > 0].log()).sum().item()), 1),
-        "kmeans_inertia": book.inertia,
-        "images_tokenised": tokenised,
-        "tokenise_processes": max(workers, 1),
-        "images_per_second": round(tokenised / t_tok),
-        "images_per_second_end_to_end": round(tokenised / total),
-        "read_share": round(times["read"] / (times["read"] + times["encode"]), 3),
-        "seconds_read": round(times["read"], 2),
-        "seconds_fit": round(t_fit, 2),
-        "seconds_encode": round(times["encode"], 2),
-        "seconds_tokenise": round(t_tok, 2),
-        "seconds_total": round(total, 2),
-    }
-    write_json(os.path.join(cfg.data_dir, "report.json"), report)
-    return report
+
+
+def tokenise(images, labels, meta, plan, params, book, vocab, device, stage, t_read):
+    """Tokenise the splits of `plan` ((name, rows, fixed copies) each) chunk by chunk and write their
+    files into `stage` -> the Tally of the report's figures. On the CPU every core tokenises chunks in
+    its own process (one thread each); on a GPU this process does; either way this process writes the
+    files, in order, meanwhile."""
+    jobs = [(name, rows, c, np.arange(i, min(i + CHUNK, len(rows))))
+            for name, rows, n_copies in plan for c in range(n_copies + 1) for i in range(0, len(rows), CHUNK)]
+    n_images = sum(len(rows) * (c + 1) for _, rows, c in plan)
+    workers = 0 if str(device) != "cpu" or n_images < 2 * CHUNK else min(os.cpu_count() or 1, len(jobs))
+    loader = torch.utils.data.DataLoader(_Chunks(images, labels, meta, jobs, params, book, vocab, device),
+                                         batch_size=None, num_workers=workers, generator=torch.Generator(),
+                                         collate_fn=_as_is)
+    writers = {name: SplitWriter(stage, name, len(rows) * (c + 1), vocab, book.seq_len + 1 + TAIL)
+               for name, rows, c in plan if len(rows)}
+    tally = Tally(book.cfg.num_codes, n_images, max(workers, 1), t_read)
+    bar = tqdm(total=n_images, desc="tokenising", unit="img", leave=False)
+    for (name, rows, c, pos), got in zip(jobs, loader):
+        writers[name].add(got["rows"], got["labels"], got["lines"])
+        tally.add(name, len(pos), got)
+        bar.update(len(pos))
+    bar.close()
+    tally.seconds = time.time() - tally.start
+    for w in writers.values():
+        w.close()
+    return tally
+
+
+class Tally:
+    """The figures of report.json, gathered chunk by chunk as tokenise() goes: code usage (training and
+    test images), PSNR sums of the copies' originals, 64-bit hashes of the distinct images and
+    sequences, seconds reading and encoding in the workers."""
+
+    def __init__(self, num_codes, n_images, processes, t_read):
+        self.usage = np.zeros(num_codes, np.int64)
+        self.psnr, self.distinct = {}, (set(), set())
+        self.times = {"read": t_read, "encode": 0.0}
+        self.n_images, self.processes = n_images, processes
+        self.start, self.seconds = time.time(), None
+
+    def add(self, name, n, got):
+        if name != "dev":
+            self.usage += got["usage"]
+        if "psnr" in got:
+            s, k = self.psnr.get(name, (0.0, 0))
+            self.psnr[name] = (s + got["psnr"], k + n)
+        for seen, new in zip(self.distinct, got.get("hashes", ())):
+            seen.update(new)
+        self.times["read"] += got["read"]
+        self.times["encode"] += got["encode"]
+
+    def figures(self, book, t_fit, total):
+        pr = torch.from_numpy(self.usage).double() / self.usage.sum()
+        times = self.times
+        return {
+            "val_psnr_db": round(self.psnr["val"][0] / self.psnr["val"][1], 3),
+            "train_psnr_db": round(self.psnr["train"][0] / self.psnr["train"][1], 3),
+            "distinct_images": len(self.distinct[0]),
+            "distinct_sequences": len(self.distinct[1]),
+            "distinct_share": round(len(self.distinct[1]) / len(self.distinct[0]), 6),
+            "codes_used": int((self.usage > 0).sum()),
+            "code_perplexity": round(math.exp(-(pr[pr > 0] * pr[pr > 0].log()).sum().item()), 1),
+            "kmeans_inertia": book.inertia,
+            "images_tokenised": self.n_images,
+            "tokenise_processes": self.processes,
+            "images_per_second": round(self.n_images / self.seconds),
+            "images_per_second_end_to_end": round(self.n_images / total),
+            "read_share": round(times["read"] / (times["read"] + times["encode"]), 3),
+            "seconds_read": round(times["read"], 2),
+            "seconds_fit": round(t_fit, 2),
+            "seconds_encode": round(times["encode"], 2),
+            "seconds_tokenise": round(self.seconds, 2),
+            "seconds_total": round(total, 2),
+        }
 
 
 def ensure_prepared(cfg, device="cpu", log=print):
@@ -298,8 +344,8 @@ def ensure_prepared(cfg, device="cpu", log=print):
         if not isinstance(made, dict):
             raise UserError(f"{path}: expected a JSON object with the data settings under \"config\" "
                             f"(a report.json written by data.py prepare)")
-        want = asdict(DataConfig(**{k: getattr(cfg, k) for k in data_fields()}))
-        default = asdict(DataConfig())   # a setting newer than the folder: it was prepared with the default
+        want = flat(cfg)
+        default = flat(DataConfig())   # a setting newer than the folder: it was prepared with the default
         diff = [k for k in want if k != "data_dir" and made.get(k, default[k]) != want[k]]
         if diff:
             raise UserError(f"{cfg.data_dir} was prepared with other data settings ({', '.join(diff)}); "
@@ -307,3 +353,29 @@ def ensure_prepared(cfg, device="cpu", log=print):
         return report
     log(f"preparing {cfg.data_dir} from {cfg.source} ...")
     return prepare(cfg, device)
+
+
+def read_report(data_dir):
+    """<data_dir>/report.json -> (the report, the data settings it was prepared with), checked."""
+    path = os.path.join(data_dir, "report.json")
+    rep = read_json(path, "report.json")
+    if not isinstance(rep, dict) or "config" not in rep:
+        raise UserError(f'{path}: expected a JSON object with the data settings under "config" '
+                        f'(a report.json written by data.py prepare)')
+    check_fields(rep["config"], DataConfig, path, "config.")
+    cfg = build(DataConfig, rep["config"], where=f"{path}: config")
+    check_data_config(cfg, path)
+    return rep, cfg
+
+
+def reconstructions(data_dir, n):
+    """The first n test images of a prepared folder, each followed by its codebook reconstruction ->
+    (images (2n, C, H, W), captions, mean PSNR of the reconstructions in dB)."""
+    _, cfg = read_report(data_dir)
+    images, labels, names, _ = load_source(cfg)
+    test = split_roles(labels, cfg)[2][:n]
+    book = Codebook.load(data_dir)
+    x = uint8_to_tensor(images[test])
+    recon = book.decode(book.encode(x))
+    captions = [f"{names[labels[i]]} {s}" for i in test for s in ("real", "code")]
+    return torch.stack([x, recon], 1).flatten(0, 1), captions, psnr(recon, x)

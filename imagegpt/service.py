@@ -5,14 +5,14 @@
 Endpoints (OpenAPI docs at /docs):
     POST /classify   an image upload (multipart field "image": PNG/JPEG/..., any size, grey or colour)
                      or JSON {"tokens": "<IMG> <Z_017> ..."} -> probabilities per class, prediction
-    POST /generate   JSON {"count", "temperature", "top_k", "top_p", "seed", "digit", "cfg"} -> images
+    POST /generate   JSON {"count", "temperature", "top_k", "top_p", "seed", "class", "guidance"} -> images
                      (base64 PNG), their token sequences and the model's own label
     POST /complete   multipart: "image" plus form fields "fraction", "count", sampling settings ->
                      the first `fraction` of the image's tokens continued `count` times
     GET  /healthz    the checkpoint's facts; GET / the page (static/), GET /static/... its files
 
 Model calls run in one worker thread, never on the event loop. Concurrent requests are collected for
-a short window and run as one batched call: N clients asking for a digit each cost about one batched
+a short window and run as one batched call: N clients asking for a drawing each cost about one batched
 decoding pass, not N. Every bad input gets a 4xx with a one-line JSON {"detail": "..."}.
 """
 import asyncio
@@ -22,7 +22,7 @@ import os
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -31,11 +31,11 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from imagegpt.decoding import DEFAULT_GUIDANCE, DRAW_TEMPERATURE, generate
+from imagegpt import drawing
 from imagegpt.errors import UserError
 from imagegpt.metrics import class_probs
 from imagegpt.sources import read_image
@@ -43,20 +43,9 @@ from imagegpt.sources import read_image
 # ----------------------------------------------------------------------------- model operations
 
 def decode_rows(ck, prompts, temperature, top_k, top_p, generator, scale=1.0):
-    """Continue each prompt until <EOS> (or the block size) -> dicts with ids, pred, prob. A prompt
-    that states a class ('<CLS_d> <IMG> ...') is guided by `scale` against the same prompt with the
-    class unstated; for the others the unconditional prompt is the prompt itself (no guidance)."""
-    v = ck.vocab
-    uncond = None if scale == 1 else [[v.unk_id] + p[1:] if v.is_conditioned(p) else p for p in prompts]
-    rows = generate(ck.model, prompts, v, ck.model.config.block_size, temperature=temperature, top_k=top_k or None,
-                    top_p=top_p, generator=generator, batch_size=256, uncond=uncond, cfg_scale=scale,
-                    image_len=ck.codebook.seq_len)
-    drawn = [i for i, r in enumerate(rows) if v.is_conditioned(r["ids"])]
-    if drawn:   # a drawing states its class first and has no <CLS>: the model's own reading of the image
-        probs = class_probs(ck.model, [v.prefix_ids(v.image_codes(rows[i]["ids"])) for i in drawn], v)
-        for i, p in zip(drawn, probs):
-            rows[i]["pred"], rows[i]["prob"] = int(p.argmax()), p.max().item()
-    return rows
+    """Draw from each prompt (imagegpt.drawing) -> dicts with ids, pred, prob."""
+    return drawing.draw(ck.model, ck.vocab, ck.codebook.seq_len, prompts, ck.model.config.block_size, scale,
+                        batch_size=256, temperature=temperature, top_k=top_k or None, top_p=top_p, generator=generator)
 
 
 def pixels(ids, ck):
@@ -80,14 +69,18 @@ NO_CONDITIONING = "class-conditional sampling needs a model trained with conditi
 
 class Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    temperature: Optional[float] = Field(None, ge=0, le=5, description=f"0 = greedy; default 1, or {DRAW_TEMPERATURE} "
-                                                                       f"when drawing a chosen digit")
+    temperature: Optional[float] = Field(None, ge=0, le=5, description=f"0 = greedy; default 1, or {drawing.TEMPERATURE} "
+                                                                       f"when drawing a chosen class")
     top_k: int = Field(0, ge=0, le=100_000, description="keep the k most likely tokens; 0 = off")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling; 1 = off")
     seed: Optional[int] = Field(None, ge=0, le=2**63 - 1,
                                 description="reproducible result: the request is then decoded on its own")
-    digit: Optional[int] = Field(None, ge=0, description="class to draw (needs a class-conditional model)")
-    cfg: Optional[float] = Field(None, ge=0, le=20, description="guidance scale (needs a class-conditional model)")
+    label: Optional[Union[int, str]] = Field(None, validation_alias=AliasChoices("class", "digit"),
+                                             description="class to draw, its name or index (needs a class-conditional "
+                                                         "model); 'digit' is the older name")
+    guidance: Optional[float] = Field(None, ge=0, le=20, validation_alias=AliasChoices("guidance", "cfg"),
+                                      description="guidance scale (needs a class-conditional model); 'cfg' is the "
+                                                  "older name")
 
 
 class GenerateRequest(Sampling):
@@ -119,7 +112,8 @@ class ClassifyResponse(BaseModel):
 class Sample(BaseModel):
     image_png: str = Field(description="base64 PNG of the decoded tokens")
     tokens: str
-    label: Optional[int] = Field(description="the label token the model wrote (None if it wrote none)")
+    label: Optional[int] = Field(description="the class the image states, or the label token the model wrote "
+                                             "(None unless it is a complete image)")
     prediction: Optional[int] = Field(description="argmax of the model's label probabilities at <CLS>")
     probability: Optional[float]
     well_formed: bool = Field(description="'<IMG>', every code, '</IMG> <CLS> <CLS_y> <EOS>'")
@@ -225,7 +219,7 @@ class Batcher:
 # ----------------------------------------------------------------------------- uploads
 
 class Upload(io.BytesIO):
-    """Uploaded bytes, named 'upload' in error messages (data.read_image prefixes its path)."""
+    """Uploaded bytes, named 'upload' in error messages (sources.read_image prefixes its path)."""
 
     def __str__(self):
         return "upload"
@@ -235,7 +229,7 @@ class Upload(io.BytesIO):
 
 def decode_upload(data, size, channels):
     """Uploaded image bytes (any format Pillow reads, any size) -> uint8 (H, W, C) converted and resized
-    exactly as the training images (data.read_image). HTTPException 413 for an image over MAX_PIXELS
+    exactly as the training images (sources.read_image). HTTPException 413 for an image over MAX_PIXELS
     (a decompression bomb), 400 for anything that is not a readable image."""
     from PIL import Image, UnidentifiedImageError
     if not data:
@@ -299,60 +293,95 @@ def validation_line(errors):
 
 # ----------------------------------------------------------------------------- the app
 
-def create_app(ck, window=0.01, max_rows=64, batching=True, max_upload=4 << 20, static_dir=STATIC):
-    """The FastAPI app around a loaded model. window: seconds to collect concurrent requests into one
-    model call (batching=False: every request is its own call); max_upload: bytes per request body."""
-    model, vocab, book, names = ck.model, ck.vocab, ck.codebook, ck.class_names
-    size, channels = tuple(book.image_size), book.channels
-    device = model.device
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-    seeds = np.random.default_rng(secrets.randbits(64))
+class Worker:
+    """The checkpoint behind the service: its one model thread, where every model call runs (never on
+    the event loop), and two batchers that merge concurrent requests into one call. /classify merges
+    whatever is waiting without waiting for more (its call takes about a millisecond, less than any
+    window would); decoding waits `window` seconds for company, since one pass takes long."""
 
-    def run_classify(key, items):
+    def __init__(self, ck, window, max_rows, batching):
+        self.ck, self.batching = ck, batching
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.seeds = np.random.default_rng(secrets.randbits(64))
+        self.classifier = Batcher(self.run_classify, self.executor, 0 if batching else None, max_rows)
+        self.decoder = Batcher(self.run_decode, self.executor, window if batching else None, max_rows)
+
+    @asynccontextmanager
+    async def running(self, app):
+        self.classifier.start()
+        self.decoder.start()
+        yield
+        await self.classifier.stop()
+        await self.decoder.stop()
+        self.executor.shutdown(wait=True)
+
+    def run_classify(self, key, items):
         """items: token-id prefixes or uint8 images (H, W, C), tokenised here together -> (prefix, probs)."""
         prefixes = list(items)
         at = [i for i, x in enumerate(items) if isinstance(x, np.ndarray)]
         if at:
-            for i, p in zip(at, ck.encode_images(np.stack([items[i] for i in at]))):
+            for i, p in zip(at, self.ck.encode_images(np.stack([items[i] for i in at]))):
                 prefixes[i] = p
-        return list(zip(prefixes, class_probs(model, prefixes, vocab, batch_size=256).tolist()))
+        return list(zip(prefixes, class_probs(self.ck.model, prefixes, self.ck.vocab, batch_size=256).tolist()))
 
-    def run_decode(key, items):
-        """items: (prompt, settings); one call shares one group's settings (see decode_key)."""
+    def run_decode(self, key, items):
+        """items: (prompt, settings); one call shares one group's settings (see decode_settings)."""
         temperature, top_k, top_p, seed, scale = items[0][1]
-        gen = torch.Generator(device=device).manual_seed(int(seed if seed is not None else seeds.integers(2**62)))
-        rows = decode_rows(ck, [p for p, _ in items], temperature, top_k, top_p, gen, scale)
-        return [sample_of(r) for r in rows]
+        seed = int(seed if seed is not None else self.seeds.integers(2**62))
+        gen = torch.Generator(device=self.ck.model.device).manual_seed(seed)
+        rows = decode_rows(self.ck, [p for p, _ in items], temperature, top_k, top_p, gen, scale)
+        return [self.sample_of(r) for r in rows]
 
-    def sample_of(r):
-        ids = r["ids"]
-        if vocab.is_conditioned(ids):   # drawn as asked: the label is the stated class
-            wrote = ids[0] - vocab.label_offset if vocab.is_label(ids[0]) else None
-            well = vocab.is_cond_complete(ids, book.seq_len)
-        else:
-            well = vocab.is_complete(ids, book.seq_len)
-            wrote = ids[-2] - vocab.label_offset if well else None
-        return Sample(image_png=png_base64(pixels(ids, ck)), tokens=vocab.decode(ids), label=wrote,
-                      prediction=r["pred"], probability=r["prob"], well_formed=well)
+    def sample_of(self, r):
+        label, complete = drawing.outcome(r["ids"], self.ck.vocab, self.ck.codebook.seq_len)
+        return Sample(image_png=png_base64(pixels(r["ids"], self.ck)), tokens=self.ck.vocab.decode(r["ids"]),
+                      label=label, prediction=r["pred"], probability=r["prob"], well_formed=complete)
 
-    # /classify merges whatever is waiting without waiting for more (its call takes about a millisecond,
-    # less than any window would); decoding waits `window` for company, since one pass takes long
-    classifier = Batcher(run_classify, executor, 0 if batching else None, max_rows)
-    decoder = Batcher(run_decode, executor, window if batching else None, max_rows)
+    async def classify(self, item):
+        """-> ((prefix, probabilities), rows in the call it shared)"""
+        (one,), rows = await self.classifier.submit("classify", [item])
+        return one, rows
 
-    @asynccontextmanager
-    async def lifespan(app):
-        classifier.start()
-        decoder.start()
-        yield
-        await classifier.stop()
-        await decoder.stop()
-        executor.shutdown(wait=True)
+    async def encode(self, image):
+        """uint8 (H, W, C) -> its classification prefix, tokenised in the model thread."""
+        return (await asyncio.get_running_loop().run_in_executor(self.executor, self.ck.encode_images, image[None]))[0]
 
-    app = FastAPI(title="imagegpt-tokens", lifespan=lifespan,
+    def asked_class(self, s):
+        """The class a request asks for (None: any), checked against the model."""
+        if s.label is None and s.guidance is None:
+            return None
+        if not conditional(self.ck):
+            raise HTTPException(422, NO_CONDITIONING)
+        if s.label is None:
+            return None
+        try:
+            return self.ck.class_index(s.label)
+        except UserError as e:
+            raise HTTPException(422, one_line(e)) from None
+
+    async def decode(self, prompts, s, label):
+        """Draw from the prompts with the request's sampling settings -> (samples, rows in the call).
+        Requests with equal settings share a call; a seeded one decodes alone."""
+        scale = (drawing.GUIDANCE if s.guidance is None else s.guidance) if label is not None else 1.0
+        temperature = s.temperature if s.temperature is not None else drawing.TEMPERATURE if label is not None else 1.0
+        settings = (temperature, s.top_k, s.top_p, s.seed, scale)
+        return await self.decoder.submit(None if s.seed is not None else settings, [(p, settings) for p in prompts])
+
+
+def create_app(ck, window=0.01, max_rows=64, batching=True, max_upload=4 << 20, static_dir=STATIC):
+    """The FastAPI app around a loaded model. window: seconds to collect concurrent requests into one
+    model call (batching=False: every request is its own call); max_upload: bytes per request body."""
+    worker = Worker(ck, window, max_rows, batching)
+    app = FastAPI(title="imagegpt-tokens", lifespan=worker.running,
                   description="Classify, complete and generate images with a GPT over codebook tokens.")
     app.add_middleware(BodyLimit, max_bytes=max_upload)
+    add_error_handlers(app)
+    add_routes(app, worker, static_dir)
+    return app
 
+
+def add_error_handlers(app):
+    """Every error is one line of JSON {"detail": ...} with its status, and the server carries on."""
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):
         return JSONResponse({"detail": one_line(exc.detail)}, status_code=exc.status_code)
@@ -365,39 +394,31 @@ def create_app(ck, window=0.01, max_rows=64, batching=True, max_upload=4 << 20, 
     async def validation_error(request, exc):
         return JSONResponse({"detail": validation_line(jsonable_encoder(exc.errors()))}, status_code=422)
 
-    def check_conditioning(s):
-        if s.digit is not None or s.cfg is not None:
-            if not conditional(ck):
-                raise HTTPException(422, NO_CONDITIONING)
-            if s.digit is not None and s.digit >= len(names):
-                raise HTTPException(422, f"digit {s.digit} is not a class of this model (0..{len(names) - 1})")
 
-    def decode_key(s):
-        """Requests with equal sampling settings share a call; a seeded one decodes alone."""
-        scale = (DEFAULT_GUIDANCE if s.cfg is None else s.cfg) if s.digit is not None else 1.0
-        temperature = s.temperature if s.temperature is not None else DRAW_TEMPERATURE if s.digit is not None else 1.0
-        settings = (temperature, s.top_k, s.top_p, s.seed, scale)
-        return None if s.seed is not None else settings, settings
+CLASSIFY_DOC = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
+        "image": {"type": "string", "format": "binary"}}}},
+    "application/json": {"schema": ClassifyTokens.model_json_schema()}}}}
+COMPLETE_DOC = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["image"],
+    "properties": {"image": {"type": "string", "format": "binary"}, **CompleteForm.model_json_schema()["properties"]}}}}}}
 
-    async def decode(prompts, s):
-        key, settings = decode_key(s)
-        return await decoder.submit(key, [(p, settings) for p in prompts])
+
+def add_routes(app, worker, static_dir):
+    ck = worker.ck
+    vocab, names, book, model = ck.vocab, ck.class_names, ck.codebook, ck.model
+    size, channels = tuple(book.image_size), book.channels
 
     @app.get("/healthz", response_model=Health)
     async def healthz():
         return Health(status="ok", checkpoint=str(ck.folder), classes=names, image_size=list(size),
                       channels=channels, vocab_size=len(vocab), block_size=model.config.block_size,
-                      parameters=model.num_params(), device=str(device),
-                      conditional=conditional(ck), batching=batching)
+                      parameters=model.num_params(), device=str(model.device),
+                      conditional=conditional(ck), batching=worker.batching)
 
-    classify_doc = {"requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
-            "image": {"type": "string", "format": "binary"}}}},
-        "application/json": {"schema": ClassifyTokens.model_json_schema()}}}}
-
-    @app.post("/classify", response_model=ClassifyResponse, openapi_extra=classify_doc)
+    @app.post("/classify", response_model=ClassifyResponse, openapi_extra=CLASSIFY_DOC)
     async def classify(request: Request):
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        kind = content_type(request)
         if kind == "multipart/form-data":
             data, _ = await read_form(request, EmptyForm)
             item = await run_in_threadpool(decode_upload, data, size, channels)
@@ -406,56 +427,38 @@ def create_app(ck, window=0.01, max_rows=64, batching=True, max_upload=4 << 20, 
                 body = ClassifyTokens.model_validate_json(await request.body())
             except ValidationError as e:
                 raise HTTPException(422, validation_line(e.errors())) from None
-            item = tokens_prefix(body.tokens)
+            item = tokens_prefix(vocab, body.tokens)
         else:
             raise HTTPException(415, "send an image as multipart/form-data (field \"image\") "
                                      "or JSON {\"tokens\": \"...\"}")
-        ((prefix, probs),), rows = await classifier.submit("classify", [item])
+        (prefix, probs), rows = await worker.classify(item)
         c = int(np.argmax(probs))
         return ClassifyResponse(prediction=c, label=names[c], probability=probs[c], probabilities=probs,
                                 classes=names, tokens=vocab.decode(prefix), batch_rows=rows,
                                 image_png=png_base64(pixels(prefix, ck)))
 
-    def tokens_prefix(text):
-        try:
-            ids = vocab.parse(text, "tokens")
-        except UserError as e:
-            raise HTTPException(422, one_line(e)) from None
-        if vocab.cls_id in ids:
-            ids = ids[:ids.index(vocab.cls_id) + 1]
-        else:
-            ids = ids + ([] if vocab.img_end_id in ids else [vocab.img_end_id]) + [vocab.cls_id]
-        return ids
-
     @app.post("/generate", response_model=GenerateResponse)
     async def generate(body: GenerateRequest):
-        check_conditioning(body)
-        prompt = [vocab.img_id] if body.digit is None else vocab.cond_prompt(body.digit)
-        samples, rows = await decode([prompt] * body.count, body)
+        label = worker.asked_class(body)
+        samples, rows = await worker.decode([drawing.prompt(vocab, label)] * body.count, body, label)
         return GenerateResponse(samples=samples, classes=names, batch_rows=rows)
 
-    complete_doc = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object", "required": ["image"],
-        "properties": {"image": {"type": "string", "format": "binary"},
-                       **CompleteForm.model_json_schema()["properties"]}}}}}}
-
-    @app.post("/complete", response_model=CompleteResponse, openapi_extra=complete_doc)
+    @app.post("/complete", response_model=CompleteResponse, openapi_extra=COMPLETE_DOC)
     async def complete(request: Request):
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if kind != "multipart/form-data":
+        if content_type(request) != "multipart/form-data":
             raise HTTPException(415, "send the image as multipart/form-data (field \"image\", "
                                      "settings as form fields)")
         data, s = await read_form(request, CompleteForm)
-        check_conditioning(s)
+        label = worker.asked_class(s)
         img = await run_in_threadpool(decode_upload, data, size, channels)
-        prefix = (await asyncio.get_running_loop().run_in_executor(executor, ck.encode_images, img[None]))[0]
+        prefix = await worker.encode(img)
         codes = prefix[1:-2]
         keep = max(1, round(s.fraction * len(codes)))
-        prompt = ([vocab.img_id] if s.digit is None else vocab.cond_prompt(s.digit)) + codes[:keep]
+        prompt = drawing.prompt(vocab, label, codes[:keep])
         if len(prompt) >= model.config.block_size:
             raise HTTPException(422, f"the kept {keep} tokens fill the model's block size "
                                      f"{model.config.block_size}; lower the fraction")
-        samples, rows = await decode([prompt] * s.count, s)
+        samples, rows = await worker.decode([prompt] * s.count, s, label)
         return CompleteResponse(samples=samples, classes=names, batch_rows=rows, kept=keep, total=len(codes),
                                 input_png=png_base64(pixels(prefix, ck)),
                                 given_png=png_base64(pixels(prompt, ck)))
@@ -465,7 +468,21 @@ def create_app(ck, window=0.01, max_rows=64, batching=True, max_upload=4 << 20, 
         return FileResponse(os.path.join(static_dir, "index.html"))
 
     app.mount("/static", StaticFiles(directory=static_dir), name="static")
-    return app
+
+
+def content_type(request):
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def tokens_prefix(vocab, text):
+    """Tokens typed by a client -> the classification prefix '<IMG> ... </IMG> <CLS>' (422 if unknown)."""
+    try:
+        ids = vocab.parse(text, "tokens")
+    except UserError as e:
+        raise HTTPException(422, one_line(e)) from None
+    if vocab.cls_id in ids:
+        return ids[:ids.index(vocab.cls_id) + 1]
+    return ids + ([] if vocab.img_end_id in ids else [vocab.img_end_id]) + [vocab.cls_id]
 
 
 class EmptyForm(BaseModel):

@@ -14,7 +14,8 @@ import re
 import signal
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ from imagegpt.metrics import evaluate
 from imagegpt.plots import plot_curves
 from imagegpt.prepare import ensure_prepared
 from imagegpt.sequences import make_batch
-from imagegpt.settings import check_fields, read_yaml, set_from_mapping
+from imagegpt.settings import changed, check_fields, flat, read_yaml, update
 from imagegpt.stats import seed_summary
 from imagegpt.token_format import TAIL, Vocab
 from model import GPT, GPTConfig
@@ -47,46 +48,59 @@ from tokenizer import Codebook
 
 
 @dataclass
-class TrainConfig(DataConfig):
+class TrainConfig:
+    """A training run: its data, its model, and how it is optimised, evaluated and saved."""
+    not_settings: ClassVar = ("vocab_size", "block_size", "bias")   # the run sets them (data, max_length, export)
+    data: DataConfig = field(default_factory=DataConfig)
     out_dir: str = "runs/demo"
-    init_from: str = ""          # "" = from scratch, or a checkpoint folder to start from
-    # model (GPT-2 architecture); block_size = max_length
-    n_layer: int = 6
-    n_head: int = 8
-    n_embd: int = 384
-    dropout: float = 0.0
-    max_length: int = 0          # = the block size; 0: the data's sequence length. Shorter than the data's
-                                 # sequences is refused unless allow_truncation (then image tokens are
-                                 # dropped, never the label tail)
+    """the run folder: log.jsonl, curves.png, best/ and final/ checkpoints"""
+    init_from: str = ""
+    """a checkpoint folder (or export) to start from instead of random weights ('': from scratch)"""
+    model: GPTConfig = field(default_factory=GPTConfig)
+    max_length: int = 0
+    """the model's block size; 0: the data's sequence length (a shorter one needs allow_truncation)"""
     allow_truncation: bool = False
-    # optimisation
-    batch_size: int = 16         # sequences per micro-batch and process
-    grad_accum: int = 1          # micro-batches per optimizer step
+    """allow a max_length shorter than the sequences: image tokens are cut from the end, never the label"""
+    batch_size: int = 16
+    """sequences per micro-batch and process"""
+    grad_accum: int = 1
+    """micro-batches per optimizer step"""
     epochs: int = 30
-    lr: float = 1e-4             # peak, after linear warmup; cosine decay to min_lr
+    """passes over the training sequences"""
+    lr: float = 1e-4
+    """peak learning rate, reached after warmup_steps, then cosine decay to min_lr"""
     min_lr: float = 1e-5
+    """learning rate at the end of the cosine decay"""
     warmup_steps: int = 100
+    """optimizer steps of linear warmup"""
     weight_decay: float = 0.1
+    """AdamW weight decay (matrices and embeddings only)"""
     beta1: float = 0.9
+    """AdamW beta1"""
     beta2: float = 0.95
-    grad_clip: float = 1.0       # 0 = off
-    ema: float = 0.0             # > 0: evaluate and save an exponential moving average of the weights with
-                                 # this decay per step (0.999: about the last 1,000 steps); the optimizer
-                                 # goes on with the trained weights, which final/'s trainer state keeps
-    label_weight: float = 1.0    # loss weight of the label token relative to each image token
-    cond_fraction: float = 0.0   # > 0: also train on class-conditioned copies '<CLS_y> <IMG> codes </IMG>
-                                 # <EOS>' of this share of the training sequences (class-conditional
-                                 # generation, sample.py --digit); they have no <CLS>, so never train the classifier
-    cond_drop: float = 0.1       # share of those copies whose class is replaced by <UNK> (unconditional,
-                                 # for classifier-free guidance)
-    eval_every: int = 0          # optimizer steps between evaluations; 0 = once per epoch
-    num_workers: int = 0         # DataLoader worker processes gathering (and, with augment_on_the_fly,
-                                 # transforming and tokenising) the batches; 0 = in the training process.
-                                 # The batches do not depend on it
+    """AdamW beta2"""
+    grad_clip: float = 1.0
+    """clip the gradient norm to this (0: off)"""
+    ema: float = 0.0
+    """> 0: evaluate and save a moving average of the weights with this decay per step (0.999: the last ~1,000 steps)"""
+    label_weight: float = 1.0
+    """loss weight of the label token relative to each image token"""
+    cond_fraction: float = 0.0
+    """also train on class-first copies '<CLS_y> <IMG> ... </IMG> <EOS>' of this share of the sequences (drawing a chosen class)"""
+    cond_drop: float = 0.1
+    """share of those copies whose class is replaced by <UNK> (unconditional, for classifier-free guidance)"""
+    eval_every: int = 0
+    """optimizer steps between evaluations on the development split; 0: once per epoch"""
+    num_workers: int = 0
+    """DataLoader worker processes gathering the batches (0: in the training process); the batches do not depend on it"""
     seed: int = 1337
-    device: str = "auto"         # auto = cuda if available, else cpu; or cpu, cuda, cuda:N
-    compile: bool = True         # torch.compile (CUDA only)
-    bf16: str = "auto"           # bf16 autocast: auto (where the GPU or CPU supports it), true or false
+    """seed of the initial weights, the batch order and dropout"""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu, cuda or cuda:N"""
+    compile: bool = True
+    """torch.compile the model (CUDA only)"""
+    bf16: str = "auto"
+    """bf16 autocast: auto (where the GPU or CPU supports it), true or false"""
 
 
 def load_config(path=None, overrides=None):
@@ -96,41 +110,47 @@ def load_config(path=None, overrides=None):
     for raw, where in ((read_yaml(path) if path else {}, path), (dict(overrides or {}), "command line")):
         if isinstance(raw.get("bf16"), bool):   # YAML true/false: the switch's two fixed values
             raw["bf16"] = str(raw["bf16"]).lower()
-        set_from_mapping(cfg, raw, where)
+        update(cfg, raw, where)
     cfg.bf16 = cfg.bf16.lower()
+    if not cfg.data.data_dir:  # derive a folder name from the data settings, so changing them never collides
+        data = json.dumps({k: v for k, v in flat(cfg.data).items() if k != "data_dir"}, sort_keys=True)
+        kind, book = cfg.data.source.partition(":")[0], cfg.data.codebook
+        cfg.data.data_dir = f"data/{kind}-p{book.patch_size}-k{book.num_codes}-{hashlib.sha1(data.encode()).hexdigest()[:8]}"
+    check_train_config(cfg)
+    return cfg
+
+
+def check_train_config(cfg):
+    """Values the type check lets through but no run can use: one clear line before any work."""
+    v = flat(cfg)
     if cfg.bf16 not in BF16:
         raise UserError(f"config: bf16 must be auto, true or false, got {cfg.bf16!r}")
-    if not cfg.data_dir:  # derive a folder name from the data settings, so changing them never collides
-        data = json.dumps({k: getattr(cfg, k) for k in data_fields() if k != "data_dir"}, sort_keys=True)
-        kind = cfg.source.partition(":")[0]
-        cfg.data_dir = f"data/{kind}-p{cfg.patch_size}-k{cfg.num_codes}-{hashlib.sha1(data.encode()).hexdigest()[:8]}"
     for k in ("n_layer", "n_head", "n_embd", "batch_size", "grad_accum", "epochs"):
-        if getattr(cfg, k) < 1:
-            raise UserError(f"config: {k} must be at least 1, got {getattr(cfg, k)}")
+        if v[k] < 1:
+            raise UserError(f"config: {k} must be at least 1, got {v[k]}")
     if cfg.max_length < 0:
         raise UserError(f"config: max_length must be >= 0 (0: the data's sequence length), got {cfg.max_length}")
     check_seed(cfg.seed, "config: seed")
-    if cfg.n_embd % cfg.n_head:
-        raise UserError(f"config: n_embd {cfg.n_embd} is not divisible by n_head {cfg.n_head}")
+    if cfg.model.n_embd % cfg.model.n_head:
+        raise UserError(f"config: n_embd {cfg.model.n_embd} is not divisible by n_head {cfg.model.n_head}")
     for k in ("lr", "min_lr", "weight_decay", "grad_clip", "label_weight", "warmup_steps", "eval_every", "num_workers"):
-        if not getattr(cfg, k) >= 0:
-            raise UserError(f"config: {k} must be >= 0, got {getattr(cfg, k)}")
+        if not v[k] >= 0:
+            raise UserError(f"config: {k} must be >= 0, got {v[k]}")
     for k in ("cond_fraction", "cond_drop"):
-        if not 0 <= getattr(cfg, k) <= 1:
-            raise UserError(f"config: {k} must be in [0, 1], got {getattr(cfg, k)}")
+        if not 0 <= v[k] <= 1:
+            raise UserError(f"config: {k} must be in [0, 1], got {v[k]}")
     for k in ("dropout", "beta1", "beta2", "ema"):
-        if not 0 <= getattr(cfg, k) < 1:
-            raise UserError(f"config: {k} must be in [0, 1), got {getattr(cfg, k)}")
+        if not 0 <= v[k] < 1:
+            raise UserError(f"config: {k} must be in [0, 1), got {v[k]}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
         raise UserError(f"config: device must be auto, cpu or cuda[:N], got {cfg.device!r}")
-    check_data_config(cfg)
-    return cfg
+    check_data_config(cfg.data)
 
 
 def seed_configs(cfg, n):
     """n copies of cfg with the seeds cfg.seed, cfg.seed + 1, ..., each in its own out_dir/seed-<seed>
     (the same data folder: the split and the codebook do not depend on the training seed)."""
-    return [replace(cfg, seed=cfg.seed + k, out_dir=os.path.join(cfg.out_dir, f"seed-{cfg.seed + k}"))
+    return [changed(cfg, seed=cfg.seed + k, out_dir=os.path.join(cfg.out_dir, f"seed-{cfg.seed + k}"))
             for k in range(n)]
 
 
@@ -199,7 +219,7 @@ def setup_processes(cfg):
 
 
 def load_split(cfg, name, vocab, conditioned=False, book=None):
-    """The whole split `name` of cfg.data_dir (token arrays, or JSONL) -> x, y (N, T) next-token inputs and
+    """The whole split `name` of cfg.data.data_dir (token arrays, or JSONL) -> x, y (N, T) next-token inputs and
     targets, cls_pos (N,); with conditioned=True and cfg.cond_fraction > 0 the class-conditioned copies
     follow the plain sequences."""
     rows = open_rows(cfg, name, vocab, book, conditioned)
@@ -238,18 +258,18 @@ def load_data(cfg, procs, log):
     """Prepare the data folder if needed (rank 0; the others wait), open the training rows and read the
     development split. The test split (val.*) is never read here: no training decision sees it."""
     if procs.master:
-        ensure_prepared(cfg, device=procs.device, log=log)
+        ensure_prepared(cfg.data, device=procs.device, log=log)
     if procs.ddp:
         torch.distributed.barrier()
-    vocab = Vocab.load(os.path.join(cfg.data_dir, "vocab.json"))
-    book = Codebook.load(cfg.data_dir)
+    vocab = Vocab.load(os.path.join(cfg.data.data_dir, "vocab.json"))
+    book = Codebook.load(cfg.data.data_dir)
     if book.cfg.num_codes != vocab.num_codes:
-        raise UserError(f"{cfg.data_dir}/vocab.json has {vocab.num_codes} code tokens, the codebook there "
+        raise UserError(f"{cfg.data.data_dir}/vocab.json has {vocab.num_codes} code tokens, the codebook there "
                         f"{book.cfg.num_codes} codes; prepare the data again")
     splits = {"train": open_rows(cfg, "train", vocab, book, conditioned=True)}
-    if any(os.path.exists(os.path.join(cfg.data_dir, "dev" + ext)) for ext in (".tokens.npy", ".jsonl")):
+    if any(os.path.exists(os.path.join(cfg.data.data_dir, "dev" + ext)) for ext in (".tokens.npy", ".jsonl")):
         splits["dev"] = open_rows(cfg, "dev", vocab)
-    block = block_size(cfg, splits, cfg.data_dir)
+    block = block_size(cfg, splits, cfg.data.data_dir)
     cut = sum(int((r.lengths > block).sum()) for r in splits.values()) if block < max(
         r.longest for r in splits.values()) else 0
     if cut:
@@ -259,17 +279,18 @@ def load_data(cfg, procs, log):
     return Data(vocab, book, splits["train"], dev, block, min(block, splits["train"].longest))
 
 
-def build_model(cfg, vocab, log):
+def build_model(cfg, vocab, block, log):
+    """The model to train: cfg.model's shape over the data's vocabulary with `block` positions, or the
+    checkpoint cfg.init_from."""
     if cfg.init_from:
         ck = checkpoint.load(cfg.init_from)
         if ck.vocab.to_dict() != vocab.to_dict():
-            raise UserError(f"{cfg.init_from}: its vocabulary differs from {cfg.data_dir}/vocab.json")
-        if ck.model.config.block_size < cfg.max_length:
-            raise UserError(f"{cfg.init_from}: block size {ck.model.config.block_size} < max_length {cfg.max_length}")
+            raise UserError(f"{cfg.init_from}: its vocabulary differs from {cfg.data.data_dir}/vocab.json")
+        if ck.model.config.block_size < block:
+            raise UserError(f"{cfg.init_from}: block size {ck.model.config.block_size} < max_length {block}")
         log(f"starting from {cfg.init_from}")
         return ck.model.train()
-    return GPT(GPTConfig(vocab_size=len(vocab), block_size=cfg.max_length, n_layer=cfg.n_layer,
-                         n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=True))
+    return GPT(replace(cfg.model, vocab_size=len(vocab), block_size=block))
 
 
 class StopFlag:
@@ -518,13 +539,13 @@ def diverged(run, p, what, cfg):
 def check_fits(cfg, device):
     """Refuse, before any work, a model and batch whose training (fp32 weights, gradients, AdamW's two
     moments, and at least the activations and logits of one micro-batch) could not fit in memory."""
-    seq = (cfg.image_size // cfg.patch_size) ** 2 + 1 + TAIL        # what prepare writes
+    seq = (cfg.data.image_size // cfg.data.codebook.patch_size) ** 2 + 1 + TAIL        # what prepare writes
     block = cfg.max_length or seq
-    vocab = 6 + cfg.num_codes + 2                                    # at least two classes
-    n = GPTConfig(vocab_size=vocab, block_size=block, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                  n_embd=cfg.n_embd).num_params_estimate()
+    vocab = 6 + cfg.data.codebook.num_codes + 2                                    # at least two classes
+    n = GPTConfig(vocab_size=vocab, block_size=block, n_layer=cfg.model.n_layer, n_head=cfg.model.n_head,
+                  n_embd=cfg.model.n_embd).num_params_estimate()
     T = min(block, seq)
-    act = 4 * cfg.batch_size * T * (16 * cfg.n_layer * cfg.n_embd + 3 * vocab)
+    act = 4 * cfg.batch_size * T * (16 * cfg.model.n_layer * cfg.model.n_embd + 3 * vocab)
     check_memory(16 * n + act, f"config: training {n:,} parameters (weights, gradients, AdamW state) on "
                  f"batches of {cfg.batch_size} x {T} tokens", device,
                  hint="lower n_embd, n_layer, max_length, num_codes or batch_size")
@@ -551,8 +572,9 @@ def check_resume(cfg, folder, allow_changes, log):
                         f'config of this project)')
     if isinstance(saved["train"].get("bf16"), bool):   # runs saved before bf16 took auto/true/false
         saved["train"]["bf16"] = str(saved["train"]["bf16"]).lower()
-    old = check_fields(saved["train"], TrainConfig, path, "train.")
-    now = asdict(cfg)
+    checkpoint.model_config(saved, path)     # the model's shape, every value checked
+    old = {**check_fields(saved["train"], TrainConfig, path, "train."), **saved["model"]}
+    now = flat(cfg)
     block = saved["model"].get("block_size")
     same = lambda k: (old[k] or block) == (now[k] or block) if k == "max_length" else old[k] == now[k]
     diff = [k for k in now if k in old and k not in RESUME_FREE and not same(k)]
@@ -593,28 +615,28 @@ def train(cfg, resume=False, log=print, allow_changes=False):
 def _train(cfg, procs, resume, log):
     log = log if procs.master else (lambda *a, **k: None)
     ctx = bf16_autocast(cfg.bf16, procs.device)
-    seq = (cfg.image_size // cfg.patch_size) ** 2 + 1 + TAIL       # what prepare will write
+    seq = (cfg.data.image_size // cfg.data.codebook.patch_size) ** 2 + 1 + TAIL       # what prepare will write
     if 0 < cfg.max_length < seq and not cfg.allow_truncation:     # said before preparing the data
-        raise UserError(too_short(cfg.max_length, seq, f"image_size {cfg.image_size} in patches of "
-                                  f"{cfg.patch_size}", "every sequence"))
+        raise UserError(too_short(cfg.max_length, seq, f"image_size {cfg.data.image_size} in patches of "
+                                  f"{cfg.data.codebook.patch_size}", "every sequence"))
 
     data = load_data(cfg, procs, log)
     per_step = cfg.batch_size * cfg.grad_accum * procs.world     # sequences per optimizer step
     steps_per_epoch = data.train.n // per_step
     if steps_per_epoch == 0:
-        raise UserError(f"{cfg.data_dir}: {data.train.n} training sequences are fewer than one step "
+        raise UserError(f"{cfg.data.data_dir}: {data.train.n} training sequences are fewer than one step "
                         f"({per_step} = batch_size x grad_accum x processes)")
     total = steps_per_epoch * cfg.epochs
 
     torch.manual_seed(cfg.seed)
-    raw = build_model(replace(cfg, max_length=data.block), data.vocab, log).to(procs.device)
+    raw = build_model(cfg, data.vocab, data.block, log).to(procs.device)
     opt = raw.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), "cuda" if procs.cuda else "cpu")
     run = RunFolder(cfg.out_dir, procs.master)
     ema = WeightAverage(raw, cfg.ema) if cfg.ema else None
     p = run.resume(raw, opt, procs, ema) if resume else run.start()
     if resume:
         log(f"resumed {run.final} at step {p.step}/{total}")
-    log(f"model: {raw.num_params() / 1e6:.2f} M parameters; {data.train.n} train{' (augmented on the fly)' if cfg.augment_on_the_fly else ''} / "
+    log(f"model: {raw.num_params() / 1e6:.2f} M parameters; {data.train.n} train{' (augmented on the fly)' if cfg.data.augment_on_the_fly else ''} / "
         f"{len(data.dev[0]) if data.dev else 'no'} dev sequences of <= {data.width} tokens; {total} "
         f"steps of {per_step} sequences on {procs.device}{' x ' + str(procs.world) if procs.ddp else ''}")
     model = torch.compile(raw) if procs.cuda and cfg.compile else raw

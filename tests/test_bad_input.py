@@ -31,7 +31,6 @@ import sys
 import traceback
 import warnings
 import zlib
-from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -41,6 +40,7 @@ from fixtures import ROOT, write_images
 from PIL import Image
 
 from imagegpt import checkpoint, cli
+from imagegpt.settings import build, changed
 from imagegpt.token_format import Vocab
 from imagegpt.training import TrainConfig, train
 from model import GPT, GPTConfig
@@ -77,8 +77,8 @@ def env(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("bad"))
     images, data, run = (os.path.join(tmp, n) for n in ("images", "data", "run"))
     write_images(images)
-    cfg = TrainConfig(source=f"folder:{images}", data_dir=data, out_dir=run, **TINY)
-    train(replace(cfg), log=lambda *a: None)
+    cfg = build(TrainConfig, source=f"folder:{images}", data_dir=data, out_dir=run, **TINY)
+    train(changed(cfg), log=lambda *a: None)
     afile = os.path.join(tmp, "afile")
     with open(afile, "w") as f:
         f.write("a regular file\n")
@@ -1144,7 +1144,7 @@ CASES += [
         ("greedy-with-temperature", ["--greedy", "--temperature", "0.5"], ["--greedy always takes the most likely token"]),
         ("greedy-with-top-k", ["--greedy", "--top_k", "3"], ["--temperature, --top_k and --top_p do not apply"]),
         ("greedy-with-top-p", ["--greedy", "--top_p", "0.9"], ["--greedy always takes the most likely token"]),
-        ("complete-with-start", ["--complete", "2", "--start", "<IMG> <Z_000>"], ["--start is the prompt of free sampling; --digit, --grid and --complete make their own"]),
+        ("complete-with-start", ["--complete", "2", "--start", "<IMG> <Z_000>"], ["--start is the prompt of free sampling; --class, --grid and --complete make their own"]),
     ], lambda e, d: sample_args(e, d), tag="silent"),
     *O("eval", [
         ("top-k-without-next", ["--top_k", "3"], ["--top_k is for --next"]),

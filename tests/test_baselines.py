@@ -16,6 +16,7 @@ from imagegpt import baseline_protocol as suite_mod
 from imagegpt import classifiers as clf
 from imagegpt.data_config import DataConfig
 from imagegpt.errors import UserError
+from imagegpt.settings import build
 from imagegpt.stats import seed_summary, t975, wilson_interval
 
 
@@ -192,7 +193,7 @@ def test_seed_summary_and_intervals():
 
 # ----------------------------------------------------------------------------- the protocol: no decision reads test
 
-TINY = DataConfig(source="toy", image_size=12, augment=1, num_codes=8, fit_samples=2000, kmeans_iters=3)
+TINY = build(DataConfig, source="toy", image_size=12, augment=1, num_codes=8, fit_samples=2000, kmeans_iters=3)
 
 
 def tiny_suite():
@@ -291,7 +292,7 @@ def test_tokenisation_table_reads_no_test_image(tmp_path):
     test images never enter (replacing them by noise changes nothing), and the figures are real:
     finer patches reconstruct better and make longer sequences."""
     images, labels = toy(n=90, size=12)
-    cfg = DataConfig(image_size=12, num_codes=8, kmeans_iters=3, fit_samples=5000)
+    cfg = build(DataConfig, image_size=12, num_codes=8, kmeans_iters=3, fit_samples=5000)
     rows = [("p2", {"patch_size": 2}), ("p4", {"patch_size": 4})]
     a = suite_mod.tokenisation_table(images, labels, cfg, 0.25, rows=rows, progress=False)
     test = suite_mod.project_split(labels, cfg, 0.25)["test"]

@@ -5,7 +5,6 @@ the model card's guidance snippet. Tiny data written here: 90 grey 8x8 images wh
 the row band of a bright square (fixtures.write_images), 2x2 patches, 8 codes."""
 import json
 import os
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,13 +13,14 @@ from fixtures import png_size, write_images
 
 import eval as eval_cmd
 import sample as sample_cmd
-from imagegpt import checkpoint
+from imagegpt import checkpoint, drawing
 from imagegpt import drawing_report as gm
 from imagegpt.batches import micro_batch
-from imagegpt.decoding import DRAW_TEMPERATURE, generate, guide
+from imagegpt.decoding import generate, guide
 from imagegpt.errors import UserError
 from imagegpt.metrics import class_probs
 from imagegpt.sequences import make_batch, read_sequences
+from imagegpt.settings import build, changed
 from imagegpt.token_format import NO_CLASS, Vocab, truncate
 from imagegpt.training import Processes, TrainConfig, load_data, load_split, train
 
@@ -30,7 +30,7 @@ def make_cfg(tmp, **kw):
                 num_codes=8, kmeans_iters=3, out_dir=str(tmp / "run"), n_layer=2, n_head=2, n_embd=32,
                 max_length=32, batch_size=16, epochs=40, lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_every=0,
                 seed=1, device="cpu", cond_fraction=1.0, cond_drop=0.2, bf16="false")   # thresholds set in fp32
-    return TrainConfig(**{**base, **kw})
+    return build(TrainConfig, **{**base, **kw})
 
 
 def centroid_judge(images, labels, num_classes):
@@ -45,7 +45,7 @@ def toy(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cond")
     write_images(tmp / "images", n=90)
     cfg = make_cfg(tmp)
-    out = train(replace(cfg), log=lambda *a: None)
+    out = train(changed(cfg), log=lambda *a: None)
     ck = checkpoint.load(os.path.join(cfg.out_dir, "final"))
     tr_img, tr_lab, te_img, te_lab = gm.real_split(ck.settings)
     judge = centroid_judge(gm.to_float(tr_img), tr_lab, 3)
@@ -79,7 +79,7 @@ def test_conditioned_copies_never_train_the_classifier(tmp_path):
     cfg = make_cfg(tmp_path, cond_fraction=1.0, cond_drop=0.3, label_weight=5.0)
     data = load_data(cfg, Processes("cpu"), log=lambda *a: None)
     v = data.vocab
-    seqs, labels = read_sequences(os.path.join(cfg.data_dir, "train.jsonl"), v)
+    seqs, labels = read_sequences(os.path.join(cfg.data.data_dir, "train.jsonl"), v)
     x, y, w = micro_batch(data.train, np.arange(data.train.n), 0, data.block, data.width, v.pad_id, cfg.label_weight)
     cls_pos = load_split(cfg, "train", v, conditioned=True)[2]
     n = len(seqs)
@@ -96,7 +96,7 @@ def test_conditioned_copies_never_train_the_classifier(tmp_path):
     kept = [int(t) - v.label_offset for t, s in zip(first, stated) if s]
     assert kept == [labels[i] for i, s in zip(range(n), stated) if s]     # the stated class is the true one
     # off (the default): exactly the plain sequences, as before
-    plain = load_split(replace(cfg, cond_fraction=0.0), "train", v, conditioned=True)
+    plain = load_split(changed(cfg, cond_fraction=0.0), "train", v, conditioned=True)
     ref = make_batch(seqs, cfg.max_length, v.pad_id)
     assert all(torch.equal(a, b) for a, b in zip(plain, ref))
     assert TrainConfig().cond_fraction == 0.0
@@ -141,7 +141,7 @@ def test_a_conditioned_tiny_model_draws_the_asked_class(toy):
     ck, judge = toy["ck"], toy["judge"]
     real, real_lab = toy["test"]
     assert gm.judged_accuracy(judge, real, real_lab, 3)["accuracy"] == 1.0     # the judge's ceiling
-    seqs, labels = read_sequences(os.path.join(toy["cfg"].data_dir, "val.jsonl"), ck.vocab)
+    seqs, labels = read_sequences(os.path.join(toy["cfg"].data.data_dir, "val.jsonl"), ck.vocab)
     probs = class_probs(ck.model, [s[:-2] for s in seqs], ck.vocab)       # classification still works
     assert (probs.argmax(1) == torch.tensor(labels)).float().mean().item() >= 0.9
     asked = [c for c in range(3) for _ in range(20)]
@@ -185,8 +185,8 @@ def test_sample_digit_grid_and_conditional_completion(toy, tmp_path, capsys):
                                                     "--out_png", png, "--out_jsonl", js, "--top_k", "4"]))
     assert e.value.code == 0
     recs = [json.loads(line) for line in open(js)]
-    assert len(recs) == 6 and all(r["meta"]["asked"] == "c2" and r["meta"]["cfg"] == 3.0 for r in recs)
-    assert all(r["meta"]["temperature"] == DRAW_TEMPERATURE for r in recs)     # a drawing's default
+    assert len(recs) == 6 and all(r["meta"]["asked"] == "c2" and r["meta"]["guidance"] == 3.0 for r in recs)
+    assert all(r["meta"]["temperature"] == drawing.TEMPERATURE for r in recs)     # a drawing's default
     assert all(r["tokens"].startswith("<CLS_2> <IMG>") for r in recs)
     assert all(r["label"] == 2 and r["well_formed"] for r in recs)             # decoded in the format
     assert sample_cmd.main(["--ckpt", ck, "--num_samples", "2", "--out_png", png, "--out_jsonl", js]) == 0
@@ -241,8 +241,8 @@ def test_generation_compared_with_the_dev_split_reads_no_test_image(toy, tmp_pat
     from PIL import Image
 
     from imagegpt.prepare import prepare
-    cfg = replace(toy["cfg"], dev_fraction=0.2, data_dir=str(tmp_path / "prepared"))
-    prepare(cfg)
+    cfg = changed(toy["cfg"], dev_fraction=0.2, data_dir=str(tmp_path / "prepared"))
+    prepare(cfg.data)
     dev_files = [json.loads(ln)["meta"]["source"] for ln in open(tmp_path / "prepared" / "dev.jsonl")]
     want = {np.asarray(Image.open(toy["tmp"] / "images" / f)).tobytes() for f in dev_files}
     settings = dict(toy["ck"].settings, dev_fraction=0.2)

@@ -22,7 +22,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 
 import pytest
 import torch
@@ -31,6 +30,7 @@ from fixtures import ROOT, write_images
 from imagegpt import checkpoint, prepare
 from imagegpt import training as train_mod
 from imagegpt.files import resolve_dir
+from imagegpt.settings import build, flat
 from imagegpt.training import TrainConfig
 
 SEED = 20240531
@@ -234,14 +234,14 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_run(tmp_path, fork
     t_start = time.time()
     tmp = str(tmp_path)
     write_images(os.path.join(tmp, "images"), n=80)
-    cfg = TrainConfig(source=f"folder:{tmp}/images", data_dir=f"{tmp}/data", out_dir=f"{tmp}/run",
+    cfg = build(TrainConfig, source=f"folder:{tmp}/images", data_dir=f"{tmp}/data", out_dir=f"{tmp}/run",
                       image_size=8, patch_size=2, num_codes=8, kmeans_iters=3, n_layer=2, n_head=2, n_embd=32, dev_fraction=0.25,
                       max_length=32, batch_size=8, epochs=STEPS // 6, eval_every=EVAL_EVERY, dropout=0.1,
                       lr=2e-2, label_weight=5.0, warmup_steps=3, seed=7, device="cpu")
-    prepare.prepare(cfg)
+    prepare.prepare(cfg.data)
     config = os.path.join(tmp, "config.yaml")
     with open(config, "w") as f:
-        f.write("".join(f"{k}: {json.dumps(v)}\n" for k, v in asdict(cfg).items()))
+        f.write("".join(f"{k}: {json.dumps(v)}\n" for k, v in flat(cfg).items()))
     out, ref = cfg.out_dir, os.path.join(tmp, "ref")
     logs = os.path.join(tmp, "logs")
     os.makedirs(logs)
@@ -348,7 +348,7 @@ def test_same_config_and_seed_give_the_same_run(tmp_path):
     write_images(os.path.join(tmp, "images"), n=80)
     runs = []
     for name in ("a", "b"):
-        cfg = TrainConfig(source=f"folder:{tmp}/images", data_dir=f"{tmp}/data", out_dir=f"{tmp}/{name}",
+        cfg = build(TrainConfig, source=f"folder:{tmp}/images", data_dir=f"{tmp}/data", out_dir=f"{tmp}/{name}",
                           image_size=8, patch_size=2, num_codes=8, kmeans_iters=3, n_layer=2, n_head=2, n_embd=32, dev_fraction=0.25,
                           max_length=32, batch_size=8, epochs=2, eval_every=3, dropout=0.1, lr=2e-2, seed=5,
                           device="cpu")

@@ -6,7 +6,6 @@ import re
 import struct
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from imagegpt.errors import UserError
 from imagegpt.plots import save_grid
 from imagegpt.prepare import ensure_prepared, prepare
 from imagegpt.sequences import make_batch, read_sequences
-from imagegpt.settings import add_settings, apply_settings, coerce
+from imagegpt.settings import add_options, apply_options, build, changed, coerce, flat
 from imagegpt.sources import (
     load_builtin,
     load_csv,
@@ -35,6 +34,7 @@ from imagegpt.sources import (
 )
 from imagegpt.splits import folds, stratified_split
 from imagegpt.token_format import Vocab, truncate
+from imagegpt.training import TrainConfig
 from tokenizer import Codebook
 from tokenizer import uint8_to_tensor as to_tensor
 
@@ -105,7 +105,7 @@ def test_idx_source(tmp_path, gz_train, gz_test):
     assert meta[0]["source"].startswith("train-images") and meta[7] == {
         "source": "t10k-images-idx3-ubyte" + (".gz" if gz_test else ""), "index": 0}
     # through load_source: resized and made RGB as configured
-    cfg = DataConfig(source=f"idx:{tmp_path}", image_size=14, channels=3)
+    cfg = build(DataConfig, source=f"idx:{tmp_path}", image_size=14, channels=3)
     images, labels, _, _ = load_source(cfg)
     assert images.shape == (10, 14, 14, 3)
     assert np.array_equal(images[..., 0], images[..., 2])
@@ -155,7 +155,7 @@ def test_folder_source(tmp_path):
     assert (rgb[1] == [255, 0, 0]).all() and (rgb[2] == [0, 0, 255]).all() and (rgb[0] == 200).all()
     assert abs(rgb[3].astype(int) - [0, 255, 0]).max() <= 3
     # through load_source with the configured size
-    images, labels, names, _ = load_source(DataConfig(source=f"folder:{tmp_path}", image_size=12))
+    images, labels, names, _ = load_source(build(DataConfig, source=f"folder:{tmp_path}", image_size=12))
     assert images.shape == (4, 12, 12, 1)
 
 
@@ -186,7 +186,7 @@ def test_csv_source(tmp_path):
     assert small.shape == (4, 14, 14, 1)
     rgb = read_pixel_csv(tmp_path / "digit_1" / "img1.csv", 3)
     assert rgb.shape == (28, 28, 3) and np.array_equal(rgb[..., 1], imgs[1])
-    via = load_source(DataConfig(source=f"csv:{tmp_path}", image_size=28))[0]
+    via = load_source(build(DataConfig, source=f"csv:{tmp_path}", image_size=28))[0]
     assert np.array_equal(via, images)
 
 
@@ -220,7 +220,7 @@ def test_builtin_source():
 def test_bad_source_spec():
     for spec in ("nope", "idx", "folder:", "builtin:x"):
         with pytest.raises(UserError, match="expected builtin"):
-            load_source(DataConfig(source=spec))
+            load_source(build(DataConfig, source=spec))
 
 
 # ----------------------------------------------------------------------------- split, augmentation
@@ -258,16 +258,16 @@ def test_folds_of_a_split_are_disjoint_stratified_and_fold_0_is_the_split():
 
 
 def test_dev_fold_checks():
-    check_data_config(DataConfig(dev_fraction=0.1, dev_fold=9))
+    check_data_config(build(DataConfig, dev_fraction=0.1, dev_fold=9))
     for fraction, fold, want in ((0.1, 10, "below 10"), (0.25, 4, "below 4"), (0.1, -1, "below 10"),
                                  (0.0, 1, "needs a development split")):
         with pytest.raises(UserError, match=want):
-            check_data_config(DataConfig(dev_fraction=fraction, dev_fold=fold))
+            check_data_config(build(DataConfig, dev_fraction=fraction, dev_fold=fold))
 
 
 def test_augment():
     x = to_tensor(digit_images(6, size=12)[0][..., None])
-    still = DataConfig(max_shift=0.0, max_rotate=0.0)
+    still = build(DataConfig, max_shift=0.0, max_rotate=0.0)
     same = augment(x, 2, still, seed=0)
     assert same.shape == (12, 1, 12, 12)
     assert torch.allclose(same[:6], x, atol=1e-5) and torch.allclose(same[6:], x, atol=1e-5)
@@ -278,14 +278,14 @@ def test_augment():
     assert not torch.equal(a, augment(x, 3, DataConfig(), seed=1))
     assert augment(x, 0, DataConfig(), seed=0).shape == (0, 1, 12, 12)
     # scale and shear alone move the images too
-    assert not torch.allclose(augment(x, 2, replace(still, max_scale=0.3), seed=0)[:6], x, atol=1e-2)
-    assert not torch.allclose(augment(x, 2, replace(still, max_shear=20.0), seed=0)[:6], x, atol=1e-2)
-    assert not torch.allclose(augment(x, 2, replace(still, max_elastic=1.5), seed=0)[:6], x, atol=1e-2)
+    assert not torch.allclose(augment(x, 2, changed(still, max_scale=0.3), seed=0)[:6], x, atol=1e-2)
+    assert not torch.allclose(augment(x, 2, changed(still, max_shear=20.0), seed=0)[:6], x, atol=1e-2)
+    assert not torch.allclose(augment(x, 2, changed(still, max_elastic=1.5), seed=0)[:6], x, atol=1e-2)
 
 
 def test_copy_params_scale_and_shear_leave_the_rotations_and_shifts():
     plain = copy_params(50, 3, DataConfig(), seed=4)
-    more = copy_params(50, 3, DataConfig(max_scale=0.2, max_shear=10.0), seed=4)
+    more = copy_params(50, 3, build(DataConfig, max_scale=0.2, max_shear=10.0), seed=4)
     assert plain.shape == more.shape == (3, 50, 5)
     assert torch.equal(plain[..., :3], more[..., :3])    # the fixed copies made before scale and shear existed
     assert torch.equal(plain[..., 3], torch.ones(3, 50)) and torch.equal(plain[..., 4], torch.zeros(3, 50))
@@ -315,8 +315,8 @@ def test_transform_scales_and_shears_about_the_centre():
 
 
 def test_copy_params_warp_leaves_the_other_moves():
-    plain = copy_params(50, 3, DataConfig(max_scale=0.1, max_shear=5.0), seed=4)
-    warped = copy_params(50, 3, DataConfig(max_scale=0.1, max_shear=5.0, max_elastic=1.5), seed=4)
+    plain = copy_params(50, 3, build(DataConfig, max_scale=0.1, max_shear=5.0), seed=4)
+    warped = copy_params(50, 3, build(DataConfig, max_scale=0.1, max_shear=5.0, max_elastic=1.5), seed=4)
     assert plain.shape == (3, 50, 5) and warped.shape == (3, 50, 5 + 2 * WARP_GRID ** 2)
     assert torch.equal(warped[..., :5], plain)        # the copies made before the warp existed
     assert warped[..., 5:].abs().max() <= 1.5 + 1e-6 and warped[..., 5:].abs().max() > 1.4
@@ -346,7 +346,7 @@ def test_transform_warps_smoothly():
 def tiny_cfg(tmp, **kw):
     base = dict(source=f"folder:{tmp / 'images'}", data_dir=str(tmp / "prepared"), image_size=8,
                 patch_size=2, num_codes=16, kmeans_iters=5)
-    return DataConfig(**{**base, **kw})
+    return build(DataConfig, **{**base, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -394,10 +394,10 @@ def test_codebook_is_fitted_on_training_images_only(prepared):
     book = Codebook.load(tmp / "prepared")
     tr, va = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
     x = to_tensor(imgs[..., None])
-    on_train = Codebook.fit(x[tr], cfg)
+    on_train = Codebook.fit(x[tr], cfg.codebook)
     assert torch.equal(book.centroids, on_train.centroids)
     assert torch.equal(book.colours, on_train.colours)
-    on_all = Codebook.fit(x, cfg)
+    on_all = Codebook.fit(x, cfg.codebook)
     assert not torch.equal(book.centroids, on_all.centroids)
 
 
@@ -405,7 +405,7 @@ def test_dev_split_is_carved_from_training_images_and_the_test_split_stays(prepa
     """dev_fraction > 0: dev.jsonl holds a stratified share of the training images (the codebook is
     fitted on the rest), and val.jsonl, the test split, holds the same images as without it."""
     tmp, cfg, report, imgs, labels, order = prepared
-    dcfg = replace(cfg, dev_fraction=0.25, data_dir=str(tmp / "with_dev"))
+    dcfg = changed(cfg, dev_fraction=0.25, data_dir=str(tmp / "with_dev"))
     rep = prepare(dcfg)
     assert rep["counts"]["dev"] == [3, 3, 3] and rep["counts"]["train"] == [10, 10, 10]
     assert rep["counts"]["val"] == report["counts"]["val"]
@@ -415,7 +415,7 @@ def test_dev_split_is_carved_from_training_images_and_the_test_split_stays(prepa
     assert len(dev) == 9 and not dev & train and not dev & test and not train & test
     tr, _ = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
     sub, _ = stratified_split(labels[tr], 0.25, cfg.split_seed + 1)
-    on_train = Codebook.fit(to_tensor(imgs[tr[sub]][..., None]), dcfg)   # training minus dev only
+    on_train = Codebook.fit(to_tensor(imgs[tr[sub]][..., None]), dcfg.codebook)   # training minus dev only
     assert torch.equal(Codebook.load(tmp / "with_dev").centroids, on_train.centroids)
 
 
@@ -427,7 +427,7 @@ def test_another_dev_fold_is_another_dev_split_with_the_same_test_split(prepared
     sets = {}
     for fold in (0, 1):
         name = f"fold{fold}"
-        rep = prepare(replace(cfg, dev_fraction=0.25, dev_fold=fold, data_dir=str(tmp / name)))
+        rep = prepare(changed(cfg, dev_fraction=0.25, dev_fold=fold, data_dir=str(tmp / name)))
         assert rep["counts"]["dev"] == [3, 3, 3] and rep["counts"]["train"] == [10, 10, 10]
         sets[fold] = {f: src(name, f) for f in ("train.jsonl", "dev.jsonl", "val.jsonl")}
     a, b = sets[0], sets[1]
@@ -435,11 +435,11 @@ def test_another_dev_fold_is_another_dev_split_with_the_same_test_split(prepared
     assert a["train.jsonl"] | a["dev.jsonl"] == b["train.jsonl"] | b["dev.jsonl"]
     # what eval --split dev and --generation read back from a checkpoint's settings: the same images
     keys = lambda images: {im.tobytes() for im in images}
-    dev = [keys(real_split(asdict(replace(cfg, dev_fraction=0.25, dev_fold=f)), "dev")[2]) for f in (0, 1)]
-    test = [keys(real_split(asdict(replace(cfg, dev_fraction=0.25, dev_fold=f)), "test")[2]) for f in (0, 1)]
+    dev = [keys(real_split(flat(changed(cfg, dev_fraction=0.25, dev_fold=f)), "dev")[2]) for f in (0, 1)]
+    test = [keys(real_split(flat(changed(cfg, dev_fraction=0.25, dev_fold=f)), "test")[2]) for f in (0, 1)]
     assert len(dev[0]) == len(dev[1]) == 9 and not dev[0] & dev[1] and test[0] == test[1]
     with pytest.raises(UserError, match=r"other data settings \(dev_fold\)"):
-        ensure_prepared(replace(cfg, dev_fraction=0.25, dev_fold=0, data_dir=str(tmp / "fold1")), log=print)
+        ensure_prepared(changed(cfg, dev_fraction=0.25, dev_fold=0, data_dir=str(tmp / "fold1")), log=print)
 
 
 def test_ensure_prepared_reuses_or_refuses(prepared):
@@ -447,13 +447,13 @@ def test_ensure_prepared_reuses_or_refuses(prepared):
     train = tmp / "prepared" / "train.jsonl"
     before = train.stat().st_mtime_ns
     logs = []
-    again = ensure_prepared(replace(cfg), log=logs.append)
+    again = ensure_prepared(changed(cfg), log=logs.append)
     assert logs == [] and again["counts"] == report["counts"]
     assert train.stat().st_mtime_ns == before
     with pytest.raises(UserError, match="num_codes"):
-        ensure_prepared(replace(cfg, num_codes=8), log=logs.append)
+        ensure_prepared(changed(cfg, num_codes=8), log=logs.append)
     with pytest.raises(UserError, match=r"other data settings \(patch_size\)"):
-        ensure_prepared(replace(cfg, patch_size=4), log=logs.append)
+        ensure_prepared(changed(cfg, patch_size=4), log=logs.append)
     assert logs == [] and train.stat().st_mtime_ns == before
 
 
@@ -480,7 +480,7 @@ def test_prepare_from_idx(tmp_path):
     imgs, labels = digit_images(40, size=28)
     write_idx(tmp_path / "train-images-idx3-ubyte", imgs, gz=True)
     write_idx(tmp_path / "train-labels-idx1-ubyte", labels, gz=True)
-    cfg = DataConfig(source=f"idx:{tmp_path}", data_dir=str(tmp_path / "out"), image_size=12,
+    cfg = build(DataConfig, source=f"idx:{tmp_path}", data_dir=str(tmp_path / "out"), image_size=12,
                      patch_size=3, num_codes=16, kmeans_iters=5)
     rep = prepare(cfg)
     assert rep["counts"] == {"train": [11, 10, 10], "dev": [0, 0, 0], "val": [3, 3, 3], "train_augmented": 0}
@@ -678,18 +678,14 @@ def test_cli_prepare_render_reconstruct(tmp_path, monkeypatch, capsys):
         assert im.size == (8 * (8 * 3 + 4), 1 * (8 * 3 + 16))   # 3 real + 3 decoded, in 8 columns
 
 
-def test_prepare_with_a_larger_config(tmp_path, monkeypatch, capsys):
-    # train.py's TrainConfig extends DataConfig; what prepare writes must still read back as data
-    # settings (regression: report.json held every training field and `reconstruct` crashed)
-    @dataclass
-    class Bigger(DataConfig):
-        lr: float = 1e-3
-
+def test_a_training_config_prepares_data_that_reads_back_as_data_settings(tmp_path, monkeypatch, capsys):
+    # train.py's TrainConfig holds a DataConfig; what prepare writes must read back as data settings only
+    # (regression: report.json once held every training field and `reconstruct` crashed)
     write_folder(tmp_path / "images", n=30)
-    cfg = Bigger(**vars(tiny_cfg(tmp_path)))
+    cfg = build(TrainConfig, lr=1e-3, **flat(tiny_cfg(tmp_path))).data
     rep = ensure_prepared(cfg, log=lambda m: None)
     assert list(rep["config"]) == data_config.data_fields()
-    assert DataConfig(**rep["config"]) == tiny_cfg(tmp_path)
+    assert build(DataConfig, **rep["config"]) == tiny_cfg(tmp_path)
     assert Codebook.load(tmp_path / "prepared").cfg.num_codes == 16
     assert ensure_prepared(cfg, log=None) == rep
     run_main(monkeypatch, capsys, "reconstruct", str(tmp_path / "prepared"), "--out", str(tmp_path / "r.png"))
@@ -698,15 +694,15 @@ def test_prepare_with_a_larger_config(tmp_path, monkeypatch, capsys):
 def override(cfg, argv):
     """What data.py prepare does with its --key value options."""
     p = parser("", prog="data.py prepare")
-    add_settings(p, type(cfg))
-    return apply_settings(cfg, p.parse_args(argv))
+    add_options(p, type(cfg))
+    return apply_options(cfg, p.parse_args(argv))
 
 
 def test_settings_from_the_command_line_and_coerce():
     cfg = override(DataConfig(), ["--num_codes", "16", "--w_colour", "0.5", "--source", "idx:x",
                                   "--val_fraction", "1e-1"])
-    assert (cfg.num_codes, cfg.w_colour, cfg.source, cfg.val_fraction) == (16, 0.5, "idx:x", 0.1)
-    assert isinstance(cfg.num_codes, int) and isinstance(cfg.w_colour, float)
+    assert (cfg.codebook.num_codes, cfg.codebook.w_colour, cfg.source, cfg.val_fraction) == (16, 0.5, "idx:x", 0.1)
+    assert isinstance(cfg.codebook.num_codes, int) and isinstance(cfg.codebook.w_colour, float)
     with pytest.raises(UserError) as e:
         override(DataConfig(), ["--num_code", "16"])
     assert "--num_code" in str(e.value) and "valid options" in str(e.value) and "\n" not in str(e.value)
@@ -770,7 +766,7 @@ def test_hf_source_reads_a_saved_dataset_and_its_splits(tmp_path):
     with pytest.raises(UserError, match="expected an Image column and a ClassLabel"):
         sources.load_hf(str(tmp_path / "plain"), 8, 1)
     # prepare reads it like any other source, split and codebook included
-    cfg = DataConfig(source=f"hf:{tmp_path / 'one'}", data_dir=str(tmp_path / "prepared"), image_size=8,
+    cfg = build(DataConfig, source=f"hf:{tmp_path / 'one'}", data_dir=str(tmp_path / "prepared"), image_size=8,
                      patch_size=2, num_codes=8, kmeans_iters=3)
     rep = prepare(cfg)
     assert rep["classes"] == ["a", "b", "c"] and rep["counts"]["val"] == [2, 2, 2]

@@ -17,6 +17,7 @@ import hf_export
 from imagegpt import checkpoint, decoding, huggingface
 from imagegpt.cli import run_cli
 from imagegpt.errors import UserError
+from imagegpt.settings import build
 from imagegpt.token_format import Vocab
 from imagegpt.training import TrainConfig, build_model
 from model import GPT, GPTConfig
@@ -38,7 +39,7 @@ def tiny_checkpoint(folder, bias=True, seed=0):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    cfg = TrainConfig(n_layer=2, n_head=2, n_embd=32, max_length=BLOCK, image_size=8, patch_size=4, num_codes=16)
+    cfg = build(TrainConfig, n_layer=2, n_head=2, n_embd=32, max_length=BLOCK, image_size=8, patch_size=4, num_codes=16)
     checkpoint.save(folder, model, cfg, vocab, book, metrics=METRICS)
     return model.eval(), vocab, book
 
@@ -176,8 +177,8 @@ def test_round_trip_import_checkpoint_load_and_init_from(exported):
         orig = checkpoint.load(exported["ckpt"])
         assert ck.settings == orig.settings and ck.metrics == METRICS
         assert ck.vocab.to_dict() == vocab.to_dict() and torch.equal(ck.codebook.centroids, book.centroids)
-        cfg = TrainConfig(init_from=exported["out"], max_length=BLOCK)
-        model3 = build_model(cfg, exported["vocab"], log=lambda *a: None)
+        cfg = build(TrainConfig, init_from=exported["out"], max_length=BLOCK)
+        model3 = build_model(cfg, exported["vocab"], cfg.max_length, log=lambda *a: None)
         assert model3.training
         assert torch.equal(model3.eval()(x)[0], want)
     # re-exporting the export gives the same weights

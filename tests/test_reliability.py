@@ -15,7 +15,6 @@ import stat
 import subprocess
 import sys
 import time
-from dataclasses import replace
 
 import pytest
 import torch
@@ -25,6 +24,7 @@ from imagegpt import checkpoint, cli, decoding, device, errors
 from imagegpt import files as files_mod
 from imagegpt import training as trainer_mod
 from imagegpt.errors import UserError
+from imagegpt.settings import build, changed, flat
 from imagegpt.training import TrainConfig, load_config, train
 
 TINY = dict(image_size=8, patch_size=2, num_codes=8, kmeans_iters=3, n_layer=2, n_head=2, n_embd=32,
@@ -33,7 +33,7 @@ STEPS = 12   # 48 training images (80 - 15 test - 17 dev) / batch 8 = 6 steps pe
 
 
 def cli_args(cfg):
-    return [a for k in (*TINY, "source", "data_dir", "out_dir") for a in (f"--{k}", str(getattr(cfg, k)))]
+    return [a for k in (*TINY, "source", "data_dir", "out_dir") for a in (f"--{k}", str(flat(cfg)[k]))]
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +41,15 @@ def run(tmp_path_factory):
     """One tiny finished run (max_length 0: the block size follows the data) and its data folder."""
     tmp = str(tmp_path_factory.mktemp("reliab"))
     write_images(os.path.join(tmp, "images"), n=80)
-    cfg = TrainConfig(source=f"folder:{tmp}/images", data_dir=f"{tmp}/data", out_dir=f"{tmp}/run", **TINY)
+    cfg = build(TrainConfig, source=f"folder:{tmp}/images", data_dir=f"{tmp}/data", out_dir=f"{tmp}/run", **TINY)
     lines = []
-    train(replace(cfg), log=lines.append)
+    train(changed(cfg), log=lines.append)
     return {"tmp": tmp, "cfg": cfg, "lines": lines}
 
 
 def copy_run(run, dest):
     shutil.copytree(run["cfg"].out_dir, dest)
-    return replace(run["cfg"], out_dir=str(dest))
+    return changed(run["cfg"], out_dir=str(dest))
 
 
 def files(folder):
@@ -134,7 +134,7 @@ def test_nonfinite_stops_the_run_and_keeps_the_last_good_checkpoint(run, tmp_pat
     poison(monkeypatch, at, what)
     lines = []
     with pytest.raises(UserError) as e:
-        train(replace(cfg, epochs=3), resume=True, allow_changes=True, log=lines.append)
+        train(changed(cfg, epochs=3), resume=True, allow_changes=True, log=lines.append)
     msg = str(e.value)
     assert msg.startswith(f"step {step}: {said}; training diverged and was stopped ({cfg.out_dir}/final keeps "
                           f"step {STEPS}; final/ and best/ never get non-finite weights)"), msg
@@ -149,7 +149,7 @@ def test_nonfinite_stops_the_run_and_keeps_the_last_good_checkpoint(run, tmp_pat
 def test_diverging_from_scratch_by_command_saves_nothing(run, tmp_path):
     """`python train.py ... --lr 1e30`: exit 2, one line, and no run folder at all (nothing was good)."""
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "train.py", *cli_args(replace(run["cfg"], out_dir=str(out))), "--lr", "1e30"],
+    r = subprocess.run([sys.executable, "train.py", *cli_args(changed(run["cfg"], out_dir=str(out))), "--lr", "1e30"],
                        cwd=ROOT, capture_output=True, text=True, env=subprocess_env(), timeout=120)
     assert r.returncode == 2
     line = one_line(r.stderr)
@@ -190,7 +190,7 @@ def test_two_runs_on_one_folder_exactly_one_runs(run, tmp_path):
     """Two `python train.py` on one out_dir: the second, started while the first holds the folder, is
     refused in one line naming the first one's pid; the first runs to its end, its log holds every
     evaluation once, and the lock goes away with it."""
-    cfg = replace(run["cfg"], out_dir=str(tmp_path / "run"), epochs=100)   # 600 steps: seconds
+    cfg = changed(run["cfg"], out_dir=str(tmp_path / "run"), epochs=100)   # 600 steps: seconds
     args = [sys.executable, "train.py", *cli_args(cfg)]
     first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env=subprocess_env())
@@ -220,11 +220,11 @@ def test_a_stale_lock_never_blocks(run, tmp_path):
     cfg = copy_run(run, tmp_path / "run")
     with open(os.path.join(cfg.out_dir, files_mod.FolderLock.NAME), "w") as f:
         f.write(f"{dead.pid}\n")
-    out = train(replace(cfg, epochs=3), resume=True, allow_changes=True, log=lambda *a: None)
+    out = train(changed(cfg, epochs=3), resume=True, allow_changes=True, log=lambda *a: None)
     assert out["step"] == 3 * 6
     assert not os.path.exists(os.path.join(cfg.out_dir, files_mod.FolderLock.NAME))
     # the lock of a run killed in the middle of training
-    cfg = replace(run["cfg"], out_dir=str(tmp_path / "killed"), epochs=100)
+    cfg = changed(run["cfg"], out_dir=str(tmp_path / "killed"), epochs=100)
     p = subprocess.Popen([sys.executable, "train.py", *cli_args(cfg)], cwd=ROOT, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, env=subprocess_env())
     try:
@@ -233,7 +233,7 @@ def test_a_stale_lock_never_blocks(run, tmp_path):
         p.send_signal(signal.SIGKILL)
         p.wait(60)
     assert lock_pid(cfg.out_dir) == str(p.pid)   # left behind, holding a dead pid
-    out = train(replace(cfg, epochs=1), log=lambda *a: None)
+    out = train(changed(cfg, epochs=1), log=lambda *a: None)
     assert out["step"] == 6 and not os.path.exists(os.path.join(cfg.out_dir, files_mod.FolderLock.NAME))
 
 
@@ -241,20 +241,20 @@ def test_the_lock_itself(tmp_path):
     """lock_folder(): a second holder is refused naming the first one's pid; release leaves no trace,
     not even a new modification time; the folders it created go away again."""
     folder = tmp_path / "a" / "b"
-    lock = files.lock_folder(str(folder), "run folder", "; try later")
+    lock = files_mod.lock_folder(str(folder), "run folder", "; try later")
     assert lock_pid(folder) == str(os.getpid())
     with pytest.raises(UserError, match=rf"b: the run folder is in use by another process \(pid {os.getpid()}, "
                                         rf"lock file .*\.lock\); try later"):
-        files.lock_folder(str(folder), "run folder", "; try later")
+        files_mod.lock_folder(str(folder), "run folder", "; try later")
     lock.release()
     lock.release()   # twice is harmless
     assert not (tmp_path / "a").exists()
     (tmp_path / "old").mkdir()
     os.utime(tmp_path / "old", ns=(10 ** 18, 10 ** 18))
-    with files.lock_folder(str(tmp_path / "old")):
+    with files_mod.lock_folder(str(tmp_path / "old")):
         assert (tmp_path / "old" / ".lock").exists()
     assert os.listdir(tmp_path / "old") == [] and os.stat(tmp_path / "old").st_mtime_ns == 10 ** 18
-    with files.lock_folder(str(tmp_path / "old")):
+    with files_mod.lock_folder(str(tmp_path / "old")):
         (tmp_path / "old" / "written").write_text("x")    # a real change keeps its time
     assert os.stat(tmp_path / "old").st_mtime_ns != 10 ** 18
 
@@ -265,13 +265,13 @@ def test_resume_refuses_other_settings_before_preparing_data(run, tmp_path):
     cfg = copy_run(run, tmp_path / "run")
     data = str(tmp_path / "other-data")
     with pytest.raises(UserError, match=r"other model or data settings: num_codes 8 -> 16"):
-        train(replace(cfg, num_codes=16, data_dir=data), resume=True, log=lambda *a: None)
+        train(changed(cfg, num_codes=16, data_dir=data), resume=True, log=lambda *a: None)
     assert not os.path.exists(data)
     with pytest.raises(UserError, match=r"other training settings than the run's: epochs 2 -> 4, lr 0.001 -> 0.0005; "
                                         r"it would not continue the same run; pass --allow_changes"):
-        train(replace(cfg, lr=5e-4, epochs=4), resume=True, log=lambda *a: None)
+        train(changed(cfg, lr=5e-4, epochs=4), resume=True, log=lambda *a: None)
     # the settings that say where and how it runs may change freely
-    out = train(replace(cfg, device="cpu", compile=False, bf16="false"), resume=True, log=lambda *a: None)
+    out = train(changed(cfg, device="cpu", compile=False, bf16="false"), resume=True, log=lambda *a: None)
     assert out["step"] == STEPS
 
 
@@ -380,7 +380,7 @@ def test_an_output_in_a_folder_that_cannot_be_written_is_refused_first(run, tmp_
     import train as train_script
     ro = tmp_path / "ro"
     ro.mkdir()
-    final, d = f"{run['cfg'].out_dir}/final", run["cfg"].data_dir
+    final, d = f"{run['cfg'].out_dir}/final", run["cfg"].data.data_dir
     deny_writes(monkeypatch, ro)
     cases = [
         (sample.main, ["--ckpt", final, "--out_png", str(ro / "s.png")]),
@@ -389,11 +389,11 @@ def test_an_output_in_a_folder_that_cannot_be_written_is_refused_first(run, tmp_
         (eval_mod.main, ["--curves", run["cfg"].out_dir, "--out", str(ro / "c.png")]),
         (data.main, ["render", f"{d}/val.jsonl", "--out", str(ro / "g.png")]),
         (data.main, ["reconstruct", d, "--out", str(ro / "r.png")]),
-        (data.main, ["prepare", "--source", run["cfg"].source, "--data_dir", str(ro / "new")]),
+        (data.main, ["prepare", "--source", run["cfg"].data.source, "--data_dir", str(ro / "new")]),
         (hf_export.main, ["--ckpt", final, "--out", str(ro / "hf")]),
         (bench.main, ["--quick", "--json", str(ro / "b.json")]),
-        (train_script.main, [*cli_args(replace(run["cfg"], out_dir=str(ro)))]),
-        (train_script.main, [*cli_args(replace(run["cfg"], out_dir=str(ro / "run")))]),
+        (train_script.main, [*cli_args(changed(run["cfg"], out_dir=str(ro)))]),
+        (train_script.main, [*cli_args(changed(run["cfg"], out_dir=str(ro / "run")))]),
     ]
     for main, argv in cases:
         code, out, err = run_main(main, argv)
@@ -414,7 +414,7 @@ def test_hidden_folders_are_not_classes(tmp_path):
 def test_a_new_run_over_an_earlier_one_says_so(run, tmp_path):
     cfg = copy_run(run, tmp_path / "run")
     lines = []
-    train(replace(cfg, epochs=1), log=lines.append)
+    train(changed(cfg, epochs=1), log=lines.append)
     assert any(f"note: {cfg.out_dir} holds an earlier run; this new one replaces its log" in str(x) for x in lines)
 
 
@@ -422,7 +422,7 @@ def test_a_new_run_over_an_earlier_one_says_so(run, tmp_path):
 
 def test_allow_truncation_trains_on_cut_images_and_says_so(run, tmp_path):
     lines = []
-    cfg = replace(run["cfg"], out_dir=str(tmp_path / "run"), max_length=12, allow_truncation=True, epochs=1)
+    cfg = changed(run["cfg"], out_dir=str(tmp_path / "run"), max_length=12, allow_truncation=True, epochs=1)
     train(cfg, log=lines.append)
     assert any("note: max_length 12 cuts the image tokens of 65 sequences" in str(x) for x in lines)
     assert checkpoint.load(os.path.join(cfg.out_dir, "final")).model.config.block_size == 12
@@ -435,7 +435,7 @@ def test_allow_truncation_trains_on_cut_images_and_says_so(run, tmp_path):
 
 
 def test_a_cut_is_refused_before_preparing_the_data(run, tmp_path):
-    cfg = replace(run["cfg"], out_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"), image_size=16,
+    cfg = changed(run["cfg"], out_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"), image_size=16,
                   max_length=64)
     with pytest.raises(UserError, match=r"max_length 64 is shorter than the sequences of image_size 16 in patches "
                                         r"of 2 \(69 tokens\): it would cut every sequence"):
@@ -474,7 +474,7 @@ def test_every_output_follows_the_umask(run, tmp_path, mask):
 
 def test_the_training_run_wrote_shareable_files(run):
     mask = files_mod.umask()
-    for folder in (run["cfg"].out_dir, run["cfg"].data_dir):
+    for folder in (run["cfg"].out_dir, run["cfg"].data.data_dir):
         for name, mode in modes(folder).items():
             want = (0o777 if os.path.isdir(os.path.join(folder, name)) else 0o666) & ~mask
             assert mode == want, f"{folder}/{name}: {oct(mode)}"

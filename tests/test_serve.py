@@ -25,6 +25,7 @@ from fixtures import ROOT
 from PIL import Image, ImageDraw
 
 from imagegpt import checkpoint, loadtest, service
+from imagegpt.settings import build
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -179,7 +180,9 @@ def test_generate(client, loaded):
     ({"colour": "red"}, "colour: Extra inputs are not permitted"),
     ({"digit": 3}, "class-conditional sampling needs a model trained with conditioning"),
     ({"cfg": 2.0}, "class-conditional sampling needs a model trained with conditioning"),
-    ({"digit": -1}, "digit"),
+    ({"class": 3}, "class-conditional sampling needs a model trained with conditioning"),
+    ({"guidance": 2.0}, "class-conditional sampling needs a model trained with conditioning"),
+    ({"digit": [3]}, "digit"),
 ])
 def test_generate_bad_settings(client, body, words):
     r = client.post("/generate", json=body)
@@ -516,7 +519,7 @@ def test_a_conditioned_checkpoint_draws_the_asked_digit(tmp_path):
     from imagegpt.training import TrainConfig
     tiny = make_tiny_run(tmp_path)
     ck = checkpoint.load(tiny.ckpt)
-    checkpoint.save(tiny.ckpt, ck.model, TrainConfig(data_dir=tiny.data_dir, cond_fraction=0.5), ck.vocab, ck.codebook)
+    checkpoint.save(tiny.ckpt, ck.model, build(TrainConfig, data_dir=tiny.data_dir, cond_fraction=0.5), ck.vocab, ck.codebook)
     with TestClient(service.create_app(checkpoint.load(tiny.ckpt))) as c:
         assert c.get("/healthz").json()["conditional"] is True
         for cfg in (1.0, 3.0):

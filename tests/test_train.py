@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -24,6 +24,7 @@ from imagegpt.data_config import check_data_config
 from imagegpt.errors import UserError
 from imagegpt.metrics import evaluate
 from imagegpt.sequences import make_batch, read_sequences
+from imagegpt.settings import build, changed, flat, names
 from imagegpt.token_format import Vocab
 from imagegpt.training import TrainConfig, load_config, load_split, train
 from model import GPT, GPTConfig
@@ -40,14 +41,13 @@ def make_cfg(tmp, out, **kw):
                 num_codes=8, kmeans_iters=3, out_dir=str(tmp / out), n_layer=2, n_head=2, n_embd=32,
                 max_length=32, batch_size=8, epochs=3, lr=1e-3, min_lr=1e-4, warmup_steps=3, eval_every=4,
                 seed=1, device="cpu", dev_fraction=0.25, bf16="false")   # fp32: exact comparisons
-    return TrainConfig(**{**base, **kw})
+    return build(TrainConfig, **{**base, **kw})
 
 
 def cli_args(cfg):
     """The non-default fields of a TrainConfig as --key value pairs."""
-    default = TrainConfig()
-    return [a for f in fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)
-            for a in (f"--{f.name}", str(getattr(cfg, f.name)))]
+    default = flat(TrainConfig())
+    return [a for k, v in flat(cfg).items() if v != default[k] for a in (f"--{k}", str(v))]
 
 
 def read_log(cfg):
@@ -103,7 +103,7 @@ def run_a(tmp_path_factory):
     mp.setattr(checkpoint, "save", spy)
     try:
         before = signal.getsignal(signal.SIGINT)
-        out = train(replace(cfg), log=lines.append)
+        out = train(changed(cfg), log=lines.append)
         after = signal.getsignal(signal.SIGINT)
     finally:
         mp.undo()
@@ -115,7 +115,7 @@ def run_a(tmp_path_factory):
 
 def test_run_a_trains_and_logs(run_a):
     cfg, out, log = run_a["cfg"], run_a["out"], run_a["log"]
-    assert os.path.exists(os.path.join(cfg.data_dir, "report.json"))   # prepared by train()
+    assert os.path.exists(os.path.join(cfg.data.data_dir, "report.json"))   # prepared by train()
     assert out["step"] == 3 * STEPS_PER_EPOCH
     assert [r["step"] for r in log] == [4, 8, 12, 16, 18]
     assert log[-1]["tokens"] == 18 * 8 * 20                             # 20 scored tokens per sequence
@@ -130,9 +130,9 @@ def test_no_training_decision_reads_the_test_split(run_a, tmp_path):
     (curves), best/ (the checkpoint choice) and final/ are those of the run with the real file."""
     cfg = run_a["cfg"]
     data = tmp_path / "prepared"
-    shutil.copytree(cfg.data_dir, data)
+    shutil.copytree(cfg.data.data_dir, data)
     (data / "val.jsonl").write_text("not a sequence file\n")
-    cfg2 = replace(cfg, data_dir=str(data), out_dir=str(tmp_path / "run"))
+    cfg2 = changed(cfg, data_dir=str(data), out_dir=str(tmp_path / "run"))
     train(cfg2, log=lambda *a: None)
     assert [[r[k] for k in LOGGED] for r in read_log(cfg2)] == [[r[k] for k in LOGGED] for r in run_a["log"]]
     for name in ("best", "final"):
@@ -146,8 +146,8 @@ def test_make_batch_scores_real_tokens_once(run_a):
     """One shift, pads never scored: the model's loss on a padded batch equals the cross entropy of
     each sequence on its own, over its real next tokens only."""
     cfg = run_a["cfg"]
-    vocab = Vocab.load(os.path.join(cfg.data_dir, "vocab.json"))
-    seqs, labels = read_sequences(os.path.join(cfg.data_dir, "val.jsonl"), vocab)
+    vocab = Vocab.load(os.path.join(cfg.data.data_dir, "vocab.json"))
+    seqs, labels = read_sequences(os.path.join(cfg.data.data_dir, "val.jsonl"), vocab)
     seqs = [s[:1 + k] + s[-4:] for s, k in zip(seqs[:4], (16, 3, 9, 0))]   # different lengths -> padding
     x, y, cls_pos = make_batch(seqs, 64, vocab.pad_id)
     assert x.shape == y.shape == (4, 20)
@@ -176,12 +176,12 @@ def test_train_loss_is_the_weighted_mean_over_real_tokens(run_a):
     """The first logged train loss equals the cross entropy of the untrained model on the first global
     batch, over real next tokens, with the label token weighted by label_weight."""
     cfg = make_cfg(run_a["tmp"], "lw", epochs=1, eval_every=1, label_weight=3.0)
-    train(replace(cfg), log=lambda *a: None)
+    train(changed(cfg), log=lambda *a: None)
     first = read_log(cfg)[0]
-    vocab = Vocab.load(os.path.join(cfg.data_dir, "vocab.json"))
+    vocab = Vocab.load(os.path.join(cfg.data.data_dir, "vocab.json"))
     x, y, cls_pos = load_split(cfg, "train", vocab)
     torch.manual_seed(cfg.seed)
-    model = train_mod.build_model(cfg, vocab, print)
+    model = train_mod.build_model(cfg, vocab, cfg.max_length, print)
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.batch_size]
     with torch.no_grad():
         logits, _ = model(x[idx])
@@ -202,7 +202,7 @@ def test_bf16_auto_trains_in_bf16_where_the_cpu_has_it(run_a):
     losses = {}
     for mode in ("false", "auto"):
         cfg = make_cfg(run_a["tmp"], f"prec-{mode}", epochs=1, eval_every=1, bf16=mode)
-        train(replace(cfg), log=lambda *a: None)
+        train(changed(cfg), log=lambda *a: None)
         losses[mode] = read_log(cfg)[0]["train_loss"]
     if torch.ops.mkldnn._is_mkldnn_bf16_supported():   # the project machines: AVX-512 with bf16
         assert losses["auto"] != losses["false"] and losses["auto"] == pytest.approx(losses["false"], rel=1e-2)
@@ -212,10 +212,10 @@ def test_bf16_auto_trains_in_bf16_where_the_cpu_has_it(run_a):
 
 def test_truncation_keeps_the_label_tail(run_a):
     cfg = make_cfg(run_a["tmp"], "short", max_length=12, allow_truncation=True, epochs=1, eval_every=0)
-    out = train(replace(cfg), log=lambda *a: None)
+    out = train(changed(cfg), log=lambda *a: None)
     assert out["step"] == STEPS_PER_EPOCH
-    vocab = Vocab.load(os.path.join(cfg.data_dir, "vocab.json"))
-    full, labels = read_sequences(os.path.join(cfg.data_dir, "train.jsonl"), vocab)
+    vocab = Vocab.load(os.path.join(cfg.data.data_dir, "vocab.json"))
+    full, labels = read_sequences(os.path.join(cfg.data.data_dir, "train.jsonl"), vocab)
     assert len(full[0]) == 21 > cfg.max_length
     x, y, cls_pos = load_split(cfg, "train", vocab)
     assert x.shape == (len(full), 11) and (cls_pos == 9).all()
@@ -233,7 +233,7 @@ def test_truncation_keeps_the_label_tail(run_a):
 def test_grad_accum_matches_a_bigger_batch(run_a):
     """batch_size 4 x grad_accum 2 is the same optimizer step as batch_size 8 (up to summation order)."""
     cfg = make_cfg(run_a["tmp"], "accum", batch_size=4, grad_accum=2)
-    train(replace(cfg), log=lambda *a: None)
+    train(changed(cfg), log=lambda *a: None)
     got, want = read_log(cfg), run_a["log"]
     assert [r["step"] for r in got] == [r["step"] for r in want]
     for g, w in zip(got, want):
@@ -250,11 +250,11 @@ def test_resume_continues_exactly(run_a, monkeypatch, stop_at, ema):
     with a weight average, both the average and the trained weights)."""
     tmp = run_a["tmp"]
     whole = make_cfg(tmp, f"whole{stop_at}-{ema}", dropout=0.1, ema=ema)
-    train(replace(whole), log=lambda *a: None)
+    train(changed(whole), log=lambda *a: None)
     cut = make_cfg(tmp, f"cut{stop_at}-{ema}", dropout=0.1, ema=ema)
     monkeypatch.setattr(train_mod, "StopFlag", stop_after(stop_at))
     lines = []
-    out = train(replace(cut), log=lines.append)
+    out = train(changed(cut), log=lines.append)
     assert out["step"] == stop_at
     assert any("interrupted" in str(line) and "--resume" in str(line) for line in lines)
     state = checkpoint.load_trainer_state(os.path.join(cut.out_dir, "final"))
@@ -263,7 +263,7 @@ def test_resume_continues_exactly(run_a, monkeypatch, stop_at, ema):
     assert [r["step"] for r in log_cut] == ([4] if stop_at < 8 else [4, 8])  # no line for the interruption
     monkeypatch.undo()
 
-    out = train(replace(cut), resume=True, log=lines.append)
+    out = train(changed(cut), resume=True, log=lines.append)
     assert out["step"] == 3 * STEPS_PER_EPOCH
     assert any("resumed" in str(line) and f"at step {stop_at}" in str(line) for line in lines)
     a = {r["step"]: r for r in read_log(whole)}
@@ -301,7 +301,7 @@ def test_weight_average_is_evaluated_and_saved_without_changing_training(run_a, 
     mp = pytest.MonkeyPatch()
     mp.setattr(train_mod.WeightAverage, "update", spy)
     try:
-        train(replace(cfg), log=lambda *a: None)
+        train(changed(cfg), log=lambda *a: None)
     finally:
         mp.undo()
     final = os.path.join(cfg.out_dir, "final")
@@ -335,7 +335,7 @@ def test_sigint_saves_and_resume_finishes(run_a, tmp_path):
     cfg = make_cfg(run_a["tmp"], "", out_dir=str(tmp_path / "run"), epochs=1000, eval_every=5)
     yaml_path = tmp_path / "cfg.yaml"
     over = {"out_dir", "eval_every"}   # these two come from the command line, the rest from the file
-    yaml_path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in asdict(cfg).items() if k not in over))
+    yaml_path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in flat(cfg).items() if k not in over))
     args = [sys.executable, "train.py", str(yaml_path), "--out_dir", cfg.out_dir, "--eval_every", "5"]
     log_path = tmp_path / "run" / "log.jsonl"
     with open(tmp_path / "stdout", "w") as so, open(tmp_path / "stderr", "w") as se:
@@ -407,7 +407,7 @@ def test_checkpoint_folders(run_a):
     state = torch.load(os.path.join(out, "final", "trainer_state.pt"), weights_only=True)
     assert state["step"] == 18 and state["done"] and set(state["optimizer"]) == {"state", "param_groups"}
     saved = json.load(open(os.path.join(out, "final", "config.json")))
-    assert saved["train"]["n_embd"] == 32 and saved["model"]["block_size"] == 32
+    assert saved["model"]["n_embd"] == 32 and saved["model"]["block_size"] == 32 and "n_embd" not in saved["train"]
     with open(os.path.join(out, "final", "metrics.json")) as f:
         metrics = json.load(f)
     assert metrics["loss"] == run_a["log"][-1]["dev_loss"]
@@ -501,7 +501,7 @@ def test_config_file_errors(tmp_path):
 def test_config_values_and_overrides(tmp_path):
     cfg = load_config(write(tmp_path, "n_layer: 3\nlr: 1e-3\ncompile: false\n# comment\n"),
                       {"n_layer": "4", "bf16": "false", "dropout": "0.1"})
-    assert (cfg.n_layer, cfg.lr, cfg.compile, cfg.bf16, cfg.dropout) == (4, 1e-3, False, "false", 0.1)
+    assert (cfg.model.n_layer, cfg.lr, cfg.compile, cfg.bf16, cfg.model.dropout) == (4, 1e-3, False, "false", 0.1)
     assert isinstance(cfg.lr, float)
     assert load_config(write(tmp_path, "", "empty.yaml")) == TrainConfig()
     assert load_config(None, {"epochs": "2"}).epochs == 2
@@ -510,30 +510,30 @@ def test_config_values_and_overrides(tmp_path):
 def test_shipped_configs_load():
     v2 = load_config(os.path.join(ROOT, "config", "v2.yaml"))
     assert (v2.batch_size, v2.epochs, v2.lr, v2.max_length) == (16, 30, 1e-4, 512)
-    assert (v2.n_layer, v2.n_head, v2.n_embd) == (6, 8, 384)
-    assert (v2.out_dir, v2.data_dir, v2.source, v2.patch_size, v2.num_codes) == \
+    assert (v2.model.n_layer, v2.model.n_head, v2.model.n_embd) == (6, 8, 384)
+    assert (v2.out_dir, v2.data.data_dir, v2.data.source, v2.data.codebook.patch_size, v2.data.codebook.num_codes) == \
         ("runs/v2", "data/mnist5k", "builtin", 4, 500)
     v1 = load_config(os.path.join(ROOT, "config", "v1.yaml"))
     assert (v1.batch_size, v1.epochs, v1.lr, v1.max_length) == (8, 20, 5e-5, 1024)
     assert (v1.weight_decay, v1.grad_clip, v1.out_dir) == (0.01, 1.0, "runs/v1")
-    assert (v1.patch_size, v1.data_dir, v1.source) == (1, "data/mnist5k-p1", "builtin")
+    assert (v1.data.codebook.patch_size, v1.data.data_dir, v1.data.source) == (1, "data/mnist5k-p1", "builtin")
     assert 28 * 28 + 5 <= v1.max_length                                   # the per-pixel sequences fit
     for name in ("demo", "large"):  # augmented copies of the training images: their own data_dir
         cfg = load_config(os.path.join(ROOT, "config", f"{name}.yaml"))
-        assert cfg.augment > 0 and cfg.data_dir != v2.data_dir and cfg.label_weight > 1
-        assert (cfg.source, cfg.patch_size, cfg.num_codes, cfg.dev_fraction) == ("builtin", 4, 500, 0.1)
+        assert cfg.data.augment > 0 and cfg.data.data_dir != v2.data.data_dir and cfg.label_weight > 1
+        assert (cfg.data.source, cfg.data.codebook.patch_size, cfg.data.codebook.num_codes, cfg.data.dev_fraction) == ("builtin", 4, 500, 0.1)
     best = load_config(os.path.join(ROOT, "config", "best.yaml"))   # the warp has a data folder of its own
-    assert (best.augment, best.max_elastic, best.num_codes, best.n_layer) == (20, 1.5, 1000, 6)
-    assert best.data_dir != cfg.data_dir
+    assert (best.data.augment, best.data.max_elastic, best.data.codebook.num_codes, best.model.n_layer) == (20, 1.5, 1000, 6)
+    assert best.data.data_dir != cfg.data.data_dir
     for name in sorted(os.listdir(os.path.join(ROOT, "config"))):     # every one passes the data checks
-        check_data_config(load_config(os.path.join(ROOT, "config", name)), name)
+        check_data_config(load_config(os.path.join(ROOT, "config", name)).data, name)
 
 
 def test_cli_help_lists_the_keys():
     r = run([sys.executable, "train.py", "--help"])
     assert r.returncode == 0 and not r.stderr
-    for f in fields(TrainConfig):
-        assert f"--{f.name}" in r.stdout
+    for name in names(TrainConfig):
+        assert f"--{name}" in r.stdout
     assert "--resume" in r.stdout
 
 
