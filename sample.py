@@ -91,7 +91,7 @@ def build_parser():
                     help="completion mode: finish N test images from their first --fraction of codes")
     ap.add_argument("--fraction", type=float, default=0.5, help="share of each image's codes kept (default: %(default)s)")
     ap.add_argument("--data", metavar="FILE.jsonl", help="--complete: images from this sequence file "
-                                                         "(default: <data_dir>/val.jsonl of the checkpoint)")
+                                                         "(default: <data_dir>/test.jsonl of the checkpoint)")
     ap.add_argument("--repair_v1", action="store_true", help="--complete: fill in v1 tails '<CLS> <CLS> <EOS>' "
                                                              "of the --data file from its label field")
     ap.add_argument("--out_jsonl", help="write the sequences here instead of printing them")
@@ -253,7 +253,7 @@ def complete_images(a, ck, label, sampling, settings):
     """--complete N: the first --fraction of N test images (or --data), finished by the model (as the
     class --class, if given); each shown as the real image, the kept part and the completion."""
     vocab, names, seq_len, book = ck.vocab, ck.class_names, ck.codebook.seq_len, ck.codebook
-    path = a.data or ck.split_file("val")
+    path = a.data or ck.split_file("test")
     seqs, labels = read_sequences(path, vocab, repair_v1=a.repair_v1)
     chosen = pick_examples(labels, a.complete, vocab.num_classes, a.seed)
     if len(chosen) < a.complete:

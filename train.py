@@ -8,7 +8,7 @@ Every setting (the options below: imagegpt/training.py's TrainConfig, composed o
 imagegpt/data_config.py, the codebook's of tokenizer.py and the model's of model.py)
 can be set in the YAML file or overridden with --key value. If the sequence files are missing they
 are prepared first. Training evaluates on the development split (dev.jsonl, made with dev_fraction > 0)
-and never reads the test split (val.jsonl). The run folder (out_dir) gets log.jsonl (one JSON line per
+and never reads the test split (test.jsonl). The run folder (out_dir) gets log.jsonl (one JSON line per
 evaluation), best/ (best development accuracy; only with a development split), final/ (the end of the
 schedule, resumable with --resume) and curves.png. Ctrl-C saves final/ and exits 0.
 

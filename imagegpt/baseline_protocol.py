@@ -278,7 +278,7 @@ class SuiteRun:
         if save_judge:
             clf.save_cnn(model, save_judge, self.class_names, info={
                 "trained_on": f"the {len(X['train'])} training images of {cfg.source} and {cfg.augment} augmented "
-                              f"copies of each (split_seed {cfg.split_seed}, val_fraction {cfg.val_fraction}, "
+                              f"copies of each (split_seed {cfg.split_seed}, test_fraction {cfg.test_fraction}, "
                               f"{', '.join(f'{k} {getattr(cfg, k)}' for k in MOVE_LIMITS)})",
                 "training": asdict(suite.cnn), "seed": s,
                 "test_accuracy": accuracy(pred, Y["test"]),

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from imagegpt import huggingface
+from imagegpt import prepare
 from imagegpt.data_config import DataConfig
 from imagegpt.device import check_memory, human_bytes
 from imagegpt.errors import UserError
@@ -57,11 +58,11 @@ class Checkpoint:
         d = self.settings.get("data_dir")
         return d if isinstance(d, str) and d else None
 
-    def split_file(self, name="val"):
-        """<data_dir>/<name>.jsonl: a split of the data the checkpoint was trained on."""
+    def split_file(self, name="test"):
+        """<data_dir>/<name>.jsonl: a split of the data the checkpoint was trained on (prepare.split_file)."""
         if not self.data_dir:
             raise UserError(f"{self.folder}/config.json records no data_dir; pass --data FILE.jsonl")
-        path = os.path.join(self.data_dir, f"{name}.jsonl")
+        path = prepare.split_file(self.data_dir, name)
         if not os.path.exists(path):
             raise UserError(f"{path}: missing (the checkpoint's {name} split); run from the repository "
                             f"root, prepare the data again, or pass --data FILE.jsonl")

@@ -1,6 +1,7 @@
 """The data settings (DataConfig): where the images come from, their size, the split, the augmented
 copies and the codebook, and the checks of values no run can use."""
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from imagegpt.augment import MOVE_LIMITS, WARP_GRID
 from imagegpt.device import check_memory
@@ -13,6 +14,7 @@ from tokenizer import CodebookConfig
 @dataclass
 class DataConfig:
     """Where the images come from, how they are split and copied, and the codebook that tokenises them."""
+    aliases: ClassVar = {"val_fraction": "test_fraction"}   # the original project's name for the test split
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
     source: str = "builtin"
     """where the labelled images come from: builtin, idx:DIR, folder:DIR, csv:DIR or hf:NAME_OR_PATH[:SPLIT]"""
@@ -22,8 +24,8 @@ class DataConfig:
     """images are resized to image_size x image_size pixels"""
     channels: int = 1
     """1 for grey images, 3 for colour (RGB)"""
-    val_fraction: float = 0.2
-    """share of each class held out as the test split (val.jsonl), read only by the final report"""
+    test_fraction: float = 0.2
+    """share of each class held out as the test split (test.jsonl), read only by the final report"""
     split_seed: int = 0
     """seed of the stratified split and of the augmented copies"""
     augment: int = 0
@@ -80,8 +82,8 @@ def check_data_config(cfg, where="config"):
         raise UserError(f"{where}: channels must be 1 (grey) or 3 (RGB), got {cfg.channels}")
     if cfg.image_size % cfg.codebook.patch_size:
         raise UserError(f"{where}: image_size {cfg.image_size} is not divisible by patch_size {cfg.codebook.patch_size}")
-    if not 0 < cfg.val_fraction < 1:
-        raise UserError(f"{where}: val_fraction must be between 0 and 1, got {cfg.val_fraction}")
+    if not 0 < cfg.test_fraction < 1:
+        raise UserError(f"{where}: test_fraction must be between 0 and 1, got {cfg.test_fraction}")
     if not 0 <= cfg.dev_fraction < 1:
         raise UserError(f"{where}: dev_fraction must be in [0, 1), got {cfg.dev_fraction}")
     if cfg.dev_fold and not cfg.dev_fraction > 0:

@@ -182,7 +182,7 @@ def summary(report, names):
 def real_split(settings, split="test"):
     """The real images a checkpoint was trained on and is compared with, from its data settings ->
     (train images, train labels, compared images, compared labels), uint8 (N, H, W, C), split as
-    prepare.prepare splits: with split "test" the held-out val_fraction (whatever dev_fraction was); with
+    prepare.prepare splits: with split "test" the held-out test_fraction (whatever dev_fraction was); with
     "dev" the development split carved from the training images (which then exclude it), so that
     sampling settings can be chosen without reading the test split."""
     cfg = data_settings(settings)

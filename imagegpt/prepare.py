@@ -2,7 +2,7 @@
 every split as token sequences (prepare), or check that a folder was prepared with these settings
 (ensure_prepared).
 
-A prepared folder holds, for each split (train, dev when asked for, val: the test split), the
+A prepared folder holds, for each split (train, dev when asked for, test), the
 sequences three ways: <split>.jsonl (one record per image, the original project's format),
 <split>.tokens.npy (the token ids, one fixed-width uint16 row per sequence, <PAD>-padded; int32 for a
 vocabulary over 65,536) and <split>.index.npz (labels, lengths); then vocab.json, the codebook and
@@ -28,7 +28,7 @@ from imagegpt.augment import copy_params, transform
 from imagegpt.data_config import DataConfig, check_data_config, image_bytes
 from imagegpt.device import check_memory
 from imagegpt.errors import UserError
-from imagegpt.settings import build, check_fields, flat
+from imagegpt.settings import build, canonical, check_fields, flat
 from imagegpt.files import check_dir, read_json, write_json
 from imagegpt.sources import load_source
 from imagegpt.splits import split_roles
@@ -41,7 +41,7 @@ FIT_IMAGES = 30000   # the codebook is fitted on at most this many training imag
 CHUNK = 4096         # images read, transformed and tokenised at a time
 
 
-SPLITS = ("train", "dev", "val")
+SPLITS = ("train", "dev", "test")
 
 
 SPLIT_FILES = (".jsonl", ".tokens.npy", ".index.npz")
@@ -136,8 +136,7 @@ class _Chunks(torch.utils.data.Dataset):
         codes = self.encoder.encode(x.to(self.device)).cpu()
         labels = self.labels[rows[pos]]
         ids = self.vocab.image_id_rows(codes.numpy(), labels)
-        split = {"val": "test"}.get(name, name)
-        metas = [dict(self.meta[j], split=split, **({"augmented": c} if c else {})) for j in rows[pos]]
+        metas = [dict(self.meta[j], split=name, **({"augmented": c} if c else {})) for j in rows[pos]]
         out = {"rows": ids.astype(token_dtype(len(self.vocab))), "labels": labels, "read": t2 - t,
                "lines": jsonl_lines(ids, labels, metas, self.vocab.tokens),
                "usage": np.bincount(codes.numpy().ravel(), minlength=self.book.cfg.num_codes)}
@@ -160,14 +159,14 @@ def prepare(cfg, device="cpu"):
     check_dir(cfg.data_dir, "data folder")
     images, labels, names, meta = load_source(cfg)
     t_load = time.time() - t0
-    tr, dev, va = roles(cfg, images, labels, names)   # va: the held-out test split
+    tr, dev, te = roles(cfg, images, labels, names)
     params = copy_params(len(tr), cfg.augment, cfg, cfg.split_seed)
     t1 = time.time()
     book = fit_codebook(fit_images(images, tr, params, cfg), cfg, device)
     t_fit = time.time() - t1
     vocab = Vocab(cfg.codebook.num_codes, len(names))
     copies = 0 if cfg.augment_on_the_fly else cfg.augment
-    plan = [("train", tr, copies), ("dev", dev, 0), ("val", va, 0)]
+    plan = [("train", tr, copies), ("dev", dev, 0), ("test", te, 0)]
     with staged(cfg.data_dir) as (stage, files):
         tally = tokenise(images, labels, meta, plan, params, book, vocab, device, stage, t_load)
         files += [name + ext for name, rows, _ in plan if len(rows) for ext in SPLIT_FILES]
@@ -186,7 +185,7 @@ def prepare(cfg, device="cpu"):
         "classes": names,
         "counts": {"train": np.bincount(labels[tr], minlength=len(names)).tolist(),
                    "dev": np.bincount(labels[dev], minlength=len(names)).tolist(),
-                   "val": np.bincount(labels[va], minlength=len(names)).tolist(),
+                   "test": np.bincount(labels[te], minlength=len(names)).tolist(),
                    "train_augmented": copies * len(tr)},
         "sequence_length": book.seq_len + 1 + TAIL,
         **tally.figures(book, t_fit, time.time() - t0),
@@ -198,10 +197,10 @@ def prepare(cfg, device="cpu"):
 def roles(cfg, images, labels, names):
     """The three roles of the source's images (splits.split_roles) -> (train, dev, test) index arrays,
     refused in one line where no classifier could be trained or tested on them."""
-    tr, dev, va = split_roles(labels, cfg)
+    tr, dev, te = split_roles(labels, cfg)
     if cfg.dev_fraction > 0 and len(dev) == 0:
         raise UserError(f"{cfg.source}: dev_fraction {cfg.dev_fraction} of {len(tr)} training images is no image")
-    if len(tr) == 0 or len(va) == 0:
+    if len(tr) == 0 or len(te) == 0:
         raise UserError(f"{cfg.source}: {len(images)} images are too few for a train/test split")
     counts = np.bincount(labels, minlength=len(names))
     if (counts == 0).any():
@@ -218,8 +217,8 @@ def roles(cfg, images, labels, names):
     n_fit = len(tr) * (cfg.augment + 1)
     check_memory(image_bytes(cfg, min(n_fit, FIT_IMAGES) + CHUNK) + 20 * len(tr) * cfg.augment,
                  f"{cfg.source}: {len(tr)} training images x {cfg.augment + 1} (augment {cfg.augment}) and "
-                 f"{len(va)} test images of {cfg.image_size} x {cfg.image_size}", hint="lower augment or image_size")
-    return tr, dev, va
+                 f"{len(te)} test images of {cfg.image_size} x {cfg.image_size}", hint="lower augment or image_size")
+    return tr, dev, te
 
 
 def fit_codebook(x, cfg, device):
@@ -314,7 +313,7 @@ class Tally:
         pr = torch.from_numpy(self.usage).double() / self.usage.sum()
         times = self.times
         return {
-            "val_psnr_db": round(self.psnr["val"][0] / self.psnr["val"][1], 3),
+            "test_psnr_db": round(self.psnr["test"][0] / self.psnr["test"][1], 3),
             "train_psnr_db": round(self.psnr["train"][0] / self.psnr["train"][1], 3),
             "distinct_images": len(self.distinct[0]),
             "distinct_sequences": len(self.distinct[1]),
@@ -344,7 +343,7 @@ def ensure_prepared(cfg, device="cpu", log=print):
         if not isinstance(made, dict):
             raise UserError(f"{path}: expected a JSON object with the data settings under \"config\" "
                             f"(a report.json written by data.py prepare)")
-        want = flat(cfg)
+        made, want = canonical(DataConfig, made), flat(cfg)
         default = flat(DataConfig())   # a setting newer than the folder: it was prepared with the default
         diff = [k for k in want if k != "data_dir" and made.get(k, default[k]) != want[k]]
         if diff:
@@ -353,6 +352,14 @@ def ensure_prepared(cfg, device="cpu", log=print):
         return report
     log(f"preparing {cfg.data_dir} from {cfg.source} ...")
     return prepare(cfg, device)
+
+
+def split_file(data_dir, name):
+    """<data_dir>/<name>.jsonl, the sequences of a split; a folder prepared before the test split had its
+    name holds it as val.jsonl (the original project's name), which is read instead."""
+    path = os.path.join(data_dir, f"{name}.jsonl")
+    old = os.path.join(data_dir, "val.jsonl")
+    return old if name == "test" and not os.path.exists(path) and os.path.exists(old) else path
 
 
 def read_report(data_dir):

@@ -7,7 +7,8 @@ Settings are composed from parts: a field whose value is itself a dataclass (Tra
 TrainConfig.model, DataConfig.codebook) is a group. Outside, every setting has one flat name, unique
 across the groups: `--n_layer 4` on the command line, `n_layer: 4` in a YAML file, a key of a
 checkpoint's "train" settings or of report.json's "config". A dataclass may list in `not_settings`
-(a ClassVar) flat names that it fills in itself (the model's vocabulary size comes from the data).
+(a ClassVar) flat names that it fills in itself (the model's vocabulary size comes from the data), and
+in `aliases` (a ClassVar {old name: name}) the names a setting had before, which are still accepted.
 Every value is converted to the field's type and checked (coerce), wherever it comes from.
 """
 import ast
@@ -55,6 +56,22 @@ def leaves(cfg):
     return out
 
 
+def aliases(cfg):
+    """{old name: name} of the settings of `cfg` that were renamed (their groups' included)."""
+    cfg = cfg() if isinstance(cfg, type) else cfg
+    out = dict(getattr(cfg, "aliases", {}))
+    for f in fields(cfg):
+        if is_dataclass(getattr(cfg, f.name)):
+            out.update(aliases(getattr(cfg, f.name)))
+    return out
+
+
+def canonical(cfg, values):
+    """A flat mapping with the old names of renamed settings replaced by their names."""
+    old = aliases(cfg)
+    return {old.get(k, k): v for k, v in values.items()}
+
+
 def names(cfg):
     """The flat names of the settings of `cfg`."""
     return [name for name, _, _ in leaves(cfg)]
@@ -69,7 +86,7 @@ def update(cfg, values, where="settings"):
     """Set the settings named in `values` ({flat name: value}, from a YAML file or the command line)
     on `cfg`, each converted to its type; an unknown name is an error naming the valid ones."""
     owners = {name: owner for name, owner, _ in leaves(cfg)}
-    for k, v in values.items():
+    for k, v in canonical(cfg, values).items():
         if k not in owners:
             raise UserError(f"{where}: unknown key {k!r}; valid keys: {', '.join(owners)}")
         setattr(owners[k], k, coerce(k, v, type(getattr(owners[k], k)), where))
@@ -89,13 +106,13 @@ def changed(cfg, **values):
 def known(cls, values):
     """The entries of a flat mapping (a checkpoint's settings) that are settings of `cls`."""
     want = set(names(cls))
-    return {k: v for k, v in values.items() if k in want}
+    return {k: v for k, v in canonical(cls, values).items() if k in want}
 
 
 def add_options(parser, cls, skip=()):
     """One --name option per setting of `cls` (but those in `skip`), its help the field's docstring and
     default; the values are converted and checked by apply_options."""
-    groups = {}
+    groups, old = {}, {name: alias for alias, name in aliases(cls).items()}
     for name, owner, default in leaves(cls):
         if name in skip:
             continue
@@ -104,8 +121,9 @@ def add_options(parser, cls, skip=()):
             groups[kind] = parser.add_argument_group(f"{kind.__name__} ({inspect.getmodule(kind).__name__})",
                                                      inspect.getdoc(kind))
         doc = docs(kind).get(name, "")
-        groups[kind].add_argument(f"--{name}", default=None, metavar=type(default).__name__.upper(),
-                                  help=f"{doc} (default: {default!r})".lstrip())
+        also = f" ({'--' + old[name]} is the older name)" if name in old else ""
+        groups[kind].add_argument(f"--{name}", *([f"--{old[name]}"] if name in old else []), dest=name, default=None,
+                                  metavar=type(default).__name__.upper(), help=f"{doc}{also} (default: {default!r})".lstrip())
 
 
 def apply_options(cfg, args, where="command line", skip=()):
@@ -190,10 +208,11 @@ def check_fields(obj, cls, where, prefix=""):
     (`where`) and the key."""
     if not isinstance(obj, dict):
         raise UserError(f"{where}: {prefix.rstrip('.') or 'the file'} is {json_type(obj)}, expected a JSON object")
+    values = canonical(cls, obj)
     for name, _, default in leaves(cls):
-        if name not in obj:
+        if name not in values:
             continue
-        v, typ = obj[name], type(default)
+        v, typ = values[name], type(default)
         ok = isinstance(v, bool) if typ is bool else \
             isinstance(v, int) and not isinstance(v, bool) if typ is int else \
             isinstance(v, (int, float)) and not isinstance(v, bool) if typ is float else isinstance(v, typ)

@@ -29,7 +29,7 @@ CLASSES = ["cat", "dog", "eel"]
 
 def make_tiny_run(root, seed=0):
     """A random-init checkpoint with its own 4x4 codebook (8 codes, 2x2 patches), 3 classes, a data
-    folder with val.jsonl and report.json, a log.jsonl, and the images as a class folder tree."""
+    folder with test.jsonl and report.json, a log.jsonl, and the images as a class folder tree."""
     from imagegpt import checkpoint
     from imagegpt.token_format import Vocab
     from imagegpt.training import TrainConfig
@@ -43,7 +43,7 @@ def make_tiny_run(root, seed=0):
     labels = [i % 3 for i in range(24)]
     data_dir = os.path.join(root, "data")
     os.makedirs(data_dir)
-    with open(os.path.join(data_dir, "val.jsonl"), "w") as f:
+    with open(os.path.join(data_dir, "test.jsonl"), "w") as f:
         for c, y in zip(book.encode(imgs).tolist(), labels):
             f.write(json.dumps({"tokens": vocab.image_tokens(c, y), "label": y, "meta": {}}) + "\n")
     with open(os.path.join(data_dir, "report.json"), "w") as f:
@@ -63,7 +63,7 @@ def make_tiny_run(root, seed=0):
         os.makedirs(os.path.join(img_dir, CLASSES[y]), exist_ok=True)
         Image.fromarray(arr[i], "L").save(os.path.join(img_dir, CLASSES[y], f"{i:02d}.png"))
     return SimpleNamespace(root=root, ckpt=ckpt, run=run, data_dir=data_dir, img_dir=img_dir,
-                           val=os.path.join(data_dir, "val.jsonl"), vocab=vocab, book=book, labels=labels)
+                           val=os.path.join(data_dir, "test.jsonl"), vocab=vocab, book=book, labels=labels)
 
 
 def png_size(path):

@@ -82,11 +82,11 @@ def env(tmp_path_factory):
     afile = os.path.join(tmp, "afile")
     with open(afile, "w") as f:
         f.write("a regular file\n")
-    with open(os.path.join(data, "val.jsonl")) as f:
+    with open(os.path.join(data, "test.jsonl")) as f:
         recs = [json.loads(line) for line in f]
     train_args = [a for k, v in TINY.items() for a in (f"--{k}", str(v))] + ["--source", f"folder:{images}"]
     return SimpleNamespace(tmp=tmp, images=images, data=data, run=run, final=os.path.join(run, "final"),
-                           val=os.path.join(data, "val.jsonl"), recs=recs, afile=afile, train_args=train_args,
+                           val=os.path.join(data, "test.jsonl"), recs=recs, afile=afile, train_args=train_args,
                            marker=os.path.join(tmp, "pwned"))
 
 
@@ -624,7 +624,7 @@ CASES = [
         ("channels", ["--channels", "2"], ["channels must be 1 (grey) or 3 (RGB), got 2"]),
         ("patch-does-not-divide", ["--patch_size", "3"], ["image_size 8 is not divisible by patch_size 3"]),
         ("zero-codes", ["--num_codes", "0"], ["num_codes must be at least 1, got 0"]),
-        ("val-fraction", ["--val_fraction", "1.5"], ["val_fraction must be between 0 and 1, got 1.5"]),
+        ("val-fraction", ["--val_fraction", "1.5"], ["test_fraction must be between 0 and 1, got 1.5"]),
         ("unknown-source", ["--source", "zip:foo"], ["source 'zip:foo': expected builtin, idx:DIR, folder:DIR, csv:DIR or hf:NAME_OR_PATH[:SPLIT]"]),
     ], lambda e, d: prepare_args(d, f"folder:{e.images}"), tag="prepare"),
     *under_file("data", lambda e, d, p: ["prepare", "--source", f"folder:{e.images}", "--data_dir", p, *PREP], "prepared"),
@@ -1007,7 +1007,7 @@ CASES += [
     *report_case("source-number", _set("config.source", 5), "config.source is a number (5), expected a string"),
     *report_case("config-list", _set("config", [1, 2]), "config is a list, expected a JSON object"),
     *report_case("image-size-string", _set("config.image_size", "8"), "config.image_size is a string (8), expected an integer"),
-    *report_case("val-fraction", _set("config.val_fraction", 5), "val_fraction must be between 0 and 1, got 5"),
+    *report_case("val-fraction", _set("config.val_fraction", 5), "test_fraction must be between 0 and 1, got 5"),
     *report_case("no-config", lambda r: r.pop("config"), 'expected a JSON object with the data settings under "config"'),
     *C("data-reconstruct-report-a-string", "data", lambda e, d: (
         ["reconstruct", data_copy(e, d, lambda p: write_lines(os.path.join(p, "report.json"), ['"prepared"'])),

@@ -72,7 +72,7 @@ def test_on_the_fly_files_and_the_codebook_of_the_fixed_copies(fly):
     assert images.dtype == np.uint8 and images.shape == (len(seqs), 8, 8, 1) and labels.tolist() == ys
     assert len(read_sequences(os.path.join(fixed.data.data_dir, "train.jsonl"), fly["vocab"])[0]) == (AUGMENT + 1) * len(seqs)
     # both fit the codebook on the same images (the originals and the fixed copies): the same codes
-    for f in ("codebook.safetensors", "val.jsonl", "dev.jsonl"):
+    for f in ("codebook.safetensors", "test.jsonl", "dev.jsonl"):
         with open(os.path.join(cfg.data.data_dir, f), "rb") as a, open(os.path.join(fixed.data.data_dir, f), "rb") as b:
             assert a.read() == b.read(), f
     # the stored images are the training images: tokenised untransformed they are train.jsonl
@@ -268,7 +268,7 @@ def test_prepare_in_worker_processes_writes_the_same_files(fly, tmp_path, monkey
     assert ref["tokenise_processes"] == 1 and rep["tokenise_processes"] == os.cpu_count()   # one per core
     assert rep["images_tokenised"] == ref["images_tokenised"] == 60 - sum(ref["counts"]["train"]) + 3 * sum(
         ref["counts"]["train"])
-    for k in ("counts", "val_psnr_db", "train_psnr_db", "distinct_images", "distinct_sequences", "codes_used",
+    for k in ("counts", "test_psnr_db", "train_psnr_db", "distinct_images", "distinct_sequences", "codes_used",
               "code_perplexity"):
         assert rep[k] == ref[k], k
     for f in sorted(os.listdir(fly["fixed"].data.data_dir)):

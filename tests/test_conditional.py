@@ -141,7 +141,7 @@ def test_a_conditioned_tiny_model_draws_the_asked_class(toy):
     ck, judge = toy["ck"], toy["judge"]
     real, real_lab = toy["test"]
     assert gm.judged_accuracy(judge, real, real_lab, 3)["accuracy"] == 1.0     # the judge's ceiling
-    seqs, labels = read_sequences(os.path.join(toy["cfg"].data.data_dir, "val.jsonl"), ck.vocab)
+    seqs, labels = read_sequences(os.path.join(toy["cfg"].data.data_dir, "test.jsonl"), ck.vocab)
     probs = class_probs(ck.model, [s[:-2] for s in seqs], ck.vocab)       # classification still works
     assert (probs.argmax(1) == torch.tensor(labels)).float().mean().item() >= 0.9
     asked = [c for c in range(3) for _ in range(20)]

@@ -362,26 +362,26 @@ def prepared(tmp_path_factory):
 def test_prepare_writes_everything(prepared):
     tmp, cfg, report, imgs, labels, order = prepared
     d = tmp / "prepared"
-    for name in ("train.jsonl", "val.jsonl", "vocab.json", "codebook.json", "codebook.safetensors", "report.json"):
+    for name in ("train.jsonl", "test.jsonl", "vocab.json", "codebook.json", "codebook.safetensors", "report.json"):
         assert (d / name).is_file(), name
     vocab = Vocab.load(d / "vocab.json")
     assert (vocab.num_codes, vocab.num_classes, len(vocab)) == (16, 3, 25)
     assert report["classes"] == ["class0", "class1", "class2"]
-    assert report["counts"] == {"train": [13, 13, 13], "dev": [0, 0, 0], "val": [3, 3, 3], "train_augmented": 0}
+    assert report["counts"] == {"train": [13, 13, 13], "dev": [0, 0, 0], "test": [3, 3, 3], "train_augmented": 0}
     assert report["sequence_length"] == 16 + 5
     assert json.loads((d / "report.json").read_text())["counts"] == report["counts"]
-    assert report["val_psnr_db"] > 15 and report["train_psnr_db"] > 15
+    assert report["test_psnr_db"] > 15 and report["train_psnr_db"] > 15
     assert report["distinct_images"] == 48 and 1 <= report["codes_used"] <= 16
     tr_seqs, tr_labels = read_sequences(d / "train.jsonl", vocab)
-    va_seqs, va_labels = read_sequences(d / "val.jsonl", vocab)
+    va_seqs, va_labels = read_sequences(d / "test.jsonl", vocab)
     assert (len(tr_seqs), len(va_seqs)) == (39, 9)
     assert all(len(s) == 21 for s in tr_seqs + va_seqs)
     assert np.bincount(tr_labels).tolist() == [13, 13, 13] and np.bincount(va_labels).tolist() == [3, 3, 3]
-    recs = [json.loads(line) for line in (d / "val.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (d / "test.jsonl").read_text().splitlines()]
     assert all(r["meta"]["split"] == "test" for r in recs)
     assert not (d / "dev.jsonl").exists()       # no development split without dev_fraction
     # the validation records are exactly the split's validation images, encoded by the saved codebook
-    tr, va = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
+    tr, va = stratified_split(labels, cfg.test_fraction, cfg.split_seed)
     assert [r["meta"]["source"] for r in recs] == [os.path.join(f"class{labels[i]}", f"{order[i]:03d}.png") for i in va]
     book = Codebook.load(d)
     assert book.image_size == (8, 8) and book.seq_len == 16
@@ -392,7 +392,7 @@ def test_prepare_writes_everything(prepared):
 def test_codebook_is_fitted_on_training_images_only(prepared):
     tmp, cfg, report, imgs, labels, order = prepared
     book = Codebook.load(tmp / "prepared")
-    tr, va = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
+    tr, va = stratified_split(labels, cfg.test_fraction, cfg.split_seed)
     x = to_tensor(imgs[..., None])
     on_train = Codebook.fit(x[tr], cfg.codebook)
     assert torch.equal(book.centroids, on_train.centroids)
@@ -403,17 +403,17 @@ def test_codebook_is_fitted_on_training_images_only(prepared):
 
 def test_dev_split_is_carved_from_training_images_and_the_test_split_stays(prepared):
     """dev_fraction > 0: dev.jsonl holds a stratified share of the training images (the codebook is
-    fitted on the rest), and val.jsonl, the test split, holds the same images as without it."""
+    fitted on the rest), and test.jsonl, the test split, holds the same images as without it."""
     tmp, cfg, report, imgs, labels, order = prepared
     dcfg = changed(cfg, dev_fraction=0.25, data_dir=str(tmp / "with_dev"))
     rep = prepare(dcfg)
     assert rep["counts"]["dev"] == [3, 3, 3] and rep["counts"]["train"] == [10, 10, 10]
-    assert rep["counts"]["val"] == report["counts"]["val"]
+    assert rep["counts"]["test"] == report["counts"]["test"]
     src = lambda d, f: {json.loads(line)["meta"]["source"] for line in (tmp / d / f).read_text().splitlines()}
-    dev, train, test = src("with_dev", "dev.jsonl"), src("with_dev", "train.jsonl"), src("with_dev", "val.jsonl")
-    assert test == src("prepared", "val.jsonl") and len(test) == 9
+    dev, train, test = src("with_dev", "dev.jsonl"), src("with_dev", "train.jsonl"), src("with_dev", "test.jsonl")
+    assert test == src("prepared", "test.jsonl") and len(test) == 9
     assert len(dev) == 9 and not dev & train and not dev & test and not train & test
-    tr, _ = stratified_split(labels, cfg.val_fraction, cfg.split_seed)
+    tr, _ = stratified_split(labels, cfg.test_fraction, cfg.split_seed)
     sub, _ = stratified_split(labels[tr], 0.25, cfg.split_seed + 1)
     on_train = Codebook.fit(to_tensor(imgs[tr[sub]][..., None]), dcfg.codebook)   # training minus dev only
     assert torch.equal(Codebook.load(tmp / "with_dev").centroids, on_train.centroids)
@@ -429,9 +429,9 @@ def test_another_dev_fold_is_another_dev_split_with_the_same_test_split(prepared
         name = f"fold{fold}"
         rep = prepare(changed(cfg, dev_fraction=0.25, dev_fold=fold, data_dir=str(tmp / name)))
         assert rep["counts"]["dev"] == [3, 3, 3] and rep["counts"]["train"] == [10, 10, 10]
-        sets[fold] = {f: src(name, f) for f in ("train.jsonl", "dev.jsonl", "val.jsonl")}
+        sets[fold] = {f: src(name, f) for f in ("train.jsonl", "dev.jsonl", "test.jsonl")}
     a, b = sets[0], sets[1]
-    assert not a["dev.jsonl"] & b["dev.jsonl"] and a["val.jsonl"] == b["val.jsonl"] == src("prepared", "val.jsonl")
+    assert not a["dev.jsonl"] & b["dev.jsonl"] and a["test.jsonl"] == b["test.jsonl"] == src("prepared", "test.jsonl")
     assert a["train.jsonl"] | a["dev.jsonl"] == b["train.jsonl"] | b["dev.jsonl"]
     # what eval --split dev and --generation read back from a checkpoint's settings: the same images
     keys = lambda images: {im.tobytes() for im in images}
@@ -463,7 +463,7 @@ def test_ensure_prepared_prepares_a_new_folder(tmp_path):
     logs = []
     rep = ensure_prepared(cfg, log=logs.append)
     assert len(logs) == 1 and "preparing" in logs[0]
-    assert rep["counts"] == {"train": [8, 8, 8], "dev": [0, 0, 0], "val": [2, 2, 2], "train_augmented": 48}
+    assert rep["counts"] == {"train": [8, 8, 8], "dev": [0, 0, 0], "test": [2, 2, 2], "train_augmented": 48}
     vocab = Vocab.load(tmp_path / "prepared" / "vocab.json")
     seqs, labels = read_sequences(tmp_path / "prepared" / "train.jsonl", vocab)
     assert len(seqs) == 24 * 3
@@ -472,7 +472,7 @@ def test_ensure_prepared_prepares_a_new_folder(tmp_path):
     assert [r["meta"].get("augmented") for r in recs] == [None] * 24 + [1] * 24 + [2] * 24
     assert [r["meta"]["source"] for r in recs[24:48]] == [r["meta"]["source"] for r in recs[:24]]
     assert [r["label"] for r in recs[48:]] == [r["label"] for r in recs[:24]]
-    assert len(read_sequences(tmp_path / "prepared" / "val.jsonl", vocab)[0]) == 6
+    assert len(read_sequences(tmp_path / "prepared" / "test.jsonl", vocab)[0]) == 6
     assert ensure_prepared(cfg, log=logs.append) == rep and len(logs) == 1
 
 
@@ -483,10 +483,10 @@ def test_prepare_from_idx(tmp_path):
     cfg = build(DataConfig, source=f"idx:{tmp_path}", data_dir=str(tmp_path / "out"), image_size=12,
                      patch_size=3, num_codes=16, kmeans_iters=5)
     rep = prepare(cfg)
-    assert rep["counts"] == {"train": [11, 10, 10], "dev": [0, 0, 0], "val": [3, 3, 3], "train_augmented": 0}
+    assert rep["counts"] == {"train": [11, 10, 10], "dev": [0, 0, 0], "test": [3, 3, 3], "train_augmented": 0}
     assert rep["sequence_length"] == 16 + 5
     vocab = Vocab.load(tmp_path / "out" / "vocab.json")
-    assert len(read_sequences(tmp_path / "out" / "val.jsonl", vocab)[0]) == 9
+    assert len(read_sequences(tmp_path / "out" / "test.jsonl", vocab)[0]) == 9
 
 
 def test_prepare_too_few_images(tmp_path):
@@ -667,7 +667,7 @@ def test_cli_prepare_render_reconstruct(tmp_path, monkeypatch, capsys):
     made = json.loads((tmp_path / "p" / "report.json").read_text())["config"]
     assert (made["num_codes"], made["image_size"], made["augment"]) == (16, 8, 1)
     grid = tmp_path / "grid.png"
-    out = run_main(monkeypatch, capsys, "render", str(tmp_path / "p" / "val.jsonl"), "--n", "4", "--out", str(grid))
+    out = run_main(monkeypatch, capsys, "render", str(tmp_path / "p" / "test.jsonl"), "--n", "4", "--out", str(grid))
     assert "wrote" in out
     with Image.open(grid) as im:
         assert im.size == (2 * (8 * 3 + 4), 2 * (8 * 3 + 16))
@@ -701,7 +701,7 @@ def override(cfg, argv):
 def test_settings_from_the_command_line_and_coerce():
     cfg = override(DataConfig(), ["--num_codes", "16", "--w_colour", "0.5", "--source", "idx:x",
                                   "--val_fraction", "1e-1"])
-    assert (cfg.codebook.num_codes, cfg.codebook.w_colour, cfg.source, cfg.val_fraction) == (16, 0.5, "idx:x", 0.1)
+    assert (cfg.codebook.num_codes, cfg.codebook.w_colour, cfg.source, cfg.test_fraction) == (16, 0.5, "idx:x", 0.1)
     assert isinstance(cfg.codebook.num_codes, int) and isinstance(cfg.codebook.w_colour, float)
     with pytest.raises(UserError) as e:
         override(DataConfig(), ["--num_code", "16"])
@@ -769,4 +769,4 @@ def test_hf_source_reads_a_saved_dataset_and_its_splits(tmp_path):
     cfg = build(DataConfig, source=f"hf:{tmp_path / 'one'}", data_dir=str(tmp_path / "prepared"), image_size=8,
                      patch_size=2, num_codes=8, kmeans_iters=3)
     rep = prepare(cfg)
-    assert rep["classes"] == ["a", "b", "c"] and rep["counts"]["val"] == [2, 2, 2]
+    assert rep["classes"] == ["a", "b", "c"] and rep["counts"]["test"] == [2, 2, 2]

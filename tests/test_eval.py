@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -146,12 +147,28 @@ def test_eval_cli_default_split(tiny, capsys):
     assert sum(map(sum, rep["confusion"])) == 24
 
 
+def test_a_folder_prepared_before_the_rename_is_read_from_val_jsonl(tiny, tmp_path, capsys):
+    """Folders prepared before the test split was named test.jsonl hold it as val.jsonl (the original
+    project's name): eval.py and sample.py --complete still find it there."""
+    ck, data = tmp_path / "ck", tmp_path / "data"
+    shutil.copytree(tiny.ckpt, ck)
+    shutil.copytree(tiny.data_dir, data)
+    os.rename(data / "test.jsonl", data / "val.jsonl")
+    cfg = json.load(open(ck / "config.json"))
+    cfg["train"]["data_dir"] = str(data)
+    json.dump(cfg, open(ck / "config.json", "w"))
+    assert ev.main(["--ckpt", str(ck), "--bf16", "false"]) == 0
+    rep = json.load(open(ck / "eval.json"))
+    assert rep["data"].startswith(str(data / "val.jsonl")) and rep["n_sequences"] == len(tiny.labels)
+    assert checkpoint.load(str(ck)).split_file("test") == str(data / "val.jsonl")
+
+
 def test_eval_cli_images_equal_the_sequences(tiny, tmp_path, capsys):
     out = str(tmp_path / "img_eval.json")
     assert ev.main(["--ckpt", tiny.ckpt, "--images", tiny.img_dir, "--out", out]) == 0
     a = json.load(open(out))
     assert a["n_sequences"] == 24 and png_size(str(tmp_path / "img_eval_confusion.png")) == plots.CONFUSION_SIZE
-    # PNG round trip of uint8-valued images gives the same codes, so the same metrics as val.jsonl
+    # PNG round trip of uint8-valued images gives the same codes, so the same metrics as test.jsonl
     ev.main(["--ckpt", tiny.ckpt, "--data", tiny.val, "--out", str(tmp_path / "seq.json")])
     b = json.load(open(tmp_path / "seq.json"))
     assert a["confusion"] == b["confusion"] and a["loss"] == pytest.approx(b["loss"], rel=1e-6)

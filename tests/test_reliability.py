@@ -387,7 +387,7 @@ def test_an_output_in_a_folder_that_cannot_be_written_is_refused_first(run, tmp_
         (sample.main, ["--ckpt", final, "--out_png", str(tmp_path / "ok.png"), "--out_jsonl", str(ro / "s.jsonl")]),
         (eval_mod.main, ["--ckpt", final, "--out", str(ro / "m.json")]),
         (eval_mod.main, ["--curves", run["cfg"].out_dir, "--out", str(ro / "c.png")]),
-        (data.main, ["render", f"{d}/val.jsonl", "--out", str(ro / "g.png")]),
+        (data.main, ["render", f"{d}/test.jsonl", "--out", str(ro / "g.png")]),
         (data.main, ["reconstruct", d, "--out", str(ro / "r.png")]),
         (data.main, ["prepare", "--source", run["cfg"].data.source, "--data_dir", str(ro / "new")]),
         (hf_export.main, ["--ckpt", final, "--out", str(ro / "hf")]),

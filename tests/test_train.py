@@ -126,12 +126,12 @@ def test_run_a_trains_and_logs(run_a):
 
 
 def test_no_training_decision_reads_the_test_split(run_a, tmp_path):
-    """The test split (val.jsonl) is replaced by garbage: training must not notice. The evaluations
+    """The test split (test.jsonl) is replaced by garbage: training must not notice. The evaluations
     (curves), best/ (the checkpoint choice) and final/ are those of the run with the real file."""
     cfg = run_a["cfg"]
     data = tmp_path / "prepared"
     shutil.copytree(cfg.data.data_dir, data)
-    (data / "val.jsonl").write_text("not a sequence file\n")
+    (data / "test.jsonl").write_text("not a sequence file\n")
     cfg2 = changed(cfg, data_dir=str(data), out_dir=str(tmp_path / "run"))
     train(cfg2, log=lambda *a: None)
     assert [[r[k] for k in LOGGED] for r in read_log(cfg2)] == [[r[k] for k in LOGGED] for r in run_a["log"]]
@@ -147,7 +147,7 @@ def test_make_batch_scores_real_tokens_once(run_a):
     each sequence on its own, over its real next tokens only."""
     cfg = run_a["cfg"]
     vocab = Vocab.load(os.path.join(cfg.data.data_dir, "vocab.json"))
-    seqs, labels = read_sequences(os.path.join(cfg.data.data_dir, "val.jsonl"), vocab)
+    seqs, labels = read_sequences(os.path.join(cfg.data.data_dir, "test.jsonl"), vocab)
     seqs = [s[:1 + k] + s[-4:] for s, k in zip(seqs[:4], (16, 3, 9, 0))]   # different lengths -> padding
     x, y, cls_pos = make_batch(seqs, 64, vocab.pad_id)
     assert x.shape == y.shape == (4, 20)
