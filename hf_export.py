@@ -3,7 +3,8 @@
     python hf_export.py                                   # runs/demo/final -> runs/demo/hf
     python hf_export.py --ckpt runs/v2/best --out exports/v2 --check
     python hf_export.py --push_to_hub user/mnist-image-gpt [--private]
-    python hf_export.py --onnx [--quantize int8] --check   # also onnx/model.onnx (onnxruntime)
+    python hf_export.py --onnx [--quantize int8] --check   # also onnx/: the GPT, the image tokenizer, model.json
+    python hf_export.py --web site && python -m http.server -d site   # the page, run in the browser (npm ci first)
 
 The folder (default `--out`: `hf/` next to the checkpoint folder, so runs/demo/final -> runs/demo/hf)
 loads with `transformers` unchanged, no custom code (AutoModelForCausalLM / AutoTokenizer); what it
@@ -11,12 +12,19 @@ holds is described in imagegpt/huggingface.py. It is built under a temporary nam
 error leaves nothing half-written; an existing `--out` is replaced only if it is an earlier export.
 `--push_to_hub REPO_ID` uploads it (token from HF_TOKEN or `hf auth login`). checkpoint.load() (so
 eval.py, sample.py and train.py's `init_from`) reads such a folder like one of its own checkpoints.
+
+`--onnx` adds onnx/model.onnx (the GPT with its key/value cache), onnx/tokenizer.onnx and
+onnx/detokenizer.onnx (the codebook: images <-> codes) and onnx/model.json, so that the model runs with
+onnxruntime alone (the client in the README); their parity with tokenizer.py goes to onnx/export.json.
+`--web OUT` (implies --onnx) also writes a static folder OUT that any static file server serves: the
+page of static/ running the graphs in the browser with onnxruntime-web (installed by `npm ci`).
 """
 import os
 
-from imagegpt import checkpoint, huggingface
+from imagegpt import checkpoint, huggingface, web_export
 from imagegpt.cli import add_ckpt, parser, run_cli
 from imagegpt.errors import UserError
+from imagegpt.files import read_json
 from imagegpt.onnx_runtime import onnx_parity
 
 
@@ -30,7 +38,10 @@ def build_parser():
     p.add_argument("--onnx", action="store_true", help="also write onnx/model.onnx: the decoder with its key/value "
                    "cache for onnxruntime (Hugging Face GPT-2 input and output names)")
     p.add_argument("--quantize", choices=("int8",), default=None, help="with --onnx: also write "
-                   "onnx/model_quantized.onnx, dynamically quantised by onnxruntime (int8 weights)")
+                   "onnx/model_quantized.onnx, dynamically quantised by onnxruntime (int8 weights); with --web the "
+                   "page runs it")
+    p.add_argument("--web", metavar="OUT", default=None, help="also write a static folder OUT (implies --onnx): the "
+                   "page, run in the browser by onnxruntime-web (run `npm ci` first); replaced only if it is an earlier one")
     p.add_argument("--push_to_hub", metavar="REPO_ID", default=None,
                    help="upload the folder to this Hugging Face model repository (token: HF_TOKEN or login)")
     p.add_argument("--private", action="store_true", help="create the repository as private")
@@ -41,8 +52,12 @@ def main(argv=None):
     a = build_parser().parse_args(argv)
     if a.private and not a.push_to_hub:
         raise UserError("--private only applies together with --push_to_hub")
+    a.onnx = a.onnx or bool(a.web)
     if a.quantize and not a.onnx:
-        raise UserError("--quantize only applies together with --onnx")
+        raise UserError("--quantize only applies together with --onnx or --web")
+    if a.web:                                      # before the export work: node_modules and the folder
+        web_export.ort_dist()
+        web_export.check_site_out(os.path.abspath(a.web))
     token = None
     if a.push_to_hub:
         huggingface.check_repo_id(a.push_to_hub)   # fail on a bad id or a missing token before the export work
@@ -56,6 +71,14 @@ def main(argv=None):
         sizes = {f: os.path.getsize(os.path.join(out, "onnx", f)) for f in os.listdir(os.path.join(out, "onnx"))
                  if f.endswith(".onnx")}
         print("onnx: " + ", ".join(f"onnx/{f} {n / 2 ** 20:.1f} MB" for f, n in sorted(sizes.items())))
+        t = read_json(os.path.join(out, "onnx", "export.json"))["tokenizer"]["parity"]
+        print(f"tokenizer parity on {t['data']}: {t['codes_differing']} of {t['codes']} codes differ from "
+              f"tokenizer.py; decoded pixels within {t['max_abs_pixel_diff']:.2g} (every code: "
+              f"{t['max_abs_pixel_diff_all_codes']:.2g})")
+    if a.web:
+        files = web_export.write_site(out, a.web, int8=bool(a.quantize))
+        print(f"wrote {os.path.abspath(a.web)} ({len(files)} files, {sum(files.values()) / 2 ** 20:.1f} MB): serve it "
+              f"with python -m http.server -d {a.web}")
     if a.check:
         try:
             r = huggingface.check_parity(ck.model, out, ck.vocab)
@@ -72,6 +95,8 @@ def main(argv=None):
                   f"{o['max_abs_cached_diff']:.3g} step by step through the cache; greedy "
                   f"{'identical' if o['greedy_equal'] else 'different'} over {o['greedy_tokens']} tokens")
             ok &= backend == "onnx-int8" or (o["max_abs_logit_diff"] < 1e-4 and o["greedy_equal"])
+        if a.onnx:   # the codes may differ only where two centroids tie to float rounding; the pixels not at all
+            ok &= read_json(os.path.join(out, "onnx", "export.json"))["tokenizer"]["parity"]["max_abs_pixel_diff"] <= 1e-6
         if not ok:
             return 1
     if a.push_to_hub:

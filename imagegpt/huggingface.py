@@ -35,6 +35,7 @@ from imagegpt.metrics import check_metrics
 from imagegpt.onnx_export import export_onnx, quantize_int8
 from imagegpt.settings import check_fields
 from imagegpt.token_format import SPECIALS, Vocab
+from imagegpt.web_export import CLIENT, write_runtime_files
 from model import GPT, GPTConfig
 from tokenizer import Codebook
 
@@ -139,7 +140,7 @@ def model_card(mcfg, vocab, book, metrics, train, n_params, repo_id=None, onnx=N
     lines = card_intro(mcfg, vocab, book, n_params) + card_evaluation(metrics, train)
     lines += card_usage(vocab, book, repo_id)
     if onnx:
-        lines += card_onnx(vocab, onnx)
+        lines += card_onnx(vocab, onnx) + card_client(vocab)
     if train.get("cond_fraction"):
         lines += card_drawing(vocab, book, train)
     return "\n".join(lines)
@@ -245,6 +246,16 @@ def card_onnx(vocab, onnx):
            "```", ""]
 
 
+def card_client(vocab):
+    """The torch-free client: onnxruntime, numpy and Pillow, with the image tokenizer's graphs."""
+    return ["### Without PyTorch", "",
+            "`onnx/tokenizer.onnx` turns an image of the model's size into its codes and `onnx/detokenizer.onnx` "
+            "codes back into an image, exactly as the project's codebook does; `onnx/model.json` holds the "
+            "classes, the image size and the token layout. Classify an image file and draw a chosen class "
+            "with guidance (`pip install onnxruntime numpy pillow`):", "",
+            "```python", CLIENT.format(folder="onnx/", image="image.png", label=vocab.num_classes - 1), "```", ""]
+
+
 def card_drawing(vocab, book, train):
     L = book.seq_len
     return ["## Draw a chosen class", "",
@@ -325,6 +336,7 @@ def write_export(ck, out, repo_id=None, onnx=None):
             export_onnx(ck.model, tmp)
             if onnx == "int8":
                 quantize_int8(tmp)
+            write_runtime_files(ck, tmp)   # onnx/tokenizer.onnx, detokenizer.onnx, model.json (imagegpt/web_export.py)
         write_text(os.path.join(tmp, "README.md"),
                    model_card(mcfg, vocab, book, ck.metrics, ck.settings, ck.model.num_params(), repo_id, onnx))
     return out

@@ -1,0 +1,205 @@
+"""The model outside this repository: what a runtime needs besides the GPT's graph (the image tokenizer
+as ONNX, model.json, the parity of both with tokenizer.py), the torch-free client, and the static page.
+
+    write_runtime_files(ck, folder)   -> folder/onnx/tokenizer.onnx, detokenizer.onnx, model.json, and the
+                                         tokenizer's parity in folder/onnx/export.json (hf_export.py --onnx)
+    write_site(export, out, int8)     -> out/: a folder any static file server serves (hf_export.py --web)
+    CLIENT                            the client in the README and the model card: onnxruntime, numpy and
+                                         Pillow only
+
+The static folder:
+    index.html      static/index.html, run in the browser (<body data-backend="browser">)
+    static/         the page's JavaScript and CSS: the same files serve.py serves
+    model.json      the model's facts: classes, image size, channels, token layout, drawing defaults
+    onnx/           tokenizer.onnx, model.onnx (or model_quantized.onnx), detokenizer.onnx
+    ort/            onnxruntime-web's WebAssembly build (its ES module and .wasm), copied from
+                    node_modules/ after `npm ci` (the version pinned in package.json and package-lock.json)
+"""
+import json
+import os
+import shutil
+
+from imagegpt import drawing
+from imagegpt.errors import UserError
+from imagegpt.files import atomic_dir, read_json, write_json, write_text
+from imagegpt.onnx_export import GRAPH, INFO, QUANTIZED
+from imagegpt.onnx_tokenizer import DETOKENIZER, TOKENIZER, export_tokenizer, tokenizer_parity
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))     # the repository
+STATIC = os.path.join(ROOT, "static")
+ORT = "onnxruntime-web"
+ORT_FILES = ("ort.wasm.bundle.min.mjs", "ort-wasm-simd-threaded.wasm")   # the module (its glue inside) and the binary
+MODEL_JSON = "model.json"
+FORMAT = "imagegpt-tokens model.json 1"
+PAGE_BACKEND = '<body data-backend="service">'
+
+
+def conditional(ck):
+    """Can this checkpoint draw a chosen class? (Trained with class-conditioned sequences; as service.conditional.)"""
+    return bool(ck.settings.get("cond_fraction"))
+
+
+def model_facts(ck, graph=GRAPH):
+    """model.json: what a runtime outside this repository needs to know about the model."""
+    v, book, cfg = ck.vocab, ck.codebook, ck.model.config
+    return {
+        "format": FORMAT,
+        "classes": list(ck.class_names),
+        "image_size": list(book.image_size), "channels": book.channels, "patch_size": book.cfg.patch_size,
+        "seq_len": book.seq_len, "block_size": cfg.block_size, "vocab_size": len(v),
+        "n_layer": cfg.n_layer, "n_head": cfg.n_head, "head_dim": cfg.n_embd // cfg.n_head,
+        "parameters": ck.model.num_params(),
+        "tokens": {"pad": v.pad_id, "unk": v.unk_id, "img": v.img_id, "img_end": v.img_end_id, "cls": v.cls_id,
+                   "eos": v.eos_id, "code_offset": v.code_offset, "num_codes": v.num_codes,
+                   "label_offset": v.label_offset, "num_classes": v.num_classes},
+        "conditional": conditional(ck), "guidance": drawing.GUIDANCE, "temperature": drawing.TEMPERATURE,
+        "graphs": {"tokenizer": TOKENIZER, "model": graph, "detokenizer": DETOKENIZER},
+    }
+
+
+def parity_images(ck):
+    """The checkpoint's test images (uint8 N, H, W, C) read again from its data source, and what they are;
+    (None, why not) when they cannot be read or do not fit the codebook."""
+    from imagegpt.data_config import data_settings
+    from imagegpt.drawing_report import real_split
+    book = ck.codebook
+    try:
+        cfg = data_settings(ck.settings)
+        if (cfg.image_size, cfg.image_size, cfg.channels) != (*book.image_size, book.channels):
+            return None, (f"the checkpoint's data settings ({cfg.image_size} x {cfg.image_size} x {cfg.channels}) do not "
+                          f"give the codebook's images ({book.image_size[0]} x {book.image_size[1]} x {book.channels})")
+        images = real_split(ck.settings, "test")[2]
+    except (UserError, OSError, KeyError, TypeError, ValueError) as e:
+        return None, f"the checkpoint's test split could not be read ({str(e).splitlines()[0][:160]})"
+    return images, f"the test split of {ck.settings.get('source', '?')} ({len(images)} images)"
+
+
+def write_runtime_files(ck, folder):
+    """folder/onnx/: tokenizer.onnx and detokenizer.onnx (imagegpt/onnx_tokenizer.py), model.json, and in
+    export.json the graphs' parity with tokenizer.py on the checkpoint's test images (without them, on
+    random images and every code). Returns the parity."""
+    import numpy as np
+    export_tokenizer(ck.codebook, folder)
+    images, data = parity_images(ck)
+    if images is None:
+        H, W = ck.codebook.image_size
+        images = np.random.default_rng(0).integers(0, 256, (256, H, W, ck.codebook.channels), dtype=np.uint8)
+        data = f"256 random images: {data}"
+    parity = {"data": data, **tokenizer_parity(ck.codebook, folder, images)}
+    info_path = os.path.join(folder, "onnx", INFO)
+    info = read_json(info_path, INFO)
+    info["tokenizer"] = {
+        "graphs": [TOKENIZER, DETOKENIZER],
+        "tokenizer": "images uint8 (batch_size, H, W, C), the model's size, channels last -> codes int64 "
+                     "(batch_size, L): code k of each patch (token id code_offset + k), raster order",
+        "detokenizer": "codes int64 (batch_size, L), -1 = missing (black) -> images float32 (batch_size, H, W, C) in [0, 1]",
+        "parity": parity,
+    }
+    write_json(info_path, info)
+    write_json(os.path.join(folder, "onnx", MODEL_JSON), model_facts(ck))
+    return parity
+
+
+# ----------------------------------------------------------------------------- the static page
+
+def ort_dist(root=ROOT):
+    """node_modules/onnxruntime-web/dist, checked to be the version package-lock.json pins."""
+    lock_path = os.path.join(root, "package-lock.json")
+    want = (read_json(lock_path, "package-lock.json").get("packages", {}).get(f"node_modules/{ORT}") or {}).get("version")
+    pkg = os.path.join(root, "node_modules", ORT, "package.json")
+    if not os.path.exists(pkg):
+        raise UserError(f"{ORT} is not installed: run `npm ci` in {root} first (it installs the version pinned in "
+                        f"package-lock.json, {want})")
+    have = read_json(pkg, "package.json").get("version")
+    if have != want:
+        raise UserError(f"node_modules/{ORT} is version {have}, package-lock.json pins {want}: run `npm ci` again")
+    dist = os.path.join(root, "node_modules", ORT, "dist")
+    missing = [f for f in ORT_FILES if not os.path.isfile(os.path.join(dist, f))]
+    if missing:
+        raise UserError(f"{dist}: {', '.join(missing)} missing; run `npm ci` again")
+    return dist, have
+
+
+def check_site_out(out):
+    """An existing folder is replaced only if it is empty or an earlier static export."""
+    if os.path.exists(out) and not (os.path.isdir(out) and (not os.listdir(out) or is_site(out))):
+        raise UserError(f"{out}: exists and is not an earlier static export (--web); choose another folder or remove it")
+
+
+def is_site(folder):
+    try:
+        facts = read_json(os.path.join(folder, MODEL_JSON))
+    except UserError:
+        return False
+    return isinstance(facts, dict) and facts.get("format") == FORMAT and os.path.isfile(os.path.join(folder, "index.html"))
+
+
+def write_site(export, out, int8=False, static=STATIC, root=ROOT):
+    """The static page of an export folder written with --onnx (its onnx/ graphs and model.json) -> out/
+    (written atomically). int8: the page runs onnx/model_quantized.onnx instead of model.onnx (the
+    tokenizer graphs stay float32: they must give tokenizer.py's codes). Returns {file: bytes}."""
+    out = os.path.abspath(out)
+    check_site_out(out)
+    dist, version = ort_dist(root)
+    graph = QUANTIZED if int8 else GRAPH
+    src = os.path.join(export, "onnx")
+    for f in (MODEL_JSON, TOKENIZER, DETOKENIZER, graph):
+        if not os.path.isfile(os.path.join(src, f)):
+            raise UserError(f"{os.path.join(src, f)}: missing; export with --onnx{' --quantize int8' if int8 else ''} first")
+    facts = read_json(os.path.join(src, MODEL_JSON), MODEL_JSON)
+    facts["graphs"]["model"] = graph
+    facts["onnxruntime_web"] = version
+    with open(os.path.join(static, "index.html"), encoding="utf-8") as f:
+        page = f.read()
+    if page.count(PAGE_BACKEND) != 1:
+        raise UserError(f"{static}/index.html: expected one {PAGE_BACKEND!r} to switch to the browser backend")
+    with atomic_dir(out, "static page") as tmp:
+        write_text(os.path.join(tmp, "index.html"), page.replace(PAGE_BACKEND, '<body data-backend="browser">'))
+        shutil.copytree(static, os.path.join(tmp, "static"), ignore=shutil.ignore_patterns("index.html"))
+        os.makedirs(os.path.join(tmp, "onnx"))
+        for f in (TOKENIZER, DETOKENIZER, graph):
+            shutil.copyfile(os.path.join(src, f), os.path.join(tmp, "onnx", f))
+        os.makedirs(os.path.join(tmp, "ort"))
+        for f in ORT_FILES:
+            shutil.copyfile(os.path.join(dist, f), os.path.join(tmp, "ort", f))
+        write_json(os.path.join(tmp, MODEL_JSON), facts)
+    return {os.path.relpath(os.path.join(d, f), out): os.path.getsize(os.path.join(d, f))
+            for d, _, fs in os.walk(out) for f in fs}
+
+
+# ----------------------------------------------------------------------------- the client
+
+# The torch-free client (README, model card; tests run it in a virtual environment without torch): an
+# image file -> class probabilities, and a drawing of a chosen class with guidance. {folder}: the onnx/
+# folder of an export; {image}, {label}: the example's image file and class index.
+CLIENT = '''\
+import json, numpy as np, onnxruntime as ort
+from PIL import Image
+d = "{folder}"; m = json.load(open(d + "model.json")); t = m["tokens"]; (H, W), C = m["image_size"], m["channels"]
+tok, gpt, detok = (ort.InferenceSession(d + m["graphs"][g]) for g in ("tokenizer", "model", "detokenizer"))
+softmax = lambda z: np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+
+def step(ids, past=None):  # the GPT on new tokens ids (B, T) after the cached ones -> last logits, new cache
+    B, T = ids.shape; n = past["past_key_values.0.key"].shape[2] if past else 0
+    past = past or {{i.name: np.zeros((B, m["n_head"], 0, m["head_dim"]), np.float32) for i in gpt.get_inputs()[3:]}}
+    out = gpt.run(None, {{"input_ids": ids, "attention_mask": np.ones((B, n + T), np.int64),
+                         "position_ids": np.arange(n, n + T)[None].repeat(B, 0), **past}})
+    return out[0][:, -1], {{o.name.replace("present", "past_key_values"): v for o, v in zip(gpt.get_outputs()[1:], out[1:])}}
+
+def classify(path):  # an image file -> {{class name: probability}}
+    img = Image.open(path).convert("L" if C == 1 else "RGB").resize((W, H), Image.BILINEAR)
+    codes = tok.run(None, {{"images": np.asarray(img).reshape(1, H, W, C)}})[0]
+    ids = np.concatenate([[[t["img"]]], codes + t["code_offset"], [[t["img_end"], t["cls"]]]], 1)
+    return dict(zip(m["classes"], softmax(step(ids)[0][0, t["label_offset"]:].astype(float))))
+
+def draw(c, scale=m["guidance"], temperature=m["temperature"], seed=0):  # class index c -> a PIL image
+    rng, codes = np.random.default_rng(seed), []
+    logits, past = step(np.array([[t["label_offset"] + c, t["img"]], [t["unk"], t["img"]]]))
+    for _ in range(m["seq_len"]):  # guidance: the row stating the class against the row that does not
+        z = logits[:, t["code_offset"]:t["label_offset"]].astype(float)
+        codes.append(rng.choice(len(z[0]), p=softmax((z[1] + scale * (z[0] - z[1])) / temperature)))
+        logits, past = step(np.full((2, 1), codes[-1] + t["code_offset"]), past)
+    return Image.fromarray((detok.run(None, {{"codes": np.array([codes])}})[0][0] * 255).round().astype(np.uint8).squeeze())
+
+print(classify("{image}"))
+if m["conditional"]: draw({label}).save("drawn.png")   # a drawing of class {label} (a model trained with conditioning)'''
