@@ -143,6 +143,8 @@ class Health(BaseModel):
     parameters: int
     device: str
     conditional: bool
+    guidance: float = Field(description="the guidance scale of a drawing of a chosen class unless asked")
+    temperature: float = Field(description="the temperature of a drawing of a chosen class unless asked")
     batching: bool
 
 
@@ -414,7 +416,8 @@ def add_routes(app, worker, static_dir):
         return Health(status="ok", checkpoint=str(ck.folder), classes=names, image_size=list(size),
                       channels=channels, vocab_size=len(vocab), block_size=model.config.block_size,
                       parameters=model.num_params(), device=str(model.device),
-                      conditional=conditional(ck), batching=worker.batching)
+                      conditional=conditional(ck), guidance=drawing.GUIDANCE, temperature=drawing.TEMPERATURE,
+                      batching=worker.batching)
 
     @app.post("/classify", response_model=ClassifyResponse, openapi_extra=CLASSIFY_DOC)
     async def classify(request: Request):
@@ -464,7 +467,7 @@ def add_routes(app, worker, static_dir):
                                 given_png=png_base64(pixels(prompt, ck)))
 
     @app.get("/", include_in_schema=False)
-    async def page():
+    async def page():     # the page of static/ (the same page hf_export.py --web exports, run by this service)
         return FileResponse(os.path.join(static_dir, "index.html"))
 
     app.mount("/static", StaticFiles(directory=static_dir), name="static")

@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient
 from fixtures import ROOT
 from PIL import Image, ImageDraw
 
-from imagegpt import checkpoint, loadtest, service
+from imagegpt import checkpoint, drawing, loadtest, service
 from imagegpt.settings import build
 
 CHROMIUM = "/usr/bin/chromium"
@@ -103,10 +103,14 @@ def test_healthz_page_and_docs(client, loaded):
     assert h["status"] == "ok" and h["classes"] == [str(c) for c in range(10)]
     assert h["image_size"] == [28, 28] and h["channels"] == 1 and h["vocab_size"] == len(ck.vocab)
     assert h["conditional"] is False and h["batching"] is True
+    assert (h["guidance"], h["temperature"]) == (drawing.GUIDANCE, drawing.TEMPERATURE)
     page = client.get("/")
-    assert page.status_code == 200 and 'id="pad"' in page.text and "/static/app.js" in page.text
-    assert client.get("/static/app.js").status_code == 200
-    assert client.get("/static/style.css").status_code == 200
+    assert page.status_code == 200 and 'id="pad"' in page.text and 'src="static/app.js"' in page.text
+    assert '<body data-backend="service">' in page.text             # the page talks to this service
+    for f in ("app.js", "service.js", "browser.js", "style.css"):
+        r = client.get(f"/static/{f}")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/javascript" if f.endswith(".js")
+                                                                               else "text/css")
     spec = client.get("/openapi.json").json()
     assert {"/classify", "/generate", "/complete", "/healthz"} <= set(spec["paths"])
     assert client.get("/docs").status_code == 200
@@ -454,8 +458,9 @@ def test_page_in_headless_chromium(loaded, tmp_path):
                 page.goto(url + "/")
                 page.wait_for_selector("body[data-ready='1']", timeout=15000)
                 assert len(probabilities(page)) == 10
+                assert page.inner_text("h1") == "Draw a digit" and "on the server" in page.inner_text("#model-facts")
                 conditional = service.conditional(loaded)                # SERVE_TEST_CKPT may be either kind
-                assert page.is_disabled("#digit") != conditional
+                assert page.is_disabled("#class") != conditional
                 assert ("without class conditioning" in page.inner_text("#gen-note")) != conditional
 
                 draw(page, [[(0.5, 0.15), (0.5, 0.5), (0.5, 0.85)]])   # a clearly drawn "1"
@@ -467,7 +472,7 @@ def test_page_in_headless_chromium(loaded, tmp_path):
 
                 page.fill("#count", "8")
                 if conditional:                                         # "draw me 8 of digit 7"
-                    page.select_option("#digit", "7")
+                    page.select_option("#class", "7")
                 page.click("#generate")
                 page.wait_for_selector("#results[data-count='8']", timeout=30000)
                 page.wait_for_function("[...document.querySelectorAll('#results img')]"
@@ -487,6 +492,14 @@ def test_page_in_headless_chromium(loaded, tmp_path):
                 page.click("#clear")
                 page.wait_for_selector("#probs[data-state='empty']")
                 assert page.inner_text("#pred") == "\u2013" and page.is_disabled("#complete")
+
+                Image.fromarray(drawn_one(56, 56)).save(os.path.join(tmp_path, "one.png"))   # an image file
+                page.set_input_files("#file", os.path.join(tmp_path, "one.png"))
+                page.wait_for_selector("#probs[data-state='done']", timeout=15000)
+                assert page.inner_text("#pred") == "1"
+                page.click("#complete")                                 # kept whole: "your picture"
+                page.wait_for_function("document.getElementById('results-title').textContent"
+                                       ".startsWith('Your picture, finished by the model')", timeout=30000)
                 assert not errors and not outside, (errors, outside)
 
                 phone = browser.new_page(viewport={"width": 375, "height": 812}, device_scale_factor=2,
