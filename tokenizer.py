@@ -63,6 +63,8 @@ def _draw(weights, trials, g):
 def kmeans(x, k, iters=30, seed=0, tol=1e-4, progress=None):
     """k-means with a greedy k-means++ start and full-batch Lloyd steps. x (n, D) float32 on any
     device. Deterministic for a seed on a given device. Returns (centroids (k, D), inertia).
+    progress(phase, done, total): called when each phase begins (done 0) and after each of its steps;
+    phase "k-means++ start" has k - 1 steps, "Lloyd iterations" at most `iters` (it may stop early).
 
     Identical rows are merged first and the distinct rows carry their counts as weights (weighted
     k-means++ sampling, weighted means): the same objective and the same steps as on the full
@@ -79,6 +81,8 @@ def kmeans(x, k, iters=30, seed=0, tol=1e-4, progress=None):
     centroids[0] = x[_draw(w, 1, g)[0]]
     x_sq = x.pow(2).sum(1)
     closest = assign(x, centroids[:1])[1]
+    if progress:
+        progress("k-means++ start", 0, k - 1)
     for i in range(1, k):  # each step: sample candidates by D^2, keep the one that lowers the potential most
         cand = _draw(closest * w, trials, g)
         d = torch.addmm(x_sq[cand, None], x[cand], x.T, alpha=-2).add_(x_sq)   # (trials, m) distances
@@ -87,9 +91,11 @@ def kmeans(x, k, iters=30, seed=0, tol=1e-4, progress=None):
         centroids[i] = x[cand[best]]
         closest = d[best].clamp_min_(0)                    # (rounding can leave tiny negatives)
         if progress:
-            progress(1, 0)
+            progress("k-means++ start", i, k - 1)
     xw = x * w[:, None]
     prev = None
+    if progress:
+        progress("Lloyd iterations", 0, iters)
     for it in range(iters):
         labels, d = assign(x, centroids)
         inertia = (d @ w).item()
@@ -101,7 +107,7 @@ def kmeans(x, k, iters=30, seed=0, tol=1e-4, progress=None):
             far = d.argsort(descending=True)               # (fewer distinct rows than empties: reuse)
             centroids[empty] = x[far[torch.arange(len(empty), device=x.device) % m]]
         if progress:
-            progress(0, 1)
+            progress("Lloyd iterations", it + 1, iters)
         if prev is not None and len(empty) == 0 and prev - inertia <= tol * prev:
             break
         prev = inertia

@@ -222,11 +222,21 @@ def roles(cfg, images, labels, names):
 
 
 def fit_codebook(x, cfg, device):
-    """Codebook.fit on the float images x with a progress bar over the k-means steps."""
-    bar = tqdm(total=cfg.codebook.num_codes - 1 + cfg.codebook.kmeans_iters, desc="fitting codebook (k-means)",
-               leave=False)
-    book = Codebook.fit(x, cfg.codebook, device=device, progress=lambda a, b: bar.update(a + b))
-    bar.close()
+    """Codebook.fit on the float images x, with one progress bar per k-means phase: its steps are alike
+    within a phase (not across: a Lloyd iteration costs many k-means++ steps), and a bar starts with
+    its phase, so that the features computed before are not counted as a step."""
+    bars = {}
+
+    def progress(phase, done, total):
+        if phase not in bars:
+            for bar in bars.values():
+                bar.close()
+            bars[phase] = tqdm(total=total, desc=f"fitting codebook: {phase}", leave=False)
+        bars[phase].update(done - bars[phase].n)
+
+    book = Codebook.fit(x, cfg.codebook, device=device, progress=progress)
+    for bar in bars.values():
+        bar.close()
     return book
 
 
@@ -274,12 +284,16 @@ def tokenise(images, labels, meta, plan, params, book, vocab, device, stage, t_r
     writers = {name: SplitWriter(stage, name, len(rows) * (c + 1), vocab, book.seq_len + 1 + TAIL)
                for name, rows, c in plan if len(rows)}
     tally = Tally(book.cfg.num_codes, n_images, max(workers, 1), t_read)
-    bar = tqdm(total=n_images, desc="tokenising", unit="img", leave=False)
+    bar = None   # started with the first chunk, so that starting the worker processes is not counted
     for (name, rows, c, pos), got in zip(jobs, loader):
         writers[name].add(got["rows"], got["labels"], got["lines"])
         tally.add(name, len(pos), got)
-        bar.update(len(pos))
-    bar.close()
+        if bar is None:
+            bar = tqdm(total=n_images, initial=len(pos), desc="tokenising", unit="img", leave=False)
+        else:
+            bar.update(len(pos))
+    if bar:
+        bar.close()
     tally.seconds = time.time() - tally.start
     for w in writers.values():
         w.close()

@@ -646,7 +646,7 @@ def _train(cfg, procs, resume, log):
 
     stop = StopFlag()
     t0 = time.time()
-    bar = tqdm(total=total, initial=p.step, desc="training", disable=not procs.master, dynamic_ncols=True)
+    bar = None   # started after this run's first step, so that its set-up (workers, first batch) is no step
     saved_at, perm_epoch, t_last, tok_last = None, -1, time.time(), p.tokens
     while p.step < total and not stop.set:
         epoch, k = divmod(p.step, steps_per_epoch)
@@ -665,12 +665,16 @@ def _train(cfg, procs, resume, log):
         if ema:
             ema.update(raw, p.step)
         if not math.isfinite(loss):                             # nothing of this step is saved
-            bar.close()
+            if bar:
+                bar.close()
             stop.restore()
             raise UserError(diverged(run, p, f"the training loss is {loss}", cfg))
         p.tokens += n_tokens
         p.history.append(loss)
-        bar.update(1)
+        if bar is None:
+            bar = tqdm(total=total, initial=p.step, desc="training", disable=not procs.master, dynamic_ncols=True)
+        else:
+            bar.update(1)
         if p.step % 10 == 0 or p.step == total:
             now = time.time()
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{(p.tokens - tok_last) / (now - t_last):.0f}")
@@ -679,10 +683,11 @@ def _train(cfg, procs, resume, log):
             rec = evaluate_and_save(raw, opt, data, run, p, cfg, procs, ctx, total, t0, ema)
             saved_at = p.step
             if procs.master:
-                bar.write(f"step {p.step}: train loss {rec['train_loss']:.4f}" + (
+                tqdm.write(f"step {p.step}: train loss {rec['train_loss']:.4f}" + (
                     f"  dev loss {rec['dev_loss']:.4f}  dev ppl {rec['dev_perplexity']:.2f}  dev acc "
                     f"{rec['dev_accuracy']:.4f}" if "dev_loss" in rec else ""))
-    bar.close()
+    if bar:
+        bar.close()
     stop.restore()
     if stop.set and p.step < total:
         if saved_at != p.step:  # not saved by an evaluation at this very step

@@ -151,11 +151,13 @@ def test_kmeans_is_deterministic_for_a_seed():
 def test_kmeans_more_clusters_than_distinct_points():
     x = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]).repeat(4, 1)   # 12 points, 3 distinct
     progress = []
-    c, inertia = kmeans(x, 5, iters=5, seed=0, progress=lambda a, b: progress.append((a, b)))
+    c, inertia = kmeans(x, 5, iters=5, seed=0, progress=lambda *a: progress.append(a))
     assert c.shape == (5, 2) and torch.isfinite(c).all()
     assert inertia == 0.0
     assert {tuple(r) for r in c.tolist()} == {(0.0, 0.0), (1.0, 1.0), (2.0, 2.0)}
-    assert sum(a for a, _ in progress) == 4 and 1 <= sum(b for _, b in progress) <= 5
+    start = [("k-means++ start", i, 4) for i in range(5)]   # announced, then its 4 steps
+    assert progress[:5] == start and progress[5] == ("Lloyd iterations", 0, 5)
+    assert 1 <= len(progress[6:]) <= 5 and [i for _, i, _ in progress[6:]] == list(range(1, len(progress) - 5))
 
 
 def test_kmeans_repeated_rows_count_as_weights():
