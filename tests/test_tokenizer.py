@@ -260,6 +260,25 @@ def test_codebook_is_deterministic(grey):
     assert not torch.equal(a.encode(grey), c.encode(grey))
 
 
+def test_the_codebook_hash_names_its_contents(tmp_path, grey):
+    """sha256 covers what decides codes and pixels: equal after a save and load, different for another
+    fit; a codebook whose files no longer match their hash is refused; one saved before the hash loads."""
+    from safetensors.torch import load_file, save_file
+    book = Codebook.fit(grey, small_cfg())
+    book.save(tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / "codebook.json").read_text())
+    assert meta["sha256"] == book.sha256 == Codebook.load(tmp_path / "a").sha256 and len(book.sha256) == 64
+    assert Codebook.fit(grey, small_cfg(codebook_seed=1)).sha256 != book.sha256
+    tensors = load_file(tmp_path / "a" / "codebook.safetensors")
+    tensors["colours"] = tensors["colours"].flip(0).contiguous()          # two codes' pixels swapped
+    save_file(tensors, tmp_path / "a" / "codebook.safetensors")
+    with pytest.raises(UserError, match="its sha256 does not match the codebook's contents"):
+        Codebook.load(tmp_path / "a")
+    del meta["sha256"]
+    (tmp_path / "a" / "codebook.json").write_text(json.dumps(meta))
+    assert Codebook.load(tmp_path / "a").sha256 != book.sha256             # no hash stored: read as it is
+
+
 def test_codebook_save_load_round_trip(tmp_path, grey):
     book = Codebook.fit(grey, small_cfg())
     book.save(tmp_path)

@@ -181,7 +181,8 @@ def test_train_loss_is_the_weighted_mean_over_real_tokens(run_a):
     vocab = Vocab.load(os.path.join(cfg.data.data_dir, "vocab.json"))
     x, y, cls_pos = load_split(cfg, "train", vocab)
     torch.manual_seed(cfg.seed)
-    model = train_mod.build_model(cfg, vocab, cfg.max_length, print)
+    data = train_mod.Data(vocab, None, None, None, cfg.max_length, cfg.max_length, None)
+    model = train_mod.build_model(cfg, data, print)
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.batch_size]
     with torch.no_grad():
         logits, _ = model(x[idx])
