@@ -34,7 +34,7 @@ from imagegpt.cli import parser, run_cli
 from imagegpt.data_config import DataConfig, check_data_config
 from imagegpt.errors import UserError
 from imagegpt.files import check_dir, check_file, write_json, write_text
-from imagegpt.settings import add_options, apply_options, build
+from imagegpt.settings import add_options, apply_options, build, changed
 from imagegpt.sources import load_source
 
 NOT_DATA = ("data_dir", "codebook_seed", "dev_fraction", "dev_fold")   # DataConfig fields baselines.py sets itself
@@ -60,6 +60,9 @@ def build_parser():
     ap.add_argument("--tokenisation", action="store_true", help="instead of the baselines: the tokenisation "
                     "table (patch sizes, feature groups, K), measured on the development split -> "
                     "runs/baselines/tokenisation.json unless --out")
+    ap.add_argument("--candidates", default="", help="with --tokenisation: the rows to measure instead of the "
+                    "digits' table, as settings separated by ';', each row 'key=value,key=value' (e.g. "
+                    "'num_codes=500;patch_size=2,num_codes=1000'); '' is a row of the settings as given")
     ap.add_argument("--out", default=None, help="the JSON report (default: runs/baselines/baselines.json, or "
                     "runs/baselines/tokenisation.json with --tokenisation)")
     ap.add_argument("--table", default="", help="also write the Markdown table to this file")
@@ -69,9 +72,28 @@ def build_parser():
     return ap
 
 
+def candidate_rows(text):
+    """'key=value,key=value;key=value' -> [(row label, {key: value})] for the tokenisation table."""
+    rows = []
+    for part in text.split(";"):
+        change = {}
+        for item in filter(None, (s.strip() for s in part.split(","))):
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise UserError(f"--candidates: {item!r} is not key=value")
+            change[key.strip()] = value.strip()
+        rows.append((", ".join(f"`{k}: {v}`" for k, v in change.items()) or "the settings as given", change))
+    return rows
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     cfg = apply_options(build(DataConfig, augment=6), args, skip=NOT_DATA)
+    if args.candidates and not args.tokenisation:
+        raise UserError("--candidates is for --tokenisation (the rows of its table)")
+    if args.candidates:
+        for _, change in candidate_rows(args.candidates):   # every value checked before the work
+            check_data_config(changed(cfg, **change))
     args.out = args.out or f"runs/baselines/{'tokenisation' if args.tokenisation else 'baselines'}.json"
     check_data_config(cfg)
     for path in filter(None, (args.out, args.table)):  # fail before the work, not after it
@@ -90,8 +112,9 @@ def main(argv=None):
     t0 = time.time()
     images, labels, names, _ = load_source(cfg)
     if args.tokenisation:
-        rows = tokenisation_table(images, labels, cfg, args.dev_fraction,
-                                  rows=TOKENISATIONS[1:4] if args.quick else TOKENISATIONS)
+        rows = candidate_rows(args.candidates) if args.candidates else \
+            TOKENISATIONS[1:4] if args.quick else TOKENISATIONS
+        rows = tokenisation_table(images, labels, cfg, args.dev_fraction, rows=rows)
         table = tokenisation_markdown(rows)
         write_json(args.out, {"command": "python " + " ".join(sys.argv), "rows": rows,
                               "wall_seconds": round(time.time() - t0, 1)})

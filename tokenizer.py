@@ -5,6 +5,8 @@ original's groups (position x, y; time t; colour; gradient Gx, Gy), standardises
 it, and maps it to the nearest of K centroids found by k-means (k-means++ start, batched Lloyd steps
 in torch). Each code remembers the mean colour of its patches, so any code grid decodes to an image.
 """
+import hashlib
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields
@@ -63,6 +65,8 @@ def _draw(weights, trials, g):
 def kmeans(x, k, iters=30, seed=0, tol=1e-4, progress=None):
     """k-means with a greedy k-means++ start and full-batch Lloyd steps. x (n, D) float32 on any
     device. Deterministic for a seed on a given device. Returns (centroids (k, D), inertia).
+    progress(phase, done, total): called when each phase begins (done 0) and after each of its steps;
+    phase "k-means++ start" has k - 1 steps, "Lloyd iterations" at most `iters` (it may stop early).
 
     Identical rows are merged first and the distinct rows carry their counts as weights (weighted
     k-means++ sampling, weighted means): the same objective and the same steps as on the full
@@ -79,6 +83,8 @@ def kmeans(x, k, iters=30, seed=0, tol=1e-4, progress=None):
     centroids[0] = x[_draw(w, 1, g)[0]]
     x_sq = x.pow(2).sum(1)
     closest = assign(x, centroids[:1])[1]
+    if progress:
+        progress("k-means++ start", 0, k - 1)
     for i in range(1, k):  # each step: sample candidates by D^2, keep the one that lowers the potential most
         cand = _draw(closest * w, trials, g)
         d = torch.addmm(x_sq[cand, None], x[cand], x.T, alpha=-2).add_(x_sq)   # (trials, m) distances
@@ -87,9 +93,11 @@ def kmeans(x, k, iters=30, seed=0, tol=1e-4, progress=None):
         centroids[i] = x[cand[best]]
         closest = d[best].clamp_min_(0)                    # (rounding can leave tiny negatives)
         if progress:
-            progress(1, 0)
+            progress("k-means++ start", i, k - 1)
     xw = x * w[:, None]
     prev = None
+    if progress:
+        progress("Lloyd iterations", 0, iters)
     for it in range(iters):
         labels, d = assign(x, centroids)
         inertia = (d @ w).item()
@@ -101,7 +109,7 @@ def kmeans(x, k, iters=30, seed=0, tol=1e-4, progress=None):
             far = d.argsort(descending=True)               # (fewer distinct rows than empties: reuse)
             centroids[empty] = x[far[torch.arange(len(empty), device=x.device) % m]]
         if progress:
-            progress(0, 1)
+            progress("Lloyd iterations", it + 1, iters)
         if prev is not None and len(empty) == 0 and prev - inertia <= tol * prev:
             break
         prev = inertia
@@ -263,13 +271,25 @@ class Codebook:
         """uint8 images (N, H, W, C) -> classification prefixes '<IMG> codes </IMG> <CLS>' (id lists)."""
         return [vocab.prefix_ids(row) for row in self.encode(uint8_to_tensor(images)).tolist()]
 
-    # -- files: codebook.json (settings, shapes, standardisation stats) + codebook.safetensors
+    # -- files: codebook.json (settings, shapes, standardisation stats, sha256) + codebook.safetensors
+
+    def _meta(self):
+        return {"config": asdict(self.cfg), "image_size": list(self.image_size), "channels": self.channels,
+                "stats": {g: {"mean": m.tolist(), "std": s} for g, (m, s) in self.stats.items()}}
+
+    @property
+    def sha256(self):
+        """A hash of everything that decides the codes of an image and the pixels of a code (settings,
+        image size, standardisation, centroids, colours): two codebooks tokenise alike if and only if
+        it is equal. Stored in codebook.json; --init_from compares it with the data's."""
+        h = hashlib.sha256(json.dumps(self._meta(), sort_keys=True).encode())
+        for t in (self.centroids, self.colours):
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
 
     def save(self, folder):
         from safetensors.torch import save_file
-        meta = {"config": asdict(self.cfg), "image_size": list(self.image_size),
-                "channels": self.channels, "inertia": self.inertia,
-                "stats": {g: {"mean": m.tolist(), "std": s} for g, (m, s) in self.stats.items()}}
+        meta = {**self._meta(), "inertia": self.inertia, "sha256": self.sha256}
         with atomic_path(os.path.join(folder, "codebook.safetensors")) as tmp:
             save_file({"centroids": self.centroids.contiguous(), "colours": self.colours.contiguous()}, tmp)
         write_json(os.path.join(folder, "codebook.json"), meta)
@@ -299,6 +319,9 @@ class Codebook:
         check_finite_tensors({"centroids": book.centroids, "colours": book.colours,
                               **{f"stats.{g}.mean": m for g, (m, _) in book.stats.items()}},
                              os.path.join(folder, "codebook.safetensors"))
+        if "sha256" in meta and meta["sha256"] != book.sha256:   # codebooks saved before the hash have none
+            raise UserError(f"{path}: its sha256 does not match the codebook's contents (codebook.json or "
+                            f"codebook.safetensors was changed or mixed up with another codebook's)")
         return book
 
     def _check(self, folder):
@@ -345,6 +368,8 @@ def check_meta(meta, where):
         bad("channels", meta["channels"], "an integer")
     if not (meta.get("inertia") is None or number(meta["inertia"])):
         bad("inertia", meta["inertia"], "a number or null")
+    if "sha256" in meta and not isinstance(meta["sha256"], str):
+        bad("sha256", meta["sha256"], "a string")
     if not isinstance(meta["stats"], dict):
         bad("stats", meta["stats"], "an object")
     for g, v in meta["stats"].items():

@@ -3,7 +3,8 @@ object (Checkpoint) and as a folder, written atomically and read without pickles
 
 A checkpoint is a self-contained folder:
     model.safetensors        weights (the tied lm_head is stored once, as transformer.wte.weight)
-    config.json              {"model": GPTConfig, "train": the other settings of the run, flat}
+    config.json              {"model": GPTConfig, "train": the other settings of the run, flat,
+                              "classes": the class names, in label order}
     vocab.json, codebook.json, codebook.safetensors
     metrics.json             validation metrics when it was written
     trainer_state.pt         optimizer, step, RNG state, and the trained weights when model.safetensors
@@ -17,8 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from imagegpt import huggingface
-from imagegpt import prepare
+from imagegpt import huggingface, prepare
 from imagegpt.data_config import DataConfig
 from imagegpt.device import check_memory, human_bytes
 from imagegpt.errors import UserError
@@ -34,7 +34,7 @@ from imagegpt.metrics import check_metrics
 from imagegpt.onnx_export import GRAPH, QUANTIZED
 from imagegpt.onnx_runtime import OnnxGPT
 from imagegpt.settings import check_fields, flat, names
-from imagegpt.token_format import Vocab
+from imagegpt.token_format import Vocab, check_class_names
 from model import GPT, GPTConfig
 from tokenizer import Codebook
 
@@ -47,7 +47,7 @@ class Checkpoint:
     settings: dict = field(default_factory=dict)   # the flat settings it was trained with ({}: unknown)
     metrics: dict = None                           # the metrics stored with it, if any
     folder: str = ""
-    class_names: list = None                       # from <data_dir>/report.json, else '0', '1', ...
+    class_names: list = None                       # carried in config.json (older: <data_dir>/report.json)
 
     def __post_init__(self):
         if self.class_names is None:
@@ -82,16 +82,18 @@ class Checkpoint:
         return self.codebook.prefixes(images, self.vocab)
 
 
-def save(folder, model, settings, vocab, codebook, metrics=None, trainer_state=None):
+def save(folder, model, settings, vocab, codebook, metrics=None, trainer_state=None, class_names=None):
     """Write a checkpoint folder; `settings` is the run's TrainConfig: config.json keeps the model's shape
-    under "model" and the run's other settings, flat, under "train"."""
+    under "model", the run's other settings, flat, under "train", and the class names (default '0', '1',
+    ...) under "classes", so that the checkpoint names its classes wherever it is copied."""
     from safetensors.torch import save_file
     with atomic_dir(folder, "checkpoint") as tmp:
         sd = {k: v.detach().cpu().contiguous() for k, v in raw_model(model).state_dict().items()
               if k != "lm_head.weight"}
         save_file(sd, os.path.join(tmp, "model.safetensors"))
         write_json(os.path.join(tmp, "config.json"),
-                   {"model": asdict(raw_model(model).config), "train": run_settings(settings)})
+                   {"model": asdict(raw_model(model).config), "train": run_settings(settings),
+                    "classes": list(class_names or [str(c) for c in range(vocab.num_classes)])})
         vocab.save(os.path.join(tmp, "vocab.json"))
         codebook.save(tmp)
         if metrics is not None:
@@ -158,7 +160,7 @@ def load(folder, device="cpu", backend="torch"):
         raise UserError(f"{folder}: no such checkpoint folder")
     cfg = read_json(os.path.join(folder, "config.json"), "checkpoint config.json")
     if isinstance(cfg, dict) and cfg.get("model_type") == "gpt2":
-        model, vocab, book, settings, metrics = huggingface.read_export(folder)
+        model, vocab, book, settings, metrics, names = huggingface.read_export(folder)
     else:
         mcfg = model_config(cfg, f"{folder}/config.json")
         check_fields(cfg.get("train", {}), DataConfig, f"{folder}/config.json", "train.")
@@ -176,10 +178,12 @@ def load(folder, device="cpu", backend="torch"):
         if book.cfg.num_codes != vocab.num_codes:
             raise UserError(f"{folder}: the codebook has {book.cfg.num_codes} codes, vocab.json {vocab.num_codes}")
         settings = cfg.get("train") or {}
+        names = check_class_names(cfg["classes"], vocab, f"{folder}/config.json") if "classes" in cfg else None
     model = model.to(device) if backend == "torch" else onnx_model(folder, backend, model)  # onnxruntime: CPU
     ck = Checkpoint(model.eval(), vocab, book, settings if isinstance(settings, dict) else {},
-                    metrics, folder)
-    ck.class_names = _class_names(ck)
+                    metrics, folder, names)
+    if names is None:   # written before checkpoints carried their class names
+        ck.class_names = names_from_data(ck)
     return ck
 
 
@@ -198,8 +202,9 @@ def onnx_model(folder, backend, model):
     return onnx
 
 
-def _class_names(ck):
-    """Class names from <data_dir>/report.json when it matches the vocabulary, else '0', '1', ..."""
+def names_from_data(ck):
+    """The class names of a checkpoint written before checkpoints carried them: from its data folder's
+    report.json when it is there and matches the vocabulary, else '0', '1', ..."""
     path = os.path.join(ck.data_dir, "report.json") if ck.data_dir else None
     if path and os.path.exists(path):
         try:

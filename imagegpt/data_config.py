@@ -20,6 +20,8 @@ class DataConfig:
     """where the labelled images come from: builtin, idx:DIR, folder:DIR, csv:DIR or hf:NAME_OR_PATH[:SPLIT]"""
     data_dir: str = "data/mnist5k"
     """the prepared data folder (token sequences, vocabulary, codebook); '' derives a name from the data settings"""
+    codebook_from: str = ""
+    """tokenise with the codebook of this checkpoint, data folder or export instead of fitting one (to fine-tune it)"""
     image_size: int = 28
     """images are resized to image_size x image_size pixels"""
     channels: int = 1

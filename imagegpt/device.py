@@ -55,8 +55,10 @@ BF16_DECODE_MIN_WIDTH = 256   # on a CPU, "auto" decodes in bf16 only for models
 
 def bf16_autocast(setting, device, decode_width=None):
     """The precision to compute in: a bf16 autocast context, or a null one for fp32. setting "auto" takes
-    bf16 where the device supports it (a CUDA GPU with bf16, a CPU whose oneDNN has bf16 kernels),
-    "true" insists (an error where unsupported), "false" keeps fp32.
+    bf16 where the device computes it natively (a CUDA GPU with bf16; a CPU with AVX512-BF16 or AMX
+    instructions, native_cpu_bf16), "true" insists (an error where there are no bf16 kernels at all; on
+    a CPU without the instructions oneDNN emulates them, about 2x slower than fp32 for the demo), "false"
+    keeps fp32.
 
     decode_width: the model's width (n_embd) when the work is token-by-token decoding (sample.py).
     On a CPU "auto" then takes bf16 only for models at least BF16_DECODE_MIN_WIDTH wide: one token's
@@ -73,9 +75,16 @@ def bf16_autocast(setting, device, decode_width=None):
     if setting == "true" and not supported:
         raise UserError(f"bf16 true: {device} has no bf16 support here; use auto or false")
     narrow = decode_width is not None and decode_width < BF16_DECODE_MIN_WIDTH
-    if setting == "false" or not supported or (setting == "auto" and narrow and not cuda):
+    if setting == "false" or not supported or (setting == "auto" and not cuda and (narrow or not native_cpu_bf16())):
         return nullcontext()
     return torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16)
+
+
+def native_cpu_bf16():
+    """Does this CPU have bf16 instructions (AVX512-BF16 or AMX)? Without them oneDNN's bf16 kernels
+    emulate bf16 in fp32 instructions: the demo trains about 2x slower than in fp32 (docs/training.md)."""
+    import torch
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def resolve_device(name, where="--device"):

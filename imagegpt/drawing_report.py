@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from imagegpt.data_config import data_settings
 from imagegpt import drawing
+from imagegpt.data_config import data_settings
 from imagegpt.errors import UserError
 from imagegpt.sources import load_source
 from imagegpt.splits import split_roles

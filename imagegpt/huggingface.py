@@ -34,7 +34,7 @@ from imagegpt.files import (
 from imagegpt.metrics import check_metrics
 from imagegpt.onnx_export import export_onnx, quantize_int8
 from imagegpt.settings import check_fields
-from imagegpt.token_format import SPECIALS, Vocab
+from imagegpt.token_format import SPECIALS, Vocab, check_class_names
 from imagegpt.web_export import CLIENT, write_runtime_files
 from model import GPT, GPTConfig
 from tokenizer import Codebook
@@ -54,8 +54,9 @@ FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenize
 
 # ----------------------------------------------------------------------------- our model -> GPT-2
 
-def gpt2_config(mcfg, vocab):
-    """Our GPTConfig -> the dict of a transformers GPT2Config (config.json)."""
+def gpt2_config(mcfg, vocab, class_names):
+    """Our GPTConfig -> the dict of a transformers GPT2Config (config.json); the class names go where
+    transformers keeps names of labels (id2label, label2id: label c is the token <CLS_c>)."""
     if not mcfg.bias:
         raise UserError("the model has no biases (bias: false); the GPT-2 format needs them, "
                         "so it cannot be exported")
@@ -87,6 +88,8 @@ def gpt2_config(mcfg, vocab):
         "pad_token_id": vocab.pad_id,
         "unk_token_id": vocab.unk_id,
         "dtype": "float32",
+        "id2label": {str(c): name for c, name in enumerate(class_names)},
+        "label2id": {name: c for c, name in enumerate(class_names)},
     }
 
 
@@ -135,9 +138,10 @@ def _fmt(x):
     return f"{x:.4f}" if isinstance(x, float) else str(x)
 
 
-def model_card(mcfg, vocab, book, metrics, train, n_params, repo_id=None, onnx=None):
+def model_card(mcfg, vocab, book, metrics, train, n_params, repo_id=None, onnx=None, class_names=None):
     """README.md: YAML metadata, what the model is, the stored metrics, and usage snippets."""
-    lines = card_intro(mcfg, vocab, book, n_params) + card_evaluation(metrics, train)
+    names = class_names or [str(c) for c in range(vocab.num_classes)]
+    lines = card_intro(mcfg, vocab, book, n_params, names) + card_evaluation(metrics, train, names)
     lines += card_usage(vocab, book, repo_id)
     if onnx:
         lines += card_onnx(vocab, onnx) + card_client(vocab)
@@ -146,7 +150,7 @@ def model_card(mcfg, vocab, book, metrics, train, n_params, repo_id=None, onnx=N
     return "\n".join(lines)
 
 
-def card_intro(mcfg, vocab, book, n_params):
+def card_intro(mcfg, vocab, book, n_params, names):
     L, C = book.seq_len, vocab.num_classes
     tags = ["gpt2", "image-generation", "image-classification", "image-tokens", "kmeans-codebook",
             "nanogpt"]
@@ -157,6 +161,8 @@ def card_intro(mcfg, vocab, book, n_params):
               f"{mcfg.n_layer} layers, {mcfg.n_head} heads, {mcfg.n_embd} wide, context {mcfg.block_size}) "
               "trained from scratch on images turned into token sequences by a k-means codebook. The class "
               "label is the last real token, so one model both classifies and generates images.", "",
+              f"Classes ({len(names)}, label c is the token `<CLS_c>`; also in config.json's `id2label`): "
+              + ", ".join(f"{c} `{n}`" for c, n in enumerate(names)) + ".", "",
               "## Token format", "",
               f"One image is `<IMG> <Z_k> x {L} </IMG> <CLS> <CLS_y> <EOS>`: {L} codes "
               f"({book.grid[0]} x {book.grid[1]} patches of {book.cfg.patch_size} x {book.cfg.patch_size} "
@@ -173,7 +179,7 @@ def card_intro(mcfg, vocab, book, n_params):
     return lines
 
 
-def card_evaluation(metrics, train):
+def card_evaluation(metrics, train, names):
     lines = ["## Evaluation", ""]
     if metrics:
         n = metrics.get("n_sequences")
@@ -193,7 +199,7 @@ def card_evaluation(metrics, train):
             lines.append(f"| top-{k} classification accuracy | {_fmt(v)} |")
         per = metrics.get("per_class_accuracy")
         if per:
-            lines += ["", "Per class: " + ", ".join(f"{c}: {a:.3f}" for c, a in enumerate(per)) + "."]
+            lines += ["", "Per class: " + ", ".join(f"{n}: {a:.3f}" for n, a in zip(names, per)) + "."]
     else:
         lines.append("No evaluation metrics were stored with this checkpoint.")
     if train:
@@ -316,7 +322,7 @@ def write_export(ck, out, repo_id=None, onnx=None):
     out = os.path.abspath(out)
     check_out(out)
     vocab, book, mcfg = ck.vocab, ck.codebook, ck.model.config
-    config = gpt2_config(mcfg, vocab)          # refuses a model without biases before writing anything
+    config = gpt2_config(mcfg, vocab, ck.class_names)   # refuses a model without biases before writing anything
     tokenizer = tokenizer_json(vocab)
     with atomic_dir(out, "export") as tmp:
         save_file(to_gpt2_state_dict(ck.model), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
@@ -338,7 +344,8 @@ def write_export(ck, out, repo_id=None, onnx=None):
                 quantize_int8(tmp)
             write_runtime_files(ck, tmp)   # onnx/tokenizer.onnx, detokenizer.onnx, model.json (imagegpt/web_export.py)
         write_text(os.path.join(tmp, "README.md"),
-                   model_card(mcfg, vocab, book, ck.metrics, ck.settings, ck.model.num_params(), repo_id, onnx))
+                   model_card(mcfg, vocab, book, ck.metrics, ck.settings, ck.model.num_params(), repo_id, onnx,
+                              ck.class_names))
     return out
 
 
@@ -413,8 +420,8 @@ def from_gpt2_state_dict(sd, model, where):
 
 def read_export(folder):
     """Read a GPT-2 folder written by write_export() (or a GPT-2 model over our vocabulary with the
-    codebook files added) -> (GPT, Vocab, Codebook, training settings dict, metrics or None).
-    Any mismatch is a one-line UserError."""
+    codebook files added) -> (GPT, Vocab, Codebook, training settings dict, metrics or None, class names
+    or None). Any mismatch is a one-line UserError."""
     if not os.path.isdir(folder):
         raise UserError(f"{folder}: no such folder")
     where = os.path.join(folder, "config.json")
@@ -443,7 +450,12 @@ def read_export(folder):
         check_fields(settings, DataConfig, os.path.join(folder, "train_config.json"))
     if metrics is not None:
         check_metrics(metrics, os.path.join(folder, "metrics.json"))
-    return model, vocab, book, settings or {}, metrics
+    names = None
+    if "id2label" in cfg:   # exports made before the class names travelled have none
+        labels = cfg["id2label"]
+        names = [labels.get(str(c)) for c in range(vocab.num_classes)] if isinstance(labels, dict) else labels
+        names = check_class_names(names, vocab, f"{where}: id2label")
+    return model, vocab, book, settings or {}, metrics, names
 
 
 # ----------------------------------------------------------------------------- parity check

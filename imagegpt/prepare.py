@@ -10,6 +10,7 @@ report.json. With augment_on_the_fly the training images themselves go to train.
 N x H x W x C) instead of fixed augmented copies. Images are tokenised in chunks, in one worker
 process per CPU core.
 """
+import copy
 import glob
 import hashlib
 import json
@@ -28,8 +29,8 @@ from imagegpt.augment import copy_params, transform
 from imagegpt.data_config import DataConfig, check_data_config, image_bytes
 from imagegpt.device import check_memory
 from imagegpt.errors import UserError
+from imagegpt.files import check_dir, read_json, resolve_dir, write_json
 from imagegpt.settings import build, canonical, check_fields, flat
-from imagegpt.files import check_dir, read_json, write_json
 from imagegpt.sources import load_source
 from imagegpt.splits import split_roles
 from imagegpt.token_format import TAIL, Vocab
@@ -153,16 +154,18 @@ class _Chunks(torch.utils.data.Dataset):
 def prepare(cfg, device="cpu"):
     """Load the source, split, fit the codebook on (a sample of) the training images, then tokenise
     every split in chunks of CHUNK images and write its files (SplitWriter; with augment_on_the_fly also
-    the training images). Nothing is written to data_dir until everything is done -> the report."""
+    the training images). With codebook_from, the images are tokenised with that codebook instead of
+    a new one. Nothing is written to data_dir until everything is done -> the report."""
     t0 = time.time()
     check_data_config(cfg)
+    cfg, given = given_codebook(cfg)
     check_dir(cfg.data_dir, "data folder")
     images, labels, names, meta = load_source(cfg)
     t_load = time.time() - t0
     tr, dev, te = roles(cfg, images, labels, names)
     params = copy_params(len(tr), cfg.augment, cfg, cfg.split_seed)
     t1 = time.time()
-    book = fit_codebook(fit_images(images, tr, params, cfg), cfg, device)
+    book = given or fit_codebook(fit_images(images, tr, params, cfg), cfg, device)
     t_fit = time.time() - t1
     vocab = Vocab(cfg.codebook.num_codes, len(names))
     copies = 0 if cfg.augment_on_the_fly else cfg.augment
@@ -188,10 +191,32 @@ def prepare(cfg, device="cpu"):
                    "test": np.bincount(labels[te], minlength=len(names)).tolist(),
                    "train_augmented": copies * len(tr)},
         "sequence_length": book.seq_len + 1 + TAIL,
+        "codebook_sha256": book.sha256,
         **tally.figures(book, t_fit, time.time() - t0),
     }
     write_json(os.path.join(cfg.data_dir, "report.json"), report)
     return report
+
+
+def given_codebook(cfg):
+    """With codebook_from: (cfg with the given codebook's own settings, that codebook), after checking
+    that it reads images of cfg's size and channels; without: (cfg, None)."""
+    if not cfg.codebook_from:
+        return cfg, None
+    folder = resolve_dir(cfg.codebook_from)
+    if not os.path.isfile(os.path.join(folder, "codebook.json")):
+        run = os.path.isdir(os.path.join(folder, "final"))
+        raise UserError(f"codebook_from {cfg.codebook_from}: no codebook.json there; expected a checkpoint, a prepared "
+                        f"data folder or a Hugging Face export{' (a run folder: give its final/)' if run else ''}")
+    book = Codebook.load(folder)
+    (H, W), C = book.image_size, book.channels
+    if (H, W) != (cfg.image_size, cfg.image_size) or C != cfg.channels:
+        raise UserError(f"codebook_from {cfg.codebook_from}: its codebook reads {H} x {W} images with {C} channel(s), "
+                        f"not {cfg.image_size} x {cfg.image_size} with {cfg.channels}; add --image_size {H} "
+                        f"--channels {C} (the images are resized and converted to them)")
+    cfg = copy.deepcopy(cfg)
+    cfg.codebook = copy.deepcopy(book.cfg)   # the settings it was fitted with, which report.json records
+    return cfg, book
 
 
 def roles(cfg, images, labels, names):
@@ -222,11 +247,21 @@ def roles(cfg, images, labels, names):
 
 
 def fit_codebook(x, cfg, device):
-    """Codebook.fit on the float images x with a progress bar over the k-means steps."""
-    bar = tqdm(total=cfg.codebook.num_codes - 1 + cfg.codebook.kmeans_iters, desc="fitting codebook (k-means)",
-               leave=False)
-    book = Codebook.fit(x, cfg.codebook, device=device, progress=lambda a, b: bar.update(a + b))
-    bar.close()
+    """Codebook.fit on the float images x, with one progress bar per k-means phase: its steps are alike
+    within a phase (not across: a Lloyd iteration costs many k-means++ steps), and a bar starts with
+    its phase, so that the features computed before are not counted as a step."""
+    bars = {}
+
+    def progress(phase, done, total):
+        if phase not in bars:
+            for bar in bars.values():
+                bar.close()
+            bars[phase] = tqdm(total=total, desc=f"fitting codebook: {phase}", leave=False)
+        bars[phase].update(done - bars[phase].n)
+
+    book = Codebook.fit(x, cfg.codebook, device=device, progress=progress)
+    for bar in bars.values():
+        bar.close()
     return book
 
 
@@ -274,12 +309,16 @@ def tokenise(images, labels, meta, plan, params, book, vocab, device, stage, t_r
     writers = {name: SplitWriter(stage, name, len(rows) * (c + 1), vocab, book.seq_len + 1 + TAIL)
                for name, rows, c in plan if len(rows)}
     tally = Tally(book.cfg.num_codes, n_images, max(workers, 1), t_read)
-    bar = tqdm(total=n_images, desc="tokenising", unit="img", leave=False)
+    bar = None   # started with the first chunk, so that starting the worker processes is not counted
     for (name, rows, c, pos), got in zip(jobs, loader):
         writers[name].add(got["rows"], got["labels"], got["lines"])
         tally.add(name, len(pos), got)
-        bar.update(len(pos))
-    bar.close()
+        if bar is None:
+            bar = tqdm(total=n_images, initial=len(pos), desc="tokenising", unit="img", leave=False)
+        else:
+            bar.update(len(pos))
+    if bar:
+        bar.close()
     tally.seconds = time.time() - tally.start
     for w in writers.values():
         w.close()
@@ -343,9 +382,12 @@ def ensure_prepared(cfg, device="cpu", log=print):
         if not isinstance(made, dict):
             raise UserError(f"{path}: expected a JSON object with the data settings under \"config\" "
                             f"(a report.json written by data.py prepare)")
+        cfg, given = given_codebook(cfg)
         made, want = canonical(DataConfig, made), flat(cfg)
         default = flat(DataConfig())   # a setting newer than the folder: it was prepared with the default
         diff = [k for k in want if k != "data_dir" and made.get(k, default[k]) != want[k]]
+        if given and report.get("codebook_sha256") != given.sha256:
+            diff.append(f"the codebook of {cfg.codebook_from}")
         if diff:
             raise UserError(f"{cfg.data_dir} was prepared with other data settings ({', '.join(diff)}); "
                             f"use another data_dir or delete it")

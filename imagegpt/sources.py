@@ -254,8 +254,14 @@ def load_hf(spec, size, channels):
         values = ds[label]
         names = [str(v) for v in sorted(set(values))]
         labels = np.asarray([names.index(str(v)) for v in values], dtype=np.int64)
+    bad = np.flatnonzero((labels < 0) | (labels >= len(names)))
+    if len(bad):
+        raise UserError(f"hf:{spec} row {bad[0]}: label {labels[bad[0]]} is no class of {label} (0..{len(names) - 1}); "
+                        f"unlabelled rows (-1) cannot be trained on: choose a labelled split (hf:PATH:SPLIT)")
     images = np.empty((len(ds), size, size, channels), np.uint8)
     for i, row in enumerate(tqdm(ds.select_columns([image]), desc="reading images", leave=False)):
+        if row[image] is None:
+            raise UserError(f"hf:{spec} row {i}: no image in column {image!r}")
         images[i] = image_array(row[image], (size, size), channels, f"hf:{spec} row {i}")
     return images, labels, names, Numbered([(f"hf:{spec}", len(ds))])
 

@@ -255,3 +255,12 @@ def fit_prefix(prefix, block_size):
     if len(prefix) <= block_size:
         return prefix
     return prefix[:block_size - PREFIX_TAIL] + prefix[-PREFIX_TAIL:]
+
+
+def check_class_names(names, vocab, where):
+    """The class names a checkpoint carries -> the list, if it is one distinct name per label token."""
+    if not (isinstance(names, list) and len(names) == vocab.num_classes
+            and all(isinstance(n, str) and n for n in names) and len(set(names)) == len(names)):
+        raise UserError(f"{where}: classes is {str(names)[:80]}, expected {vocab.num_classes} distinct class names "
+                        f"(strings), one per label token")
+    return names

@@ -42,7 +42,7 @@ from imagegpt.prepare import ensure_prepared
 from imagegpt.sequences import make_batch
 from imagegpt.settings import changed, check_fields, flat, read_yaml, update
 from imagegpt.stats import seed_summary
-from imagegpt.token_format import TAIL, Vocab
+from imagegpt.token_format import TAIL, Vocab, check_class_names
 from model import GPT, GPTConfig
 from tokenizer import Codebook
 
@@ -252,6 +252,7 @@ class Data:
     dev: tuple     # the development split (x, y, cls_pos), or None: then training evaluates nothing
     block: int = 0          # the sequence length trained with (the model's block size)
     width: int = 0          # the width of every training row (min(block, longest sequence))
+    class_names: list = None   # from report.json: the checkpoints carry them
 
 
 def load_data(cfg, procs, log):
@@ -276,21 +277,54 @@ def load_data(cfg, procs, log):
         log(f"note: max_length {block} cuts the image tokens of {cut} sequences (allow_truncation: true)")
     dev = splits.get("dev")
     dev = make_batch(dev.get(np.arange(dev.n), 0), block, vocab.pad_id) if dev else None
-    return Data(vocab, book, splits["train"], dev, block, min(block, splits["train"].longest))
+    report = os.path.join(cfg.data.data_dir, "report.json")
+    rep = read_json(report, "report.json")
+    names = check_class_names(rep.get("classes") if isinstance(rep, dict) else None, vocab, f"{report}: classes")
+    return Data(vocab, book, splits["train"], dev, block, min(block, splits["train"].longest), names)
 
 
-def build_model(cfg, vocab, block, log):
-    """The model to train: cfg.model's shape over the data's vocabulary with `block` positions, or the
-    checkpoint cfg.init_from."""
-    if cfg.init_from:
-        ck = checkpoint.load(cfg.init_from)
-        if ck.vocab.to_dict() != vocab.to_dict():
-            raise UserError(f"{cfg.init_from}: its vocabulary differs from {cfg.data.data_dir}/vocab.json")
-        if ck.model.config.block_size < block:
-            raise UserError(f"{cfg.init_from}: block size {ck.model.config.block_size} < max_length {block}")
+def build_model(cfg, data, log):
+    """The model to train: cfg.model's shape over the data's vocabulary with data.block positions, or
+    the checkpoint cfg.init_from, which must read the data's codes: its codebook must be the one that
+    tokenised the data (the same sha256). Its classes may differ from the data's (fine_tuned)."""
+    if not cfg.init_from:
+        return GPT(replace(cfg.model, vocab_size=len(data.vocab), block_size=data.block))
+    ck = checkpoint.load(cfg.init_from)
+    if ck.codebook.sha256 != data.book.sha256:
+        raise UserError(f"{cfg.init_from}: its codebook is not the one that tokenised {cfg.data.data_dir} (its codes "
+                        f"would mean other patches); tokenise the images with it: add --codebook_from {cfg.init_from} "
+                        f"and a new --data_dir (python data.py prepare --codebook_from ... alone does the same)")
+    if ck.model.config.block_size < data.block:
+        raise UserError(f"{cfg.init_from}: block size {ck.model.config.block_size} < max_length {data.block}")
+    if ck.vocab.to_dict() == data.vocab.to_dict() and ck.class_names == data.class_names:
         log(f"starting from {cfg.init_from}")
         return ck.model.train()
-    return GPT(replace(cfg.model, vocab_size=len(vocab), block_size=block))
+    log(f"starting from {cfg.init_from}, its {ck.vocab.num_classes} classes replaced by the data's "
+        f"{len(data.class_names)} ({relabel_note(ck.class_names, data.class_names)})")
+    return fine_tuned(ck, data.vocab, data.class_names, cfg.seed).train()
+
+
+def fine_tuned(ck, vocab, names, seed):
+    """The checkpoint's GPT over a vocabulary with other classes (the same codes): every weight kept but
+    the label tokens' embeddings (also the output rows, tied), which are rebuilt for `names`. A class the
+    checkpoint also has (by name) keeps its row; a new class starts at the mean of the checkpoint's label
+    rows plus N(0, 0.02^2) noise (seeded), so that it begins where labels live and the classes differ."""
+    old = ck.model.transformer.wte.weight.detach()
+    model = GPT(replace(ck.model.config, vocab_size=len(vocab)))
+    state = {k: v for k, v in ck.model.state_dict().items() if not k.endswith(("wte.weight", "lm_head.weight"))}
+    model.load_state_dict(state, strict=False)
+    labels = old[ck.vocab.label_offset:ck.vocab.label_offset + ck.vocab.num_classes]
+    g = torch.Generator().manual_seed(seed)
+    rows = [labels[ck.class_names.index(n)] if n in ck.class_names else
+            labels.mean(0) + 0.02 * torch.randn(labels.shape[1], generator=g) for n in names]
+    with torch.no_grad():
+        model.transformer.wte.weight.copy_(torch.cat([old[:vocab.label_offset], torch.stack(rows)]))
+    return model
+
+
+def relabel_note(old, new):
+    kept = [n for n in new if n in old]
+    return f"{len(kept)} kept by name, {len(new) - len(kept)} new" if kept else "all new"
 
 
 class StopFlag:
@@ -448,9 +482,11 @@ class RunFolder:
                             **({"weights": f"exponential moving average (decay {cfg.ema:g})"} if cfg.ema else {})}
         if improved:
             checkpoint.save(self.best, model, cfg, data.vocab, data.book,
-                            note("best: the highest development-split accuracy during training"))
+                            note("best: the highest development-split accuracy during training"),
+                            class_names=data.class_names)
         checkpoint.save(self.final, model, cfg, data.vocab, data.book,
-                        note("final: the last step saved (the end of the schedule once done)"), state)
+                        note("final: the last step saved (the end of the schedule once done)"), state,
+                        class_names=data.class_names)
         self.saved_step = state["step"]
 
     def plot(self):
@@ -629,7 +665,7 @@ def _train(cfg, procs, resume, log):
     total = steps_per_epoch * cfg.epochs
 
     torch.manual_seed(cfg.seed)
-    raw = build_model(cfg, data.vocab, data.block, log).to(procs.device)
+    raw = build_model(cfg, data, log).to(procs.device)
     opt = raw.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), "cuda" if procs.cuda else "cpu")
     run = RunFolder(cfg.out_dir, procs.master)
     ema = WeightAverage(raw, cfg.ema) if cfg.ema else None
@@ -646,7 +682,7 @@ def _train(cfg, procs, resume, log):
 
     stop = StopFlag()
     t0 = time.time()
-    bar = tqdm(total=total, initial=p.step, desc="training", disable=not procs.master, dynamic_ncols=True)
+    bar = None   # started after this run's first step, so that its set-up (workers, first batch) is no step
     saved_at, perm_epoch, t_last, tok_last = None, -1, time.time(), p.tokens
     while p.step < total and not stop.set:
         epoch, k = divmod(p.step, steps_per_epoch)
@@ -665,12 +701,16 @@ def _train(cfg, procs, resume, log):
         if ema:
             ema.update(raw, p.step)
         if not math.isfinite(loss):                             # nothing of this step is saved
-            bar.close()
+            if bar:
+                bar.close()
             stop.restore()
             raise UserError(diverged(run, p, f"the training loss is {loss}", cfg))
         p.tokens += n_tokens
         p.history.append(loss)
-        bar.update(1)
+        if bar is None:
+            bar = tqdm(total=total, initial=p.step, desc="training", disable=not procs.master, dynamic_ncols=True)
+        else:
+            bar.update(1)
         if p.step % 10 == 0 or p.step == total:
             now = time.time()
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{(p.tokens - tok_last) / (now - t_last):.0f}")
@@ -679,10 +719,11 @@ def _train(cfg, procs, resume, log):
             rec = evaluate_and_save(raw, opt, data, run, p, cfg, procs, ctx, total, t0, ema)
             saved_at = p.step
             if procs.master:
-                bar.write(f"step {p.step}: train loss {rec['train_loss']:.4f}" + (
+                tqdm.write(f"step {p.step}: train loss {rec['train_loss']:.4f}" + (
                     f"  dev loss {rec['dev_loss']:.4f}  dev ppl {rec['dev_perplexity']:.2f}  dev acc "
                     f"{rec['dev_accuracy']:.4f}" if "dev_loss" in rec else ""))
-    bar.close()
+    if bar:
+        bar.close()
     stop.restore()
     if stop.set and p.step < total:
         if saved_at != p.step:  # not saved by an evaluation at this very step

@@ -748,6 +748,39 @@ def hf_dataset(n=30, size=10, seed=0):
     return datasets.Dataset.from_dict({"img": imgs, "digit": labels}, features=feats), imgs, labels
 
 
+def test_hf_colour_images_of_other_sizes_and_modes_are_converted(tmp_path):
+    """A colour data set of non-square images of another size, mixing colour, grey, palette and
+    transparent images: each is converted to the channels asked for and resized to image_size x
+    image_size (the aspect is not kept), as image folders are; 32-bit, missing and unlabelled images
+    are refused in one line naming the row."""
+    import datasets
+    rng = np.random.default_rng(0)
+    modes = ["RGB", "L", "P", "RGBA", "LA", "CMYK"]
+    imgs = [Image.fromarray(rng.integers(0, 256, (12, 20, 3), dtype=np.uint8)).convert(modes[i % 6]) for i in range(12)]
+    feats = datasets.Features({"picture": datasets.Image(), "kind": datasets.ClassLabel(names=["red", "green"])})
+    datasets.Dataset.from_dict({"picture": imgs, "kind": [i % 2 for i in range(12)]}, features=feats) \
+        .save_to_disk(str(tmp_path / "mixed"))
+    images, labels, names, _ = sources.load_hf(str(tmp_path / "mixed"), 16, 3)
+    assert images.shape == (12, 16, 16, 3) and names == ["red", "green"] and labels.tolist() == [0, 1] * 6
+    for i in range(12):
+        want = np.asarray(imgs[i].convert("RGB").resize((16, 16), Image.Resampling.BILINEAR))
+        assert np.array_equal(images[i], want), modes[i % 6]
+    grey = sources.load_hf(str(tmp_path / "mixed"), 16, 1)[0]
+    assert grey.shape == (12, 16, 16, 1) and np.array_equal(grey[1, :, :, 0], np.asarray(imgs[1].resize((16, 16), Image.Resampling.BILINEAR)))
+    deep = [Image.fromarray(np.full((4, 4), 70000, np.int32), "I")] + imgs[:2]
+    datasets.Dataset.from_dict({"picture": deep, "kind": [0, 1, 0]}, features=feats).save_to_disk(str(tmp_path / "deep"))
+    with pytest.raises(UserError, match=r"row 0: 32-bit integer pixels \(mode I\); expected an 8- or 16-bit"):
+        sources.load_hf(str(tmp_path / "deep"), 16, 3)
+    datasets.Dataset.from_dict({"picture": [imgs[0], None], "kind": [0, 1]}, features=feats) \
+        .save_to_disk(str(tmp_path / "none"))
+    with pytest.raises(UserError, match=r"row 1: no image in column 'picture'"):
+        sources.load_hf(str(tmp_path / "none"), 16, 3)
+    datasets.Dataset.from_dict({"picture": imgs[:2], "kind": [0, -1]}, features=feats) \
+        .save_to_disk(str(tmp_path / "unlabelled"))
+    with pytest.raises(UserError, match=r"row 1: label -1 is no class of kind .*choose a labelled split"):
+        sources.load_hf(str(tmp_path / "unlabelled"), 16, 3)
+
+
 def test_hf_source_reads_a_saved_dataset_and_its_splits(tmp_path):
     import datasets
     ds, imgs, labels = hf_dataset()
@@ -770,3 +803,27 @@ def test_hf_source_reads_a_saved_dataset_and_its_splits(tmp_path):
                      patch_size=2, num_codes=8, kmeans_iters=3)
     rep = prepare(cfg)
     assert rep["classes"] == ["a", "b", "c"] and rep["counts"]["test"] == [2, 2, 2]
+
+
+# ----------------------------------------------------------------------------- images the project makes itself
+
+def test_shapes_folders_are_deterministic_and_read_like_a_users_images(tmp_path, monkeypatch, capsys):
+    from imagegpt import shapes
+    for kind, (size, classes) in shapes.KINDS.items():
+        a, b = tmp_path / f"{kind}-a", tmp_path / f"{kind}-b"
+        assert f"wrote {a}" in run_main(monkeypatch, capsys, "shapes", str(a), "--kind", kind, "--per_class", "3")
+        shapes.write_folder(str(b), kind, 3, seed=0)
+        files = sorted(os.path.relpath(os.path.join(d, f), a) for d, _, fs in os.walk(a) for f in fs)
+        assert len(files) == 3 * len(classes) and sorted(os.listdir(a)) == sorted(classes)
+        assert all(open(a / f, "rb").read() == open(b / f, "rb").read() for f in files)   # the same seed, the same bytes
+        images, labels, names, _ = sources.load_folder(str(a), size, 3 if kind == "colour" else 1)
+        assert names == sorted(classes) and images.shape[0] == 3 * len(classes)
+        with Image.open(a / files[0]) as im:
+            assert im.size == (size, size) and im.mode == ("RGB" if kind == "colour" else "L")
+        if kind == "strokes":   # white strokes on black, as the digits
+            assert (images[..., 0] < 30).mean() > 0.6 and images.max() > 200
+        else:                   # a shape of another colour than its background
+            corner = images[:, :1, :1].astype(int)
+            assert (np.abs(images - corner).sum(-1).max(axis=(1, 2)) > 150).all()
+    with pytest.raises(UserError, match="exists; choose a new folder"):
+        shapes.write_folder(str(tmp_path / "strokes-a"), "strokes", 3)

@@ -19,7 +19,7 @@ from imagegpt.cli import run_cli
 from imagegpt.errors import UserError
 from imagegpt.settings import build
 from imagegpt.token_format import Vocab
-from imagegpt.training import TrainConfig, build_model
+from imagegpt.training import Data, TrainConfig, build_model
 from model import GPT, GPTConfig
 from tokenizer import Codebook, CodebookConfig
 
@@ -178,7 +178,8 @@ def test_round_trip_import_checkpoint_load_and_init_from(exported):
         assert ck.settings == orig.settings and ck.metrics == METRICS
         assert ck.vocab.to_dict() == vocab.to_dict() and torch.equal(ck.codebook.centroids, book.centroids)
         cfg = build(TrainConfig, init_from=exported["out"], max_length=BLOCK)
-        model3 = build_model(cfg, exported["vocab"], cfg.max_length, log=lambda *a: None)
+        data = Data(exported["vocab"], exported["book"], None, None, BLOCK, BLOCK, orig.class_names)
+        model3 = build_model(cfg, data, log=lambda *a: None)
         assert model3.training
         assert torch.equal(model3.eval()(x)[0], want)
     # re-exporting the export gives the same weights

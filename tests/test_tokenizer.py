@@ -151,11 +151,13 @@ def test_kmeans_is_deterministic_for_a_seed():
 def test_kmeans_more_clusters_than_distinct_points():
     x = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]).repeat(4, 1)   # 12 points, 3 distinct
     progress = []
-    c, inertia = kmeans(x, 5, iters=5, seed=0, progress=lambda a, b: progress.append((a, b)))
+    c, inertia = kmeans(x, 5, iters=5, seed=0, progress=lambda *a: progress.append(a))
     assert c.shape == (5, 2) and torch.isfinite(c).all()
     assert inertia == 0.0
     assert {tuple(r) for r in c.tolist()} == {(0.0, 0.0), (1.0, 1.0), (2.0, 2.0)}
-    assert sum(a for a, _ in progress) == 4 and 1 <= sum(b for _, b in progress) <= 5
+    start = [("k-means++ start", i, 4) for i in range(5)]   # announced, then its 4 steps
+    assert progress[:5] == start and progress[5] == ("Lloyd iterations", 0, 5)
+    assert 1 <= len(progress[6:]) <= 5 and [i for _, i, _ in progress[6:]] == list(range(1, len(progress) - 5))
 
 
 def test_kmeans_repeated_rows_count_as_weights():
@@ -256,6 +258,25 @@ def test_codebook_is_deterministic(grey):
     c = Codebook.fit(grey, small_cfg(codebook_seed=1))
     assert not torch.equal(a.centroids, c.centroids)
     assert not torch.equal(a.encode(grey), c.encode(grey))
+
+
+def test_the_codebook_hash_names_its_contents(tmp_path, grey):
+    """sha256 covers what decides codes and pixels: equal after a save and load, different for another
+    fit; a codebook whose files no longer match their hash is refused; one saved before the hash loads."""
+    from safetensors.torch import load_file, save_file
+    book = Codebook.fit(grey, small_cfg())
+    book.save(tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / "codebook.json").read_text())
+    assert meta["sha256"] == book.sha256 == Codebook.load(tmp_path / "a").sha256 and len(book.sha256) == 64
+    assert Codebook.fit(grey, small_cfg(codebook_seed=1)).sha256 != book.sha256
+    tensors = load_file(tmp_path / "a" / "codebook.safetensors")
+    tensors["colours"] = tensors["colours"].flip(0).contiguous()          # two codes' pixels swapped
+    save_file(tensors, tmp_path / "a" / "codebook.safetensors")
+    with pytest.raises(UserError, match="its sha256 does not match the codebook's contents"):
+        Codebook.load(tmp_path / "a")
+    del meta["sha256"]
+    (tmp_path / "a" / "codebook.json").write_text(json.dumps(meta))
+    assert Codebook.load(tmp_path / "a").sha256 != book.sha256             # no hash stored: read as it is
 
 
 def test_codebook_save_load_round_trip(tmp_path, grey):
