@@ -4,6 +4,7 @@
     python bench.py --quick              # fewer repetitions, 100,000 k-means vectors
     python bench.py --only train,kmeans  # a subset: train, sample, sample_demo, kmeans
     python bench.py --preset gpu         # the README's GPU table on a CUDA GPU -> gpu_bench.json
+    python bench.py --only web --web_ckpt runs/demo/final   # the page in Chromium: in the browser vs serve.py
 
 What is measured (ours vs peer, identical sizes and batch, same weights where it applies):
   train    one training step (forward, loss, backward, AdamW step) of our GPT vs transformers'
@@ -48,6 +49,11 @@ What is measured (ours vs peer, identical sizes and batch, same weights where it
            same number of Lloyd iterations (--kmeans_iters, the project's 30), tolerance 0 on both
            (each stops early only at a fixed point; the iterations run are reported). Both final
            inertias are computed by the same float64 function.
+  web      the page in Debian's Chromium (imagegpt/web_bench.py): the static export of --web_ckpt running
+           the model in the browser (onnxruntime-web; model.onnx and model_quantized.onnx) vs the same page
+           through serve.py (PyTorch), at 1 and 2 threads: classification latency (p50, p99 ms per drawing)
+           and drawings/s at batch 1 and 8, timed in the page. Not in the default sections (it needs
+           chromium, `npm ci` and a checkpoint).
   memory   peak memory of a training step and of a sampling call, each side: on CUDA the
            allocator's peak (torch.cuda.max_memory_allocated) above what was allocated before; on
            Linux the growth of the process's peak RSS (VmHWM, reset through /proc/self/clear_refs)
@@ -107,7 +113,7 @@ TARGETS = {
 }
 
 
-SECTIONS = ("train", "sample", "sample_demo", "kmeans")
+SECTIONS = ("train", "sample", "sample_demo", "kmeans", "web")
 
 # --preset gpu: the README's GPU table in one run on a CUDA GPU (about 5 minutes on an H200): the v2
 # model's training step at lengths 512 and 53 (tokens/s, MFU, peak memory; bf16 and fp32, compiled),
@@ -128,9 +134,11 @@ def default_length():
 
 
 def demo_config(vocab_size):
-    """The demo model's sizes (config/demo.yaml: layers, heads, width, max_length as the block)."""
+    """The demo model's sizes (config/demo.yaml: layers, heads, width; its max_length as the block, or
+    the data's length when the config leaves it to the data)."""
     d = read_yaml(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "demo.yaml"))
-    return GPTConfig(vocab_size=vocab_size, block_size=d["max_length"], n_layer=d["n_layer"], n_head=d["n_head"],
+    return GPTConfig(vocab_size=vocab_size, block_size=d.get("max_length") or default_length() + 1,
+                     n_layer=d["n_layer"], n_head=d["n_head"],
                      n_embd=d["n_embd"])
 
 
@@ -583,6 +591,26 @@ def bench_kmeans(x, k, reps, iters, threads=None, seed=0, label="", device=torch
             "raw_seconds": times, "raw_cpu_seconds": cpu}
 
 
+def bench_web(a, quick):
+    """The page in Chromium (imagegpt/web_bench.py), on --web_ckpt exported with --onnx --quantize int8,
+    classifying a real test digit of its data (or a blank image)."""
+    from imagegpt import web_bench, web_export
+    web_export.ort_dist()                                   # npm ci first: before the export work
+    ck = checkpoint.load(a.web_ckpt)
+    image = web_export.test_split(ck)[0]
+    folder = tempfile.mkdtemp(prefix="bench-web-")
+    try:
+        log(f"[web] exporting {ck.folder} with --onnx --quantize int8")
+        huggingface.write_export(ck, os.path.join(folder, "hf"), onnx="int8")
+        r = web_bench.measure(ck, os.path.join(folder, "hf"), threads=ints(a.web_threads, "--web_threads"),
+                              n=20 if quick else a.web_n, reps=2 if quick else 5,
+                              image=None if image is None else image[0], log=log)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    r["checkpoint"] = ck.folder
+    return r
+
+
 # ----------------------------------------------------------------------------- the run
 
 def build_parser():
@@ -616,6 +644,10 @@ def build_parser():
     ap.add_argument("--kmeans_data", default="digits", choices=["digits", "random"],
                     help="k-means on the built-in digits' features or on random blobs (default: %(default)s)")
     ap.add_argument("--matmul_n", type=int, help="side of the square peak matmul (default: 2048; CUDA 8192)")
+    ap.add_argument("--web_ckpt", default="runs/demo/final",
+                    help="web: the checkpoint whose page is timed (default: %(default)s)")
+    ap.add_argument("--web_threads", default="1,2", help="web: WebAssembly and torch threads to time (default: %(default)s)")
+    ap.add_argument("--web_n", type=int, default=200, help="web: timed classifications per row (default: %(default)s)")
     return ap
 
 
@@ -659,7 +691,10 @@ def check_args(a):
             + 12 * (a.matmul_n or 2048) ** 2,
             "sample": 2 * (4 * n + 4 * max(batches) * a.block_size * (2 * a.n_layer * a.n_embd + a.vocab_size)),
             "sample_demo": 2 * (4 * demo_config(a.vocab_size).num_params_estimate()),
-            "kmeans": 4 * (a.kmeans_n or 300000) * (5 + a.kmeans_k) if a.kmeans_n else 0}
+            "kmeans": 4 * (a.kmeans_n or 300000) * (5 + a.kmeans_k) if a.kmeans_n else 0, "web": 0}
+    ints(a.web_threads, "--web_threads")
+    if a.web_n < 1:
+        raise UserError(f"--web_n must be at least 1, got {a.web_n}")
     for s in sorted(sections):
         check_memory(need[s], f"the {s} benchmark at these sizes", a.device,
                      hint="lower the sizes")
@@ -759,6 +794,9 @@ def _run(a, command, sections, mcfg, lengths, sample_batches, device):
         r["features"] = what
         out["kmeans"] = r
 
+    if "web" in sections:
+        out["web"] = bench_web(a, quick)
+
     out["machine"]["load_average_end"] = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
     out["seconds_total"] = round(time.time() - t_start, 1)
     out["rows"] = rows(out)
@@ -823,6 +861,20 @@ def rows(out):
             size = "demo model" if r["key"].startswith("classify_demo") else "model"
             add(f"{r['key']}_{k}", f"classification images/s, {size}, {side}, batch {r['batch']} (vs an HF forward)",
                 f"{r['images_per_s'][k]:.0f}", f"{r['images_per_s']['theirs']:.0f}", ratio, f"{ratio:.2f}x")
+    web = {r["key"]: r for r in out.get("web", {}).get("rows", [])}
+    for key, r in web.items():
+        if r["side"].startswith("the page through serve.py"):
+            continue
+        peer = web.get(f"service_t{r['threads']}")
+        where = f"{r['side']}, {r['threads']} thread{'s' if r['threads'] > 1 else ''} (vs serve.py, PyTorch, the same threads)"
+        for q in ("p50", "p99"):
+            mine, theirs = r["classify_ms"][q], peer["classify_ms"][q] if peer else float("nan")
+            add(f"web_{key}_classify_{q}", f"classification latency {q}, ms per drawing, {where}; lower is better",
+                f"{mine:.1f}", f"{theirs:.1f}", mine / theirs, f"{mine / theirs:.2f}x")
+        for b, dps in r["drawings_per_s"].items():
+            theirs = peer["drawings_per_s"][b] if peer else float("nan")
+            add(f"web_{key}_draw_b{b}", f"drawings/s, batch {b}, {where}", f"{dps:.1f}", f"{theirs:.1f}",
+                dps / theirs, f"{dps / theirs:.2f}x")
     if "kmeans" in out:
         r = out["kmeans"]
         add("kmeans_time", f"k-means seconds, {r['n']} x {r['dim']}, k={r['k']} (vs scikit-learn; lower is better)",
@@ -874,6 +926,12 @@ def format_report(out):
         k = out["kmeans"]
         notes.append(f"k-means data: {k['features']}; {k['distinct_vectors']} distinct of {k['n']}; "
                      f"{k['rule']}: iterations run, ours {k['iters']['ours']}, scikit-learn {k['iters']['theirs']}")
+    if "web" in out:
+        w = out["web"]
+        notes.append(f"web: {w['checkpoint']} in {w['browser']} with onnxruntime-web {w['onnxruntime_web']}; "
+                     f"{w['classify_calls']} classifications and {w['draw_reps']} drawing calls per row, of "
+                     f"{'a test image of its data' if w['image'] == 'given' else 'a blank image'}; 2 threads in the "
+                     f"browser served with COOP/COEP headers (a plain static host gives the page 1 thread)")
     for r in out.get("train", [])[:1]:
         if r.get("cuda_checks"):
             notes.append("CUDA checks: " + ", ".join(f"{k} {v}" for k, v in r["cuda_checks"].items()))

@@ -16,8 +16,9 @@ eval.py, sample.py and train.py's `init_from`) reads such a folder like one of i
 `--onnx` adds onnx/model.onnx (the GPT with its key/value cache), onnx/tokenizer.onnx and
 onnx/detokenizer.onnx (the codebook: images <-> codes) and onnx/model.json, so that the model runs with
 onnxruntime alone (the client in the README); their parity with tokenizer.py goes to onnx/export.json.
-`--web OUT` (implies --onnx) also writes a static folder OUT that any static file server serves: the
-page of static/ running the graphs in the browser with onnxruntime-web (installed by `npm ci`).
+`--web OUT` (implies --onnx --quantize int8) also writes a static folder OUT that any static file server
+serves: the page of static/ running the graphs in the browser with onnxruntime-web (installed by `npm
+ci`), with the int8 GPT where it keeps the results on the test split (--web_graph to choose).
 """
 import os
 
@@ -40,8 +41,11 @@ def build_parser():
     p.add_argument("--quantize", choices=("int8",), default=None, help="with --onnx: also write "
                    "onnx/model_quantized.onnx, dynamically quantised by onnxruntime (int8 weights); with --web the "
                    "page runs it")
-    p.add_argument("--web", metavar="OUT", default=None, help="also write a static folder OUT (implies --onnx): the "
-                   "page, run in the browser by onnxruntime-web (run `npm ci` first); replaced only if it is an earlier one")
+    p.add_argument("--web", metavar="OUT", default=None, help="also write a static folder OUT (implies --onnx "
+                   "--quantize int8): the page, run in the browser by onnxruntime-web (run `npm ci` first); replaced "
+                   "only if it is an earlier one")
+    p.add_argument("--web_graph", choices=("auto", "fp32", "int8"), default="auto", help="with --web: the GPT graph "
+                   "the page runs; auto: int8 where it keeps the test split's results, else fp32")
     p.add_argument("--push_to_hub", metavar="REPO_ID", default=None,
                    help="upload the folder to this Hugging Face model repository (token: HF_TOKEN or login)")
     p.add_argument("--private", action="store_true", help="create the repository as private")
@@ -52,7 +56,10 @@ def main(argv=None):
     a = build_parser().parse_args(argv)
     if a.private and not a.push_to_hub:
         raise UserError("--private only applies together with --push_to_hub")
+    if a.web_graph != "auto" and not a.web:
+        raise UserError("--web_graph only applies together with --web")
     a.onnx = a.onnx or bool(a.web)
+    a.quantize = a.quantize or ("int8" if a.web else None)   # the page may run the int8 graph
     if a.quantize and not a.onnx:
         raise UserError("--quantize only applies together with --onnx or --web")
     if a.web:                                      # before the export work: node_modules and the folder
@@ -76,7 +83,10 @@ def main(argv=None):
               f"tokenizer.py; decoded pixels within {t['max_abs_pixel_diff']:.2g} (every code: "
               f"{t['max_abs_pixel_diff_all_codes']:.2g})")
     if a.web:
-        files = web_export.write_site(out, a.web, int8=bool(a.quantize))
+        choice = web_export.choose_graph(ck, out) if a.web_graph == "auto" else \
+            {"graph": "model_quantized.onnx" if a.web_graph == "int8" else "model.onnx", "why": "--web_graph " + a.web_graph}
+        print(f"the page runs onnx/{choice['graph']}: {choice['why']}")
+        files = web_export.write_site(out, a.web, int8=choice["graph"] == "model_quantized.onnx", choice=choice)
         print(f"wrote {os.path.abspath(a.web)} ({len(files)} files, {sum(files.values()) / 2 ** 20:.1f} MB): serve it "
               f"with python -m http.server -d {a.web}")
     if a.check:

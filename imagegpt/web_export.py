@@ -3,6 +3,7 @@ as ONNX, model.json, the parity of both with tokenizer.py), the torch-free clien
 
     write_runtime_files(ck, folder)   -> folder/onnx/tokenizer.onnx, detokenizer.onnx, model.json, and the
                                          tokenizer's parity in folder/onnx/export.json (hf_export.py --onnx)
+    choose_graph(ck, export)          the GPT graph for the page: int8 where it keeps the results
     write_site(export, out, int8)     -> out/: a folder any static file server serves (hf_export.py --web)
     CLIENT                            the client in the README and the model card: onnxruntime, numpy and
                                          Pillow only
@@ -11,7 +12,8 @@ The static folder:
     index.html      static/index.html, run in the browser (<body data-backend="browser">)
     static/         the page's JavaScript and CSS: the same files serve.py serves
     model.json      the model's facts: classes, image size, channels, token layout, drawing defaults
-    onnx/           tokenizer.onnx, model.onnx (or model_quantized.onnx), detokenizer.onnx
+    onnx/           tokenizer.onnx, model_quantized.onnx where int8 keeps the results (else model.onnx),
+                    detokenizer.onnx
     ort/            onnxruntime-web's WebAssembly build (its ES module and .wasm), copied from
                     node_modules/ after `npm ci` (the version pinned in package.json and package-lock.json)
 """
@@ -57,21 +59,22 @@ def model_facts(ck, graph=GRAPH):
     }
 
 
-def parity_images(ck):
-    """The checkpoint's test images (uint8 N, H, W, C) read again from its data source, and what they are;
-    (None, why not) when they cannot be read or do not fit the codebook."""
+def test_split(ck):
+    """The checkpoint's test images (uint8 N, H, W, C) and labels, read again from its data source, and what
+    they are; (None, None, why not) when they cannot be read or do not fit the codebook."""
     from imagegpt.data_config import data_settings
     from imagegpt.drawing_report import real_split
     book = ck.codebook
     try:
         cfg = data_settings(ck.settings)
         if (cfg.image_size, cfg.image_size, cfg.channels) != (*book.image_size, book.channels):
-            return None, (f"the checkpoint's data settings ({cfg.image_size} x {cfg.image_size} x {cfg.channels}) do not "
-                          f"give the codebook's images ({book.image_size[0]} x {book.image_size[1]} x {book.channels})")
-        images = real_split(ck.settings, "test")[2]
+            return None, None, (f"the checkpoint's data settings ({cfg.image_size} x {cfg.image_size} x {cfg.channels}) "
+                                f"do not give the codebook's images ({book.image_size[0]} x {book.image_size[1]} x "
+                                f"{book.channels})")
+        images, labels = real_split(ck.settings, "test")[2:]
     except (UserError, OSError, KeyError, TypeError, ValueError) as e:
-        return None, f"the checkpoint's test split could not be read ({str(e).splitlines()[0][:160]})"
-    return images, f"the test split of {ck.settings.get('source', '?')} ({len(images)} images)"
+        return None, None, f"the checkpoint's test split could not be read ({str(e).splitlines()[0][:160]})"
+    return images, labels, f"the test split of {ck.settings.get('source', '?')} ({len(images)} images)"
 
 
 def write_runtime_files(ck, folder):
@@ -80,7 +83,7 @@ def write_runtime_files(ck, folder):
     random images and every code). Returns the parity."""
     import numpy as np
     export_tokenizer(ck.codebook, folder)
-    images, data = parity_images(ck)
+    images, _, data = test_split(ck)
     if images is None:
         H, W = ck.codebook.image_size
         images = np.random.default_rng(0).integers(0, 256, (256, H, W, ck.codebook.channels), dtype=np.uint8)
@@ -134,10 +137,38 @@ def is_site(folder):
     return isinstance(facts, dict) and facts.get("format") == FORMAT and os.path.isfile(os.path.join(folder, "index.html"))
 
 
-def write_site(export, out, int8=False, static=STATIC, root=ROOT):
+INT8_AGREEMENT = 0.99    # int8 keeps the results: the same class for at least this share of the test images
+INT8_ACCURACY_LOSS = 0.002   # and an accuracy at most this much lower than float32's (1 image in 500)
+
+
+def choose_graph(ck, export):
+    """The GPT graph the page runs: onnx/model_quantized.onnx (int8 weights: smaller, and faster in
+    WebAssembly) where it keeps the results, that is where its classification of the checkpoint's test
+    images agrees with onnx/model.onnx's on at least INT8_AGREEMENT of them and its accuracy is at most
+    INT8_ACCURACY_LOSS lower; onnx/model.onnx otherwise, and where there are no test images to tell.
+    Returns what was decided and on what: {"graph", "why", "data", "accuracy", "agreement"}."""
+    from imagegpt.metrics import class_probs
+    from imagegpt.onnx_runtime import OnnxGPT
+    images, labels, data = test_split(ck)
+    if images is None or not os.path.isfile(os.path.join(export, "onnx", QUANTIZED)):
+        why = data if images is None else f"no {QUANTIZED} in the export"
+        return {"graph": GRAPH, "why": f"float32: int8 is not judged ({why})", "data": data}
+    prefixes = ck.encode_images(images)
+    preds = {k: class_probs(OnnxGPT(os.path.join(export, "onnx", g), threads=1), prefixes, ck.vocab,
+                            batch_size=256).argmax(1).numpy() for k, g in (("fp32", GRAPH), ("int8", QUANTIZED))}
+    acc = {k: float((p == labels).mean()) for k, p in preds.items()}
+    agree = float((preds["fp32"] == preds["int8"]).mean())
+    keeps = agree >= INT8_AGREEMENT and acc["int8"] >= acc["fp32"] - INT8_ACCURACY_LOSS
+    why = (f"int8 {'keeps' if keeps else 'does not keep'} the results on {data}: accuracy {100 * acc['int8']:.2f} % "
+           f"against {100 * acc['fp32']:.2f} % in float32, the same class for {100 * agree:.1f} % of the images")
+    return {"graph": QUANTIZED if keeps else GRAPH, "why": why, "data": data, "accuracy": acc, "agreement": agree}
+
+
+def write_site(export, out, int8=False, static=STATIC, root=ROOT, choice=None):
     """The static page of an export folder written with --onnx (its onnx/ graphs and model.json) -> out/
     (written atomically). int8: the page runs onnx/model_quantized.onnx instead of model.onnx (the
-    tokenizer graphs stay float32: they must give tokenizer.py's codes). Returns {file: bytes}."""
+    tokenizer graphs stay float32: they must give tokenizer.py's codes); choice: how that was decided
+    (choose_graph), kept in model.json. Returns {file: bytes}."""
     out = os.path.abspath(out)
     check_site_out(out)
     dist, version = ort_dist(root)
@@ -149,6 +180,8 @@ def write_site(export, out, int8=False, static=STATIC, root=ROOT):
     facts = read_json(os.path.join(src, MODEL_JSON), MODEL_JSON)
     facts["graphs"]["model"] = graph
     facts["onnxruntime_web"] = version
+    if choice:
+        facts["graph_choice"] = choice
     with open(os.path.join(static, "index.html"), encoding="utf-8") as f:
         page = f.read()
     if page.count(PAGE_BACKEND) != 1:

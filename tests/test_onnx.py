@@ -264,7 +264,9 @@ def test_export_cli_check_and_the_onnx_backend_of_sample_and_eval(tiny, tmp_path
     assert hf_export.main(["--ckpt", tiny.ckpt, "--out", out, "--onnx", "--quantize", "int8", "--check"]) == 0
     text = capsys.readouterr().out
     assert "onnx parity" in text and "onnx-int8 parity" in text and "greedy identical" in text
-    assert sorted(os.listdir(os.path.join(out, "onnx"))) == ["export.json", "model.onnx", "model_quantized.onnx"]
+    assert sorted(os.listdir(os.path.join(out, "onnx"))) == ["detokenizer.onnx", "export.json", "model.json", "model.onnx",
+                                                             "model_quantized.onnx", "tokenizer.onnx"]
+    assert "onnx/tokenizer.onnx" in text and "codes differ from tokenizer.py" in text    # the tokenizer's parity
     assert "## ONNX" in open(os.path.join(out, "README.md")).read()
     runs = {}
     for backend in ("torch", "onnx"):
