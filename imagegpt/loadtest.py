@@ -23,7 +23,7 @@ REQUEST_TIMEOUT = 120.0   # seconds; a slower request counts as failed
 def start(app):
     """Run app with uvicorn on a free loopback port in a daemon thread -> (server, thread, base url)."""
     import uvicorn
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)   # TCP_NODELAY: see serve.listen
     sock.bind(("127.0.0.1", 0))
     sock.listen(1024)
     port = sock.getsockname()[1]
