@@ -5,10 +5,11 @@ the same calls of the page's model interface (static/app.js: classify, generate)
     measure(ck, export, threads=(1, 2), ...) -> {"rows": [...], ...}
 
 Rows: the page in the browser (model.onnx, and model_quantized.onnx where the export has it) and the page
-through serve.py (PyTorch on the CPU, in this process), each at 1 and 2 threads (WebAssembly threads;
-torch's intra-op threads). Measured per row: classification latency (p50, p99 in ms) of one drawing,
-from its pixels at the model's size to the class probabilities and the picture decoded from its codes;
-and drawings per second ("draw me N", any class, top-p 0.9) at batch 1 and 8.
+through serve.py (PyTorch on the CPU, `python serve.py --threads N` in a process of its own), each at 1
+and 2 threads (WebAssembly threads; torch's intra-op threads). Measured per row: classification latency
+(p50, p99 in ms) of one drawing, from its pixels at the model's size to the class probabilities and the
+picture decoded from its codes (through serve.py: the PNG upload and the JSON answer too); and drawings
+per second ("draw me N", any class, top-p 0.9) at batch 1 and 8.
 
 WebAssembly threads need a cross-origin isolated page, which takes two response headers
 (Cross-Origin-Opener-Policy: same-origin, Cross-Origin-Embedder-Policy: require-corp). A plain static
@@ -22,9 +23,8 @@ import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
-import torch
 
-from imagegpt import loadtest, service, web_export
+from imagegpt import web_export
 from imagegpt.errors import UserError
 
 CHROMIUM = "/usr/bin/chromium"
@@ -61,29 +61,29 @@ class StaticHost:
         self.server.server_close()
 
 
-# runs in the page once it is ready: the page's own model interface, timed with performance.now()
-TIMING = """async ({pixels, n, warmup, counts, reps}) => {
-  const m = window.imagegpt.model, info = window.imagegpt.info, [H, W] = info.imageSize;
-  const image = new ImageData(new Uint8ClampedArray(pixels), W, H);
-  for (let i = 0; i < warmup; i++) await m.classify(image);
-  const classify = [];
+# run in the page once it is ready: the page's own model interface, timed with performance.now()
+WARMUP = """async ({pixels, warmup, counts}) => {
+  const m = window.imagegpt.model, [H, W] = window.imagegpt.info.imageSize;
+  window.benchImage = new ImageData(new Uint8ClampedArray(pixels), W, H);
+  for (let i = 0; i < warmup; i++) await m.classify(window.benchImage);
+  for (const count of counts) {
+    await m.generate({ count, temperature: 1, topK: 0, topP: 0.9, label: null, guidance: 1, seed: 0 });
+  }
+  return { runs: window.imagegpt.info.runs, isolated: self.crossOriginIsolated };
+}"""
+CHUNK = """async ({n, counts, seed}) => {
+  const m = window.imagegpt.model, classify = [], draw = {};
   for (let i = 0; i < n; i++) {
     const t = performance.now();
-    await m.classify(image);
+    await m.classify(window.benchImage);
     classify.push(performance.now() - t);
   }
-  const draw = {};
   for (const count of counts) {
-    const o = { count, temperature: 1, topK: 0, topP: 0.9, label: null, guidance: 1 };
-    await m.generate({ ...o, seed: 0 });
-    draw[count] = [];
-    for (let r = 1; r <= reps; r++) {
-      const t = performance.now();
-      await m.generate({ ...o, seed: r });
-      draw[count].push(performance.now() - t);
-    }
+    const t = performance.now();
+    await m.generate({ count, temperature: 1, topK: 0, topP: 0.9, label: null, guidance: 1, seed });
+    draw[count] = performance.now() - t;
   }
-  return { classify, draw, runs: info.runs, isolated: self.crossOriginIsolated };
+  return { classify, draw };
 }"""
 
 
@@ -91,18 +91,51 @@ def percentile(xs, q):
     return float(np.percentile(np.asarray(xs), q))
 
 
-def _row(name, side, threads, r, counts):
-    return {"key": f"{side}_t{threads}", "side": name, "threads": threads, "runs": r["runs"],
-            "isolated": r["isolated"], "classify_ms": {"p50": percentile(r["classify"], 50),
-                                                        "p99": percentile(r["classify"], 99), "n": len(r["classify"])},
-            "drawings_per_s": {str(c): c / (statistics.median(r["draw"][str(c)]) / 1000) for c in counts},
-            "draw_ms": r["draw"]}
+class Service:
+    """python serve.py on a free loopback port, in its own process, with `threads` model threads."""
+
+    def __init__(self, ckpt, threads):
+        import subprocess
+        import sys
+        import time
+
+        import httpx
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self.proc = subprocess.Popen([sys.executable, "serve.py", "--ckpt", ckpt, "--port", str(port), "--threads",
+                                      str(threads)], cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                httpx.get(self.url + "/healthz", timeout=5)
+                return
+            except httpx.TransportError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.close()
+                    raise UserError(f"serve.py did not start ({self.proc.stderr.read().decode()[-300:]})")
+                time.sleep(0.2)
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def measure(ck, export, threads=(1, 2), n=200, warmup=10, counts=(1, 8), reps=5, image=None, log=print):
     """Time the page of the export folder `export` (written with --onnx: onnx/ and model.json) in Chromium,
-    in the browser and through serve.py (PyTorch, ck), at each number of threads. image: uint8 (H, W, C)
-    to classify (default: a blank one). Returns {"rows": [...], "browser": version, "onnxruntime_web": ...}."""
+    in the browser and through serve.py (a process of its own, on ck's folder), at each number of threads.
+    Every row's page stays open and the rows take turns, `reps` rounds of n / reps classifications and one
+    drawing call of each batch size, the order reversed every round, so that a shared machine's drift
+    falls on all of them alike. image: uint8 (H, W, C) to classify (default: a blank one).
+    Returns {"rows": [...], "browser": version, "onnxruntime_web": ...}."""
     import tempfile
 
     from playwright.sync_api import sync_playwright
@@ -111,11 +144,9 @@ def measure(ck, export, threads=(1, 2), n=200, warmup=10, counts=(1, 8), reps=5,
     H, W = ck.codebook.image_size
     img = np.zeros((H, W, ck.codebook.channels), np.uint8) if image is None else np.asarray(image, np.uint8)
     rgba = np.concatenate([img.repeat(3 // img.shape[-1], -1), np.full((H, W, 1), 255, np.uint8)], -1)
-    args = {"pixels": rgba.flatten().tolist(), "n": n, "warmup": warmup, "counts": list(counts), "reps": reps}
     graphs = [("model.onnx", False)] + [("model_quantized.onnx", True)] * os.path.isfile(
         os.path.join(export, "onnx", "model_quantized.onnx"))
-    rows = []
-    torch_threads = torch.get_num_threads()
+    rows, closers = [], []
     with tempfile.TemporaryDirectory(prefix="web-bench-") as tmp, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
@@ -124,40 +155,46 @@ def measure(ck, export, threads=(1, 2), n=200, warmup=10, counts=(1, 8), reps=5,
                 web_export.write_site(export, site, int8=int8)
                 for t in threads:
                     host = StaticHost(site, isolated=t > 1)
-                    try:
-                        log(f"[web] the page in the browser, {graph}, {t} thread(s)")
-                        r = _time_page(browser, f"{host.url}/?threads={t}", args)
-                    finally:
-                        host.close()
-                    if t > 1 and not (r["isolated"] and f"{t} threads" in r["runs"]):
-                        raise UserError(f"the page did not run {t} WebAssembly threads ({r['runs']})")
-                    rows.append(_row(f"the page in the browser (onnxruntime-web, {graph})",
-                                     "browser_int8" if int8 else "browser", t, r, counts))
-            app = service.create_app(ck)
-            srv, thread, url = loadtest.start(app)
-            try:
-                for t in threads:
-                    torch.set_num_threads(t)
-                    log(f"[web] the page through serve.py (PyTorch), {t} thread(s)")
-                    rows.append(_row("the page through serve.py (PyTorch)", "service", t,
-                                     _time_page(browser, url + "/", args), counts))
-            finally:
-                loadtest.stop(srv, thread)
-                torch.set_num_threads(torch_threads)
+                    closers.append(host)
+                    rows.append({"key": f"{'browser_int8' if int8 else 'browser'}_t{t}", "threads": t,
+                                 "side": f"the page in the browser (onnxruntime-web, {graph})",
+                                 "url": f"{host.url}/?threads={t}"})
+            for t in threads:
+                svc = Service(ck.folder, t)
+                closers.append(svc)
+                rows.append({"key": f"service_t{t}", "threads": t, "side": "the page through serve.py (PyTorch)",
+                             "url": svc.url + "/"})
+            for row in rows:
+                log(f"[web] opening {row['side']}, {row['threads']} thread(s)")
+                row["page"] = page = browser.new_page()
+                page.goto(row["url"])
+                page.wait_for_selector("body[data-ready='1']", timeout=120000)
+                row.update(page.evaluate(WARMUP, {"pixels": rgba.flatten().tolist(), "warmup": warmup,
+                                                  "counts": list(counts)}))
+                if row["threads"] > 1 and row["key"].startswith("browser") and \
+                        not (row["isolated"] and f"{row['threads']} threads" in row["runs"]):
+                    raise UserError(f"the page did not run {row['threads']} WebAssembly threads ({row['runs']})")
+                row["classify"], row["draw"] = [], {str(c): [] for c in counts}
+            per = max(1, n // reps)
+            for r in range(reps):
+                log(f"[web] round {r + 1} of {reps}: {per} classifications and a drawing call of each batch size per row")
+                for row in rows if r % 2 == 0 else rows[::-1]:
+                    got = row["page"].evaluate(CHUNK, {"n": per, "counts": list(counts), "seed": r + 1})
+                    row["classify"] += got["classify"]
+                    for c, ms in got["draw"].items():
+                        row["draw"][str(c)].append(ms)
             version = browser.version
         finally:
             browser.close()
-    return {"rows": rows, "browser": f"chromium {version}", "classify_calls": n, "draw_reps": reps,
+            for c in closers:
+                c.close()
+    out = []
+    for row in rows:
+        out.append({"key": row["key"], "side": row["side"], "threads": row["threads"], "runs": row["runs"],
+                    "isolated": row["isolated"],
+                    "classify_ms": {"p50": percentile(row["classify"], 50), "p99": percentile(row["classify"], 99),
+                                    "n": len(row["classify"])},
+                    "drawings_per_s": {c: int(c) / (statistics.median(ms) / 1000) for c, ms in row["draw"].items()},
+                    "draw_ms": row["draw"]})
+    return {"rows": out, "browser": f"chromium {version}", "classify_calls": per * reps, "draw_reps": reps,
             "onnxruntime_web": web_export.ort_dist()[1], "image": "given" if image is not None else "blank"}
-
-
-def _time_page(browser, url, args):
-    page = browser.new_page()
-    try:
-        page.goto(url)
-        page.wait_for_selector("body[data-ready='1']", timeout=120000)
-        r = page.evaluate(TIMING, args)
-        r["draw"] = {str(k): v for k, v in r["draw"].items()}
-        return r
-    finally:
-        page.close()

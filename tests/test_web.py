@@ -63,6 +63,7 @@ def exported(root, **data):
     root = str(root)
     settings = dict(data_dir=os.path.join(root, "data"), num_codes=32, kmeans_iters=3, fit_samples=20000,
                     augment=0, **data)
+    settings.setdefault("test_fraction", 0.2)
     report = ensure_prepared(build(DataConfig, **settings), log=lambda *a: None)
     vocab, book = Vocab.load(os.path.join(settings["data_dir"], "vocab.json")), Codebook.load(settings["data_dir"])
     ckpt = os.path.join(root, "run", "final")
@@ -77,11 +78,12 @@ def exported(root, **data):
 
 @pytest.fixture(scope="module")
 def grey(tmp_path_factory):
-    """Digits: the built-in images, 28 x 28 grey, 4 x 4 patches, 32 codes (WEB_TEST_CKPT: a trained one)."""
+    """Digits: the built-in images, 28 x 28 grey, 4 x 4 patches, 32 codes, a test split of 250 digits
+    (WEB_TEST_CKPT: a trained one)."""
     root = tmp_path_factory.mktemp("web_grey")
     if os.environ.get("WEB_TEST_CKPT"):
         return from_checkpoint(os.environ["WEB_TEST_CKPT"], root)
-    return exported(root)
+    return exported(root, test_fraction=0.05)
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +142,9 @@ def test_the_export_writes_the_three_graphs_model_json_and_the_parity(grey):
     assert names == ["detokenizer.onnx", "export.json", "model.json", "model.onnx", "model_quantized.onnx", "tokenizer.onnx"]
     info = json.load(open(os.path.join(grey.hf, "onnx", "export.json")))
     parity = info["tokenizer"]["parity"]
-    assert parity["data"] == "the test split of builtin (1000 images)"
-    assert parity["images"] == 1000 and parity["codes"] == 49000 and parity["codes_differing"] == 0
+    n = len(real_split(checkpoint.load(grey.ckpt).settings, "test")[2])
+    assert parity["data"] == f"the test split of builtin ({n} images)"
+    assert parity["images"] == n and parity["codes"] == 49 * n and parity["codes_differing"] == 0
     assert parity["max_abs_pixel_diff"] == 0 and parity["max_abs_pixel_diff_all_codes"] == 0
     facts = json.load(open(os.path.join(grey.hf, "onnx", "model.json")))
     ck = checkpoint.load(grey.ckpt)
@@ -320,9 +323,11 @@ def check_reading(page, ck, model):
 
 
 def check_drawings(page, ck, asked):
-    """8 drawings of the class asked for, each a complete image of it, each captioned with a class name."""
+    """8 drawings of the class asked for (None: any, for a model trained without conditioning), each a
+    complete image (of it), each captioned with a class name."""
     page.fill("#count", "8")
-    page.select_option("#class", str(asked))
+    if asked is not None:
+        page.select_option("#class", str(asked))
     page.click("#generate")
     page.wait_for_selector("#results[data-count='8']", timeout=60000)
     figs = page.eval_on_selector_all("#results figure", "fs => fs.map(f => [f.dataset.wellFormed, f.dataset.tokens, "
@@ -330,8 +335,11 @@ def check_drawings(page, ck, asked):
     L = ck.codebook.seq_len
     for well, tokens, caption, width in figs:
         ids = ck.vocab.encode(tokens)
-        assert well == "true" and ck.vocab.is_cond_complete(ids, L) and ids[0] == ck.vocab.label_id(asked)
-        assert caption.split(" \u00b7 ")[0] in ck.class_names and width == ck.codebook.image_size[1]
+        assert well == "true" and caption.split(" \u00b7 ")[0] in ck.class_names and width == ck.codebook.image_size[1]
+        if asked is None:
+            assert ck.vocab.is_complete(ids, L)
+        else:
+            assert ck.vocab.is_cond_complete(ids, L) and ids[0] == ck.vocab.label_id(asked)
     return figs
 
 
@@ -356,15 +364,18 @@ def test_static_page_with_a_digit_model_in_chromium(grey, tmp_path):
                 page.wait_for_selector("#probs[data-state='done']", timeout=30000)
                 check_reading(page, ck, model)
 
-                check_drawings(page, ck, 7)
-                assert "8 7s drawn by the model" in page.inner_text("#results-title")
+                conditional = json.load(open(os.path.join(grey.site, "model.json")))["conditional"]   # WEB_TEST_CKPT: either
+                assert page.is_disabled("#class") != conditional
+                check_drawings(page, ck, 7 if conditional else None)
+                assert f"8 {'7s' if conditional else 'digits'} drawn by the model" in page.inner_text("#results-title")
                 page.screenshot(path=os.path.join(shots, "web.png"), full_page=True)
 
                 page.click("#complete")
                 page.wait_for_selector("#results[data-count='4']", timeout=60000)
                 assert "given: 24 of 49 tokens" in page.inner_text("#given")
                 for tokens in page.eval_on_selector_all("#results figure", "fs => fs.map(f => f.dataset.tokens)"):
-                    assert ck.vocab.is_cond_complete(ck.vocab.encode(tokens), 49)
+                    ids = ck.vocab.encode(tokens)
+                    assert ck.vocab.is_cond_complete(ids, 49) if conditional else ck.vocab.is_complete(ids, 49)
 
                 # an image file instead of a drawing: kept whole, resized, read as the Python model reads it
                 img = np.zeros((56, 56), np.uint8)
