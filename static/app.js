@@ -135,6 +135,12 @@ async function openImage(file) {
   changed(true);
 }
 
+document.querySelector("label.file").addEventListener("keydown", (e) => {   // the label is a button for keys too
+  if (e.key === "Enter" || e.key === " ") {
+    e.preventDefault();
+    $("file").click();
+  }
+});
 $("file").addEventListener("change", () => {
   if ($("file").files[0]) openImage($("file").files[0]);
   $("file").value = "";
