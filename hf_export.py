@@ -37,7 +37,8 @@ def build_parser():
     p.add_argument("--check", action="store_true", help="load the folder with transformers and report "
                    "logit, greedy-generation and tokenizer parity with our model")
     p.add_argument("--onnx", action="store_true", help="also write onnx/model.onnx: the decoder with its key/value "
-                   "cache for onnxruntime (Hugging Face GPT-2 input and output names)")
+                   "cache for onnxruntime (Hugging Face GPT-2 input and output names), onnx/tokenizer.onnx and "
+                   "onnx/detokenizer.onnx (the codebook: images <-> codes) and onnx/model.json")
     p.add_argument("--quantize", choices=("int8",), default=None, help="with --onnx: also write "
                    "onnx/model_quantized.onnx, dynamically quantised by onnxruntime (int8 weights); with --web the "
                    "page runs it")
