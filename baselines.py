@@ -7,7 +7,7 @@
     python baselines.py --source folder:my_images --image_size 28 --augment 6 --quick
 
 Every setting is chosen on a development split carved from the training images; the test split (the
-held-out images the README reports on) is scored once, at the end, after refitting on all training
+held-out images docs/results.md reports on) is scored once, at the end, after refitting on all training
 images. Any data setting (DataConfig: source, image_size, channels, test_fraction, split_seed, augment,
 max_shift, max_rotate, max_scale, max_shear, max_elastic, and the codebook's) can be given as --key value;
 the defaults are the CPU demo's (config/demo.yaml: 6 augmented copies, 4 x 4 patches, 500 codes). See

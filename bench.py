@@ -3,7 +3,7 @@
     python bench.py --threads 1 --json bench.json   # everything (CPU: about 15 minutes)
     python bench.py --quick              # fewer repetitions, 100,000 k-means vectors
     python bench.py --only train,kmeans  # a subset: train, sample, sample_demo, kmeans
-    python bench.py --preset gpu         # the README's GPU table on a CUDA GPU -> gpu_bench.json
+    python bench.py --preset gpu         # the GPU table of docs/performance.md on a CUDA GPU -> gpu_bench.json
     python bench.py --only web --web_ckpt runs/demo/final   # the page in Chromium: in the browser vs serve.py
 
 What is measured (ours vs peer, identical sizes and batch, same weights where it applies):
@@ -115,7 +115,7 @@ TARGETS = {
 
 SECTIONS = ("train", "sample", "sample_demo", "kmeans", "web")
 
-# --preset gpu: the README's GPU table in one run on a CUDA GPU (about 5 minutes on an H200): the v2
+# --preset gpu: the GPU table of docs/performance.md in one run on a CUDA GPU (about 5 minutes on an H200): the v2
 # model's training step at lengths 512 and 53 (tokens/s, MFU, peak memory; bf16 and fp32, compiled),
 # sampling at batch 1, 16 and 256 for the v2 and demo models, the CUDA checks (flash SDPA, fused
 # AdamW), all written to gpu_bench.json. Later arguments override these (the tests run it with
@@ -616,7 +616,7 @@ def bench_web(a, quick):
 def build_parser():
     ap = parser(__doc__, prog="bench.py")
     ap.add_argument("--preset", choices=sorted(PRESETS),
-                    help="gpu: the README's GPU table in one run (see PRESETS; later arguments override it)")
+                    help="gpu: the GPU table of docs/performance.md in one run (see PRESETS; later arguments override it)")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and 100,000 k-means vectors")
     ap.add_argument("--json", metavar="OUT", help="write all figures to this JSON file")
     ap.add_argument("--only", default="train,sample,sample_demo,kmeans",

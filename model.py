@@ -40,7 +40,7 @@ class GPTConfig:
 
 def linear(x, layer):
     """layer(x) for an nn.Linear, without nn.Module's call machinery (hooks, tracing checks). At the
-    demo's size that machinery cost 14 % of a decoding step (README "Performance"), so the model's
+    demo's size that machinery cost 14 % of a decoding step (docs/performance.md), so the model's
     forward calls its layers through these two functions and its own submodules through .forward;
     the modules stay, for their parameters' names (the GPT-2 layout the export maps)."""
     return F.linear(x, layer.weight, layer.bias)

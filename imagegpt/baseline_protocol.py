@@ -2,7 +2,7 @@
 
 Three roles, never mixed (the project's split of its images, as prepare.prepare makes it):
 - test: the held-out images, splits.split_roles(labels, cfg)[2] (the 1,000
-  built-in digits the README reports on); read once, for the final scores, after every choice is made;
+  built-in digits docs/results.md reports on); read once, for the final scores, after every choice is made;
 - train: the other images; prepare.prepare fits the codebook and the GPT on them (and on their augmented
   copies);
 - dev: carved from train by splits.split_roles (split_seed + 1, fold 0), exactly as prepare.prepare does with
@@ -301,7 +301,7 @@ def train_cnn_bar(x, y, cnn_cfg, training, seed, desc):
     return model
 
 
-# ----------------------------------------------------------------------------- the README table
+# ----------------------------------------------------------------------------- the results table
 
 def _pct(v):
     return f"{100 * v:.1f} %"
@@ -341,7 +341,7 @@ NAMES = {
 
 
 def markdown_table(report):
-    """The README table: one row per baseline, test accuracy as mean +- std over seeds where seeded."""
+    """The results table (docs/results.md): one row per baseline, test accuracy as mean +- std over seeds where seeded."""
     n_test = report["counts"]["test"]
     lines = ["| baseline | setting (chosen on dev) | dev accuracy | test accuracy | 95 % CI of the mean over seeds (t) | time |",
              "|---|---|---:|---:|---|---:|"]

@@ -64,7 +64,7 @@ def bf16_autocast(setting, device, decode_width=None):
     On a CPU "auto" then takes bf16 only for models at least BF16_DECODE_MIN_WIDTH wide: one token's
     matrices of a narrow model are too small for the bf16 kernels to pay for the casts (the demo
     model, 128 wide, decodes about 2x slower in bf16; the v2 model, 384 wide, 1.3x faster; see the
-    README's Performance section)."""
+    performance page, docs/performance.md)."""
     from contextlib import nullcontext
 
     import torch

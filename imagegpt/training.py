@@ -157,15 +157,20 @@ def seed_configs(cfg, n):
 def train_seeds(cfg, n, resume=False, allow_changes=False, log=print):
     """Train the configuration with n seeds (seed_configs; with resume, a started run continues and a
     complete one is kept) and write out_dir/seeds.json: each run's development accuracy of final/,
-    and their mean, standard deviation and 95 % interval. -> that summary."""
+    and their mean, standard deviation and 95 % interval. -> that summary. A run stopped by Ctrl-C
+    stops the series there (the summary then has no interval; --resume goes on)."""
     runs = []
     for c in seed_configs(cfg, n):
         log(f"seed {c.seed}: {c.out_dir}")
         started = os.path.exists(os.path.join(c.out_dir, "final", "trainer_state.pt"))
-        train(c, resume=resume and started, log=log, allow_changes=allow_changes)
+        out = train(c, resume=resume and started, log=log, allow_changes=allow_changes)
         final = read_json(os.path.join(c.out_dir, "final", "metrics.json"), "metrics.json")
-        runs.append({"seed": c.seed, "out_dir": c.out_dir, "final_dev_accuracy": final.get("accuracy")})
-    accs = [r["final_dev_accuracy"] for r in runs if isinstance(r["final_dev_accuracy"], float)]
+        runs.append({"seed": c.seed, "out_dir": c.out_dir, "final_dev_accuracy": final.get("accuracy"),
+                     "interrupted": out["interrupted"]})
+        if out["interrupted"]:
+            log(f"the series stops at seed {c.seed}; continue it with --resume")
+            break
+    accs = [r["final_dev_accuracy"] for r in runs if not r["interrupted"] and isinstance(r["final_dev_accuracy"], float)]
     summary = {"runs": runs, "final_dev_accuracy": seed_summary(accs) if len(accs) == n else None}
     write_json(os.path.join(cfg.out_dir, "seeds.json"), summary)
     return summary
@@ -735,7 +740,8 @@ def _train(cfg, procs, resume, log):
         torch.distributed.barrier()   # gloo work object outlives its group (a rare abort at exit otherwise)
         del model
         torch.distributed.destroy_process_group()
-    return {"step": p.step, "best_accuracy": p.best, "seconds": time.time() - t0, "log": run.log_path}
+    return {"step": p.step, "best_accuracy": p.best, "seconds": time.time() - t0, "log": run.log_path,
+            "interrupted": p.step < total}
 
 
 def any_process(flag, device):

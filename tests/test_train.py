@@ -547,6 +547,22 @@ def test_cli_config_error_is_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "unknown key 'bogus'" in lines[0]
 
 
+def test_ctrl_c_stops_a_series_of_seeds_and_resume_goes_on(run_a, tmp_path, monkeypatch):
+    """Ctrl-C in the first of 2 seeds saves it and stops the series (it does not start the next seed);
+    --resume finishes the first and trains the second."""
+    cfg = make_cfg(run_a["tmp"], "", out_dir=str(tmp_path / "seeds"), epochs=1, eval_every=0)
+    logs = []
+    monkeypatch.setattr(train_mod, "StopFlag", stop_after(2))
+    summary = train_mod.train_seeds(cfg, 2, log=logs.append)
+    assert [r["seed"] for r in summary["runs"]] == [cfg.seed] and summary["runs"][0]["interrupted"]
+    assert summary["final_dev_accuracy"] is None and not os.path.exists(tmp_path / "seeds" / f"seed-{cfg.seed + 1}")
+    assert any("the series stops at seed" in line for line in logs)
+    monkeypatch.undo()
+    summary = train_mod.train_seeds(cfg, 2, resume=True, log=lambda *a: None)
+    assert [(r["seed"], r["interrupted"]) for r in summary["runs"]] == [(cfg.seed, False), (cfg.seed + 1, False)]
+    assert summary["final_dev_accuracy"]["n"] == 2
+
+
 def test_seeds_train_each_and_eval_summarises_them(run_a, tmp_path, capsys):
     """train.py --seeds 2: two runs (seeds s and s + 1) in out_dir/seed-*, summarised in seeds.json;
     eval.py with both checkpoints reports each on the test split and their mean, std and interval."""
