@@ -299,7 +299,7 @@ def flops_per_token(cfg, T, causal=False):
 def hf_config(mcfg):
     """The transformers GPT2Config that hf_export writes for a model of these sizes."""
     from transformers import GPT2Config
-    d = huggingface.gpt2_config(mcfg, Vocab(mcfg.vocab_size - 16, 10))
+    d = huggingface.gpt2_config(mcfg, Vocab(mcfg.vocab_size - 16, 10), [str(c) for c in range(10)])
     return GPT2Config(**{k: v for k, v in d.items() if k not in ("architectures", "model_type", "dtype")})
 
 
