@@ -205,6 +205,6 @@ def tokenizer_parity(book, folder, images, batch=256):
     every = np.arange(-1, len(book.colours))
     every = np.resize(every, (math.ceil(len(every) / book.seq_len), book.seq_len))   # each code (and -1) at least once
     pix_all = float(np.abs(detok.run(None, {"codes": every})[0] - decode(every)).max())
-    return {"images": int(len(images)), "codes": int(want.size), "codes_differing": int((got != want).sum()),
+    return {"images": len(images), "codes": int(want.size), "codes_differing": int((got != want).sum()),
             "images_differing": int((got != want).any(1).sum()), "max_abs_pixel_diff": pix,
             "max_abs_pixel_diff_all_codes": pix_all}

@@ -17,7 +17,6 @@ The static folder:
     ort/            onnxruntime-web's WebAssembly build (its ES module and .wasm), copied from
                     node_modules/ after `npm ci` (the version pinned in package.json and package-lock.json)
 """
-import json
 import os
 import shutil
 
