@@ -171,6 +171,14 @@ def test_the_export_writes_the_three_graphs_model_json_and_the_parity(grey):
     assert site_facts["onnxruntime_web"] == json.load(open(os.path.join(ROOT, "package.json")))["dependencies"]["onnxruntime-web"]
 
 
+def test_the_readmes_test_command_is_cis_and_installs_the_page_runtime():
+    """The README's second set-up command is .ci/run's, and it runs npm ci (onnxruntime-web for --web)."""
+    line = lambda text: next(ln for ln in text.splitlines() if ln.startswith("([ -x /usr/bin/chromium ]"))
+    readme = line(open(os.path.join(ROOT, "README.md")).read())
+    assert readme == line(open(os.path.join(ROOT, ".ci", "run")).read())
+    assert "&& npm ci &&" in readme and readme.endswith("python -m pytest -q tests")
+
+
 def test_readme_shows_the_client():
     readme = open(os.path.join(ROOT, "README.md")).read()
     assert web_export.CLIENT.format(folder="runs/demo/hf/onnx/", image="digit.png", label=7) in readme
