@@ -340,6 +340,12 @@ def cuda_checks(model, x, y, opt):
             "bf16_supported": torch.cuda.is_bf16_supported()}
 
 
+def bf16_kernels(device):
+    """Does bf16 run on `device` at all (a CUDA GPU with bf16; a CPU whose oneDNN has bf16 kernels, native or
+    emulated)? The bf16 sides are measured there; --bf16 auto (the defaults) takes them only natively."""
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def bench_train(mcfg, batch, T, reps, warmup, device, peaks, label=""):
     """One training step (forward, loss, backward, AdamW step) of ours and of HF's GPT-2 at (batch, T),
     each in fp32 and, where the device has bf16 kernels, under bf16 autocast: up to four sides timed
@@ -360,7 +366,7 @@ def bench_train(mcfg, batch, T, reps, warmup, device, peaks, label=""):
     seq = torch.randint(mcfg.vocab_size, (batch, T + 1), generator=g).to(device)
     x, y = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
     precisions = {"fp32": nullcontext}
-    if isinstance(bf16_autocast("auto", device), torch.autocast):
+    if bf16_kernels(device):   # measured wherever bf16 runs at all (natively or emulated); the defaults follow --bf16 auto
         precisions["bf16"] = lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
     def training_step(loss_fn, opt, ctx):
@@ -390,7 +396,8 @@ def bench_train(mcfg, batch, T, reps, warmup, device, peaks, label=""):
     times, cpu = alternate(fns, reps, device, lambda: [pk.sample() for pk in peaks.values()], label)
     secs = {n: median(t) for n, t in times.items()}
     tokens = batch * T
-    default = "ours_bf16" if "bf16" in precisions else "ours_fp32"
+    auto = isinstance(bf16_autocast("auto", str(device)), torch.autocast)   # what train.py's default computes in
+    default = "ours_bf16" if "bf16" in precisions and auto else "ours_fp32"
     pairs = {"defaults": (default, "theirs_fp32"), **{p: (f"ours_{p}", f"theirs_{p}") for p in precisions}}
     return {"batch": batch, "length": T, "precisions": list(precisions), "ours_default": default,
             "compile_ours": compiled, "hf_attention": theirs.config._attn_implementation, "cuda_checks": checks,
@@ -485,8 +492,7 @@ def bench_sample(model, hf, vocab, batch, new_tokens, reps, warmup, device, labe
     is ours in the other precision (where the device has bf16), to show what the default chose
     between. HF generate() runs as transformers does by default: fp32. images/s counts one image
     per row and call."""
-    bf16 = isinstance(bf16_autocast("auto", device), torch.autocast)
-
+    bf16 = bf16_kernels(device)
     width = model.config.n_embd
 
     def ours(precision):
@@ -737,7 +743,7 @@ def _run(a, command, sections, mcfg, lengths, sample_batches, device):
 
     if "train" in sections:
         dtypes = {"fp32": torch.float32}
-        if isinstance(bf16_autocast("auto", device), torch.autocast):
+        if bf16_kernels(device):
             dtypes["bf16"] = torch.bfloat16
         peaks = {p: MatmulPeak(a.matmul_n or (8192 if cuda else 2048), device, dt) for p, dt in dtypes.items()}
         out["train"] = []

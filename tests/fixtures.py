@@ -52,7 +52,7 @@ def make_tiny_run(root, seed=0):
     model = GPT(GPTConfig(vocab_size=len(vocab), block_size=16, n_layer=2, n_head=2, n_embd=16))
     run = os.path.join(root, "run")
     ckpt = os.path.join(run, "best")
-    checkpoint.save(ckpt, model, build(TrainConfig, data_dir=data_dir, out_dir=run), vocab, book)
+    checkpoint.save(ckpt, model, build(TrainConfig, data_dir=data_dir, out_dir=run), vocab, book, class_names=CLASSES)
     with open(os.path.join(run, "log.jsonl"), "w") as f:
         for s, (tl, vl, acc) in enumerate([(2.9, 2.7, 0.3), (2.5, 2.4, 0.5), (2.2, 2.3, 0.6)], 1):
             f.write(json.dumps({"step": 10 * s, "train_loss": tl, "val_loss": vl, "val_accuracy": acc,

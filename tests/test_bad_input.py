@@ -363,14 +363,17 @@ def data_copy(e, d, edit=None):
     return p
 
 
-def other_vocab_ckpt(e, d):
-    """A consistent checkpoint whose vocabulary (4 classes) differs from the data's (3 classes)."""
+def other_codebook_ckpt(e, d):
+    """A consistent checkpoint whose codebook (fitted on other images) is not the data's."""
     from tokenizer import Codebook
-    vocab = Vocab(8, 4)
+    book = Codebook.load(e.data)
+    book = Codebook.fit(torch.rand(40, book.channels, *book.image_size, generator=torch.Generator().manual_seed(5)),
+                        book.cfg)
+    vocab = Vocab(book.cfg.num_codes, 3)
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=len(vocab), block_size=32, n_layer=2, n_head=2, n_embd=32))
     ck = os.path.join(d, "other")
-    checkpoint.save(ck, model, TrainConfig(), vocab, Codebook.load(e.data))
+    checkpoint.save(ck, model, TrainConfig(), vocab, book)
     return ck
 
 
@@ -566,10 +569,10 @@ def broken_log(content, expect):
     return build
 
 
-def other_vocab(e, d):
-    ck = other_vocab_ckpt(e, d)
+def other_codebook(e, d):
+    ck = other_codebook_ckpt(e, d)
     args, outs = train_args(e, d, None, "--init_from", ck)
-    return args, [ck, f"its vocabulary differs from {e.data}/vocab.json"], outs
+    return args, [ck, f"its codebook is not the one that tokenised {e.data}", f"--codebook_from {ck}"], outs
 
 
 def gpt2_folder(e, d, pickled=False, activation=None):
@@ -671,7 +674,7 @@ CASES = [
                   "trainer_state_pickle") for c in resume_from(k)],
     *K("train", ["weights_random", "weights_pickle", "config_negative"],
        lambda e, d, ck: train_args(e, d, None, "--init_from", ck), tag="init-from"),
-    *C("train-init-from-other-vocabulary", "train", other_vocab),
+    *C("train-init-from-other-codebook", "train", other_codebook),
 
     # ------------------------------------------------------------------ eval.py
     *first(K("eval", ["weights_truncated"], lambda e, d, ck: eval_args(e, d, ck))),
@@ -823,12 +826,22 @@ def report_case(name, edit, expect):
 
 
 def report_classes(e, d):
-    """eval.py on a checkpoint whose data folder's report.json has classes that are not names."""
+    """eval.py on a checkpoint written before checkpoints carried their class names, whose data folder's
+    report.json has classes that are not names."""
     data = data_copy(e, d, lambda p: edit_json(os.path.join(p, "report.json"), _set("classes", [{"a": 1}, 2, 3])))
     ck = copy_ckpt(e, d)
-    edit_json(os.path.join(ck, "config.json"), _set("train.data_dir", data))
+    edit_json(os.path.join(ck, "config.json"), lambda c: {**{k: v for k, v in c.items() if k != "classes"},
+                                                          "train": {**c["train"], "data_dir": data}})
     args, outs = eval_args(e, d, ck)
     return args, [os.path.join(data, "report.json"), "classes must be a list of class names"], outs
+
+
+def config_classes(e, d):
+    """eval.py on a checkpoint whose own class names are damaged (not a list of distinct names)."""
+    ck = copy_ckpt(e, d)
+    edit_json(os.path.join(ck, "config.json"), _set("classes", ["a", "a", 3]))
+    args, outs = eval_args(e, d, ck)
+    return args, [os.path.join(ck, "config.json"), "classes is ['a', 'a', 3], expected 3 distinct class names"], outs
 
 
 def export_case(kind):
@@ -1014,6 +1027,7 @@ CASES += [
          "--out", out(d, "r.png")],
         [os.path.join(d, "data", "report.json"), 'expected a JSON object with the data settings'], [out(d, "r.png")])),
     *C("eval-report-classes-not-names", "eval", report_classes),
+    *C("eval-config-classes-not-names", "eval", config_classes),
     *E("eval", ["train_config_list", "metrics_string"], lambda e, d, f: eval_args(e, d, f, data=e.val)),
     *E("hf_export", ["train_config_data_dir", "train_config_list"], lambda e, d, f: hf_args(e, d, f)),
     *C("eval-curves-loss-string", "eval", broken_log(b'{"step": 1, "train_loss": "abc"}\n',

@@ -8,6 +8,7 @@ import torch
 import transformers  # noqa: F401  (see above)
 
 import bench
+from imagegpt.device import native_cpu_bf16
 from imagegpt.errors import UserError
 from model import GPTConfig
 
@@ -51,7 +52,8 @@ def test_json_structure(result):
         sides = {f"{who}_{p}" for who in ("ours", "theirs") for p in PRECISIONS}
         assert set(r["raw_seconds"]) == set(r["peak_memory_bytes"]) == sides
         assert all(len(t) == 2 for t in r["raw_seconds"].values())
-        assert r["pairs"]["defaults"] == ["ours_bf16" if BF16 else "ours_fp32", "theirs_fp32"]   # (JSON lists)
+        auto = native_cpu_bf16()   # train.py's default: bf16 where the CPU has bf16 instructions, else fp32
+        assert r["pairs"]["defaults"] == ["ours_bf16" if BF16 and auto else "ours_fp32", "theirs_fp32"]   # (JSON lists)
         assert set(r["pairs"]) == {"defaults"} | set(PRECISIONS) and r["cuda_checks"] is None
     for r in result["sample"]:
         sides = {"ours", "theirs", "onnx", "onnx_int8"} | ({"ours_other"} if BF16 else set())
