@@ -5,6 +5,7 @@ zero; allocation failures as one line; odd file names; outputs checked before an
 the data; file modes; class folders.
 """
 import contextlib
+import glob
 import io
 import json
 import os
@@ -331,9 +332,13 @@ def test_an_allocation_that_fails_is_one_line():
 
 
 def test_size_estimates_let_the_shipped_configs_through(monkeypatch):
-    """The estimates refuse what cannot fit, never what can: every shipped config fits in 4 GB, none in 20 MB."""
-    for name in ("demo", "large", "v1", "v2"):
+    """The estimates refuse what cannot fit, never what can: every shipped config fits in 4 GB, none in 20 MB.
+    And every config but the original's two runs (v1, v2) takes max_length from the data."""
+    names = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(ROOT, "config", "*.yaml")))
+    assert {"demo", "demo_cond", "best", "best_cond", "colour", "finetune", "large", "v1", "v2"} <= set(names)
+    for name in names:
         cfg = load_config(os.path.join(ROOT, "config", f"{name}.yaml"))
+        assert (cfg.max_length == 0) == (name not in ("v1", "v2")), name
         monkeypatch.setattr(device, "memory_bytes", lambda device="cpu": 4 * 10 ** 9)
         trainer_mod.check_fits(cfg, "cpu")
         monkeypatch.setattr(device, "memory_bytes", lambda device="cpu": 20 * 10 ** 6)

@@ -10,6 +10,7 @@ WEB_TEST_CKPT / WEB_TEST_COLOUR_CKPT=DIR use trained checkpoints instead, and WE
 the screenshots there (web.png, web_colour.png).
 """
 import base64
+import contextlib
 import glob
 import io
 import json
@@ -290,14 +291,31 @@ class StaticServer:
         self.proc.wait(timeout=30)
 
 
-def open_page(browser, url, errors, requests):
-    page = browser.new_page(viewport={"width": 1000, "height": 900})
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-    page.on("request", lambda r: requests.append(r.url))
-    page.goto(url + "/")
-    page.wait_for_selector("body[data-ready='1']", timeout=60000)
-    return page
+@contextlib.contextmanager
+def static_page(site):
+    """The static folder served by python -m http.server's handler, opened in Chromium -> the page, once
+    it is ready. Afterwards: no error in the page, and no request outside its own origin."""
+    from playwright.sync_api import sync_playwright
+    server, errors, requests = StaticServer(site), [], []
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1000, "height": 900})
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+                page.on("request", lambda r: requests.append(r.url))
+                page.goto(server.url + "/")
+                page.wait_for_selector("body[data-ready='1']", timeout=60000)
+                yield page
+                assert not errors, errors
+            finally:
+                browser.close()
+    finally:
+        server.close()
+    outside = [u for u in requests if not u.startswith((server.url + "/", "data:", "blob:"))]
+    assert not outside, outside
+    assert any(u.endswith("/ort/ort-wasm-simd-threaded.wasm") for u in requests)   # the export's own copy
 
 
 def read_png(data_url, channels):
@@ -351,104 +369,75 @@ def check_drawings(page, ck, asked):
 
 
 def test_static_page_with_a_digit_model_in_chromium(grey, tmp_path):
-    from playwright.sync_api import sync_playwright
     ck = checkpoint.load(grey.ckpt)
     model = python_model(ck, grey.site)
     shots = os.environ.get("WEB_SCREENSHOTS") or str(tmp_path)
-    server = StaticServer(grey.site)
-    errors, requests = [], []
-    try:
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            try:
-                page = open_page(browser, server.url, errors, requests)
-                assert page.inner_text("h1") == "Draw a digit" and page.title() == "imagegpt-tokens: draw a digit"
-                assert "onnxruntime-web, 1 thread" in page.inner_text("#model-facts")   # no COOP/COEP here: 1 thread
-                assert page.is_hidden("#colours") and page.is_hidden("#api-link")
-                assert len(page.query_selector_all("#bars .bar")) == 10 and page.inner_text("#class-word") == "of digit"
+    with static_page(grey.site) as page:
+        assert page.inner_text("h1") == "Draw a digit" and page.title() == "imagegpt-tokens: draw a digit"
+        assert "onnxruntime-web, 1 thread" in page.inner_text("#model-facts")   # no COOP/COEP here: 1 thread
+        assert page.is_hidden("#colours") and page.is_hidden("#api-link")
+        assert len(page.query_selector_all("#bars .bar")) == 10 and page.inner_text("#class-word") == "of digit"
 
-                draw(page, [[(0.5, 0.15), (0.5, 0.5), (0.5, 0.85)]])                  # a "1"
-                page.wait_for_selector("#probs[data-state='done']", timeout=30000)
-                check_reading(page, ck, model)
+        draw(page, [[(0.5, 0.15), (0.5, 0.5), (0.5, 0.85)]])                  # a "1"
+        page.wait_for_selector("#probs[data-state='done']", timeout=30000)
+        check_reading(page, ck, model)
 
-                conditional = json.load(open(os.path.join(grey.site, "model.json")))["conditional"]   # WEB_TEST_CKPT: either
-                assert page.is_disabled("#class") != conditional
-                check_drawings(page, ck, 7 if conditional else None)
-                assert f"8 {'7s' if conditional else 'digits'} drawn by the model" in page.inner_text("#results-title")
-                page.screenshot(path=os.path.join(shots, "web.png"), full_page=True)
+        conditional = json.load(open(os.path.join(grey.site, "model.json")))["conditional"]   # WEB_TEST_CKPT: either
+        assert page.is_disabled("#class") != conditional
+        check_drawings(page, ck, 7 if conditional else None)
+        assert f"8 {'7s' if conditional else 'digits'} drawn by the model" in page.inner_text("#results-title")
+        page.screenshot(path=os.path.join(shots, "web.png"), full_page=True)
 
-                page.click("#complete")
-                page.wait_for_selector("#results[data-count='4']", timeout=60000)
-                assert "given: 24 of 49 tokens" in page.inner_text("#given")
-                for tokens in page.eval_on_selector_all("#results figure", "fs => fs.map(f => f.dataset.tokens)"):
-                    ids = ck.vocab.encode(tokens)
-                    assert ck.vocab.is_cond_complete(ids, 49) if conditional else ck.vocab.is_complete(ids, 49)
+        page.click("#complete")
+        page.wait_for_selector("#results[data-count='4']", timeout=60000)
+        assert "given: 24 of 49 tokens" in page.inner_text("#given")
+        for tokens in page.eval_on_selector_all("#results figure", "fs => fs.map(f => f.dataset.tokens)"):
+            ids = ck.vocab.encode(tokens)
+            assert ck.vocab.is_cond_complete(ids, 49) if conditional else ck.vocab.is_complete(ids, 49)
 
-                # an image file instead of a drawing: kept whole, resized, read as the Python model reads it
-                img = np.zeros((56, 56), np.uint8)
-                img[8:48, 24:32] = 255
-                Image.fromarray(img).save(tmp_path / "one.png")
-                page.click("#clear")
-                page.wait_for_selector("#probs[data-state='empty']")
-                page.set_input_files("#file", str(tmp_path / "one.png"))
-                page.wait_for_selector("#probs[data-state='done']", timeout=30000)
-                px = check_reading(page, ck, model)
-                assert px[4:24, 12:16].mean() > 200 and px[:, :8].max() == 0              # stretched, not cropped
-                assert not errors, errors
-            finally:
-                browser.close()
-    finally:
-        server.close()
-    outside = [u for u in requests if not u.startswith((server.url + "/", "data:", "blob:"))]
-    assert not outside, outside
-    assert any(u.endswith("/ort/ort-wasm-simd-threaded.wasm") for u in requests)   # the export's own copy
+        # an image file instead of a drawing: kept whole, resized, read as the Python model reads it
+        img = np.zeros((56, 56), np.uint8)
+        img[8:48, 24:32] = 255
+        Image.fromarray(img).save(tmp_path / "one.png")
+        page.click("#clear")
+        page.wait_for_selector("#probs[data-state='empty']")
+        page.set_input_files("#file", str(tmp_path / "one.png"))
+        page.wait_for_selector("#probs[data-state='done']", timeout=30000)
+        px = check_reading(page, ck, model)
+        assert px[4:24, 12:16].mean() > 200 and px[:, :8].max() == 0              # stretched, not cropped
 
 
 def test_static_page_with_a_colour_model_of_named_classes_in_chromium(colour, tmp_path):
-    from playwright.sync_api import sync_playwright
     ck = checkpoint.load(colour.ckpt)
     model = python_model(ck, colour.site)
     shots = os.environ.get("WEB_SCREENSHOTS") or str(tmp_path)
-    server = StaticServer(colour.site)
-    errors, requests = [], []
-    try:
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            try:
-                page = open_page(browser, server.url, errors, requests)
-                assert ck.class_names == ["circle", "square", "star", "triangle"]     # the folders, sorted
-                assert page.inner_text("h1") == "Draw a circle, a square, a star or a triangle"
-                assert "digit" not in page.inner_text("body").lower()
-                assert page.is_visible("#brush") and page.is_visible("#background")
-                assert page.inner_text("#class-word") == "of class"
-                assert [o for o in page.eval_on_selector_all("#class option", "os => os.map(o => o.textContent)")] == \
-                    ["any"] + ck.class_names
+    with static_page(colour.site) as page:
+        assert ck.class_names == ["circle", "square", "star", "triangle"]     # the folders, sorted
+        assert page.inner_text("h1") == "Draw a circle, a square, a star or a triangle"
+        assert "digit" not in page.inner_text("body").lower()
+        assert page.is_visible("#brush") and page.is_visible("#background")
+        assert page.inner_text("#class-word") == "of class"
+        assert [o for o in page.eval_on_selector_all("#class option", "os => os.map(o => o.textContent)")] == \
+            ["any"] + ck.class_names
 
-                # a picture file, classified in the page as the Python model classifies its pixels
-                shape = np.zeros((64, 64, 3), np.uint8)
-                shape[12:52, 12:52] = (40, 200, 90)
-                Image.fromarray(shape).save(tmp_path / "square.png")
-                page.set_input_files("#file", str(tmp_path / "square.png"))
-                page.wait_for_selector("#probs[data-state='done']", timeout=30000)
-                px = check_reading(page, ck, model)
-                assert tuple(px[8, 8]) == (40, 200, 90)
+        # a picture file, classified in the page as the Python model classifies its pixels
+        shape = np.zeros((64, 64, 3), np.uint8)
+        shape[12:52, 12:52] = (40, 200, 90)
+        Image.fromarray(shape).save(tmp_path / "square.png")
+        page.set_input_files("#file", str(tmp_path / "square.png"))
+        page.wait_for_selector("#probs[data-state='done']", timeout=30000)
+        px = check_reading(page, ck, model)
+        assert tuple(px[8, 8]) == (40, 200, 90)
 
-                # drawn with a colour brush on a chosen background
-                page.click("#clear")
-                page.fill("#brush", "#ff3300")
-                page.fill("#background", "#102040")
-                draw(page, [[(0.2, 0.8), (0.5, 0.2), (0.8, 0.8), (0.2, 0.8)]])        # a triangle
-                page.wait_for_selector("#probs[data-state='done']", timeout=30000)
-                px = check_reading(page, ck, model)
-                assert tuple(px[0, 0]) == (16, 32, 64) and (px.reshape(-1, 3) == (255, 51, 0)).all(1).any()
+        # drawn with a colour brush on a chosen background
+        page.click("#clear")
+        page.fill("#brush", "#ff3300")
+        page.fill("#background", "#102040")
+        draw(page, [[(0.2, 0.8), (0.5, 0.2), (0.8, 0.8), (0.2, 0.8)]])        # a triangle
+        page.wait_for_selector("#probs[data-state='done']", timeout=30000)
+        px = check_reading(page, ck, model)
+        assert tuple(px[0, 0]) == (16, 32, 64) and (px.reshape(-1, 3) == (255, 51, 0)).all(1).any()
 
-                check_drawings(page, ck, ck.class_names.index("triangle"))
-                assert "drawings of a triangle" in page.inner_text("#results-title")
-                page.screenshot(path=os.path.join(shots, "web_colour.png"), full_page=True)
-                assert not errors, errors
-            finally:
-                browser.close()
-    finally:
-        server.close()
-    outside = [u for u in requests if not u.startswith((server.url + "/", "data:", "blob:"))]
-    assert not outside, outside
+        check_drawings(page, ck, ck.class_names.index("triangle"))
+        assert "drawings of a triangle" in page.inner_text("#results-title")
+        page.screenshot(path=os.path.join(shots, "web_colour.png"), full_page=True)
