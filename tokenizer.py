@@ -226,6 +226,10 @@ class Codebook:
         DataConfig); the codebook keeps only its own, so that codebook.json loads back."""
         book, x, raw = cls.fit_data(images, cfg)
         cfg = book.cfg
+        if len(x) < cfg.num_codes:
+            raise UserError(f"the codebook is fitted on {len(x)} patches ({len(images)} training images, at most "
+                            f"fit_samples {cfg.fit_samples}), fewer than num_codes {cfg.num_codes}: pass --num_codes "
+                            f"{len(x)} or fewer, or more images")
         x = x.to(device)
         book.centroids, book.inertia = kmeans(x, cfg.num_codes, cfg.kmeans_iters, cfg.codebook_seed,
                                               progress=progress)

@@ -328,8 +328,11 @@ def test_codebook_input_errors(grey):
         Codebook.fit(grey, small_cfg(patch_size=5))
     with pytest.raises(UserError, match="weights"):
         Codebook.fit(grey, small_cfg(w_colour=0.0, w_gradient=0.0))
-    with pytest.raises(UserError, match="at least 16"):
+    with pytest.raises(UserError, match=r"fitted on 10 patches \(.* at most fit_samples 10\), fewer than num_codes 16: "
+                                         r"pass --num_codes 10 or fewer"):
         Codebook.fit(grey, small_cfg(fit_samples=10))
+    with pytest.raises(UserError, match=r"fitted on 72 patches \(2 training images, .*fewer than num_codes 100"):
+        Codebook.fit(grey[:2], small_cfg(num_codes=100))
     book = Codebook.fit(grey, small_cfg())
     with pytest.raises(UserError, match="expects"):
         book.encode(torch.zeros(2, 1, 10, 10))
