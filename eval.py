@@ -278,9 +278,7 @@ def parse_scales(text):
 def run_generation(args, ck):
     if not args.judge:
         raise UserError("--generation needs --judge DIR (a CNN saved by python baselines.py --save_judge DIR)")
-    if ck.settings and not ck.settings.get("cond_fraction"):
-        raise UserError(f"{ck.folder} was trained without class-conditioned sequences (cond_fraction 0); "
-                        f"train one with cond_fraction > 0 (config/demo_cond.yaml)")
+    ck.check_conditional("it has no drawings of a chosen class to report")
     if args.per_class < 2:
         raise UserError(f"--per_class must be at least 2, got {args.per_class}")
     scales = parse_scales(args.scales)

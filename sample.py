@@ -152,14 +152,6 @@ def check_sizes(a, model, book, vocab):
                  f"({rows} at a time)", model.device, hint="lower --num_samples or --batch_size")
 
 
-def check_conditioned(ck):
-    """A model trained without class-conditioned sequences has never seen '<CLS_y> <IMG>'."""
-    frac = ck.settings.get("cond_fraction", 0)
-    if ck.settings and not frac:
-        raise UserError(f"{ck.folder} was trained without class-conditioned sequences (cond_fraction 0), so it "
-                        f"cannot be asked for a class; train one with cond_fraction > 0 (config/demo_cond.yaml)")
-
-
 def describe(i, r, names, vocab, seq_len):
     complete = drawing.outcome(r["ids"], vocab, seq_len)[1]
     codes = len(vocab.image_codes(r["ids"]))
@@ -190,7 +182,7 @@ def run(a, ck, out_png):
               f"tokens: it was trained on cut images), so no row can be a complete image")
     label = None if a.label is None else ck.class_index(a.label, "--class")
     if label is not None or a.grid:
-        check_conditioned(ck)
+        ck.check_conditional()
     sampling = dict(temperature=a.temperature, top_k=a.top_k or None, top_p=a.top_p, greedy=a.greedy,
                     generator=torch.Generator(device=ck.model.device).manual_seed(a.seed), progress=True)
     settings = {"seed": a.seed, "temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p, "greedy": a.greedy}

@@ -54,6 +54,18 @@ class Checkpoint:
             self.class_names = [str(c) for c in range(self.vocab.num_classes)]
 
     @property
+    def conditional(self):
+        """Can it draw a chosen class? (Trained with class-conditioned sequences: cond_fraction > 0.)"""
+        return bool(self.settings.get("cond_fraction"))
+
+    def check_conditional(self, why="it cannot be asked for a class"):
+        """Refuse a class for a model known to be trained without conditioning; one of unknown settings
+        (an export of other origin) is let through."""
+        if self.settings and not self.conditional:
+            raise UserError(f"{self.folder} was trained without class-conditioned sequences (cond_fraction 0), so "
+                            f"{why}; train one with cond_fraction > 0 (config/demo_cond.yaml)")
+
+    @property
     def data_dir(self):
         d = self.settings.get("data_dir")
         return d if isinstance(d, str) and d else None

@@ -54,11 +54,6 @@ def pixels(ids, ck):
     return (img.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
 
 
-def conditional(ck):
-    """Can this checkpoint draw a chosen class? (Trained with class-conditioned sequences.)"""
-    return bool(ck.settings.get("cond_fraction"))
-
-
 STATIC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")   # the page
 MAX_PIXELS = 4096 * 4096          # decoded size limit for an upload (a decompression bomb stops here)
 MAX_TOKENS_CHARS = 40_000
@@ -352,7 +347,7 @@ class Worker:
         """The class a request asks for (None: any), checked against the model."""
         if s.label is None and s.guidance is None:
             return None
-        if not conditional(self.ck):
+        if not self.ck.conditional:
             raise HTTPException(422, NO_CONDITIONING)
         if s.label is None:
             return None
@@ -416,7 +411,7 @@ def add_routes(app, worker, static_dir):
         return Health(status="ok", checkpoint=str(ck.folder), classes=names, image_size=list(size),
                       channels=channels, vocab_size=len(vocab), block_size=model.config.block_size,
                       parameters=model.num_params(), device=str(model.device),
-                      conditional=conditional(ck), guidance=drawing.GUIDANCE, temperature=drawing.TEMPERATURE,
+                      conditional=ck.conditional, guidance=drawing.GUIDANCE, temperature=drawing.TEMPERATURE,
                       batching=worker.batching)
 
     @app.post("/classify", response_model=ClassifyResponse, openapi_extra=CLASSIFY_DOC)

@@ -35,11 +35,6 @@ FORMAT = "imagegpt-tokens model.json 1"
 PAGE_BACKEND = '<body data-backend="service">'
 
 
-def conditional(ck):
-    """Can this checkpoint draw a chosen class? (Trained with class-conditioned sequences; as service.conditional.)"""
-    return bool(ck.settings.get("cond_fraction"))
-
-
 def model_facts(ck, graph=GRAPH):
     """model.json: what a runtime outside this repository needs to know about the model."""
     v, book, cfg = ck.vocab, ck.codebook, ck.model.config
@@ -53,7 +48,7 @@ def model_facts(ck, graph=GRAPH):
         "tokens": {"pad": v.pad_id, "unk": v.unk_id, "img": v.img_id, "img_end": v.img_end_id, "cls": v.cls_id,
                    "eos": v.eos_id, "code_offset": v.code_offset, "num_codes": v.num_codes,
                    "label_offset": v.label_offset, "num_classes": v.num_classes},
-        "conditional": conditional(ck), "guidance": drawing.GUIDANCE, "temperature": drawing.TEMPERATURE,
+        "conditional": ck.conditional, "guidance": drawing.GUIDANCE, "temperature": drawing.TEMPERATURE,
         "graphs": {"tokenizer": TOKENIZER, "model": graph, "detokenizer": DETOKENIZER},
     }
 

@@ -484,7 +484,7 @@ def test_page_in_headless_chromium(loaded, tmp_path):
                 page.wait_for_selector("body[data-ready='1']", timeout=15000)
                 assert len(probabilities(page)) == 10
                 assert page.inner_text("h1") == "Draw a digit" and "on the server" in page.inner_text("#model-facts")
-                conditional = service.conditional(loaded)                # SERVE_TEST_CKPT may be either kind
+                conditional = loaded.conditional                # SERVE_TEST_CKPT may be either kind
                 assert page.is_disabled("#class") != conditional
                 assert ("without class conditioning" in page.inner_text("#gen-note")) != conditional
 

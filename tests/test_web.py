@@ -30,6 +30,7 @@ import pytest
 import torch
 from fixtures import ROOT
 from PIL import Image
+from test_onnx import tiny_model
 from test_serve import CHROMIUM, CHROMIUM_ARGS, draw, free_port
 
 import eval as ev
@@ -44,19 +45,7 @@ from imagegpt.prepare import ensure_prepared
 from imagegpt.settings import build
 from imagegpt.token_format import Vocab
 from imagegpt.training import TrainConfig
-from model import GPT, GPTConfig
 from tokenizer import Codebook, CodebookConfig, uint8_to_tensor
-
-def random_gpt(vocab, block, seed=0):
-    """A 2-layer GPT whose every weight is perturbed and whose head is scaled up, so that its predictions
-    are far from ties (an untrained one reads every image as nearly uniform)."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=len(vocab), block_size=block, n_layer=2, n_head=2, n_embd=32))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-        model.lm_head.weight.mul_(3)
-    return model.eval()
 
 
 def exported(root, **data):
@@ -69,7 +58,7 @@ def exported(root, **data):
     report = ensure_prepared(build(DataConfig, **settings), log=lambda *a: None)
     vocab, book = Vocab.load(os.path.join(settings["data_dir"], "vocab.json")), Codebook.load(settings["data_dir"])
     ckpt = os.path.join(root, "run", "final")
-    checkpoint.save(ckpt, random_gpt(vocab, book.seq_len + 5),
+    checkpoint.save(ckpt, tiny_model(0, len(vocab), book.seq_len + 5),
                     build(TrainConfig, out_dir=os.path.join(root, "run"), cond_fraction=0.5, **settings), vocab, book,
                     class_names=report["classes"])
     hf, site = os.path.join(root, "hf"), os.path.join(root, "site")
