@@ -60,6 +60,7 @@ from imagegpt.plots import confusion_png, plot_curves
 from imagegpt.sequences import make_batch, read_sequences
 from imagegpt.sources import IMAGE_EXTS, load_folder, read_image
 from imagegpt.stats import seed_summary
+from imagegpt.token_format import list_classes
 from tokenizer import uint8_to_tensor
 
 
@@ -98,7 +99,7 @@ def load_eval_data(args, ck):
         unknown = [n for n in folder_names if n not in index]
         if unknown:
             raise UserError(f"{os.path.join(args.images, unknown[0])}: {unknown[0]!r} is not a class of this "
-                            f"checkpoint (classes: {' '.join(names)})")
+                            f"checkpoint (classes: {list_classes(names)})")
         labels = [index[folder_names[y]] for y in labels.tolist()]
         seqs = [p + [vocab.label_id(y), vocab.eos_id] for p, y in zip(ck.encode_images(images), labels)]
         return seqs, f"{args.images} ({len(seqs)} images, tokenised with the checkpoint's codebook)", images

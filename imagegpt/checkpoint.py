@@ -34,7 +34,7 @@ from imagegpt.metrics import check_metrics
 from imagegpt.onnx_export import GRAPH, QUANTIZED
 from imagegpt.onnx_runtime import OnnxGPT
 from imagegpt.settings import check_fields, flat, names
-from imagegpt.token_format import Vocab, check_class_names
+from imagegpt.token_format import Vocab, check_class_names, list_classes
 from model import GPT, GPTConfig
 from tokenizer import Codebook
 
@@ -87,7 +87,8 @@ class Checkpoint:
             return self.class_names.index(text)
         if text.isdigit() and int(text) < len(self.class_names):
             return int(text)
-        raise UserError(f"{what} {text!r}: not a class of this checkpoint (classes: {' '.join(self.class_names)})")
+        raise UserError(f"{what} {text!r}: not a class of this checkpoint (classes: {list_classes(self.class_names)}; "
+                        f"or an index 0 .. {len(self.class_names) - 1})")
 
     def encode_images(self, images):
         """uint8 images (N, H, W, C) of the codebook's size -> classification prefixes (id lists)."""

@@ -18,6 +18,7 @@ from imagegpt.data_config import data_settings
 from imagegpt.errors import UserError
 from imagegpt.sources import load_source
 from imagegpt.splits import split_roles
+from imagegpt.token_format import list_classes
 
 KNN_K = 3   # neighbours for the precision / recall radii
 
@@ -31,8 +32,8 @@ def load_judge(folder, class_names):
         raise UserError("the judge needs classifiers.py (the baselines' CNN, issue 12) beside this module") from None
     model, meta = classifiers.load_cnn(folder)
     if meta["class_names"] != list(class_names):
-        raise UserError(f"{folder}/cnn.json: the judge's classes {' '.join(meta['class_names'])} are not the "
-                        f"checkpoint's ({' '.join(class_names)})")
+        raise UserError(f"{folder}/cnn.json: the judge's classes ({list_classes(meta['class_names'])}) are not "
+                        f"the checkpoint's ({list_classes(class_names)})")
 
     def judge(images):
         return classifiers.cnn_logits(model, images).float().softmax(-1)

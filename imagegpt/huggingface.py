@@ -465,6 +465,7 @@ def check_parity(model, folder, vocab, batch=4, seed=0):
     """Load `folder` with transformers and compare with our model: max |logit difference| on random
     sequences, greedy generation, and the tokenizer's ids. Needs transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
     hf, load_info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
     hf.eval()
     tok = AutoTokenizer.from_pretrained(folder)
@@ -475,7 +476,12 @@ def check_parity(model, folder, vocab, batch=4, seed=0):
     diff = (hf(x, attention_mask=torch.ones_like(x)).logits - model(x)[0]).abs().max().item()
     prompt = torch.cat([torch.full((batch, 1), vocab.img_id),
                         torch.randint(vocab.code_offset, vocab.label_offset, (batch, 3), generator=g)], 1)
-    theirs = hf.generate(prompt, do_sample=False, max_length=T, attention_mask=torch.ones_like(prompt))
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()   # generate() drops the all-ones mask on later steps, then warns of padding
+    try:
+        theirs = hf.generate(prompt, do_sample=False, max_length=T, attention_mask=torch.ones_like(prompt))
+    finally:
+        hf_logging.set_verbosity(level)
     rows = [r["ids"] for r in generate(model, prompt.tolist(), vocab, T - prompt.shape[1], greedy=True)]
     width = max(len(r) for r in rows)   # generate() pads rows that ended early, as here
     ours = torch.tensor([r + [vocab.pad_id] * (width - len(r)) for r in rows])

@@ -252,8 +252,13 @@ def load_hf(spec, size, channels):
         labels = np.asarray(ds[label], dtype=np.int64)
     else:
         values = ds[label]
-        names = [str(v) for v in sorted(set(values))]
-        labels = np.asarray([names.index(str(v)) for v in values], dtype=np.int64)
+        odd = next((i for i, v in enumerate(values) if isinstance(v, bool) or not isinstance(v, (int, str))), None)
+        if odd is not None:
+            raise UserError(f"hf:{spec} row {odd}: label {str(values[odd])[:40]} in column {label!r} is not a "
+                            f"class (expected an integer or a name, one per image)")
+        names = [str(v) for v in sorted(set(values))]   # a column holds one type: numbers or names
+        index = {n: c for c, n in enumerate(names)}
+        labels = np.asarray([index[str(v)] for v in values], dtype=np.int64)
     bad = np.flatnonzero((labels < 0) | (labels >= len(names)))
     if len(bad):
         raise UserError(f"hf:{spec} row {bad[0]}: label {labels[bad[0]]} is no class of {label} (0..{len(names) - 1}); "

@@ -257,6 +257,12 @@ def fit_prefix(prefix, block_size):
     return prefix[:block_size - PREFIX_TAIL] + prefix[-PREFIX_TAIL:]
 
 
+def list_classes(names, most=12):
+    """Class names for a message: quoted (a name may hold spaces), the first `most` of many."""
+    shown = ", ".join(repr(n) for n in names[:most])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > most else "")
+
+
 def check_class_names(names, vocab, where):
     """The class names a checkpoint carries -> the list, if it is one distinct name per label token."""
     if not (isinstance(names, list) and len(names) == vocab.num_classes

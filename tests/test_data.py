@@ -805,6 +805,22 @@ def test_hf_source_reads_a_saved_dataset_and_its_splits(tmp_path):
     assert rep["classes"] == ["a", "b", "c"] and rep["counts"]["test"] == [2, 2, 2]
 
 
+def test_hf_label_columns_without_classlabel(tmp_path):
+    import datasets
+    img = Image.new("RGB", (5, 7), (200, 10, 10))
+    for values, want_names, want in [(["cat", "dog", "cat"], ["cat", "dog"], [0, 1, 0]),
+                                     ([10, 2, 2], ["2", "10"], [1, 0, 0])]:       # numbers in their order
+        ds = datasets.Dataset.from_dict({"image": [img] * 3, "label": values})
+        folder = str(tmp_path / f"ds{len(os.listdir(tmp_path))}")
+        ds.save_to_disk(folder)
+        _, labels, names, _ = sources.load_hf(folder, 4, 3)
+        assert names == want_names and labels.tolist() == want, values
+    odd = datasets.Dataset.from_dict({"image": [img] * 2, "labels": [[0, 1], [1]]})
+    odd.save_to_disk(str(tmp_path / "multi"))
+    with pytest.raises(UserError, match=r"row 0: label \[0, 1\] in column 'labels' is not a class"):
+        sources.load_hf(str(tmp_path / "multi"), 4, 3)
+
+
 # ----------------------------------------------------------------------------- images the project makes itself
 
 def test_shapes_folders_are_deterministic_and_read_like_a_users_images(tmp_path, monkeypatch, capsys):

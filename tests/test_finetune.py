@@ -135,7 +135,7 @@ def test_the_class_names_travel_to_eval_sample_the_export_and_the_service(tuned,
                             str(tmp_path / "s.png"), "--out_jsonl", str(tmp_path / "s.jsonl")]) == 0
     recs = [json.loads(line) for line in open(tmp_path / "s.jsonl")]
     assert all(r["meta"]["asked"] == "beta" and r["label"] == 1 for r in recs)
-    with pytest.raises(UserError, match=r"--class 'delta': not a class of this checkpoint \(classes: alpha beta gamma\)"):
+    with pytest.raises(UserError, match=r"--class 'delta': not a class of this checkpoint \(classes: 'alpha', 'beta', 'gamma'; or an index 0 .. 2\)"):
         sample_cmd.main(["--ckpt", ckpt, "--class", "delta", "--out_png", str(tmp_path / "x.png")])
     out = str(tmp_path / "hf")
     assert hf_export.main(["--ckpt", ckpt, "--out", out]) == 0
@@ -163,3 +163,10 @@ def test_a_checkpoint_away_from_its_data_folder_still_names_its_classes(tuned, t
     json.dump(cfg, open(moved / "config.json", "w"))
     with pytest.raises(UserError, match=r"config.json: classes is .*expected 3 distinct class names"):
         checkpoint.load(str(moved))
+
+
+def test_class_list_in_messages_is_quoted_and_bounded():
+    from imagegpt.token_format import list_classes
+    assert list_classes(["a b", "c"]) == "'a b', 'c'"
+    many = list_classes([f"class {i}" for i in range(1000)])
+    assert many.startswith("'class 0', 'class 1'") and many.endswith("'class 11', ... (1000 in all)")
