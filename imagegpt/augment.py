@@ -65,8 +65,9 @@ def transform(images, params):
     """float (N, C, H, W) moved by params (N, 5 or 5 + 2 WARP_GRID^2) (copy_params): sheared horizontally,
     scaled and rotated about the centre, then shifted, then warped when the row has warp columns (each
     output pixel also moved by a displacement interpolated bicubically from the WARP_GRID x WARP_GRID
-    lattice, corners on the image's corners); bilinear, black outside. Each image's result depends on its
-    own row."""
+    lattice, corners on the image's corners); bilinear. The pixels that come from outside the image take
+    its background: each channel's median over the image's outermost pixels (black for the digits, the
+    backdrop's colour for an image on a coloured ground). Each image's result depends on its own row."""
     N, C, H, W = images.shape
     angles, shifts, scales, shears = params[:, 0], params[:, 1:3], params[:, 3], params[:, 4]
     cos, sin, k = angles.cos() / scales, angles.sin() / scales, shears.tan()
@@ -78,4 +79,11 @@ def transform(images, params):
         lattice = params[:, 5:].reshape(N, 2, WARP_GRID, WARP_GRID)
         warp = F.interpolate(lattice, size=(H, W), mode="bicubic", align_corners=True)
         grid = grid - warp.permute(0, 2, 3, 1) * grid.new_tensor([2 / W, 2 / H])
-    return F.grid_sample(images, grid, align_corners=False, padding_mode="zeros")
+    bg = background(images)
+    return F.grid_sample(images - bg, grid, align_corners=False, padding_mode="zeros") + bg
+
+
+def background(images):
+    """float (N, C, H, W) -> (N, C, 1, 1): each channel's median over the image's one-pixel frame."""
+    frame = torch.cat([images[:, :, 0], images[:, :, -1], images[:, :, 1:-1, 0], images[:, :, 1:-1, -1]], -1)
+    return frame.median(-1).values[..., None, None]

@@ -283,6 +283,24 @@ def test_augment():
     assert not torch.allclose(augment(x, 2, changed(still, max_elastic=1.5), seed=0)[:6], x, atol=1e-2)
 
 
+def test_moved_copies_uncover_the_images_background_not_black():
+    from imagegpt.augment import transform
+    x = torch.empty(2, 3, 16, 16)
+    x[0] = torch.tensor([0.2, 0.5, 0.9])[:, None, None]     # a blue ground with a red square
+    x[1] = 0.0                                               # the digits' black ground: as before
+    x[:, :, 5:11, 5:11] = torch.tensor([1.0, 0.0, 0.0])[:, None, None]
+    moved = transform(x, torch.tensor([[0.6, 3.0, -3.0, 0.8, 0.0]] * 2))
+    corners = moved[:, :, [0, 0, -1, -1], [0, -1, 0, -1]]
+    assert torch.allclose(corners[0], torch.tensor([0.2, 0.5, 0.9])[:, None].expand(3, 4), atol=1e-6)
+    assert torch.equal(corners[1], torch.zeros(3, 4))
+    black = torch.nn.functional.grid_sample(x[1:], torch.nn.functional.affine_grid(
+        torch.tensor([[[math.cos(0.6) / 0.8, -math.sin(0.6) / 0.8, -6 / 16],
+                       [math.sin(0.6) / 0.8, math.cos(0.6) / 0.8, 6 / 16]]]), (1, 3, 16, 16), align_corners=False),
+        align_corners=False)
+    assert torch.allclose(moved[1:], black, atol=1e-6)     # zero fill where the frame is black
+    assert moved[0, 0].max() > 0.9 and (moved[0, 0] > 0.5).sum() > 10   # the square moved, not lost
+
+
 def test_copy_params_scale_and_shear_leave_the_rotations_and_shifts():
     plain = copy_params(50, 3, DataConfig(), seed=4)
     more = copy_params(50, 3, build(DataConfig, max_scale=0.2, max_shear=10.0), seed=4)
