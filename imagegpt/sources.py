@@ -124,7 +124,8 @@ def _class_files(root, exts):
 
 def read_image(path, size, channels, name=None):
     """One image file (a path, or a binary file object named `name`) -> uint8 (H, W, channels) for
-    size (H, W): converted to grey or RGB and resized (bilinear). 16-bit grey is scaled to 8 bits;
+    size (H, W): turned upright as its EXIF orientation says (a phone's photo; browsers do the same),
+    converted to grey or RGB and resized (bilinear). 16-bit grey is scaled to 8 bits;
     32-bit integer and floating-point images are refused (no fixed range to map to 0..255)."""
     from PIL import Image, UnidentifiedImageError
     name = name or path
@@ -137,7 +138,8 @@ def read_image(path, size, channels, name=None):
 
 def image_array(im, size, channels, name):
     """A PIL image -> uint8 (H, W, channels) for size (H, W), as read_image describes."""
-    from PIL import Image
+    from PIL import Image, ImageOps
+    im = ImageOps.exif_transpose(im)
     if im.mode.startswith("I;16"):
         im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).round().astype(np.uint8), "L")
     elif im.mode in ("I", "F"):

@@ -202,7 +202,7 @@ def write_site(export, out, int8=False, static=STATIC, root=ROOT, choice=None):
 # folder of an export; {image}, {label}: the example's image file and class index.
 CLIENT = '''\
 import json, numpy as np, onnxruntime as ort
-from PIL import Image
+from PIL import Image, ImageOps
 d = "{folder}"; m = json.load(open(d + "model.json")); t = m["tokens"]; (H, W), C = m["image_size"], m["channels"]
 tok, gpt, detok = (ort.InferenceSession(d + m["graphs"][g]) for g in ("tokenizer", "model", "detokenizer"))
 softmax = lambda z: np.exp(z - z.max()) / np.exp(z - z.max()).sum()
@@ -215,7 +215,7 @@ def step(ids, past=None):  # the GPT on new tokens ids (B, T) after the cached o
     return out[0][:, -1], {{o.name.replace("present", "past_key_values"): v for o, v in zip(gpt.get_outputs()[1:], out[1:])}}
 
 def classify(path):  # an image file -> {{class name: probability}}
-    img = Image.open(path).convert("L" if C == 1 else "RGB").resize((W, H), Image.BILINEAR)
+    img = ImageOps.exif_transpose(Image.open(path)).convert("L" if C == 1 else "RGB").resize((W, H), Image.BILINEAR)
     codes = tok.run(None, {{"images": np.asarray(img).reshape(1, H, W, C)}})[0]
     ids = np.concatenate([[[t["img"]]], codes + t["code_offset"], [[t["img_end"], t["cls"]]]], 1)
     return dict(zip(m["classes"], softmax(step(ids)[0][0, t["label_offset"]:].astype(float))))

@@ -1370,6 +1370,14 @@ def test_odd_images_are_converted_not_refused(env, tmp_path):
     assert (read_image(str(tmp_path / "dot.png"), (8, 8), 1) == 200).all()
     Image.new("1", (16, 16), 1).save(tmp_path / "bits.png")
     assert (read_image(str(tmp_path / "bits.png"), (8, 8), 3) == 255).all()
+    # a phone's photo stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to show it)
+    stored = np.zeros((8, 8), np.uint8)
+    stored[0, 0] = 255                                # top left as stored: top right as shown
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "phone.png", exif=exif)
+    shown = read_image(str(tmp_path / "phone.png"), (8, 8), 1)[..., 0]
+    assert shown[0, 7] == 255 and shown.sum() == 255
 
 
 # ----------------------------------------------------------------------------- no code execution from files
