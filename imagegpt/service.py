@@ -247,7 +247,8 @@ def decode_upload(data, size, channels):
 
 
 def one_line(e):
-    text = " ".join(str(e).split())
+    """An error's text on one line (its lines joined; the spaces inside a line, as in a class name, kept)."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
     return text[:300] or type(e).__name__
 
 

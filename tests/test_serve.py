@@ -570,3 +570,8 @@ def test_a_conditioned_checkpoint_draws_the_asked_digit(tmp_path):
         r = c.post("/complete", files=upload(png(img)), data={"fraction": "0.5", "count": "2", "digit": "1"})
         assert r.status_code == 200, r.text
         assert all(s["tokens"].startswith("<CLS_1> <IMG>") for s in r.json()["samples"])
+
+
+def test_error_details_are_one_line_and_keep_a_names_spaces():
+    assert service.one_line(ValueError("class 'blue  square'\n   is not here\n")) == "class 'blue  square' is not here"
+    assert service.one_line(ValueError("")) == "ValueError"
