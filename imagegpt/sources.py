@@ -139,7 +139,7 @@ def read_image(path, size, channels, name=None):
 def image_array(im, size, channels, name):
     """A PIL image -> uint8 (H, W, channels) for size (H, W), as read_image describes."""
     from PIL import Image, ImageOps
-    im = ImageOps.exif_transpose(im)
+    ImageOps.exif_transpose(im, in_place=True)   # (in place: no copy of every image that needs no turn)
     if im.mode.startswith("I;16"):
         im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).round().astype(np.uint8), "L")
     elif im.mode in ("I", "F"):
