@@ -254,7 +254,7 @@ def load_hf(spec, size, channels):
         labels = np.asarray(ds[label], dtype=np.int64)
     else:
         values = ds[label]
-        odd = next((i for i, v in enumerate(values) if isinstance(v, bool) or not isinstance(v, (int, str))), None)
+        odd = next((i for i, v in enumerate(values) if not isinstance(v, (int, str))), None)   # bool: 2 classes
         if odd is not None:
             raise UserError(f"hf:{spec} row {odd}: label {str(values[odd])[:40]} in column {label!r} is not a "
                             f"class (expected an integer or a name, one per image)")

@@ -827,7 +827,8 @@ def test_hf_label_columns_without_classlabel(tmp_path):
     import datasets
     img = Image.new("RGB", (5, 7), (200, 10, 10))
     for values, want_names, want in [(["cat", "dog", "cat"], ["cat", "dog"], [0, 1, 0]),
-                                     ([10, 2, 2], ["2", "10"], [1, 0, 0])]:       # numbers in their order
+                                     ([10, 2, 2], ["2", "10"], [1, 0, 0]),        # numbers in their order
+                                     ([True, False, True], ["False", "True"], [1, 0, 1])]:
         ds = datasets.Dataset.from_dict({"image": [img] * 3, "label": values})
         folder = str(tmp_path / f"ds{len(os.listdir(tmp_path))}")
         ds.save_to_disk(folder)
