@@ -97,7 +97,8 @@ from imagegpt.token_format import Vocab
 from imagegpt.settings import build
 from imagegpt.training import TrainConfig
 from model import GPT, GPTConfig
-from tokenizer import Codebook, CodebookConfig, assign, kmeans, uint8_to_tensor
+from imagegpt.kmeans import assign, kmeans
+from tokenizer import Codebook, CodebookConfig, uint8_to_tensor
 
 # targets on the CPU (issues 7 and 16): key -> (comparison, value, description)
 TARGETS = {

@@ -36,7 +36,7 @@ from imagegpt.sequences import read_sequences
 from imagegpt.settings import add_options, apply_options
 from imagegpt.shapes import KINDS, write_folder
 from imagegpt.token_format import Vocab
-from tokenizer import Codebook
+from tokenizer import load_codebook
 
 
 def render_file(path, book, vocab, n, out, repair_v1=False, names=None):
@@ -102,7 +102,7 @@ def main(argv=None):
     check_file(args.out, "PNG grid")
     if args.cmd == "render":
         folder = args.codebook or os.path.dirname(os.path.abspath(args.file))
-        size = render_file(args.file, Codebook.load(folder), Vocab.load(os.path.join(folder, "vocab.json")),
+        size = render_file(args.file, load_codebook(folder), Vocab.load(os.path.join(folder, "vocab.json")),
                            args.n, args.out, args.repair_v1)
         print(f"wrote {args.out} ({size[0]}x{size[1]})")
     else:

@@ -253,7 +253,7 @@ def complete_images(a, ck, label, sampling, settings):
     prompts = []
     for i in chosen:
         codes = seqs[i][1:-TAIL]
-        prompts.append(drawing.prompt(vocab, label, codes[:round(a.fraction * len(codes))]))
+        prompts.append(drawing.prompt(vocab, label, drawing.kept(vocab, codes, a.fraction)))
     if max(len(p) for p in prompts) >= ck.model.config.block_size:
         raise UserError(f"the kept part of the images fills the model's block size {ck.model.config.block_size}; "
                         f"lower --fraction")

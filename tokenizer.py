@@ -1,9 +1,16 @@
-"""The image codebook: images <-> code grids (k-means over per-patch features).
+"""The image codebooks: images <-> codes (k-means over per-patch features), of two kinds.
 
-The codebook turns every p x p patch of an image into a multi-dimensional feature vector in the
-original's groups (position x, y; time t; colour; gradient Gx, Gy), standardises each group, weights
-it, and maps it to the nearest of K centroids found by k-means (k-means++ start, batched Lloyd steps
-in torch). Each code remembers the mean colour of its patches, so any code grid decodes to an image.
+Codebook (grey images, and colour ones with `palette: 0`): every p x p patch of an image becomes a
+multi-dimensional feature vector in the original's groups (position x, y; time t; colour; gradient Gx,
+Gy); each group is standardised and weighted, and the patch is mapped to the nearest of K centroids
+found by k-means (imagegpt/kmeans.py). Each code remembers the mean colour of its patches, so any code
+grid decodes to an image.
+
+PaletteCodebook (colour images, `palette: P`): shape apart from colour. Each image is its two colours
+and a colour-free mix per pixel (imagegpt/palette.py); the colours become palette tokens, the mix a
+grid of pattern codes from a Codebook fitted on the mixes as on grey images.
+
+load_codebook(folder) and fit_codebook(images, cfg) pick the kind from the settings.
 """
 import hashlib
 import json
@@ -25,96 +32,12 @@ from imagegpt.files import (
     safetensors_error,
     write_json,
 )
+from imagegpt.kmeans import assign, kmeans
+from imagegpt.palette import paint, two_colours
 from imagegpt.settings import check_fields
+from imagegpt.token_format import COLOUR_TOKENS
 
 GROUPS = ("position", "time", "colour", "gradient")
-
-
-# ----------------------------------------------------------------------------- k-means
-
-def assign(x, c, chunk=None):
-    """Nearest centroid for each row of x (n, D) among c (k, D): (labels (n,), squared distance (n,)).
-    argmin ||x - c||^2 = argmin (||c||^2 - 2 x.c), one fused addmm per chunk of rows; the default
-    chunk keeps each (chunk, k) block of distances near 2 MB, so it stays in cache for the min.
-    Always in the inputs' precision: under a caller's bf16 autocast the distances would be rounded and
-    images would get other codes than prepare.prepare gave them."""
-    chunk = chunk or max(256, (1 << 19) // max(len(c), 1))
-    c_sq = c.pow(2).sum(1)
-    labels, dists = [], []
-    with torch.autocast(x.device.type, enabled=False):
-        for i in range(0, len(x), chunk):
-            xi = x[i:i + chunk]
-            d, l = torch.addmm(c_sq, xi, c.T, alpha=-2).min(1)
-            labels.append(l)
-            dists.append((d + xi.pow(2).sum(1)).clamp_min_(0))
-    return torch.cat(labels), torch.cat(dists)
-
-
-def _draw(weights, trials, g):
-    """`trials` indices drawn with replacement with probability proportional to weights (n,),
-    by inverse transform sampling: uniform draws from the CPU generator g, searched in the
-    cumulative sum (float64). All-zero weights draw uniformly."""
-    cum = weights.double().cumsum(0)
-    total = cum[-1].item()
-    if not total > 0:
-        return torch.randint(len(weights), (trials,), generator=g).to(weights.device)
-    r = torch.rand(trials, generator=g, dtype=torch.float64).to(weights.device) * total
-    return torch.searchsorted(cum, r, right=True).clamp_max_(len(weights) - 1)
-
-
-def kmeans(x, k, iters=30, seed=0, tol=1e-4, progress=None):
-    """k-means with a greedy k-means++ start and full-batch Lloyd steps. x (n, D) float32 on any
-    device. Deterministic for a seed on a given device. Returns (centroids (k, D), inertia).
-    progress(phase, done, total): called when each phase begins (done 0) and after each of its steps;
-    phase "k-means++ start" has k - 1 steps, "Lloyd iterations" at most `iters` (it may stop early).
-
-    Identical rows are merged first and the distinct rows carry their counts as weights (weighted
-    k-means++ sampling, weighted means): the same objective and the same steps as on the full
-    multiset, at the cost of the distinct rows only (image features repeat a lot: blank patches)."""
-    n = len(x)
-    if n < k:
-        raise UserError(f"k-means needs at least {k} feature vectors, got {n}")
-    g = torch.Generator().manual_seed(seed)
-    x, w = torch.unique(x, dim=0, return_counts=True)     # distinct rows (sorted), multiplicities
-    w = w.to(x.dtype)
-    m = len(x)
-    trials = 2 + int(math.log(k))
-    centroids = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
-    centroids[0] = x[_draw(w, 1, g)[0]]
-    x_sq = x.pow(2).sum(1)
-    closest = assign(x, centroids[:1])[1]
-    if progress:
-        progress("k-means++ start", 0, k - 1)
-    for i in range(1, k):  # each step: sample candidates by D^2, keep the one that lowers the potential most
-        cand = _draw(closest * w, trials, g)
-        d = torch.addmm(x_sq[cand, None], x[cand], x.T, alpha=-2).add_(x_sq)   # (trials, m) distances
-        d = torch.minimum(d, closest, out=d)               # each point's distance after adding a candidate
-        best = (d @ w).argmin()                            # the candidate with the lowest potential
-        centroids[i] = x[cand[best]]
-        closest = d[best].clamp_min_(0)                    # (rounding can leave tiny negatives)
-        if progress:
-            progress("k-means++ start", i, k - 1)
-    xw = x * w[:, None]
-    prev = None
-    if progress:
-        progress("Lloyd iterations", 0, iters)
-    for it in range(iters):
-        labels, d = assign(x, centroids)
-        inertia = (d @ w).item()
-        sums = torch.zeros_like(centroids).index_add_(0, labels, xw)
-        counts = torch.zeros(k, dtype=x.dtype, device=x.device).index_add_(0, labels, w)
-        empty = (counts == 0).nonzero().flatten()
-        centroids = sums / counts.clamp_min(1)[:, None]
-        if len(empty):  # re-seed empty clusters at the points farthest from their centroid
-            far = d.argsort(descending=True)               # (fewer distinct rows than empties: reuse)
-            centroids[empty] = x[far[torch.arange(len(empty), device=x.device) % m]]
-        if progress:
-            progress("Lloyd iterations", it + 1, iters)
-        if prev is not None and len(empty) == 0 and prev - inertia <= tol * prev:
-            break
-        prev = inertia
-    labels, d = assign(x, centroids)
-    return centroids, (d @ w).item()
 
 
 # ----------------------------------------------------------------------------- codebook
@@ -140,6 +63,9 @@ class CodebookConfig:
     """largest number of k-means (Lloyd) iterations after the k-means++ start"""
     codebook_seed: int = 0
     """seed of the k-means start and of the patches sampled for it"""
+    palette: int = 0
+    """colour images: 0 codes each patch's colours with its shape; P > 0 keeps shape apart from colour (each image's
+    two colours as P palette tokens <C_k> and P corrections <D_k>, its shape as num_codes colour-free patterns)"""
 
 
 def pixel_features(images, p):
@@ -161,7 +87,41 @@ def pixel_features(images, p):
     }
 
 
-class Codebook:
+class _Book:
+    """What both kinds of codebook share: decoding any sequence, classification prefixes, the files."""
+
+    def decode_ids(self, ids, vocab):
+        """Any token-id sequence (real or generated) -> one image (C, H, W): the code tokens of its
+        image part fill the sequence's image positions in order; missing ones stay black (a palette
+        codebook: a missing colour is black, a missing pattern the ground)."""
+        codes = [k for k in vocab.image_codes(ids) if k < self.code_space][:self.seq_len]
+        return self.decode(torch.tensor([codes + [-1] * (self.seq_len - len(codes))]))[0]
+
+    def prefixes(self, images, vocab):
+        """uint8 images (N, H, W, C) -> classification prefixes '<IMG> codes </IMG> <CLS>' (id lists)."""
+        return [vocab.prefix_ids(row) for row in self.encode(uint8_to_tensor(images)).tolist()]
+
+    # -- files: codebook.json (settings, shapes, standardisation stats, sha256) + codebook.safetensors
+
+    @property
+    def sha256(self):
+        """A hash of everything that decides the codes of an image and the pixels of a code (settings,
+        image size, standardisation, centroids, colours, palette): two codebooks tokenise alike if and
+        only if it is equal. Stored in codebook.json; --init_from compares it with the data's."""
+        h = hashlib.sha256(json.dumps(self._meta(), sort_keys=True).encode())
+        for t in self.tensors().values():
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def save(self, folder):
+        from safetensors.torch import save_file
+        meta = {**self._meta(), "inertia": self.inertia, "sha256": self.sha256}
+        with atomic_path(os.path.join(folder, "codebook.safetensors")) as tmp:
+            save_file(self.tensors(), tmp)
+        write_json(os.path.join(folder, "codebook.json"), meta)
+
+
+class Codebook(_Book):
     """Standardisation stats, centroids and per-code mean colours; see the module docstring."""
 
     def __init__(self, cfg, image_size, channels, stats, centroids, colours, inertia=None):
@@ -179,6 +139,11 @@ class Codebook:
     @property
     def seq_len(self):
         return self.grid[0] * self.grid[1]
+
+    @property
+    def code_space(self):
+        """How many code indices there are: the image tokens of the vocabulary (<Z_k>)."""
+        return self.cfg.num_codes
 
     @staticmethod
     def _groups(cfg):
@@ -265,67 +230,26 @@ class Codebook:
         p = self.cfg.patch_size
         return F.fold(cols.transpose(1, 2), self.image_size, p, stride=p).clamp(0, 1)
 
-    def decode_ids(self, ids, vocab):
-        """Any token-id sequence (real or generated) -> one image (C, H, W): the code tokens of its
-        image part fill the grid in raster order; missing cells stay black."""
-        codes = [k for k in vocab.image_codes(ids) if k < len(self.colours)][:self.seq_len]
-        return self.decode(torch.tensor([codes + [-1] * (self.seq_len - len(codes))]))[0]
-
-    def prefixes(self, images, vocab):
-        """uint8 images (N, H, W, C) -> classification prefixes '<IMG> codes </IMG> <CLS>' (id lists)."""
-        return [vocab.prefix_ids(row) for row in self.encode(uint8_to_tensor(images)).tolist()]
-
-    # -- files: codebook.json (settings, shapes, standardisation stats, sha256) + codebook.safetensors
+    def tensors(self):
+        """The arrays of codebook.safetensors, in the order the hash reads them."""
+        return {"centroids": self.centroids.contiguous(), "colours": self.colours.contiguous()}
 
     def _meta(self):
-        return {"config": asdict(self.cfg), "image_size": list(self.image_size), "channels": self.channels,
+        return {"config": settings_dict(self.cfg), "image_size": list(self.image_size), "channels": self.channels,
                 "stats": {g: {"mean": m.tolist(), "std": s} for g, (m, s) in self.stats.items()}}
 
-    @property
-    def sha256(self):
-        """A hash of everything that decides the codes of an image and the pixels of a code (settings,
-        image size, standardisation, centroids, colours): two codebooks tokenise alike if and only if
-        it is equal. Stored in codebook.json; --init_from compares it with the data's."""
-        h = hashlib.sha256(json.dumps(self._meta(), sort_keys=True).encode())
-        for t in (self.centroids, self.colours):
-            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
-
-    def save(self, folder):
-        from safetensors.torch import save_file
-        meta = {**self._meta(), "inertia": self.inertia, "sha256": self.sha256}
-        with atomic_path(os.path.join(folder, "codebook.safetensors")) as tmp:
-            save_file({"centroids": self.centroids.contiguous(), "colours": self.colours.contiguous()}, tmp)
-        write_json(os.path.join(folder, "codebook.json"), meta)
-
     @classmethod
-    def load(cls, folder):
-        from safetensors import SafetensorError
-        path = os.path.join(folder, "codebook.json")
-        meta = check_meta(read_json(path, "codebook.json"), path)
-        try:
-            cfg = CodebookConfig(**meta["config"])
-            stats = {g: (torch.tensor(v["mean"], dtype=torch.float32), float(v["std"]))
-                     for g, v in meta["stats"].items()}
-            tensors = load_safetensors(os.path.join(folder, "codebook.safetensors"))
-            book = cls(cfg, meta["image_size"], int(meta["channels"]), stats,
-                       tensors["centroids"], tensors["colours"], meta.get("inertia"))
-        except FileNotFoundError:
-            raise UserError(f"{folder}: codebook.safetensors is missing") from None
-        except SafetensorError as e:
-            raise UserError(safetensors_error(os.path.join(folder, "codebook.safetensors"), e)) from None
-        except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"{folder}: not a codebook written by this project ({e})") from None
+    def from_files(cls, meta, tensors, folder, channels=None):
+        """The codebook of codebook.json's checked `meta` and codebook.safetensors' `tensors`, its shapes
+        checked (channels: of the images it reads, when not meta's: a palette codebook's patterns read 1)."""
+        cfg = CodebookConfig(**meta["config"])
+        stats = {g: (torch.tensor(v["mean"], dtype=torch.float32), float(v["std"])) for g, v in meta["stats"].items()}
+        book = cls(cfg, meta["image_size"], channels or int(meta["channels"]), stats, tensors["centroids"],
+                   tensors["colours"], meta.get("inertia"))
         if book.centroids.shape[0] != cfg.num_codes:
             raise UserError(f"{folder}: codebook has {book.centroids.shape[0]} centroids, "
                             f"its settings say {cfg.num_codes}")
         book._check(folder)
-        check_finite_tensors({"centroids": book.centroids, "colours": book.colours,
-                              **{f"stats.{g}.mean": m for g, (m, _) in book.stats.items()}},
-                             os.path.join(folder, "codebook.safetensors"))
-        if "sha256" in meta and meta["sha256"] != book.sha256:   # codebooks saved before the hash have none
-            raise UserError(f"{path}: its sha256 does not match the codebook's contents (codebook.json or "
-                            f"codebook.safetensors was changed or mixed up with another codebook's)")
         return book
 
     def _check(self, folder):
@@ -348,6 +272,159 @@ class Codebook:
                             f"{tuple(self.centroids.shape)}, colours {tuple(self.colours.shape)}; expected "
                             f"({self.cfg.num_codes}, {want}) and ({self.cfg.num_codes}, {C * p * p})"
                             f"{', statistics of ' + ', '.join(bad) if bad else ''})")
+
+
+class PaletteCodebook(_Book):
+    """Colour images with shape apart from colour (the module docstring): an image's ground colour and
+    figure colour, each a palette code <C_k> and a correction <D_k> (both found by k-means over the
+    training images' colours, the corrections over what the palette leaves), then its mix as a grid
+    of pattern codes <Z_k> from a Codebook fitted on the training images' mixes as on grey images.
+    Code indices: patterns 0..K-1, palette colours K..K+P-1, corrections K+P..K+2P-1, in the order
+    token_format.Vocab gives the tokens; an image's codes are ground, its correction, figure, its
+    correction, then the patterns in raster order (token_format.COLOUR_TOKENS colours first)."""
+    channels = 3
+
+    def __init__(self, cfg, image_size, pattern, palette, fine):
+        self.cfg, self.image_size, self.pattern = cfg, tuple(image_size), pattern
+        self.palette, self.fine = palette, fine      # (P, 3) colours; (P, 3) corrections added to them
+        self.inertia = pattern.inertia
+
+    @property
+    def grid(self):
+        return self.pattern.grid
+
+    @property
+    def seq_len(self):
+        return COLOUR_TOKENS + self.pattern.seq_len
+
+    @property
+    def code_space(self):
+        return self.cfg.num_codes + 2 * self.cfg.palette
+
+    @classmethod
+    def fit(cls, images, cfg, device="cpu", progress=None):
+        """Fit on training images (N, 3, H, W) float in [0, 1]: the patterns on their mixes, the palette
+        on their ground and figure colours, the corrections on what the palette leaves of them."""
+        ground, figure, alpha = two_colours(images.float())
+        pattern = Codebook.fit(alpha[:, None], cfg, device=device, progress=progress)
+        cfg = pattern.cfg
+        colours = torch.cat([ground, figure]).to(device)
+        if len(colours) < cfg.palette:
+            raise UserError(f"the palette is fitted on the 2 colours of each of {len(images)} training images, fewer "
+                            f"than palette {cfg.palette}: pass --palette {len(colours)} or fewer, or more images")
+        step = lambda what: progress and (lambda phase, done, total: progress(f"{what}: {phase}", done, total))
+        palette = kmeans(colours, cfg.palette, cfg.kmeans_iters, cfg.codebook_seed, progress=step("palette"))[0]
+        rest = colours - palette[assign(colours, palette)[0]]
+        fine = kmeans(rest, cfg.palette, cfg.kmeans_iters, cfg.codebook_seed, progress=step("corrections"))[0]
+        return cls(cfg, images.shape[2:], pattern, palette.cpu(), fine.cpu())
+
+    def colour_codes(self, colours):
+        """colours (N, 3) -> code indices (N, 2): the nearest palette colour, then the nearest correction
+        of what it leaves."""
+        k = assign(colours, self.palette)[0]
+        d = assign(colours - self.palette[k], self.fine)[0]
+        return torch.stack([self.cfg.num_codes + k, self.cfg.num_codes + self.cfg.palette + d], 1)
+
+    def encode(self, images, batch=1024):
+        """images (N, 3, H, W) -> codes (N, seq_len) long: ground colour, figure colour, patterns."""
+        if tuple(images.shape[1:]) != (3, *self.image_size):
+            raise UserError(f"images are {tuple(images.shape[1:])}, the codebook expects "
+                            f"{(3, *self.image_size)} (C, H, W)")
+        out = []
+        for i in range(0, len(images), batch):
+            ground, figure, alpha = two_colours(images[i:i + batch].float())
+            out.append(torch.cat([self.colour_codes(ground), self.colour_codes(figure),
+                                  self.pattern.encode(alpha[:, None])], 1))
+        return torch.cat(out) if out else torch.zeros(0, self.seq_len, dtype=torch.long)
+
+    def colour(self, codes):
+        """code indices (N, 2) (palette colour, correction) -> colours (N, 3); a missing code (-1) or one
+        of another kind adds nothing (a missing colour is black)."""
+        K, P = self.cfg.num_codes, self.cfg.palette
+        pick = lambda table, i: table[i.clamp(0, P - 1)] * ((i >= 0) & (i < P))[:, None]
+        return pick(self.palette, codes[:, 0] - K) + pick(self.fine, codes[:, 1] - K - P)
+
+    def decode(self, codes):
+        """codes (N, seq_len) long (-1 = missing) -> images (N, 3, H, W) float in [0, 1]; a pattern
+        position holding a missing code or a colour's is the ground."""
+        codes = torch.as_tensor(codes, dtype=torch.long)
+        patterns = codes[:, COLOUR_TOKENS:]
+        alpha = self.pattern.decode(patterns.masked_fill(patterns >= self.cfg.num_codes, -1))
+        return paint(self.colour(codes[:, 0:2]), self.colour(codes[:, 2:4]), alpha)
+
+    def to(self, device):
+        if str(device) == "cpu":
+            return self
+        return PaletteCodebook(self.cfg, self.image_size, self.pattern.to(device), self.palette.to(device),
+                               self.fine.to(device))
+
+    def tensors(self):
+        return {**self.pattern.tensors(), "palette": self.palette.contiguous(), "palette_fine": self.fine.contiguous()}
+
+    def _meta(self):
+        return {**self.pattern._meta(), "channels": 3}
+
+    @classmethod
+    def from_files(cls, meta, tensors, folder):
+        """As Codebook.from_files: the patterns (a Codebook of 1-channel mixes) and the palette's arrays."""
+        where = os.path.join(folder, "codebook.json")
+        if meta["channels"] != 3:
+            raise UserError(f"{where}: a palette codebook reads colour images, its channels say {meta['channels']}")
+        pattern = Codebook.from_files(meta, tensors, folder, channels=1)
+        P = pattern.cfg.palette
+        for name in ("palette", "palette_fine"):
+            if tuple(tensors[name].shape) != (P, 3):
+                raise UserError(f"{os.path.join(folder, 'codebook.safetensors')}: {name} is "
+                                f"{tuple(tensors[name].shape)}, its settings say ({P}, 3) (palette {P})")
+        return cls(pattern.cfg, meta["image_size"], pattern, tensors["palette"], tensors["palette_fine"])
+
+
+def settings_dict(cfg):
+    """The codebook's settings as codebook.json stores them: `palette` only where it is set, so that a
+    grey codebook's file and hash are what they were before the setting existed."""
+    d = asdict(cfg)
+    if not d["palette"]:
+        del d["palette"]
+    return d
+
+
+def check_vocab(book, vocab, folder):
+    """The vocabulary and the codebook of one folder agree (the same codes, the same palette), or one line."""
+    has = lambda K, P: f"{K} code tokens" + (f" and {P} palette colours" if P else "")
+    if (vocab.num_codes, vocab.palette) != (book.cfg.num_codes, book.cfg.palette):
+        raise UserError(f"{os.path.join(folder, 'vocab.json')} has {has(vocab.num_codes, vocab.palette)}, the codebook "
+                        f"there {has(book.cfg.num_codes, book.cfg.palette).replace(' tokens', 's')}; the two were "
+                        f"not made together (prepare the data again)")
+
+
+def fit_codebook(images, cfg, device="cpu", progress=None):
+    """A codebook fitted on training images (N, C, H, W) float in [0, 1]: a PaletteCodebook where
+    cfg.palette is set, else a Codebook (Codebook.fit: cfg may carry more settings)."""
+    return (PaletteCodebook if cfg.palette else Codebook).fit(images, cfg, device=device, progress=progress)
+
+
+def load_codebook(folder):
+    """folder/codebook.json and codebook.safetensors -> the codebook they hold, of either kind: types,
+    shapes, finite values and its sha256 checked, every problem one line."""
+    from safetensors import SafetensorError
+    path = os.path.join(folder, "codebook.json")
+    meta = check_meta(read_json(path, "codebook.json"), path)
+    try:
+        tensors = load_safetensors(os.path.join(folder, "codebook.safetensors"))
+        book = (PaletteCodebook if meta["config"].get("palette") else Codebook).from_files(meta, tensors, folder)
+    except FileNotFoundError:
+        raise UserError(f"{folder}: codebook.safetensors is missing") from None
+    except SafetensorError as e:
+        raise UserError(safetensors_error(os.path.join(folder, "codebook.safetensors"), e)) from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{folder}: not a codebook written by this project ({e})") from None
+    stats = book.pattern.stats if isinstance(book, PaletteCodebook) else book.stats
+    check_finite_tensors({**book.tensors(), **{f"stats.{g}.mean": m for g, (m, _) in stats.items()}},
+                         os.path.join(folder, "codebook.safetensors"))
+    if "sha256" in meta and meta["sha256"] != book.sha256:   # codebooks saved before the hash have none
+        raise UserError(f"{path}: its sha256 does not match the codebook's contents (codebook.json or "
+                        f"codebook.safetensors was changed or mixed up with another codebook's)")
+    return book
 
 
 def check_meta(meta, where):

@@ -1,5 +1,6 @@
-"""Augmentation: random moves of images (rotation, shift, scale, shear, a smooth warp), for the fixed
-copies that prepare writes, the copies drawn afresh each epoch, and the views of test-time augmentation."""
+"""Augmentation: random moves of images (rotation, shift, scale, shear, a smooth warp), and other orders
+of their colour channels, for the fixed copies that prepare writes, the copies drawn afresh each epoch,
+and the views of test-time augmentation (moves only)."""
 import math
 
 import torch
@@ -9,9 +10,42 @@ MOVE_LIMITS = ("max_shift", "max_rotate", "max_scale", "max_shear", "max_elastic
 
 
 def augment(images, copies, jitter, seed):
-    """float (N, C, H, W) -> (copies * N, C, H, W): the fixed copies, randomly moved as copy_params draws."""
+    """float (N, C, H, W) -> (copies * N, C, H, W): the fixed copies, randomly moved as copy_params draws
+    (and recoloured, with permute_colours)."""
     params = copy_params(len(images), copies, jitter, seed)
-    return torch.cat([transform(images, p) for p in params]) if copies else images[:0]
+    return torch.cat([make_copy(images, p, c + 1, jitter) for c, p in enumerate(params)]) if copies else images[:0]
+
+
+def make_copy(images, params, copy, jitter):
+    """Copy number `copy` (>= 1; an int or one per image) of float images (N, C, H, W): moved by params
+    (transform), then, with jitter.permute_colours, with its colour channels in the copy's order (recolour)."""
+    moved = transform(images, params)
+    return recolour(moved, copy) if jitter.permute_colours else moved
+
+
+class FixedCopies:
+    """The fixed copies of n images (prepare writes them once): copy c (1..copies) of image i is moved by
+    copy_params' row [c - 1, i] and, with permute_colours, recoloured (make_copy)."""
+
+    def __init__(self, n, copies, jitter, seed):
+        self.params, self.jitter = copy_params(n, copies, jitter, seed), jitter
+
+    def __call__(self, images, c, rows):
+        """Copy c of images (len(rows), C, H, W), which are the images of index `rows`."""
+        return make_copy(images, self.params[c - 1, rows], c, self.jitter)
+
+
+COLOUR_ORDERS = ((0, 1, 2), (1, 2, 0), (2, 0, 1), (0, 2, 1), (2, 1, 0), (1, 0, 2))   # R, G, B in the six orders
+
+
+def recolour(images, copy):
+    """float (N, 3, H, W) -> the same with the channels of copy c in the order COLOUR_ORDERS[c % 6] (copy 0,
+    the image itself, keeps its colours; copies 1 to 5 take the five other orders, copy 6 the first again).
+    copy: an int, or one per image (N,)."""
+    order = torch.tensor(COLOUR_ORDERS)[torch.as_tensor(copy) % len(COLOUR_ORDERS)]
+    if order.dim() == 1:
+        return images[:, order]
+    return images.gather(1, order.to(images.device)[:, :, None, None].expand(images.shape))
 
 
 WARP_GRID = 4   # max_elastic: the warp's lattice of control points, WARP_GRID x WARP_GRID over the image

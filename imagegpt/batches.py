@@ -19,7 +19,7 @@ import os
 import numpy as np
 import torch
 
-from imagegpt.augment import move_width, moves, transform
+from imagegpt.augment import make_copy, move_width, moves
 from imagegpt.errors import UserError
 from imagegpt.prepare import IMAGES_FILE
 from imagegpt.sequences import make_batch, read_sequences
@@ -140,7 +140,8 @@ class AugmentedRows:
         x = uint8_to_tensor(gather(self.images, idx % self.N))
         moved = torch.from_numpy(idx >= self.N)
         if moved.any():
-            x[moved] = transform(x[moved], self.params(idx[idx >= self.N], epoch))
+            x[moved] = make_copy(x[moved], self.params(idx[idx >= self.N], epoch), torch.from_numpy(idx[idx >= self.N] // self.N),
+                                 self.jitter)
         rows = self.vocab.image_id_rows(self.book.encode(x).numpy(), self.labels[idx % self.N])
         return rows.tolist()
 

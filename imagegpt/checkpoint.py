@@ -36,7 +36,7 @@ from imagegpt.onnx_runtime import OnnxGPT
 from imagegpt.settings import check_fields, flat, names
 from imagegpt.token_format import Vocab, check_class_names, list_classes
 from model import GPT, GPTConfig
-from tokenizer import Codebook
+from tokenizer import Codebook, check_vocab, load_codebook
 
 
 @dataclass
@@ -187,9 +187,8 @@ def load(folder, device="cpu", backend="torch"):
         metrics_path = os.path.join(folder, "metrics.json")
         metrics = check_metrics(read_json(metrics_path, "metrics.json"), metrics_path) \
             if os.path.exists(metrics_path) else None
-        book = Codebook.load(folder)
-        if book.cfg.num_codes != vocab.num_codes:
-            raise UserError(f"{folder}: the codebook has {book.cfg.num_codes} codes, vocab.json {vocab.num_codes}")
+        book = load_codebook(folder)
+        check_vocab(book, vocab, folder)
         settings = cfg.get("train") or {}
         names = check_class_names(cfg["classes"], vocab, f"{folder}/config.json") if "classes" in cfg else None
     model = model.to(device) if backend == "torch" else onnx_model(folder, backend, model)  # onnxruntime: CPU

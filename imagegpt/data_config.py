@@ -44,6 +44,8 @@ class DataConfig:
     """largest horizontal shear of a copy, in degrees"""
     max_elastic: float = 0.0
     """a smooth random warp of each copy: the points of a 4 x 4 lattice move by up to this many pixels"""
+    permute_colours: bool = False
+    """colour images whose colours carry no class: each copy also takes another order of its R, G, B channels"""
     dev_fraction: float = 0.0
     """share of the training images held out as the development split (dev.jsonl: curves, best/, comparing settings)"""
     dev_fold: int = 0
@@ -82,6 +84,12 @@ def check_data_config(cfg, where="config"):
                         f"image per epoch), got augment {cfg.augment}")
     if cfg.channels not in (1, 3):
         raise UserError(f"{where}: channels must be 1 (grey) or 3 (RGB), got {cfg.channels}")
+    if cfg.codebook.palette < 0 or (cfg.codebook.palette and cfg.channels != 3):
+        raise UserError(f"{where}: palette (shape apart from colour) must be 0, or above 0 with colour images "
+                        f"(channels 3), got palette {cfg.codebook.palette} with channels {cfg.channels}")
+    if cfg.permute_colours and cfg.channels != 3:
+        raise UserError(f"{where}: permute_colours reorders the R, G, B channels of colour images; it needs channels 3, "
+                        f"got {cfg.channels}")
     if cfg.image_size % cfg.codebook.patch_size:
         raise UserError(f"{where}: image_size {cfg.image_size} is not divisible by patch_size {cfg.codebook.patch_size}")
     if not 0 < cfg.test_fraction < 1:

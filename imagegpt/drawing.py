@@ -15,6 +15,7 @@ the prediction at the <CLS> they wrote.
 """
 from imagegpt.decoding import generate
 from imagegpt.metrics import class_probs
+from imagegpt.token_format import COLOUR_TOKENS
 
 GUIDANCE = 3.0      # the classifier-free guidance scale of a drawing of a chosen class unless told (1 = none)
 TEMPERATURE = 0.9   # and its sampling temperature (other sampling: 1); both chosen on the development split
@@ -25,6 +26,13 @@ def prompt(vocab, label=None, kept=()):
     """The prompt of one drawing: '<CLS_label> <IMG>' (label None: '<IMG>'), then `kept`: the code tokens
     (ids) of an image's start, to complete it."""
     return ([vocab.img_id] if label is None else vocab.cond_prompt(label)) + list(kept)
+
+
+def kept(vocab, codes, fraction):
+    """The start of an image that a completion keeps, of its code tokens `codes`: the first `fraction`
+    of them (rounded half to even); with a palette, its colours and the first `fraction` of its patterns."""
+    head = COLOUR_TOKENS if vocab.palette else 0
+    return codes[:head + round(fraction * (len(codes) - head))]
 
 
 def unconditional(vocab, prompts):

@@ -34,10 +34,10 @@ from imagegpt.files import (
 from imagegpt.metrics import check_metrics
 from imagegpt.onnx_export import export_onnx, quantize_int8
 from imagegpt.settings import check_fields
-from imagegpt.token_format import SPECIALS, Vocab, check_class_names
+from imagegpt.token_format import COLOUR_TOKENS, SPECIALS, Vocab, check_class_names
 from imagegpt.web_export import CLIENT, write_runtime_files
 from model import GPT, GPTConfig
-from tokenizer import Codebook
+from tokenizer import check_vocab, load_codebook
 
 # our nn.Linear weights stored by GPT-2 as Conv1D, i.e. transposed: (in_features, out_features)
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -164,10 +164,7 @@ def card_intro(mcfg, vocab, book, n_params, names):
               f"Classes ({len(names)}, label c is the token `<CLS_c>`; also in config.json's `id2label`): "
               + ", ".join(f"{c} `{n}`" for c, n in enumerate(names)) + ".", "",
               "## Token format", "",
-              f"One image is `<IMG> <Z_k> x {L} </IMG> <CLS> <CLS_y> <EOS>`: {L} codes "
-              f"({book.grid[0]} x {book.grid[1]} patches of {book.cfg.patch_size} x {book.cfg.patch_size} "
-              f"pixels of a {book.image_size[0]} x {book.image_size[1]} image with {book.channels} "
-              f"channel(s), raster order) from a codebook of {vocab.num_codes} entries, then the label. "
+              card_image(book, vocab, L) + " "
               f"Vocabulary ({len(vocab)} ids): 0..5 `<PAD> <UNK> <IMG> </IMG> <CLS> <EOS>`, "
               f"{vocab.code_offset}..{vocab.label_offset - 1} `{vocab.tokens[vocab.code_offset]}` ... "
               f"`{vocab.tokens[vocab.label_offset - 1]}`, {vocab.label_offset}..{len(vocab) - 1} "
@@ -175,8 +172,23 @@ def card_intro(mcfg, vocab, book, n_params, names):
               "bos = `<IMG>`, eos = `<EOS>`, pad = `<PAD>`.", "",
               "`codebook.json` and `codebook.safetensors` hold the codebook, so token sequences (real or "
               "generated) can be rendered to images again with the project's `tokenizer.py` "
-              "(`Codebook.load(folder).decode_ids(ids, Vocab.load(folder + '/vocab.json'))`).", ""]
+              "(`load_codebook(folder).decode_ids(ids, Vocab.load(folder + '/vocab.json'))`).", ""]
     return lines
+
+
+def card_image(book, vocab, L):
+    """The model card's sentence on how one image is written, for either kind of codebook."""
+    patches = (f"{book.grid[0]} x {book.grid[1]} patches of {book.cfg.patch_size} x {book.cfg.patch_size} pixels of "
+               f"a {book.image_size[0]} x {book.image_size[1]} image")
+    if not vocab.palette:
+        return (f"One image is `<IMG> <Z_k> x {L} </IMG> <CLS> <CLS_y> <EOS>`: {L} codes ({patches} with "
+                f"{book.channels} channel(s), raster order) from a codebook of {vocab.num_codes} entries, then the label.")
+    n = L - COLOUR_TOKENS
+    return (f"One image is `<IMG> <C_a> <D_b> <C_c> <D_d> <Z_k> x {n} </IMG> <CLS> <CLS_y> <EOS>`: shape apart from "
+            f"colour. First its two colours, the ground's and the figure's, each the nearest of {vocab.palette} palette "
+            f"colours `<C_k>` plus the nearest of {vocab.palette} corrections `<D_k>`; then {n} colour-free pattern codes "
+            f"({patches}, raster order; each says where the pixels lie between the two colours) from "
+            f"{vocab.num_codes} patterns; then the label.")
 
 
 def card_evaluation(metrics, train, names):
@@ -440,9 +452,8 @@ def read_export(folder):
     sd = read_weights(path, extra)
     model = GPT(mcfg)
     model.load_state_dict(from_gpt2_state_dict(sd, model, path), strict=False)
-    book = Codebook.load(folder)
-    if book.cfg.num_codes != vocab.num_codes:
-        raise UserError(f"{folder}: the codebook has {book.cfg.num_codes} codes, vocab.json {vocab.num_codes}")
+    book = load_codebook(folder)
+    check_vocab(book, vocab, folder)
     optional = lambda name: (read_json(os.path.join(folder, name), name)
                              if os.path.exists(os.path.join(folder, name)) else None)
     settings, metrics = optional("train_config.json"), optional("metrics.json")

@@ -28,8 +28,11 @@ import os
 import numpy as np
 import torch
 
+from imagegpt import palette
 from imagegpt.errors import UserError
 from imagegpt.files import atomic_path
+from imagegpt.token_format import COLOUR_TOKENS
+from tokenizer import PaletteCodebook
 
 TOKENIZER = "tokenizer.onnx"
 DETOKENIZER = "detokenizer.onnx"
@@ -52,12 +55,14 @@ class _Graph:
     def ints(self, values):
         return self.const(values, np.int64)
 
-    def op(self, op_type, *inputs, out=None, **attrs):
-        """A node; its output is named `out` (a graph output) or gets a fresh name."""
+    def op(self, op_type, *inputs, out=None, unused=0, **attrs):
+        """A node; its output is named `out` (a graph output) or gets a fresh name. unused: how many more
+        outputs the operator has that the graph does not read (TopK's indices)."""
         from onnx import helper
         self.n += 1
         out = out or f"t{self.n}_{op_type.lower()}"
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out] + [f"{out}_{i}" for i in range(1, unused + 1)],
+                                           **attrs))
         return out
 
     def slice(self, x, start, end, axis):
@@ -108,22 +113,26 @@ def _standardised(g, f, book, group):
     return g.op("Mul", g.op("Div", f, g.const(np.float32(std))), g.const(np.float32(scale)))
 
 
-def tokenizer_graph(book):
-    """The ONNX model (a ModelProto) of Codebook.encode for images (N, H, W, C) uint8."""
-    from onnx import TensorProto
+def _nearest(g, x, table):
+    """Rows x (n, D) -> the index of the nearest row of table (k, D), int64 (n,): argmin(|c|^2 - 2 x.c),
+    as tokenizer.assign."""
+    c = table.float()
+    dist = g.op("Gemm", x, g.const(c.T.contiguous().numpy()), g.const(c.pow(2).sum(1).numpy()), alpha=-2.0, beta=1.0)
+    return g.op("ArgMin", dist, axis=1, keepdims=0)
+
+
+def _patch_codes(g, x, book, out=None):
+    """Float images x (N, H, W, C) in [0, 1] -> the patch codes (N, L) of Codebook `book` (as Codebook.encode),
+    named `out` where given."""
     (H, W), C, p = book.image_size, book.channels, book.cfg.patch_size
-    if H < 2 or W < 2:
-        raise UserError(f"image size {H}x{W}: the tokenizer graph needs at least 2 x 2 pixels (gradients)")
     grid, L = book.grid, book.seq_len
     groups = book._groups(book.cfg)
-    g = _Graph()
-    x = g.op("Div", g.op("Cast", "images", to=TensorProto.FLOAT), g.const(255.0))      # (N, H, W, C) in [0, 1]
     parts = []
     fixed = [grp for grp in groups if grp in ("position", "time")]
     if fixed:   # these groups do not depend on the pixels: Codebook.features of any image, as a constant
         width = sum(book.stats[grp][0].numel() for grp in fixed)
         const = book.features(torch.zeros(1, C, H, W))[0, :, :width].numpy()          # (L, width)
-        batch = g.op("Slice", g.op("Shape", "images"), g.ints([0]), g.ints([1]))
+        batch = g.op("Slice", g.op("Shape", x), g.ints([0]), g.ints([1]))
         shape = g.op("Concat", batch, g.ints([L, width]), axis=0)
         parts.append(g.op("Expand", g.const(const), shape))
     if "colour" in groups:
@@ -137,33 +146,136 @@ def tokenizer_graph(book):
         grad = g.op("Concat", _gradient(g, inten, 2, W), _gradient(g, inten, 1, H), axis=3)   # (N, H, W, 2): Gx, Gy
         parts.append(_standardised(g, _patches(g, grad, grid, p, 2), book, "gradient"))
     feats = g.op("Concat", *parts, axis=2) if len(parts) > 1 else parts[0]             # (N, L, D)
-    c = book.centroids.float()
-    flat = g.op("Reshape", feats, g.ints([-1, c.shape[1]]))
-    dist = g.op("Gemm", flat, g.const(c.T.contiguous().numpy()), g.const(c.pow(2).sum(1).numpy()),
-                alpha=-2.0, beta=1.0)                                                   # |c|^2 - 2 x.c, as tokenizer.assign
-    g.op("Reshape", g.op("ArgMin", dist, axis=1, keepdims=0), g.ints([-1, L]), out="codes")
+    flat = g.op("Reshape", feats, g.ints([-1, book.centroids.shape[1]]))
+    return g.op("Reshape", _nearest(g, flat, book.centroids), g.ints([-1, L]), out=out)
+
+
+def _dot3(g, a, b):
+    """(..., 3) . (..., 3) -> (..., 1): a0 b0 + a1 b1 + a2 b2 in this order (palette.dot3)."""
+    term = lambda k: g.op("Mul", g.slice(a, k, k + 1, -1), g.slice(b, k, k + 1, -1))
+    return g.op("Add", g.op("Add", term(0), term(1)), term(2))
+
+
+def _mix(g, pixels, ground, figure):
+    """palette.mix: pixels (N, P, 3), ground and figure (N, 1, 3) -> alpha (N, P, 1)."""
+    v = g.op("Sub", figure, ground)
+    num = _dot3(g, g.op("Sub", pixels, ground), v)
+    return g.op("Clip", g.op("Div", num, g.op("Max", _dot3(g, v, v), g.const(np.float32(palette.EPS)))),
+                g.const(np.float32(0)), g.const(np.float32(1)))
+
+
+def _pure_mean(g, pixels64, mask, old):
+    """palette.pure_mean: the mean of pixels (N, P, 3) (float64) where mask (N, P, 1) holds, else old (N, 1, 3)."""
+    from onnx import TensorProto
+    m = g.op("Cast", mask, to=TensorProto.DOUBLE)
+    n = g.op("ReduceSum", m, g.ints([1]), keepdims=1)                                       # (N, 1, 1)
+    s = g.op("ReduceSum", g.op("Mul", pixels64, m), g.ints([1]), keepdims=1)               # (N, 1, 3)
+    mean = g.op("Cast", g.op("Div", s, g.op("Max", n, g.const(1.0, np.float64))), to=TensorProto.FLOAT)
+    return g.op("Where", g.op("Greater", n, g.const(0.0, np.float64)), mean, old)
+
+
+def _two_colours(g, x, H, W):
+    """palette.two_colours on float images x (N, H, W, 3) -> ground, figure (N, 1, 3), alpha (N, H, W, 1)."""
+    from onnx import TensorProto
+    rows = [g.op("Reshape", g.slice(x, r, r + 1, 1), g.ints([-1, W, 3])) for r in (0, H - 1)]
+    cols = [g.op("Reshape", g.slice(g.slice(x, 1, H - 1, 1), c, c + 1, 2), g.ints([-1, H - 2, 3]))
+            for c in (0, W - 1)] if H > 2 else []
+    frame = g.op("Concat", *rows, *cols, axis=1)                                           # (N, n, 3)
+    n = 2 * W + 2 * max(H - 2, 0)
+    lowest = g.op("TopK", frame, g.ints([(n - 1) // 2 + 1]), axis=1, largest=0, sorted=1, unused=1)   # augment.background's median
+    ground = g.slice(lowest, (n - 1) // 2, (n - 1) // 2 + 1, 1)                           # (N, 1, 3)
+    pixels = g.op("Reshape", x, g.ints([0, H * W, 3]))                                     # raster order
+    off = g.op("Sub", pixels, ground)
+    far = g.op("ArgMax", _dot3(g, off, off), axis=1, keepdims=1)                           # (N, 1, 1): the first farthest
+    figure = g.op("GatherElements", pixels, g.op("Expand", far, g.ints([1, 1, 3])), axis=1)
+    pixels64 = g.op("Cast", pixels, to=TensorProto.DOUBLE)
+    for _ in range(palette.REFINE):
+        a = _mix(g, pixels, ground, figure)
+        ground, figure = (_pure_mean(g, pixels64, g.op("Less", a, g.const(np.float32(palette.PURE))), ground),
+                          _pure_mean(g, pixels64, g.op("Greater", a, g.const(np.float32(1 - palette.PURE))), figure))
+    return ground, figure, g.op("Reshape", _mix(g, pixels, ground, figure), g.ints([-1, H, W, 1]))
+
+
+def _colour_codes(g, colour, book):
+    """PaletteCodebook.colour_codes: colours (N, 1, 3) -> code indices (N, 2)."""
+    flat = g.op("Reshape", colour, g.ints([-1, 3]))
+    k = _nearest(g, flat, book.palette)
+    rest = g.op("Sub", flat, g.op("Gather", g.const(book.palette.float().numpy()), k, axis=0))
+    d = _nearest(g, rest, book.fine)
+    K, P = book.cfg.num_codes, book.cfg.palette
+    col = lambda t, offset: g.op("Unsqueeze", g.op("Add", t, g.ints(offset)), g.ints([1]))
+    return g.op("Concat", col(k, K), col(d, K + P), axis=1)
+
+
+def tokenizer_graph(book):
+    """The ONNX model (a ModelProto) of the codebook's encode for images (N, H, W, C) uint8 (either kind)."""
+    from onnx import TensorProto
+    (H, W), C = book.image_size, book.channels
+    if H < 2 or W < 2:
+        raise UserError(f"image size {H}x{W}: the tokenizer graph needs at least 2 x 2 pixels (gradients)")
+    g = _Graph()
+    x = g.op("Div", g.op("Cast", "images", to=TensorProto.FLOAT), g.const(255.0))      # (N, H, W, C) in [0, 1]
+    if isinstance(book, PaletteCodebook):
+        ground, figure, alpha = _two_colours(g, x, H, W)
+        codes = [_colour_codes(g, ground, book), _colour_codes(g, figure, book), _patch_codes(g, alpha, book.pattern)]
+        g.op("Concat", *codes, axis=1, out="codes")
+    else:
+        _patch_codes(g, x, book, out="codes")
+    L = book.seq_len
     return g.model("tokenizer", [_io("images", TensorProto.UINT8, ["batch_size", H, W, C])],
                    [_io("codes", TensorProto.INT64, ["batch_size", L])],
                    "images (batch_size, H, W, C) uint8 -> codes (batch_size, L) int64 (imagegpt-tokens codebook)",
-                   {"image_size": f"{H},{W}", "channels": C, "patch_size": p, "num_codes": len(c)})
+                   {"image_size": f"{H},{W}", "channels": C, "patch_size": book.cfg.patch_size,
+                    "num_codes": book.code_space})
 
 
-def detokenizer_graph(book):
-    """The ONNX model of Codebook.decode: codes (N, L) int64 (-1: missing) -> images (N, H, W, C) float32."""
+def _patch_image(g, codes, book, out=None):
+    """Codebook.decode: codes (N, L) int64 (-1: missing) -> images (N, H, W, C) float32 in [0, 1], named `out`
+    where given."""
     from onnx import TensorProto
     (H, W), C, p = book.image_size, book.channels, book.cfg.patch_size
     gh, gw = book.grid
-    L = book.seq_len
-    g = _Graph()
-    cols = g.op("Gather", g.const(book.colours.float().numpy()), g.op("Max", "codes", g.ints(0)), axis=0)   # (N, L, C*p*p)
-    known = g.op("Unsqueeze", g.op("Cast", g.op("GreaterOrEqual", "codes", g.ints(0)), to=TensorProto.FLOAT), g.ints([2]))
+    cols = g.op("Gather", g.const(book.colours.float().numpy()), g.op("Max", codes, g.ints(0)), axis=0)   # (N, L, C*p*p)
+    known = g.op("Unsqueeze", g.op("Cast", g.op("GreaterOrEqual", codes, g.ints(0)), to=TensorProto.FLOAT), g.ints([2]))
     x = g.op("Reshape", g.op("Mul", cols, known), g.ints([-1, gh, gw, C, p, p]))
     x = g.op("Reshape", g.op("Transpose", x, perm=[0, 1, 4, 2, 5, 3]), g.ints([-1, H, W, C]))
-    g.op("Clip", x, g.const(0.0), g.const(1.0), out="images")
+    return g.op("Clip", x, g.const(0.0), g.const(1.0), out=out)
+
+
+def _colour(g, codes, book, at):
+    """PaletteCodebook.colour: the colour of the code indices at positions at, at + 1 -> (N, 1, 1, 3)."""
+    from onnx import TensorProto
+    K, P = book.cfg.num_codes, book.cfg.palette
+    out = None
+    for pos, table, offset in ((at, book.palette, K), (at + 1, book.fine, K + P)):
+        i = g.op("Sub", g.slice(codes, pos, pos + 1, 1), g.ints(offset))                      # (N, 1)
+        ok = g.op("And", g.op("GreaterOrEqual", i, g.ints(0)), g.op("Less", i, g.ints(P)))
+        pick = g.op("Gather", g.const(table.float().numpy()), g.op("Clip", i, g.ints(0), g.ints(P - 1)), axis=0)
+        part = g.op("Mul", pick, g.op("Unsqueeze", g.op("Cast", ok, to=TensorProto.FLOAT), g.ints([2])))  # (N, 1, 3)
+        out = part if out is None else g.op("Add", out, part)
+    return g.op("Unsqueeze", out, g.ints([1]))
+
+
+def detokenizer_graph(book):
+    """The ONNX model of the codebook's decode: codes (N, L) int64 (-1: missing) -> images (N, H, W, C) float32."""
+    from onnx import TensorProto
+    (H, W), C, L = book.image_size, book.channels, book.seq_len
+    g = _Graph()
+    if isinstance(book, PaletteCodebook):
+        K = book.cfg.num_codes
+        patterns = g.slice("codes", COLOUR_TOKENS, L, 1)
+        patterns = g.op("Where", g.op("Less", patterns, g.ints(K)), patterns, g.ints(-1))
+        alpha = _patch_image(g, patterns, book.pattern)                                    # (N, H, W, 1)
+        ground, figure = _colour(g, "codes", book, 0), _colour(g, "codes", book, 2)
+        painted = g.op("Add", ground, g.op("Mul", alpha, g.op("Sub", figure, ground)))
+        g.op("Clip", painted, g.const(0.0), g.const(1.0), out="images")
+    else:
+        _patch_image(g, "codes", book, out="images")
     return g.model("detokenizer", [_io("codes", TensorProto.INT64, ["batch_size", L])],
                    [_io("images", TensorProto.FLOAT, ["batch_size", H, W, C])],
                    "codes (batch_size, L) int64, -1 = missing -> images (batch_size, H, W, C) float32 in [0, 1]",
-                   {"image_size": f"{H},{W}", "channels": C, "patch_size": p, "num_codes": len(book.colours)})
+                   {"image_size": f"{H},{W}", "channels": C, "patch_size": book.cfg.patch_size,
+                    "num_codes": book.code_space})
 
 
 def export_tokenizer(book, folder):
@@ -202,7 +314,7 @@ def tokenizer_parity(book, folder, images, batch=256):
     decode = lambda codes: book.decode(torch.from_numpy(codes)).permute(0, 2, 3, 1).numpy()
     pix = max((float(np.abs(detok.run(None, {"codes": want[i:i + batch]})[0] - decode(want[i:i + batch])).max())
                for i in range(0, len(want), batch)), default=0.0)
-    every = np.arange(-1, len(book.colours))
+    every = np.arange(-1, book.code_space)
     every = np.resize(every, (math.ceil(len(every) / book.seq_len), book.seq_len))   # each code (and -1) at least once
     pix_all = float(np.abs(detok.run(None, {"codes": every})[0] - decode(every)).max())
     return {"images": len(images), "codes": int(want.size), "codes_differing": int((got != want).sum()),

@@ -13,13 +13,20 @@ LOG_NUMBERS = ("epoch", "tokens", "lr", "train_loss", "time", "val_loss", "val_p
                "val_image_perplexity", "val_accuracy")   # what a log line holds besides "step" (null: none yet)
 
 
+CAPTION_WIDTH = 300   # pixels: a cell widens to fit its caption up to this; a longer one is cut with "..."
+
+
 def save_grid(images, captions, path, ncol=None, scale=3):
-    """images (N, C, H, W) float in [0, 1] -> one PNG grid, each cell with its caption under it."""
+    """images (N, C, H, W) float in [0, 1] -> one PNG grid, each cell with its caption under it; the cells
+    are as wide as the widest caption (up to CAPTION_WIDTH pixels), so that class names are read whole."""
     from PIL import Image, ImageDraw
     N, C, H, W = images.shape
     ncol = ncol or min(N, max(1, int(math.ceil(math.sqrt(N)))))
     nrow = int(math.ceil(N / ncol))
-    cw, ch = W * scale + 4, H * scale + 16
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    captions = [fit_caption(draw, str(c), CAPTION_WIDTH) for c in captions] if captions else captions
+    widest = max((draw.textlength(c) for c in captions), default=0) if captions else 0
+    cw, ch = max(W * scale, math.ceil(widest) + 2) + 4, H * scale + 16
     sheet = Image.new("RGB", (ncol * cw, nrow * ch), "white")
     draw = ImageDraw.Draw(sheet)
     arr = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
@@ -29,10 +36,19 @@ def save_grid(images, captions, path, ncol=None, scale=3):
         r, c = divmod(i, ncol)
         sheet.paste(im, (c * cw + 2, r * ch + 2))
         if captions:
-            draw.text((c * cw + 3, r * ch + H * scale + 3), str(captions[i])[:2 * W * scale // 12], fill="black")
+            draw.text((c * cw + 3, r * ch + H * scale + 3), captions[i], fill="black")
     with atomic_path(path) as tmp:
         sheet.save(tmp, format="PNG")
     return sheet.size
+
+
+def fit_caption(draw, text, width):
+    """text, cut to end in '...' where it is wider than `width` pixels in draw's font."""
+    if draw.textlength(text) <= width:
+        return text
+    while text and draw.textlength(text + "...") > width:
+        text = text[:-1]
+    return text + "..."
 
 
 def _png_bytes(fig):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from imagegpt.augment import copy_params, transform
+from imagegpt.augment import FixedCopies
 from imagegpt.data_config import DataConfig, check_data_config, image_bytes
 from imagegpt.device import check_memory
 from imagegpt.errors import UserError
@@ -34,7 +34,7 @@ from imagegpt.settings import build, canonical, check_fields, flat
 from imagegpt.sources import load_source
 from imagegpt.splits import split_roles
 from imagegpt.token_format import TAIL, Vocab
-from tokenizer import Codebook, psnr, uint8_to_tensor
+from tokenizer import fit_codebook as fit_book, load_codebook, psnr, uint8_to_tensor
 
 FIT_IMAGES = 30000   # the codebook is fitted on at most this many training images (a seeded sample beyond)
 
@@ -56,7 +56,7 @@ def token_dtype(vocab_size):
     return np.uint16 if vocab_size <= 1 << 16 else np.int32
 
 
-def fit_images(images, tr, params, cfg):
+def fit_images(images, tr, copies, cfg):
     """float (n, C, H, W): what the codebook is fitted on: the training images and their fixed copies
     (also with augment_on_the_fly, so that both ways tokenise with the same codebook); a seeded sample
     of FIT_IMAGES of them when there are more."""
@@ -67,7 +67,7 @@ def fit_images(images, tr, params, cfg):
     for c in range(cfg.augment + 1):
         pos = pick[(pick >= c * len(tr)) & (pick < (c + 1) * len(tr))] - c * len(tr)
         x = uint8_to_tensor(images[tr[pos]])
-        out.append(transform(x, params[c - 1, pos]) if c else x)
+        out.append(copies(x, c, pos) if c else x)
     return torch.cat(out)
 
 
@@ -118,9 +118,9 @@ class _Chunks(torch.utils.data.Dataset):
     copy c) and their JSONL lines, and the figures of the report (code counts, PSNR sum, 64-bit hashes
     of the images and sequences, seconds reading and tokenising)."""
 
-    def __init__(self, images, labels, meta, jobs, params, book, vocab, device):
+    def __init__(self, images, labels, meta, jobs, copies, book, vocab, device):
         self.images, self.labels, self.meta, self.jobs = images, labels, meta, jobs
-        self.params, self.book, self.vocab, self.device = params, book, vocab, device
+        self.copies, self.book, self.vocab, self.device = copies, book, vocab, device
         self.encoder = book.to(device)
 
     def __len__(self):
@@ -133,14 +133,14 @@ class _Chunks(torch.utils.data.Dataset):
         t2 = time.perf_counter()
         x = uint8_to_tensor(real)
         if c:
-            x = transform(x, self.params[c - 1, pos])
+            x = self.copies(x, c, pos)
         codes = self.encoder.encode(x.to(self.device)).cpu()
         labels = self.labels[rows[pos]]
         ids = self.vocab.image_id_rows(codes.numpy(), labels)
         metas = [dict(self.meta[j], split=name, **({"augmented": c} if c else {})) for j in rows[pos]]
         out = {"rows": ids.astype(token_dtype(len(self.vocab))), "labels": labels, "read": t2 - t,
                "lines": jsonl_lines(ids, labels, metas, self.vocab.tokens),
-               "usage": np.bincount(codes.numpy().ravel(), minlength=self.book.cfg.num_codes)}
+               "usage": np.bincount(codes.numpy().ravel(), minlength=self.book.code_space)}
         if c == 0:
             mse = (self.book.decode(codes) - x).pow(2).flatten(1).mean(1).clamp_min(1e-10)
             out["psnr"] = (10 * torch.log10(1 / mse)).sum().item()
@@ -163,15 +163,15 @@ def prepare(cfg, device="cpu"):
     images, labels, names, meta = load_source(cfg)
     t_load = time.time() - t0
     tr, dev, te = roles(cfg, images, labels, names)
-    params = copy_params(len(tr), cfg.augment, cfg, cfg.split_seed)
+    copies = FixedCopies(len(tr), cfg.augment, cfg, cfg.split_seed)
     t1 = time.time()
-    book = given or fit_codebook(fit_images(images, tr, params, cfg), cfg, device)
+    book = given or fit_codebook(fit_images(images, tr, copies, cfg), cfg, device)
     t_fit = time.time() - t1
-    vocab = Vocab(cfg.codebook.num_codes, len(names))
-    copies = 0 if cfg.augment_on_the_fly else cfg.augment
-    plan = [("train", tr, copies), ("dev", dev, 0), ("test", te, 0)]
+    vocab = Vocab(cfg.codebook.num_codes, len(names), cfg.codebook.palette)
+    n_copies = 0 if cfg.augment_on_the_fly else cfg.augment
+    plan = [("train", tr, n_copies), ("dev", dev, 0), ("test", te, 0)]
     with staged(cfg.data_dir) as (stage, files):
-        tally = tokenise(images, labels, meta, plan, params, book, vocab, device, stage, t_load)
+        tally = tokenise(images, labels, meta, plan, copies, book, vocab, device, stage, t_load)
         files += [name + ext for name, rows, _ in plan if len(rows) for ext in SPLIT_FILES]
         if cfg.augment_on_the_fly:  # the training images themselves: training transforms them each epoch
             keep = np.lib.format.open_memmap(os.path.join(stage, IMAGES_FILE), "w+", np.uint8,
@@ -189,7 +189,7 @@ def prepare(cfg, device="cpu"):
         "counts": {"train": np.bincount(labels[tr], minlength=len(names)).tolist(),
                    "dev": np.bincount(labels[dev], minlength=len(names)).tolist(),
                    "test": np.bincount(labels[te], minlength=len(names)).tolist(),
-                   "train_augmented": copies * len(tr)},
+                   "train_augmented": n_copies * len(tr)},
         "sequence_length": book.seq_len + 1 + TAIL,
         "codebook_sha256": book.sha256,
         **tally.figures(book, t_fit, time.time() - t0),
@@ -208,12 +208,13 @@ def given_codebook(cfg):
         run = os.path.isdir(os.path.join(folder, "final"))
         raise UserError(f"codebook_from {cfg.codebook_from}: no codebook.json there; expected a checkpoint, a prepared "
                         f"data folder or a Hugging Face export{' (a run folder: give its final/)' if run else ''}")
-    book = Codebook.load(folder)
+    book = load_codebook(folder)
     (H, W), C = book.image_size, book.channels
+    kind = lambda c: "colour" if c == 3 else "grey"
     if (H, W) != (cfg.image_size, cfg.image_size) or C != cfg.channels:
-        raise UserError(f"codebook_from {cfg.codebook_from}: its codebook reads {H} x {W} images with {C} channel(s), "
-                        f"not {cfg.image_size} x {cfg.image_size} with {cfg.channels}; add --image_size {H} "
-                        f"--channels {C} (the images are resized and converted to them)")
+        raise UserError(f"codebook_from {cfg.codebook_from}: its codebook reads {H} x {W} {kind(C)} images with {C} "
+                        f"channel(s), not {cfg.image_size} x {cfg.image_size} {kind(cfg.channels)} with {cfg.channels}; "
+                        f"add --image_size {H} --channels {C} (the images are resized and converted to them)")
     cfg = copy.deepcopy(cfg)
     cfg.codebook = copy.deepcopy(book.cfg)   # the settings it was fitted with, which report.json records
     return cfg, book
@@ -247,7 +248,7 @@ def roles(cfg, images, labels, names):
 
 
 def fit_codebook(x, cfg, device):
-    """Codebook.fit on the float images x, with one progress bar per k-means phase: its steps are alike
+    """tokenizer.fit_codebook on the float images x, with one progress bar per k-means phase: its steps are alike
     within a phase (not across: a Lloyd iteration costs many k-means++ steps), and a bar starts with
     its phase, so that the features computed before are not counted as a step."""
     bars = {}
@@ -259,7 +260,7 @@ def fit_codebook(x, cfg, device):
             bars[phase] = tqdm(total=total, desc=f"fitting codebook: {phase}", leave=False)
         bars[phase].update(done - bars[phase].n)
 
-    book = Codebook.fit(x, cfg.codebook, device=device, progress=progress)
+    book = fit_book(x, cfg.codebook, device=device, progress=progress)
     for bar in bars.values():
         bar.close()
     return book
@@ -294,7 +295,7 @@ def staged(data_dir):
     shutil.rmtree(stage, ignore_errors=True)
 
 
-def tokenise(images, labels, meta, plan, params, book, vocab, device, stage, t_read):
+def tokenise(images, labels, meta, plan, copies, book, vocab, device, stage, t_read):
     """Tokenise the splits of `plan` ((name, rows, fixed copies) each) chunk by chunk and write their
     files into `stage` -> the Tally of the report's figures. On the CPU every core tokenises chunks in
     its own process (one thread each); on a GPU this process does; either way this process writes the
@@ -303,12 +304,12 @@ def tokenise(images, labels, meta, plan, params, book, vocab, device, stage, t_r
             for name, rows, n_copies in plan for c in range(n_copies + 1) for i in range(0, len(rows), CHUNK)]
     n_images = sum(len(rows) * (c + 1) for _, rows, c in plan)
     workers = 0 if str(device) != "cpu" or n_images < 2 * CHUNK else min(os.cpu_count() or 1, len(jobs))
-    loader = torch.utils.data.DataLoader(_Chunks(images, labels, meta, jobs, params, book, vocab, device),
+    loader = torch.utils.data.DataLoader(_Chunks(images, labels, meta, jobs, copies, book, vocab, device),
                                          batch_size=None, num_workers=workers, generator=torch.Generator(),
                                          collate_fn=_as_is)
     writers = {name: SplitWriter(stage, name, len(rows) * (c + 1), vocab, book.seq_len + 1 + TAIL)
                for name, rows, c in plan if len(rows)}
-    tally = Tally(book.cfg.num_codes, n_images, max(workers, 1), t_read)
+    tally = Tally(book.code_space, n_images, max(workers, 1), t_read)
     bar = None   # started with the first chunk, so that starting the worker processes is not counted
     for (name, rows, c, pos), got in zip(jobs, loader):
         writers[name].add(got["rows"], got["labels"], got["lines"])
@@ -423,7 +424,7 @@ def reconstructions(data_dir, n):
     _, cfg = read_report(data_dir)
     images, labels, names, _ = load_source(cfg)
     test = split_roles(labels, cfg)[2][:n]
-    book = Codebook.load(data_dir)
+    book = load_codebook(data_dir)
     x = uint8_to_tensor(images[test])
     recon = book.decode(book.encode(x))
     captions = [f"{names[labels[i]]} {s}" for i in test for s in ("real", "code")]

@@ -452,7 +452,7 @@ def add_routes(app, worker, static_dir):
         img = await run_in_threadpool(decode_upload, data, size, channels)
         prefix = await worker.encode(img)
         codes = prefix[1:-2]
-        keep = max(1, round(s.fraction * len(codes)))
+        keep = len(drawing.kept(vocab, codes, s.fraction))
         prompt = drawing.prompt(vocab, label, codes[:keep])
         if len(prompt) >= model.config.block_size:
             raise HTTPException(422, f"the kept {keep} tokens fill the model's block size "

@@ -4,8 +4,16 @@ Vocabulary, for K codes and C classes (K=500, C=10 gives the original 516 entrie
     0..5          <PAD> <UNK> <IMG> </IMG> <CLS> <EOS>
     6..6+K-1      <Z_000> ... <Z_{K-1}>     codebook entries
     6+K..6+K+C-1  <CLS_0> ... <CLS_{C-1}>   class labels
+A palette codebook (colour images, shape apart from colour: tokenizer.PaletteCodebook) of K patterns
+and P palette colours adds, between the codes and the labels, P colours <C_k> and P corrections <D_k>:
+    6+K..6+K+P-1         <C_000> ... <C_{P-1}>   palette colours
+    6+K+P..6+K+2P-1      <D_000> ... <D_{P-1}>   corrections added to a palette colour
+All of them are code tokens: code index k (token id 6 + k) runs over the <Z_k>, then the <C_k>, then
+the <D_k>.
 
 One image (the v2 format):  <IMG> <Z_k> x L </IMG> <CLS> <CLS_y> <EOS>
+    with a palette: <IMG> <C_a> <D_b> <C_c> <D_d> <Z_k> x L </IMG> ...: the ground's colour and the
+                 figure's (COLOUR_TOKENS tokens, each colour a <C_k> then a <D_k>), then the patterns
     the prefix   <IMG> codes </IMG> <CLS>   is what the classifier reads: the logits at <CLS>,
                  restricted to the label tokens, give the class probabilities;
     the tail     </IMG> <CLS> <CLS_y> <EOS>  (TAIL tokens) is never cut: truncation drops image codes.
@@ -30,6 +38,7 @@ from imagegpt.files import read_json, write_json
 
 SPECIALS = ["<PAD>", "<UNK>", "<IMG>", "</IMG>", "<CLS>", "<EOS>"]
 TAIL = 4          # </IMG> <CLS> <CLS_y> <EOS>
+COLOUR_TOKENS = 4  # with a palette, an image opens with two colours, each a <C_k> and a <D_k>
 PREFIX_TAIL = 2   # </IMG> <CLS>: how a classification prefix ends
 COND_TAIL = 2     # </IMG> <EOS>: how a class-conditioned sequence ends
 NO_CLASS = "<UNK>"  # the "no class" marker that opens an unconditional conditioned sequence
@@ -37,15 +46,16 @@ V1_HINT = "pass --repair_v1 to fill it in from the label field"
 
 
 class Vocab:
-    def __init__(self, num_codes, num_classes):
-        self.num_codes, self.num_classes = num_codes, num_classes
-        width = max(3, len(str(num_codes - 1)))
-        self.tokens = (SPECIALS + [f"<Z_{i:0{width}d}>" for i in range(num_codes)]
+    def __init__(self, num_codes, num_classes, palette=0):
+        self.num_codes, self.num_classes, self.palette = num_codes, num_classes, palette
+        names = lambda prefix, n: [f"<{prefix}_{i:0{max(3, len(str(n - 1)))}d}>" for i in range(n)]
+        self.tokens = (SPECIALS + names("Z", num_codes) + names("C", palette) + names("D", palette)
                        + [f"<CLS_{c}>" for c in range(num_classes)])
         self.ids = {t: i for i, t in enumerate(self.tokens)}
         self.pad_id, self.unk_id, self.img_id, self.img_end_id, self.cls_id, self.eos_id = range(6)
         self.code_offset = len(SPECIALS)
-        self.label_offset = self.code_offset + num_codes
+        self.code_space = num_codes + 2 * palette       # code indices: the <Z_k>, then <C_k>, then <D_k>
+        self.label_offset = self.code_offset + self.code_space
 
     def __len__(self):
         return len(self.tokens)
@@ -137,12 +147,20 @@ class Vocab:
         tail = [[self.img_end_id], [self.eos_id]] if cond else \
             [[self.img_end_id], [self.cls_id], range(self.label_offset, self.label_offset + self.num_classes),
              [self.eos_id]]
-        kinds = [range(self.code_offset, self.label_offset)] + tail + [[self.pad_id]]   # codes, the tail, <PAD>
+        kinds = [range(self.code_offset + lo, self.code_offset + hi) for lo, hi in self.code_ranges(seq_len)] \
+            + tail + [[self.pad_id]]                                 # each image position's codes, the tail, <PAD>
         table = torch.zeros(len(kinds), len(self), dtype=torch.bool)
         for row, allowed in zip(table, kinds):
             row[list(allowed)] = True
-        k = torch.arange(steps) + len(codes) - seq_len               # each step's position within the tail
-        return table[(k + 1).clamp(0, len(kinds) - 1)]               # k < 0: codes; past the tail: <PAD>
+        return table[(torch.arange(steps) + len(codes)).clamp(max=len(kinds) - 1)]   # past the tail: <PAD>
+
+    def code_ranges(self, seq_len):
+        """The code indices [lo, hi) that each of an image's seq_len positions takes: with a palette,
+        a <C_k> then a <D_k> for each of its two colours, then patterns <Z_k>; without, any code."""
+        K, P = self.num_codes, self.palette
+        if not P:
+            return [(0, K)] * seq_len
+        return ([(K, K + P), (K + P, K + 2 * P)] * (COLOUR_TOKENS // 2) + [(0, K)] * seq_len)[:seq_len]
 
     def is_complete(self, ids, seq_len):
         """Is this a complete v2 sequence: <IMG>, seq_len codes, </IMG> <CLS> <CLS_y> <EOS>?"""
@@ -197,7 +215,8 @@ class Vocab:
             raise UserError(f"{where}: tail says {toks[-2]} but the label field is {label}")
         if not all(self.is_code(i) for i in ids[1:-TAIL]):
             bad = next(t for t, i in zip(toks[1:], ids[1:]) if not self.is_code(i))
-            raise UserError(f"{where}: only code tokens <Z_k> may stand between <IMG> and </IMG>, found {bad}")
+            raise UserError(f"{where}: only code tokens ({'<Z_k>, <C_k>, <D_k>' if self.palette else '<Z_k>'}) may "
+                            f"stand between <IMG> and </IMG>, found {bad}")
         return ids, label
 
     # -- files
@@ -215,12 +234,14 @@ class Vocab:
             raise UserError(f"{where}: expected a JSON object mapping token -> integer id")
         num_codes = sum(1 for t in d if t.startswith("<Z_"))
         num_classes = sum(1 for t in d if t.startswith("<CLS_"))
-        v = cls(num_codes, num_classes)
+        palette = sum(1 for t in d if t.startswith("<C_"))
+        v = cls(num_codes, num_classes, palette)
         if d != v.ids:
             bad = next((t for t in v.tokens if d.get(t) != v.ids[t]), None)
             bad = bad or next(t for t in d if t not in v.ids)
+            colours = f", {palette} <C_k>, {palette} <D_k>" if palette else ""
             raise UserError(f"{where}: token {bad[:40]} has id {d.get(bad)}, expected {v.ids.get(bad)} "
-                            f"(layout: 6 specials, {num_codes} <Z_k>, {num_classes} <CLS_c>)")
+                            f"(layout: 6 specials, {num_codes} <Z_k>{colours}, {num_classes} <CLS_c>)")
         return v
 
     @classmethod

@@ -44,7 +44,7 @@ from imagegpt.settings import changed, check_fields, flat, read_yaml, update
 from imagegpt.stats import seed_summary
 from imagegpt.token_format import TAIL, Vocab, check_class_names
 from model import GPT, GPTConfig
-from tokenizer import Codebook
+from tokenizer import Codebook, check_vocab, load_codebook
 
 
 @dataclass
@@ -268,10 +268,8 @@ def load_data(cfg, procs, log):
     if procs.ddp:
         torch.distributed.barrier()
     vocab = Vocab.load(os.path.join(cfg.data.data_dir, "vocab.json"))
-    book = Codebook.load(cfg.data.data_dir)
-    if book.cfg.num_codes != vocab.num_codes:
-        raise UserError(f"{cfg.data.data_dir}/vocab.json has {vocab.num_codes} code tokens, the codebook there "
-                        f"{book.cfg.num_codes} codes; prepare the data again")
+    book = load_codebook(cfg.data.data_dir)
+    check_vocab(book, vocab, cfg.data.data_dir)
     splits = {"train": open_rows(cfg, "train", vocab, book, conditioned=True)}
     if any(os.path.exists(os.path.join(cfg.data.data_dir, "dev" + ext)) for ext in (".tokens.npy", ".jsonl")):
         splits["dev"] = open_rows(cfg, "dev", vocab)

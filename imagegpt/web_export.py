@@ -25,6 +25,7 @@ from imagegpt.errors import UserError
 from imagegpt.files import atomic_dir, read_json, write_json, write_text
 from imagegpt.onnx_export import GRAPH, INFO, QUANTIZED
 from imagegpt.onnx_tokenizer import DETOKENIZER, TOKENIZER, export_tokenizer, tokenizer_parity
+from imagegpt.token_format import COLOUR_TOKENS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))     # the repository
 STATIC = os.path.join(ROOT, "static")
@@ -46,8 +47,10 @@ def model_facts(ck, graph=GRAPH):
         "n_layer": cfg.n_layer, "n_head": cfg.n_head, "head_dim": cfg.n_embd // cfg.n_head,
         "parameters": ck.model.num_params(),
         "tokens": {"pad": v.pad_id, "unk": v.unk_id, "img": v.img_id, "img_end": v.img_end_id, "cls": v.cls_id,
-                   "eos": v.eos_id, "code_offset": v.code_offset, "num_codes": v.num_codes,
+                   "eos": v.eos_id, "code_offset": v.code_offset, "num_codes": v.num_codes, "palette": v.palette,
+                   "colour_tokens": COLOUR_TOKENS if v.palette else 0,
                    "label_offset": v.label_offset, "num_classes": v.num_classes},
+        "code_ranges": [list(r) for r in v.code_ranges(book.seq_len)],
         "conditional": ck.conditional, "guidance": drawing.GUIDANCE, "temperature": drawing.TEMPERATURE,
         "graphs": {"tokenizer": TOKENIZER, "model": graph, "detokenizer": DETOKENIZER},
     }
@@ -223,9 +226,9 @@ def classify(path):  # an image file -> {{class name: probability}}
 def draw(c, scale=m["guidance"], temperature=m["temperature"], seed=0):  # class index c -> a PIL image
     rng, codes = np.random.default_rng(seed), []
     logits, past = step(np.array([[t["label_offset"] + c, t["img"]], [t["unk"], t["img"]]]))
-    for _ in range(m["seq_len"]):  # guidance: the row stating the class against the row that does not
-        z = logits[:, t["code_offset"]:t["label_offset"]].astype(float)
-        codes.append(rng.choice(len(z[0]), p=softmax((z[1] + scale * (z[0] - z[1])) / temperature)))
+    for lo, hi in m["code_ranges"]:  # the codes each position takes; guidance: the row stating the class against the other
+        z = logits[:, t["code_offset"] + lo:t["code_offset"] + hi].astype(float)
+        codes.append(lo + rng.choice(hi - lo, p=softmax((z[1] + scale * (z[0] - z[1])) / temperature)))
         logits, past = step(np.full((2, 1), codes[-1] + t["code_offset"]), past)
     return Image.fromarray((detok.run(None, {{"codes": np.array([codes])}})[0][0] * 255).round().astype(np.uint8).squeeze())
 

@@ -120,9 +120,11 @@ class BrowserModel {
     this.info = { classes: m.classes, imageSize: m.image_size, channels: m.channels, conditional: m.conditional,
       guidance: m.guidance, temperature: m.temperature, parameters: m.parameters, vocabSize: m.vocab_size,
       runs: `in this browser (onnxruntime-web, ${threads} thread${threads > 1 ? "s" : ""})`, backend: "browser" };
-    const width = Math.max(3, String(this.t.num_codes - 1).length);
+    const names = (prefix, n) => Array.from({ length: n },   // as token_format.Vocab names them
+      (_, k) => `<${prefix}_${String(k).padStart(Math.max(3, String(n - 1).length), "0")}>`);
+    const P = this.t.palette || 0;
     this.names = ["<PAD>", "<UNK>", "<IMG>", "</IMG>", "<CLS>", "<EOS>"]
-      .concat(Array.from({ length: this.t.num_codes }, (_, k) => `<Z_${String(k).padStart(width, "0")}>`))
+      .concat(names("Z", this.t.num_codes), names("C", P), names("D", P))
       .concat(Array.from({ length: this.t.num_classes }, (_, c) => `<CLS_${c}>`));
   }
 
@@ -226,7 +228,8 @@ class BrowserModel {
 
   async complete(image, o) {
     const [codes] = await this.encode([image]);
-    const L = this.m.seq_len, keep = Math.max(1, roundHalfEven(o.fraction * L));
+    const L = this.m.seq_len, head = this.t.colour_tokens || 0;   // as drawing.kept: the colours, then a share of the rest
+    const keep = head + roundHalfEven(o.fraction * (L - head));
     const kept = codes.slice(0, keep);
     const samples = await this.draw(new Array(o.count).fill(this.prompt(o.label, kept)), o);
     const [given] = await this.pictures([kept.concat(new Array(L - keep).fill(-1))]);
@@ -252,7 +255,7 @@ class BrowserModel {
     let [last, cache] = await this.step(rows, null);
     for (let s = 0; s < steps; s++) {
       const k = start + s - L;                                         // < 0: a code; else the k-th of the tail
-      const allowed = k < 0 ? [[t.code_offset, t.label_offset]] : tail[k];
+      const allowed = k < 0 ? [this.m.code_ranges[start + s].map((c) => t.code_offset + c)] : tail[k];
       const chosen = out.map((ids, b) => {
         const z = guided ? guide(last[b], last[B + b], o.guidance) : Float64Array.from(last[b]);
         const masked = new Float64Array(z.length).fill(-Infinity);

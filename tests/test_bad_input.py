@@ -365,8 +365,8 @@ def data_copy(e, d, edit=None):
 
 def other_codebook_ckpt(e, d):
     """A consistent checkpoint whose codebook (fitted on other images) is not the data's."""
-    from tokenizer import Codebook
-    book = Codebook.load(e.data)
+    from tokenizer import Codebook, load_codebook
+    book = load_codebook(e.data)
     book = Codebook.fit(torch.rand(40, book.channels, *book.image_size, generator=torch.Generator().manual_seed(5)),
                         book.cfg)
     vocab = Vocab(book.cfg.num_codes, 3)

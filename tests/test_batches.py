@@ -27,7 +27,7 @@ from imagegpt.sequences import read_sequences
 from imagegpt.settings import build, changed, flat
 from imagegpt.token_format import Vocab
 from imagegpt.training import TrainConfig, train
-from tokenizer import Codebook, uint8_to_tensor
+from tokenizer import load_codebook, uint8_to_tensor
 
 AUGMENT = 2
 
@@ -50,7 +50,7 @@ def fly(tmp_path_factory):
     fixed = changed(cfg, augment_on_the_fly=False, data_dir=str(tmp / "fixed"))
     prepare(fixed.data)
     vocab = Vocab.load(os.path.join(cfg.data.data_dir, "vocab.json"))
-    return dict(tmp=tmp, cfg=cfg, fixed=fixed, vocab=vocab, book=Codebook.load(cfg.data.data_dir))
+    return dict(tmp=tmp, cfg=cfg, fixed=fixed, vocab=vocab, book=load_codebook(cfg.data.data_dir))
 
 
 def all_steps(rows, cfg, epoch, vocab, start=0, rank=0, world=1):

@@ -1,4 +1,5 @@
 import gzip
+import itertools
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from imagegpt.sources import (
 from imagegpt.splits import folds, stratified_split
 from imagegpt.token_format import Vocab, truncate
 from imagegpt.training import TrainConfig
-from tokenizer import Codebook
+from tokenizer import Codebook, load_codebook
 from tokenizer import uint8_to_tensor as to_tensor
 
 # ----------------------------------------------------------------------------- fixtures written by the tests
@@ -283,6 +284,29 @@ def test_augment():
     assert not torch.allclose(augment(x, 2, changed(still, max_elastic=1.5), seed=0)[:6], x, atol=1e-2)
 
 
+def test_copies_with_permuted_colours_take_each_order_of_the_channels():
+    from imagegpt.augment import COLOUR_ORDERS, FixedCopies, recolour
+    x = torch.rand(4, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    still = build(DataConfig, max_shift=0.0, max_rotate=0.0, channels=3, permute_colours=True)
+    copies = augment(x, 6, still, seed=0)                                     # no move: only the colours change
+    for c in range(1, 7):
+        assert torch.allclose(copies[(c - 1) * 4:c * 4], x[:, list(COLOUR_ORDERS[c % 6])], atol=1e-5), c
+    assert torch.allclose(copies[20:], x, atol=1e-5)                          # copy 6 keeps the image's own order
+    assert sorted(COLOUR_ORDERS) == sorted(itertools.permutations(range(3)))
+    per_row = recolour(x, torch.tensor([0, 1, 2, 3]))                         # one copy number per image
+    assert all(torch.equal(per_row[i], x[i, list(COLOUR_ORDERS[i])]) for i in range(4))
+    fixed = FixedCopies(4, 2, still, seed=0)
+    assert torch.allclose(fixed(x[1:3], 2, [1, 2]), x[1:3][:, list(COLOUR_ORDERS[2])], atol=1e-5)
+    assert torch.allclose(augment(x, 2, changed(still, permute_colours=False), seed=0)[:4], x, atol=1e-5)
+    for bad, msg in (({"permute_colours": True}, "permute_colours reorders the R, G, B channels of colour images; it "
+                                                 "needs channels 3, got 1"),
+                     ({"palette": 8}, "palette .* must be 0, or above 0 with colour images .*got palette 8 with "
+                                      "channels 1"),
+                     ({"palette": -1, "channels": 3}, "got palette -1 with channels 3")):
+        with pytest.raises(UserError, match=msg):
+            check_data_config(build(DataConfig, **bad))
+
+
 def test_moved_copies_uncover_the_images_background_not_black():
     from imagegpt.augment import transform
     x = torch.empty(2, 3, 16, 16)
@@ -401,7 +425,7 @@ def test_prepare_writes_everything(prepared):
     # the validation records are exactly the split's validation images, encoded by the saved codebook
     tr, va = stratified_split(labels, cfg.test_fraction, cfg.split_seed)
     assert [r["meta"]["source"] for r in recs] == [os.path.join(f"class{labels[i]}", f"{order[i]:03d}.png") for i in va]
-    book = Codebook.load(d)
+    book = load_codebook(d)
     assert book.image_size == (8, 8) and book.seq_len == 16
     codes = book.encode(to_tensor(imgs[va][..., None]))
     assert [s[1:-4] for s in va_seqs] == (codes + vocab.code_offset).tolist()
@@ -409,7 +433,7 @@ def test_prepare_writes_everything(prepared):
 
 def test_codebook_is_fitted_on_training_images_only(prepared):
     tmp, cfg, report, imgs, labels, order = prepared
-    book = Codebook.load(tmp / "prepared")
+    book = load_codebook(tmp / "prepared")
     tr, va = stratified_split(labels, cfg.test_fraction, cfg.split_seed)
     x = to_tensor(imgs[..., None])
     on_train = Codebook.fit(x[tr], cfg.codebook)
@@ -434,7 +458,7 @@ def test_dev_split_is_carved_from_training_images_and_the_test_split_stays(prepa
     tr, _ = stratified_split(labels, cfg.test_fraction, cfg.split_seed)
     sub, _ = stratified_split(labels[tr], 0.25, cfg.split_seed + 1)
     on_train = Codebook.fit(to_tensor(imgs[tr[sub]][..., None]), dcfg.codebook)   # training minus dev only
-    assert torch.equal(Codebook.load(tmp / "with_dev").centroids, on_train.centroids)
+    assert torch.equal(load_codebook(tmp / "with_dev").centroids, on_train.centroids)
 
 
 def test_another_dev_fold_is_another_dev_split_with_the_same_test_split(prepared):
@@ -704,7 +728,7 @@ def test_a_training_config_prepares_data_that_reads_back_as_data_settings(tmp_pa
     rep = ensure_prepared(cfg, log=lambda m: None)
     assert list(rep["config"]) == data_config.data_fields()
     assert build(DataConfig, **rep["config"]) == tiny_cfg(tmp_path)
-    assert Codebook.load(tmp_path / "prepared").cfg.num_codes == 16
+    assert load_codebook(tmp_path / "prepared").cfg.num_codes == 16
     assert ensure_prepared(cfg, log=None) == rep
     run_main(monkeypatch, capsys, "reconstruct", str(tmp_path / "prepared"), "--out", str(tmp_path / "r.png"))
 

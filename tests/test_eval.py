@@ -293,7 +293,7 @@ def test_eval_cli_tta_refusals(tiny, tmp_path):
 
 
 def test_codes_do_not_depend_on_a_callers_autocast():
-    from tokenizer import assign
+    from imagegpt.kmeans import assign
     x, c = torch.tensor([[0.501]]), torch.tensor([[0.0], [1.0]])   # nearer to 1; bf16 rounds 0.501 to 0.5, a tie
     assert assign(x, c)[0].tolist() == [1]
     with torch.autocast("cpu", dtype=torch.bfloat16):   # eval.py and the service encode under autocast

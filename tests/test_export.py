@@ -21,7 +21,7 @@ from imagegpt.settings import build
 from imagegpt.token_format import Vocab
 from imagegpt.training import Data, TrainConfig, build_model
 from model import GPT, GPTConfig
-from tokenizer import Codebook, CodebookConfig
+from tokenizer import Codebook, CodebookConfig, load_codebook
 
 BLOCK = 32
 METRICS = {"n_sequences": 12, "loss": 1.25, "perplexity": 3.4903, "token_accuracy": 0.625,
@@ -106,7 +106,7 @@ def test_folder_contents_and_config(exported):
         assert f.get_tensor("transformer.h.1.mlp.c_proj.weight").shape == (128, 32)
     assert all(n.startswith("transformer.") for n in names) and "lm_head.weight" not in names
     assert Vocab.load(os.path.join(out, "vocab.json")).to_dict() == v.to_dict()
-    assert torch.equal(Codebook.load(out).centroids, exported["book"].centroids)
+    assert torch.equal(load_codebook(out).centroids, exported["book"].centroids)
 
 
 def test_transformers_loads_cleanly_and_logits_match(exported, capfd):

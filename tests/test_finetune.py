@@ -116,7 +116,7 @@ def test_a_checkpoint_of_another_codebook_is_refused_in_one_line(ten, tmp_path):
 
 
 def test_codebook_from_refuses_other_image_sizes_and_folders_without_a_codebook(ten, tmp_path):
-    with pytest.raises(UserError, match=r"its codebook reads 8 x 8 images with 1 channel\(s\), not 16 x 16 with 3; "
+    with pytest.raises(UserError, match=r"its codebook reads 8 x 8 grey images with 1 channel\(s\), not 16 x 16 colour with 3; "
                                         r"add --image_size 8 --channels 1"):
         prepare(changed(make_cfg(ten["tmp"], "three"), image_size=16, channels=3, codebook_from=ten["ckpt"],
                                  data_dir=str(tmp_path / "d")).data)

@@ -6,7 +6,8 @@ import torch
 
 from imagegpt.errors import UserError
 from imagegpt.token_format import Vocab
-from tokenizer import Codebook, CodebookConfig, assign, kmeans, pixel_features, psnr
+from imagegpt.kmeans import assign, kmeans
+from tokenizer import Codebook, CodebookConfig, load_codebook, pixel_features, psnr
 
 # ----------------------------------------------------------------------------- vocabulary
 
@@ -267,16 +268,16 @@ def test_the_codebook_hash_names_its_contents(tmp_path, grey):
     book = Codebook.fit(grey, small_cfg())
     book.save(tmp_path / "a")
     meta = json.loads((tmp_path / "a" / "codebook.json").read_text())
-    assert meta["sha256"] == book.sha256 == Codebook.load(tmp_path / "a").sha256 and len(book.sha256) == 64
+    assert meta["sha256"] == book.sha256 == load_codebook(tmp_path / "a").sha256 and len(book.sha256) == 64
     assert Codebook.fit(grey, small_cfg(codebook_seed=1)).sha256 != book.sha256
     tensors = load_file(tmp_path / "a" / "codebook.safetensors")
     tensors["colours"] = tensors["colours"].flip(0).contiguous()          # two codes' pixels swapped
     save_file(tensors, tmp_path / "a" / "codebook.safetensors")
     with pytest.raises(UserError, match="its sha256 does not match the codebook's contents"):
-        Codebook.load(tmp_path / "a")
+        load_codebook(tmp_path / "a")
     del meta["sha256"]
     (tmp_path / "a" / "codebook.json").write_text(json.dumps(meta))
-    assert Codebook.load(tmp_path / "a").sha256 != book.sha256             # no hash stored: read as it is
+    assert load_codebook(tmp_path / "a").sha256 != book.sha256             # no hash stored: read as it is
 
 
 def test_codebook_save_load_round_trip(tmp_path, grey):
@@ -285,7 +286,7 @@ def test_codebook_save_load_round_trip(tmp_path, grey):
     assert (tmp_path / "codebook.json").exists() and (tmp_path / "codebook.safetensors").exists()
     meta = json.loads((tmp_path / "codebook.json").read_text())
     assert meta["image_size"] == [12, 12] and meta["channels"] == 1
-    back = Codebook.load(tmp_path)
+    back = load_codebook(tmp_path)
     assert back.cfg == book.cfg and back.image_size == (12, 12) and back.channels == 1
     assert torch.equal(back.centroids, book.centroids) and torch.equal(back.colours, book.colours)
     assert back.stats.keys() == book.stats.keys()
@@ -303,24 +304,24 @@ def test_codebook_fitted_with_a_larger_config_still_loads(tmp_path, grey):
     book = Codebook.fit(grey, Bigger(**vars(small_cfg())))
     book.save(tmp_path)
     assert "source" not in json.loads((tmp_path / "codebook.json").read_text())["config"]
-    back = Codebook.load(tmp_path)
+    back = load_codebook(tmp_path)
     assert back.cfg == small_cfg()
     assert torch.equal(back.encode(grey), book.encode(grey))
 
 
 def test_codebook_load_errors(tmp_path, grey):
     with pytest.raises(UserError, match="codebook.json"):
-        Codebook.load(tmp_path)
+        load_codebook(tmp_path)
     book = Codebook.fit(grey, small_cfg())
     book.save(tmp_path)
     meta = json.loads((tmp_path / "codebook.json").read_text())
     meta["config"]["num_codes"] = 8
     (tmp_path / "codebook.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="16 centroids"):
-        Codebook.load(tmp_path)
+        load_codebook(tmp_path)
     (tmp_path / "codebook.safetensors").unlink()
     with pytest.raises(UserError, match="safetensors"):
-        Codebook.load(tmp_path)
+        load_codebook(tmp_path)
 
 
 def test_codebook_input_errors(grey):
@@ -378,3 +379,123 @@ def test_psnr():
     assert psnr(a, a) == pytest.approx(100.0)
     assert psnr(a, a + 0.1) == pytest.approx(20.0, abs=1e-4)
     assert psnr(a, torch.ones_like(a)) == pytest.approx(0.0, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- colour: shape apart from colour
+
+def two_colour_images(masks, colours):
+    """float masks (N, H, W) in [0, 1] and colour pairs (N, 2, 3) -> images (N, 3, H, W): the ground where
+    the mask is 0, the figure where it is 1, mixed in between (soft edges)."""
+    g, f = colours[:, 0, :, None, None], colours[:, 1, :, None, None]
+    return ((g + masks[:, None] * (f - g)) * 255).round() / 255
+
+
+def square_masks(n, size=16, seed=0):
+    """n soft-edged squares of random size and place (the frame stays ground)."""
+    g = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    out = []
+    for _ in range(n):
+        c = 4 + torch.rand(2, generator=g) * (size - 8)
+        r = 2 + torch.rand(1, generator=g) * 2
+        d = torch.maximum((xs - c[0]).abs(), (ys - c[1]).abs())
+        out.append((r + 0.5 - d).clamp(0, 1))
+    return torch.stack(out)
+
+
+def colour_pairs(n, seed):
+    """n (ground, figure) colour pairs far apart."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = torch.rand(n, 2, 3, generator=g)
+    pairs[:, 1] = (pairs[:, 0] + 0.3 + 0.4 * torch.rand(n, 3, generator=g)) % 1
+    return pairs
+
+
+def test_two_colours_finds_ground_figure_and_the_mix():
+    from imagegpt.palette import two_colours
+    masks = square_masks(20)
+    pairs = colour_pairs(20, 1)
+    images = two_colour_images(masks, pairs)
+    ground, figure, alpha = two_colours(images)
+    assert (ground - pairs[:, 0]).abs().max() < 3 / 255 and (figure - pairs[:, 1]).abs().max() < 3 / 255
+    assert (alpha - masks).abs().max() < 0.02                                # the mask, up to 8-bit rounding
+    flat = torch.full((2, 3, 8, 8), 0.4)                                     # one colour: all ground
+    ground, figure, alpha = two_colours(flat)
+    assert (alpha == 0).all() and torch.allclose(ground, torch.full((2, 3), 0.4))
+
+
+def test_the_palette_codebook_gives_one_shape_the_same_patterns_in_any_colours(tmp_path):
+    from tokenizer import PaletteCodebook, fit_codebook
+    masks = square_masks(200)
+    fit = two_colour_images(masks, colour_pairs(200, 2))
+    cfg = CodebookConfig(patch_size=4, num_codes=32, palette=64, w_gradient=0.0, kmeans_iters=10)
+    book = fit_codebook(fit, cfg)
+    assert isinstance(book, PaletteCodebook) and book.seq_len == 4 + 16 and book.code_space == 32 + 2 * 64
+    a, b = (two_colour_images(masks[:10], colour_pairs(10, s)) for s in (3, 4))   # the same shapes, other colours
+    ca, cb = book.encode(a), book.encode(b)
+    assert torch.equal(ca[:, 4:], cb[:, 4:]) and not torch.equal(ca[:, :4], cb[:, :4])
+    K, P = 32, 64                                                            # the layout of token_format
+    assert ((ca[:, 0::2][:, :2] >= K) & (ca[:, 0::2][:, :2] < K + P)).all()            # <C_k> colours
+    assert ((ca[:, 1::2][:, :2] >= K + P) & (ca[:, 1::2][:, :2] < K + 2 * P)).all()    # <D_k> corrections
+    assert (ca[:, 4:] < K).all()                                                        # <Z_k> patterns
+    assert psnr(book.decode(ca), a) > 25 and psnr(book.decode(book.encode(fit)), fit) > 25   # (32 patterns only)
+    # a missing colour is black, a missing or misplaced pattern is the ground
+    bad = ca[:1].clone()
+    bad[0, 4:] = torch.tensor([-1, 0] * 8)
+    bad[0, 4] = K + 1                                                        # a colour where a pattern belongs
+    out = book.decode(bad)
+    assert torch.allclose(out[0, :, 0, 0], book.colour(bad[:, 0:2])[0].clamp(0, 1))
+    book.save(tmp_path)
+    again = load_codebook(tmp_path)
+    assert isinstance(again, PaletteCodebook) and again.sha256 == book.sha256 and torch.equal(again.encode(a), ca)
+    meta = json.loads((tmp_path / "codebook.json").read_text())
+    assert meta["config"]["palette"] == 64 and meta["channels"] == 3
+
+
+def test_a_grey_codebook_file_does_not_name_the_palette(tmp_path, grey):
+    Codebook.fit(grey, small_cfg()).save(tmp_path)
+    assert "palette" not in json.loads((tmp_path / "codebook.json").read_text())["config"]
+
+
+def test_palette_codebook_files_that_do_not_fit_are_one_line_errors(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from tokenizer import check_vocab, fit_codebook
+    fit = two_colour_images(square_masks(40), colour_pairs(40, 5))
+    book = fit_codebook(fit, CodebookConfig(patch_size=4, num_codes=8, palette=4, kmeans_iters=3))
+    book.save(tmp_path)
+    t = load_file(tmp_path / "codebook.safetensors")
+    save_file({**t, "palette": t["palette"][:3]}, tmp_path / "codebook.safetensors")
+    with pytest.raises(UserError, match=r"palette is \(3, 3\), its settings say \(4, 3\) \(palette 4\)"):
+        load_codebook(tmp_path)
+    book.save(tmp_path)
+    meta = json.loads((tmp_path / "codebook.json").read_text())
+    (tmp_path / "codebook.json").write_text(json.dumps({**meta, "channels": 1}))
+    with pytest.raises(UserError, match="a palette codebook reads colour images, its channels say 1"):
+        load_codebook(tmp_path)
+    with pytest.raises(UserError, match=r"vocab.json has 8 code tokens, the codebook there 8 codes and 4 palette "
+                                        r"colours; the two were not made together"):
+        check_vocab(book, Vocab(8, 3), str(tmp_path))
+    check_vocab(book, Vocab(8, 3, palette=4), str(tmp_path))
+    with pytest.raises(UserError, match=r"the palette is fitted on the 2 colours of each of 1 training images, fewer "
+                                        r"than palette 4"):
+        fit_codebook(fit[:1], CodebookConfig(patch_size=4, num_codes=8, palette=4, fit_samples=100))
+
+
+def test_a_palette_vocabulary_lays_out_colours_before_the_labels(tmp_path):
+    v = Vocab(5, 2, palette=3)
+    assert v.tokens == ["<PAD>", "<UNK>", "<IMG>", "</IMG>", "<CLS>", "<EOS>", "<Z_000>", "<Z_001>", "<Z_002>",
+                        "<Z_003>", "<Z_004>", "<C_000>", "<C_001>", "<C_002>", "<D_000>", "<D_001>", "<D_002>",
+                        "<CLS_0>", "<CLS_1>"]
+    assert (v.code_space, v.label_offset) == (11, 17) and v.is_code(16) and not v.is_code(17)
+    v.save(tmp_path / "vocab.json")
+    again = Vocab.load(tmp_path / "vocab.json")
+    assert (again.num_codes, again.palette, again.num_classes) == (5, 3, 2)
+    assert v.code_ranges(6) == [(5, 8), (8, 11), (5, 8), (8, 11), (0, 5), (0, 5)]
+    assert Vocab(5, 2).code_ranges(3) == [(0, 5)] * 3
+    # drawing follows the layout: a <C_k> and a <D_k> per colour, then patterns, then the tail
+    mask = v.format_mask([v.img_id], 6, 8)
+    allowed = [torch.nonzero(row).flatten().tolist() for row in mask]
+    assert allowed[:6] == [[11, 12, 13], [14, 15, 16], [11, 12, 13], [14, 15, 16], [6, 7, 8, 9, 10], [6, 7, 8, 9, 10]]
+    assert allowed[6:] == [[v.img_end_id], [v.cls_id]]
+    mask = v.format_mask(v.cond_prompt(1) + [v.code_id(5)], 6, 2)         # after the ground's palette colour
+    assert torch.nonzero(mask[0]).flatten().tolist() == [14, 15, 16]

@@ -45,7 +45,7 @@ from imagegpt.prepare import ensure_prepared
 from imagegpt.settings import build
 from imagegpt.token_format import Vocab
 from imagegpt.training import TrainConfig
-from tokenizer import Codebook, CodebookConfig, uint8_to_tensor
+from tokenizer import CodebookConfig, fit_codebook, load_codebook, uint8_to_tensor
 
 
 def exported(root, **data):
@@ -56,7 +56,7 @@ def exported(root, **data):
                     augment=0, **data)
     settings.setdefault("test_fraction", 0.2)
     report = ensure_prepared(build(DataConfig, **settings), log=lambda *a: None)
-    vocab, book = Vocab.load(os.path.join(settings["data_dir"], "vocab.json")), Codebook.load(settings["data_dir"])
+    vocab, book = Vocab.load(os.path.join(settings["data_dir"], "vocab.json")), load_codebook(settings["data_dir"])
     ckpt = os.path.join(root, "run", "final")
     checkpoint.save(ckpt, tiny_model(0, len(vocab), book.seq_len + 5),
                     build(TrainConfig, out_dir=os.path.join(root, "run"), cond_fraction=0.5, **settings), vocab, book,
@@ -79,13 +79,15 @@ def grey(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def colour(tmp_path_factory):
-    """Shapes (imagegpt/shapes.py): circles, squares, triangles and stars, 32 x 32 colour, with the position
-    feature too (WEB_TEST_COLOUR_CKPT: a trained one)."""
+    """Shapes (imagegpt/shapes.py): circles, squares, triangles and stars, 32 x 32 colour, shape apart from
+    colour (a palette codebook, as config/colour.yaml), with the position feature too (WEB_TEST_COLOUR_CKPT:
+    a trained one)."""
     root = tmp_path_factory.mktemp("web_colour")
     if os.environ.get("WEB_TEST_COLOUR_CKPT"):
         return from_checkpoint(os.environ["WEB_TEST_COLOUR_CKPT"], root)
     shapes.write_folder(os.path.join(root, "shapes"), "colour", per_class=10)
-    return exported(root, source=f"folder:{os.path.join(root, 'shapes')}", image_size=32, channels=3, w_position=0.3)
+    return exported(root, source=f"folder:{os.path.join(root, 'shapes')}", image_size=32, channels=3, w_position=0.3,
+                    palette=16)
 
 
 def from_checkpoint(ckpt, root):
@@ -102,11 +104,15 @@ def from_checkpoint(ckpt, root):
     (1, 1, 6, {"w_position": 1.0}),                              # one pixel per token, as the original
     (3, 4, 16, {"w_gradient": 0.0}),
     (1, 2, 4, {"w_colour": 0.0, "w_position": 0.5}),             # gradients and position only
+    (3, 4, 16, {"palette": 8, "w_gradient": 0.0}),               # shape apart from colour (the colour recipe)
+    (3, 2, 10, {"palette": 4, "w_position": 0.3}),               # ... with every pattern feature group
+    (3, 1, 5, {"palette": 4}),                                   # an odd frame; one pixel per pattern
+    (3, 1, 2, {"palette": 2}),                                   # a frame that is the whole image
 ])
 def test_tokenizer_graphs_give_the_codebooks_codes_and_pixels(tmp_path, channels, patch, size, weights):
     g = torch.Generator().manual_seed(size)
     fit = (torch.rand(64, channels, size, size, generator=g) * 255).round() / 255
-    book = Codebook.fit(fit, CodebookConfig(patch_size=patch, num_codes=16, fit_samples=4000, kmeans_iters=5, **weights))
+    book = fit_codebook(fit, CodebookConfig(patch_size=patch, num_codes=16, fit_samples=4000, kmeans_iters=5, **weights))
     tok, detok = onnx_tokenizer.export_tokenizer(book, str(tmp_path))
     for path in (tok, detok):
         onnx.checker.check_model(path, full_check=True)
