@@ -90,6 +90,9 @@ def check_data_config(cfg, where="config"):
     if cfg.permute_colours and cfg.channels != 3:
         raise UserError(f"{where}: permute_colours reorders the R, G, B channels of colour images; it needs channels 3, "
                         f"got {cfg.channels}")
+    if cfg.image_size < cfg.codebook.patch_size:
+        raise UserError(f"{where}: image_size {cfg.image_size} is smaller than patch_size {cfg.codebook.patch_size}: "
+                        f"a token's patch must fit in the image")
     if cfg.image_size % cfg.codebook.patch_size:
         raise UserError(f"{where}: image_size {cfg.image_size} is not divisible by patch_size {cfg.codebook.patch_size}")
     if not 0 < cfg.test_fraction < 1:

@@ -626,6 +626,12 @@ CASES = [
         ("wrong-type", ["--patch_size", "two"], ["command line: patch_size expects int, got 'two'"]),
         ("channels", ["--channels", "2"], ["channels must be 1 (grey) or 3 (RGB), got 2"]),
         ("patch-does-not-divide", ["--patch_size", "3"], ["image_size 8 is not divisible by patch_size 3"]),
+        ("patch-larger-than-image", ["--patch_size", "16"], ["image_size 8 is smaller than patch_size 16: a token's "
+                                                             "patch must fit in the image"]),
+        ("palette-on-grey", ["--palette", "8"], ["palette (shape apart from colour) must be 0, or above 0 with colour "
+                                                 "images (channels 3), got palette 8 with channels 1"]),
+        ("permute-colours-on-grey", ["--permute_colours", "true"], ["permute_colours reorders the R, G, B channels of "
+                                                                    "colour images; it needs channels 3, got 1"]),
         ("zero-codes", ["--num_codes", "0"], ["num_codes must be at least 1, got 0"]),
         ("val-fraction", ["--val_fraction", "1.5"], ["test_fraction must be between 0 and 1, got 1.5"]),
         ("unknown-source", ["--source", "zip:foo"], ["source 'zip:foo': expected builtin, idx:DIR, folder:DIR, csv:DIR or hf:NAME_OR_PATH[:SPLIT]"]),
@@ -652,6 +658,10 @@ CASES = [
                      lambda p: [os.path.join(p, "report.json"), "expected a JSON object"]),
     *train_with_data("vocab-does-not-match-codebook", lambda p: Vocab(9, 3).save(os.path.join(p, "vocab.json")),
                      lambda p: [os.path.join(p, "vocab.json"), "has 9 code tokens, the codebook there 8 codes"]),
+    *train_with_data("vocab-palette-does-not-match-codebook",
+                     lambda p: Vocab(8, 3, palette=4).save(os.path.join(p, "vocab.json")),
+                     lambda p: [os.path.join(p, "vocab.json"), "has 8 code tokens and 4 palette colours, the codebook "
+                                "there 8 codes; the two were not made together"]),
     *train_with_data("codebook-missing", lambda p: os.remove(os.path.join(p, "codebook.safetensors")),
                      lambda p: [p, "codebook.safetensors is missing"]),
     *C("train-yaml-wrong-type", "train", lambda e, d: (
