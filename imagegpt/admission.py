@@ -2,7 +2,7 @@
 clients, deadlines, work dropped before it is computed when nobody waits for it any more, the drain,
 and the batcher that merges waiting jobs into one model call.
 
-    admission = Admission(max_rows=256, max_client_rows=128, deadline_s=30, metrics=telemetry.Metrics())
+    admission = Admission(max_rows=192, max_client_rows=128, deadline_s=30, metrics=telemetry.Metrics())
     decoder = Batcher("draw", run, executor, window=0.01, max_rows=64, admission=admission)
     async with admission.ticket(client, rows=64, deadline_ms=None, receive=request.receive) as t:
         results, shared = await decoder.submit(t, key, items)

@@ -21,8 +21,9 @@ class ServiceConfig:
     """request bodies over this many MB get 413"""
     body_timeout_s: float = 15.0
     """a request body that has not fully arrived after this many seconds gets 408 (a stalled upload)"""
-    max_queue: int = 256
-    """drawings and images admitted and not yet answered, in all; a request past it gets 503 with Retry-After"""
+    max_queue: int = 192
+    """drawings and images admitted and not yet answered, in all; a request past it gets 503 with Retry-After
+    (the longest wait is about max_queue / the model's drawings per second)"""
     max_client_queue: int = 128
     """the same bound for one client (one remote address), so that no client holds the whole queue"""
     deadline_s: float = 30.0
