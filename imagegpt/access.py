@@ -55,8 +55,8 @@ def check_exposure(address, key, env_name):
 
 
 def client_of(scope):
-    """Who a request comes from, for fairness: its remote address (as uvicorn reports it; behind a proxy
-    of --forwarded-allow-ips, the forwarded address). One key serves every client, so it names no one."""
+    """Who a request comes from, for fairness: its remote address as uvicorn reports it (for a proxy it
+    trusts, FORWARDED_ALLOW_IPS, the forwarded address). One key serves every client, so it names no one."""
     client = scope.get("client")
     return client[0] if client else "unknown"
 
