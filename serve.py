@@ -3,42 +3,48 @@
     python serve.py                                  # runs/demo/final on http://127.0.0.1:8000
     python serve.py --backend onnx --ckpt runs/demo/hf    # the model's ONNX graph in onnxruntime
     python serve.py --ckpt hf_out --port 8080        # an exported Hugging Face folder works too
-    python serve.py --host 0.0.0.0                   # reachable from other machines (off by default)
-    python serve.py --loadtest [--clients 32 --requests 256] [--quick] [--json load.json] [--threads 1]
+    IMAGEGPT_API_KEY=... python serve.py --host 0.0.0.0   # other machines too: only with an API key
+    python serve.py --loadtest [--quick] [--scenarios flood,drain] [--json docs/results/load.json]
 
-The load test starts the server on a free loopback port and drives it with concurrent clients,
-with and without request batching, and prints throughput and p50/p99 latency per endpoint.
+The service admits at most --max_queue drawings and images at a time (503 with Retry-After past it),
+drops work whose deadline passed or whose client left, and on SIGTERM or Ctrl-C finishes what it
+admitted (up to --drain_s) and exits 0. /metrics serves Prometheus metrics, /readyz readiness.
+
+The load test starts the service on loopback and measures it: throughput with batching off and on, a
+flood of 288 requests for 64 drawings from 48 clients, a SIGTERM in the middle of a flood, and a client
+that disconnects (see imagegpt/loadtest.py and docs/service.md).
 """
-import os
 import socket
 
-from imagegpt import checkpoint
+from imagegpt import access, checkpoint
 from imagegpt.cli import add_backend, add_ckpt, add_device, parser, run_cli
 from imagegpt.device import resolve_device
 from imagegpt.errors import UserError
-from imagegpt.files import write_json
+from imagegpt.service_config import ServiceConfig
+from imagegpt.settings import add_options, apply_options
+
+SCENARIOS = ("throughput", "flood", "drain", "disconnect")
 
 
 def build_parser():
     p = parser(__doc__, prog="serve.py")
     add_ckpt(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (127.0.0.1: this machine only; any other needs an API key)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     add_device(p)
     add_backend(p)
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for the model (0: torch's default; 1 is steadier on a shared CPU)")
-    p.add_argument("--batch_window_ms", type=float, default=10.0,
-                   help="how long concurrent requests are collected into one model call")
-    p.add_argument("--max_batch", type=int, default=64, help="most rows (images) in one model call")
-    p.add_argument("--no_batching", action="store_true", help="every request is its own model call")
-    p.add_argument("--max_upload_mb", type=float, default=4.0, help="request bodies over this get 413")
+    add_options(p, ServiceConfig)
     lt = p.add_argument_group("load test")
-    lt.add_argument("--loadtest", action="store_true", help="measure the server instead of serving")
-    lt.add_argument("--clients", type=int, default=32, help="concurrent clients")
-    lt.add_argument("--requests", type=int, default=256, help="requests per endpoint and mode")
-    lt.add_argument("--quick", action="store_true", help="8 clients, 32 requests (a smoke test)")
-    lt.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    lt.add_argument("--loadtest", action="store_true", help="measure the service on loopback instead of serving")
+    lt.add_argument("--scenarios", default=",".join(SCENARIOS),
+                    help="which parts of the load test to run, comma-separated (default: %(default)s)")
+    lt.add_argument("--clients", type=int, default=32, help="concurrent clients of the throughput part")
+    lt.add_argument("--requests", type=int, default=256, help="requests per endpoint and mode of the throughput part")
+    lt.add_argument("--quick", action="store_true", help="every part small (a smoke test, as the tests run it)")
+    lt.add_argument("--json", metavar="FILE", help="also write the results as JSON, with the run's provenance")
     return p
 
 
@@ -47,16 +53,14 @@ def check_args(a):
         raise UserError(f"--port {a.port}: expected 1..65535")
     if a.threads < 0:
         raise UserError(f"--threads {a.threads}: expected 0 (torch's default) or a positive number")
-    if a.batch_window_ms < 0 or a.batch_window_ms > 1000:
-        raise UserError(f"--batch_window_ms {a.batch_window_ms}: expected 0..1000")
-    if a.max_batch < 1:
-        raise UserError(f"--max_batch {a.max_batch}: expected a positive integer")
-    if a.max_upload_mb <= 0:
-        raise UserError(f"--max_upload_mb {a.max_upload_mb}: expected a positive number")
     if not (1 <= a.clients <= 1024 and 1 <= a.requests <= 100_000):
         raise UserError(f"--clients {a.clients} --requests {a.requests}: expected 1..1024 clients, 1..100000 requests")
     if (a.json or a.quick) and not a.loadtest:
         raise UserError("--json and --quick are for --loadtest")
+    unknown = set(a.scenarios.split(",")) - set(SCENARIOS)
+    if unknown or not a.scenarios:
+        raise UserError(f"--scenarios {a.scenarios}: expected some of {','.join(SCENARIOS)}")
+    return apply_options(ServiceConfig(), a).check()
 
 
 def listen(host, port):
@@ -76,33 +80,48 @@ def listen(host, port):
 
 def main(argv=None):
     a = build_parser().parse_args(argv)
-    check_args(a)
+    cfg = check_args(a)
+    if a.loadtest:
+        return load_test(a, cfg)
+    key = access.read_key(cfg.api_key_env, cfg.api_key_file)
+    sock = listen(a.host, a.port)
+    try:
+        access.check_exposure(sock.getsockname()[0], key, cfg.api_key_env)
+    except UserError:
+        sock.close()
+        raise
     import torch
-    import uvicorn
 
-    from imagegpt import loadtest, service
+    from imagegpt import drain, service
     if a.threads:
         torch.set_num_threads(a.threads)
-    sock = None if a.loadtest else listen(a.host, a.port)
     ck = checkpoint.load(a.ckpt, resolve_device(a.device), a.backend)
-    opts = dict(window=a.batch_window_ms / 1000, max_rows=a.max_batch, max_upload=int(a.max_upload_mb * 2**20))
-    if a.loadtest:
-        clients, requests = (8, 32) if a.quick else (a.clients, a.requests)
-        load_before = [round(x, 2) for x in os.getloadavg()]
-        rows = loadtest.run(ck, clients, requests, **opts)
-        print(loadtest.table(rows))
-        print(f"{a.ckpt}, {torch.get_num_threads()} model thread(s), batch window {a.batch_window_ms:g} ms; "
-              f"load average before the run {load_before[0]}")
-        if a.json:
-            write_json(a.json, {"checkpoint": a.ckpt, "threads": torch.get_num_threads(), "clients": clients,
-                                "requests": requests, "batch_window_ms": a.batch_window_ms,
-                                "load_average_before": load_before, "rows": rows})
-        failed = sum(r["failed"] for r in rows)
-        return 1 if failed else 0
-    app = service.create_app(ck, batching=not a.no_batching, **opts)
-    print(f"serving {a.ckpt} on http://{a.host}:{a.port}/ (API docs at /docs); Ctrl-C stops")
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    app = service.create_app(ck, cfg, api_key=key)
+    where = f"--api_key_file {cfg.api_key_file}" if cfg.api_key_file else f"${cfg.api_key_env}"
+    print(f"serving {a.ckpt} on http://{a.host}:{a.port}/ (API docs at /docs, metrics at /metrics); "
+          f"{f'API key from {where}' if key else 'no API key'}; Ctrl-C or SIGTERM stops", flush=True)
+    server = drain.server(app)
+    server.run(sockets=[sock])
+    answered = ", ".join(f"{n} x {status}" for status, n in sorted(app.state.metrics.answered().items()))
+    if server.drained_in is not None:
+        cut = "; work still waiting at the limit got 503" if server.cut else ""
+        print(f"stopped after a drain of {server.drained_in:.1f} s{cut}; answered: {answered or 'nothing'}", flush=True)
     return 0
+
+
+def load_test(a, cfg):
+    import torch
+
+    from imagegpt import loadtest
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    result = loadtest.main(a.ckpt, cfg, a.scenarios.split(","), quick=a.quick, clients=a.clients,
+                           requests=a.requests, threads=a.threads, device=resolve_device(a.device), backend=a.backend)
+    print(loadtest.report(result))
+    if a.json:
+        loadtest.save(a.json, result)
+        print(f"wrote {a.json}")
+    return 0 if loadtest.passed(result) else 1
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""The web service: the FastAPI app (classify, generate, complete, the page), request batching, uploads.
+"""The web service: the FastAPI app (classify, generate, complete, the page, probes and metrics) and the
+model worker behind it.
 
-    app = create_app(checkpoint.load(folder))      # serve.py runs it with uvicorn
+    app = create_app(checkpoint.load(folder), ServiceConfig(), api_key=None)   # serve.py runs it
 
 Endpoints (OpenAPI docs at /docs):
     POST /classify   an image upload (multipart field "image": PNG/JPEG/..., any size, grey or colour)
@@ -9,13 +10,17 @@ Endpoints (OpenAPI docs at /docs):
                      (base64 PNG), their token sequences and the model's own label
     POST /complete   multipart: "image" plus form fields "fraction", "count", sampling settings ->
                      the first `fraction` of the image's tokens continued `count` times
-    GET  /healthz    the checkpoint's facts; GET / the page (static/), GET /static/... its files
+    GET  /healthz    the checkpoint's facts, at once whatever the load (liveness)
+    GET  /readyz     200 while the service takes work, 503 while its queue is full or it drains
+    GET  /metrics    Prometheus text (imagegpt.telemetry)
+    GET  /           the page (static/), GET /static/... its files
 
-Model calls run in one worker thread, never on the event loop. Concurrent requests are collected for
-a short window and run as one batched call: N clients asking for a drawing each cost about one batched
-decoding pass, not N. Every bad input gets a 4xx with a one-line JSON {"detail": "..."}.
+Model calls run in one worker thread, never on the event loop. Requests are admitted into a queue
+bounded in drawings and images, with a deadline each, and waiting requests are merged into batched
+calls (imagegpt.admission); past the bound a request gets 503 with Retry-After at once. With a key,
+API calls need it (imagegpt.access). Every bad input gets a 4xx with a one-line JSON {"detail": "..."}
+(bodies and uploads: imagegpt.uploads).
 """
-import asyncio
 import base64
 import io
 import os
@@ -29,16 +34,21 @@ import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from imagegpt import drawing
+from imagegpt.access import KeyCheck, client_of
+from imagegpt.admission import Admission, Batcher, Expired, Gone, Refused
 from imagegpt.errors import UserError
 from imagegpt.metrics import class_probs
-from imagegpt.sources import read_image
+from imagegpt.service_config import ServiceConfig
+from imagegpt.settings import changed
+from imagegpt.telemetry import Metrics, RequestMetrics
+from imagegpt.uploads import MAX_PIXELS, BodyLimit, decode_upload, one_line, read_form, validation_line  # noqa: F401
 
 # ----------------------------------------------------------------------------- model operations
 
@@ -55,7 +65,6 @@ def pixels(ids, ck):
 
 
 STATIC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")   # the page
-MAX_PIXELS = 4096 * 4096          # decoded size limit for an upload (a decompression bomb stops here)
 MAX_TOKENS_CHARS = 40_000
 NO_CONDITIONING = "class-conditional sampling needs a model trained with conditioning"
 
@@ -141,116 +150,17 @@ class Health(BaseModel):
     guidance: float = Field(description="the guidance scale of a drawing of a chosen class unless asked")
     temperature: float = Field(description="the temperature of a drawing of a chosen class unless asked")
     batching: bool
+    key_required: bool = Field(description="API calls need the header Authorization: Bearer <key>")
 
 
-# ----------------------------------------------------------------------------- batching
-
-class Batcher:
-    """Collects concurrent jobs for `window` seconds, then runs jobs with equal keys as one call of
-    run(key, items) -> results (one per item) in the model thread. A job with key None runs alone;
-    window None turns batching off (every job alone, in arrival order)."""
-
-    def __init__(self, run, executor, window, max_rows):
-        self.run, self.executor, self.window, self.max_rows = run, executor, window, max_rows
-        self.queue = None
-        self.task = None
-
-    def start(self):
-        self.queue = asyncio.Queue()
-        self.task = asyncio.create_task(self._loop())
-
-    async def stop(self):
-        self.task.cancel()
-        try:
-            await self.task
-        except asyncio.CancelledError:
-            pass
-
-    async def submit(self, key, items):
-        """-> (results for items, rows in the call they shared)"""
-        fut = asyncio.get_running_loop().create_future()
-        await self.queue.put((key, items, fut))
-        return await fut
-
-    async def _loop(self):
-        loop = asyncio.get_running_loop()
-        while True:
-            jobs = [await self.queue.get()]
-            if self.window is not None:
-                if self.window > 0:
-                    await asyncio.sleep(self.window)
-                while not self.queue.empty():
-                    jobs.append(self.queue.get_nowait())
-            for group in self._groups(jobs):
-                items = [it for _, its, _ in group for it in its]
-                try:
-                    results = await loop.run_in_executor(self.executor, self.run, group[0][0], items)
-                except Exception as e:  # reaches the waiting requests, never ends the loop
-                    for *_, fut in group:
-                        if not fut.done():
-                            fut.set_exception(e)
-                    continue
-                at = 0
-                for _, its, fut in group:
-                    if not fut.done():
-                        fut.set_result((results[at:at + len(its)], len(items)))
-                    at += len(its)
-
-    def _groups(self, jobs):
-        """Jobs with equal keys together, up to max_rows items a group (a bigger job goes alone)."""
-        if self.window is None:
-            return [[j] for j in jobs]
-        groups, open_ = [], {}
-        for job in jobs:
-            key, items, _ = job
-            g = open_.get(key) if key is not None else None
-            if g is None or sum(len(j[1]) for j in g) + len(items) > self.max_rows:
-                g = []
-                groups.append(g)
-                if key is not None:
-                    open_[key] = g
-            g.append(job)
-        return groups
+class Ready(BaseModel):
+    ready: bool = Field(description="a request gets in now (503 while the queue is full or the service drains)")
+    draining: bool = Field(description="the service was told to stop: it finishes what it admitted, takes nothing new")
+    queue_rows: int = Field(description="drawings and images admitted and not yet answered")
+    max_queue: int
 
 
-# ----------------------------------------------------------------------------- uploads
-
-class Upload(io.BytesIO):
-    """Uploaded bytes, named 'upload' in error messages (sources.read_image prefixes its path)."""
-
-    def __str__(self):
-        return "upload"
-
-    __repr__ = __str__
-
-
-def decode_upload(data, size, channels):
-    """Uploaded image bytes (any format Pillow reads, any size) -> uint8 (H, W, C) converted and resized
-    exactly as the training images (sources.read_image). HTTPException 413 for an image over MAX_PIXELS
-    (a decompression bomb), 400 for anything that is not a readable image."""
-    from PIL import Image, UnidentifiedImageError
-    if not data:
-        raise HTTPException(400, "the image upload is empty")
-    try:
-        with Image.open(Upload(data)) as im:
-            w, h = im.size
-    except Image.DecompressionBombError as e:
-        raise HTTPException(413, f"image too large to decode ({e})") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise HTTPException(400, f"not a readable image ({one_line(e)})") from None
-    if w * h > MAX_PIXELS:
-        raise HTTPException(413, f"image is {w}x{h} = {w * h} pixels; the limit is {MAX_PIXELS}")
-    try:
-        return np.array(read_image(Upload(data), size, channels))  # a writable copy for torch
-    except UserError as e:
-        raise HTTPException(400, one_line(e)) from None
-
-
-def one_line(e):
-    """An error's text on one line (its lines joined; the spaces inside a line, as in a class name, kept)."""
-    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-    return text[:300] or type(e).__name__
-
+# ----------------------------------------------------------------------------- answers
 
 def png_base64(img):
     """uint8 (H, W, C) -> base64 PNG text."""
@@ -260,58 +170,40 @@ def png_base64(img):
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-async def read_form(request, model_cls):
-    """A multipart request -> (image bytes, validated settings); unknown fields are 422."""
-    try:
-        form = await request.form(max_files=1, max_fields=20)
-    except HTTPException:
-        raise
-    except Exception as e:  # a broken multipart body
-        raise HTTPException(400, f"cannot read the multipart form ({one_line(e)})") from None
-    upload = form.get("image")
-    if upload is None or isinstance(upload, str):
-        raise HTTPException(422, 'the form needs a file field "image"')
-    data = await upload.read()
-    fields = {k: v for k, v in form.multi_items() if k != "image"}
-    try:
-        settings = model_cls.model_validate(fields)
-    except ValidationError as e:
-        raise HTTPException(422, validation_line(e.errors())) from None
-    return data, settings
-
-
-def validation_line(errors):
-    """Pydantic errors -> one line: 'count: Input should be less than or equal to 64; ...'."""
-    parts = []
-    for err in errors[:3]:
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
-        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts)
-
-
 # ----------------------------------------------------------------------------- the app
 
 class Worker:
     """The checkpoint behind the service: its one model thread, where every model call runs (never on
-    the event loop), and two batchers that merge concurrent requests into one call. /classify merges
-    whatever is waiting without waiting for more (its call takes about a millisecond, less than any
-    window would); decoding waits `window` seconds for company, since one pass takes long."""
+    the event loop), the admission that bounds what waits for it, and two batchers that merge waiting
+    requests into one call. Reading images (/classify, and the image of /complete) merges whatever is
+    waiting without waiting for more (its call takes about a millisecond, less than any window would);
+    drawing waits `window` seconds for company, since one pass takes long."""
 
-    def __init__(self, ck, window, max_rows, batching):
-        self.ck, self.batching = ck, batching
+    def __init__(self, ck, cfg, metrics):
+        self.ck, self.batching = ck, cfg.batching
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.seeds = np.random.default_rng(secrets.randbits(64))
-        self.classifier = Batcher(self.run_classify, self.executor, 0 if batching else None, max_rows)
-        self.decoder = Batcher(self.run_decode, self.executor, window if batching else None, max_rows)
+        self.admission = Admission(cfg.max_queue, cfg.max_client_queue, cfg.deadline_s, metrics)
+        self.reader = Batcher("read", self.run_classify, self.executor, 0 if cfg.batching else None, cfg.max_batch,
+                              self.admission)
+        self.drawer = Batcher("draw", self.run_decode, self.executor, cfg.window, cfg.max_batch, self.admission)
 
     @asynccontextmanager
     async def running(self, app):
-        self.classifier.start()
-        self.decoder.start()
+        self.reader.start()
+        self.drawer.start()
         yield
-        await self.classifier.stop()
-        await self.decoder.stop()
-        self.executor.shutdown(wait=True)
+        await self.reader.stop()
+        await self.drawer.stop()
+        self.executor.shutdown(wait=True)      # a model call under way finishes
+
+    def ticket(self, request, rows):
+        """Admission for a request of `rows` drawings and images (503 Refused when there is no room)."""
+        try:
+            deadline = self.admission.deadline(request.headers.get("x-deadline-ms"))
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from None
+        return self.admission.ticket(client_of(request.scope), rows, deadline, request.receive)
 
     def run_classify(self, key, items):
         """items: token-id prefixes or uint8 images (H, W, C), tokenised here together -> (prefix, probs)."""
@@ -335,14 +227,10 @@ class Worker:
         return Sample(image_png=png_base64(pixels(r["ids"], self.ck)), tokens=self.ck.vocab.decode(r["ids"]),
                       label=label, prediction=r["pred"], probability=r["prob"], well_formed=complete)
 
-    async def classify(self, item):
+    async def classify(self, ticket, item):
         """-> ((prefix, probabilities), rows in the call it shared)"""
-        (one,), rows = await self.classifier.submit("classify", [item])
+        (one,), rows = await self.reader.submit(ticket, "classify", [item])
         return one, rows
-
-    async def encode(self, image):
-        """uint8 (H, W, C) -> its classification prefix, tokenised in the model thread."""
-        return (await asyncio.get_running_loop().run_in_executor(self.executor, self.ck.encode_images, image[None]))[0]
 
     def asked_class(self, s):
         """The class a request asks for (None: any), checked against the model."""
@@ -357,28 +245,35 @@ class Worker:
         except UserError as e:
             raise HTTPException(422, one_line(e)) from None
 
-    async def decode(self, prompts, s, label):
+    async def decode(self, ticket, prompts, s, label):
         """Draw from the prompts with the request's sampling settings -> (samples, rows in the call).
         Requests with equal settings share a call; a seeded one decodes alone."""
         scale = (drawing.GUIDANCE if s.guidance is None else s.guidance) if label is not None else 1.0
         temperature = s.temperature if s.temperature is not None else drawing.TEMPERATURE if label is not None else 1.0
         settings = (temperature, s.top_k, s.top_p, s.seed, scale)
-        return await self.decoder.submit(None if s.seed is not None else settings, [(p, settings) for p in prompts])
+        return await self.drawer.submit(ticket, None if s.seed is not None else settings,
+                                        [(p, settings) for p in prompts])
 
 
-def create_app(ck, window=0.01, max_rows=64, batching=True, max_upload=4 << 20, static_dir=STATIC):
-    """The FastAPI app around a loaded model. window: seconds to collect concurrent requests into one
-    model call (batching=False: every request is its own call); max_upload: bytes per request body."""
-    worker = Worker(ck, window, max_rows, batching)
+def create_app(ck, cfg=None, api_key=None, static_dir=STATIC, **settings):
+    """The FastAPI app around a loaded model: cfg a ServiceConfig (or its defaults), with flat settings
+    changed by keyword (create_app(ck, max_queue=128)); api_key: the key API calls need (None: open).
+    app.state holds the admission (its drain), the metrics and the settings."""
+    cfg = changed(cfg or ServiceConfig(), **settings).check()
+    metrics = Metrics()
+    worker = Worker(ck, cfg, metrics)
     app = FastAPI(title="imagegpt-tokens", lifespan=worker.running,
                   description="Classify, complete and generate images with a GPT over codebook tokens.")
-    app.add_middleware(BodyLimit, max_bytes=max_upload)
-    add_error_handlers(app)
-    add_routes(app, worker, static_dir)
+    app.state.admission, app.state.metrics, app.state.config = worker.admission, metrics, cfg
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_upload, timeout=cfg.body_timeout_s)
+    app.add_middleware(KeyCheck, key=api_key)               # before the body is read
+    app.add_middleware(RequestMetrics, metrics=metrics)     # outermost: counts every answer
+    add_error_handlers(app, worker.admission)
+    add_routes(app, worker, static_dir, api_key is not None)
     return app
 
 
-def add_error_handlers(app):
+def add_error_handlers(app, admission):
     """Every error is one line of JSON {"detail": ...} with its status, and the server carries on."""
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):
@@ -392,6 +287,21 @@ def add_error_handlers(app):
     async def validation_error(request, exc):
         return JSONResponse({"detail": validation_line(jsonable_encoder(exc.errors()))}, status_code=422)
 
+    @app.exception_handler(Refused)
+    async def refused(request, exc):       # at once; while draining the connection closes too
+        headers = {"Retry-After": str(exc.retry_after)}
+        if not admission.accepting:
+            headers["Connection"] = "close"
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers=headers)
+
+    @app.exception_handler(Expired)
+    async def expired(request, exc):
+        return JSONResponse({"detail": str(exc)}, status_code=504)
+
+    @app.exception_handler(Gone)
+    async def gone(request, exc):          # nobody reads it; counted as 499 (nginx's "client closed request")
+        return JSONResponse({"detail": "the client disconnected"}, status_code=499)
+
 
 CLASSIFY_DOC = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
@@ -402,25 +312,37 @@ COMPLETE_DOC = {"requestBody": {"required": True, "content": {"multipart/form-da
     "properties": {"image": {"type": "string", "format": "binary"}, **CompleteForm.model_json_schema()["properties"]}}}}}}
 
 
-def add_routes(app, worker, static_dir):
-    ck = worker.ck
+def add_routes(app, worker, static_dir, key_required):
+    ck, admission, metrics = worker.ck, worker.admission, app.state.metrics
     vocab, names, book, model = ck.vocab, ck.class_names, ck.codebook, ck.model
     size, channels = tuple(book.image_size), book.channels
 
     @app.get("/healthz", response_model=Health)
-    async def healthz():
-        return Health(status="ok", checkpoint=str(ck.folder), classes=names, image_size=list(size),
-                      channels=channels, vocab_size=len(vocab), block_size=model.config.block_size,
-                      parameters=model.num_params(), device=str(model.device),
+    async def healthz():        # liveness: no model, no lock, no key
+        return Health(status="ok" if admission.accepting else "draining", checkpoint=str(ck.folder), classes=names,
+                      image_size=list(size), channels=channels, vocab_size=len(vocab),
+                      block_size=model.config.block_size, parameters=model.num_params(), device=str(model.device),
                       conditional=ck.conditional, guidance=drawing.GUIDANCE, temperature=drawing.TEMPERATURE,
-                      batching=worker.batching)
+                      batching=worker.batching, key_required=key_required)
+
+    @app.get("/readyz", response_model=Ready, responses={503: {"model": Ready}})
+    async def readyz():         # readiness: does a request get in now?
+        ready = admission.ready()
+        body = Ready(ready=ready, draining=not admission.accepting, queue_rows=admission.rows,
+                     max_queue=admission.max_rows)
+        return JSONResponse(body.model_dump(), status_code=200 if ready else 503,
+                            headers={} if ready else {"Retry-After": str(admission.retry_after())})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus(request: Request):
+        body, kind = metrics.text(request.headers.get("accept"))
+        return Response(body, media_type=kind)
 
     @app.post("/classify", response_model=ClassifyResponse, openapi_extra=CLASSIFY_DOC)
     async def classify(request: Request):
         kind = content_type(request)
         if kind == "multipart/form-data":
             data, _ = await read_form(request, EmptyForm)
-            item = await run_in_threadpool(decode_upload, data, size, channels)
         elif kind == "application/json":
             try:
                 body = ClassifyTokens.model_validate_json(await request.body())
@@ -430,16 +352,20 @@ def add_routes(app, worker, static_dir):
         else:
             raise HTTPException(415, "send an image as multipart/form-data (field \"image\") "
                                      "or JSON {\"tokens\": \"...\"}")
-        (prefix, probs), rows = await worker.classify(item)
+        async with worker.ticket(request, 1) as t:
+            if kind == "multipart/form-data":
+                item = await run_in_threadpool(decode_upload, data, size, channels)
+            (prefix, probs), rows = await worker.classify(t, item)
         c = int(np.argmax(probs))
         return ClassifyResponse(prediction=c, label=names[c], probability=probs[c], probabilities=probs,
                                 classes=names, tokens=vocab.decode(prefix), batch_rows=rows,
                                 image_png=png_base64(pixels(prefix, ck)))
 
     @app.post("/generate", response_model=GenerateResponse)
-    async def generate(body: GenerateRequest):
+    async def generate(body: GenerateRequest, request: Request):
         label = worker.asked_class(body)
-        samples, rows = await worker.decode([drawing.prompt(vocab, label)] * body.count, body, label)
+        async with worker.ticket(request, body.count) as t:
+            samples, rows = await worker.decode(t, [drawing.prompt(vocab, label)] * body.count, body, label)
         return GenerateResponse(samples=samples, classes=names, batch_rows=rows)
 
     @app.post("/complete", response_model=CompleteResponse, openapi_extra=COMPLETE_DOC)
@@ -449,15 +375,16 @@ def add_routes(app, worker, static_dir):
                                      "settings as form fields)")
         data, s = await read_form(request, CompleteForm)
         label = worker.asked_class(s)
-        img = await run_in_threadpool(decode_upload, data, size, channels)
-        prefix = await worker.encode(img)
-        codes = prefix[1:-2]
-        keep = len(drawing.kept(vocab, codes, s.fraction))
-        prompt = drawing.prompt(vocab, label, codes[:keep])
-        if len(prompt) >= model.config.block_size:
-            raise HTTPException(422, f"the kept {keep} tokens fill the model's block size "
-                                     f"{model.config.block_size}; lower the fraction")
-        samples, rows = await worker.decode([prompt] * s.count, s, label)
+        async with worker.ticket(request, s.count + 1) as t:     # the image read, then its drawings
+            img = await run_in_threadpool(decode_upload, data, size, channels)
+            (prefix, _), _ = await worker.classify(t, img)
+            codes = prefix[1:-2]
+            keep = max(1, len(drawing.kept(vocab, codes, s.fraction)))    # fraction > 0: one token at least
+            prompt = drawing.prompt(vocab, label, codes[:keep])
+            if len(prompt) >= model.config.block_size:
+                raise HTTPException(422, f"the kept {keep} tokens fill the model's block size "
+                                         f"{model.config.block_size}; lower the fraction")
+            samples, rows = await worker.decode(t, [prompt] * s.count, s, label)
         return CompleteResponse(samples=samples, classes=names, batch_rows=rows, kept=keep, total=len(codes),
                                 input_png=png_base64(pixels(prefix, ck)),
                                 given_png=png_base64(pixels(prompt, ck)))
@@ -489,43 +416,3 @@ class EmptyForm(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class BodyLimit:
-    """ASGI middleware: a request body over max_bytes gets 413 before the app reads any of it."""
-
-    def __init__(self, app, max_bytes):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._too_large(send)
-        chunks, total, more = [], 0, True
-        while more:  # read (at most max_bytes of) the body, then hand it on
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            chunks.append(msg.get("body", b""))
-            total += len(chunks[-1])
-            if total > self.max_bytes:
-                return await self._too_large(send)
-            more = msg.get("more_body", False)
-        body = b"".join(chunks)
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _too_large(self, send):
-        line = f'{{"detail": "request body over the limit of {self.max_bytes} bytes"}}'.encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(line)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": line})

@@ -1,12 +1,55 @@
 // The model behind the page, reached over the service's HTTP API (serve.py: /healthz, /classify,
-// /generate, /complete). browser.js offers the same calls with the model running in the page itself.
+// /generate, /complete), with its API key when it has one. browser.js offers the same calls with the
+// model running in the page itself.
 // Every picture the page sends already has the model's size (app.js makes it), so the service only
 // tokenises it.
 "use strict";
 
+// The API key, when the service has one (its /healthz says key_required): asked for once on the page and
+// kept in sessionStorage, so for this tab only (a reload keeps it, a new tab or a closed one forgets it),
+// and sent on every call as "Authorization: Bearer <key>". A call answered 401 asks again.
+const KEY = "imagegpt-api-key";
+let key = sessionStorage.getItem(KEY);
+let asking = null;
+
+function askKey(note) {    // show the key form -> a promise of the key typed there
+  if (asking) return asking;
+  const form = document.getElementById("key-form");
+  const input = document.getElementById("key");
+  document.getElementById("key-note").textContent = note;
+  document.body.dataset.keyAsks = String(Number(document.body.dataset.keyAsks || 0) + 1);
+  form.hidden = false;
+  input.focus();
+  asking = new Promise((resolve) => {
+    form.addEventListener("submit", function given(event) {
+      event.preventDefault();
+      const value = input.value.trim();
+      if (!value) return;
+      form.removeEventListener("submit", given);
+      form.hidden = true;
+      input.value = "";
+      sessionStorage.setItem(KEY, value);
+      key = value;
+      asking = null;
+      resolve(value);
+    });
+  });
+  return asking;
+}
+
+function headers(more) {
+  return key ? { ...more, authorization: `Bearer ${key}` } : more;
+}
+
 async function api(path, body) {
-  const r = await fetch(path, { method: "POST", body,
-    headers: body instanceof FormData ? {} : { "content-type": "application/json" } });
+  const kind = body instanceof FormData ? {} : { "content-type": "application/json" };
+  let r = await fetch(path, { method: "POST", body, headers: headers(kind) });
+  while (r.status === 401) {          // no key yet, or a wrong one: ask, then send the same call again
+    sessionStorage.removeItem(KEY);
+    key = null;
+    await askKey("The service refused the key. Enter its API key again (kept for this tab only).");
+    r = await fetch(path, { method: "POST", body, headers: headers(kind) });
+  }
   const j = await r.json().catch(() => ({ detail: `HTTP ${r.status}` }));
   if (!r.ok) throw new Error(j.detail || `HTTP ${r.status}`);
   return j;
@@ -41,6 +84,7 @@ export async function open() {
   const r = await fetch("healthz");
   if (!r.ok) throw new Error(`healthz: HTTP ${r.status}`);
   const h = await r.json();
+  if (h.key_required && !key) await askKey("This service needs its API key. The page keeps it for this tab only.");
   const info = { classes: h.classes, imageSize: h.image_size, channels: h.channels, conditional: h.conditional,
     guidance: h.guidance, temperature: h.temperature, parameters: h.parameters, vocabSize: h.vocab_size,
     runs: `on the server (${h.device})`, backend: "service" };

@@ -13,6 +13,7 @@ from fixtures import ROOT
 
 from imagegpt import settings
 from imagegpt.data_config import DataConfig
+from imagegpt.service_config import ServiceConfig
 from imagegpt.training import TrainConfig
 
 COMMANDS = ["data", "train", "eval", "sample", "hf_export", "serve", "baselines", "bench", "scale"]
@@ -40,7 +41,7 @@ def test_every_option_of_every_command_has_a_description(command):
 
 
 def test_every_setting_is_declared_once_with_its_sentence():
-    for cls in (TrainConfig, DataConfig):
+    for cls in (TrainConfig, DataConfig, ServiceConfig):
         leaves = settings.leaves(cls)
         names = [name for name, _, _ in leaves]
         assert len(names) == len(set(names)), f"{cls.__name__}: a flat name is used twice"

@@ -9,6 +9,7 @@ import asyncio
 import base64
 import io
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -259,7 +260,7 @@ def test_bad_images_get_a_4xx_and_the_server_keeps_serving(client):
 
 
 def test_upload_over_the_size_limit_is_413(loaded):
-    with TestClient(service.create_app(loaded, max_upload=50_000)) as c:
+    with TestClient(service.create_app(loaded, max_upload_mb=50_000 / 2**20)) as c:
         big = png((np.random.default_rng(1).random((300, 300)) * 255).astype(np.uint8))
         assert len(big) > 50_000
         r = c.post("/classify", files=upload(big))
@@ -412,6 +413,369 @@ def test_quick_load_test_has_no_failed_request(loaded, capsys):
         print("\n" + loadtest.table(rows))          # timings reported, not asserted
 
 
+# ----------------------------------------------------------------------------- crowds: the bound, deadlines, the stop
+
+KEY = "k3y-" + "x" * 28                       # 32 characters
+
+
+def samples_of(app):
+    """The app's metrics, parsed as Prometheus reads them -> {(name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+    body, _ = app.state.metrics.text()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+
+
+def value(app, name, **labels):
+    return loadtest.metric(samples_of(app), name, **labels)
+
+
+async def until(test, what, timeout=60):
+    """Wait for a state of the server (a functional wait: the timeout only keeps a broken test from hanging)."""
+    deadline = time.monotonic() + timeout
+    while not test():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        await asyncio.sleep(0.01)
+
+
+def run_held(app, monkeypatch, scenario):
+    """Serve app in a thread with every decoding call held until scenario releases it ->
+    scenario(url, entered, release, srv)'s result."""
+    entered, release = gate(monkeypatch)
+    srv, thread, url = loadtest.start(app)
+    try:
+        return asyncio.run(scenario(url, entered, release, srv)), thread
+    finally:
+        release.set()
+        loadtest.stop(srv, thread)
+
+
+def client_at(url, address):
+    """An httpx client whose requests come from `address` (a loopback address: another client to the service)."""
+    return httpx.AsyncClient(base_url=url, timeout=60, transport=httpx.AsyncHTTPTransport(local_address=address))
+
+
+def test_past_the_bound_a_request_gets_503_with_retry_after_at_once_counted_in_drawings(loaded, monkeypatch):
+    app = service.create_app(loaded, max_queue=128, max_client_queue=128)
+    adm = app.state.admission
+
+    async def scenario(url, entered, release, srv):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            a = asyncio.create_task(c.post("/generate", json={"count": 64}))
+            assert await asyncio.to_thread(entered.wait, 30)          # in the model
+            b = asyncio.create_task(c.post("/generate", json={"count": 64}))
+            await until(lambda: adm.rows == 128, "two requests of 64 drawings admitted")
+            one = await c.post("/generate", json={"count": 1})       # two requests, but 128 drawings: full
+            image = await c.post("/classify", files=upload(png(drawn_one())))
+            release.set()
+            a, b = await a, await b
+            later = await c.post("/generate", json={"count": 1})
+            return one, image, a, b, later
+
+    (one, image, a, b, later), _ = run_held(app, monkeypatch, scenario)
+    for r in (one, image):
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, r.text
+        assert "the queue is full (128 of 128" in r.json()["detail"]
+    assert a.status_code == b.status_code == 200 and len(b.json()["samples"]) == 64
+    assert later.status_code == 200                                   # room again: served
+    assert value(app, "imagegpt_refused_total", reason="queue_full") == 2
+    assert value(app, "imagegpt_drawings_total") == 64 + 64 + 1
+
+
+def test_one_client_cannot_hold_the_whole_queue_and_clients_take_turns(loaded, monkeypatch):
+    app = service.create_app(loaded, max_queue=256, max_client_queue=64)
+
+    async def scenario(url, entered, release, srv):
+        async with client_at(url, "127.0.0.1") as me, client_at(url, "127.0.0.2") as other:
+            a = asyncio.create_task(me.post("/generate", json={"count": 64}))
+            assert await asyncio.to_thread(entered.wait, 30)
+            mine = await me.post("/generate", json={"count": 1})         # my 64 wait: the cap
+            theirs = asyncio.create_task(other.post("/generate", json={"count": 64}))
+            await until(lambda: app.state.admission.rows == 128, "the other client's request admitted")
+            release.set()
+            return mine, await a, await theirs
+
+    (mine, a, theirs), _ = run_held(app, monkeypatch, scenario)
+    assert mine.status_code == 503 and "this client already has 64" in mine.json()["detail"]
+    assert a.status_code == theirs.status_code == 200
+    assert value(app, "imagegpt_refused_total", reason="client_full") == 1
+
+
+def test_the_batcher_takes_the_clients_in_turn():
+    from imagegpt.admission import Admission, Batcher, Job, Ticket
+    from imagegpt.telemetry import Metrics
+
+    async def order():
+        adm = Admission(256, 256, 30, Metrics())
+        b = Batcher("draw", None, None, 0.01, 2, adm)
+        later = time.monotonic() + 60
+        for client, name in [("a", "a1"), ("a", "a2"), ("a", "a3"), ("b", "b1"), ("c", "c1")]:
+            b.put(Job("same settings", [name], Ticket(adm, client, 1, later, None)))
+        calls = []
+        while b.lines:
+            calls.append([it for job in b.take() for it in job.items])
+        return calls
+
+    assert asyncio.run(order()) == [["a1", "b1"], ["c1", "a2"], ["a3"]]   # not a1 a2, a3 b1, c1
+
+
+def test_a_request_past_its_deadline_gets_504_and_its_work_is_dropped(loaded, monkeypatch):
+    app = service.create_app(loaded)
+
+    async def scenario(url, entered, release, srv):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            a = asyncio.create_task(c.post("/generate", json={"count": 2}))
+            assert await asyncio.to_thread(entered.wait, 30)
+            late = await c.post("/generate", json={"count": 3}, headers={"X-Deadline-Ms": "200"})   # while held
+            release.set()
+            return late, await a
+
+    (late, a), _ = run_held(app, monkeypatch, scenario)
+    assert late.status_code == 504 and "deadline" in late.json()["detail"], late.text
+    assert a.status_code == 200
+    assert value(app, "imagegpt_dropped_total", reason="expired") == 1
+    assert value(app, "imagegpt_dropped_rows_total", reason="expired") == 3
+    assert value(app, "imagegpt_drawings_total") == 2                 # the late request's 3 never drawn
+    assert app.state.admission.rows == 0
+
+
+@pytest.mark.parametrize("header", ["abc", "0", "-5", "1.5", ""])
+def test_a_bad_deadline_header_is_400(client, header):
+    r = client.post("/generate", json={"count": 1}, headers={"X-Deadline-Ms": header})
+    assert r.status_code == 400 and "X-Deadline-Ms" in r.json()["detail"], r.text
+
+
+def test_a_client_may_lower_its_deadline_not_raise_it(loaded):
+    adm = service.create_app(loaded, deadline_s=2.0).state.admission
+    now = time.monotonic()
+    assert adm.deadline(None) - now <= 2.0 + 1 and adm.deadline("999999") - now <= 2.0 + 1
+    assert adm.deadline("10") - now < 1
+
+
+def test_a_client_that_disconnects_while_waiting_costs_no_drawing(loaded, monkeypatch):
+    app = service.create_app(loaded)
+    adm = app.state.admission
+
+    async def scenario(url, entered, release, srv):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            a = asyncio.create_task(c.post("/generate", json={"count": 2}))
+            assert await asyncio.to_thread(entered.wait, 30)
+            reader, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
+            body = b'{"count": 5}'
+            writer.write(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+            await until(lambda: adm.rows == 7, "the second request admitted")
+            writer.close()                                   # the client leaves while its job waits
+            await until(lambda: adm.rows == 2, "the left request's rows released")
+            release.set()
+            return await a
+
+    a, _ = run_held(app, monkeypatch, scenario)
+    assert a.status_code == 200
+    assert value(app, "imagegpt_dropped_total", reason="disconnected") == 1
+    assert value(app, "imagegpt_dropped_rows_total", reason="disconnected") == 5
+    assert value(app, "imagegpt_drawings_total") == 2 and value(app, "imagegpt_batch_rows_count", kind="draw") == 1
+    assert value(app, "imagegpt_requests_total", route="/generate", status="499") == 1
+
+
+def test_sigterm_drains_what_was_admitted_refuses_the_rest_and_stops(loaded, monkeypatch):
+    app = service.create_app(loaded)
+
+    async def scenario(url, entered, release, srv):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            a = asyncio.create_task(c.post("/generate", json={"count": 2}))    # in the model
+            assert await asyncio.to_thread(entered.wait, 30)
+            b = asyncio.create_task(c.post("/generate", json={"count": 3}))    # waiting
+            await until(lambda: app.state.admission.rows == 5, "the second request admitted")
+            srv.handle_exit(signal.SIGTERM, None)                              # what serve.py gets
+            new = await c.post("/generate", json={"count": 1})
+            ready, health = await c.get("/readyz"), await c.get("/healthz")
+            release.set()
+            return await a, await b, new, ready, health
+
+    (a, b, new, ready, health), thread = run_held(app, monkeypatch, scenario)
+    assert a.status_code == b.status_code == 200 and len(b.json()["samples"]) == 3      # in flight: completed
+    assert new.status_code == 503 and new.headers["retry-after"].isdigit() and "stopping" in new.json()["detail"]
+    assert new.headers["connection"] == "close"
+    assert ready.status_code == 503 and ready.json()["ready"] is False and ready.json()["draining"] is True
+    assert health.status_code == 200 and health.json()["status"] == "draining"
+    thread.join(timeout=30)
+    assert not thread.is_alive()                                                # it stopped by itself
+
+
+def test_at_the_drain_limit_waiting_work_gets_503_and_the_call_under_way_finishes(loaded, monkeypatch):
+    app = service.create_app(loaded, drain_s=0.3)
+
+    async def scenario(url, entered, release, srv):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            a = asyncio.create_task(c.post("/generate", json={"count": 2}))
+            assert await asyncio.to_thread(entered.wait, 30)
+            b = asyncio.create_task(c.post("/generate", json={"count": 3}))
+            await until(lambda: app.state.admission.rows == 5, "the second request admitted")
+            srv.handle_exit(signal.SIGTERM, None)
+            b = await b                                       # the limit passes while the model is held
+            release.set()
+            return await a, b, srv
+
+    (a, b, srv), thread = run_held(app, monkeypatch, scenario)
+    assert b.status_code == 503 and "stopped before this request's turn" in b.json()["detail"]
+    assert a.status_code == 200                               # the drawing under way was not cut
+    assert srv.cut and value(app, "imagegpt_dropped_rows_total", reason="stopping") == 3
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
+def test_healthz_answers_while_a_crowd_is_refused_and_the_model_is_held(loaded, monkeypatch):
+    app = service.create_app(loaded, max_queue=128, max_client_queue=128)
+
+    async def scenario(url, entered, release, srv):
+        async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=40)) as c:
+            a = asyncio.create_task(c.post("/generate", json={"count": 64}))
+            assert await asyncio.to_thread(entered.wait, 30)
+            crowd = [asyncio.create_task(c.post("/generate", json={"count": 64})) for _ in range(30)]
+            await until(lambda: sum(t.done() for t in crowd) == 29, "29 of the crowd answered")
+            health = await c.get("/healthz")                  # the model held, the queue full
+            release.set()
+            return health, [(await t).status_code for t in crowd], await a
+
+    (health, crowd, a), _ = run_held(app, monkeypatch, scenario)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert sorted(crowd) == [200] + [503] * 29 and a.status_code == 200
+
+
+def test_readiness_says_whether_the_service_takes_work(loaded):
+    app = service.create_app(loaded, max_queue=64, max_client_queue=64)
+    with TestClient(app) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 200 and r.json() == {"ready": True, "draining": False, "queue_rows": 0, "max_queue": 64}
+        app.state.admission.drain()
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["ready"] is False and r.headers["retry-after"].isdigit()
+        assert c.get("/healthz").status_code == 200
+        assert c.post("/generate", json={"count": 1}).status_code == 503
+
+
+def test_a_stalled_upload_gets_408_and_holds_no_place_in_the_queue(loaded):
+    app = service.create_app(loaded, body_timeout_s=0.3)
+    srv, thread, url = loadtest.start(app)
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
+                      + b"\x89PNG\r\n\x1a\n")                  # 8 of the 1000 bytes, then nothing
+            assert httpx.get(url + "/healthz", timeout=30).status_code == 200
+            assert app.state.admission.rows == 0
+            answer = b""
+            while chunk := s.recv(65536):                      # the server closes the connection
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 0.3 s" in answer, answer[:300]
+        assert httpx.post(url + "/classify", files=upload(png(drawn_one())), timeout=30).status_code == 200
+    finally:
+        loadtest.stop(srv, thread)
+
+
+def test_metrics_names_in_the_prometheus_text_format(loaded):
+    from prometheus_client.parser import text_string_to_metric_families
+    with TestClient(service.create_app(loaded)) as c:
+        assert c.post("/generate", json={"count": 3}).status_code == 200
+        assert c.post("/classify", files=upload(png(drawn_one()))).status_code == 200
+        r = c.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        families = {f.name: f for f in text_string_to_metric_families(r.text)}
+        open_metrics = c.get("/metrics", headers={"accept": "application/openmetrics-text"})
+        assert open_metrics.headers["content-type"].startswith("application/openmetrics-text")
+    for name in ("imagegpt_requests", "imagegpt_request_seconds", "imagegpt_queue_rows", "imagegpt_queue_limit_rows",
+                 "imagegpt_queue_wait_seconds", "imagegpt_batch_rows", "imagegpt_model_call_seconds",
+                 "imagegpt_drawings", "imagegpt_images_read", "imagegpt_refused", "imagegpt_dropped",
+                 "imagegpt_dropped_rows", "imagegpt_ready", "process_resident_memory_bytes"):
+        assert name in families, name
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples[("imagegpt_requests_total", (("route", "/generate"), ("status", "200")))] == 1
+    assert samples[("imagegpt_drawings_total", ())] == 3 and samples[("imagegpt_images_read_total", ())] == 1
+    assert samples[("imagegpt_batch_rows_count", (("kind", "draw"),))] == 1
+    assert samples[("imagegpt_refused_total", (("reason", "queue_full"),))] == 0        # every series from the start
+    assert samples[("imagegpt_dropped_total", (("reason", "disconnected"),))] == 0
+    assert samples[("imagegpt_queue_limit_rows", ())] == 192 and samples[("imagegpt_ready", ())] == 1
+
+
+# ----------------------------------------------------------------------------- the key
+
+def test_with_a_key_api_calls_need_it_and_it_is_compared_in_constant_time(loaded, monkeypatch):
+    from imagegpt import access
+    compared, real = [], access.hmac.compare_digest
+
+    def spy(a, b):
+        compared.append((len(a), len(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(access.hmac, "compare_digest", spy)
+    with TestClient(service.create_app(loaded, api_key=KEY)) as c:
+        wrong = KEY[:-1] + ("y" if KEY[-1] != "y" else "z")                    # equal length, one character off
+        for headers in ({}, {"authorization": f"Bearer {wrong}"}, {"authorization": f"Basic {KEY}"},
+                        {"authorization": "Bearer"}, {"x-api-key": KEY}):
+            r = c.post("/generate", json={"count": 1}, headers=headers)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (headers, r.text)
+            assert "Authorization: Bearer" in r.json()["detail"]
+        assert compared and all(pair == (32, 32) for pair in compared)        # digests: same length always
+        n = len(compared)
+        ok = c.post("/generate", json={"count": 1}, headers={"authorization": f"bearer {KEY}"})
+        assert ok.status_code == 200 and len(compared) == n + 1
+        assert c.post("/classify", files=upload(png(drawn_one())), headers={"authorization": f"Bearer {KEY}"}).json()[
+            "prediction"] == 1
+        assert c.get("/metrics").status_code == 401
+        assert c.get("/metrics", headers={"authorization": f"Bearer {KEY}"}).status_code == 200
+        for path in ("/healthz", "/readyz", "/", "/static/service.js", "/docs", "/openapi.json"):
+            assert c.get(path).status_code == 200, path                       # open: probes and the page
+        assert c.get("/healthz").json()["key_required"] is True
+
+
+def test_the_key_comes_from_the_environment_or_a_file_and_off_loopback_it_is_required(monkeypatch, tmp_path):
+    import serve
+
+    from imagegpt import access
+    from imagegpt.errors import UserError
+    monkeypatch.delenv("IMAGEGPT_API_KEY", raising=False)
+    assert access.read_key("IMAGEGPT_API_KEY", "") is None
+    monkeypatch.setenv("IMAGEGPT_API_KEY", KEY)
+    assert access.read_key("IMAGEGPT_API_KEY", "") == KEY
+    (tmp_path / "key").write_text("from-a-file-" + "z" * 20 + "\n")
+    assert access.read_key("IMAGEGPT_API_KEY", str(tmp_path / "key")) == "from-a-file-" + "z" * 20
+    (tmp_path / "empty").write_text("")
+    for file, words in ((str(tmp_path / "empty"), "the file is empty"), (str(tmp_path / "none"), "cannot read")):
+        with pytest.raises(UserError, match=words):
+            access.read_key("IMAGEGPT_API_KEY", file)
+    monkeypatch.setenv("IMAGEGPT_API_KEY", "short")
+    with pytest.raises(UserError, match="at least 16 printable"):
+        access.read_key("IMAGEGPT_API_KEY", "")
+    with pytest.raises(UserError, match="unrecognized arguments: --api_key"):
+        serve.build_parser().parse_args(["--api_key", KEY])                   # never on the command line
+    monkeypatch.delenv("IMAGEGPT_API_KEY")
+    with pytest.raises(UserError, match="reachable from other machines: set an API key first"):
+        serve.main(["--host", "0.0.0.0", "--port", str(free_port()), "--ckpt", "/nonexistent"])
+    access.check_exposure("0.0.0.0", KEY, "IMAGEGPT_API_KEY")                 # with a key: fine
+    for address in ("127.0.0.1", "127.0.0.2", "::1"):
+        access.check_exposure(address, None, "IMAGEGPT_API_KEY")             # loopback stays keyless
+
+
+# ----------------------------------------------------------------------------- the load test's scenarios
+
+def test_quick_load_test_of_a_flood_a_sigterm_and_a_client_that_leaves(ckpt, capsys):
+    from imagegpt.service_config import ServiceConfig
+    result = loadtest.main(ckpt, ServiceConfig(), ["flood", "drain", "disconnect"], quick=True, threads=1)
+    with capsys.disabled():
+        print("\n" + loadtest.report(result))                   # timings reported, not asserted
+    flood, stop, gone = result["flood"], result["drain"], result["disconnect"]
+    assert flood["unanswered"] == 0 and sum(flood["answers"].values()) == 24
+    assert set(flood["answers"]) <= {"200", "503"} and flood["answers"].get("200", 0) >= 1
+    assert stop["exit_code"] == 0 and stop["every_admitted_request_answered"], stop
+    assert stop["answers"].get("200", 0) >= 1                  # work in flight at the SIGTERM was completed
+    assert gone["dropped_requests"] == 1 and gone["dropped_rows"] == 32, gone
+    assert gone["requests_ahead"] == [200] * 3 and gone["drawings_made"] == 3 * 32     # only the requests ahead
+    assert gone["next_request"] == 200 and gone["drawings_made_after_it"] == 3 * 32 + 4
+    assert loadtest.passed(result) and result["provenance"]["git_commit"]
+
+
 # ----------------------------------------------------------------------------- the command line
 
 def test_cli_help_errors_and_a_real_server(ckpt):
@@ -443,9 +807,11 @@ def test_cli_help_errors_and_a_real_server(ckpt):
         r = httpx.post(f"http://127.0.0.1:{port}/classify", files=upload(png(drawn_one())), timeout=30)
         assert r.json()["prediction"] == 1
     finally:
-        proc.terminate()
-        out, _ = proc.communicate(timeout=30)
-    assert f"http://127.0.0.1:{port}/" in out
+        proc.terminate()                                        # SIGTERM: drain, then exit 0
+        out, err = proc.communicate(timeout=60)
+    assert f"http://127.0.0.1:{port}/" in out and "no API key" in out
+    assert proc.returncode == 0, err[-1000:]
+    assert "stopped after a drain of" in out and "answered: 1 x 200" in out
 
 
 # ----------------------------------------------------------------------------- the page in a browser
@@ -546,6 +912,59 @@ def test_page_in_headless_chromium(loaded, tmp_path):
     finally:
         loadtest.stop(srv, thread)
     assert Image.open(os.path.join(shots, "serve.png")).size[0] == 1000
+
+
+def test_page_with_a_key_in_headless_chromium(loaded):
+    """The page asks for the key once, keeps it for the tab (a reload does not ask again, a new tab does),
+    sends it with every call, and asks again when the service refuses it."""
+    from playwright.sync_api import sync_playwright
+    srv, thread, url = loadtest.start(service.create_app(loaded, api_key=KEY))
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1000, "height": 900})
+                errors, outside, sent = [], [], []
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.on("request", lambda req: outside.append(req.url) if not req.url.startswith(
+                    (url, "data:", "blob:")) else None)
+                page.on("request", lambda req: sent.append((req.url, req.headers.get("authorization")))
+                        if req.method == "POST" else None)
+                page.goto(url + "/")
+                page.wait_for_selector("#key-form:not([hidden])", timeout=15000)
+                assert "needs its API key" in page.inner_text("#key-note")
+                assert page.get_attribute("body", "data-ready") is None          # it waits for the key
+                page.fill("#key", "wrong-" + "w" * 26)                          # a wrong key first
+                page.click("#key-form button[type=submit]")
+                page.wait_for_selector("body[data-ready='1']", timeout=15000)
+                draw(page, [[(0.5, 0.15), (0.5, 0.5), (0.5, 0.85)]])
+                page.wait_for_selector("#key-form:not([hidden])", timeout=15000)  # 401: asked again
+                assert "refused the key" in page.inner_text("#key-note")
+                page.fill("#key", KEY)
+                page.press("#key", "Enter")
+                page.wait_for_selector("#probs[data-state='done']", timeout=15000)
+                assert page.inner_text("#pred") == "1" and page.is_hidden("#key-form")
+                assert page.get_attribute("body", "data-key-asks") == "2"
+                assert page.evaluate("sessionStorage.getItem('imagegpt-api-key')") == KEY
+                assert page.evaluate("localStorage.length") == 0                 # kept for the tab only
+
+                page.reload()                                                    # the same tab: not asked
+                page.wait_for_selector("body[data-ready='1']", timeout=15000)
+                assert page.is_hidden("#key-form") and page.get_attribute("body", "data-key-asks") is None
+                n = len(sent)
+                page.fill("#count", "4")
+                page.click("#generate")
+                page.wait_for_selector("#results[data-count='4']", timeout=30000)
+                assert sent[n:] and all(auth == f"Bearer {KEY}" for _, auth in sent[n:])    # the key with each call
+                assert not errors and not outside, (errors, outside)
+
+                other = browser.new_page()                                       # a new tab asks
+                other.goto(url + "/")
+                other.wait_for_selector("#key-form:not([hidden])", timeout=15000)
+            finally:
+                browser.close()
+    finally:
+        loadtest.stop(srv, thread)
 
 
 def test_a_conditioned_checkpoint_draws_the_asked_digit(tmp_path):
