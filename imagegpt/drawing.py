@@ -30,9 +30,11 @@ def prompt(vocab, label=None, kept=()):
 
 def kept(vocab, codes, fraction):
     """The start of an image that a completion keeps, of its code tokens `codes`: the first `fraction`
-    of them (rounded half to even); with a palette, its colours and the first `fraction` of its patterns."""
+    of them (rounded half to even; at least one for a fraction above 0); with a palette, its colours and
+    the first `fraction` of its patterns."""
     head = COLOUR_TOKENS if vocab.palette else 0
-    return codes[:head + round(fraction * (len(codes) - head))]
+    n = round(fraction * (len(codes) - head))
+    return codes[:head + (max(1, n) if fraction > 0 else n)]
 
 
 def unconditional(vocab, prompts):

@@ -379,7 +379,7 @@ def add_routes(app, worker, static_dir, key_required):
             img = await run_in_threadpool(decode_upload, data, size, channels)
             (prefix, _), _ = await worker.classify(t, img)
             codes = prefix[1:-2]
-            keep = max(1, len(drawing.kept(vocab, codes, s.fraction)))    # fraction > 0: one token at least
+            keep = len(drawing.kept(vocab, codes, s.fraction))
             prompt = drawing.prompt(vocab, label, codes[:keep])
             if len(prompt) >= model.config.block_size:
                 raise HTTPException(422, f"the kept {keep} tokens fill the model's block size "

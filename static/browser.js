@@ -229,7 +229,7 @@ class BrowserModel {
   async complete(image, o) {
     const [codes] = await this.encode([image]);
     const L = this.m.seq_len, head = this.t.colour_tokens || 0;   // as drawing.kept: the colours, then a share of the rest
-    const keep = head + roundHalfEven(o.fraction * (L - head));
+    const keep = head + Math.max(1, roundHalfEven(o.fraction * (L - head)));   // the fraction is above 0 here
     const kept = codes.slice(0, keep);
     const samples = await this.draw(new Array(o.count).fill(this.prompt(o.label, kept)), o);
     const [given] = await this.pictures([kept.concat(new Array(L - keep).fill(-1))]);
