@@ -16,7 +16,7 @@ from imagegpt import checkpoint
 from imagegpt.cli import add_backend, add_ckpt, add_device, parser, run_cli
 from imagegpt.device import resolve_device
 from imagegpt.errors import UserError
-from imagegpt.files import write_json
+from imagegpt.provenance import precision, write_result
 
 
 def build_parser():
@@ -94,9 +94,10 @@ def main(argv=None):
         print(f"{a.ckpt}, {torch.get_num_threads()} model thread(s), batch window {a.batch_window_ms:g} ms; "
               f"load average before the run {load_before[0]}")
         if a.json:
-            write_json(a.json, {"checkpoint": a.ckpt, "threads": torch.get_num_threads(), "clients": clients,
-                                "requests": requests, "batch_window_ms": a.batch_window_ms,
-                                "load_average_before": load_before, "rows": rows})
+            write_result(a.json, {"checkpoint": a.ckpt, "threads": torch.get_num_threads(), "clients": clients,
+                                  "requests": requests, "batch_window_ms": a.batch_window_ms,
+                                  "load_average_before": load_before, "rows": rows},
+                         config=a, dtype=precision(backend=a.backend))   # the service computes in fp32
         failed = sum(r["failed"] for r in rows)
         return 1 if failed else 0
     app = service.create_app(ck, batching=not a.no_batching, **opts)
