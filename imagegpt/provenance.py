@@ -62,6 +62,12 @@ def code_state():
     status = git("status", "--porcelain=v1", "-z", "--untracked-files=normal")
     if commit is None or status is None:
         return None, None, []
+    changed = changed_code(status)
+    return commit.strip(), bool(changed), changed
+
+
+def changed_code(status):
+    """`git status --porcelain=v1 -z` -> the changed and untracked paths that are code (not NOT_CODE)."""
     entries, changed = status.split("\0"), []
     i = 0
     while i < len(entries):
@@ -74,7 +80,7 @@ def code_state():
         path = entry[3:]
         if not path.startswith(NOT_CODE):
             changed.append(path)
-    return commit.strip(), bool(changed), sorted(changed)
+    return sorted(changed)
 
 
 def machine():

@@ -15,7 +15,7 @@ from imagegpt import settings
 from imagegpt.data_config import DataConfig
 from imagegpt.training import TrainConfig
 
-COMMANDS = ["data", "train", "eval", "sample", "hf_export", "serve", "baselines", "bench", "scale"]
+COMMANDS = ["data", "train", "eval", "sample", "hf_export", "serve", "baselines", "bench", "scale", "reproduce"]
 
 
 def parsers(p, name):
