@@ -104,7 +104,7 @@ class Context:
 
 
 # tiny settings for the quick versions: a 1-layer GPT 32 wide, one epoch, 16 codes, one moved copy
-TINY_MODEL = ("--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--epochs", "1", "--batch_size", "64",
+TINY_MODEL = ("--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--epochs", "1", "--batch_size", "128",
               "--eval_every", "1000")
 TINY_CODES = ("--num_codes", "16", "--fit_samples", "3000", "--kmeans_iters", "2")
 TINY_COPIES = ("--augment", "1")

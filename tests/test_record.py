@@ -56,6 +56,12 @@ def test_a_result_file_keeps_its_keys_in_order_and_gets_provenance_last(tmp_path
     assert reproduce.main(["--compare", str(proven), str(proven)]) == 0
 
 
+def test_hf_export_json_is_for_check():
+    import hf_export
+    with pytest.raises(UserError, match="--json only applies together with --check"):
+        hf_export.main(["--json", "parity.json"])
+
+
 def test_eval_json_ends_with_its_provenance_and_is_otherwise_unchanged(tiny, tmp_path):
     one, summary = tmp_path / "one.json", tmp_path / "summary.json"
     assert ev.main(["--ckpt", tiny.ckpt, "--bf16", "false", "--out", str(one)]) == 0

@@ -34,7 +34,7 @@ from test_serve import CHROMIUM, CHROMIUM_ARGS, draw, free_port
 import eval as ev
 import hf_export
 from imagegpt import checkpoint, onnx_tokenizer, shapes, web_export
-from imagegpt.client_parity import torch_free_python
+from imagegpt.client_parity import client_parity, torch_free_python
 from imagegpt.data_config import DataConfig
 from imagegpt.drawing_report import real_split
 from imagegpt.errors import UserError
@@ -236,6 +236,13 @@ print(json.dumps({{"preds": preds, "drawn": drawn.shape, "mean": float(drawn.mea
     assert confusion.tolist() == e["confusion"] and np.mean(np.array(preds) == labels) == e["accuracy"]
     want = class_probs(ck.model, ck.encode_images(images), ck.vocab).argmax(1).tolist()
     assert preds == want                                          # image by image, not only in total
+
+
+def test_client_parity_compares_the_client_with_pytorch_image_by_image(grey, tmp_path):
+    """The record's check (reproduce.py export): the README's client without torch on the test images."""
+    r = client_parity(grey.ckpt, grey.hf, str(tmp_path / "client"), limit=30)
+    assert r["images"] == 30 and r["same_class"] == 30 and r["differing"] == []
+    assert r["client_accuracy"] == r["torch_accuracy"] and r["client_seconds"] > 0
 
 
 # ----------------------------------------------------------------------------- the static page in a browser
