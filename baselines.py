@@ -33,7 +33,8 @@ from imagegpt.classifiers import CNNTraining
 from imagegpt.cli import parser, run_cli
 from imagegpt.data_config import DataConfig, check_data_config
 from imagegpt.errors import UserError
-from imagegpt.files import check_dir, check_file, write_json, write_text
+from imagegpt.files import check_dir, check_file, write_text
+from imagegpt.provenance import write_result
 from imagegpt.settings import add_options, apply_options, build, changed
 from imagegpt.sources import load_source
 
@@ -116,8 +117,9 @@ def main(argv=None):
             TOKENISATIONS[1:4] if args.quick else TOKENISATIONS
         rows = tokenisation_table(images, labels, cfg, args.dev_fraction, rows=rows)
         table = tokenisation_markdown(rows)
-        write_json(args.out, {"command": "python " + " ".join(sys.argv), "rows": rows,
-                              "wall_seconds": round(time.time() - t0, 1)})
+        write_result(args.out, {"command": "python " + " ".join(sys.argv), "rows": rows,
+                                "wall_seconds": round(time.time() - t0, 1)},
+                     config=args, dtype="fp32")
         if args.table:
             write_text(args.table, table + "\n")
         print(table)
@@ -127,7 +129,8 @@ def main(argv=None):
     report["command"] = "python " + " ".join(sys.argv)
     report["wall_seconds"] = round(time.time() - t0, 1)
     table = markdown_table(report)
-    write_json(args.out, report)
+    write_result(args.out, report, config=args,
+                 seeds=list(range(suite.first_seed, suite.first_seed + suite.seeds)), dtype="fp32")
     if args.table:
         write_text(args.table, table + "\n")
     print(table)

@@ -89,9 +89,10 @@ from imagegpt.cli import parser, run_cli
 from imagegpt.decoding import generate
 from imagegpt.device import bf16_autocast, check_memory, resolve_device
 from imagegpt.errors import UserError
-from imagegpt.files import check_file, write_json
+from imagegpt.files import check_file
 from imagegpt.metrics import class_probs
 from imagegpt.onnx_runtime import OnnxGPT
+from imagegpt.provenance import write_result
 from imagegpt.settings import read_yaml
 from imagegpt.token_format import Vocab
 from imagegpt.settings import build
@@ -970,7 +971,7 @@ def main(argv=None):
         check_file(a.json, "JSON file")   # before minutes of measuring
     out = run(a, " ".join(["python bench.py"] + argv))
     if a.json:
-        write_json(a.json, out)
+        write_result(a.json, out, command=out["command"], config=a, dtype="per row (each side's precision is in its key)")
     print(format_report(out))
     if a.json:
         print(f"wrote {a.json}")

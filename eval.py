@@ -48,7 +48,7 @@ from imagegpt.device import bf16_autocast, resolve_device
 from imagegpt.drawing_report import generation_report, load_judge, real_split, to_float
 from imagegpt.drawing_report import summary as generation_summary
 from imagegpt.errors import UserError
-from imagegpt.files import check_file, check_outputs, write_bytes, write_json
+from imagegpt.files import check_file, check_outputs, write_bytes
 from imagegpt.metrics import (
     augmented_class_probs,
     class_probs,
@@ -57,6 +57,7 @@ from imagegpt.metrics import (
     next_tokens,
 )
 from imagegpt.plots import confusion_png, plot_curves
+from imagegpt.provenance import precision, write_result
 from imagegpt.sequences import make_batch, read_sequences
 from imagegpt.sources import IMAGE_EXTS, load_folder, read_image
 from imagegpt.stats import seed_summary
@@ -131,6 +132,18 @@ def tta_metrics(ck, images, truth, copies, batch_size):
     return {"copies": copies, **{k: getattr(cfg, k) for k in MOVE_LIMITS}, **confusion_summary(conf)}
 
 
+def model_seeds(cks):
+    """The training seeds of checkpoints (for the provenance; a checkpoint that does not record its seed
+    adds none)."""
+    seeds = [ck.settings.get("seed") for ck in cks]
+    return [s for s in seeds if isinstance(s, int) and not isinstance(s, bool)]
+
+
+def dtype(args, ck):
+    """The precision this evaluation computes in (for the provenance)."""
+    return precision(args.bf16, ck.model.device, backend=args.backend)
+
+
 def outputs(args, folder):
     """The metrics JSON and confusion PNG of one evaluation (checked before any work)."""
     default = "eval.json" if args.split == "test" or args.data or args.images else "eval_dev.json"
@@ -157,7 +170,7 @@ def run_eval(args, ck):
         report["tta"] = tta_metrics(ck, images, truth, args.tta, args.batch_size)
     image = confusion_png(metrics["confusion"], ck.class_names,
                           f"{ck.folder}: accuracy {100 * metrics['accuracy']:.2f} % on {metrics['n_sequences']}")
-    write_json(out, report)
+    write_result(out, report, config=args, seeds=model_seeds([ck]), dtype=dtype(args, ck))
     write_bytes(png, image)
     print(f"checkpoint {ck.folder} ({chosen}) on {source}")
     if cut:
@@ -181,8 +194,12 @@ def run_evals(args):
     for folder in args.ckpt:
         outputs(args, folder)
     device = resolve_device(args.device)
+    reports, seeds = [], []
     with bf16_autocast(args.bf16, device):
-        reports = [run_eval(args, checkpoint.load(f, device, args.backend)) for f in args.ckpt]
+        for f in args.ckpt:
+            ck = checkpoint.load(f, device, args.backend)
+            seeds += model_seeds([ck])
+            reports.append(run_eval(args, ck))
     rows = {k: seed_summary([r[k] for r in reports]) for k in ("accuracy", "image_perplexity", "loss")}
     a = rows["accuracy"]
     print(f"{len(reports)} checkpoints: accuracy {100 * a['mean']:.2f} % +- {100 * a['std']:.2f} (sample std; 95 % "
@@ -193,9 +210,10 @@ def run_evals(args):
         print(f"with test-time augmentation ({args.tta} views): accuracy {100 * t['mean']:.2f} % +- {100 * t['std']:.2f} "
               f"(95 % interval of the mean {100 * t['ci95'][0]:.2f} .. {100 * t['ci95'][1]:.2f})")
     if args.out:
-        write_json(args.out, {"checkpoints": args.ckpt, "data": [r["data"] for r in reports],
-                              "per_checkpoint": [{k: r[k] for k in ("checkpoint", "accuracy", "image_perplexity", "loss", "tta")
-                                                  if k in r} for r in reports], **rows})
+        write_result(args.out, {"checkpoints": args.ckpt, "data": [r["data"] for r in reports],
+                                "per_checkpoint": [{k: r[k] for k in ("checkpoint", "accuracy", "image_perplexity", "loss",
+                                                                      "tta") if k in r} for r in reports], **rows},
+                     config=args, seeds=seeds, dtype=precision(args.bf16, device, backend=args.backend))
         print(f"wrote {args.out}")
     return 0
 
@@ -295,7 +313,7 @@ def run_generation(args, ck):
     report = {"checkpoint": ck.folder, "judge": args.judge, "compared_with": f"the {args.real} split: "
               f"{len(te_lab)} {'held-out' if args.real == 'test' else 'development'} images of "
               f"{ck.settings.get('source')}", **report}
-    write_json(out, report)
+    write_result(out, report, config=args, seeds=model_seeds([ck]), dtype=dtype(args, ck))
     print(f"checkpoint {ck.folder}, judge {args.judge}")
     print(generation_summary(report, ck.class_names))
     print(f"wrote {out}")

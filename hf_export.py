@@ -25,8 +25,9 @@ import os
 from imagegpt import checkpoint, huggingface, web_export
 from imagegpt.cli import add_ckpt, parser, run_cli
 from imagegpt.errors import UserError
-from imagegpt.files import read_json
+from imagegpt.files import check_file, read_json
 from imagegpt.onnx_runtime import onnx_parity
+from imagegpt.provenance import write_result
 
 
 def build_parser():
@@ -47,6 +48,8 @@ def build_parser():
                    "only if it is an earlier one")
     p.add_argument("--web_graph", choices=("auto", "fp32", "int8"), default="auto", help="with --web: the GPT graph "
                    "the page runs; auto: int8 where it keeps the test split's results, else fp32")
+    p.add_argument("--json", metavar="FILE", default=None, help="with --check: also write what it found (parity with "
+                   "transformers, with the ONNX graphs and of the image tokenizer) to this JSON file")
     p.add_argument("--push_to_hub", metavar="REPO_ID", default=None,
                    help="upload the folder to this Hugging Face model repository (token: HF_TOKEN or login)")
     p.add_argument("--private", action="store_true", help="create the repository as private")
@@ -57,6 +60,10 @@ def main(argv=None):
     a = build_parser().parse_args(argv)
     if a.private and not a.push_to_hub:
         raise UserError("--private only applies together with --push_to_hub")
+    if a.json and not a.check:
+        raise UserError("--json only applies together with --check (it writes what the check found)")
+    if a.json:
+        check_file(a.json, "JSON file")
     if a.web_graph != "auto" and not a.web:
         raise UserError("--web_graph only applies together with --web")
     a.onnx = a.onnx or bool(a.web)
@@ -100,14 +107,21 @@ def main(argv=None):
               f"{'identical' if r['tokenizer_equal'] else 'DIFFERENT'}"
               f"{', load problems ' + str(r['load_problems']) if r['load_problems'] else ''}")
         ok = r["max_abs_logit_diff"] < 1e-4 and r["greedy_equal"] and r["tokenizer_equal"] and not r["load_problems"]
+        found = {"checkpoint": ck.folder, "export": out, "transformers": r}
         for backend in ("onnx", "onnx-int8")[:2 if a.quantize else 1] if a.onnx else ():
-            o = onnx_parity(ck.model, checkpoint.load(out, backend=backend).model, ck.vocab)
+            o = found[backend] = onnx_parity(ck.model, checkpoint.load(out, backend=backend).model, ck.vocab)
             print(f"{backend} parity: max |logit diff| {o['max_abs_logit_diff']:.3g} full, "
                   f"{o['max_abs_cached_diff']:.3g} step by step through the cache; greedy "
                   f"{'identical' if o['greedy_equal'] else 'different'} over {o['greedy_tokens']} tokens")
             ok &= backend == "onnx-int8" or (o["max_abs_logit_diff"] < 1e-4 and o["greedy_equal"])
         if a.onnx:   # the codes may differ only where two centroids tie to float rounding; the pixels not at all
-            ok &= read_json(os.path.join(out, "onnx", "export.json"))["tokenizer"]["parity"]["max_abs_pixel_diff"] <= 1e-6
+            found["tokenizer"] = read_json(os.path.join(out, "onnx", "export.json"))["tokenizer"]["parity"]
+            ok &= found["tokenizer"]["max_abs_pixel_diff"] <= 1e-6
+        if a.json:
+            seed = ck.settings.get("seed")
+            write_result(a.json, {**found, "passed": bool(ok)}, config=a, dtype="fp32",
+                         seeds=[seed] if isinstance(seed, int) else None)
+            print(f"wrote {a.json}")
         if not ok:
             return 1
     if a.push_to_hub:

@@ -30,7 +30,8 @@ from imagegpt.augment import copy_params, transform
 from imagegpt.cli import parser, run_cli
 from imagegpt.data_config import DataConfig
 from imagegpt.errors import UserError
-from imagegpt.files import check_dir, check_file, write_json
+from imagegpt.files import check_dir, check_file
+from imagegpt.provenance import write_result
 from imagegpt.sources import load_builtin
 from tokenizer import uint8_to_tensor
 
@@ -165,7 +166,7 @@ def main(argv=None):
     result = {"command": "python scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "rows": rows,
               "seconds_total": round(time.time() - t0, 1)}
-    write_json(out, result)
+    write_result(out, result, command=result["command"], config=args, dtype="fp32")
     print(table(rows, args.steps))
     print(f"wrote {out}")
     if args.clean:

@@ -119,7 +119,7 @@ def load_test(a, cfg):
                            requests=a.requests, threads=a.threads, device=resolve_device(a.device), backend=a.backend)
     print(loadtest.report(result))
     if a.json:
-        loadtest.save(a.json, result)
+        loadtest.save(a.json, result, cfg)
         print(f"wrote {a.json}")
     return 0 if loadtest.passed(result) else 1
 

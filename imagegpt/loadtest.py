@@ -20,11 +20,8 @@ the middle of a flood, and a client that disconnects.
 """
 import asyncio
 import contextlib
-import datetime
-import importlib.metadata
 import io
 import os
-import platform
 import shlex
 import signal
 import socket
@@ -39,7 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from imagegpt import drain
-from imagegpt.files import write_json
+from imagegpt.provenance import machine, write_result
 from imagegpt.service import create_app
 from imagegpt.settings import flat
 
@@ -441,9 +438,12 @@ def main(ckpt, cfg, scenarios, quick=False, clients=32, requests=256, threads=0,
     from imagegpt import checkpoint
     size = QUICK if quick else Crowd()
     changes = QUICK_QUEUE if quick else {}
-    facts = provenance(threads, device)
+    import torch
+    facts = {"model_threads": threads or torch.get_num_threads(), "device": str(device),
+             "seeds": "none sent: the service draws each call's seed at random",
+             "load_average_before": [round(x, 2) for x in os.getloadavg()]}
     t0 = time.perf_counter()
-    result = {"provenance": facts, "settings": {**flat(cfg), **changes}, "crowd": size.__dict__}
+    result = {"run": facts, "settings": {**flat(cfg), **changes}, "crowd": size.__dict__}
     if "throughput" in scenarios:
         ck = checkpoint.load(ckpt, device, backend)
         n_clients, n_requests = (8, 32) if quick else (clients, requests)
@@ -473,38 +473,9 @@ def passed(result):
     return bool(ok)
 
 
-def provenance(threads, device):
-    """Where and how the figures were made: commit, command, machine, versions, date, load."""
-    import torch
-
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("onnxruntime", "fastapi", "uvicorn", "prometheus-client", "httpx"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-            "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]), "cpu": cpu, "cores": os.cpu_count(),
-            "model_threads": threads or torch.get_num_threads(), "device": str(device), "versions": versions,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "seeds": "none sent: the service draws each call's seed at random",
-            "load_average_before": [round(x, 2) for x in os.getloadavg()]}
-
-
-def save(path, result):
-    write_json(path, result)
+def save(path, result, cfg):
+    """Write the result with its provenance (imagegpt/provenance.py): commit, command, machine, versions."""
+    return write_result(path, result, config=cfg, dtype="fp32")
 
 
 def report(result):
@@ -542,10 +513,9 @@ def report(result):
                      f"ahead only | {d['drawings_made']} ({d['model_calls']}) |\n"
                      f"| the next request, and imagegpt_drawings_total after it | {d['next_request']}, "
                      f"{d['drawings_made_after_it']} |")
-    p = result["provenance"]
-    parts.append(f"{p['cpu']}, {p['cores']} cores, {p['model_threads']} model thread(s); commit {p['git_commit'][:10]}"
-                 f"{' (dirty)' if p['git_dirty'] else ''}; load average before {p['load_average_before']}, "
-                 f"after {p['load_average_after']}; {p['wall_s']} s")
+    p, m = result["run"], machine()
+    parts.append(f"{m['cpu']}, {m['cores_available']} cores, {p['model_threads']} model thread(s); load average "
+                 f"before {p['load_average_before']}, after {p['load_average_after']}; {p['wall_s']} s")
     return "\n\n".join(parts)
 
 

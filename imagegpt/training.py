@@ -34,11 +34,11 @@ from imagegpt.files import (
     read_json,
     resolve_dir,
     tidy_dir,
-    write_json,
 )
 from imagegpt.metrics import evaluate
 from imagegpt.plots import plot_curves
 from imagegpt.prepare import ensure_prepared
+from imagegpt.provenance import precision, write_result
 from imagegpt.sequences import make_batch
 from imagegpt.settings import changed, check_fields, flat, read_yaml, update
 from imagegpt.stats import seed_summary
@@ -172,7 +172,8 @@ def train_seeds(cfg, n, resume=False, allow_changes=False, log=print):
             break
     accs = [r["final_dev_accuracy"] for r in runs if not r["interrupted"] and isinstance(r["final_dev_accuracy"], float)]
     summary = {"runs": runs, "final_dev_accuracy": seed_summary(accs) if len(accs) == n else None}
-    write_json(os.path.join(cfg.out_dir, "seeds.json"), summary)
+    write_result(os.path.join(cfg.out_dir, "seeds.json"), summary, config=cfg, seeds=[r["seed"] for r in runs],
+                 dtype=precision(cfg.bf16, resolve_device(cfg.device, "config: device")))
     return summary
 
 

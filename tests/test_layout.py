@@ -16,7 +16,7 @@ from imagegpt.data_config import DataConfig
 from imagegpt.service_config import ServiceConfig
 from imagegpt.training import TrainConfig
 
-COMMANDS = ["data", "train", "eval", "sample", "hf_export", "serve", "baselines", "bench", "scale"]
+COMMANDS = ["data", "train", "eval", "sample", "hf_export", "serve", "baselines", "bench", "scale", "reproduce"]
 
 
 def parsers(p, name):

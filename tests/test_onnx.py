@@ -270,9 +270,13 @@ def test_bad_files_are_one_line_errors(tmp_path):
 def test_export_cli_check_and_the_onnx_backend_of_sample_and_eval(tiny, tmp_path, capsys):
     """hf_export.py --onnx --quantize int8 --check writes both graphs and reports parity; sample.py and
     eval.py with --backend onnx give what the PyTorch backend gives."""
-    out = str(tmp_path / "hf")
-    assert hf_export.main(["--ckpt", tiny.ckpt, "--out", out, "--onnx", "--quantize", "int8", "--check"]) == 0
+    out, found = str(tmp_path / "hf"), tmp_path / "parity.json"
+    assert hf_export.main(["--ckpt", tiny.ckpt, "--out", out, "--onnx", "--quantize", "int8", "--check",
+                           "--json", str(found)]) == 0
     text = capsys.readouterr().out
+    parity = json.loads(found.read_text())      # --json: what the check found, with its provenance
+    assert list(parity) == ["checkpoint", "export", "transformers", "onnx", "onnx-int8", "tokenizer", "passed", "provenance"]
+    assert parity["passed"] and parity["onnx"]["greedy_equal"] and parity["tokenizer"]["max_abs_pixel_diff"] <= 1e-6
     assert "onnx parity" in text and "onnx-int8 parity" in text and "greedy identical" in text
     assert sorted(os.listdir(os.path.join(out, "onnx"))) == ["detokenizer.onnx", "export.json", "model.json", "model.onnx",
                                                              "model_quantized.onnx", "tokenizer.onnx"]

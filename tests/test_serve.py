@@ -760,7 +760,7 @@ def test_the_key_comes_from_the_environment_or_a_file_and_off_loopback_it_is_req
 
 # ----------------------------------------------------------------------------- the load test's scenarios
 
-def test_quick_load_test_of_a_flood_a_sigterm_and_a_client_that_leaves(ckpt, capsys):
+def test_quick_load_test_of_a_flood_a_sigterm_and_a_client_that_leaves(ckpt, capsys, tmp_path):
     from imagegpt.service_config import ServiceConfig
     result = loadtest.main(ckpt, ServiceConfig(), ["flood", "drain", "disconnect"], quick=True, threads=1)
     with capsys.disabled():
@@ -773,7 +773,9 @@ def test_quick_load_test_of_a_flood_a_sigterm_and_a_client_that_leaves(ckpt, cap
     assert gone["dropped_requests"] == 1 and gone["dropped_rows"] == 32, gone
     assert gone["requests_ahead"] == [200] * 3 and gone["drawings_made"] == 3 * 32     # only the requests ahead
     assert gone["next_request"] == 200 and gone["drawings_made_after_it"] == 3 * 32 + 4
-    assert loadtest.passed(result) and result["provenance"]["git_commit"]
+    assert loadtest.passed(result) and result["run"]["model_threads"] == 1
+    saved = loadtest.save(str(tmp_path / "load.json"), result, ServiceConfig())      # with its provenance
+    assert saved["provenance"]["commit"] and saved["provenance"]["machine"]["cpu"]
 
 
 # ----------------------------------------------------------------------------- the command line

@@ -573,6 +573,7 @@ def test_seeds_train_each_and_eval_summarises_them(run_a, tmp_path, capsys):
     assert train_script.main(cli_args(cfg) + ["--seeds", "2"]) == 0
     summary = json.load(open(tmp_path / "seeds" / "seeds.json"))
     assert [r["seed"] for r in summary["runs"]] == [cfg.seed, cfg.seed + 1]
+    assert list(summary)[-1] == "provenance" and summary["provenance"]["seeds"] == [cfg.seed, cfg.seed + 1]
     accs = [json.load(open(tmp_path / "seeds" / f"seed-{s}" / "final" / "metrics.json"))["accuracy"]
             for s in (cfg.seed, cfg.seed + 1)]
     assert summary["final_dev_accuracy"]["mean"] == pytest.approx(sum(accs) / 2)

@@ -11,7 +11,6 @@ the screenshots there (web.png, web_colour.png).
 """
 import base64
 import contextlib
-import glob
 import io
 import json
 import os
@@ -19,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import time
-import venv
 from types import SimpleNamespace
 
 import httpx
@@ -36,6 +34,7 @@ from test_serve import CHROMIUM, CHROMIUM_ARGS, draw, free_port
 import eval as ev
 import hf_export
 from imagegpt import checkpoint, onnx_tokenizer, shapes, web_export
+from imagegpt.client_parity import client_parity, torch_free_python
 from imagegpt.data_config import DataConfig
 from imagegpt.drawing_report import real_split
 from imagegpt.errors import UserError
@@ -205,29 +204,6 @@ def test_web_export_errors_are_one_line_and_write_nothing(grey, tmp_path):
 
 # ----------------------------------------------------------------------------- the client without torch
 
-CLIENT_PACKAGES = ("numpy", "numpy.libs", "numpy-*.dist-info", "onnxruntime", "onnxruntime-*.dist-info",
-                   "PIL", "pillow.libs", "pillow-*.dist-info")
-
-
-def torch_free_python(root):
-    """A virtual environment whose site-packages hold only onnxruntime, numpy and Pillow (linked from this
-    environment's, so that it needs no network) -> its python."""
-    env, deps = os.path.join(root, "client-venv"), os.path.join(root, "client-packages")
-    venv.create(env, with_pip=False)
-    os.makedirs(deps)
-    here = os.path.dirname(os.path.dirname(np.__file__))
-    for pattern in CLIENT_PACKAGES:
-        for path in glob.glob(os.path.join(here, pattern)):
-            os.symlink(path, os.path.join(deps, os.path.basename(path)))
-    assert {"numpy", "onnxruntime", "PIL"} <= set(os.listdir(deps))
-    python = os.path.join(env, "bin", "python")
-    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    with open(os.path.join(site, "client-packages.pth"), "w") as f:
-        f.write(deps + "\n")
-    return python
-
-
 def test_the_client_without_torch_predicts_what_eval_predicts(grey, tmp_path):
     python = torch_free_python(str(tmp_path))
     no_torch = subprocess.run([python, "-c", "import torch"], capture_output=True, text=True)
@@ -260,6 +236,13 @@ print(json.dumps({{"preds": preds, "drawn": drawn.shape, "mean": float(drawn.mea
     assert confusion.tolist() == e["confusion"] and np.mean(np.array(preds) == labels) == e["accuracy"]
     want = class_probs(ck.model, ck.encode_images(images), ck.vocab).argmax(1).tolist()
     assert preds == want                                          # image by image, not only in total
+
+
+def test_client_parity_compares_the_client_with_pytorch_image_by_image(grey, tmp_path):
+    """The record's check (reproduce.py export): the README's client without torch on the test images."""
+    r = client_parity(grey.ckpt, grey.hf, str(tmp_path / "client"), limit=30)
+    assert r["images"] == 30 and r["same_class"] == 30 and r["differing"] == []
+    assert r["client_accuracy"] == r["torch_accuracy"] and r["client_seconds"] > 0
 
 
 # ----------------------------------------------------------------------------- the static page in a browser

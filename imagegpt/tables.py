@@ -1,0 +1,278 @@
+"""Tables and figures generated from result files: the README's results table, docs/results.md's summary,
+and the figures of the test suite and of a fresh clone; rewritten in place between markers, and checked.
+
+In a page (README.md, docs/*.md) a generated table or figure sits between two HTML comments, which the
+page does not show:
+
+    <!-- table:NAME -->
+    | ... the table, as RENDER[NAME] writes it from docs/results/ ... |
+    <!-- /table:NAME -->
+
+(`<!-- figure:NAME -->...<!-- /figure:NAME -->` for a figure inside a sentence.) rewrite() puts what the
+result files give between the markers; check() lists every place where the page differs from that, where
+a result file is missing, and where one has no provenance. A result file without provenance is shown only
+if it is named in MADE_BEFORE_PROVENANCE (written before result files recorded it; `python reproduce.py`
+remakes them), and the table then says so under it.
+"""
+import glob
+import os
+import re
+
+from imagegpt.errors import UserError
+from imagegpt.files import read_json, write_text
+from imagegpt.provenance import KEY, ROOT
+from imagegpt.record import PARTS
+from imagegpt.stats import seed_summary
+
+RESULTS = os.path.join(ROOT, "docs", "results")
+PAGES = ("README.md", "docs/*.md")
+MARKER = re.compile(r"<!-- (table|figure):([a-z0-9_]+) -->(.*?)<!-- /\1:\2 -->", re.S)
+NOT_RERUN = "not rerun yet"
+
+# result files the tables read that were written before result files carried their provenance (issue 36);
+# `python reproduce.py` writes them again with it (the part: record.PARTS), then they leave this list
+MADE_BEFORE_PROVENANCE = {
+    "demo_test_fp32_seeds1337-1339.json", "demo_refit_test_tta16_seeds1337-1339.json",
+    "demo_refit_test_tta16_seeds1340-1342.json", "best_refit_test_tta16_seeds1337-1339.json",
+    "best_refit_test_tta16_seeds1340-1342.json", "baselines_aug20_warp_seeds0-2.json",
+    "baselines_aug20_warp_seeds3-5.json", "finetune_strokes50_tuned_dev_seeds1337-1339.json",
+    "finetune_strokes50_scratch_dev_seeds1337-1339.json",
+}
+
+
+class Missing(UserError):
+    """A figure's result file is missing (or unusable): strict rendering fails, the other kind shows
+    NOT_RERUN in its place."""
+
+
+class Results:
+    """The result files of a folder, read once each. strict: a missing file is an error (check), else its
+    figures read NOT_RERUN (rewrite). Remembers which files a rendering read without provenance."""
+
+    def __init__(self, folder=RESULTS, strict=True, before=MADE_BEFORE_PROVENANCE):
+        self.folder, self.strict, self.before = folder, strict, before
+        self.cache, self.unproven = {}, set()
+
+    def load(self, name):
+        if name not in self.cache:
+            path = os.path.join(self.folder, name)
+            if not os.path.exists(path):
+                raise Missing(f"{os.path.relpath(path, ROOT)}: no such result file")
+            data = read_json(path, "result file")
+            if not isinstance(data, dict):
+                raise Missing(f"{os.path.relpath(path, ROOT)}: not a result file (a JSON object)")
+            if not isinstance(data.get(KEY), dict) and name not in self.before:
+                raise Missing(f"{os.path.relpath(path, ROOT)}: has no provenance (a result file without it is not shown)")
+            self.cache[name] = data
+        if not isinstance(self.cache[name].get(KEY), dict):
+            self.unproven.add(name)
+        return self.cache[name]
+
+    def per_checkpoint(self, names, key="accuracy"):
+        """eval.py summaries (--ckpt several --out) -> seed_summary of `key` (a dotted path) over all their
+        checkpoints, in order."""
+        values = []
+        for name in names:
+            for row in self.load(name)["per_checkpoint"]:
+                for k in key.split("."):
+                    row = row[k]
+                values.append(row)
+        return seed_summary(values)
+
+    def baseline(self, names, which):
+        """baselines.py reports -> seed_summary of one baseline's test accuracy over all their runs."""
+        return seed_summary([r["test_accuracy"] for n in names for r in self.load(n)["baselines"][which]["runs"]])
+
+
+def figure(results, make):
+    """make(): a figure's text from the results; NOT_RERUN where a file is missing and results is not strict."""
+    try:
+        return make()
+    except Missing:
+        if results.strict:
+            raise
+        return NOT_RERUN
+
+
+def num(v, digits=2):
+    return f"{100 * v:.{digits}f}"
+
+
+def pct(v, digits=2):
+    return f"{num(v, digits)} %"
+
+
+def spread(s, digits=2):
+    """A seed_summary as `mean +- std %`."""
+    return f"{100 * s['mean']:.{digits}f} +- {100 * (s['std'] or 0):.{digits}f} %"
+
+
+def markdown(header, align, rows):
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"] +
+                     ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def provenance_note(results):
+    """Under a table: which of its files were made before result files recorded their provenance."""
+    if not results.unproven:
+        return ""
+    parts = [p.name for p in PARTS if results.unproven & set(p.results)]
+    return ("\n\nMade before result files recorded their provenance (older code; some on another machine): "
+            f"rerun by `python reproduce.py {' '.join(parts)}`.")
+
+
+DEMO3 = ["demo_test_fp32_seeds1337-1339.json"]
+DEMO_REFIT = ["demo_refit_test_tta16_seeds1337-1339.json", "demo_refit_test_tta16_seeds1340-1342.json"]
+BEST = ["best_refit_test_tta16_seeds1337-1339.json", "best_refit_test_tta16_seeds1340-1342.json"]
+WARP = ["baselines_aug20_warp_seeds0-2.json", "baselines_aug20_warp_seeds3-5.json"]
+FINETUNE50 = ["finetune_strokes50_tuned_dev_seeds1337-1339.json", "finetune_strokes50_scratch_dev_seeds1337-1339.json"]
+
+
+def readme_results(r):
+    """The README's results table (the rows that have result files)."""
+    f = lambda make: figure(r, make)
+    first = f(lambda: pct(r.per_checkpoint(DEMO3)["values"][0]))
+    demo3 = f(lambda: spread(r.per_checkpoint(DEMO3)))
+    rows = [
+        ("the first command (`config/demo.yaml`, `final/`), fp32 on the project machine",
+         f"{first} ({demo3} over 3 seeds)", "1337 (to 1339)"),
+        ("`config/demo.yaml` refitted on all 4,000 training digits, `eval.py --tta 16`",
+         f(lambda: spread(r.per_checkpoint(DEMO_REFIT, "tta.accuracy"))), "1337 to 1342"),
+        ("**`config/best.yaml`** (6 layers, 20 warped copies, 1,000 codes; 1.33 M) refitted, `eval.py --tta 16`",
+         f"**{f(lambda: spread(r.per_checkpoint(BEST[:1], 'tta.accuracy')))}**", "1337 to 1339"),
+        ("LeNet-5-like CNN with the same warped copies (`baselines.py`)", f(lambda: spread(r.baseline(WARP, "cnn"))),
+         "0 to 5"),
+        ("k-NN on raw pixels / on codebook reconstructions",
+         f"{f(lambda: pct(r.baseline(WARP[:1], 'knn_pixels')['mean'], 1))} / "
+         f"{f(lambda: pct(r.baseline(WARP[:1], 'knn_reconstructions')['mean'], 1))}", "- / 0 to 2"),
+        ("logistic regression on raw pixels", f(lambda: pct(r.baseline(WARP[:1], "logreg_pixels")["mean"], 1)), "-"),
+        ("fine-tuned from the digit model onto 5 classes of pen strokes, 50 per class (development split)",
+         f"{f(lambda: spread(r.per_checkpoint(FINETUNE50[:1]), 1))} "
+         f"(from scratch {f(lambda: spread(r.per_checkpoint(FINETUNE50[1:]), 1))})", "1337 to 1339"),
+    ]
+    return markdown(("model", "test accuracy", "seeds"), ("---", "---:", "---"), rows) + provenance_note(r)
+
+
+def results_summary(r):
+    """docs/results.md's summary table."""
+    f = lambda make: figure(r, make)
+    rows = [
+        ("`config/best.yaml` (6 layers, 20 warped copies, 1,000 codes), refitted on all 4,000 training digits, "
+         "`eval.py --tta 16`",
+         f"**{f(lambda: spread(r.per_checkpoint(BEST[:1], 'tta.accuracy')))}** "
+         f"(six seeds: {f(lambda: spread(r.per_checkpoint(BEST, 'tta.accuracy')))})",
+         "1337 to 1339 (1337 to 1342)",
+         "`python train.py config/best.yaml --dev_fraction 0 --data_dir data/mnist5k-aug20el15-k1000 --out_dir "
+         "runs/best_all --seeds 3`, then `python eval.py --ckpt runs/best_all/seed-*/final --tta 16`",
+         "[With six layers](#with-six-layers)"),
+        ("`config/demo.yaml` refitted on all 4,000 training digits (110 to 112 s of training on 2 threads), "
+         "`eval.py --tta 16`", f(lambda: spread(r.per_checkpoint(DEMO_REFIT, "tta.accuracy"))), "1337 to 1342",
+         "`python train.py config/demo.yaml --dev_fraction 0 --data_dir data/mnist5k-aug6 --out_dir runs/demo_all "
+         "--seeds 3`, then `python eval.py --ckpt runs/demo_all/seed-*/final --tta 16`",
+         "[Refitted](#refitted-on-all-4000-training-digits)"),
+        ("`config/demo.yaml`, the first command's configuration (3,600 training digits, `final/`, no test-time "
+         "augmentation), fp32",
+         f"{f(lambda: spread(r.per_checkpoint(DEMO3)))} (seed 1337, the first command: "
+         f"{f(lambda: pct(r.per_checkpoint(DEMO3)['values'][0], 1))})", "1337 to 1339",
+         "`python train.py config/demo.yaml --seeds 3 --out_dir runs/demo3`, then `python eval.py --ckpt "
+         "runs/demo3/seed-*/final`", "[The configurations](#the-configurations)"),
+        ("LeNet-5-like CNN with the same warped copies (`baselines.py`)",
+         f"{f(lambda: spread(r.baseline(WARP, 'cnn')))} ({f(lambda: spread(r.baseline(WARP, 'cnn_tta')))} with 16 views)",
+         "0 to 5", "`python baselines.py --seeds 3 --augment 20 --max_elastic 1.5` (and `--first_seed 3`)",
+         "[Baselines](#baselines)"),
+        ("k-NN on pixels / logistic regression / k-NN on codebook reconstructions (`baselines.py`)",
+         " / ".join(f(lambda b=b: num(r.baseline(WARP[:1], b)["mean"], 1))
+                    for b in ("knn_pixels", "logreg_pixels", "knn_reconstructions")) + " %",
+         "1 / 1 / 3", "the same", "[Baselines](#baselines)"),
+    ]
+    return markdown(("model", "test accuracy", "seeds", "command", "details"), ("---", "---:", "---", "---", "---"),
+                    rows) + provenance_note(r)
+
+
+def tests_figure(r):
+    """The test suite's count and time, as recorded by `python reproduce.py tests`."""
+    t = r.load("tests.json")
+    m, s = divmod(round(t["pytest_seconds"] or t["wall_seconds"]), 60)
+    return f"{t['tests']} tests in {m} min {s} s"
+
+
+def fresh_clone_figure(r):
+    """The README's first command from a fresh clone, as recorded by `python reproduce.py fresh_clone`."""
+    t = r.load("fresh_clone.json")
+    m, s = divmod(round(t["wall_seconds"]), 60)
+    return f"{m} min {s} s in all, of which training {t['training_seconds']} s"
+
+
+RENDER = {"results": readme_results, "results_summary": results_summary, "tests": tests_figure,
+          "fresh_clone": fresh_clone_figure}
+
+
+def render(kind, name, results):
+    """The text between the markers of table or figure NAME."""
+    if name not in RENDER:
+        raise UserError(f"{kind}:{name}: no such generated {kind} (tables.RENDER: {', '.join(RENDER)})")
+    text = RENDER[name](Results(results.folder, results.strict, results.before))   # its own note
+    return f"\n{text}\n" if kind == "table" else text
+
+
+def documents():
+    """The pages that may hold generated tables -> their paths."""
+    return sorted({p for pattern in PAGES for p in glob.glob(os.path.join(ROOT, pattern))})
+
+
+def check_text(text, results, where="page"):
+    """Problems of one page's generated parts: each differs from what its files give, or cannot be made."""
+    problems = []
+    for m in MARKER.finditer(text):
+        kind, name, have = m.groups()
+        try:
+            want = render(kind, name, results)
+        except UserError as e:
+            problems.append(f"{where}: {kind}:{name}: {e}")
+            continue
+        if have != want:
+            problems.append(f"{where}: {kind}:{name}: differs from its result files ({first_difference(have, want)}); "
+                            f"python reproduce.py --tables rewrites it")
+    return problems
+
+
+def first_difference(have, want):
+    for i, (a, b) in enumerate(zip(have.splitlines(), want.splitlines()), 1):
+        if a != b:
+            j = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            return f"line {i}: {a[max(0, j - 30):j + 30]!r}, the files give {b[max(0, j - 30):j + 30]!r}"
+    return "a line more or less"
+
+
+def check(pages=None, folder=RESULTS, before=MADE_BEFORE_PROVENANCE):
+    """Every problem of the generated tables and figures in the pages (default: documents()), and every
+    entry of MADE_BEFORE_PROVENANCE that is stale (its file now has provenance, or is gone)."""
+    problems = []
+    for page in documents() if pages is None else pages:
+        with open(page, encoding="utf-8") as fh:
+            problems += check_text(fh.read(), Results(folder, True, before), os.path.relpath(page, ROOT))
+    for name in sorted(before):
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            problems.append(f"tables.MADE_BEFORE_PROVENANCE: {name}: no such file in {os.path.relpath(folder, ROOT)}")
+        elif isinstance(read_json(path, "result file").get(KEY), dict):
+            problems.append(f"tables.MADE_BEFORE_PROVENANCE: {name} now has its provenance: take it off the list")
+    return problems
+
+
+def rewrite_text(text, results):
+    return MARKER.sub(lambda m: f"<!-- {m[1]}:{m[2]} -->{render(m[1], m[2], results)}<!-- /{m[1]}:{m[2]} -->", text)
+
+
+def rewrite(pages=None, folder=RESULTS, before=MADE_BEFORE_PROVENANCE):
+    """Put what the result files give between every page's markers (a missing file: NOT_RERUN) -> the
+    pages that changed."""
+    changed = []
+    for page in documents() if pages is None else pages:
+        with open(page, encoding="utf-8") as fh:
+            text = fh.read()
+        new = rewrite_text(text, Results(folder, False, before))
+        if new != text:
+            write_text(page, new)
+            changed.append(os.path.relpath(page, ROOT))
+    return changed
