@@ -13,8 +13,8 @@ import os
 import socket
 
 from imagegpt import checkpoint
-from imagegpt.cli import add_backend, add_ckpt, add_device, parser, run_cli
-from imagegpt.device import resolve_device
+from imagegpt.cli import add_backend, add_ckpt, add_device, add_threads, parser, run_cli
+from imagegpt.device import resolve_device, use_threads
 from imagegpt.errors import UserError
 from imagegpt.files import write_json
 
@@ -26,8 +26,7 @@ def build_parser():
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     add_device(p)
     add_backend(p)
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for the model (0: torch's default; 1 is steadier on a shared CPU)")
+    add_threads(p)
     p.add_argument("--batch_window_ms", type=float, default=10.0,
                    help="how long concurrent requests are collected into one model call")
     p.add_argument("--max_batch", type=int, default=64, help="most rows (images) in one model call")
@@ -46,7 +45,7 @@ def check_args(a):
     if not 0 < a.port < 65536:
         raise UserError(f"--port {a.port}: expected 1..65535")
     if a.threads < 0:
-        raise UserError(f"--threads {a.threads}: expected 0 (torch's default) or a positive number")
+        raise UserError(f"--threads {a.threads}: expected 0 (auto) or a positive number")
     if a.batch_window_ms < 0 or a.batch_window_ms > 1000:
         raise UserError(f"--batch_window_ms {a.batch_window_ms}: expected 0..1000")
     if a.max_batch < 1:
@@ -81,8 +80,7 @@ def main(argv=None):
     import uvicorn
 
     from imagegpt import loadtest, service
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    use_threads(a.threads)   # once, at start-up: the machine's CPUs less what other processes keep busy
     sock = None if a.loadtest else listen(a.host, a.port)
     ck = checkpoint.load(a.ckpt, resolve_device(a.device), a.backend)
     opts = dict(window=a.batch_window_ms / 1000, max_rows=a.max_batch, max_upload=int(a.max_upload_mb * 2**20))

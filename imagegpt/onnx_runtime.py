@@ -31,15 +31,15 @@ class OnnxGPT:
     decoding loop, the evaluation and the service use: config, device, training, eval(), train(),
     num_params(), new_cache(), and model(idx, targets=None, cache=None) -> (logits, loss).
 
-    threads: onnxruntime's intra-op threads (None: its default, one per physical core)."""
+    threads: onnxruntime's intra-op threads (None: as many as torch's, which device.use_threads sets for
+    the machine)."""
 
     def __init__(self, path, threads=None):
         import onnxruntime as ort
         if not os.path.isfile(path):
             raise UserError(f"{path}: no such ONNX graph")
         opts = ort.SessionOptions()
-        if threads is not None:
-            opts.intra_op_num_threads = threads
+        opts.intra_op_num_threads = torch.get_num_threads() if threads is None else threads
         opts.inter_op_num_threads = 1        # one graph, run node after node: no inter-op pool needed
         opts.log_severity_level = 3          # errors only
         try:
