@@ -1,6 +1,6 @@
 """Where and how the model computes: the device, bf16 autocast, memory limits checked before
-allocating, and the CPU threads that suit the machine now (its CPUs, cgroup quota and the load of other
-processes)."""
+allocating, the CPU threads that suit the machine now (its CPUs, cgroup quota and the load of other
+processes), and which kernels this CPU runs."""
 import math
 import os
 import re
@@ -324,3 +324,104 @@ class ThreadAdapter:
         used, self.used = self.used, [self.threads]
         return used
 
+
+# ----------------------------------------------------------------------------- which kernels this CPU runs
+
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8",
+             "amx_bf16")
+
+
+def cpu_description(root="/"):
+    """{"model", "vendor", "flags"} of this CPU from /proc/cpuinfo (flags: those of CPU_FLAGS it has)."""
+    lines = (_read(os.path.join(root, "proc/cpuinfo")) or "").splitlines()
+    get = lambda key: next((ln.split(":", 1)[1].strip() for ln in lines if ln.split(":")[0].strip() == key), "")
+    flags = set(get("flags").split())
+    return {"model": get("model name") or None, "vendor": get("vendor_id") or None,
+            "flags": [f for f in CPU_FLAGS if f in flags]}
+
+
+def mkl_path(cpu, env=None):
+    """The instruction set of MKL's sgemm (torch's fp32 matmul on x86), derived: MKL takes the widest its
+    build has on an Intel CPU (AVX-512 or AVX2, capped by MKL_ENABLE_INSTRUCTIONS), and on an AMD CPU its
+    code path for Zen, AVX2 kernels, even where the CPU has AVX-512 (MKL reports no ISA there: its
+    verbose header says "Intel(R) Architecture processors"; on a Zen 5 EPYC MKL's sgemm ran at 94 GFLOP/s
+    on one core where oneDNN's AVX-512 kernel ran at 217 and its AVX2 kernel near MKL)."""
+    env = os.environ if env is None else env
+    flags = set(cpu["flags"])
+    cap = env.get("MKL_ENABLE_INSTRUCTIONS", "").upper()
+    if cpu.get("vendor") == "AuthenticAMD":
+        return "AVX2 (MKL's code path for AMD Zen)" if "avx2" in flags else "SSE (MKL on an AMD CPU without AVX2)"
+    if "avx512f" in flags and cap not in ("AVX2", "AVX", "SSE4_2"):
+        return "AVX-512"
+    return "AVX2" if "avx2" in flags and cap not in ("AVX", "SSE4_2") else "AVX or older"
+
+
+def mlas_path(cpu):
+    """onnxruntime's MLAS kernels on this CPU, derived from its flags by the order MLAS's platform.cpp picks
+    them (onnxruntime has no query for it): {"fp32": sgemm kernel, "int8": the u8s8 kernel of the int8
+    graph's MatMulInteger}."""
+    f = set(cpu["flags"])
+    fp32 = "AVX512F" if "avx512f" in f else "FMA3 (AVX2)" if {"avx2", "fma"} <= f else "SSE/AVX"
+    if {"amx_tile", "amx_int8"} <= f:
+        int8 = "AMX"
+    elif {"avx512f", "avx512bw", "avx512_vnni"} <= f:
+        int8 = "AVX512-VNNI (vpdpbusd)"
+    elif {"avx512f", "avx512bw"} <= f:
+        int8 = "AVX512 core (vpmaddubsw, saturating)"
+    elif "avx_vnni" in f:
+        int8 = "AVX-VNNI (vpdpbusd)"
+    elif "avx2" in f:
+        int8 = "AVX2 (vpmaddubsw, saturating: hence 7-bit weights)"
+    else:
+        int8 = "SSE"
+    return {"fp32": fp32, "int8": int8}
+
+
+def onednn_kernels():
+    """oneDNN's ISA and the kernels it creates for an fp32 and (where supported) a bf16 matrix product, read
+    from its verbose output (ONEDNN_VERBOSE; ONEDNN_MAX_CPU_ISA caps it) -> {"isa", "fp32", "bf16"}, values
+    None where nothing was printed. torch computes fp32 matmuls with MKL, bf16 ones (autocast) with oneDNN."""
+    import sys
+    import tempfile
+
+    import torch
+    out = {"isa": None, "fp32": None, "bf16": None}
+    if not torch.backends.mkldnn.is_available():
+        return out
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile() as f:
+        os.dup2(f.fileno(), 1)
+        try:
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                a = torch.randn(256, 256)
+                torch._C._nn.mkldnn_linear(a.to_mkldnn(), a.to_mkldnn(), None)
+                if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                    a.bfloat16() @ a.bfloat16()
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+        f.seek(0)
+        lines = f.read().decode(errors="replace").splitlines()
+    for ln in lines:
+        parts = ln.split(",")
+        if ",info,cpu,isa:" in ln:
+            out["isa"] = ln.split("isa:", 1)[1].strip()
+        elif len(parts) > 9 and parts[2:4] == ["primitive", "exec"] and parts[5] in ("matmul", "inner_product"):
+            out["bf16" if "src:bf16" in ln else "fp32"] = f"{parts[5]} {parts[6]}"
+    return out
+
+
+def cpu_kernels():
+    """Which kernels this process's CPU work runs: the CPU (model, vendor, flags of interest), torch's ATen
+    vector kernels (its CPU capability: ATEN_CPU_CAPABILITY caps it), MKL's sgemm path (derived, mkl_path),
+    oneDNN's ISA and matmul kernels (measured, onednn_kernels) and onnxruntime's MLAS kernels (derived,
+    mlas_path)."""
+    import torch
+    cpu = cpu_description()
+    return {"cpu": cpu, "aten": torch.backends.cpu.get_cpu_capability(),
+            "fp32_matmul": f"MKL sgemm, {mkl_path(cpu)}" if torch.backends.mkl.is_available() else "ATen/BLAS",
+            "onednn": onednn_kernels(), "onnxruntime_mlas": mlas_path(cpu),
+            "env": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+                                                "OMP_NUM_THREADS", THREADS_ENV) if k in os.environ}}

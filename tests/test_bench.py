@@ -43,11 +43,19 @@ def test_json_structure(result):
     assert result["command"].startswith("python bench.py")
     m = result["machine"]
     assert m["torch"] and m["threads"] == 1 and m["device"] == "cpu"
+    assert m["threads_choice"] == {"source": "--threads", "threads": 1}    # the threads used, and who chose them
+    k = m["kernels"]                                                      # the kernels taken, on every CPU kind
+    assert k["aten"] == torch.backends.cpu.get_cpu_capability() and k["fp32_matmul"].startswith("MKL sgemm")
+    assert k["onednn"]["isa"] and set(k["onnxruntime_mlas"]) == {"fp32", "int8"}
+    assert m["cpu_vendor"] and isinstance(m["cpu_flags"], list) and m["onnxruntime"]
     assert [r["length"] for r in result["train"]] == [12, 6]
     assert [r["key"] for r in result["train"]] == ["train_long", "train_default"]
     assert [r["key"] for r in result["sample"]] == ["sample_b1", "sample_b3"]
     assert set(result["matmul_peak"]) == set(PRECISIONS)
-    assert all(p["samples"] == 4 for p in result["matmul_peak"].values())   # one per repetition and length
+    for p in result["matmul_peak"].values():
+        assert p["samples"] == 4                        # the square: one per repetition and length
+        assert len(p["model_gemms"]) == 2 * 5 * 3       # per length, 5 linear layers x (forward, dX, dW)
+        assert p["ceiling_flops"] == max([p["max_flops"]] + list(p["model_gemms"].values()))
     for r in result["train"]:   # ours and HF, each in fp32 and (where supported) bf16, in one alternation
         sides = {f"{who}_{p}" for who in ("ours", "theirs") for p in PRECISIONS}
         assert set(r["raw_seconds"]) == set(r["peak_memory_bytes"]) == sides
@@ -86,15 +94,20 @@ def test_ratios_are_positive_numbers(result):
 
 
 def test_flops_are_counted_both_ways(result):
-    """The MFU counts attention over the full T x T square (nanoGPT's convention); the causal count
-    takes half of that attention term: 6 L T d less per token."""
+    """The MFU counts the FLOPs our kernels compute: on the CPU at these lengths (<= SHORT_ATTENTION) the
+    explicit attention matmuls over the full T x T square (nanoGPT's convention); the causal count takes half
+    of that attention term: 6 L T d less per token. The ceiling is the matmul peak's, over the square and the
+    step's own products."""
     cfg = GPTConfig(vocab_size=36, block_size=16, n_layer=1, n_head=2, n_embd=16)
     for r in result["train"]:
-        T = r["length"]
-        assert r["flops_per_token"]["full"] == bench.flops_per_token(cfg, T)
-        assert r["flops_per_token"]["full"] - r["flops_per_token"]["causal"] == 6 * cfg.n_layer * T * cfg.n_embd
+        T, fpt = r["length"], r["flops_per_token"]
+        assert fpt["full"] == bench.flops_per_token(cfg, T) == fpt["computed"]
+        assert fpt["full"] - fpt["causal"] == 6 * cfg.n_layer * T * cfg.n_embd
         for p, mfu in r["mfu"].items():
-            assert r["mfu_causal"][p] == pytest.approx(mfu * r["flops_per_token"]["causal"] / r["flops_per_token"]["full"])
+            assert mfu == pytest.approx(r["achieved_flops"][p] / result["matmul_peak"][p]["ceiling_flops"])
+            assert r["mfu_causal"][p] == pytest.approx(mfu * fpt["causal"] / fpt["full"])
+    assert bench.computed_flops_per_token(cfg, 600, torch.device("cpu")) == bench.flops_per_token(cfg, 600, causal=True)
+    assert bench.computed_flops_per_token(cfg, 12, torch.device("cuda")) == bench.flops_per_token(cfg, 12, causal=True)
 
 
 def test_same_work_on_both_sides(result):

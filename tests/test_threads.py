@@ -1,7 +1,7 @@
 """The CPU threads a command chooses (imagegpt/device.py): what the machine offers (affinity, physical
 cores, the cgroup CPU quota), less what other processes keep busy (from /proc/stat, this process's own
-ticks taken out), the overrides in their order and the re-check during training. The machine is faked:
-/proc and /sys files written under a temporary root."""
+ticks taken out), the overrides in their order, the re-check during training, and which kernels this
+CPU runs. The machine is faked: /proc and /sys files written under a temporary root."""
 import json
 import os
 
@@ -181,3 +181,17 @@ def test_a_training_run_logs_its_threads_and_gives_the_caller_its_own_back(tmp_p
     used = [json.loads(ln)["threads"] for ln in open(os.path.join(cfg.out_dir, "log.jsonl"))]
     assert used[0] == [2, 1] and used[1] == [1, 2] and all(u == [2] for u in used[2:])
 
+
+def test_which_kernels_run_on_each_cpu():
+    amd_avx2 = {"vendor": "AuthenticAMD", "flags": ["avx2", "fma"]}
+    intel = {"vendor": "GenuineIntel", "flags": ["avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"]}
+    zen5 = {"vendor": "AuthenticAMD", "flags": ["avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni"]}
+    assert device.mlas_path(amd_avx2) == {"fp32": "FMA3 (AVX2)", "int8": "AVX2 (vpmaddubsw, saturating: hence 7-bit weights)"}
+    assert device.mlas_path(intel)["int8"] == device.mlas_path(zen5)["int8"] == "AVX512-VNNI (vpdpbusd)"
+    assert device.mlas_path({"flags": ["avx2", "fma", "avx_vnni"]})["int8"] == "AVX-VNNI (vpdpbusd)"
+    assert device.mlas_path({"flags": intel["flags"] + ["amx_tile", "amx_int8"]})["int8"] == "AMX"
+    assert device.mkl_path(zen5, env={}).startswith("AVX2") and device.mkl_path(intel, env={}) == "AVX-512"
+    assert device.mkl_path(intel, env={"MKL_ENABLE_INSTRUCTIONS": "AVX2"}) == "AVX2"
+    k = device.cpu_kernels()
+    assert k["aten"] == torch.backends.cpu.get_cpu_capability() and set(k["onnxruntime_mlas"]) == {"fp32", "int8"}
+    assert k["onednn"]["isa"]                        # read from oneDNN's own verbose output
