@@ -60,6 +60,11 @@ What is measured (ours vs peer, identical sizes and batch, same weights where it
            through serve.py (PyTorch), at 1 and 2 threads: classification latency (p50, p99 ms per drawing)
            and drawings/s at batch 1 and 8, timed in the page. Not in the default sections (it needs
            chromium, `npm ci` and a checkpoint).
+  threads  milliseconds per call of the demo-sized GPT's work (a training step, batch 32 x 54; the service's
+           classification and drawing of one image) idle and beside other jobs (a Python busy loop, another
+           torch job, a numpy job), at torch's default threads (every core: what the commands ran with
+           before), at one thread, and at the count the commands choose now (imagegpt/thread_bench.py).
+           Not in the default sections (it starts busy processes beside itself for a minute or two).
   memory   peak memory of a training step and of a sampling call, each side: on CUDA the
            allocator's peak (torch.cuda.max_memory_allocated) above what was allocated before; on
            Linux the growth of the process's peak RSS (VmHWM, reset through /proc/self/clear_refs)
@@ -129,7 +134,11 @@ TARGETS = {
 }
 
 
-SECTIONS = ("train", "sample", "sample_demo", "kmeans", "web")
+SECTIONS = ("train", "sample", "sample_demo", "kmeans", "web", "threads")
+
+# the threads table (issue 37): the threads the commands choose now (auto) against torch's default (idle: within
+# 5 %) and against one thread (beside another job: never slower, within 5 % of noise)
+THREAD_TARGET = 0.95
 
 # --preset gpu: the GPU table of docs/performance.md in one run on a CUDA GPU (about 5 minutes on an H200): the v2
 # model's training step at lengths 512 and 53 (tokens/s, MFU, peak memory; bf16 and fp32, compiled),
@@ -705,6 +714,9 @@ def build_parser():
     ap.add_argument("--kmeans_data", default="digits", choices=["digits", "random"],
                     help="k-means on the built-in digits' features or on random blobs (default: %(default)s)")
     ap.add_argument("--matmul_n", type=int, help="side of the square peak matmul (default: 2048; CUDA 8192)")
+    ap.add_argument("--thread_jobs", default="idle,busy,torch,numpy",
+                    help="threads: the other jobs to time beside: idle, busy (a Python loop), torch, numpy "
+                         "(default: %(default)s)")
     ap.add_argument("--web_ckpt", default="runs/demo/final",
                     help="web: the checkpoint whose page is timed (default: %(default)s)")
     ap.add_argument("--web_threads", default="1,2", help="web: WebAssembly and torch threads to time (default: %(default)s)")
@@ -752,8 +764,12 @@ def check_args(a):
             + 12 * (a.matmul_n or 2048) ** 2,
             "sample": 2 * (4 * n + 4 * max(batches) * a.block_size * (2 * a.n_layer * a.n_embd + a.vocab_size)),
             "sample_demo": 2 * (4 * demo_config(a.vocab_size).num_params_estimate()),
-            "kmeans": 4 * (a.kmeans_n or 300000) * (5 + a.kmeans_k) if a.kmeans_n else 0, "web": 0}
+            "kmeans": 4 * (a.kmeans_n or 300000) * (5 + a.kmeans_k) if a.kmeans_n else 0, "web": 0, "threads": 0}
     ints(a.web_threads, "--web_threads")
+    from imagegpt.thread_bench import JOBS
+    jobs = [j.strip() for j in a.thread_jobs.split(",") if j.strip()]
+    if not jobs or set(jobs) - set(JOBS):
+        raise UserError(f"--thread_jobs: choose from {', '.join(JOBS)}; got {a.thread_jobs!r}")
     if a.web_n < 1:
         raise UserError(f"--web_n must be at least 1, got {a.web_n}")
     for s in sorted(sections):
@@ -772,9 +788,10 @@ def run(a, command=None):
     verbosity, bars = transformers.logging.get_verbosity(), transformers.utils.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()       # no notes about generation settings on every call
     transformers.utils.logging.disable_progress_bar()
-    threads = torch.get_num_threads()
+    threads = torch.get_num_threads()     # torch's default, unless the caller set them
     try:
         chosen = use_threads(a.threads, log=log)
+        chosen["default"] = threads
         return _run(a, command, sections, mcfg, lengths, sample_batches, device, chosen)
     finally:
         torch.set_num_threads(threads)
@@ -858,6 +875,12 @@ def _run(a, command, sections, mcfg, lengths, sample_batches, device, chosen):
     if "web" in sections:
         out["web"] = bench_web(a, quick)
 
+    if "threads" in sections:
+        from imagegpt import thread_bench
+        jobs = [j.strip() for j in a.thread_jobs.split(",") if j.strip()]
+        out["threads"] = thread_bench.measure(chosen["default"], jobs, reps=a.reps or (4 if quick else 10), log=log)
+        torch.set_num_threads(chosen["threads"])
+
     out["machine"]["load_average_end"] = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
     out["seconds_total"] = round(time.time() - t_start, 1)
     out["rows"] = rows(out)
@@ -866,7 +889,17 @@ def _run(a, command, sections, mcfg, lengths, sample_batches, device, chosen):
 
 # ----------------------------------------------------------------------------- report
 
+def thread_work(name):
+    from imagegpt.thread_bench import WORK
+    return WORK[name]
+
+
 def _verdict(key, value, cuda):
+    if key.startswith("threads_") and value is not None and not cuda:
+        # idle: within 5 % of torch's default; beside another job: not slower than one thread (5 % of noise)
+        if key.endswith("_idle") or (key.endswith("_vs_one") and "_idle" not in key):
+            return f">= {THREAD_TARGET:g}x", value >= THREAD_TARGET
+        return None, None
     if key not in TARGETS or cuda or value is None or not math.isfinite(value):
         return None, None
     op, target, _ = TARGETS[key]
@@ -939,6 +972,14 @@ def rows(out):
             theirs = peer["drawings_per_s"][b] if peer else float("nan")
             add(f"web_{key}_draw_b{b}", f"drawings/s, batch {b}, {where}", f"{dps:.1f}", f"{theirs:.1f}",
                 dps / theirs, f"{dps / theirs:.2f}x")
+    for r in out.get("threads", {}).get("rows", []):
+        n, ms = r["threads"], r["ms"]
+        what = f"ms per {thread_work(r['work'])}, demo GPT, {r['where']}: the threads chosen now ({n['auto']})"
+        key = f"threads_{r['work']}_{r['job']}"
+        add(key, f"{what} vs torch's default ({n['default']}, before)", f"{ms['auto']:.1f}", f"{ms['default']:.1f}",
+            ms["default"] / ms["auto"], f"{ms['default'] / ms['auto']:.2f}x")
+        add(f"{key}_vs_one", f"{what} vs one thread", f"{ms['auto']:.1f}", f"{ms['one']:.1f}", ms["one"] / ms["auto"],
+            f"{ms['one'] / ms['auto']:.2f}x")
     if "kmeans" in out:
         r = out["kmeans"]
         add("kmeans_time", f"k-means seconds, {r['n']} x {r['dim']}, k={r['k']} (vs scikit-learn; lower is better)",
@@ -968,8 +1009,8 @@ def format_report(out):
     attn = next((r["hf_attention"] for r in out.get("train", []) + out.get("sample", [])), None)
     threads = describe_threads(m["threads_choice"]) if m.get("threads_choice") else m["threads"]
     lines.append(f"software: python {m['python']}, torch {m['torch']} ({m['device']}, threads {threads}), "
-                 f"transformers {m['transformers']} (GPT-2 attention: {attn}), scikit-learn {m['sklearn']}, "
-                 f"onnxruntime {m.get('onnxruntime')}")
+                 f"transformers {m['transformers']}" + (f" (GPT-2 attention: {attn})" if attn else "")
+                 + f", scikit-learn {m['sklearn']}, onnxruntime {m.get('onnxruntime')}")
     k = m.get("kernels")
     if k:
         lines.append(f"kernels: ATen {k['aten']}; fp32 matmul {k['fp32_matmul']}; oneDNN {k['onednn']['isa']} "

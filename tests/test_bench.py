@@ -171,6 +171,36 @@ def test_gpu_preset_dry_run_on_the_cpu(tmp_path):
 
 
 def test_bad_arguments():
-    for bad in (["--only", "train,nothing"], ["--lengths", "600"], ["--lengths", "a"], ["--vocab_size", "10"]):
+    for bad in (["--only", "train,nothing"], ["--lengths", "600"], ["--lengths", "a"], ["--vocab_size", "10"],
+                ["--thread_jobs", "idle,cats"], ["--threads", "-1"]):
         with pytest.raises(UserError):
             bench.run(bench.build_parser().parse_args(bad))
+
+
+def test_the_threads_table(monkeypatch):
+    """--only threads: each work timed at torch's default, one and the chosen thread count, idle and beside
+    another job (a process of its own, stopped after); the rows compare the chosen count with the default
+    (idle: within 5 %) and with one thread (beside a job: not slower). One call each: structure only."""
+    from imagegpt import thread_bench
+    started = []
+    real = thread_bench.Job.__enter__
+    monkeypatch.setattr(thread_bench.Job, "__enter__", lambda self: started.append(real(self)) or self)
+    monkeypatch.setattr(thread_bench, "demo_work", lambda seed=0: {"train": lambda: None, "classify": lambda: None,
+                                                                   "draw": lambda: None})
+    before = torch.get_num_threads()
+    t = thread_bench.measure(2, jobs=("idle", "busy"), work=("train", "classify"), reps=1, settle=0.1,
+                             log=lambda *a: None)
+    assert torch.get_num_threads() == before
+    assert [(r["job"], r["work"]) for r in t["rows"]] == [("idle", "train"), ("idle", "classify"), ("busy", "train"),
+                                                         ("busy", "classify")]
+    for r in t["rows"]:
+        assert r["threads"]["default"] == 2 and r["threads"]["one"] == 1 and r["threads"]["auto"] >= 1
+        assert all(len(v) == 1 for v in r["raw_ms"].values()) and set(r["ms"]) == {"default", "one", "auto"}
+    assert started[1].proc.poll() is not None      # the busy loop was stopped
+    out = {"machine": {"device": "cpu"}, "threads": t}
+    for r in t["rows"]:
+        r["ms"] = {"default": 10.0, "one": 8.0, "auto": 8.0}
+    table = {r["key"]: r for r in bench.rows(out)}
+    assert table["threads_train_idle"]["ratio"] == 1.25 and table["threads_train_idle"]["met"] is True
+    assert table["threads_train_busy_vs_one"]["met"] is True and table["threads_train_busy"]["met"] is None
+    assert table["threads_classify_idle_vs_one"]["met"] is None
