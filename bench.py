@@ -309,8 +309,9 @@ class MatmulPeak:
         self.samples.append(2 * self.n ** 3 / dt)
 
     def add_model(self, cfg, rows):
-        """Time the GEMMs of a training step of a model `cfg` on `rows` = batch x length tokens."""
-        d, g = cfg.n_embd, torch.Generator(device=self.device).manual_seed(1)
+        """Time the GEMMs of a training step of a model `cfg` on `rows` = batch x length tokens -> the sum of
+        their best times (seconds): a lower bound of the step (attention, GELU, LayerNorm, AdamW left out)."""
+        d, g, total = cfg.n_embd, torch.Generator(device=self.device).manual_seed(1), 0.0
         layers = {"c_attn": (d, 3 * d), "attn.c_proj": (d, d), "c_fc": (d, 4 * d), "mlp.c_proj": (4 * d, d),
                   "lm_head": (d, cfg.vocab_size)}
         for name, (k, n) in layers.items():
@@ -324,6 +325,8 @@ class MatmulPeak:
                 fn()
                 best = min(timed(fn, self.device)[0] for _ in range(self.model_reps))
                 self.model[what] = max(self.model.get(what, 0.0), flops / best)
+                total += cfg.n_layer * best if name != "lm_head" else best
+        return total
 
     def ceiling(self):
         return max(self.samples + list(self.model.values()))
@@ -450,8 +453,9 @@ def bench_train(mcfg, batch, T, reps, warmup, device, peaks, label=""):
     mem = {}
     for n, fn in fns.items():
         _, mem[n], method = peak_memory(fn, device)
-    for pk in peaks.values():   # the ceiling includes this step's own matrix products, each run alone
-        pk.add_model(mcfg, batch * T)
+    gemm = {}   # the ceiling includes this step's own matrix products, each run alone; their sum bounds the step
+    for p, pk in peaks.items():
+        gemm[p] = pk.add_model(mcfg, batch * T)
     times, cpu = alternate(fns, reps, device, lambda: [pk.sample() for pk in peaks.values()], label)
     secs = {n: median(t) for n, t in times.items()}
     tokens = batch * T
@@ -468,6 +472,8 @@ def bench_train(mcfg, batch, T, reps, warmup, device, peaks, label=""):
             "achieved_flops": {p: computed_flops_per_token(mcfg, T, device) * tokens / secs[f"ours_{p}"]
                                for p in precisions},
             "peak_memory_bytes": mem, "memory_method": method,
+            "gemm_seconds": gemm,   # our step's linear-layer products alone: no step of ours can be faster
+            "ratio_bound": {k: secs[t] / gemm[o.split("_")[1]] for k, (o, t) in pairs.items()},
             "ratio_cpu_time": {k: median(cpu[t]) / median(cpu[o]) for k, (o, t) in pairs.items()},
             "raw_seconds": times, "raw_cpu_seconds": cpu}
 
@@ -929,6 +935,12 @@ def rows(out):
                    else f"both {names[k]}") + (", ours compiled" if r["compile_ours"] else "")
             add(f"{r['key']}_{k}", f"training tokens/s, {where}, {how} (vs HF GPT-2)",
                 f"{r['tokens_per_s'][o]:.0f}", f"{r['tokens_per_s'][t]:.0f}", r["ratio"][k], f"{r['ratio'][k]:.2f}x")
+            if "ratio_bound" in r:
+                gemm = r["gemm_seconds"][o.split("_")[1]]
+                add(f"{r['key']}_{k}_bound", f"the most that ratio could be: HF's step over our step's linear-layer "
+                    f"products alone ({1000 * gemm:.0f} ms, each run alone; {where}, {k})",
+                    f"{r['batch'] * r['length'] / gemm:.0f}", f"{r['tokens_per_s'][t]:.0f}", r["ratio_bound"][k],
+                    f"{r['ratio_bound'][k]:.2f}x")
     for r in out.get("train", []):
         for p, mfu in r["mfu"].items():
             peak = out["matmul_peak"][p]

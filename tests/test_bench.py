@@ -43,7 +43,7 @@ def test_json_structure(result):
     assert result["command"].startswith("python bench.py")
     m = result["machine"]
     assert m["torch"] and m["threads"] == 1 and m["device"] == "cpu"
-    assert m["threads_choice"] == {"source": "--threads", "threads": 1}    # the threads used, and who chose them
+    assert m["threads_choice"] == {"source": "--threads", "threads": 1, "default": THREADS_BEFORE}   # who chose them
     k = m["kernels"]                                                      # the kernels taken, on every CPU kind
     assert k["aten"] == torch.backends.cpu.get_cpu_capability() and k["fp32_matmul"].startswith("MKL sgemm")
     assert k["onednn"]["isa"] and set(k["onnxruntime_mlas"]) == {"fp32", "int8"}
@@ -81,7 +81,8 @@ def test_json_structure(result):
 
 def test_ratios_are_positive_numbers(result):
     for r in result["train"]:
-        for d in (r["ratio"], r["mfu"], r["mfu_causal"], r["achieved_flops"], r["tokens_per_s"]):
+        for d in (r["ratio"], r["mfu"], r["mfu_causal"], r["achieved_flops"], r["tokens_per_s"], r["gemm_seconds"],
+                  r["ratio_bound"]):
             assert d and all(positive(v) for v in d.values())
     for r in result["sample"]:
         assert positive(r["ratio"]) and all(positive(v) for v in r["images_per_s"].values())
