@@ -988,10 +988,11 @@ def rows(out):
         n, ms = r["threads"], r["ms"]
         what = f"ms per {thread_work(r['work'])}, demo GPT, {r['where']}: the threads chosen now ({n['auto']})"
         key = f"threads_{r['work']}_{r['job']}"
-        add(key, f"{what} vs torch's default ({n['default']}, before)", f"{ms['auto']:.1f}", f"{ms['default']:.1f}",
-            ms["default"] / ms["auto"], f"{ms['default'] / ms['auto']:.2f}x")
-        add(f"{key}_vs_one", f"{what} vs one thread", f"{ms['auto']:.1f}", f"{ms['one']:.1f}", ms["one"] / ms["auto"],
-            f"{ms['one'] / ms['auto']:.2f}x")
+        same = lambda m: " (the same setting, timed once)" if r.get("auto_is") == m else ""
+        add(key, f"{what} vs torch's default ({n['default']}, before){same('default')}", f"{ms['auto']:.1f}",
+            f"{ms['default']:.1f}", ms["default"] / ms["auto"], f"{ms['default'] / ms['auto']:.2f}x")
+        add(f"{key}_vs_one", f"{what} vs one thread{same('one')}", f"{ms['auto']:.1f}", f"{ms['one']:.1f}",
+            ms["one"] / ms["auto"], f"{ms['one'] / ms['auto']:.2f}x")
     if "kmeans" in out:
         r = out["kmeans"]
         add("kmeans_time", f"k-means seconds, {r['n']} x {r['dim']}, k={r['k']} (vs scikit-learn; lower is better)",

@@ -15,8 +15,9 @@ Other jobs, each a process of its own started before the timing and stopped afte
     busy      a Python busy loop (one CPU)
     torch     another torch job at its default threads: 384 x 384 matrix products in a loop
     numpy     a numpy job at its BLAS's default threads: 384 x 384 matrix products in a loop
-The three thread counts take turns call by call (the order reversed every round), so that the drift of a
-shared machine falls on all three alike; medians are reported.
+The thread counts take turns call by call (the order reversed every round), so that the drift of a
+shared machine falls on all of them alike; medians are reported. Where the chosen count is the default's or
+one, it is that very setting, timed once and reported under both names ("auto_is").
 """
 import statistics
 import subprocess
@@ -113,20 +114,24 @@ def measure(default_threads, jobs=tuple(JOBS), work=tuple(WORK), reps=10, settle
                 time.sleep(settle if code else 0)
                 auto, why = choose_threads()
                 counts = {"default": default_threads, "one": 1, "auto": auto}
+                same = next((m for m in ("default", "one") if counts[m] == auto), None)
+                timed = [m for m in counts if not (m == "auto" and same)]
                 log(f"[threads] {what}: auto chose {auto} (other processes use {why['others']} CPUs)")
                 for w in work:
-                    raw = {m: [] for m in counts}
+                    raw = {m: [] for m in timed}
                     for r in range(reps + 1):          # the first round is a warm-up at each count
-                        for m in (list(counts) if r % 2 == 0 else list(counts)[::-1]):
+                        for m in (timed if r % 2 == 0 else timed[::-1]):
                             torch.set_num_threads(counts[m])
                             t = time.perf_counter()
                             fns[w]()
                             if r:
                                 raw[m].append(1000 * (time.perf_counter() - t))
+                    if same:
+                        raw["auto"] = raw[same]
                     ms = {m: statistics.median(v) for m, v in raw.items()}
                     log(f"[threads]   {WORK[w]}: " + ", ".join(f"{m} ({counts[m]}) {ms[m]:.1f} ms" for m in counts))
                     rows.append({"job": job, "where": what, "work": w, "threads": counts, "ms": ms, "raw_ms": raw,
-                                 "auto": why})
+                                 "auto": why, "auto_is": same})
     finally:
         torch.set_num_threads(before)
     return {"default_threads": default_threads, "reps": reps, "rows": rows}

@@ -197,6 +197,8 @@ def test_the_threads_table(monkeypatch):
     for r in t["rows"]:
         assert r["threads"]["default"] == 2 and r["threads"]["one"] == 1 and r["threads"]["auto"] >= 1
         assert all(len(v) == 1 for v in r["raw_ms"].values()) and set(r["ms"]) == {"default", "one", "auto"}
+        if r["auto_is"]:      # the chosen count is one of the others: that very setting, timed once
+            assert r["threads"]["auto"] == r["threads"][r["auto_is"]] and r["ms"]["auto"] == r["ms"][r["auto_is"]]
     assert started[1].proc.poll() is not None      # the busy loop was stopped
     out = {"machine": {"device": "cpu"}, "threads": t}
     for r in t["rows"]:
