@@ -72,10 +72,12 @@ What is measured (ours vs peer, identical sizes and batch, same weights where it
 
 Repetitions alternate the sides (the order flips every repetition) and medians are reported,
 so that the ratios hold on a shared machine whose absolute speed drifts; the JSON also has the
-ratios of median process CPU time. Both sides use the same threads (--threads, default torch's:
-all cores). On a machine whose cores are busy with other jobs, prefer --threads 1: with all cores,
-every parallel region waits for a thread that a neighbour has preempted, which swamps small ops
-(a sampling step) on both sides alike.
+ratios of median process CPU time. Every side uses the same threads (torch's, onnxruntime's and
+scikit-learn's): --threads N, or by default (0) the count the commands choose (imagegpt/device.py: the
+machine's CPUs less those other jobs keep busy, when the run starts), which the JSON records with the CPU,
+its flags and the kernels taken (machine.threads_choice, machine.kernels). With more threads than free
+cores every parallel region waits for a thread that a neighbour has preempted, which swamps small ops
+(a sampling step) on both sides alike; --threads 1 compares single cores.
 
 On CUDA ours is compiled (torch.compile, as train.py does) and uses fused AdamW; the run also checks
 that a bf16 training step of ours runs with the flash SDPA kernel forced (cuda_checks in the JSON);

@@ -110,9 +110,12 @@ def resolve_device(name, where="--device"):
 
 THREADS_ENV = "IMAGEGPT_THREADS"   # threads for torch (and onnxruntime) when --threads is 0 (auto)
 
-BUSY_SHARE = 0.25   # a CPU that other processes keep busy more than this share of the time is left to them
+# A CPU that other processes keep busy more than this share of the time is left to them. From issue 37's
+# table (2 cores, the demo's training step): 2 threads take 113 ms idle and 378 ms beside a busy loop, 1
+# thread about 200 ms either way, so 2 threads stop paying at about a third of a CPU taken by others.
+BUSY_SHARE = 0.3
 
-LOAD_WINDOW = 0.15  # seconds over which choose_threads() samples what other processes use
+LOAD_WINDOW = 0.2   # seconds over which choose_threads() samples what other processes use (20 ticks per CPU)
 
 
 def _read(path):

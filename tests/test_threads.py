@@ -76,7 +76,7 @@ def test_an_idle_machine_gets_every_core_and_a_busy_cpu_is_left_to_its_owner(tmp
     assert choose(m, 2.0)[0] == 1                   # another 2-thread job: never fewer than one
     n, why = choose(m, 0.0, own=2.0)                # our own threads are not someone else's load
     assert n == 2 and why["others"] == 0.0
-    assert choose(m, 0.6)[0] == 1 and device.threads_for(8, 2.2) == 6 and device.threads_for(8, 2.3) == 5 and device.threads_for(8, None) == 8
+    assert choose(m, 0.6)[0] == 1 and device.threads_for(8, 2.2) == 6 and device.threads_for(8, 2.4) == 5 and device.threads_for(8, None) == 8
 
 
 def test_affinity_hyperthreads_and_the_cgroup_quota_limit_the_offer(tmp_path):
