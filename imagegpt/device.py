@@ -353,6 +353,8 @@ def mkl_path(cpu, env=None):
     flags = set(cpu["flags"])
     cap = env.get("MKL_ENABLE_INSTRUCTIONS", "").upper()
     if cpu.get("vendor") == "AuthenticAMD":
+        if cap:   # the generic path of that instruction set (on the Zen 5 EPYC, slower than the Zen path)
+            return f"{cap} (MKL_ENABLE_INSTRUCTIONS)"
         return "AVX2 (MKL's code path for AMD Zen)" if "avx2" in flags else "SSE (MKL on an AMD CPU without AVX2)"
     if "avx512f" in flags and cap not in ("AVX2", "AVX", "SSE4_2"):
         return "AVX-512"
