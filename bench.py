@@ -19,15 +19,21 @@ What is measured (ours vs peer, identical sizes and batch, same weights where it
              defaults  what a user gets: ours as train.py runs it (--bf16 auto: bf16 autocast where
                        supported) vs theirs as transformers runs it unless told otherwise (fp32);
              fp32      both fp32;   bf16   both under bf16 autocast.
-  mfu      achieved FLOP/s of our training step over a matmul peak measured in the same run (a
-           large square matmul in the same dtype, sampled between the training steps). FLOPs per
-           token, the PaLM / nanoGPT convention, used by the MFU:
+  mfu      the FLOP/s our training step's kernels compute over the matmul ceiling measured in the same
+           run and dtype: the best rate of a large square product (sampled between the training steps)
+           and of each of the step's own matrix products run alone (the forward and both backward
+           products of every linear layer, in autograd's layouts; MatmulPeak). No product of the step
+           runs faster alone than that ceiling, so the MFU stays <= 100 % on any CPU (on an AVX2 EPYC the
+           square alone was slower than the model's shapes, and the old square-only peak gave 118 %).
+           FLOPs per token, the PaLM / nanoGPT convention:
                6 * N + 12 * n_layer * T * n_embd
            N = the weights of the matmuls (12 * n_embd^2 per layer, plus vocab * n_embd for the
            tied output layer; embeddings lookups, biases and LayerNorms are not counted); 12*L*T*d
            counts the attention scores and the weighted values (forward 4*T*d per layer, backward
            twice that) over the full T x T square. A causal kernel computes about half of that
-           square: 6 * N + 6 * n_layer * T * n_embd, reported beside it (in brackets).
+           square: 6 * N + 6 * n_layer * T * n_embd. The MFU counts what our kernels compute: the full
+           square where model.causal_attention runs explicit matmuls (CPU, T <= SHORT_ATTENTION), the
+           causal half where it runs the flash kernel; nanoGPT's full-square figure is reported beside it.
   sample   greedy sampling through our KV cache (decoding.generate) vs transformers' generate() on
            the model exported by hf_export and loaded with AutoModelForCausalLM; batch 1 and 16,
            prompt "<IMG>", the same number of new tokens on both sides (EOS disabled on both, so
@@ -54,6 +60,11 @@ What is measured (ours vs peer, identical sizes and batch, same weights where it
            through serve.py (PyTorch), at 1 and 2 threads: classification latency (p50, p99 ms per drawing)
            and drawings/s at batch 1 and 8, timed in the page. Not in the default sections (it needs
            chromium, `npm ci` and a checkpoint).
+  threads  milliseconds per call of the demo-sized GPT's work (a training step, batch 32 x 54; the service's
+           classification and drawing of one image) idle and beside other jobs (a Python busy loop, another
+           torch job, a numpy job), at torch's default threads (every core: what the commands ran with
+           before), at one thread, and at the count the commands choose now (imagegpt/thread_bench.py).
+           Not in the default sections (it starts busy processes beside itself for a minute or two).
   memory   peak memory of a training step and of a sampling call, each side: on CUDA the
            allocator's peak (torch.cuda.max_memory_allocated) above what was allocated before; on
            Linux the growth of the process's peak RSS (VmHWM, reset through /proc/self/clear_refs)
@@ -61,10 +72,12 @@ What is measured (ours vs peer, identical sizes and batch, same weights where it
 
 Repetitions alternate the sides (the order flips every repetition) and medians are reported,
 so that the ratios hold on a shared machine whose absolute speed drifts; the JSON also has the
-ratios of median process CPU time. Both sides use the same threads (--threads, default torch's:
-all cores). On a machine whose cores are busy with other jobs, prefer --threads 1: with all cores,
-every parallel region waits for a thread that a neighbour has preempted, which swamps small ops
-(a sampling step) on both sides alike.
+ratios of median process CPU time. Every side uses the same threads (torch's, onnxruntime's and
+scikit-learn's): --threads N, or by default (0) the count the commands choose (imagegpt/device.py: the
+machine's CPUs less those other jobs keep busy, when the run starts), which the JSON records with the CPU,
+its flags and the kernels taken (machine.threads_choice, machine.kernels). With more threads than free
+cores every parallel region waits for a thread that a neighbour has preempted, which swamps small ops
+(a sampling step) on both sides alike; --threads 1 compares single cores.
 
 On CUDA ours is compiled (torch.compile, as train.py does) and uses fused AdamW; the run also checks
 that a bf16 training step of ours runs with the flash SDPA kernel forced (cuda_checks in the JSON);
@@ -83,11 +96,20 @@ import time
 from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
 
 from imagegpt import checkpoint, huggingface, sources, splits
 from imagegpt.cli import parser, run_cli
 from imagegpt.decoding import generate
-from imagegpt.device import bf16_autocast, check_memory, resolve_device
+from imagegpt.device import (
+    THREADS_ENV,
+    bf16_autocast,
+    check_memory,
+    cpu_kernels,
+    describe_threads,
+    resolve_device,
+    use_threads,
+)
 from imagegpt.errors import UserError
 from imagegpt.files import check_file
 from imagegpt.metrics import class_probs
@@ -97,7 +119,7 @@ from imagegpt.settings import read_yaml
 from imagegpt.token_format import Vocab
 from imagegpt.settings import build
 from imagegpt.training import TrainConfig
-from model import GPT, GPTConfig
+from model import GPT, SHORT_ATTENTION, GPTConfig
 from imagegpt.kmeans import assign, kmeans
 from tokenizer import Codebook, CodebookConfig, uint8_to_tensor
 
@@ -115,7 +137,11 @@ TARGETS = {
 }
 
 
-SECTIONS = ("train", "sample", "sample_demo", "kmeans", "web")
+SECTIONS = ("train", "sample", "sample_demo", "kmeans", "web", "threads")
+
+# the threads table (issue 37): the threads the commands choose now (auto) against torch's default (idle: within
+# 5 %) and against one thread (beside another job: never slower, within 5 % of noise)
+THREAD_TARGET = 0.95
 
 # --preset gpu: the GPU table of docs/performance.md in one run on a CUDA GPU (about 5 minutes on an H200): the v2
 # model's training step at lengths 512 and 53 (tokens/s, MFU, peak memory; bf16 and fp32, compiled),
@@ -146,24 +172,20 @@ def demo_config(vocab_size):
 
 # ----------------------------------------------------------------------------- machine and timing
 
-def machine_info(device):
+def machine_info(device, threads=None):
+    """The machine, its software, the threads used (threads: what device.use_threads chose, and why) and the
+    kernels the CPU work runs (device.cpu_kernels: ISA of ATen, MKL, oneDNN and onnxruntime's MLAS)."""
+    kernels = cpu_kernels()
     info = {"platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "device": str(device), "cpu_count": os.cpu_count(),
-            "threads": torch.get_num_threads()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = f.read().splitlines()
-        get = lambda key: next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(key)), "")
-        info["cpu"] = get("model name")
-        flags = set(get("flags").split())
-        info["cpu_flags"] = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma"})
-    except OSError:
-        info["cpu"] = platform.processor()
+            "threads": torch.get_num_threads(), "threads_choice": threads,
+            "cpu": kernels["cpu"]["model"] or platform.processor(), "cpu_vendor": kernels["cpu"]["vendor"],
+            "cpu_flags": kernels["cpu"]["flags"], "kernels": {k: v for k, v in kernels.items() if k != "cpu"}}
     try:
         info["load_average"] = [round(v, 2) for v in os.getloadavg()]
     except OSError:
         pass
-    for mod in ("transformers", "sklearn"):
+    for mod in ("transformers", "sklearn", "onnxruntime"):
         try:
             info[mod] = __import__(mod).__version__
         except ImportError:
@@ -267,35 +289,74 @@ def median(xs):
 # ----------------------------------------------------------------------------- matmul peak
 
 class MatmulPeak:
-    """Square n x n matmuls in the training dtype; sample() adds one timing (GFLOP/s)."""
+    """The matmul ceiling in one dtype: the best rate (FLOP/s) of matrix products run alone through the ops
+    a training step runs them with. A square n x n product (a @ b; sample() times it once, between the
+    training repetitions), and, for each training shape added with add_model(), the forward and the two
+    backward products of each of the model's linear layers in the layouts autograd uses (F.linear's
+    x W^T; dX = dY W; dW = dY^T X), each timed `model_reps` times. The ceiling is the best rate of all of
+    them: no product of the step runs faster alone, so a step's FLOP/s over it stays <= 100 % (on the
+    AVX2 EPYC of issue 37 the square alone ran slower than the model's shapes: 118 % "MFU")."""
 
-    def __init__(self, n, device, dtype):
-        self.n, self.device, self.dtype = n, device, dtype
+    def __init__(self, n, device, dtype, model_reps=3):
+        self.n, self.device, self.dtype, self.model_reps = n, device, dtype, model_reps
         g = torch.Generator(device=device).manual_seed(0)
         self.a = torch.randn(n, n, generator=g, device=device).to(dtype)
         self.b = torch.randn(n, n, generator=g, device=device).to(dtype)
         self.samples = []
         self.sample()  # warm-up, not kept
         self.samples = []
+        self.model = {}   # name -> best FLOP/s
 
     def sample(self):
         dt, _ = timed(lambda: self.a @ self.b, self.device)
         self.samples.append(2 * self.n ** 3 / dt)
 
+    def add_model(self, cfg, rows):
+        """Time the GEMMs of a training step of a model `cfg` on `rows` = batch x length tokens -> the sum of
+        their best times (seconds): a lower bound of the step (attention, GELU, LayerNorm, AdamW left out)."""
+        d, g, total = cfg.n_embd, torch.Generator(device=self.device).manual_seed(1), 0.0
+        layers = {"c_attn": (d, 3 * d), "attn.c_proj": (d, d), "c_fc": (d, 4 * d), "mlp.c_proj": (4 * d, d),
+                  "lm_head": (d, cfg.vocab_size)}
+        for name, (k, n) in layers.items():
+            x = torch.randn(rows, k, generator=g, device=self.device).to(self.dtype)
+            w = torch.randn(n, k, generator=g, device=self.device).to(self.dtype)
+            dy = torch.randn(rows, n, generator=g, device=self.device).to(self.dtype)
+            flops = 2 * rows * k * n
+            for what, fn in ((f"{name} forward {rows}x{k} @ ({n}x{k})^T", lambda: F.linear(x, w)),
+                             (f"{name} dX {rows}x{n} @ {n}x{k}", lambda: dy @ w),
+                             (f"{name} dW ({rows}x{n})^T @ {rows}x{k}", lambda: dy.t() @ x)):
+                fn()
+                best = min(timed(fn, self.device)[0] for _ in range(self.model_reps))
+                self.model[what] = max(self.model.get(what, 0.0), flops / best)
+                total += cfg.n_layer * best if name != "lm_head" else best
+        return total
+
+    def ceiling(self):
+        return max(self.samples + list(self.model.values()))
+
     def result(self):
         return {"n": self.n, "dtype": str(self.dtype).replace("torch.", ""),
                 "median_flops": median(self.samples), "max_flops": max(self.samples) if self.samples else None,
-                "samples": len(self.samples)}
+                "samples": len(self.samples), "model_gemms": self.model, "ceiling_flops": self.ceiling(),
+                "ceiling_from": "square" if max(self.samples) >= max(self.model.values(), default=0) else
+                max(self.model, key=self.model.get)}
 
 
 # ----------------------------------------------------------------------------- training
 
 def flops_per_token(cfg, T, causal=False):
     """Training FLOPs per token (forward + backward): 6 N + 12 L T d, the attention over the full T x T
-    square (the convention the MFU uses); causal: 6 N + 6 L T d, the half a causal kernel computes.
+    square (nanoGPT's convention); causal: 6 N + 6 L T d, the half a causal kernel computes.
     See the module docstring."""
     n_matmul = cfg.n_layer * 12 * cfg.n_embd ** 2 + cfg.vocab_size * cfg.n_embd
     return 6 * n_matmul + (6 if causal else 12) * cfg.n_layer * T * cfg.n_embd
+
+
+def computed_flops_per_token(cfg, T, device):
+    """The FLOPs per token that our step's kernels compute: the attention over the full square where
+    model.causal_attention runs explicit matmuls (the CPU, up to SHORT_ATTENTION tokens), the causal half
+    where it runs the flash kernel (longer sequences, and always on a GPU). The MFU counts these."""
+    return flops_per_token(cfg, T, causal=device.type != "cpu" or T > SHORT_ATTENTION)
 
 
 def hf_config(mcfg):
@@ -395,6 +456,9 @@ def bench_train(mcfg, batch, T, reps, warmup, device, peaks, label=""):
     mem = {}
     for n, fn in fns.items():
         _, mem[n], method = peak_memory(fn, device)
+    gemm = {}   # the ceiling includes this step's own matrix products, each run alone; their sum bounds the step
+    for p, pk in peaks.items():
+        gemm[p] = pk.add_model(mcfg, batch * T)
     times, cpu = alternate(fns, reps, device, lambda: [pk.sample() for pk in peaks.values()], label)
     secs = {n: median(t) for n, t in times.items()}
     tokens = batch * T
@@ -406,9 +470,13 @@ def bench_train(mcfg, batch, T, reps, warmup, device, peaks, label=""):
             "first_loss": first, "seconds": secs,
             "tokens_per_s": {n: tokens / t for n, t in secs.items()},
             "pairs": pairs, "ratio": {k: secs[t] / secs[o] for k, (o, t) in pairs.items()},
-            "flops_per_token": {"full": flops_per_token(mcfg, T), "causal": flops_per_token(mcfg, T, causal=True)},
-            "achieved_flops": {p: flops_per_token(mcfg, T) * tokens / secs[f"ours_{p}"] for p in precisions},
+            "flops_per_token": {"full": flops_per_token(mcfg, T), "causal": flops_per_token(mcfg, T, causal=True),
+                                "computed": computed_flops_per_token(mcfg, T, device)},
+            "achieved_flops": {p: computed_flops_per_token(mcfg, T, device) * tokens / secs[f"ours_{p}"]
+                               for p in precisions},
             "peak_memory_bytes": mem, "memory_method": method,
+            "gemm_seconds": gemm,   # our step's linear-layer products alone: no step of ours can be faster
+            "ratio_bound": {k: secs[t] / gemm[o.split("_")[1]] for k, (o, t) in pairs.items()},
             "ratio_cpu_time": {k: median(cpu[t]) / median(cpu[o]) for k, (o, t) in pairs.items()},
             "raw_seconds": times, "raw_cpu_seconds": cpu}
 
@@ -631,7 +699,10 @@ def build_parser():
                     help="sections to run: train, sample (the model of --n_layer etc.), sample_demo (the demo "
                          "model of config/demo.yaml), kmeans (default: %(default)s)")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
-    ap.add_argument("--threads", type=int, help="CPU threads for torch and scikit-learn (default: torch's)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="CPU threads for torch, onnxruntime and scikit-learn; 0: chosen from what the machine offers "
+                         f"now (its CPUs, cgroup quota and other processes' load), unless {THREADS_ENV} or "
+                         "OMP_NUM_THREADS sets them (default: %(default)s)")
     ap.add_argument("--n_layer", type=int, default=6, help="transformer blocks of the benchmarked model (default: %(default)s)")
     ap.add_argument("--n_head", type=int, default=8, help="its attention heads (default: %(default)s)")
     ap.add_argument("--n_embd", type=int, default=384, help="its width (default: %(default)s)")
@@ -652,6 +723,9 @@ def build_parser():
     ap.add_argument("--kmeans_data", default="digits", choices=["digits", "random"],
                     help="k-means on the built-in digits' features or on random blobs (default: %(default)s)")
     ap.add_argument("--matmul_n", type=int, help="side of the square peak matmul (default: 2048; CUDA 8192)")
+    ap.add_argument("--thread_jobs", default="idle,busy,torch,numpy",
+                    help="threads: the other jobs to time beside: idle, busy (a Python loop), torch, numpy "
+                         "(default: %(default)s)")
     ap.add_argument("--web_ckpt", default="runs/demo/final",
                     help="web: the checkpoint whose page is timed (default: %(default)s)")
     ap.add_argument("--web_threads", default="1,2", help="web: WebAssembly and torch threads to time (default: %(default)s)")
@@ -691,16 +765,20 @@ def check_args(a):
     for name, block in (("sample", a.block_size), ("sample_demo", demo_config(a.vocab_size).block_size)):
         if name in sections and not 1 <= a.new_tokens < block:
             raise UserError(f"--new_tokens must be in 1..{block - 1} (the block size of the {name} model)")
-    if a.threads is not None and a.threads < 1:
-        raise UserError("--threads must be at least 1")
+    if a.threads < 0:
+        raise UserError("--threads must be 0 (auto) or a positive number")
     batches = ints(a.sample_batches, "--sample_batches")
     n = mcfg.num_params_estimate()   # two models (ours, HF) side by side, each training or sampling
     need = {"train": 2 * (16 * n + 4 * a.batch * max(lengths) * (16 * a.n_layer * a.n_embd + 3 * a.vocab_size))
             + 12 * (a.matmul_n or 2048) ** 2,
             "sample": 2 * (4 * n + 4 * max(batches) * a.block_size * (2 * a.n_layer * a.n_embd + a.vocab_size)),
             "sample_demo": 2 * (4 * demo_config(a.vocab_size).num_params_estimate()),
-            "kmeans": 4 * (a.kmeans_n or 300000) * (5 + a.kmeans_k) if a.kmeans_n else 0, "web": 0}
+            "kmeans": 4 * (a.kmeans_n or 300000) * (5 + a.kmeans_k) if a.kmeans_n else 0, "web": 0, "threads": 0}
     ints(a.web_threads, "--web_threads")
+    from imagegpt.thread_bench import JOBS
+    jobs = [j.strip() for j in a.thread_jobs.split(",") if j.strip()]
+    if not jobs or set(jobs) - set(JOBS):
+        raise UserError(f"--thread_jobs: choose from {', '.join(JOBS)}; got {a.thread_jobs!r}")
     if a.web_n < 1:
         raise UserError(f"--web_n must be at least 1, got {a.web_n}")
     for s in sorted(sections):
@@ -719,11 +797,11 @@ def run(a, command=None):
     verbosity, bars = transformers.logging.get_verbosity(), transformers.utils.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()       # no notes about generation settings on every call
     transformers.utils.logging.disable_progress_bar()
-    threads = torch.get_num_threads()
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    threads = torch.get_num_threads()     # torch's default, unless the caller set them
     try:
-        return _run(a, command, sections, mcfg, lengths, sample_batches, device)
+        chosen = use_threads(a.threads, log=log)
+        chosen["default"] = threads
+        return _run(a, command, sections, mcfg, lengths, sample_batches, device, chosen)
     finally:
         torch.set_num_threads(threads)
         transformers.logging.set_verbosity(verbosity)
@@ -731,14 +809,14 @@ def run(a, command=None):
             transformers.utils.logging.enable_progress_bar()
 
 
-def _run(a, command, sections, mcfg, lengths, sample_batches, device):
+def _run(a, command, sections, mcfg, lengths, sample_batches, device, chosen):
     cuda = device.type == "cuda"
     quick = a.quick
     warmup = a.warmup if a.warmup is not None else (1 if quick else 2)
     if cuda:
         warmup = max(warmup, 3)   # torch.compile traces on the first calls
     out = {"command": command,
-           "quick": quick, "machine": machine_info(device),
+           "quick": quick, "machine": machine_info(device, chosen),
            "model": {"n_layer": mcfg.n_layer, "n_head": mcfg.n_head, "n_embd": mcfg.n_embd,
                      "block_size": mcfg.block_size, "vocab_size": mcfg.vocab_size}}
     t_start = time.time()
@@ -760,10 +838,11 @@ def _run(a, command, sections, mcfg, lengths, sample_batches, device):
                 r["key"] = "train_long" if i == 0 else "train_default" if i == len(lengths) - 1 else f"train_{T}"
             out["train"].append(r)
         out["matmul_peak"] = {p: pk.result() for p, pk in peaks.items()}
-        for r in out["train"]:   # MFU: achieved FLOP/s (full-square attention) over the same dtype's matmul
-            r["mfu"] = {p: f / out["matmul_peak"][p]["median_flops"] for p, f in r["achieved_flops"].items()}
-            r["mfu_causal"] = {p: m * r["flops_per_token"]["causal"] / r["flops_per_token"]["full"]
-                               for p, m in r["mfu"].items()}
+        for r in out["train"]:   # MFU: FLOP/s the kernels computed over the same dtype's matmul ceiling
+            r["mfu"] = {p: f / out["matmul_peak"][p]["ceiling_flops"] for p, f in r["achieved_flops"].items()}
+            fpt = r["flops_per_token"]
+            r["mfu_full"] = {p: m * fpt["full"] / fpt["computed"] for p, m in r["mfu"].items()}
+            r["mfu_causal"] = {p: m * fpt["causal"] / fpt["computed"] for p, m in r["mfu"].items()}
 
     sizes = [(name, cfg) for name, cfg in (("sample", mcfg), ("sample_demo", demo_config(mcfg.vocab_size)))
              if name in sections]
@@ -773,7 +852,7 @@ def _run(a, command, sections, mcfg, lengths, sample_batches, device):
         try:
             log(f"[{name}] exporting a random {cfg.n_layer}x{cfg.n_head}x{cfg.n_embd} model with hf_export and "
                 f"loading it with transformers")
-            model, hf, ort, vocab = export_pair(cfg, folder, threads=a.threads)
+            model, hf, ort, vocab = export_pair(cfg, folder, threads=torch.get_num_threads())
             model, hf = model.to(device), hf.to(device)
             for b in sample_batches:
                 reps = a.reps or (3 if quick else 7)
@@ -798,12 +877,18 @@ def _run(a, command, sections, mcfg, lengths, sample_batches, device):
         log(f"[kmeans] {n} vectors ({a.kmeans_data}), k={a.kmeans_k}")
         x, what = kmeans_data(n, a.kmeans_data)
         reps = a.reps or (1 if quick else 3)
-        r = bench_kmeans(x, a.kmeans_k, reps, a.kmeans_iters, a.threads, label="kmeans", device=device)
+        r = bench_kmeans(x, a.kmeans_k, reps, a.kmeans_iters, torch.get_num_threads(), label="kmeans", device=device)
         r["features"] = what
         out["kmeans"] = r
 
     if "web" in sections:
         out["web"] = bench_web(a, quick)
+
+    if "threads" in sections:
+        from imagegpt import thread_bench
+        jobs = [j.strip() for j in a.thread_jobs.split(",") if j.strip()]
+        out["threads"] = thread_bench.measure(chosen["default"], jobs, reps=a.reps or (4 if quick else 10), log=log)
+        torch.set_num_threads(chosen["threads"])
 
     out["machine"]["load_average_end"] = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
     out["seconds_total"] = round(time.time() - t_start, 1)
@@ -813,7 +898,17 @@ def _run(a, command, sections, mcfg, lengths, sample_batches, device):
 
 # ----------------------------------------------------------------------------- report
 
+def thread_work(name):
+    from imagegpt.thread_bench import WORK
+    return WORK[name]
+
+
 def _verdict(key, value, cuda):
+    if key.startswith("threads_") and value is not None and not cuda:
+        # idle: within 5 % of torch's default; beside another job: not slower than one thread (5 % of noise)
+        if key.endswith("_idle") or (key.endswith("_vs_one") and "_idle" not in key):
+            return f">= {THREAD_TARGET:g}x", value >= THREAD_TARGET
+        return None, None
     if key not in TARGETS or cuda or value is None or not math.isfinite(value):
         return None, None
     op, target, _ = TARGETS[key]
@@ -843,13 +938,22 @@ def rows(out):
                    else f"both {names[k]}") + (", ours compiled" if r["compile_ours"] else "")
             add(f"{r['key']}_{k}", f"training tokens/s, {where}, {how} (vs HF GPT-2)",
                 f"{r['tokens_per_s'][o]:.0f}", f"{r['tokens_per_s'][t]:.0f}", r["ratio"][k], f"{r['ratio'][k]:.2f}x")
+            if "ratio_bound" in r:
+                gemm = r["gemm_seconds"][o.split("_")[1]]
+                add(f"{r['key']}_{k}_bound", f"the most that ratio could be: HF's step over our step's linear-layer "
+                    f"products alone ({1000 * gemm:.0f} ms, each run alone; {where}, {k})",
+                    f"{r['batch'] * r['length'] / gemm:.0f}", f"{r['tokens_per_s'][t]:.0f}", r["ratio_bound"][k],
+                    f"{r['ratio_bound'][k]:.2f}x")
     for r in out.get("train", []):
         for p, mfu in r["mfu"].items():
             peak = out["matmul_peak"][p]
+            half = r["flops_per_token"]["computed"] == r["flops_per_token"]["causal"]
             add(f"mfu_{r['key']}_{p}", f"achieved FLOP/s of our {names[p]} training step, length {r['length']}, "
-                f"attention counted over the full square (causal half in brackets), vs a {peak['n']}^2 "
-                f"{peak['dtype']} matmul", f"{r['achieved_flops'][p] / 1e9:.1f} GFLOP/s",
-                f"{peak['median_flops'] / 1e9:.1f} GFLOP/s", mfu, f"{100 * mfu:.0f} % ({100 * r['mfu_causal'][p]:.0f} %)")
+                f"the FLOPs its kernels compute (attention over the {'causal half' if half else 'full square'}; "
+                f"nanoGPT's full-square count in brackets), vs the {peak['dtype']} matmul ceiling (the best of a "
+                f"{peak['n']}^2 product and the step's own products, each run alone)",
+                f"{r['achieved_flops'][p] / 1e9:.1f} GFLOP/s", f"{peak['ceiling_flops'] / 1e9:.1f} GFLOP/s", mfu,
+                f"{100 * mfu:.0f} % ({100 * r['mfu_full'][p]:.0f} %)")
     for r in out.get("sample", []):
         m = r["model"]
         size = ("demo model" if r["key"].startswith("sample_demo") else "model") + f" {m['n_layer']}x{m['n_head']}x{m['n_embd']}"
@@ -883,6 +987,15 @@ def rows(out):
             theirs = peer["drawings_per_s"][b] if peer else float("nan")
             add(f"web_{key}_draw_b{b}", f"drawings/s, batch {b}, {where}", f"{dps:.1f}", f"{theirs:.1f}",
                 dps / theirs, f"{dps / theirs:.2f}x")
+    for r in out.get("threads", {}).get("rows", []):
+        n, ms = r["threads"], r["ms"]
+        what = f"ms per {thread_work(r['work'])}, demo GPT, {r['where']}: the threads chosen now ({n['auto']})"
+        key = f"threads_{r['work']}_{r['job']}"
+        same = lambda m: " (the same setting, timed once)" if r.get("auto_is") == m else ""
+        add(key, f"{what} vs torch's default ({n['default']}, before){same('default')}", f"{ms['auto']:.1f}",
+            f"{ms['default']:.1f}", ms["default"] / ms["auto"], f"{ms['default'] / ms['auto']:.2f}x")
+        add(f"{key}_vs_one", f"{what} vs one thread{same('one')}", f"{ms['auto']:.1f}", f"{ms['one']:.1f}",
+            ms["one"] / ms["auto"], f"{ms['one'] / ms['auto']:.2f}x")
     if "kmeans" in out:
         r = out["kmeans"]
         add("kmeans_time", f"k-means seconds, {r['n']} x {r['dim']}, k={r['k']} (vs scikit-learn; lower is better)",
@@ -910,8 +1023,16 @@ def format_report(out):
         dev += f", {', '.join(m.get('cpu_flags', []))})" if m.get("cpu_flags") else ")"
     lines.append(f"machine: {dev}; {m['platform']}")
     attn = next((r["hf_attention"] for r in out.get("train", []) + out.get("sample", [])), None)
-    lines.append(f"software: python {m['python']}, torch {m['torch']} ({m['device']}, {m['threads']} threads), "
-                 f"transformers {m['transformers']} (GPT-2 attention: {attn}), scikit-learn {m['sklearn']}")
+    threads = describe_threads(m["threads_choice"]) if m.get("threads_choice") else m["threads"]
+    lines.append(f"software: python {m['python']}, torch {m['torch']} ({m['device']}, threads {threads}), "
+                 f"transformers {m['transformers']}" + (f" (GPT-2 attention: {attn})" if attn else "")
+                 + f", scikit-learn {m['sklearn']}, onnxruntime {m.get('onnxruntime')}")
+    k = m.get("kernels")
+    if k:
+        lines.append(f"kernels: ATen {k['aten']}; fp32 matmul {k['fp32_matmul']}; oneDNN {k['onednn']['isa']} "
+                     f"(fp32 {k['onednn']['fp32']}, bf16 {k['onednn']['bf16']}); onnxruntime MLAS fp32 "
+                     f"{k['onnxruntime_mlas']['fp32']}, int8 {k['onnxruntime_mlas']['int8']} (derived from the flags)"
+                     + (f"; environment {k['env']}" if k.get("env") else ""))
     if m.get("load_average"):
         lines.append(f"load average (1/5/15 min): {m['load_average']} at the start, {m.get('load_average_end')} at the end")
     if out.get("command"):

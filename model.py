@@ -104,13 +104,18 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
-    def forward(self, x, cache=None, layer=0):
+    def forward(self, x, cache=None, layer=0, at=None):
         B, T, C = x.size()
         # (B, T, 3C) -> (3, B, nh, T, hd): queries, keys, values
         qkv = linear(x, self.c_attn).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         q, k, v = qkv
         p = self.dropout if self.training else 0.0
-        if cache is None:
+        if at is not None:   # one query per row, at position at[b]: it sees the keys 0..at[b]
+            q = q[torch.arange(B, device=x.device), :, at].unsqueeze(2)                  # (B, nh, 1, hd)
+            mask = None if bool((at == T - 1).all()) else \
+                (torch.arange(T, device=x.device) <= at[:, None])[:, None, None, :]      # (B, 1, 1, T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        elif cache is None:
             y = causal_attention(q, k, v, p)
         else:
             start, end = cache.pos, cache.pos + T
@@ -123,7 +128,7 @@ class CausalSelfAttention(nn.Module):
                 mask = None if T == 1 else \
                     torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, y.size(2), C)  # (B, T, C); (B, 1, C) with at
         return dropout(linear(y, self.c_proj), self.dropout, self.training)
 
 
@@ -147,8 +152,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, layer=0):
-        x = x + self.attn.forward(layer_norm(x, self.ln_1), cache=cache, layer=layer)
+    def forward(self, x, cache=None, layer=0, at=None):
+        """x (B, T, C) -> (B, T, C); with at (B,) positions: only there -> (B, 1, C)."""
+        y = self.attn.forward(layer_norm(x, self.ln_1), cache=cache, layer=layer, at=at)
+        x = x + y if at is None else x[torch.arange(len(x), device=x.device), at].unsqueeze(1) + y
         return x + self.mlp.forward(layer_norm(x, self.ln_2))
 
 
@@ -203,11 +210,14 @@ class GPT(nn.Module):
             dtype = torch.get_autocast_dtype(device.type) if autocast else w.dtype
         return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.n_embd // c.n_head, device=device, dtype=dtype)
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None, cache=None, logits_at=None):
         """idx (B, T) long -> (logits (B, T, vocab), loss or None).
 
         targets (B, T) long are already shifted (targets[:, t] follows idx[:, t]); -100 is not scored.
         With a cache, idx holds the next T tokens after the cache.pos cached ones; cache.pos advances by T.
+        logits_at (B,) long: only the logits at these positions, one per row -> logits (B, 1, vocab) (a
+        classification reads the logits at <CLS> alone): the last block then computes its attention query,
+        projection and MLP at those positions only, and the output layer too (no cache, no targets).
         """
         B, T = idx.size()
         start = 0 if cache is None else cache.pos
@@ -222,8 +232,11 @@ class GPT(nn.Module):
         tr = self.transformer
         pos_emb = tr.wpe.weight[start:start + T]  # positions start .. start+T-1: (T, C)
         x = dropout(F.embedding(idx, tr.wte.weight) + pos_emb, self.config.dropout, self.training)  # (B, T, C)
+        if logits_at is not None and (cache is not None or targets is not None):
+            raise ValueError("logits_at reads some positions of a whole sequence: no cache, no targets")
+        last = len(tr.h) - 1
         for i, block in enumerate(tr.h):
-            x = block.forward(x, cache=cache, layer=i)
+            x = block.forward(x, cache=cache, layer=i, at=logits_at if i == last else None)
         logits = F.linear(layer_norm(x, tr.ln_f), self.lm_head.weight)  # (B, T, vocab)
         if cache is not None:
             cache.pos += T

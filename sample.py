@@ -26,8 +26,8 @@ import random
 import torch
 
 from imagegpt import checkpoint, drawing
-from imagegpt.cli import add_backend, add_ckpt, add_device, parser, run_cli
-from imagegpt.device import bf16_autocast, check_memory, resolve_device
+from imagegpt.cli import add_backend, add_ckpt, add_device, add_threads, parser, run_cli
+from imagegpt.device import bf16_autocast, check_memory, resolve_device, use_threads
 from imagegpt.errors import UserError, check_finite, check_seed
 from imagegpt.files import check_file, check_outputs, write_jsonl
 from imagegpt.plots import save_grid
@@ -99,12 +99,15 @@ def build_parser():
     ap.add_argument("--batch_size", type=int, default=64, help="rows decoded together (default: %(default)s)")
     add_device(ap)
     add_backend(ap)
+    add_threads(ap)
     return ap
 
 
 def check_args(a):
     if a.num_samples < 1:
         raise UserError(f"--num_samples must be at least 1, got {a.num_samples}")
+    if a.threads < 0:
+        raise UserError(f"--threads must be 0 (auto) or a positive number, got {a.threads}")
     if a.max_new_tokens is not None and a.max_new_tokens < 1:
         raise UserError(f"--max_new_tokens must be at least 1, got {a.max_new_tokens}")
     if a.greedy and (a.temperature is not None or a.top_k or a.top_p != 1.0):
@@ -168,6 +171,7 @@ def main(argv=None):
     if a.out_jsonl:
         check_file(a.out_jsonl, "JSONL file")
     check_outputs(out_png, a.out_jsonl)
+    use_threads(a.threads)
     ck = checkpoint.load(a.ckpt, resolve_device(a.device), a.backend)
     with bf16_autocast(a.bf16, ck.model.device, decode_width=ck.model.config.n_embd):
         return run(a, ck, out_png)

@@ -17,8 +17,8 @@ that disconnects (see imagegpt/loadtest.py and docs/service.md).
 import socket
 
 from imagegpt import access, checkpoint
-from imagegpt.cli import add_backend, add_ckpt, add_device, parser, run_cli
-from imagegpt.device import resolve_device
+from imagegpt.cli import add_backend, add_ckpt, add_device, add_threads, parser, run_cli
+from imagegpt.device import resolve_device, use_threads
 from imagegpt.errors import UserError
 from imagegpt.service_config import ServiceConfig
 from imagegpt.settings import add_options, apply_options
@@ -34,8 +34,7 @@ def build_parser():
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     add_device(p)
     add_backend(p)
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for the model (0: torch's default; 1 is steadier on a shared CPU)")
+    add_threads(p)
     add_options(p, ServiceConfig)
     lt = p.add_argument_group("load test")
     lt.add_argument("--loadtest", action="store_true", help="measure the service on loopback instead of serving")
@@ -52,7 +51,7 @@ def check_args(a):
     if not 0 < a.port < 65536:
         raise UserError(f"--port {a.port}: expected 1..65535")
     if a.threads < 0:
-        raise UserError(f"--threads {a.threads}: expected 0 (torch's default) or a positive number")
+        raise UserError(f"--threads {a.threads}: expected 0 (auto) or a positive number")
     if not (1 <= a.clients <= 1024 and 1 <= a.requests <= 100_000):
         raise UserError(f"--clients {a.clients} --requests {a.requests}: expected 1..1024 clients, 1..100000 requests")
     if (a.json or a.quick) and not a.loadtest:
@@ -90,11 +89,8 @@ def main(argv=None):
     except UserError:
         sock.close()
         raise
-    import torch
-
     from imagegpt import drain, service
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    use_threads(a.threads)   # once, at start-up: the machine's CPUs less what other processes keep busy
     ck = checkpoint.load(a.ckpt, resolve_device(a.device), a.backend)
     app = service.create_app(ck, cfg, api_key=key)
     where = f"--api_key_file {cfg.api_key_file}" if cfg.api_key_file else f"${cfg.api_key_env}"
@@ -110,11 +106,8 @@ def main(argv=None):
 
 
 def load_test(a, cfg):
-    import torch
-
     from imagegpt import loadtest
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    use_threads(a.threads)
     result = loadtest.main(a.ckpt, cfg, a.scenarios.split(","), quick=a.quick, clients=a.clients,
                            requests=a.requests, threads=a.threads, device=resolve_device(a.device), backend=a.backend)
     print(loadtest.report(result))

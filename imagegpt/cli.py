@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from imagegpt.device import BF16_DECODE_MIN_WIDTH
+from imagegpt.device import BF16_DECODE_MIN_WIDTH, THREADS_ENV
 from imagegpt.errors import UserError, printable
 
 
@@ -42,6 +42,13 @@ def add_device(p, default="auto"):
     p.add_argument("--bf16", default="auto", choices=("auto", "true", "false"),
                    help="compute in bf16 (autocast) where the GPU or CPU supports it: auto (on a CPU, sampling "
                         f"only for models at least {BF16_DECODE_MIN_WIDTH} wide); or true, false (default: %(default)s)")
+
+
+def add_threads(p, what="the model (torch, and onnxruntime with --backend onnx)"):
+    p.add_argument("--threads", type=int, default=0,
+                   help=f"CPU threads for {what}; 0: chosen from what the machine offers now (its CPUs, cgroup "
+                        f"quota and other processes' load) unless {THREADS_ENV} or OMP_NUM_THREADS sets them "
+                        "(default: %(default)s)")
 
 
 def add_backend(p):

@@ -115,7 +115,9 @@ def check_metrics(m, where):
 @torch.no_grad()
 def class_probs(model, prefixes, vocab, batch_size=64, progress=False):
     """Prefixes ending in <CLS> (any lengths) -> (N, C) probabilities over the label tokens only,
-    from the logits at <CLS> (what evaluate() scores)."""
+    from the logits at <CLS> (what evaluate() scores). A batch's prefixes are padded on the right to the
+    longest; the model computes the last block and the output layer at each row's <CLS> alone
+    (GPT.forward's logits_at), which is what the rest of the positions would only have been thrown away for."""
     device = model.device
     block = model.config.block_size
     prefixes = [fit_prefix(p, block) for p in prefixes]
@@ -127,9 +129,9 @@ def class_probs(model, prefixes, vocab, batch_size=64, progress=False):
         x = torch.full((len(chunk), T), vocab.pad_id, dtype=torch.long)
         for j, p in enumerate(chunk):
             x[j, :len(p)] = torch.tensor(p)
-        logits, _ = model(x.to(device))
         last = torch.tensor([len(p) - 1 for p in chunk], device=device)
-        out.append(vocab.label_probs(logits[torch.arange(len(chunk), device=device), last]).cpu())
+        logits, _ = model(x.to(device), logits_at=last)      # (B, 1, V): the logits at <CLS> alone
+        out.append(vocab.label_probs(logits[:, 0]).cpu())
     return torch.cat(out) if out else torch.zeros(0, C)
 
 

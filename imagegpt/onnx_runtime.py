@@ -31,15 +31,15 @@ class OnnxGPT:
     decoding loop, the evaluation and the service use: config, device, training, eval(), train(),
     num_params(), new_cache(), and model(idx, targets=None, cache=None) -> (logits, loss).
 
-    threads: onnxruntime's intra-op threads (None: its default, one per physical core)."""
+    threads: onnxruntime's intra-op threads (None: as many as torch's, which device.use_threads sets for
+    the machine)."""
 
     def __init__(self, path, threads=None):
         import onnxruntime as ort
         if not os.path.isfile(path):
             raise UserError(f"{path}: no such ONNX graph")
         opts = ort.SessionOptions()
-        if threads is not None:
-            opts.intra_op_num_threads = threads
+        opts.intra_op_num_threads = torch.get_num_threads() if threads is None else threads
         opts.inter_op_num_threads = 1        # one graph, run node after node: no inter-op pool needed
         opts.log_severity_level = 3          # errors only
         try:
@@ -76,9 +76,10 @@ class OnnxGPT:
         empty = np.zeros((batch_size, c.n_head, 0, c.n_embd // c.n_head), np.float32)
         return OnnxCache(batch_size, max_len, [empty] * (2 * c.n_layer))
 
-    def __call__(self, idx, targets=None, cache=None):
+    def __call__(self, idx, targets=None, cache=None, logits_at=None):
         """idx (B, T) long -> (logits (B, T, vocab) float32, loss or None), as GPT.forward; with a
-        cache, idx follows the cache.pos cached tokens and cache.pos advances by T."""
+        cache, idx follows the cache.pos cached tokens and cache.pos advances by T; logits_at (B,): the
+        logits at these positions alone, (B, 1, vocab) (the graph computes every position's)."""
         B, T = idx.shape
         start = 0 if cache is None else cache.pos
         if start + T > self.config.block_size:
@@ -98,6 +99,8 @@ class OnnxGPT:
         feed.update(zip(self._past_names, past))
         out = self.session.run(self._outputs if cache is not None else self._outputs[:1], feed)
         logits = torch.from_numpy(out[0])
+        if logits_at is not None:
+            logits = logits[torch.arange(B), logits_at.cpu()].unsqueeze(1)
         if cache is not None:
             cache.past = out[1:]
             cache.pos += T

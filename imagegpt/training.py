@@ -25,7 +25,7 @@ from tqdm import tqdm
 from imagegpt import checkpoint
 from imagegpt.batches import epoch_steps, open_rows
 from imagegpt.data_config import DataConfig, check_data_config, data_fields
-from imagegpt.device import BF16, bf16_autocast, check_memory, resolve_device
+from imagegpt.device import BF16, ThreadAdapter, bf16_autocast, check_memory, resolve_device, use_threads
 from imagegpt.errors import UserError, check_seed
 from imagegpt.files import (
     atomic_path,
@@ -97,6 +97,8 @@ class TrainConfig:
     """seed of the initial weights, the batch order and dropout"""
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda or cuda:N"""
+    threads: int = 0
+    """torch's CPU threads; 0: chosen from what the machine offers (its CPUs, cgroup quota, other processes' load; IMAGEGPT_THREADS or OMP_NUM_THREADS override it) and re-checked every 30 s, N: fixed (a CPU run is bitwise reproducible only with a fixed count)"""
     compile: bool = True
     """torch.compile the model (CUDA only)"""
     bf16: str = "auto"
@@ -133,7 +135,8 @@ def check_train_config(cfg):
     check_seed(cfg.seed, "config: seed")
     if cfg.model.n_embd % cfg.model.n_head:
         raise UserError(f"config: n_embd {cfg.model.n_embd} is not divisible by n_head {cfg.model.n_head}")
-    for k in ("lr", "min_lr", "weight_decay", "grad_clip", "label_weight", "warmup_steps", "eval_every", "num_workers"):
+    for k in ("lr", "min_lr", "weight_decay", "grad_clip", "label_weight", "warmup_steps", "eval_every", "num_workers",
+              "threads"):
         if not v[k] >= 0:
             raise UserError(f"config: {k} must be >= 0, got {v[k]}")
     for k in ("cond_fraction", "cond_drop"):
@@ -533,7 +536,7 @@ def train_step(model, opt, micro, denom, cfg, procs, ctx):
     return loss_sum.item()
 
 
-def evaluate_and_save(raw, opt, data, run, p, cfg, procs, ctx, total, t0, ema=None, interrupted=False):
+def evaluate_and_save(raw, opt, data, run, p, cfg, procs, ctx, total, t0, ema=None, interrupted=False, threads=None):
     """Metrics on the development split (when there is one), a log line and best/ (when they
     improved), and final/ with the trainer state. An interrupted run saves its state only (no log
     line, no best/), as if it had not stopped. Without a development split there is no best/. With a
@@ -551,6 +554,7 @@ def evaluate_and_save(raw, opt, data, run, p, cfg, procs, ctx, total, t0, ema=No
         rec = {"step": p.step, "epoch": p.step * cfg.epochs / total, "tokens": p.tokens,
                "lr": get_lr(max(p.step - 1, 0), total, cfg),
                "train_loss": sum(p.history) / len(p.history) if p.history else None, "time": time.time() - t0,
+               **({"threads": threads} if threads else {}),
                **{f"dev_{k}": metrics[k] for k in ("loss", "perplexity", "token_accuracy", "image_perplexity",
                                                    "accuracy") if metrics}}
         improved = metrics is not None and not interrupted and (p.best is None or metrics["accuracy"] > p.best)
@@ -594,7 +598,7 @@ def check_fits(cfg, device):
 # what --resume may never change (the weights and the data are made for them), and what it changes only
 # when asked (the run would not be the one that was started); the rest (where and how it runs) is free
 RESUME_FIXED = ("n_layer", "n_head", "n_embd", "max_length")
-RESUME_FREE = ("out_dir", "init_from", "device", "compile", "bf16", "allow_truncation", "num_workers")
+RESUME_FREE = ("out_dir", "init_from", "device", "compile", "bf16", "allow_truncation", "num_workers", "threads")
 
 
 def check_resume(cfg, folder, allow_changes, log):
@@ -646,14 +650,22 @@ def train(cfg, resume=False, log=print, allow_changes=False):
         elif procs.master and os.path.exists(os.path.join(cfg.out_dir, "final", "config.json")):
             log(f"note: {cfg.out_dir} holds an earlier run; this new one replaces its log, best/ and final/ "
                 f"(continue a run with --resume)")
-        return _train(cfg, procs, resume, log)
+        threads = torch.get_num_threads()
+        try:
+            return _train(cfg, procs, resume, log)
+        finally:
+            torch.set_num_threads(threads)   # as the caller had them (the run chose its own)
     finally:
         if lock:
             lock.release()
 
 
+THREAD_CHECK_SECONDS = 30.0   # how often a run with threads 0 (auto) re-checks what the machine offers
+
+
 def _train(cfg, procs, resume, log):
     log = log if procs.master else (lambda *a, **k: None)
+    threads = ThreadAdapter(use_threads(cfg.threads, "config: threads", log), THREAD_CHECK_SECONDS)
     ctx = bf16_autocast(cfg.bf16, procs.device)
     seq = (cfg.data.image_size // cfg.data.codebook.patch_size) ** 2 + 1 + TAIL       # what prepare will write
     if 0 < cfg.max_length < seq and not cfg.allow_truncation:     # said before preparing the data
@@ -711,6 +723,8 @@ def _train(cfg, procs, resume, log):
             raise UserError(diverged(run, p, f"the training loss is {loss}", cfg))
         p.tokens += n_tokens
         p.history.append(loss)
+        if threads.check() and procs.master:
+            tqdm.write(f"step {p.step}: {threads.note()}")
         if bar is None:
             bar = tqdm(total=total, initial=p.step, desc="training", disable=not procs.master, dynamic_ncols=True)
         else:
@@ -720,7 +734,7 @@ def _train(cfg, procs, resume, log):
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{(p.tokens - tok_last) / (now - t_last):.0f}")
             t_last, tok_last = now, p.tokens
         if p.step == total or (p.step % cfg.eval_every == 0 if cfg.eval_every else p.step % steps_per_epoch == 0):
-            rec = evaluate_and_save(raw, opt, data, run, p, cfg, procs, ctx, total, t0, ema)
+            rec = evaluate_and_save(raw, opt, data, run, p, cfg, procs, ctx, total, t0, ema, threads=threads.take_used())
             saved_at = p.step
             if procs.master:
                 tqdm.write(f"step {p.step}: train loss {rec['train_loss']:.4f}" + (

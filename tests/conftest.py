@@ -9,6 +9,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # as fixtur
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+# Every model in the suite (in this process and in the commands it starts) runs on one thread: the thread
+# count changes a CPU run's rounding, so runs compared bitwise must share it whatever the machine's load
+# (the commands' default, 0, chooses from that load: imagegpt/device.py). Tests of that choice unset it.
+os.environ.setdefault("IMAGEGPT_THREADS", "1")
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

@@ -43,11 +43,19 @@ def test_json_structure(result):
     assert result["command"].startswith("python bench.py")
     m = result["machine"]
     assert m["torch"] and m["threads"] == 1 and m["device"] == "cpu"
+    assert m["threads_choice"] == {"source": "--threads", "threads": 1, "default": THREADS_BEFORE}   # who chose them
+    k = m["kernels"]                                                      # the kernels taken, on every CPU kind
+    assert k["aten"] == torch.backends.cpu.get_cpu_capability() and k["fp32_matmul"].startswith("MKL sgemm")
+    assert k["onednn"]["isa"] and set(k["onnxruntime_mlas"]) == {"fp32", "int8"}
+    assert m["cpu_vendor"] and isinstance(m["cpu_flags"], list) and m["onnxruntime"]
     assert [r["length"] for r in result["train"]] == [12, 6]
     assert [r["key"] for r in result["train"]] == ["train_long", "train_default"]
     assert [r["key"] for r in result["sample"]] == ["sample_b1", "sample_b3"]
     assert set(result["matmul_peak"]) == set(PRECISIONS)
-    assert all(p["samples"] == 4 for p in result["matmul_peak"].values())   # one per repetition and length
+    for p in result["matmul_peak"].values():
+        assert p["samples"] == 4                        # the square: one per repetition and length
+        assert len(p["model_gemms"]) == 2 * 5 * 3       # per length, 5 linear layers x (forward, dX, dW)
+        assert p["ceiling_flops"] == max([p["max_flops"]] + list(p["model_gemms"].values()))
     for r in result["train"]:   # ours and HF, each in fp32 and (where supported) bf16, in one alternation
         sides = {f"{who}_{p}" for who in ("ours", "theirs") for p in PRECISIONS}
         assert set(r["raw_seconds"]) == set(r["peak_memory_bytes"]) == sides
@@ -73,7 +81,8 @@ def test_json_structure(result):
 
 def test_ratios_are_positive_numbers(result):
     for r in result["train"]:
-        for d in (r["ratio"], r["mfu"], r["mfu_causal"], r["achieved_flops"], r["tokens_per_s"]):
+        for d in (r["ratio"], r["mfu"], r["mfu_causal"], r["achieved_flops"], r["tokens_per_s"], r["gemm_seconds"],
+                  r["ratio_bound"]):
             assert d and all(positive(v) for v in d.values())
     for r in result["sample"]:
         assert positive(r["ratio"]) and all(positive(v) for v in r["images_per_s"].values())
@@ -86,15 +95,20 @@ def test_ratios_are_positive_numbers(result):
 
 
 def test_flops_are_counted_both_ways(result):
-    """The MFU counts attention over the full T x T square (nanoGPT's convention); the causal count
-    takes half of that attention term: 6 L T d less per token."""
+    """The MFU counts the FLOPs our kernels compute: on the CPU at these lengths (<= SHORT_ATTENTION) the
+    explicit attention matmuls over the full T x T square (nanoGPT's convention); the causal count takes half
+    of that attention term: 6 L T d less per token. The ceiling is the matmul peak's, over the square and the
+    step's own products."""
     cfg = GPTConfig(vocab_size=36, block_size=16, n_layer=1, n_head=2, n_embd=16)
     for r in result["train"]:
-        T = r["length"]
-        assert r["flops_per_token"]["full"] == bench.flops_per_token(cfg, T)
-        assert r["flops_per_token"]["full"] - r["flops_per_token"]["causal"] == 6 * cfg.n_layer * T * cfg.n_embd
+        T, fpt = r["length"], r["flops_per_token"]
+        assert fpt["full"] == bench.flops_per_token(cfg, T) == fpt["computed"]
+        assert fpt["full"] - fpt["causal"] == 6 * cfg.n_layer * T * cfg.n_embd
         for p, mfu in r["mfu"].items():
-            assert r["mfu_causal"][p] == pytest.approx(mfu * r["flops_per_token"]["causal"] / r["flops_per_token"]["full"])
+            assert mfu == pytest.approx(r["achieved_flops"][p] / result["matmul_peak"][p]["ceiling_flops"])
+            assert r["mfu_causal"][p] == pytest.approx(mfu * fpt["causal"] / fpt["full"])
+    assert bench.computed_flops_per_token(cfg, 600, torch.device("cpu")) == bench.flops_per_token(cfg, 600, causal=True)
+    assert bench.computed_flops_per_token(cfg, 12, torch.device("cuda")) == bench.flops_per_token(cfg, 12, causal=True)
 
 
 def test_same_work_on_both_sides(result):
@@ -158,6 +172,38 @@ def test_gpu_preset_dry_run_on_the_cpu(tmp_path):
 
 
 def test_bad_arguments():
-    for bad in (["--only", "train,nothing"], ["--lengths", "600"], ["--lengths", "a"], ["--vocab_size", "10"]):
+    for bad in (["--only", "train,nothing"], ["--lengths", "600"], ["--lengths", "a"], ["--vocab_size", "10"],
+                ["--thread_jobs", "idle,cats"], ["--threads", "-1"]):
         with pytest.raises(UserError):
             bench.run(bench.build_parser().parse_args(bad))
+
+
+def test_the_threads_table(monkeypatch):
+    """--only threads: each work timed at torch's default, one and the chosen thread count, idle and beside
+    another job (a process of its own, stopped after); the rows compare the chosen count with the default
+    (idle: within 5 %) and with one thread (beside a job: not slower). One call each: structure only."""
+    from imagegpt import thread_bench
+    started = []
+    real = thread_bench.Job.__enter__
+    monkeypatch.setattr(thread_bench.Job, "__enter__", lambda self: started.append(real(self)) or self)
+    monkeypatch.setattr(thread_bench, "demo_work", lambda seed=0: {"train": lambda: None, "classify": lambda: None,
+                                                                   "draw": lambda: None})
+    before = torch.get_num_threads()
+    t = thread_bench.measure(2, jobs=("idle", "busy"), work=("train", "classify"), reps=1, settle=0.1,
+                             log=lambda *a: None)
+    assert torch.get_num_threads() == before
+    assert [(r["job"], r["work"]) for r in t["rows"]] == [("idle", "train"), ("idle", "classify"), ("busy", "train"),
+                                                         ("busy", "classify")]
+    for r in t["rows"]:
+        assert r["threads"]["default"] == 2 and r["threads"]["one"] == 1 and r["threads"]["auto"] >= 1
+        assert all(len(v) == 1 for v in r["raw_ms"].values()) and set(r["ms"]) == {"default", "one", "auto"}
+        if r["auto_is"]:      # the chosen count is one of the others: that very setting, timed once
+            assert r["threads"]["auto"] == r["threads"][r["auto_is"]] and r["ms"]["auto"] == r["ms"][r["auto_is"]]
+    assert started[1].proc.poll() is not None      # the busy loop was stopped
+    out = {"machine": {"device": "cpu"}, "threads": t}
+    for r in t["rows"]:
+        r["ms"] = {"default": 10.0, "one": 8.0, "auto": 8.0}
+    table = {r["key"]: r for r in bench.rows(out)}
+    assert table["threads_train_idle"]["ratio"] == 1.25 and table["threads_train_idle"]["met"] is True
+    assert table["threads_train_busy_vs_one"]["met"] is True and table["threads_train_busy"]["met"] is None
+    assert table["threads_classify_idle_vs_one"]["met"] is None

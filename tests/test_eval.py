@@ -47,11 +47,12 @@ class Stub(nn.Module):
         self.register_buffer("table", t)
         self.register_buffer("cls_table", c)
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None, cache=None, logits_at=None):
         logits = self.table[idx]
         at_cls = (idx == CLS)[..., None]
         first = idx[:, min(1, idx.shape[1] - 1)]
-        return torch.where(at_cls, self.cls_table[first][:, None, :], logits), None
+        logits = torch.where(at_cls, self.cls_table[first][:, None, :], logits)
+        return (logits if logits_at is None else logits[torch.arange(len(idx)), logits_at].unsqueeze(1)), None
 
 
 SEQS = [[IMG, Z0, Z1, END, CLS, L0, EOS],          # label 0

@@ -146,6 +146,24 @@ def test_kv_cache_matches_full_forward():
             assert torch.allclose(step[:, -1], full[:, -1], atol=1e-5), t
 
 
+def test_logits_at_some_positions_are_the_full_forwards():
+    """logits_at (a classification reads the logits at <CLS> alone): the last block and the output layer
+    at one position per row give the full forward's logits there, at the last position or before it (a
+    shorter prefix padded on the right); with a cache or targets it is refused."""
+    m = tiny_model(seed=8).eval()
+    seq = torch.randint(0, 40, (3, 12), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        full, _ = m(seq)
+        for at in ([11, 11, 11], [11, 4, 0]):
+            got, _ = m(seq, logits_at=torch.tensor(at))
+            assert got.shape == (3, 1, 40)
+            assert torch.allclose(got[:, 0], full[torch.arange(3), torch.tensor(at)], atol=1e-5)
+        with pytest.raises(ValueError, match="logits_at"):
+            m(seq, seq, logits_at=torch.tensor([1, 2, 3]))
+        with pytest.raises(ValueError, match="logits_at"):
+            m(seq, cache=m.new_cache(3, 12), logits_at=torch.tensor([1, 2, 3]))
+
+
 def test_kv_cache_multi_token_on_nonempty_cache():
     m = tiny_model(seed=6).eval()
     torch.manual_seed(7)
