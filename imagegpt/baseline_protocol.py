@@ -32,7 +32,8 @@ from imagegpt.errors import UserError
 from imagegpt.settings import changed, flat
 from imagegpt.splits import split_roles
 from imagegpt.stats import seed_summary, wilson_interval
-from tokenizer import Codebook, psnr
+import tokenizer
+from tokenizer import psnr
 from tokenizer import uint8_to_tensor as to_tensor
 
 
@@ -51,7 +52,7 @@ def augmented(x, cfg):
 
 
 def fit_codebook(x, cfg, seed):
-    return Codebook.fit(x, replace(cfg.codebook, codebook_seed=seed))
+    return tokenizer.fit_codebook(x, replace(cfg.codebook, codebook_seed=seed))
 
 
 def reconstruct(book, x):
@@ -401,11 +402,11 @@ def tokenisation_table(images, labels, cfg, dev_fraction, rows=TOKENISATIONS, pr
         if c.image_size % c.codebook.patch_size:
             raise UserError(f"{label}: image_size {c.image_size} is not divisible by patch_size {c.codebook.patch_size}")
         t0 = time.time()
-        book = Codebook.fit(fit, c.codebook)
+        book = tokenizer.fit_codebook(fit, c.codebook)
         codes = book.encode(x)
         seconds = time.time() - t0
         recon = book.decode(codes)
-        usage = torch.bincount(codes.flatten(), minlength=c.codebook.num_codes).double()
+        usage = torch.bincount(codes.flatten(), minlength=book.code_space).double()
         pr = usage[usage > 0] / usage.sum()
         out.append({"setting": label, "change": change, "tokens_per_image": book.seq_len + 5,
                     "dev_psnr_db": psnr(recon[len(fit):], dev),

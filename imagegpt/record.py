@@ -214,26 +214,84 @@ def finetune(ctx):
     return out
 
 
-# The colour part's commands, in one place: {images}, {data}, {run} and {out} are filled in.
+# The colour parts' commands, in one place (docs/results.md "Colour"): {images}, {data}, {run}, {judge}, {out}
+# are filled in. The baselines and the judge get the data settings of config/colour.yaml (its codebook and copies).
+COLOUR_DATA = ("--image_size", "32", "--channels", "3", "--patch_size", "4", "--num_codes", "1000", "--palette", "128",
+               "--w_gradient", "0", "--dev_fraction", "0.1", "--augment", "6", "--permute_colours", "true",
+               "--max_rotate", "15")
 COLOUR = {
     "images": ("data.py", "shapes", "{images}", "--kind", "colour", "--per_class", "500"),
-    "train": ("train.py", "config/colour.yaml", "--source", "folder:{images}", "--data_dir", "{data}", "--out_dir", "{run}"),
-    "eval": ("eval.py", "--ckpt", "{run}/final", "--out", "{out}"),
+    "train": ("config/colour.yaml", "--source", "folder:{images}", "--data_dir", "{data}"),
+    "baselines": ("baselines.py", "--source", "folder:{images}", *COLOUR_DATA, "--seeds", "3"),
+    "judge_images": ("data.py", "shapes", "{judge_images}", "--kind", "colour", "--per_class", "5000", "--seed", "1"),
+    "judge": ("baselines.py", "--source", "folder:{judge_images}", *COLOUR_DATA[:10], "--augment", "2",
+              "--permute_colours", "true", "--max_rotate", "15", "--dev_fraction", "0.05", "--seeds", "1",
+              "--save_judge", "{judge}"),
+    "report": ("eval.py", "--ckpt", "{run}/seed-1337/final", "--generation", "--judge", "{judge}", "--per_class", "100"),
 }
-COLOUR_QUICK = {"images": ("--per_class", "12"), "train": (*TINY_MODEL, "--num_codes", "16", "--palette", "8",
-                                                           "--fit_samples", "3000", "--kmeans_iters", "2", *TINY_COPIES)}
+COLOUR_QUICK = {"images": ("--per_class", "40"), "judge_images": ("--per_class", "40"),
+                "train": ("--num_codes", "16", "--palette", "8", "--fit_samples", "3000", "--kmeans_iters", "2"),
+                "baselines": ("--quick", "--seeds", "1", "--num_codes", "16", "--palette", "8", *TINY_COPIES),
+                "judge": ("--quick", "--num_codes", "16", "--palette", "8", *TINY_COPIES),
+                "report": ("--per_class", "2", "--scales", "1,3")}
+# the tokenisation table's candidates, on the development split: (result name, config/colour.yaml overrides);
+# the ones of 256 to 261 image tokens train for 2 epochs (a third of the recipe's steps) to fit 2 cores
+COLOUR_TABLE = (
+    ("palette_p4", ()),
+    ("palette_p4_nocopies_colour", ("--permute_colours", "false")),
+    ("palette_p4_nocopies", ("--augment", "0", "--permute_colours", "false")),
+    ("palette_p2_e2", ("--patch_size", "2", "--num_codes", "500", "--epochs", "2")),
+    ("patch_p2_k4000_e2", ("--palette", "0", "--patch_size", "2", "--num_codes", "4000", "--permute_colours", "false",
+                           "--epochs", "2")),
+    ("patch_p2_k4000_colour_e2", ("--palette", "0", "--patch_size", "2", "--num_codes", "4000", "--epochs", "2")),
+    ("igpt_16px_k512_e2", ("--palette", "0", "--image_size", "16", "--patch_size", "1", "--num_codes", "512",
+                           "--epochs", "2")),
+)
+
+
+def colour_argv(ctx, key, **where):
+    return tuple(a.format(**where) for a in COLOUR[key]) + (COLOUR_QUICK.get(key, ()) if ctx.quick else ())
 
 
 def colour(ctx):
-    where = {"images": ctx.path("data", "shapes-colour"), "data": ctx.path("data", "colour-tok"),
-             "run": ctx.path("gpt"), "out": ctx.out("colour_test_seed1337.json")}
-    argv = {k: tuple(a.format(**where) for a in v) + (COLOUR_QUICK.get(k, ()) if ctx.quick else ()) + FP32 * (k != "images")
-            for k, v in COLOUR.items()}
-    return [Step("draw the colour shapes", argv["images"]), Step("train config/colour.yaml", argv["train"]),
-            Step("evaluate it on its test split", argv["eval"]),
-            Step("collect the tokenisation's report", call=data_report,
-                 kwargs={"data": where["data"], "out": ctx.out("colour_data_report.json"),
-                         "command": "python " + " ".join(argv["train"])})]
+    """config/colour.yaml on the colour shapes over 3 seeds (test split), its tokenisation's report, the
+    baselines with the same copies, and its drawings of a chosen class judged by a CNN trained on other,
+    generated shapes."""
+    where = {"images": ctx.path("data", "shapes-colour"), "data": ctx.path("data", "colour-tok"), "run": ctx.path("gpt"),
+             "judge_images": ctx.path("data", "shapes-colour-judge"), "judge": ctx.path("judge")}
+    n = ctx.pick(3, 2)
+    train = colour_argv(ctx, "train", **where)
+    steps = [Step("draw the colour shapes", colour_argv(ctx, "images", **where))]
+    steps += trained(ctx, "config/colour.yaml", train, where["run"], 1337, n, "colour_test_seeds1337-1339.json",
+                     train_out="colour_train_seeds1337-1339.json", codes=False)
+    steps += [Step("collect the tokenisation's report", call=data_report,
+                   kwargs={"data": where["data"], "out": ctx.out("colour_data_report.json"),
+                           "command": "python train.py " + " ".join(train)}),
+              Step("the baselines with the same copies", (*colour_argv(ctx, "baselines", **where),
+                                                          "--out", ctx.out("colour_baselines_seeds0-2.json"))),
+              Step("draw the judge's shapes (other seeds)", colour_argv(ctx, "judge_images", **where)),
+              Step("train the judge CNN", (*colour_argv(ctx, "judge", **where), "--out", ctx.out("colour_judge.json"))),
+              Step("the drawing report, seed 1337", (*colour_argv(ctx, "report", **where), *FP32,
+                                                     "--out", ctx.out("colour_drawing_report_seed1337.json")))]
+    return steps
+
+
+def colour_table(ctx):
+    """The colour tokenisation table: each candidate trained with config/colour.yaml's recipe (seed 1337)
+    and scored on the development split, with its data folder's report (PSNR, tokens per image)."""
+    images, steps = ctx.of("colour", "data", "shapes-colour"), []
+    for name, changes in COLOUR_TABLE:
+        run, data = ctx.path(name), ctx.path("data", name)
+        argv = ("train.py", "config/colour.yaml", "--source", f"folder:{images}", "--data_dir", data, "--out_dir", run,
+                *changes, *FP32, *(COLOUR_QUICK["train"] + TINY_MODEL if ctx.quick else ()))
+        steps += [Step(f"train {name}", argv),
+                  Step(f"evaluate {name} on the development split",
+                       ("eval.py", "--ckpt", os.path.join(run, "final"), "--split", "dev", *FP32,
+                        "--out", ctx.out(f"colour_table_{name}_dev.json"))),
+                  Step(f"collect {name}'s tokenisation report", call=data_report,
+                       kwargs={"data": data, "out": ctx.out(f"colour_table_{name}_data.json"),
+                               "command": "python " + " ".join(argv)})]
+    return steps
 
 
 def export(ctx):
@@ -331,9 +389,14 @@ PARTS = [
     Part("finetune", "fine-tuning the demo model onto pen strokes against training from scratch (README, results.md)", 30,
          tuple(f"finetune_strokes{n}_{k}_dev_seeds1337-1339.json" for n in (50, 200) for k in ("tuned", "scratch")),
          finetune, ("data.py", *TRAIN), files=("config/finetune.yaml",), needs=("demo",)),
-    Part("colour", "config/colour.yaml on the colour shapes: test accuracy, the tokenisation's PSNR (README, results.md)",
-         25, ("colour_test_seed1337.json", "colour_data_report.json"), colour, ("data.py", *TRAIN),
-         files=("config/colour.yaml",)),
+    Part("colour", "config/colour.yaml on the colour shapes over 3 seeds, its PSNR, the baselines with the same copies, "
+         "the judged drawings (README, results.md, drawing.md)", 70,
+         ("colour_test_seeds1337-1339.json", "colour_train_seeds1337-1339.json", "colour_data_report.json",
+          "colour_baselines_seeds0-2.json", "colour_judge.json", "colour_drawing_report_seed1337.json"), colour,
+         ("data.py", *TRAIN, "baselines.py"), files=("config/colour.yaml",), keeps=("gpt", "data/shapes-colour")),
+    Part("colour_table", "the colour tokenisation table on the development split (results.md)", 150,
+         tuple(f"colour_table_{n}_{k}.json" for n, _ in COLOUR_TABLE for k in ("dev", "data")), colour_table,
+         TRAIN, files=("config/colour.yaml",), needs=("colour",)),
     Part("export", "the export of the demo model: parity, accuracy per backend, the client without torch (export.md)", 8,
          ("export_parity.json", "export_eval_torch.json", "export_eval_onnx.json", "export_eval_onnx_int8.json",
           "export_client.json"), export, ("hf_export.py", "eval.py"), modules=("imagegpt.client_parity",),

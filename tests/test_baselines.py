@@ -317,3 +317,14 @@ def test_tokenisation_command(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.load(open(out))["rows"]
     assert [x["tokens_per_image"] for x in rows] == [201, 54, 21] and "| setting |" in r.stdout
+
+
+def test_the_codebook_rows_use_the_configured_kind_of_codebook():
+    """With palette > 0 the codebook baselines read the palette codebook's reconstructions (shape apart from
+    colour), as the GPT's tokens are, not a patch codebook of the same sizes."""
+    from tokenizer import Codebook, PaletteCodebook
+    x = torch.rand(40, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    cfg = build(DataConfig, channels=3, image_size=8, patch_size=4, num_codes=8, palette=4, kmeans_iters=2)
+    assert isinstance(suite_mod.fit_codebook(x, cfg, seed=0), PaletteCodebook)
+    assert isinstance(suite_mod.fit_codebook(x, replace(cfg, codebook=replace(cfg.codebook, palette=0)), seed=0),
+                      Codebook)
