@@ -34,7 +34,7 @@ from imagegpt.plots import save_grid
 from imagegpt.prepare import SPLITS, prepare, reconstructions
 from imagegpt.sequences import read_sequences
 from imagegpt.settings import add_options, apply_options
-from imagegpt.shapes import KINDS, write_folder
+from imagegpt.shapes import COLOUR_KINDS, KINDS, write_folder
 from imagegpt.token_format import Vocab
 from tokenizer import load_codebook
 
@@ -69,7 +69,8 @@ def build_parser():
                                       "root/<class>/*.png, to use as --source folder:ROOT")
     s.add_argument("root", help="the new folder to write")
     s.add_argument("--kind", default="strokes", choices=sorted(KINDS),
-                   help="strokes: grey 28 x 28 pen figures; colour: 32 x 32 filled shapes (default: %(default)s)")
+                   help="strokes: grey 28 x 28 pen figures; colour: 32 x 32 filled shapes; digits: the built-in digits "
+                        "painted in random colours (default: %(default)s)")
     s.add_argument("--per_class", type=int, default=200, help="images per class (default: %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="seed of the drawing (default: %(default)s)")
     return ap
@@ -95,7 +96,7 @@ def main(argv=None):
         names = write_folder(args.root, args.kind, args.per_class, args.seed)
         print(f"wrote {args.root}: {len(names)} classes ({', '.join(names)}) x {args.per_class} {args.kind} images; "
               f"use it as --source folder:{args.root} --image_size {KINDS[args.kind][0]}"
-              f"{' --channels 3' if args.kind == 'colour' else ''}")
+              f"{' --channels 3' if args.kind in COLOUR_KINDS else ''}")
         return 0
     if args.n < 1:
         raise UserError(f"--n must be at least 1, got {args.n}")

@@ -4,7 +4,10 @@ nothing to download. Two kinds, each deterministic for a seed:
     strokes   grey 28 x 28, white pen strokes on black like the MNIST digits: circle, cross, triangle,
               square, zigzag, each drawn by a wobbly hand (position, size, slant and pen width vary);
     colour    32 x 32 colour: a filled circle, square, triangle or star, of a random colour on a random
-              background colour that differs from it, at a random place, size and angle.
+              background colour that differs from it, at a random place, size and angle;
+    digits    28 x 28 colour: the built-in MNIST digits (0 to 9, at most 500 per class), each painted in a
+              random colour on a random background colour (its grey level mixes the two), so that the
+              class lies in the shape and the colours carry none.
 
 Each image is drawn at 4 times its size and shrunk with antialiasing, so edges are soft as in real
 images. write_folder() writes them as a class-folder tree (root/<class>/<n>.png) that `--source
@@ -20,7 +23,9 @@ from imagegpt.errors import UserError
 from imagegpt.files import atomic_dir
 
 KINDS = {"strokes": (28, ["circle", "cross", "triangle", "square", "zigzag"]),
-         "colour": (32, ["circle", "square", "triangle", "star"])}
+         "colour": (32, ["circle", "square", "triangle", "star"]),
+         "digits": (28, [str(d) for d in range(10)])}
+COLOUR_KINDS = ("colour", "digits")   # the kinds of colour images (the others are grey)
 SCALE = 4   # drawn at SCALE x the size, then shrunk
 
 
@@ -113,6 +118,21 @@ def colour_pair(rng):
             return tuple(int(v) for v in back), tuple(int(v) for v in front)
 
 
+def painted_digits(per_class, rng):
+    """per_class built-in digits of each class (a seeded choice), each painted in a random colour pair:
+    uint8 (10 * per_class, 28, 28, 3), labels, class after class."""
+    from imagegpt.sources import load_builtin
+    grey, labels = load_builtin()[:2]
+    if per_class > np.bincount(labels).min():
+        raise UserError(f"shapes: the built-in digits have {np.bincount(labels).min()} per class at least; "
+                        f"--per_class {per_class} is more")
+    pick = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(10)])
+    mix = grey[pick].astype(np.float64) / 255                                     # (n, 28, 28, 1)
+    pairs = np.array([colour_pair(rng) for _ in pick], np.float64)               # (n, 2, 3): back, front
+    out = pairs[:, None, None, 0] + mix * (pairs[:, None, None, 1] - pairs[:, None, None, 0])
+    return np.rint(out).astype(np.uint8), labels[pick]
+
+
 def write_folder(root, kind, per_class, seed=0):
     """per_class images of every class of `kind` as root/<class>/<n>.png (written whole or not at all)."""
     if kind not in KINDS:
@@ -123,9 +143,11 @@ def write_folder(root, kind, per_class, seed=0):
         raise UserError(f"{root}: exists; choose a new folder for the images (nothing is replaced)")
     names = KINDS[kind][1]
     rng = np.random.default_rng(seed)
+    painted = painted_digits(per_class, rng)[0] if kind == "digits" else None
     with atomic_dir(root, "image folder") as tmp:
         for c, name in enumerate(names):
             os.makedirs(os.path.join(tmp, name))
             for i in range(per_class):
-                Image.fromarray(draw(kind, c, rng)).save(os.path.join(tmp, name, f"{i:05d}.png"))
+                im = painted[c * per_class + i] if painted is not None else draw(kind, c, rng)
+                Image.fromarray(im).save(os.path.join(tmp, name, f"{i:05d}.png"))
     return names

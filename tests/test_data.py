@@ -875,10 +875,11 @@ def test_shapes_folders_are_deterministic_and_read_like_a_users_images(tmp_path,
         files = sorted(os.path.relpath(os.path.join(d, f), a) for d, _, fs in os.walk(a) for f in fs)
         assert len(files) == 3 * len(classes) and sorted(os.listdir(a)) == sorted(classes)
         assert all(open(a / f, "rb").read() == open(b / f, "rb").read() for f in files)   # the same seed, the same bytes
-        images, labels, names, _ = sources.load_folder(str(a), size, 3 if kind == "colour" else 1)
+        colour = kind in shapes.COLOUR_KINDS
+        images, labels, names, _ = sources.load_folder(str(a), size, 3 if colour else 1)
         assert names == sorted(classes) and images.shape[0] == 3 * len(classes)
         with Image.open(a / files[0]) as im:
-            assert im.size == (size, size) and im.mode == ("RGB" if kind == "colour" else "L")
+            assert im.size == (size, size) and im.mode == ("RGB" if colour else "L")
         if kind == "strokes":   # white strokes on black, as the digits
             assert (images[..., 0] < 30).mean() > 0.6 and images.max() > 200
         else:                   # a shape of another colour than its background
@@ -886,3 +887,13 @@ def test_shapes_folders_are_deterministic_and_read_like_a_users_images(tmp_path,
             assert (np.abs(images - corner).sum(-1).max(axis=(1, 2)) > 150).all()
     with pytest.raises(UserError, match="exists; choose a new folder"):
         shapes.write_folder(str(tmp_path / "strokes-a"), "strokes", 3)
+    # the painted digits: each built-in digit's grey level mixes its two colours (0: the ground, 255: the figure)
+    painted, labels = shapes.painted_digits(2, np.random.default_rng(0))
+    grey, all_labels = sources.load_builtin()[:2]
+    assert painted.shape == (20, 28, 28, 3) and labels.tolist() == [c for c in range(10) for _ in range(2)]
+    for im, y in zip(painted, labels):
+        ground = (im == im[0, 0]).all(-1)
+        match = [g for g in grey[all_labels == y] if ground[g[..., 0] == 0].all() and not ground[g[..., 0] > 128].any()]
+        assert match, "each painted image is a built-in digit of its class: the ground where it is 0, not where it is bright"
+    with pytest.raises(UserError, match="the built-in digits have .* per class at least; --per_class 9999 is more"):
+        shapes.painted_digits(9999, np.random.default_rng(0))
