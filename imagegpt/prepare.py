@@ -355,6 +355,7 @@ class Tally:
         return {
             "test_psnr_db": round(self.psnr["test"][0] / self.psnr["test"][1], 3),
             "train_psnr_db": round(self.psnr["train"][0] / self.psnr["train"][1], 3),
+            **({"dev_psnr_db": round(self.psnr["dev"][0] / self.psnr["dev"][1], 3)} if "dev" in self.psnr else {}),
             "distinct_images": len(self.distinct[0]),
             "distinct_sequences": len(self.distinct[1]),
             "distinct_share": round(len(self.distinct[1]) / len(self.distinct[0]), 6),
