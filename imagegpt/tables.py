@@ -149,8 +149,30 @@ def readme_results(r):
         ("fine-tuned from the digit model onto 5 classes of pen strokes, 50 per class (development split)",
          f"{f(lambda: spread(r.per_checkpoint(FINETUNE50[:1]), 1))} "
          f"(from scratch {f(lambda: spread(r.per_checkpoint(FINETUNE50[1:]), 1))})", "1337 to 1339"),
+        *colour_rows(r),
     ]
     return markdown(("model", "test accuracy", "seeds"), ("---", "---:", "---"), rows) + provenance_note(r)
+
+
+COLOUR = ["colour_test_seeds1337-1339.json"]
+COLOUR_BASE = ["colour_baselines_seeds0-2.json"]
+COLOUR_DATA, COLOUR_DRAW = "colour_data_report.json", "colour_drawing_report_seed1337.json"
+GUIDANCE = "3.0"   # the drawing report's row shown: drawing.GUIDANCE, the default
+
+
+def colour_rows(r):
+    """The colour rows of the README's table: the GPT against the CNN with the same copies, its drawings."""
+    f = lambda make: figure(r, make)
+    judged = f(lambda: pct(r.load(COLOUR_DRAW)["scales"][GUIDANCE]["judge_accuracy"], 1))
+    judge = f(lambda: pct(r.load(COLOUR_DRAW)["real"]["judge"]["accuracy"], 1))
+    return [
+        ("colour shapes (`config/colour.yaml`: 4 classes of random colours, shape apart from colour, 73 tokens; 400 test "
+         "images): the GPT / the CNN with the same copies",
+         f"{f(lambda: spread(r.per_checkpoint(COLOUR)))} / {f(lambda: spread(r.baseline(COLOUR_BASE, 'cnn')))}",
+         "1337 to 1339 / 0 to 2"),
+        (f"its drawings of a chosen class, judged the asked shape by a CNN trained on other shapes (which reads the real "
+         f"test shapes at {judge})", judged, "1337"),
+    ]
 
 
 def results_summary(r):
@@ -189,6 +211,47 @@ def results_summary(r):
                     rows) + provenance_note(r)
 
 
+def colour_summary(r):
+    """docs/results.md's colour results: the GPT, the baselines with the same copies, the tokens, the drawings."""
+    f = lambda make: figure(r, make)
+    base = lambda which, d=2: f(lambda: spread(r.baseline(COLOUR_BASE, which), d))
+    rows = [
+        ("the GPT (`config/colour.yaml`, `final/`)", f(lambda: spread(r.per_checkpoint(COLOUR))), "1337 to 1339"),
+        ("LeNet-5-like CNN, the same images and copies", base("cnn"), "0 to 2"),
+        ("the same CNN with test-time augmentation (16 views)", base("cnn_tta"), "0 to 2"),
+        ("the same CNN on the codebook's reconstructions", base("cnn_on_reconstructions"), "0 to 2"),
+        ("k-NN on the codebook's reconstructions", base("knn_reconstructions"), "0 to 2"),
+        ("k-NN on raw pixels (with the copies in the reference set)",
+         f"{f(lambda: pct(r.baseline(COLOUR_BASE, 'knn_pixels')['mean']))} "
+         f"({f(lambda: pct(r.baseline(COLOUR_BASE, 'knn_pixels_augmented')['mean']))})", "-"),
+        ("logistic regression on raw pixels", f(lambda: pct(r.baseline(COLOUR_BASE, "logreg_pixels")["mean"])), "-"),
+    ]
+    table = markdown(("model", "test accuracy", "seeds"), ("---", "---:", "---"), rows)
+    facts = f(lambda: "Tokens: {sequence_length} per image; reconstructions of the test images at {test_psnr_db:.2f} dB "
+                      "PSNR (training images {train_psnr_db:.2f} dB); {codes_used} of the codes used; every image a "
+                      "distinct sequence: {distinct_share:.0%}.".format(**r.load(COLOUR_DATA)))
+    train = f(lambda: "Training: {:.0f} +- {:.0f} s per seed (2,832 steps).".format(
+        r.load("colour_train_seeds1337-1339.json")["training_seconds"]["mean"],
+        r.load("colour_train_seeds1337-1339.json")["training_seconds"]["std"]))
+    return f"{table}\n\n{facts} {train}" + provenance_note(r)
+
+
+def colour_drawing(r):
+    """docs/drawing.md's colour report: the judged drawings at each guidance scale, beside the judge's ceilings."""
+    rep = r.load(COLOUR_DRAW)
+    rows = [(s, pct(q["judge_accuracy"], 1), pct(min(q["judge_per_class"]), 1), f"{q['diversity_ratio_mean']:.3f}",
+             f"{q['precision']:.3f}", f"{q['recall']:.3f}", pct(q["gpt_reads_asked_class"], 1), pct(q["well_formed"], 1))
+            for s, q in rep["scales"].items()]
+    cg = rep["codebook_generator"]
+    rows.append(("real training shapes through the codebook", pct(cg["judge_accuracy"], 1), pct(min(cg["judge_per_class"]), 1),
+                 f"{cg['diversity_ratio_mean']:.3f}", f"{cg['precision']:.3f}", f"{cg['recall']:.3f}", "", ""))
+    table = markdown(("guidance", "judged the asked shape", "worst class", "diversity", "precision", "recall",
+                      "the GPT reads it", "complete"), ("---",) + ("---:",) * 7, rows)
+    return (f"{table}\n\n{rep['classes_asked']} drawings per class at each scale. The judge reads the "
+            f"{rep['real']['n']} real test shapes at {pct(rep['real']['judge']['accuracy'], 1)} and their codebook "
+            f"reconstructions at {pct(rep['reconstructions']['judge']['accuracy'], 1)}.") + provenance_note(r)
+
+
 def tests_figure(r):
     """The test suite's count and time, as recorded by `python reproduce.py tests`."""
     t = r.load("tests.json")
@@ -203,8 +266,8 @@ def fresh_clone_figure(r):
     return f"{m} min {s} s in all, of which training {t['training_seconds']} s"
 
 
-RENDER = {"results": readme_results, "results_summary": results_summary, "tests": tests_figure,
-          "fresh_clone": fresh_clone_figure}
+RENDER = {"results": readme_results, "results_summary": results_summary, "colour": colour_summary,
+          "colour_drawing": colour_drawing, "tests": tests_figure, "fresh_clone": fresh_clone_figure}
 
 
 def render(kind, name, results):
