@@ -22,11 +22,11 @@ ci`), with the int8 GPT where it keeps the results on the test split (--web_grap
 """
 import os
 
-from imagegpt import checkpoint, huggingface, web_export
+from imagegpt import checkpoint, hub, huggingface, web_export
 from imagegpt.cli import add_ckpt, parser, run_cli
 from imagegpt.errors import UserError
+from imagegpt.export_checks import check_export
 from imagegpt.files import check_file, read_json
-from imagegpt.onnx_runtime import onnx_parity
 from imagegpt.provenance import write_result
 
 
@@ -56,77 +56,93 @@ def build_parser():
     return p
 
 
-def main(argv=None):
-    a = build_parser().parse_args(argv)
-    if a.private and not a.push_to_hub:
+def parse(argv):
+    """The command line -> parsed args, every combination checked before any work."""
+    args = build_parser().parse_args(argv)
+    if args.private and not args.push_to_hub:
         raise UserError("--private only applies together with --push_to_hub")
-    if a.json and not a.check:
+    if args.json and not args.check:
         raise UserError("--json only applies together with --check (it writes what the check found)")
-    if a.json:
-        check_file(a.json, "JSON file")
-    if a.web_graph != "auto" and not a.web:
+    if args.json:
+        check_file(args.json, "JSON file")
+    if args.web_graph != "auto" and not args.web:
         raise UserError("--web_graph only applies together with --web")
-    a.onnx = a.onnx or bool(a.web)
-    a.quantize = a.quantize or ("int8" if a.web else None)   # the page may run the int8 graph
-    if a.quantize and not a.onnx:
+    args.onnx = args.onnx or bool(args.web)
+    args.quantize = args.quantize or ("int8" if args.web else None)   # the page may run the int8 graph
+    if args.quantize and not args.onnx:
         raise UserError("--quantize only applies together with --onnx or --web")
-    if a.web:                                      # before the export work: node_modules and the folder
+    return args
+
+
+def main(argv=None):
+    args = parse(argv)
+    if args.web:                                      # before the export work: node_modules and the folder
         web_export.ort_dist()
-        web_export.check_site_out(os.path.abspath(a.web))
+        web_export.check_site_out(os.path.abspath(args.web))
     token = None
-    if a.push_to_hub:
-        huggingface.check_repo_id(a.push_to_hub)   # fail on a bad id or a missing token before the export work
-        token = huggingface.hub_token()
-    out = os.path.abspath(a.out or huggingface.default_out(a.ckpt))
+    if args.push_to_hub:
+        hub.check_repo_id(args.push_to_hub)   # fail on a bad id or a missing token before the export work
+        token = hub.hub_token()
+    out = os.path.abspath(args.out or huggingface.default_out(args.ckpt))
     huggingface.check_out(out)
-    ck = checkpoint.load(a.ckpt)
-    huggingface.write_export(ck, out, repo_id=a.push_to_hub, onnx=a.quantize or ("fp32" if a.onnx else None))
+    ck = checkpoint.load(args.ckpt)
+    huggingface.write_export(ck, out, repo_id=args.push_to_hub, onnx=args.quantize or ("fp32" if args.onnx else None))
     print(f"wrote {out} ({len(os.listdir(out))} files) from {ck.folder}")
-    if a.onnx:
-        sizes = {f: os.path.getsize(os.path.join(out, "onnx", f)) for f in os.listdir(os.path.join(out, "onnx"))
-                 if f.endswith(".onnx")}
-        print("onnx: " + ", ".join(f"onnx/{f} {n / 2 ** 20:.1f} MB" for f, n in sorted(sizes.items())))
-        t = read_json(os.path.join(out, "onnx", "export.json"))["tokenizer"]["parity"]
-        print(f"tokenizer parity on {t['data']}: {t['codes_differing']} of {t['codes']} codes differ from "
-              f"tokenizer.py; decoded pixels within {t['max_abs_pixel_diff']:.2g} (every code: "
-              f"{t['max_abs_pixel_diff_all_codes']:.2g})")
-    if a.web:
-        choice = web_export.choose_graph(ck, out) if a.web_graph == "auto" else \
-            {"graph": "model_quantized.onnx" if a.web_graph == "int8" else "model.onnx", "why": "--web_graph " + a.web_graph}
-        print(f"the page runs onnx/{choice['graph']}: {choice['why']}")
-        files = web_export.write_site(out, a.web, int8=choice["graph"] == "model_quantized.onnx", choice=choice)
-        print(f"wrote {os.path.abspath(a.web)} ({len(files)} files, {sum(files.values()) / 2 ** 20:.1f} MB): serve it "
-              f"with python -m http.server -d {a.web}")
-    if a.check:
-        try:
-            r = huggingface.check_parity(ck.model, out, ck.vocab)
-        except ImportError:
-            raise UserError("--check needs transformers (pip install transformers)") from None
-        print(f"parity: max |logit diff| {r['max_abs_logit_diff']:.3g} (fp32), greedy generate "
-              f"{'identical' if r['greedy_equal'] else 'DIFFERENT'} over {r['greedy_tokens']} tokens, tokenizer "
-              f"{'identical' if r['tokenizer_equal'] else 'DIFFERENT'}"
-              f"{', load problems ' + str(r['load_problems']) if r['load_problems'] else ''}")
-        ok = r["max_abs_logit_diff"] < 1e-4 and r["greedy_equal"] and r["tokenizer_equal"] and not r["load_problems"]
-        found = {"checkpoint": ck.folder, "export": out, "transformers": r}
-        for backend in ("onnx", "onnx-int8")[:2 if a.quantize else 1] if a.onnx else ():
-            o = found[backend] = onnx_parity(ck.model, checkpoint.load(out, backend=backend).model, ck.vocab)
-            print(f"{backend} parity: max |logit diff| {o['max_abs_logit_diff']:.3g} full, "
-                  f"{o['max_abs_cached_diff']:.3g} step by step through the cache; greedy "
-                  f"{'identical' if o['greedy_equal'] else 'different'} over {o['greedy_tokens']} tokens")
-            ok &= backend == "onnx-int8" or (o["max_abs_logit_diff"] < 1e-4 and o["greedy_equal"])
-        if a.onnx:   # the codes may differ only where two centroids tie to float rounding; the pixels not at all
-            found["tokenizer"] = read_json(os.path.join(out, "onnx", "export.json"))["tokenizer"]["parity"]
-            ok &= found["tokenizer"]["max_abs_pixel_diff"] <= 1e-6
-        if a.json:
-            seed = ck.settings.get("seed")
-            write_result(a.json, {**found, "passed": bool(ok)}, config=a, dtype="fp32",
-                         seeds=[seed] if isinstance(seed, int) else None)
-            print(f"wrote {a.json}")
-        if not ok:
-            return 1
-    if a.push_to_hub:
-        huggingface.push_to_hub(out, a.push_to_hub, a.private, token=token)
+    if args.onnx:
+        show_onnx(out)
+    if args.web:
+        write_site(args, ck, out)
+    if args.check and not check(args, ck, out):
+        return 1
+    if args.push_to_hub:
+        hub.push_to_hub(out, args.push_to_hub, args.private, token=token)
     return 0
+
+
+def show_onnx(out):
+    """Print the ONNX graphs' sizes and the image tokenizer's parity with tokenizer.py."""
+    sizes = {f: os.path.getsize(os.path.join(out, "onnx", f)) for f in os.listdir(os.path.join(out, "onnx"))
+             if f.endswith(".onnx")}
+    print("onnx: " + ", ".join(f"onnx/{f} {n / 2 ** 20:.1f} MB" for f, n in sorted(sizes.items())))
+    t = read_json(os.path.join(out, "onnx", "export.json"))["tokenizer"]["parity"]
+    print(f"tokenizer parity on {t['data']}: {t['codes_differing']} of {t['codes']} codes differ from "
+          f"tokenizer.py; decoded pixels within {t['max_abs_pixel_diff']:.2g} (every code: "
+          f"{t['max_abs_pixel_diff_all_codes']:.2g})")
+
+
+def write_site(args, ck, out):
+    """--web: the static page, with the GPT graph chosen (web_export.choose_graph) or given (--web_graph)."""
+    choice = web_export.choose_graph(ck, out) if args.web_graph == "auto" else \
+        {"graph": "model_quantized.onnx" if args.web_graph == "int8" else "model.onnx", "why": "--web_graph " + args.web_graph}
+    print(f"the page runs onnx/{choice['graph']}: {choice['why']}")
+    files = web_export.write_site(out, args.web, int8=choice["graph"] == "model_quantized.onnx", choice=choice)
+    print(f"wrote {os.path.abspath(args.web)} ({len(files)} files, {sum(files.values()) / 2 ** 20:.1f} MB): serve it "
+          f"with python -m http.server -d {args.web}")
+
+
+def check(args, ck, out):
+    """--check: the export against the checkpoint (imagegpt/export_checks.py); prints what it found, writes
+    it with --json -> whether it passed."""
+    backends = ("onnx", "onnx-int8")[:2 if args.quantize else 1] if args.onnx else ()
+    try:
+        found = check_export(ck, out, backends, tokenizer=args.onnx)
+    except ImportError:
+        raise UserError("--check needs transformers (pip install transformers)") from None
+    r = found["transformers"]
+    print(f"parity: max |logit diff| {r['max_abs_logit_diff']:.3g} (fp32), greedy generate "
+          f"{'identical' if r['greedy_equal'] else 'DIFFERENT'} over {r['greedy_tokens']} tokens, tokenizer "
+          f"{'identical' if r['tokenizer_equal'] else 'DIFFERENT'}"
+          f"{', load problems ' + str(r['load_problems']) if r['load_problems'] else ''}")
+    for backend in backends:
+        o = found[backend]
+        print(f"{backend} parity: max |logit diff| {o['max_abs_logit_diff']:.3g} full, "
+              f"{o['max_abs_cached_diff']:.3g} step by step through the cache; greedy "
+              f"{'identical' if o['greedy_equal'] else 'different'} over {o['greedy_tokens']} tokens")
+    if args.json:
+        seed = ck.settings.get("seed")
+        write_result(args.json, found, config=args, dtype="fp32", seeds=[seed] if isinstance(seed, int) else None)
+        print(f"wrote {args.json}")
+    return found["passed"]
 
 
 if __name__ == "__main__":

@@ -246,11 +246,17 @@ class GPT(nn.Module):
         return logits, loss
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW; weight decay only on params with dim >= 2 (matmul weights and embeddings)."""
-        params = [p for p in self.parameters() if p.requires_grad]  # parameters() yields tied ones once
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
+        """AdamW over param_groups(self, weight_decay); fused on CUDA."""
         fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+        return torch.optim.AdamW(param_groups(self, weight_decay), lr=learning_rate, betas=betas,
+                                 **({"fused": True} if fused else {}))
+
+
+def param_groups(model, weight_decay):
+    """AdamW's two groups of any module's parameters (ours, or transformers' GPT-2 in the benchmark): weight
+    decay only on those with dim >= 2 (matmul weights and embeddings), none on biases and LayerNorms."""
+    params = [p for p in model.parameters() if p.requires_grad]  # parameters() yields tied ones once
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]

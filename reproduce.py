@@ -45,28 +45,28 @@ def build_parser():
 
 
 def main(argv=None):
-    a = build_parser().parse_args(argv)
-    alone = [f for f, on in (("--list", a.list), ("--check", a.check), ("--compare", a.compare)) if on]
-    if len(alone) > 1 or (alone and (a.parts or a.force or a.tables)):
+    args = build_parser().parse_args(argv)
+    alone = [f for f, on in (("--list", args.list), ("--check", args.check), ("--compare", args.compare)) if on]
+    if len(alone) > 1 or (alone and (args.parts or args.force or args.tables)):
         raise UserError(f"{alone[0]} runs nothing: it does not combine with parts, --force, --tables or {alone[-1]}"
                         if len(alone) == 1 else f"{alone[0]} and {alone[1]}: choose one")
-    if a.force and not a.parts:
+    if args.force and not args.parts:
         raise UserError("--force needs the names of the parts to run again (all of them: python reproduce.py --list)")
-    if a.quick and a.tables:
+    if args.quick and args.tables:
         raise UserError("--tables writes the docs from docs/results/; --quick results never go there")
-    if a.compare:
-        same, where = same_results(*a.compare)
+    if args.compare:
+        same, where = same_results(*args.compare)
         print("the same results (provenance aside)" if same else f"different: {where}")
         return 0 if same else 1
-    if a.check:
+    if args.check:
         problems = tables.check()
         for p in problems:
             print(p)
         print(f"{len(tables.documents())} pages checked: " + (f"{len(problems)} problem(s)" if problems else
                                                                "every generated table matches its result files"))
         return 1 if problems else 0
-    if a.list:
-        rows = record.listing(a.quick)
+    if args.list:
+        rows = record.listing(args.quick)
         for name, seconds, source, why, results, backs in rows:
             print(f"{name:<16}{record.human(seconds) + f' ({source})':<24}{why}\n{'':16}backs: {backs}\n"
                   f"{'':16}writes: {', '.join(results)}")
@@ -74,12 +74,12 @@ def main(argv=None):
         print(f"{len(rows)} parts, {len(todo)} to run: about {record.human(sum(r[1] for r in todo))} "
               f"(all of them: {record.human(sum(r[1] for r in rows))})")
         return 0
-    if a.parts or not a.tables:
-        done = record.run(a.parts, quick=a.quick, force=a.force)
+    if args.parts or not args.tables:
+        done = record.run(args.parts, quick=args.quick, force=args.force)
         ran = [n for n, d in done.items() if d == "ran"]
         print(f"{len(ran)} part(s) ran" + (f" ({', '.join(ran)})" if ran else "") +
               f", {len(done) - len(ran)} up to date")
-    if a.tables:
+    if args.tables:
         changed = tables.rewrite()
         print(f"rewrote {', '.join(changed)}" if changed else "the generated tables were already up to date")
     return 0

@@ -32,7 +32,8 @@ from imagegpt.data_config import DataConfig
 from imagegpt.errors import UserError
 from imagegpt.files import check_dir, check_file
 from imagegpt.provenance import write_result
-from imagegpt.sources import load_builtin
+from imagegpt.measure import status_kb
+from imagegpt.sources import load_builtin, write_idx
 from tokenizer import uint8_to_tensor
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -47,21 +48,17 @@ def make_source(folder, n, seed=0, chunk=8192):
     rng = np.random.default_rng(seed)
     pick = rng.integers(0, len(images), n)
     moves = copy_params(n, 1, DataConfig(max_shift=3.0, max_rotate=15.0), seed)[0]
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "train-images-idx3-ubyte"), "wb") as f:
-        f.write(bytes([0, 0, 8, 3]) + np.array([n, 28, 28], ">u4").tobytes())
+
+    def chunks():
         for i in tqdm(range(0, n, chunk), desc=f"making {n:,} images", leave=False):
             j = slice(i, min(i + chunk, n))
-            x = transform(uint8_to_tensor(images[pick[j]]), moves[j])
-            f.write((x * 255).round().clamp(0, 255).byte().numpy().tobytes())
-    with open(os.path.join(folder, "train-labels-idx1-ubyte"), "wb") as f:
-        f.write(bytes([0, 0, 8, 1]) + np.array([n], ">u4").tobytes() + labels[pick].astype(np.uint8).tobytes())
+            yield (transform(uint8_to_tensor(images[pick[j]]), moves[j]) * 255).round().clamp(0, 255).byte().numpy()
+    write_idx(folder, labels[pick], chunks())
 
 
 def peak_rss(pid):
     """The peak resident memory of a running process (VmHWM), in MiB."""
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    return status_kb("VmHWM", pid) / 1024
 
 
 def train_probe(src, data_dir, out_dir, steps, log):

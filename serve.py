@@ -47,19 +47,19 @@ def build_parser():
     return p
 
 
-def check_args(a):
-    if not 0 < a.port < 65536:
-        raise UserError(f"--port {a.port}: expected 1..65535")
-    if a.threads < 0:
-        raise UserError(f"--threads {a.threads}: expected 0 (auto) or a positive number")
-    if not (1 <= a.clients <= 1024 and 1 <= a.requests <= 100_000):
-        raise UserError(f"--clients {a.clients} --requests {a.requests}: expected 1..1024 clients, 1..100000 requests")
-    if (a.json or a.quick) and not a.loadtest:
+def check_args(args):
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port {args.port}: expected 1..65535")
+    if args.threads < 0:
+        raise UserError(f"--threads {args.threads}: expected 0 (auto) or a positive number")
+    if not (1 <= args.clients <= 1024 and 1 <= args.requests <= 100_000):
+        raise UserError(f"--clients {args.clients} --requests {args.requests}: expected 1..1024 clients, 1..100000 requests")
+    if (args.json or args.quick) and not args.loadtest:
         raise UserError("--json and --quick are for --loadtest")
-    unknown = set(a.scenarios.split(",")) - set(SCENARIOS)
-    if unknown or not a.scenarios:
-        raise UserError(f"--scenarios {a.scenarios}: expected some of {','.join(SCENARIOS)}")
-    return apply_options(ServiceConfig(), a).check()
+    unknown = set(args.scenarios.split(",")) - set(SCENARIOS)
+    if unknown or not args.scenarios:
+        raise UserError(f"--scenarios {args.scenarios}: expected some of {','.join(SCENARIOS)}")
+    return apply_options(ServiceConfig(), args).check()
 
 
 def listen(host, port):
@@ -78,23 +78,23 @@ def listen(host, port):
 
 
 def main(argv=None):
-    a = build_parser().parse_args(argv)
-    cfg = check_args(a)
-    if a.loadtest:
-        return load_test(a, cfg)
+    args = build_parser().parse_args(argv)
+    cfg = check_args(args)
+    if args.loadtest:
+        return load_test(args, cfg)
     key = access.read_key(cfg.api_key_env, cfg.api_key_file)
-    sock = listen(a.host, a.port)
+    sock = listen(args.host, args.port)
     try:
         access.check_exposure(sock.getsockname()[0], key, cfg.api_key_env)
     except UserError:
         sock.close()
         raise
-    from imagegpt import drain, service
-    use_threads(a.threads)   # once, at start-up: the machine's CPUs less what other processes keep busy
-    ck = checkpoint.load(a.ckpt, resolve_device(a.device), a.backend)
+    from imagegpt import drain, service   # FastAPI and uvicorn load only now: a bad flag, port or key fails fast
+    use_threads(args.threads)   # once, at start-up: the machine's CPUs less what other processes keep busy
+    ck = checkpoint.load(args.ckpt, resolve_device(args.device), args.backend)
     app = service.create_app(ck, cfg, api_key=key)
     where = f"--api_key_file {cfg.api_key_file}" if cfg.api_key_file else f"${cfg.api_key_env}"
-    print(f"serving {a.ckpt} on http://{a.host}:{a.port}/ (API docs at /docs, metrics at /metrics); "
+    print(f"serving {args.ckpt} on http://{args.host}:{args.port}/ (API docs at /docs, metrics at /metrics); "
           f"{f'API key from {where}' if key else 'no API key'}; Ctrl-C or SIGTERM stops", flush=True)
     server = drain.server(app)
     server.run(sockets=[sock])
@@ -105,15 +105,16 @@ def main(argv=None):
     return 0
 
 
-def load_test(a, cfg):
-    from imagegpt import loadtest
-    use_threads(a.threads)
-    result = loadtest.main(a.ckpt, cfg, a.scenarios.split(","), quick=a.quick, clients=a.clients,
-                           requests=a.requests, threads=a.threads, device=resolve_device(a.device), backend=a.backend)
+def load_test(args, cfg):
+    from imagegpt import loadtest, served   # httpx and the service load only now, as in main()
+    use_threads(args.threads)
+    where = served.Where(args.threads, resolve_device(args.device), args.backend)
+    result = loadtest.main(args.ckpt, cfg, args.scenarios.split(","), quick=args.quick, load=(args.clients, args.requests),
+                           where=where)
     print(loadtest.report(result))
-    if a.json:
-        loadtest.save(a.json, result, cfg)
-        print(f"wrote {a.json}")
+    if args.json:
+        loadtest.save(args.json, result, cfg)
+        print(f"wrote {args.json}")
     return 0 if loadtest.passed(result) else 1
 
 

@@ -16,17 +16,20 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import fields
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
+from imagegpt.codebook_config import CodebookConfig, check_meta, settings_dict
 from imagegpt.device import check_memory
 from imagegpt.errors import UserError
 from imagegpt.files import (
     atomic_path,
     check_finite_tensors,
-    json_type,
     load_safetensors,
     read_json,
     safetensors_error,
@@ -34,39 +37,12 @@ from imagegpt.files import (
 )
 from imagegpt.kmeans import assign, kmeans
 from imagegpt.palette import paint, two_colours
-from imagegpt.settings import check_fields
-from imagegpt.token_format import COLOUR_TOKENS
+from imagegpt.token_format import COLOUR_TOKENS, Vocab
 
 GROUPS = ("position", "time", "colour", "gradient")
 
 
 # ----------------------------------------------------------------------------- codebook
-
-@dataclass
-class CodebookConfig:
-    """How images become codes: the patch a token stands for, the number of codes, the feature weights."""
-    patch_size: int = 4
-    """a token stands for a patch_size x patch_size patch of pixels (1: one pixel, as the original)"""
-    num_codes: int = 500
-    """codes in the codebook (K): the image tokens <Z_0> .. <Z_K-1>"""
-    w_position: float = 0.0
-    """weight of a patch's position (x, y) in its features; 0 leaves it out"""
-    w_time: float = 0.0
-    """weight of the time (frame) feature t, 0 for still images; 0 leaves it out"""
-    w_colour: float = 1.0
-    """weight of a patch's pixel values (grey or R, G, B) in its features"""
-    w_gradient: float = 0.5
-    """weight of the intensity gradients (Gx, Gy) in a patch's features; 0 leaves them out"""
-    fit_samples: int = 300000
-    """patches sampled from the training images for k-means"""
-    kmeans_iters: int = 30
-    """largest number of k-means (Lloyd) iterations after the k-means++ start"""
-    codebook_seed: int = 0
-    """seed of the k-means start and of the patches sampled for it"""
-    palette: int = 0
-    """colour images: 0 codes each patch's colours with its shape; P > 0 keeps shape apart from colour (each image's
-    two colours as P palette tokens <C_k> and P corrections <D_k>, its shape as num_codes colour-free patterns)"""
-
 
 def pixel_features(images, p):
     """images (N, C, H, W) float in [0, 1] -> per-patch feature groups, each (N, L, dim) with
@@ -114,7 +90,6 @@ class _Book:
         return h.hexdigest()
 
     def save(self, folder):
-        from safetensors.torch import save_file
         meta = {**self._meta(), "inertia": self.inertia, "sha256": self.sha256}
         with atomic_path(os.path.join(folder, "codebook.safetensors")) as tmp:
             save_file(self.tensors(), tmp)
@@ -379,15 +354,6 @@ class PaletteCodebook(_Book):
         return cls(pattern.cfg, meta["image_size"], pattern, tensors["palette"], tensors["palette_fine"])
 
 
-def settings_dict(cfg):
-    """The codebook's settings as codebook.json stores them: `palette` only where it is set, so that a
-    grey codebook's file and hash are what they were before the setting existed."""
-    d = asdict(cfg)
-    if not d["palette"]:
-        del d["palette"]
-    return d
-
-
 def check_vocab(book, vocab, folder):
     """The vocabulary and the codebook of one folder agree (the same codes, the same palette), or one line."""
     has = lambda K, P: f"{K} code tokens" + (f" and {P} palette colours" if P else "")
@@ -395,6 +361,18 @@ def check_vocab(book, vocab, folder):
         raise UserError(f"{os.path.join(folder, 'vocab.json')} has {has(vocab.num_codes, vocab.palette)}, the codebook "
                         f"there {has(book.cfg.num_codes, book.cfg.palette).replace(' tokens', 's')}; the two were "
                         f"not made together (prepare the data again)")
+
+
+def load_tokens(folder, check_first=None):
+    """A folder's vocabulary and codebook -> (Vocab, codebook), checked to agree (check_vocab): the one place
+    a checkpoint, an export or a prepared data folder is read for them. check_first(vocab): the caller's
+    check of the vocabulary (its size against the model's), made before the codebook is read."""
+    vocab = Vocab.load(os.path.join(folder, "vocab.json"))
+    if check_first:
+        check_first(vocab)
+    book = load_codebook(folder)
+    check_vocab(book, vocab, folder)
+    return vocab, book
 
 
 def fit_codebook(images, cfg, device="cpu", progress=None):
@@ -406,7 +384,6 @@ def fit_codebook(images, cfg, device="cpu", progress=None):
 def load_codebook(folder):
     """folder/codebook.json and codebook.safetensors -> the codebook they hold, of either kind: types,
     shapes, finite values and its sha256 checked, every problem one line."""
-    from safetensors import SafetensorError
     path = os.path.join(folder, "codebook.json")
     meta = check_meta(read_json(path, "codebook.json"), path)
     try:
@@ -427,43 +404,8 @@ def load_codebook(folder):
     return book
 
 
-def check_meta(meta, where):
-    """codebook.json as read from disk -> the same dict, if every value has the JSON type save() writes."""
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-    integer = lambda v: isinstance(v, int) and not isinstance(v, bool)
-
-    def bad(key, v, want):
-        raise UserError(f"{where}: {key} is {json_type(v)} ({str(v)[:40]}), expected {want}")
-
-    if not isinstance(meta, dict):
-        raise UserError(f"{where}: the file is {json_type(meta)}, expected a JSON object (a codebook.json "
-                        f"written by this project)")
-    for key in ("config", "image_size", "channels", "stats"):
-        if key not in meta:
-            raise UserError(f"{where}: no {key!r}; not a codebook written by this project")
-    check_fields(meta["config"], CodebookConfig, where, "config.")
-    size = meta["image_size"]
-    if not (isinstance(size, list) and len(size) == 2 and all(integer(n) and n >= 1 for n in size)):
-        bad("image_size", size, "a list of two positive integers")
-    if not integer(meta["channels"]):
-        bad("channels", meta["channels"], "an integer")
-    if not (meta.get("inertia") is None or number(meta["inertia"])):
-        bad("inertia", meta["inertia"], "a number or null")
-    if "sha256" in meta and not isinstance(meta["sha256"], str):
-        bad("sha256", meta["sha256"], "a string")
-    if not isinstance(meta["stats"], dict):
-        bad("stats", meta["stats"], "an object")
-    for g, v in meta["stats"].items():
-        if not (isinstance(v, dict) and isinstance(v.get("mean"), list) and all(number(x) for x in v["mean"])
-                and number(v.get("std")) and v["std"] > 0):
-            raise UserError(f'{where}: stats.{g} is {str(v)[:60]}, expected an object {{"mean": [numbers], '
-                            f'"std": a positive number}}')
-    return meta
-
-
 def uint8_to_tensor(images):
     """uint8 (N, H, W, C) array -> float (N, C, H, W) in [0, 1]."""
-    import numpy as np
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
 
 

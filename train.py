@@ -4,8 +4,8 @@
     python train.py config/demo.yaml --seeds 3               # seeds 1337, 1338, 1339 in runs/demo/seed-*
     torchrun --nproc_per_node=2 train.py config/v2.yaml       # DDP (NCCL on CUDA, gloo on CPU)
 
-Every setting (the options below: imagegpt/training.py's TrainConfig, composed of the data settings of
-imagegpt/data_config.py, the codebook's of tokenizer.py and the model's of model.py)
+Every setting (the options below: imagegpt/train_config.py's TrainConfig, composed of the data settings of
+imagegpt/data_config.py, the codebook's of imagegpt/codebook_config.py and the model's of model.py)
 can be set in the YAML file or overridden with --key value. If the sequence files are missing they
 are prepared first. Training evaluates on the development split (dev.jsonl, made with dev_fraction > 0)
 and never reads the test split (test.jsonl). The run folder (out_dir) gets log.jsonl (one JSON line per
@@ -26,8 +26,10 @@ import sys
 
 from imagegpt.cli import parser, run_cli
 from imagegpt.errors import UserError
+from imagegpt.seed_runs import train_seeds
 from imagegpt.settings import add_options
-from imagegpt.training import TrainConfig, load_config, train, train_seeds
+from imagegpt.train_config import TrainConfig, load_config
+from imagegpt.training import train
 
 
 def build_parser():

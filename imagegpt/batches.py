@@ -208,10 +208,13 @@ def epoch_order(n, seed, epoch):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
 
 
-def epoch_steps(rows, epoch, start, cfg, rank, world, block, width, pad_id):
+def epoch_steps(rows, epoch, start, cfg, procs, shape):
     """This process's micro-batches for steps start, start + 1, ... of an epoch: each step a list of
     grad_accum (x, y, w). Global step k is rows order[k * S:(k + 1) * S] (S = batch_size x grad_accum x
-    world); process r takes its r-th part of it, in grad_accum micro-batches."""
+    world); process r takes its r-th part of it, in grad_accum micro-batches. procs: this process's rank
+    and the world's size (processes.Processes); shape: (block, width, pad_id) of every micro-batch."""
+    rank, world = procs.rank, procs.world
+    block, width, pad_id = shape
     per_step = cfg.batch_size * cfg.grad_accum * world
     steps = rows.n // per_step
     order = epoch_order(rows.n, cfg.seed, epoch)[:steps * per_step]

@@ -14,9 +14,10 @@ A Hugging Face GPT-2 folder written by huggingface.write_export() loads the same
 import os
 import pickle
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
+from safetensors.torch import save_file
 
 from imagegpt import huggingface, prepare
 from imagegpt.data_config import DataConfig
@@ -36,7 +37,7 @@ from imagegpt.onnx_runtime import OnnxGPT
 from imagegpt.settings import check_fields, flat, names
 from imagegpt.token_format import Vocab, check_class_names, list_classes
 from model import GPT, GPTConfig
-from tokenizer import Codebook, check_vocab, load_codebook
+from tokenizer import Codebook, load_tokens
 
 
 @dataclass
@@ -94,12 +95,15 @@ class Checkpoint:
         """uint8 images (N, H, W, C) of the codebook's size -> classification prefixes (id lists)."""
         return self.codebook.prefixes(images, self.vocab)
 
+    def with_model(self, model):
+        """The same checkpoint run by another model of the same shape (its ONNX graph in onnxruntime)."""
+        return replace(self, model=model)
+
 
 def save(folder, model, settings, vocab, codebook, metrics=None, trainer_state=None, class_names=None):
     """Write a checkpoint folder; `settings` is the run's TrainConfig: config.json keeps the model's shape
     under "model", the run's other settings, flat, under "train", and the class names (default '0', '1',
     ...) under "classes", so that the checkpoint names its classes wherever it is copied."""
-    from safetensors.torch import save_file
     with atomic_dir(folder, "checkpoint") as tmp:
         sd = {k: v.detach().cpu().contiguous() for k, v in raw_model(model).state_dict().items()
               if k != "lm_head.weight"}
@@ -113,6 +117,12 @@ def save(folder, model, settings, vocab, codebook, metrics=None, trainer_state=N
             write_json(os.path.join(tmp, "metrics.json"), metrics)
         if trainer_state is not None:
             torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
+
+
+def check_size(vocab, mcfg, message):
+    """A vocabulary the model's embedding fits, or UserError(message)."""
+    if len(vocab) != mcfg.vocab_size:
+        raise UserError(message)
 
 
 def run_settings(settings):
@@ -179,16 +189,13 @@ def load(folder, device="cpu", backend="torch"):
         check_fields(cfg.get("train", {}), DataConfig, f"{folder}/config.json", "train.")
         path = os.path.join(folder, "model.safetensors")
         sd = read_weights(path)
-        vocab = Vocab.load(os.path.join(folder, "vocab.json"))
-        if len(vocab) != mcfg.vocab_size:
-            raise UserError(f"{folder}/vocab.json has {len(vocab)} tokens, the model expects {mcfg.vocab_size}")
+        vocab, book = load_tokens(folder, lambda v: check_size(v, mcfg, f"{folder}/vocab.json has {len(v)} tokens, "
+                                                                        f"the model expects {mcfg.vocab_size}"))
         model = GPT(mcfg)
         load_weights(model, sd, path)
         metrics_path = os.path.join(folder, "metrics.json")
         metrics = check_metrics(read_json(metrics_path, "metrics.json"), metrics_path) \
             if os.path.exists(metrics_path) else None
-        book = load_codebook(folder)
-        check_vocab(book, vocab, folder)
         settings = cfg.get("train") or {}
         names = check_class_names(cfg["classes"], vocab, f"{folder}/config.json") if "classes" in cfg else None
     model = model.to(device) if backend == "torch" else onnx_model(folder, backend, model)  # onnxruntime: CPU

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from imagegpt.errors import UserError
 from imagegpt.files import atomic_path, read_json, read_weights, write_json
@@ -198,7 +199,6 @@ CNN_FORMAT = "imagegpt-tokens-cnn"
 def save_cnn(model, folder, class_names=None, info=None):
     """Write folder/cnn.safetensors (weights) and folder/cnn.json (architecture, class names, input
     convention, and `info`: how it was trained and scored). Each file is written atomically."""
-    from safetensors.torch import save_file
     cfg = model.cfg
     names = list(class_names) if class_names is not None else [str(c) for c in range(cfg.num_classes)]
     if len(names) != cfg.num_classes:

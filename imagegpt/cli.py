@@ -22,6 +22,21 @@ class Parser(argparse.ArgumentParser):
             raise UserError(f"{self.prog}: {message}; valid options: {' '.join(valid)}")
         raise UserError(f"{self.prog}: {message} (see --help)")
 
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but an unknown option is reported by the sub-command's parser that was given it
+        (so that the error lists that sub-command's options)."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.chosen(parsed).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+    def chosen(self, parsed):
+        """The parser of the sub-command in `parsed` (self when there is none)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and getattr(parsed, action.dest, None) in action.choices:
+                return action.choices[getattr(parsed, action.dest)].chosen(parsed)
+        return self
+
 
 def parser(doc, prog=None):
     """A parser whose --help prints the script's docstring (works anywhere on the command line)."""
@@ -56,6 +71,40 @@ def add_backend(p):
                    help="run the model in PyTorch, or its ONNX graph (fp32 or int8) in onnxruntime; the ONNX "
                         "graphs are in the onnx/ folder of an export made with hf_export.py --onnx "
                         "(default: %(default)s)")
+
+
+def with_command(argv, commands, default, old_flags=None):
+    """argv with its sub-command first: as given when it starts with one of `commands` (or is a lone
+    --help); else chosen by the first of `old_flags` ({flag: (command, what the flag becomes)}, the
+    older spelling of a sub-command as a flag: `eval.py --classify a.png` is `eval.py classify a.png`),
+    else `default` (`python eval.py` evaluates, `python sample.py --top_p 0.9` samples)."""
+    argv = list(argv)
+    if (argv and argv[0] in commands) or argv in (["-h"], ["--help"]):
+        return argv
+    for i, token in enumerate(argv):
+        flag, eq, value = token.partition("=")
+        if flag in (old_flags or {}):
+            command, becomes = old_flags[flag]
+            return [command] + argv[:i] + becomes + ([value] if eq else []) + argv[i + 1:]
+    return [default] + argv
+
+
+def shared(*adders):
+    """A parent parser (no --help of its own) holding the options that several sub-commands share: each
+    of `adders` puts some on it (add_ckpt, add_device, ...)."""
+    p = argparse.ArgumentParser(add_help=False)
+    for add in adders:
+        add(p)
+    return p
+
+
+def add_commands(p, commands, parents=None):
+    """One sub-parser per (name, help, description) of `commands`, each with the options of its parent
+    parsers (parents: {name: [parsers]}) -> {name: its parser}."""
+    sub = p.add_subparsers(dest="command", required=True, parser_class=type(p), metavar="COMMAND")
+    return {name: sub.add_parser(name, help=help_, description=description, parents=(parents or {}).get(name, []),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+            for name, help_, description in commands}
 
 
 OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")

@@ -1,4 +1,4 @@
-"""The client without torch against the PyTorch model: the README's client (web_export.CLIENT) run by a
+"""The client without torch against the PyTorch model: the README's client (web_export.client) run by a
 Python that has only onnxruntime, numpy and Pillow, on a checkpoint's test images written as PNG files.
 
 torch_free_python() makes that Python (a virtual environment whose packages are linked from this one's,
@@ -16,10 +16,10 @@ import numpy as np
 from PIL import Image
 
 from imagegpt import checkpoint
-from imagegpt.drawing_report import real_split
 from imagegpt.errors import UserError
 from imagegpt.metrics import class_probs
-from imagegpt.web_export import CLIENT
+from imagegpt.split_images import real_split
+from imagegpt.web_export import client
 
 CLIENT_PACKAGES = ("numpy", "numpy.libs", "numpy-*.dist-info", "onnxruntime", "onnxruntime-*.dist-info",
                    "PIL", "pillow.libs", "pillow-*.dist-info")
@@ -59,7 +59,7 @@ def client_parity(ckpt, export, work, limit=0):
         pngs.append(os.path.join(work, f"{i:05d}.png"))
         Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(pngs[-1])
     python = torch_free_python(work)
-    script = CLIENT.format(folder=os.path.join(os.path.abspath(export), "onnx") + "/", image=pngs[0], label=0) + f"""
+    script = client(os.path.join(os.path.abspath(export), "onnx") + "/", pngs[0], 0) + f"""
 import sys
 assert "torch" not in sys.modules
 print(json.dumps([max(p := classify(f), key=p.get) for f in {pngs!r}]))
@@ -72,10 +72,10 @@ print(json.dumps([max(p := classify(f), key=p.get) for f in {pngs!r}]))
     if done.returncode != 0:
         raise UserError(f"{work}/client.py: the client failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
     index = {n: c for c, n in enumerate(ck.class_names)}
-    client = np.array([index[n] for n in json.loads(done.stdout.splitlines()[-1])])
-    ours = class_probs(ck.model, ck.encode_images(images), ck.vocab).argmax(1).numpy()
+    theirs = np.array([index[n] for n in json.loads(done.stdout.splitlines()[-1])])
+    ours = class_probs(ck, ck.encode_images(images)).argmax(1).numpy()
     labels = np.asarray(labels)
     return {"checkpoint": ckpt, "export": export, "images": len(labels),
-            "client_accuracy": float((client == labels).mean()), "torch_accuracy": float((ours == labels).mean()),
-            "same_class": int((client == ours).sum()), "differing": np.flatnonzero(client != ours).tolist(),
+            "client_accuracy": float((theirs == labels).mean()), "torch_accuracy": float((ours == labels).mean()),
+            "same_class": int((theirs == ours).sum()), "differing": np.flatnonzero(theirs != ours).tolist(),
             "client_seconds": round(seconds, 1)}

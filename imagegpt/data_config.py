@@ -8,7 +8,7 @@ from imagegpt.device import check_memory
 from imagegpt.errors import UserError, check_seed
 from imagegpt.settings import build, flat, known, names
 from imagegpt.splits import folds
-from tokenizer import CodebookConfig
+from imagegpt.codebook_config import CodebookConfig
 
 
 @dataclass

@@ -1,12 +1,16 @@
 """The decoding loop: next-token filters (temperature, top-k, top-p) and batched incremental
 generation through the model's key/value cache, optionally with classifier-free guidance. Sampling,
 the export checks, the benchmarks and the tests all decode through generate()."""
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from imagegpt.draw_settings import DrawSettings
 from imagegpt.errors import UserError
 
+PLAIN = DrawSettings()
 TOP_P_TOL = 1e-6  # a cumulative probability within this of p counts as reaching p (float32 logits
                   # give probabilities good to about 1e-7, so an exact boundary needs a margin)
 
@@ -43,10 +47,11 @@ def top_p_filter(logits, p):
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def choose_next(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, generator=None):
-    """Next token for each row of logits (B, V): argmax if greedy (or temperature 0), else sample
-    from softmax(logits / temperature) after top-k, then top-p filtering."""
-    if greedy or temperature == 0:
+def choose_next(logits, settings=PLAIN, generator=None):
+    """Next token for each row of logits (B, V) as `settings` (DrawSettings) say: argmax if greedy (or
+    temperature 0), else sample from softmax(logits / temperature) after top-k, then top-p filtering."""
+    temperature = settings.temperature
+    if settings.greedy or temperature == 0:
         return logits.argmax(-1)
     scaled = logits.float() / temperature
     unusable = lambda t: not bool(t.amax() < float("inf"))   # NaN or +inf anywhere; -inf is a token ruled out
@@ -57,7 +62,7 @@ def choose_next(logits, temperature=1.0, top_k=None, top_p=None, greedy=False, g
         # scale the distances to the largest logit instead, in float64; the largest stays 0 and the
         # others go to -inf, which is the limit of the distribution as the temperature goes to 0
         scaled = (logits.double() - logits.double().amax(-1, keepdim=True)) / temperature
-    probs = top_p_filter(top_k_filter(scaled, top_k), top_p).softmax(-1)
+    probs = top_p_filter(top_k_filter(scaled, settings.top_k), settings.top_p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -83,15 +88,31 @@ def no_autograd(device):
     return torch.no_grad() if torch.is_autocast_enabled(torch.device(device).type) else torch.inference_mode()
 
 
-def generate(model, prompts, vocab, max_new_tokens, temperature=1.0, top_k=None, top_p=None, greedy=False,
-             generator=None, batch_size=64, stop_at_eos=True, record_logits=False, progress=False,
-             uncond=None, cfg_scale=1.0, image_len=None):
-    """Continue each prompt (a list of token ids) with incremental decoding through the KV cache.
+@dataclass
+class Decoding:
+    """What every batch of one generate() call shares: the checkpoint (its model and vocabulary), the
+    settings and their generator, the format (image_len) and when a row stops."""
+    ck: object
+    settings: DrawSettings
+    generator: torch.Generator
+    image_len: int = None       # the codebook's codes per image: decoding is held to the token format
+    eos: int = None             # <EOS>'s id, or None: no row stops early (a benchmark's fixed length)
+    max_new: int = 0            # most tokens a row adds
+    record_logits: bool = False
+    progress: bool = False
+
+
+def generate(ck, prompts, settings=PLAIN, uncond=None, image_len=None, stop_at_eos=True, record_logits=False,
+             progress=False):
+    """Continue each prompt (a list of token ids) with the checkpoint's model (ck.model, ck.vocab), by
+    incremental decoding through the KV cache, drawing each token as `settings` (DrawSettings) say: seeded
+    with settings.seed, settings.batch_size rows at a time, each adding up to settings.max_new_tokens
+    tokens (0: up to the block size).
 
     Classifier-free guidance: with `uncond` (one prompt per prompt, of the same length, e.g.
     '<UNK> <IMG>' for '<CLS_7> <IMG>'), both are decoded in one batch through the cache, every step
-    chooses from guide(conditional logits, unconditional logits, cfg_scale), and the chosen token is
-    fed to both. The recorded logits are the guided ones.
+    chooses from guide(conditional logits, unconditional logits, settings.guidance), and the chosen token
+    is fed to both. The recorded logits are the guided ones.
 
     With image_len (the codebook's codes per image), a prompt that starts an image is continued in the
     format (Vocab.format_mask): codes until the image is whole, then its tail; the model still chooses
@@ -109,7 +130,10 @@ def generate(model, prompts, vocab, max_new_tokens, temperature=1.0, top_k=None,
                   generated; the first <CLS>), or None when no <CLS> was fed
         logits    (new, V) the raw logits each new token was chosen from (only with record_logits)
     """
+    model = ck.model
     block = model.config.block_size
+    job = Decoding(ck, settings, torch.Generator(device=model.device).manual_seed(settings.seed), image_len,
+                   ck.vocab.eos_id if stop_at_eos else None, settings.max_new_tokens or block, record_logits, progress)
     results = [None] * len(prompts)
     groups = {}
     if uncond is not None and (len(uncond) != len(prompts) or any(len(u) != len(p) for u, p in zip(uncond, prompts))):
@@ -124,36 +148,32 @@ def generate(model, prompts, vocab, max_new_tokens, temperature=1.0, top_k=None,
     model.eval()
     with no_autograd(model.device):
         for L, rows in sorted(groups.items()):
-            for s in range(0, len(rows), batch_size):
-                chunk = rows[s:s + batch_size]
-                out = _generate_aligned(model, [prompts[i] for i in chunk], vocab, min(max_new_tokens, block - L),
-                                        max_new_tokens, temperature, top_k, top_p, greedy, generator,
-                                        stop_at_eos, record_logits, progress,
-                                        None if uncond is None else [uncond[i] for i in chunk], cfg_scale,
-                                        image_len)
+            for s in range(0, len(rows), settings.batch_size):
+                chunk = rows[s:s + settings.batch_size]
+                out = _generate_aligned(job, [prompts[i] for i in chunk], min(job.max_new, block - L),
+                                        None if uncond is None else [uncond[i] for i in chunk])
                 for i, r in zip(chunk, out):
                     results[i] = r
     model.train(was_training)
     return results
 
 
-def _generate_aligned(model, prompts, vocab, steps, max_new_tokens, temperature, top_k, top_p, greedy,
-                      generator, stop_at_eos, record_logits, progress, uncond=None, cfg_scale=1.0, image_len=None):
-    """Decode one batch of equal-length prompts. The loop keeps everything per row in tensors
-    (tokens, finished rows, logits at <CLS>) so that a step is the model call plus a few whole-batch
-    ops, with no Python loop over rows; the per-step read backs are whether every row is done (none
-    when EOS does not stop) and whether any row chose <CLS> (its logits are kept only then)."""
+def _generate_aligned(job, prompts, steps, uncond=None):
+    """Decode one batch of equal-length prompts by `steps` tokens at most. The loop keeps everything per
+    row in tensors (tokens, finished rows, logits at <CLS>) so that a step is the model call plus a few
+    whole-batch ops, with no Python loop over rows; the per-step read backs are whether every row is done
+    (none when EOS does not stop) and whether any row chose <CLS> (its logits are kept only then)."""
+    model, vocab, eos = job.ck.model, job.ck.vocab, job.eos
     B, L = len(prompts), len(prompts[0])
     device = model.device
-    allowed = None if image_len is None else \
-        torch.stack([vocab.format_mask(p, image_len, max(steps, 1)) for p in prompts]).to(device)   # (B, steps, V)
-    eos = vocab.eos_id if stop_at_eos else None
+    allowed = None if job.image_len is None else \
+        torch.stack([vocab.format_mask(p, job.image_len, max(steps, 1)) for p in prompts]).to(device)   # (B, steps, V)
     rows = prompts + (uncond or [])                     # guidance: the unconditional rows follow
     cache = model.new_cache(len(rows), max(L + steps - 1, L))   # the last sampled token is never fed
     logits, _ = model(torch.tensor(rows, device=device), cache=cache)   # prefill: (rows, L, V)
 
     def mix(lg, j):  # the logits new token j is chosen from: guided, then restricted to the format
-        lg = lg if uncond is None else guide(lg[:B], lg[B:], cfg_scale)
+        lg = lg if uncond is None else guide(lg[:B], lg[B:], job.settings.guidance)
         return lg if allowed is None else lg.masked_fill(~allowed[:, j], float("-inf"))
 
     last = mix(logits[:, -1], 0)                                        # (B, V)
@@ -163,17 +183,17 @@ def _generate_aligned(model, prompts, vocab, steps, max_new_tokens, temperature,
         if vocab.cls_id in p:
             cls_logits[b] = logits[b, p.index(vocab.cls_id)]
     new = torch.full((B, steps), vocab.pad_id, dtype=torch.long, device=device)
-    rec = last.new_empty(B, steps, last.size(-1)) if record_logits else None
+    rec = last.new_empty(B, steps, last.size(-1)) if job.record_logits else None
     done = torch.tensor([p[-1] == eos for p in prompts], device=device)   # finished rows are fed <PAD>
     ran = 0
-    for step in tqdm(range(steps), desc="sampling", leave=False, disable=not progress):
+    for step in tqdm(range(steps), desc="sampling", leave=False, disable=not job.progress):
         if eos is not None and bool(done.all()):
             break
-        tok = choose_next(last, temperature, top_k, top_p, greedy, generator)
+        tok = choose_next(last, job.settings, job.generator)
         if eos is not None:   # without EOS no row finishes early
             tok.masked_fill_(done, vocab.pad_id)
         new[:, step] = tok
-        if record_logits:
+        if rec is not None:
             rec[:, step] = last
         ran = step + 1
         if eos is not None:
@@ -187,22 +207,24 @@ def _generate_aligned(model, prompts, vocab, steps, max_new_tokens, temperature,
             first_cls = fed_cls & ~has_cls
             cls_logits = torch.where(first_cls[:, None], last, cls_logits)
             has_cls |= first_cls
-    return [_result(prompts[b], toks, eos, max_new_tokens, has, cls_logits[b], rec, b, vocab)
+    return [_result(job, prompts[b], toks, cls_logits[b] if has else None, None if rec is None else rec[b])
             for b, (toks, has) in enumerate(zip(new[:, :ran].tolist(), has_cls.tolist()))]
 
 
-def _result(prompt, toks, eos, max_new_tokens, has_cls, cls_logits, rec, b, vocab):
-    """One row's result dict (see generate): its new tokens end at the first <EOS>."""
+def _result(job, prompt, toks, cls_logits, rec):
+    """One row's result dict (see generate): its new tokens end at the first <EOS>; cls_logits: the
+    logits where it fed <CLS> (None: it fed none); rec: its recorded logits (or None)."""
+    eos = job.eos
     if prompt[-1] == eos:
         toks = []
     elif eos in toks:
         toks = toks[:toks.index(eos) + 1]
     stopped = "eos" if eos is not None and (prompt[-1] == eos or toks[-1:] == [eos]) else None
     r = {"ids": prompt + toks, "new": len(toks),
-         "stop": stopped or ("max_new_tokens" if len(toks) >= max_new_tokens else "block_size"),
+         "stop": stopped or ("max_new_tokens" if len(toks) >= job.max_new else "block_size"),
          "pred": None, "prob": None, "label_probs": None}
-    if has_cls:
-        r["pred"], r["prob"], r["label_probs"] = label_prediction(cls_logits, vocab)
+    if cls_logits is not None:
+        r["pred"], r["prob"], r["label_probs"] = label_prediction(cls_logits, job.ck.vocab)
     if rec is not None:
-        r["logits"] = rec[b, :len(toks)].float().cpu()
+        r["logits"] = rec[:len(toks)].float().cpu()
     return r

@@ -1,9 +1,17 @@
 """Where and how the model computes: the device, bf16 autocast, memory limits checked before
 allocating, the CPU threads that suit the machine now (its CPUs, cgroup quota and the load of other
-processes), and which kernels this CPU runs."""
+processes), and which kernels this CPU runs.
+
+torch is imported in the functions that use it, on purpose: reproduce.py and the settings modules read
+this module (its constants, its memory and thread readings) without loading torch.
+"""
 import math
 import os
 import re
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
 
 from imagegpt.errors import UserError
 
@@ -67,8 +75,6 @@ def bf16_autocast(setting, device, decode_width=None):
     matrices of a narrow model are too small for the bf16 kernels to pay for the casts (the demo
     model, 128 wide, decodes about 2x slower in bf16; the v2 model, 384 wide, 1.3x faster; see the
     performance page, docs/performance.md)."""
-    from contextlib import nullcontext
-
     import torch
     if setting not in BF16:
         raise UserError(f"bf16: expected auto, true or false, got {setting!r}")
@@ -229,7 +235,6 @@ def choose_threads(root="/", affinity=None, window=LOAD_WINDOW, sleep=None):
     physical cores, cgroup quota) less those other processes keep busy, sampled from /proc/stat over
     `window` seconds (this process's own ticks taken out). why: {"cpus", "cores", "quota", "limit",
     "others"} (others in CPUs; None where /proc/stat is not there)."""
-    import time
     offer = cpu_offer(root, affinity)
     before = LoadSample(offer["cpus"], root)
     (sleep or time.sleep)(window)
@@ -292,7 +297,6 @@ class ThreadAdapter:
     counts used since the last take_used(), in order."""
 
     def __init__(self, info, interval=30.0, root="/", clock=None):
-        import time
         self.clock = clock or time.monotonic
         self.auto = info["source"] == "auto"
         self.threads, self.interval, self.root = info["threads"], interval, root
@@ -386,9 +390,6 @@ def onednn_kernels():
     """oneDNN's ISA and the kernels it creates for an fp32 and (where supported) a bf16 matrix product, read
     from its verbose output (ONEDNN_VERBOSE; ONEDNN_MAX_CPU_ISA caps it) -> {"isa", "fp32", "bf16"}, values
     None where nothing was printed. torch computes fp32 matmuls with MKL, bf16 ones (autocast) with oneDNN."""
-    import sys
-    import tempfile
-
     import torch
     out = {"isa": None, "fp32": None, "bf16": None}
     if not torch.backends.mkldnn.is_available():

@@ -17,10 +17,6 @@ from imagegpt.decoding import generate
 from imagegpt.metrics import class_probs
 from imagegpt.token_format import COLOUR_TOKENS
 
-GUIDANCE = 3.0      # the classifier-free guidance scale of a drawing of a chosen class unless told (1 = none)
-TEMPERATURE = 0.9   # and its sampling temperature (other sampling: 1); both chosen on the development split
-                    # (docs/drawing.md): >= 98 % judged the asked class, diversity >= 0.8 of real images
-
 
 def prompt(vocab, label=None, kept=()):
     """The prompt of one drawing: '<CLS_label> <IMG>' (label None: '<IMG>'), then `kept`: the code tokens
@@ -43,31 +39,32 @@ def unconditional(vocab, prompts):
     return [[vocab.unk_id] + p[1:] if vocab.is_conditioned(p) else p for p in prompts]
 
 
-def draw(model, vocab, seq_len, prompts, max_new_tokens, guidance=1.0, batch_size=64, **sampling):
-    """Continue each prompt (an id list) into a complete image in the token format, with guidance for
-    the prompts that state a class, and caption each result with the model's own reading -> generate()'s
-    result dicts (ids, new, stop, pred, prob, ...), pred and prob filled for every complete drawing.
-    `sampling`: temperature, top_k, top_p, greedy, generator, progress (decoding.generate)."""
-    uncond = None if guidance == 1 else unconditional(vocab, prompts)
-    rows = generate(model, prompts, vocab, max_new_tokens, batch_size=batch_size, uncond=uncond,
-                    cfg_scale=guidance, image_len=seq_len, **sampling)
-    read(model, vocab, rows, batch_size)
+def draw(ck, prompts, settings, progress=False):
+    """Continue each prompt (an id list) with the checkpoint's model into a complete image in the token
+    format, drawn as `settings` (DrawSettings) say, with guidance for the prompts that state a class, and
+    caption each result with the model's own reading -> generate()'s result dicts (ids, new, stop, pred,
+    prob, ...), pred and prob filled for every complete drawing."""
+    uncond = None if settings.guidance == 1 else unconditional(ck.vocab, prompts)
+    rows = generate(ck, prompts, settings, uncond=uncond, image_len=ck.codebook.seq_len, progress=progress)
+    read(ck, rows, settings.batch_size)
     return rows
 
 
-def read(model, vocab, rows, batch_size=64):
+def read(ck, rows, batch_size=64):
     """Fill pred and prob of the rows that state their class (which hold no <CLS> of their own) with the
     model's classifier on '<IMG> codes </IMG> <CLS>'."""
+    vocab = ck.vocab
     stated = [r for r in rows if vocab.is_conditioned(r["ids"])]
     if stated:
         prefixes = [vocab.prefix_ids(vocab.image_codes(r["ids"])) for r in stated]
-        for r, p in zip(stated, class_probs(model, prefixes, vocab, batch_size)):
+        for r, p in zip(stated, class_probs(ck, prefixes, batch_size)):
             r["pred"], r["prob"] = int(p.argmax()), p.max().item()
 
 
-def outcome(ids, vocab, seq_len):
-    """What a drawn sequence is -> (its label: the class it states, or the label token it wrote; None
-    unless it is a complete image; whether it is a complete image)."""
+def outcome(ck, ids):
+    """What a sequence drawn by the checkpoint's model is -> (its label: the class it states, or the label
+    token it wrote; None unless it is a complete image; whether it is a complete image)."""
+    vocab, seq_len = ck.vocab, ck.codebook.seq_len
     if vocab.is_conditioned(ids):
         complete = vocab.is_cond_complete(ids, seq_len)
         stated = vocab.is_label(ids[0])

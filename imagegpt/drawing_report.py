@@ -9,16 +9,18 @@ A judge is any callable: float images (N, C, H, W) in [0, 1] -> class probabilit
 load_judge() makes one from the LeNet CNN saved by classifiers.save_cnn (python baselines.py
 --save_judge DIR).
 """
+from dataclasses import replace
+from typing import NamedTuple
+
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from imagegpt import drawing
-from imagegpt.data_config import data_settings
+from imagegpt import classifiers, drawing
 from imagegpt.errors import UserError
-from imagegpt.sources import load_source
-from imagegpt.splits import split_roles
+from imagegpt.split_images import real_split
 from imagegpt.token_format import list_classes
+from tokenizer import uint8_to_tensor
 
 KNN_K = 3   # neighbours for the precision / recall radii
 
@@ -26,10 +28,6 @@ KNN_K = 3   # neighbours for the precision / recall radii
 def load_judge(folder, class_names):
     """The CNN in `folder` (cnn.json + cnn.safetensors, classifiers.save_cnn) -> judge callable; its
     class names must be the checkpoint's."""
-    try:
-        from imagegpt import classifiers
-    except ImportError:
-        raise UserError("the judge needs classifiers.py (the baselines' CNN, issue 12) beside this module") from None
     model, meta = classifiers.load_cnn(folder)
     if meta["class_names"] != list(class_names):
         raise UserError(f"{folder}/cnn.json: the judge's classes ({list_classes(meta['class_names'])}) are not "
@@ -40,9 +38,11 @@ def load_judge(folder, class_names):
     return judge
 
 
-def to_float(images):
-    """uint8 (N, H, W, C) -> float (N, C, H, W) in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
+class Images(NamedTuple):
+    """Real images and their labels: float (N, C, H, W) in [0, 1] and (N,) class indices; split: which."""
+    images: torch.Tensor
+    labels: np.ndarray
+    split: str = ""
 
 
 # ----------------------------------------------------------------------------- the measures
@@ -103,11 +103,11 @@ def diversity(images, labels, real, real_labels, num_classes):
     return out
 
 
-def quality(judge, images, labels, real, real_labels, num_classes, k=KNN_K):
-    """All measures of a set of images meant to be of classes `labels`, against the real images."""
+def quality(judge, images, labels, real, num_classes, k=KNN_K):
+    """All measures of a set of images meant to be of classes `labels`, against the `real` Images."""
     acc = judged_accuracy(judge, images, labels, num_classes)
-    div = diversity(images, labels, real, real_labels, num_classes)
-    precision, recall = precision_recall(real, images, k)
+    div = diversity(images, labels, real.images, real.labels, num_classes)
+    precision, recall = precision_recall(real.images, images, k)
     ratios = [d["ratio"] for d in div if d]
     return {"judge_accuracy": acc["accuracy"], "judge_per_class": acc["per_class"],
             "diversity_per_class": div, "diversity_ratio_mean": float(np.mean(ratios)),
@@ -116,44 +116,59 @@ def quality(judge, images, labels, real, real_labels, num_classes, k=KNN_K):
 
 # ----------------------------------------------------------------------------- drawing
 
-def draw(model, vocab, book, classes, scale, generator, batch_size=64, progress=False, **sampling):
-    """One drawing per entry of `classes` (imagegpt.drawing, guidance `scale`) -> (images (N, C, H, W),
-    the drawings, each read by the model's own classifier)."""
-    prompts = [drawing.prompt(vocab, c) for c in classes]
-    res = drawing.draw(model, vocab, book.seq_len, prompts, book.seq_len + 2, scale, batch_size,
-                       generator=generator, progress=progress, **sampling)
-    return torch.stack([book.decode_ids(r["ids"], vocab) for r in res]), res
+def draw_classes(ck, classes, settings, progress=False):
+    """One drawing per entry of `classes` (imagegpt.drawing, as `settings` say) -> (images (N, C, H, W), the
+    drawings, each read by the model's own classifier)."""
+    book = ck.codebook
+    prompts = [drawing.prompt(ck.vocab, c) for c in classes]
+    res = drawing.draw(ck, prompts, replace(settings, max_new_tokens=book.seq_len + 2), progress=progress)
+    return torch.stack([book.decode_ids(r["ids"], ck.vocab) for r in res]), res
 
 
-def generation_report(model, vocab, book, judge, real, real_labels, reference, reference_labels, scales,
-                      per_class, seed=0, k=KNN_K, batch_size=64, progress=False, split="test", **sampling):
-    """Conditional samples (per_class of every class) at each guidance scale, judged and compared with
-    the real images (float (N, C, H, W), e.g. the test split); the ceilings: the judge on the real
-    images and on their codebook reconstructions, and the same measures for `reference` (real images
-    other than `real`, e.g. training images) decoded through the codebook: a perfect generator of this
-    codebook."""
-    C = vocab.num_classes
+def generation_report(ck, judge, real, reference, scales, per_class, settings, progress=False):
+    """Conditional drawings (per_class of every class) at each guidance scale of `scales`, drawn as
+    `settings` say otherwise, judged and compared with the `real` Images (e.g. the test split); the
+    ceilings: the judge on the real images and on their codebook reconstructions, and the
+    same measures for the `reference` Images (real images other than `real`, e.g. training images) decoded
+    through the codebook: a perfect generator of this codebook."""
+    book, C, k = ck.codebook, ck.vocab.num_classes, KNN_K
     classes = [c for c in range(C) for _ in range(per_class)]
-    recon = book.decode(book.encode(real))
-    out = {"classes_asked": per_class, "knn_k": k, "sampling": {"seed": seed, **sampling},
-           "real": {"n": len(real), "split": split, "judge": judged_accuracy(judge, real, real_labels, C)},
-           "reconstructions": {"judge": judged_accuracy(judge, recon, real_labels, C)}}
+    recon = book.decode(book.encode(real.images))
+    out = {"classes_asked": per_class, "knn_k": k,
+           "sampling": {"seed": settings.seed, "temperature": settings.temperature, "top_k": settings.top_k or None,
+                        "top_p": settings.top_p},
+           "real": {"n": len(real.images), "split": real.split or "test",
+                    "judge": judged_accuracy(judge, real.images, real.labels, C)},
+           "reconstructions": {"judge": judged_accuracy(judge, recon, real.labels, C)}}
     for v in (out["real"]["judge"], out["reconstructions"]["judge"]):
         v.pop("predictions")
-    ref = book.decode(book.encode(reference))
-    out["codebook_generator"] = quality(judge, ref, reference_labels, real, real_labels, C, k)
+    ref = book.decode(book.encode(reference.images))
+    out["codebook_generator"] = quality(judge, ref, reference.labels, real, C, k)
     out["scales"] = {}
     for s in tqdm(scales, desc="guidance scales", leave=False, disable=not progress):
-        g = torch.Generator(device=model.device).manual_seed(seed)
-        images, res = draw(model, vocab, book, classes, s, g, batch_size=batch_size, progress=progress, **sampling)
-        q = quality(judge, images, classes, real, real_labels, C, k)
+        images, res = draw_classes(ck, classes, replace(settings, guidance=s), progress=progress)
+        q = quality(judge, images, classes, real, C, k)
         q["gpt_reads_asked_class"] = sum(r["pred"] == c for r, c in zip(res, classes)) / len(res)
-        q["well_formed"] = sum(vocab.is_cond_complete(r["ids"], book.seq_len) for r in res) / len(res)
+        q["well_formed"] = sum(ck.vocab.is_cond_complete(r["ids"], book.seq_len) for r in res) / len(res)
         out["scales"][str(s)] = q
     return out
 
 
-def summary(report, names):
+def judged_report(ck, judge_dir, real, per_class, scales, settings, progress=False):
+    """The drawing report of eval.py generation: the judge CNN of judge_dir (load_judge), the real images of
+    the checkpoint's split `real` ("test", or "dev" to choose sampling settings) and per_class training
+    images of each class as the reference -> generation_report's dict, headed by what was compared."""
+    judge = load_judge(judge_dir, ck.class_names)
+    tr_img, tr_lab, te_img, te_lab = real_split(ck.settings, real)
+    ref = np.concatenate([np.flatnonzero(tr_lab == c)[:per_class] for c in range(ck.vocab.num_classes)])
+    report = generation_report(ck, judge, Images(uint8_to_tensor(te_img), te_lab, real),
+                               Images(uint8_to_tensor(tr_img[ref]), tr_lab[ref]), scales, per_class, settings,
+                               progress=progress)
+    return {"checkpoint": ck.folder, "judge": judge_dir, "compared_with": f"the {real} split: {len(te_lab)} "
+            f"{'held-out' if real == 'test' else 'development'} images of {ck.settings.get('source')}", **report}
+
+
+def report_text(report, names):
     """The report as a readable table: one row per guidance scale, then the ceilings."""
     pct = lambda v: f"{100 * v:5.1f}"
     split = report["real"].get("split", "test")
@@ -178,22 +193,3 @@ def summary(report, names):
     for s, q in report["scales"].items():
         lines.append(f"{s:>9} " + "".join(f"{pct(a):>6}" for a in q["judge_per_class"]))
     return "\n".join(lines)
-
-
-def real_split(settings, split="test"):
-    """The real images a checkpoint was trained on and is compared with, from its data settings ->
-    (train images, train labels, compared images, compared labels), uint8 (N, H, W, C), split as
-    prepare.prepare splits: with split "test" the held-out test_fraction (whatever dev_fraction was); with
-    "dev" the development split carved from the training images (which then exclude it), so that
-    sampling settings can be chosen without reading the test split."""
-    cfg = data_settings(settings)
-    images, labels, _, _ = load_source(cfg)
-    tr, dev, te = split_roles(labels, cfg)
-    if split == "dev":
-        if not cfg.dev_fraction > 0:
-            raise UserError("this checkpoint was trained without a development split (dev_fraction 0); compare "
-                            "with the test split instead")
-        te = dev
-    else:
-        tr = np.sort(np.concatenate([tr, dev]))
-    return images[tr], labels[tr], images[te], labels[te]

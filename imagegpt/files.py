@@ -5,6 +5,7 @@ atomic_path, folders with atomic_dir), so an error or a kill leaves the old vers
 never a mix. Outputs get the usual file mode (0666 less the umask), weights included. A run folder is
 held by one process at a time (lock_folder). Weights are read from safetensors only, never unpickled.
 """
+import fcntl
 import glob
 import json
 import os
@@ -196,7 +197,6 @@ class FolderLock:
 def lock_folder(folder, what="folder", hint=""):
     """Create `folder` if needed and lock it for this process -> FolderLock. If another living process
     holds it: a UserError naming that process's pid."""
-    import fcntl
     made, top = [], os.path.abspath(folder)
     while top and not os.path.exists(top):
         made.append(top)
@@ -290,7 +290,7 @@ def check_finite_tensors(tensors, where):
 
 def load_safetensors(path):
     """safetensors.torch.load_file, also for a path that is not UTF-8 (which safetensors refuses)."""
-    from safetensors.torch import load, load_file
+    from safetensors.torch import load, load_file   # here: it loads torch, which settings and reproduce.py do not need
     try:
         str(path).encode("utf-8")
     except UnicodeEncodeError:
@@ -302,7 +302,7 @@ def load_safetensors(path):
 def read_weights(path, missing=""):
     """A weights file -> {name: tensor}; a missing file (`missing` adds a hint), a truncated or foreign
     one and a pickle are each one UserError line."""
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError   # as above
     try:
         return load_safetensors(path)
     except FileNotFoundError:

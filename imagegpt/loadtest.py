@@ -26,22 +26,22 @@ import shlex
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
 
 import httpx
 import numpy as np
+import torch
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from imagegpt import drain
+from imagegpt import checkpoint, drain
 from imagegpt.provenance import machine, write_result
+from imagegpt.served import REQUEST_TIMEOUT, Served, Where, client_at, metric, scrape, wait_for
 from imagegpt.service import create_app
 from imagegpt.settings import flat
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REQUEST_TIMEOUT = 120.0   # seconds; a slower request counts as failed
 RETRY_AFTER_CAP = 5.0     # seconds: the longest a flood client waits after a refusal
 
 
@@ -70,7 +70,6 @@ def stop(srv, thread):
 
 def digit_png(size=(28, 28)):
     """A clearly drawn '1' (a white vertical bar on black) as PNG bytes, at twice the model's size."""
-    from PIL import Image, ImageDraw
     h, w = 2 * size[0], 2 * size[1]
     im = Image.new("L", (w, h), 0)
     ImageDraw.Draw(im).line([(w // 2, h // 7), (w // 2, h - h // 7)], fill=255, width=max(2, w // 12))
@@ -178,69 +177,6 @@ QUICK = Crowd(clients=8, requests=24, count=32, drain_requests=16, signal_after_
 QUICK_QUEUE = {"max_queue": 64, "max_client_queue": 64}     # so that a quick flood meets the bound too
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Served:
-    """python serve.py in a subprocess on a free loopback port (keyless: the key's variable is not passed)."""
-
-    def __init__(self, ckpt, cfg, threads=0, device="cpu", backend="torch", **changes):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        options = {**flat(cfg), **changes}
-        args = [a for k, v in options.items() if not k.startswith("api_key") for a in (f"--{k}", str(v))]
-        env = {k: v for k, v in os.environ.items() if k != cfg.api_key_env}
-        self.command = [sys.executable, os.path.join(ROOT, "serve.py"), "--ckpt", str(ckpt), "--port", str(self.port),
-                        "--threads", str(threads), "--device", str(device), "--backend", backend, *args]
-        self.proc = subprocess.Popen(self.command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(self.url + "/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                out, err = self.stop()
-                raise RuntimeError(f"serve.py did not start: {err.strip()[-500:]}")
-            time.sleep(0.2)
-
-    def memory_mb(self, field="VmRSS"):
-        """The process's resident memory now (VmRSS) or at its peak (VmHWM), in MB; None once it ended."""
-        try:
-            with open(f"/proc/{self.proc.pid}/status") as f:
-                for line in f:
-                    if line.startswith(field + ":"):
-                        return int(line.split()[1]) / 1024
-        except OSError:
-            return None
-
-    def stop(self, timeout=60):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            return self.proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.communicate()
-
-
-def scrape(url):
-    """/metrics -> {(name, sorted label items): value}."""
-    from prometheus_client.parser import text_string_to_metric_families
-    text = httpx.get(url + "/metrics", timeout=10).text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def metric(samples, name, **labels):
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
 def ms_summary(seconds):
     """Latencies in seconds -> {n, p50, p99, max} in ms (None when there are none)."""
     if not seconds:
@@ -283,9 +219,9 @@ def outcome(answers):
     return counts
 
 
-def flood(ckpt, cfg, size, threads=0, device="cpu", backend="torch", changes=None):
+def flood(ckpt, cfg, size, where, changes=None):
     """The flood against serve.py in a subprocess (see the module's docstring) -> a dict of figures."""
-    srv = Served(ckpt, cfg, threads, device, backend, **(changes or {}))
+    srv = Served(ckpt, cfg, where, **(changes or {}))
     try:
         health, rss_peak = [], [0.0]
 
@@ -340,9 +276,9 @@ def stopped_line(out):
     return None, {}
 
 
-def drain_under_flood(ckpt, cfg, size, threads=0, device="cpu", backend="torch", changes=None):
+def drain_under_flood(ckpt, cfg, size, where, changes=None):
     """A SIGTERM `size.signal_after_s` into a flood of `size.drain_requests` requests -> a dict of figures."""
-    srv = Served(ckpt, cfg, threads, device, backend, **(changes or {}))
+    srv = Served(ckpt, cfg, where, **(changes or {}))
     try:
         async def scenario():
             flood_task = asyncio.create_task(crowd(srv.url, size.clients, size.drain_requests, size.count,
@@ -374,11 +310,11 @@ def drain_under_flood(ckpt, cfg, size, threads=0, device="cpu", backend="torch",
             "stderr": err.strip()[-300:], "command": " ".join(shlex.quote(a) for a in srv.command)}
 
 
-def disconnect(ckpt, cfg, count, threads=0, device="cpu", backend="torch"):
+def disconnect(ckpt, cfg, count, where):
     """A client that leaves while its request waits -> what /metrics shows. Three requests of `count`
     drawings from three other clients come first, and the batch window is 1 s, so that the leaving
     client's job waits at least a second and three model calls for its turn (longer on a slower machine)."""
-    srv = Served(ckpt, cfg, threads, device, backend, batch_window_ms=1000.0, max_queue=max(cfg.max_queue, 4 * count))
+    srv = Served(ckpt, cfg, where, batch_window_ms=1000.0, max_queue=max(cfg.max_queue, 4 * count))
     try:
         async def leave():
             async with contextlib.AsyncExitStack() as stack:
@@ -415,45 +351,29 @@ def disconnect(ckpt, cfg, count, threads=0, device="cpu", backend="torch"):
             "command": " ".join(shlex.quote(a) for a in srv.command)}
 
 
-def client_at(url, address):
-    """An httpx client whose requests come from `address` (another loopback address: another client)."""
-    return httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT,
-                             transport=httpx.AsyncHTTPTransport(local_address=address))
-
-
-async def wait_for(url, test, timeout=20.0):
-    """Poll /metrics until test(samples) holds -> True, or False after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if test(await asyncio.to_thread(scrape, url)):
-            return True
-        await asyncio.sleep(0.02)
-    return False
-
-
 # ----------------------------------------------------------------------------- the whole test and its record
 
-def main(ckpt, cfg, scenarios, quick=False, clients=32, requests=256, threads=0, device="cpu", backend="torch"):
-    """Run the chosen scenarios -> a result dict (figures and provenance) for report() and save()."""
-    from imagegpt import checkpoint
+def main(ckpt, cfg, scenarios, quick=False, load=(32, 256), where=None):
+    """Run the chosen scenarios -> a result dict (figures and provenance) for report() and save(). load:
+    (clients, requests) of the throughput scenario; where: how serve.py runs the model (served.Where)."""
+    where = where or Where()
     size = QUICK if quick else Crowd()
     changes = QUICK_QUEUE if quick else {}
-    import torch
-    facts = {"model_threads": threads or torch.get_num_threads(), "device": str(device),
+    facts = {"model_threads": where.threads or torch.get_num_threads(), "device": str(where.device),
              "seeds": "none sent: the service draws each call's seed at random",
              "load_average_before": [round(x, 2) for x in os.getloadavg()]}
     t0 = time.perf_counter()
     result = {"run": facts, "settings": {**flat(cfg), **changes}, "crowd": size.__dict__}
     if "throughput" in scenarios:
-        ck = checkpoint.load(ckpt, device, backend)
-        n_clients, n_requests = (8, 32) if quick else (clients, requests)
+        ck = checkpoint.load(ckpt, where.device, where.backend)
+        n_clients, n_requests = (8, 32) if quick else load
         result["throughput"] = run(ck, n_clients, n_requests, cfg, progress=not quick)
     if "flood" in scenarios:
-        result["flood"] = flood(ckpt, cfg, size, threads, device, backend, changes)
+        result["flood"] = flood(ckpt, cfg, size, where, changes)
     if "drain" in scenarios:
-        result["drain"] = drain_under_flood(ckpt, cfg, size, threads, device, backend, changes)
+        result["drain"] = drain_under_flood(ckpt, cfg, size, where, changes)
     if "disconnect" in scenarios:
-        result["disconnect"] = disconnect(ckpt, cfg, size.count, threads, device, backend)
+        result["disconnect"] = disconnect(ckpt, cfg, size.count, where)
     facts["wall_s"] = round(time.perf_counter() - t0, 1)
     facts["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     return result

@@ -18,12 +18,16 @@ NUMBERS = ("loss", "perplexity", "token_accuracy", "image_loss", "image_perplexi
 
 
 @torch.no_grad()
-def evaluate(model, x, y, cls_pos, vocab, batch_size=64, ctx=nullcontext(), topk=(1, 2, 3), progress=False):
-    """Metrics over all real (non -100) next tokens, split into image tokens and the label token.
+def evaluate(ck, data, batch_size=64, ctx=nullcontext(), topk=(1, 2, 3), progress=False):
+    """Metrics of the checkpoint's model (ck.model, ck.vocab) over all real (non -100) next tokens of
+    `data`, split into image tokens and the label token.
 
-    x, y (N, T): inputs and next-token targets; cls_pos (N,): index of <CLS> in each row.
-    Classification takes the logits at <CLS> and picks the largest among the label tokens only.
+    data: (x, y, cls_pos): x, y (N, T) inputs and next-token targets; cls_pos (N,) the index of <CLS> in
+    each row (sequences.make_batch). Classification takes the logits at <CLS> and picks the largest among
+    the label tokens only.
     """
+    model, vocab = ck.model, ck.vocab
+    x, y, cls_pos = data
     was_training = model.training
     model.eval()
     device = model.device
@@ -53,7 +57,7 @@ def evaluate(model, x, y, cls_pos, vocab, batch_size=64, ctx=nullcontext(), topk
         truth = (yb[rows, cb] - lo).cpu()
         probs = vocab.label_probs(logits[rows, cb]).cpu()  # (B, C) over the label tokens only
         pred = probs.argmax(-1)
-        conf.index_put_((truth, pred), torch.ones_like(pred), accumulate=True)
+        conf += confusion(truth, pred, C)
         ranked = probs.argsort(-1, descending=True)
         for k in topk_hit:
             topk_hit[k] += (ranked[:, :k] == truth[:, None]).any(1).sum().item()
@@ -74,6 +78,13 @@ def evaluate(model, x, y, cls_pos, vocab, batch_size=64, ctx=nullcontext(), topk
         "topk_accuracy": {str(k): v / max(n, 1) for k, v in topk_hit.items()},
         **confusion_summary(conf),                           # argmax over the label tokens only
     }
+
+
+def confusion(truth, pred, num_classes):
+    """The confusion matrix (C, C) long of true and predicted classes (rows: true class, columns: predicted)."""
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    return conf.index_put_((torch.as_tensor(truth), torch.as_tensor(pred)), torch.ones(len(pred), dtype=torch.long),
+                           accumulate=True)
 
 
 def confusion_summary(conf):
@@ -113,11 +124,13 @@ def check_metrics(m, where):
 
 
 @torch.no_grad()
-def class_probs(model, prefixes, vocab, batch_size=64, progress=False):
-    """Prefixes ending in <CLS> (any lengths) -> (N, C) probabilities over the label tokens only,
+def class_probs(ck, prefixes, batch_size=64, progress=False):
+    """The checkpoint's classifier (ck.model, ck.vocab): prefixes ending in <CLS> (any lengths) -> (N, C)
+    probabilities over the label tokens only,
     from the logits at <CLS> (what evaluate() scores). A batch's prefixes are padded on the right to the
     longest; the model computes the last block and the output layer at each row's <CLS> alone
     (GPT.forward's logits_at), which is what the rest of the positions would only have been thrown away for."""
+    model, vocab = ck.model, ck.vocab
     device = model.device
     block = model.config.block_size
     prefixes = [fit_prefix(p, block) for p in prefixes]
@@ -135,22 +148,24 @@ def class_probs(model, prefixes, vocab, batch_size=64, progress=False):
     return torch.cat(out) if out else torch.zeros(0, C)
 
 
-def augmented_class_probs(model, book, vocab, images, copies, jitter, batch_size=64, progress=False):
+def augmented_class_probs(ck, images, copies, jitter, batch_size=64, progress=False):
     """Test-time augmentation: float images (N, C, H, W) -> (N, C) class probabilities, the normalised
     geometric mean of class_probs over the images and `copies` versions of each moved within the limits
-    of `jitter` (augment.tta_views, tokenised with the codebook `book`). copies 0: class_probs of the images
-    alone."""
+    of `jitter` (augment.tta_views, tokenised with the checkpoint's codebook). copies 0: class_probs of the
+    images alone."""
     logp = 0
     views = tta_views(images, copies, jitter)
     for x in tqdm(views, total=copies + 1, desc="test-time views", leave=False, disable=not progress):
-        prefixes = [vocab.prefix_ids(row) for row in book.encode(x).tolist()]
-        logp = logp + class_probs(model, prefixes, vocab, batch_size).double().clamp_min(1e-30).log()
+        prefixes = [ck.vocab.prefix_ids(row) for row in ck.codebook.encode(x).tolist()]
+        logp = logp + class_probs(ck, prefixes, batch_size).double().clamp_min(1e-30).log()
     return (logp / (copies + 1)).softmax(-1).float()
 
 
 @torch.no_grad()
-def next_tokens(model, ids, vocab, k=5):
-    """Top-k next tokens after a prompt: [(token, id, probability)], from the full-vocabulary softmax."""
+def next_tokens(ck, ids, k=5):
+    """Top-k next tokens after a prompt: [(token, id, probability)], from the full-vocabulary softmax of
+    the checkpoint's model."""
+    model, vocab = ck.model, ck.vocab
     if len(ids) > model.config.block_size:
         raise UserError(f"prompt has {len(ids)} tokens, the model's block size is {model.config.block_size}")
     logits, _ = model(torch.tensor([ids], device=model.device))

@@ -94,7 +94,7 @@ def export_onnx(model, folder, opset=OPSET):
     """Write folder/onnx/model.onnx (the decoder with past, see the module docstring) and
     folder/onnx/export.json (opset, exporter, input and output shapes, the GPT configuration).
     The model is copied to float32 on the CPU first; it is left as it was. Returns the graph's path."""
-    import onnx
+    import onnx   # onnx and onnxruntime: loaded by an export only, not at every command's start-up
     cfg = model.config
     gpt = copy.deepcopy(model).float().cpu().eval()        # deepcopy keeps the tied embedding/head
     dec = _Decoder(gpt).eval()

@@ -1,5 +1,5 @@
 """The exported GPT run by onnxruntime: OnnxGPT stands in for model.GPT in the decoding loop, the
-evaluation and the service, and onnx_parity compares the two.
+evaluation and the service (export_checks.onnx_parity compares the two).
 
     OnnxGPT(path)   -> model(idx, cache=cache) as GPT.forward, run by onnxruntime on the CPU
 """
@@ -35,7 +35,7 @@ class OnnxGPT:
     the machine)."""
 
     def __init__(self, path, threads=None):
-        import onnxruntime as ort
+        import onnxruntime as ort   # loaded with --backend onnx only, not at every command's start-up
         if not os.path.isfile(path):
             raise UserError(f"{path}: no such ONNX graph")
         opts = ort.SessionOptions()
@@ -108,24 +108,3 @@ class OnnxGPT:
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1).cpu(), ignore_index=-100)
         return logits, loss
-
-
-@torch.no_grad()
-def onnx_parity(model, onnx, vocab, batch=4, seed=0):
-    """Compare an OnnxGPT with the torch model it was exported from, on random sequences: the largest
-    |logit difference| of a full forward, and step by step through the cache (prefill half, then one
-    token at a time), and greedy decoding's tokens (through decoding.generate on both)."""
-    from imagegpt.decoding import generate
-    model = model.float().cpu().eval()
-    T = model.config.block_size
-    x = torch.randint(len(vocab), (batch, T), generator=torch.Generator().manual_seed(seed))
-    want = model(x)[0]
-    full = (onnx(x)[0] - want).abs().max().item()
-    cache, half = onnx.new_cache(batch, T), T // 2
-    steps = [onnx(x[:, :half], cache=cache)[0]] + [onnx(x[:, t:t + 1], cache=cache)[0] for t in range(half, T)]
-    cached = (torch.cat(steps, 1) - want).abs().max().item()
-    prompts = [[vocab.img_id] + x[b, 1:3].tolist() for b in range(batch)]
-    ours = [r["ids"] for r in generate(model, prompts, vocab, T, greedy=True)]
-    theirs = [r["ids"] for r in generate(onnx, prompts, vocab, T, greedy=True)]
-    return {"max_abs_logit_diff": full, "max_abs_cached_diff": cached, "greedy_equal": ours == theirs,
-            "greedy_tokens": sum(len(r) - len(p) for r, p in zip(ours, prompts))}

@@ -21,6 +21,9 @@ of each p x p patch; each feature group standardised and weighted with the codeb
 position and time groups, which do not depend on the pixels, as a constant; then the nearest centroid,
 argmin(|c|^2 - 2 x.c). The resize, crop and centring of a drawing stay with the caller (the page, the
 client in the README): the graph takes images that already have the model's size.
+
+onnx and onnxruntime are imported in the functions that build or run the graphs: an export loads them,
+no other command does.
 """
 import math
 import os
@@ -32,7 +35,7 @@ from imagegpt import palette
 from imagegpt.errors import UserError
 from imagegpt.files import atomic_path
 from imagegpt.token_format import COLOUR_TOKENS
-from tokenizer import PaletteCodebook
+from tokenizer import PaletteCodebook, uint8_to_tensor
 
 TOKENIZER = "tokenizer.onnx"
 DETOKENIZER = "detokenizer.onnx"
@@ -305,7 +308,6 @@ def tokenizer_parity(book, folder, images, batch=256):
     (N, H, W, C) -> {"images", "codes", "codes_differing", "images_differing", "max_abs_pixel_diff",
     "max_abs_pixel_diff_all_codes"}: the codes of every image, and the pixels of the decoded codes of every
     image and of every code of the codebook (with a missing one)."""
-    from tokenizer import uint8_to_tensor
     tok, detok = (session(os.path.join(folder, "onnx", f)) for f in (TOKENIZER, DETOKENIZER))
     images = np.ascontiguousarray(images, dtype=np.uint8)
     want = book.encode(uint8_to_tensor(images)).numpy() if len(images) else np.zeros((0, book.seq_len), np.int64)

@@ -5,6 +5,7 @@ import math
 import os
 
 import torch
+from PIL import Image, ImageDraw
 
 from imagegpt.errors import UserError
 from imagegpt.files import atomic_path, json_type, write_bytes
@@ -19,7 +20,6 @@ CAPTION_WIDTH = 300   # pixels: a cell widens to fit its caption up to this; a l
 def save_grid(images, captions, path, ncol=None, scale=3):
     """images (N, C, H, W) float in [0, 1] -> one PNG grid, each cell with its caption under it; the cells
     are as wide as the widest caption (up to CAPTION_WIDTH pixels), so that class names are read whole."""
-    from PIL import Image, ImageDraw
     N, C, H, W = images.shape
     ncol = ncol or min(N, max(1, int(math.ceil(math.sqrt(N)))))
     nrow = int(math.ceil(N / ncol))
@@ -52,7 +52,7 @@ def fit_caption(draw, text, width):
 
 
 def _png_bytes(fig):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg   # matplotlib: here, for the commands' start-up
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=fig.dpi)  # no bbox 'tight': the size is figsize * dpi exactly
@@ -65,7 +65,7 @@ CURVES_SIZE = (1100, 420)
 
 def confusion_png(conf, names, title=""):
     """Confusion matrix (rows true, columns predicted) -> PNG bytes of CONFUSION_SIZE pixels."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure   # as _png_bytes
     conf = torch.as_tensor(conf)
     C = len(names)
     fig = Figure(figsize=(CONFUSION_SIZE[0] / 100, CONFUSION_SIZE[1] / 100), dpi=100)
@@ -120,7 +120,7 @@ def plot_curves(log_path, png_path):
     """Training loss, development loss and development accuracy over optimizer steps, from a run's
     log.jsonl, drawn to png_path (CURVES_SIZE pixels). Returns the (width, height) written. Logs of
     earlier versions named the evaluated split "val"; they draw the same way."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure   # as _png_bytes
     recs = read_log(log_path)
     split = "val" if any("val_loss" in r for r in recs) else "dev"
     name = {"dev": "development", "val": "validation"}[split]

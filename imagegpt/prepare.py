@@ -171,7 +171,7 @@ def prepare(cfg, device="cpu"):
     n_copies = 0 if cfg.augment_on_the_fly else cfg.augment
     plan = [("train", tr, n_copies), ("dev", dev, 0), ("test", te, 0)]
     with staged(cfg.data_dir) as (stage, files):
-        tally = tokenise(images, labels, meta, plan, copies, book, vocab, device, stage, t_load)
+        tally = tokenise((images, labels, meta), plan, copies, book, vocab, device, stage, t_load)
         files += [name + ext for name, rows, _ in plan if len(rows) for ext in SPLIT_FILES]
         if cfg.augment_on_the_fly:  # the training images themselves: training transforms them each epoch
             keep = np.lib.format.open_memmap(os.path.join(stage, IMAGES_FILE), "w+", np.uint8,
@@ -295,8 +295,9 @@ def staged(data_dir):
     shutil.rmtree(stage, ignore_errors=True)
 
 
-def tokenise(images, labels, meta, plan, copies, book, vocab, device, stage, t_read):
-    """Tokenise the splits of `plan` ((name, rows, fixed copies) each) chunk by chunk and write their
+def tokenise(source, plan, copies, book, vocab, device, stage, t_read):
+    """Tokenise the splits of `plan` ((name, rows, fixed copies) each) of source = (images, labels, their
+    meta) chunk by chunk and write their
     files into `stage` -> the Tally of the report's figures. On the CPU every core tokenises chunks in
     its own process (one thread each); on a GPU this process does; either way this process writes the
     files, in order, meanwhile."""
@@ -304,7 +305,7 @@ def tokenise(images, labels, meta, plan, copies, book, vocab, device, stage, t_r
             for name, rows, n_copies in plan for c in range(n_copies + 1) for i in range(0, len(rows), CHUNK)]
     n_images = sum(len(rows) * (c + 1) for _, rows, c in plan)
     workers = 0 if str(device) != "cpu" or n_images < 2 * CHUNK else min(os.cpu_count() or 1, len(jobs))
-    loader = torch.utils.data.DataLoader(_Chunks(images, labels, meta, jobs, copies, book, vocab, device),
+    loader = torch.utils.data.DataLoader(_Chunks(*source, jobs, copies, book, vocab, device),
                                          batch_size=None, num_workers=workers, generator=torch.Generator(),
                                          collate_fn=_as_is)
     writers = {name: SplitWriter(stage, name, len(rows) * (c + 1), vocab, book.seq_len + 1 + TAIL)

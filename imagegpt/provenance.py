@@ -27,9 +27,12 @@ import shlex
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, is_dataclass
 from datetime import datetime, timezone
+from importlib import metadata
 
+from imagegpt.device import bf16_autocast
 from imagegpt.files import read_json, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
@@ -111,7 +114,6 @@ def machine():
 
 def versions():
     """Python and the installed versions of the packages that compute results (None: not installed)."""
-    from importlib import metadata
     out = {"python": platform.python_version()}
     for name in VERSIONS:
         try:
@@ -169,9 +171,6 @@ def precision(setting="false", device="cpu", decode_width=None, backend="torch")
     setting and device, or the ONNX graph's ('onnx fp32', 'onnx int8')."""
     if backend != "torch":
         return "onnx int8" if backend.endswith("int8") else "onnx fp32"
-    from contextlib import nullcontext
-
-    from imagegpt.device import bf16_autocast
     return "fp32" if isinstance(bf16_autocast(setting, device, decode_width), nullcontext) else "bf16"
 
 

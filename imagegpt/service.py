@@ -27,6 +27,7 @@ import os
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Optional, Union
 
 import numpy as np
@@ -36,11 +37,12 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from PIL import Image
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from imagegpt import drawing
+from imagegpt import draw_settings, drawing
 from imagegpt.access import KeyCheck, client_of
 from imagegpt.admission import Admission, Batcher, Expired, Gone, Refused
 from imagegpt.errors import UserError
@@ -52,10 +54,9 @@ from imagegpt.uploads import MAX_PIXELS, BodyLimit, decode_upload, one_line, rea
 
 # ----------------------------------------------------------------------------- model operations
 
-def decode_rows(ck, prompts, temperature, top_k, top_p, generator, scale=1.0):
-    """Draw from each prompt (imagegpt.drawing) -> dicts with ids, pred, prob."""
-    return drawing.draw(ck.model, ck.vocab, ck.codebook.seq_len, prompts, ck.model.config.block_size, scale,
-                        batch_size=256, temperature=temperature, top_k=top_k or None, top_p=top_p, generator=generator)
+def decode_rows(ck, prompts, settings):
+    """Draw from each prompt (imagegpt.drawing) as `settings` (DrawSettings) say -> dicts with ids, pred, prob."""
+    return drawing.draw(ck, prompts, settings)
 
 
 def pixels(ids, ck):
@@ -67,14 +68,16 @@ def pixels(ids, ck):
 STATIC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")   # the page
 MAX_TOKENS_CHARS = 40_000
 NO_CONDITIONING = "class-conditional sampling needs a model trained with conditioning"
+BATCH_ROWS = 256   # rows decoded together
 
 
 # ----------------------------------------------------------------------------- requests and responses
 
 class Sampling(BaseModel):
+    """The drawing settings of a request (its fields are those of DrawSettings, within the service's bounds)."""
     model_config = ConfigDict(extra="forbid")
-    temperature: Optional[float] = Field(None, ge=0, le=5, description=f"0 = greedy; default 1, or {drawing.TEMPERATURE} "
-                                                                       f"when drawing a chosen class")
+    temperature: Optional[float] = Field(None, ge=0, le=5, description=f"0 = greedy; default 1, or "
+                                                                       f"{draw_settings.TEMPERATURE} when drawing a chosen class")
     top_k: int = Field(0, ge=0, le=100_000, description="keep the k most likely tokens; 0 = off")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling; 1 = off")
     seed: Optional[int] = Field(None, ge=0, le=2**63 - 1,
@@ -85,6 +88,14 @@ class Sampling(BaseModel):
     guidance: Optional[float] = Field(None, ge=0, le=20, validation_alias=AliasChoices("guidance", "cfg"),
                                       description="guidance scale (needs a class-conditional model); 'cfg' is the "
                                                   "older name")
+
+    def settings(self, for_a_class):
+        """The request's DrawSettings: what it gave over the defaults of its drawing (a chosen class or not;
+        guidance only applies to a chosen class); an unseeded request gets its seed where it is decoded."""
+        given = {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "seed": self.seed,
+                 "guidance": self.guidance if for_a_class else None}
+        base = replace(draw_settings.defaults(for_a_class), batch_size=BATCH_ROWS)
+        return draw_settings.made(given, for_a_class, where="", base=base)
 
 
 class GenerateRequest(Sampling):
@@ -164,7 +175,6 @@ class Ready(BaseModel):
 
 def png_base64(img):
     """uint8 (H, W, C) -> base64 PNG text."""
-    from PIL import Image
     buf = io.BytesIO()
     Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(buf, "PNG")
     return base64.b64encode(buf.getvalue()).decode("ascii")
@@ -212,18 +222,19 @@ class Worker:
         if at:
             for i, p in zip(at, self.ck.encode_images(np.stack([items[i] for i in at]))):
                 prefixes[i] = p
-        return list(zip(prefixes, class_probs(self.ck.model, prefixes, self.ck.vocab, batch_size=256).tolist()))
+        return list(zip(prefixes, class_probs(self.ck, prefixes, batch_size=BATCH_ROWS).tolist()))
 
     def run_decode(self, key, items):
-        """items: (prompt, settings); one call shares one group's settings (see decode_settings)."""
-        temperature, top_k, top_p, seed, scale = items[0][1]
-        seed = int(seed if seed is not None else self.seeds.integers(2**62))
-        gen = torch.Generator(device=self.ck.model.device).manual_seed(seed)
-        rows = decode_rows(self.ck, [p for p, _ in items], temperature, top_k, top_p, gen, scale)
+        """items: (prompt, DrawSettings); one call shares one group's settings (see decode). key None: a
+        seeded request, decoded alone; the others' calls are seeded here."""
+        settings = items[0][1]
+        if key is not None:
+            settings = replace(settings, seed=int(self.seeds.integers(2**62)))
+        rows = decode_rows(self.ck, [p for p, _ in items], settings)
         return [self.sample_of(r) for r in rows]
 
     def sample_of(self, r):
-        label, complete = drawing.outcome(r["ids"], self.ck.vocab, self.ck.codebook.seq_len)
+        label, complete = drawing.outcome(self.ck, r["ids"])
         return Sample(image_png=png_base64(pixels(r["ids"], self.ck)), tokens=self.ck.vocab.decode(r["ids"]),
                       label=label, prediction=r["pred"], probability=r["prob"], well_formed=complete)
 
@@ -246,11 +257,12 @@ class Worker:
             raise HTTPException(422, one_line(e)) from None
 
     async def decode(self, ticket, prompts, s, label):
-        """Draw from the prompts with the request's sampling settings -> (samples, rows in the call).
+        """Draw from the prompts with the request's drawing settings -> (samples, rows in the call).
         Requests with equal settings share a call; a seeded one decodes alone."""
-        scale = (drawing.GUIDANCE if s.guidance is None else s.guidance) if label is not None else 1.0
-        temperature = s.temperature if s.temperature is not None else drawing.TEMPERATURE if label is not None else 1.0
-        settings = (temperature, s.top_k, s.top_p, s.seed, scale)
+        try:
+            settings = s.settings(for_a_class=label is not None)
+        except UserError as e:
+            raise HTTPException(422, one_line(e)) from None
         return await self.drawer.submit(ticket, None if s.seed is not None else settings,
                                         [(p, settings) for p in prompts])
 
@@ -269,7 +281,8 @@ def create_app(ck, cfg=None, api_key=None, static_dir=STATIC, **settings):
     app.add_middleware(KeyCheck, key=api_key)               # before the body is read
     app.add_middleware(RequestMetrics, metrics=metrics)     # outermost: counts every answer
     add_error_handlers(app, worker.admission)
-    add_routes(app, worker, static_dir, api_key is not None)
+    add_probes(app, worker, static_dir, api_key is not None)
+    add_model_routes(app, worker)
     return app
 
 
@@ -312,17 +325,18 @@ COMPLETE_DOC = {"requestBody": {"required": True, "content": {"multipart/form-da
     "properties": {"image": {"type": "string", "format": "binary"}, **CompleteForm.model_json_schema()["properties"]}}}}}}
 
 
-def add_routes(app, worker, static_dir, key_required):
+def add_probes(app, worker, static_dir, key_required):
+    """The routes that call no model: /healthz, /readyz, /metrics, and the page with its static files."""
     ck, admission, metrics = worker.ck, worker.admission, app.state.metrics
     vocab, names, book, model = ck.vocab, ck.class_names, ck.codebook, ck.model
-    size, channels = tuple(book.image_size), book.channels
 
     @app.get("/healthz", response_model=Health)
     async def healthz():        # liveness: no model, no lock, no key
         return Health(status="ok" if admission.accepting else "draining", checkpoint=str(ck.folder), classes=names,
-                      image_size=list(size), channels=channels, vocab_size=len(vocab),
+                      image_size=list(book.image_size), channels=book.channels, vocab_size=len(vocab),
                       block_size=model.config.block_size, parameters=model.num_params(), device=str(model.device),
-                      conditional=ck.conditional, guidance=drawing.GUIDANCE, temperature=drawing.TEMPERATURE,
+                      conditional=ck.conditional, guidance=draw_settings.GUIDANCE,
+                      temperature=draw_settings.TEMPERATURE,
                       batching=worker.batching, key_required=key_required)
 
     @app.get("/readyz", response_model=Ready, responses={503: {"model": Ready}})
@@ -337,6 +351,19 @@ def add_routes(app, worker, static_dir, key_required):
     async def prometheus(request: Request):
         body, kind = metrics.text(request.headers.get("accept"))
         return Response(body, media_type=kind)
+
+    @app.get("/", include_in_schema=False)
+    async def page():     # the page of static/ (the same page hf_export.py --web exports, run by this service)
+        return FileResponse(os.path.join(static_dir, "index.html"))
+
+    app.mount("/static", StaticFiles(directory=static_dir), name="static")
+
+
+def add_model_routes(app, worker):
+    """The routes that call the model: /classify, /generate, /complete."""
+    ck = worker.ck
+    vocab, names, model = ck.vocab, ck.class_names, ck.model
+    size, channels = tuple(ck.codebook.image_size), ck.codebook.channels
 
     @app.post("/classify", response_model=ClassifyResponse, openapi_extra=CLASSIFY_DOC)
     async def classify(request: Request):
@@ -388,12 +415,6 @@ def add_routes(app, worker, static_dir, key_required):
         return CompleteResponse(samples=samples, classes=names, batch_rows=rows, kept=keep, total=len(codes),
                                 input_png=png_base64(pixels(prefix, ck)),
                                 given_png=png_base64(pixels(prompt, ck)))
-
-    @app.get("/", include_in_schema=False)
-    async def page():     # the page of static/ (the same page hf_export.py --web exports, run by this service)
-        return FileResponse(os.path.join(static_dir, "index.html"))
-
-    app.mount("/static", StaticFiles(directory=static_dir), name="static")
 
 
 def content_type(request):

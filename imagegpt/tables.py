@@ -21,7 +21,7 @@ import re
 from imagegpt.errors import UserError
 from imagegpt.files import read_json, write_text
 from imagegpt.provenance import KEY, ROOT
-from imagegpt.record import PARTS
+from imagegpt.record_parts import PARTS
 from imagegpt.stats import seed_summary
 
 RESULTS = os.path.join(ROOT, "docs", "results")
@@ -30,7 +30,7 @@ MARKER = re.compile(r"<!-- (table|figure):([a-z0-9_]+) -->(.*?)<!-- /\1:\2 -->",
 NOT_RERUN = "not rerun yet"
 
 # result files the tables read that were written before result files carried their provenance (issue 36);
-# `python reproduce.py` writes them again with it (the part: record.PARTS), then they leave this list
+# `python reproduce.py` writes them again with it (the part: record_parts.PARTS), then they leave this list
 MADE_BEFORE_PROVENANCE = {
     "demo_test_fp32_seeds1337-1339.json", "demo_refit_test_tta16_seeds1337-1339.json",
     "demo_refit_test_tta16_seeds1340-1342.json", "best_refit_test_tta16_seeds1337-1339.json",

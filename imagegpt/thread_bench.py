@@ -27,8 +27,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+from imagegpt.checkpoint import Checkpoint
 from imagegpt.decoding import generate
 from imagegpt.device import bf16_autocast, choose_threads
+from imagegpt.draw_settings import DrawSettings
 from imagegpt.metrics import class_probs
 from imagegpt.token_format import Vocab
 from model import GPT, GPTConfig
@@ -66,12 +68,15 @@ def demo_work(seed=0):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    ck = Checkpoint(model, vocab, None)   # no codebook: random prefixes, no drawing held to the format
+    greedy = DrawSettings(greedy=True, max_new_tokens=53)
+
     def classify():
-        class_probs(model, prefix, vocab, batch_size=1)
+        class_probs(ck, prefix, batch_size=1)
 
     def draw():
         with bf16_autocast("auto", "cpu", decode_width=cfg.n_embd):
-            generate(model, [[vocab.img_id]], vocab, 53, greedy=True, stop_at_eos=False)
+            generate(ck, [[vocab.img_id]], greedy, stop_at_eos=False)
 
     return {"train": train, "classify": classify, "draw": draw}
 

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 from fastapi import HTTPException
+from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
 
 from imagegpt.errors import UserError
@@ -28,7 +29,6 @@ def decode_upload(data, size, channels):
     """Uploaded image bytes (any format Pillow reads, any size) -> uint8 (H, W, C) converted and resized
     exactly as the training images (sources.read_image). HTTPException 413 for an image over MAX_PIXELS
     (a decompression bomb), 400 for anything that is not a readable image."""
-    from PIL import Image, UnidentifiedImageError
     if not data:
         raise HTTPException(400, "the image upload is empty")
     try:

@@ -5,8 +5,8 @@ as ONNX, model.json, the parity of both with tokenizer.py), the torch-free clien
                                          tokenizer's parity in folder/onnx/export.json (hf_export.py --onnx)
     choose_graph(ck, export)          the GPT graph for the page: int8 where it keeps the results
     write_site(export, out, int8)     -> out/: a folder any static file server serves (hf_export.py --web)
-    CLIENT                            the client in the README and the model card: onnxruntime, numpy and
-                                         Pillow only
+    client(folder, image, label)      the client in the README and the model card: onnxruntime, numpy and
+                                         Pillow only (the plain file client.py.template)
 
 The static folder:
     index.html      static/index.html, run in the browser (<body data-backend="browser">)
@@ -19,12 +19,18 @@ The static folder:
 """
 import os
 import shutil
+import string
 
-from imagegpt import drawing
+import numpy as np
+
+from imagegpt import draw_settings
 from imagegpt.errors import UserError
 from imagegpt.files import atomic_dir, read_json, write_json, write_text
+from imagegpt.metrics import class_probs
 from imagegpt.onnx_export import GRAPH, INFO, QUANTIZED
+from imagegpt.onnx_runtime import OnnxGPT
 from imagegpt.onnx_tokenizer import DETOKENIZER, TOKENIZER, export_tokenizer, tokenizer_parity
+from imagegpt.split_images import test_images
 from imagegpt.token_format import COLOUR_TOKENS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))     # the repository
@@ -51,36 +57,18 @@ def model_facts(ck, graph=GRAPH):
                    "colour_tokens": COLOUR_TOKENS if v.palette else 0,
                    "label_offset": v.label_offset, "num_classes": v.num_classes},
         "code_ranges": [list(r) for r in v.code_ranges(book.seq_len)],
-        "conditional": ck.conditional, "guidance": drawing.GUIDANCE, "temperature": drawing.TEMPERATURE,
+        "conditional": ck.conditional, "guidance": draw_settings.FOR_A_CLASS.guidance,
+        "temperature": draw_settings.FOR_A_CLASS.temperature,
         "graphs": {"tokenizer": TOKENIZER, "model": graph, "detokenizer": DETOKENIZER},
     }
-
-
-def test_split(ck):
-    """The checkpoint's test images (uint8 N, H, W, C) and labels, read again from its data source, and what
-    they are; (None, None, why not) when they cannot be read or do not fit the codebook."""
-    from imagegpt.data_config import data_settings
-    from imagegpt.drawing_report import real_split
-    book = ck.codebook
-    try:
-        cfg = data_settings(ck.settings)
-        if (cfg.image_size, cfg.image_size, cfg.channels) != (*book.image_size, book.channels):
-            return None, None, (f"the checkpoint's data settings ({cfg.image_size} x {cfg.image_size} x {cfg.channels}) "
-                                f"do not give the codebook's images ({book.image_size[0]} x {book.image_size[1]} x "
-                                f"{book.channels})")
-        images, labels = real_split(ck.settings, "test")[2:]
-    except (UserError, OSError, KeyError, TypeError, ValueError) as e:
-        return None, None, f"the checkpoint's test split could not be read ({str(e).splitlines()[0][:160]})"
-    return images, labels, f"the test split of {ck.settings.get('source', '?')} ({len(images)} images)"
 
 
 def write_runtime_files(ck, folder):
     """folder/onnx/: tokenizer.onnx and detokenizer.onnx (imagegpt/onnx_tokenizer.py), model.json, and in
     export.json the graphs' parity with tokenizer.py on the checkpoint's test images (without them, on
     random images and every code). Returns the parity."""
-    import numpy as np
     export_tokenizer(ck.codebook, folder)
-    images, _, data = test_split(ck)
+    images, _, data = test_images(ck)
     if images is None:
         H, W = ck.codebook.image_size
         images = np.random.default_rng(0).integers(0, 256, (256, H, W, ck.codebook.channels), dtype=np.uint8)
@@ -144,15 +132,13 @@ def choose_graph(ck, export):
     images agrees with onnx/model.onnx's on at least INT8_AGREEMENT of them and its accuracy is at most
     INT8_ACCURACY_LOSS lower; onnx/model.onnx otherwise, and where there are no test images to tell.
     Returns what was decided and on what: {"graph", "why", "data", "accuracy", "agreement"}."""
-    from imagegpt.metrics import class_probs
-    from imagegpt.onnx_runtime import OnnxGPT
-    images, labels, data = test_split(ck)
+    images, labels, data = test_images(ck)
     if images is None or not os.path.isfile(os.path.join(export, "onnx", QUANTIZED)):
         why = data if images is None else f"no {QUANTIZED} in the export"
         return {"graph": GRAPH, "why": f"float32: int8 is not judged ({why})", "data": data}
     prefixes = ck.encode_images(images)
     # one image per call, as the page classifies (int8 quantises activations per call, so batches differ)
-    preds = {k: class_probs(OnnxGPT(os.path.join(export, "onnx", g), threads=1), prefixes, ck.vocab,
+    preds = {k: class_probs(ck.with_model(OnnxGPT(os.path.join(export, "onnx", g), threads=1)), prefixes,
                             batch_size=1).argmax(1).numpy() for k, g in (("fp32", GRAPH), ("int8", QUANTIZED))}
     acc = {k: float((p == labels).mean()) for k, p in preds.items()}
     agree = float((preds["fp32"] == preds["int8"]).mean())
@@ -176,6 +162,7 @@ def write_site(export, out, int8=False, static=STATIC, root=ROOT, choice=None):
         if not os.path.isfile(os.path.join(src, f)):
             raise UserError(f"{os.path.join(src, f)}: missing; export with --onnx{' --quantize int8' if int8 else ''} first")
     facts = read_json(os.path.join(src, MODEL_JSON), MODEL_JSON)
+    draw_settings.from_json(facts, os.path.join(src, MODEL_JSON), for_a_class=True)   # the page draws with them
     facts["graphs"]["model"] = graph
     facts["onnxruntime_web"] = version
     if choice:
@@ -200,37 +187,13 @@ def write_site(export, out, int8=False, static=STATIC, root=ROOT, choice=None):
 
 # ----------------------------------------------------------------------------- the client
 
-# The torch-free client (README, model card; tests run it in a virtual environment without torch): an
-# image file -> class probabilities, and a drawing of a chosen class with guidance. {folder}: the onnx/
-# folder of an export; {image}, {label}: the example's image file and class index.
-CLIENT = '''\
-import json, numpy as np, onnxruntime as ort
-from PIL import Image, ImageOps
-d = "{folder}"; m = json.load(open(d + "model.json")); t = m["tokens"]; (H, W), C = m["image_size"], m["channels"]
-tok, gpt, detok = (ort.InferenceSession(d + m["graphs"][g]) for g in ("tokenizer", "model", "detokenizer"))
-softmax = lambda z: np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+CLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "client.py.template")
 
-def step(ids, past=None):  # the GPT on new tokens ids (B, T) after the cached ones -> last logits, new cache
-    B, T = ids.shape; n = past["past_key_values.0.key"].shape[2] if past else 0
-    past = past or {{i.name: np.zeros((B, m["n_head"], 0, m["head_dim"]), np.float32) for i in gpt.get_inputs()[3:]}}
-    out = gpt.run(None, {{"input_ids": ids, "attention_mask": np.ones((B, n + T), np.int64),
-                         "position_ids": np.arange(n, n + T)[None].repeat(B, 0), **past}})
-    return out[0][:, -1], {{o.name.replace("present", "past_key_values"): v for o, v in zip(gpt.get_outputs()[1:], out[1:])}}
 
-def classify(path):  # an image file -> {{class name: probability}}
-    img = ImageOps.exif_transpose(Image.open(path)).convert("L" if C == 1 else "RGB").resize((W, H), Image.BILINEAR)
-    codes = tok.run(None, {{"images": np.asarray(img).reshape(1, H, W, C)}})[0]
-    ids = np.concatenate([[[t["img"]]], codes + t["code_offset"], [[t["img_end"], t["cls"]]]], 1)
-    return dict(zip(m["classes"], softmax(step(ids)[0][0, t["label_offset"]:].astype(float))))
-
-def draw(c, scale=m["guidance"], temperature=m["temperature"], seed=0):  # class index c -> a PIL image
-    rng, codes = np.random.default_rng(seed), []
-    logits, past = step(np.array([[t["label_offset"] + c, t["img"]], [t["unk"], t["img"]]]))
-    for lo, hi in m["code_ranges"]:  # the codes each position takes; guidance: the row stating the class against the other
-        z = logits[:, t["code_offset"] + lo:t["code_offset"] + hi].astype(float)
-        codes.append(lo + rng.choice(hi - lo, p=softmax((z[1] + scale * (z[0] - z[1])) / temperature)))
-        logits, past = step(np.full((2, 1), codes[-1] + t["code_offset"]), past)
-    return Image.fromarray((detok.run(None, {{"codes": np.array([codes])}})[0][0] * 255).round().astype(np.uint8).squeeze())
-
-print(classify("{image}"))
-if m["conditional"]: draw({label}).save("drawn.png")   # a drawing of class {label} (a model trained with conditioning)'''
+def client(folder, image, label):
+    """The torch-free client (README, model card; tests run it in a virtual environment without torch): an
+    image file -> class probabilities, and a drawing of a chosen class with guidance, from the plain file
+    CLIENT with its $folder (the onnx/ folder of an export), $image and $label (the example's image file
+    and class index) filled in."""
+    with open(CLIENT, encoding="utf-8") as f:
+        return string.Template(f.read()).substitute(folder=folder, image=image, label=label).rstrip("\n")

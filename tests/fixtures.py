@@ -32,7 +32,7 @@ def make_tiny_run(root, seed=0):
     folder with test.jsonl and report.json, a log.jsonl, and the images as a class folder tree."""
     from imagegpt import checkpoint
     from imagegpt.token_format import Vocab
-    from imagegpt.training import TrainConfig
+    from imagegpt.train_config import TrainConfig
     from model import GPT, GPTConfig
     from tokenizer import Codebook, CodebookConfig
     root = str(root)

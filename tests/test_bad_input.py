@@ -42,7 +42,8 @@ from PIL import Image
 from imagegpt import checkpoint, cli
 from imagegpt.settings import build, changed
 from imagegpt.token_format import Vocab
-from imagegpt.training import TrainConfig, train
+from imagegpt.train_config import TrainConfig
+from imagegpt.training import train
 from model import GPT, GPTConfig
 
 BAR = re.compile(r"^[^:]*: *\d+%\|")   # a tqdm progress bar line
@@ -706,7 +707,7 @@ CASES = [
     *C("eval-curves-not-utf8", "eval", broken_log(b'{"step": 1}\n\xff\xfe\n', ":2: not UTF-8")),
     *under_file("eval", lambda e, d, p: ["--curves", e.run, "--out", p], "curves.png"),
     *C("eval-next-unknown-token", "eval", lambda e, d: (
-        ["--ckpt", e.final, "--next", "<IMG> <Z_042>"], ["--next: unknown token '<Z_042>'"], [])),
+        ["--ckpt", e.final, "--next", "<IMG> <Z_042>"], ["next: unknown token '<Z_042>'"], [])),
 
     # ------------------------------------------------------------------ sample.py
     *first(K("sample", ["weights_truncated"], lambda e, d, ck: sample_args(e, d, ck))),
@@ -1064,7 +1065,7 @@ CASES += [
     *C("data-render-unknown-option", "data", lambda e, d: (["render", e.val, "--rows", "3"],
                                                            ["data.py render: unrecognized arguments: --rows 3; valid options:"], [])),
     *C("hf_export-unknown-option", "hf_export", lambda e, d: (["--fp16"], ["hf_export.py: unrecognized arguments: --fp16"], [])),
-    *C("eval-missing-value", "eval", lambda e, d: (["--top_k"], ["eval.py: argument --top_k: expected one argument"], [])),
+    *C("eval-missing-value", "eval", lambda e, d: (["--batch_size"], ["eval.py metrics: argument --batch_size: expected one argument"], [])),
     *C("sample-not-a-float", "sample", lambda e, d: (["--temperature", "warm"], ["argument --temperature: invalid float value: 'warm'"], [])),
     *C("train-two-configs", "train", lambda e, d: (["a.yaml", "b.yaml"], ["train.py: unrecognized arguments: b.yaml"], [])),
     *named("eval-data-newline-in-name!", "eval", "badNLname.jsonl",
@@ -1168,14 +1169,14 @@ CASES += [
         ("greedy-with-temperature", ["--greedy", "--temperature", "0.5"], ["--greedy always takes the most likely token"]),
         ("greedy-with-top-k", ["--greedy", "--top_k", "3"], ["--temperature, --top_k and --top_p do not apply"]),
         ("greedy-with-top-p", ["--greedy", "--top_p", "0.9"], ["--greedy always takes the most likely token"]),
-        ("complete-with-start", ["--complete", "2", "--start", "<IMG> <Z_000>"], ["--start is the prompt of free sampling; --class, --grid and --complete make their own"]),
+        ("complete-with-start", ["--complete", "2", "--start", "<IMG> <Z_000>"], ["sample.py complete: unrecognized arguments: --start"]),
     ], lambda e, d: sample_args(e, d), tag="silent"),
     *O("eval", [
-        ("top-k-without-next", ["--top_k", "3"], ["--top_k is for --next"]),
+        ("top-k-without-next", ["--top_k", "3"], ["eval.py metrics: unrecognized arguments: --top_k 3"]),
         ("repair-v1-with-images", ["--images", "imgs", "--repair_v1"], ["--repair_v1 is for sequence files"]),
     ], lambda e, d: eval_args(e, d), tag="silent"),
     *C("eval-curves-with-top-k", "eval", lambda e, d: (["--curves", e.run, "--top_k", "2", "--out", out(d, "c.png")],
-                                                      ["--top_k is for --next"], [out(d, "c.png")])),
+                                                      ["eval.py curves: unrecognized arguments: --top_k 2"], [out(d, "c.png")])),
     *O("train", [("allow-changes-without-resume", ["--allow_changes"], ["--allow_changes is for --resume"])],
        lambda e, d: train_args(e, d), tag="silent"),
 

@@ -23,10 +23,12 @@ from imagegpt.batches import AugmentedRows, ListRows, ShardRows, epoch_steps, op
 from imagegpt.data_config import check_data_config
 from imagegpt.errors import UserError
 from imagegpt.prepare import IMAGES_FILE, prepare, token_dtype
+from imagegpt.processes import Processes
 from imagegpt.sequences import read_sequences
 from imagegpt.settings import build, changed, flat
 from imagegpt.token_format import Vocab
-from imagegpt.training import TrainConfig, train
+from imagegpt.train_config import TrainConfig
+from imagegpt.training import train
 from tokenizer import load_codebook, uint8_to_tensor
 
 AUGMENT = 2
@@ -55,7 +57,7 @@ def fly(tmp_path_factory):
 
 def all_steps(rows, cfg, epoch, vocab, start=0, rank=0, world=1):
     return [[tuple(t.clone() for t in m) for m in step]
-            for step in epoch_steps(rows, epoch, start, cfg, rank, world, 32, rows.longest, vocab.pad_id)]
+            for step in epoch_steps(rows, epoch, start, cfg, Processes("cpu", rank, world), (32, rows.longest, vocab.pad_id))]
 
 
 def same(a, b):
@@ -215,8 +217,9 @@ import json, os, sys
 import numpy as np, torch, torch.distributed as dist
 sys.path.insert(0, os.environ["REPO"])
 from imagegpt.batches import ListRows, epoch_steps
+from imagegpt.processes import Processes
 from imagegpt.settings import build
-from imagegpt.training import TrainConfig
+from imagegpt.train_config import TrainConfig
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 # row i holds its own number in its codes, so the rows a process read can be told from its batches
@@ -224,7 +227,7 @@ rows = ListRows([[2, 6 + i // 10, 6 + i % 10, 3, 4, 16 + i % 3, 5] for i in rang
 cfg = build(TrainConfig, batch_size=4, grad_accum=2, seed=7)
 read = []
 for epoch in (0, 1):
-    for step in epoch_steps(rows, epoch, 0, cfg, rank, world, 16, 7, 0):
+    for step in epoch_steps(rows, epoch, 0, cfg, Processes("cpu", rank, world), (16, 7, 0)):
         read.append([int((x[r, 1] - 6) * 10 + x[r, 2] - 6) for x, _, _ in step for r in range(len(x))])
 out = [None] * world
 dist.all_gather_object(out, read)

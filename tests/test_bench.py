@@ -8,6 +8,7 @@ import torch
 import transformers  # noqa: F401  (see above)
 
 import bench
+from imagegpt import bench_report, flops
 from imagegpt.device import native_cpu_bf16
 from imagegpt.errors import UserError
 from model import GPTConfig
@@ -30,7 +31,8 @@ def positive(x):
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    assert bench.main(TINY + ["--json", str(out)]) == 0
+    torch.set_num_threads(THREADS_BEFORE)   # torch's own default, as a fresh `python bench.py` has (an earlier test
+    assert bench.main(TINY + ["--json", str(out)]) == 0   # of the suite may have run a command that set them)
     return json.loads(out.read_text())
 
 
@@ -102,13 +104,13 @@ def test_flops_are_counted_both_ways(result):
     cfg = GPTConfig(vocab_size=36, block_size=16, n_layer=1, n_head=2, n_embd=16)
     for r in result["train"]:
         T, fpt = r["length"], r["flops_per_token"]
-        assert fpt["full"] == bench.flops_per_token(cfg, T) == fpt["computed"]
+        assert fpt["full"] == flops.flops_per_token(cfg, T) == fpt["computed"]
         assert fpt["full"] - fpt["causal"] == 6 * cfg.n_layer * T * cfg.n_embd
         for p, mfu in r["mfu"].items():
             assert mfu == pytest.approx(r["achieved_flops"][p] / result["matmul_peak"][p]["ceiling_flops"])
             assert r["mfu_causal"][p] == pytest.approx(mfu * fpt["causal"] / fpt["full"])
-    assert bench.computed_flops_per_token(cfg, 600, torch.device("cpu")) == bench.flops_per_token(cfg, 600, causal=True)
-    assert bench.computed_flops_per_token(cfg, 12, torch.device("cuda")) == bench.flops_per_token(cfg, 12, causal=True)
+    assert flops.computed_flops_per_token(cfg, 600, torch.device("cpu")) == flops.flops_per_token(cfg, 600, causal=True)
+    assert flops.computed_flops_per_token(cfg, 12, torch.device("cuda")) == flops.flops_per_token(cfg, 12, causal=True)
 
 
 def test_same_work_on_both_sides(result):
@@ -147,7 +149,7 @@ def test_flops_formula_matches_torch_flop_counter():
         x = torch.randint(100, (3, T), generator=torch.Generator().manual_seed(0))
         with FlopCounterMode(display=False) as counter:
             model(x, x)[1].backward()
-        assert bench.flops_per_token(cfg, T) - 12 * cfg.n_layer * T * cfg.n_embd + attention == \
+        assert flops.flops_per_token(cfg, T) - 12 * cfg.n_layer * T * cfg.n_embd + attention == \
             counter.get_total_flops() / (3 * T)
 
 
@@ -175,7 +177,7 @@ def test_bad_arguments():
     for bad in (["--only", "train,nothing"], ["--lengths", "600"], ["--lengths", "a"], ["--vocab_size", "10"],
                 ["--thread_jobs", "idle,cats"], ["--threads", "-1"]):
         with pytest.raises(UserError):
-            bench.run(bench.build_parser().parse_args(bad))
+            bench.check_args(bench.build_parser().parse_args(bad))
 
 
 def test_the_threads_table(monkeypatch):
@@ -203,7 +205,7 @@ def test_the_threads_table(monkeypatch):
     out = {"machine": {"device": "cpu"}, "threads": t}
     for r in t["rows"]:
         r["ms"] = {"default": 10.0, "one": 8.0, "auto": 8.0}
-    table = {r["key"]: r for r in bench.rows(out)}
+    table = {r["key"]: r for r in bench_report.rows(out)}
     assert table["threads_train_idle"]["ratio"] == 1.25 and table["threads_train_idle"]["met"] is True
     assert table["threads_train_busy_vs_one"]["met"] is True and table["threads_train_busy"]["met"] is None
     assert table["threads_classify_idle_vs_one"]["met"] is None

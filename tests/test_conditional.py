@@ -13,16 +13,22 @@ from fixtures import png_size, write_images
 
 import eval as eval_cmd
 import sample as sample_cmd
-from imagegpt import checkpoint, drawing
+from imagegpt import checkpoint, draw_settings
 from imagegpt import drawing_report as gm
 from imagegpt.batches import micro_batch
 from imagegpt.decoding import generate, guide
+from imagegpt.draw_settings import DrawSettings as S
 from imagegpt.errors import UserError
 from imagegpt.metrics import class_probs
 from imagegpt.sequences import make_batch, read_sequences
 from imagegpt.settings import build, changed
+from imagegpt.split_images import real_split
 from imagegpt.token_format import NO_CLASS, Vocab, truncate
-from imagegpt.training import Processes, TrainConfig, load_data, load_split, train
+from imagegpt.processes import Processes
+from imagegpt.train_config import TrainConfig
+from imagegpt.train_data import load_data, load_split
+from imagegpt.training import train
+from tokenizer import uint8_to_tensor
 
 
 def make_cfg(tmp, **kw):
@@ -47,10 +53,10 @@ def toy(tmp_path_factory):
     cfg = make_cfg(tmp)
     out = train(changed(cfg), log=lambda *a: None)
     ck = checkpoint.load(os.path.join(cfg.out_dir, "final"))
-    tr_img, tr_lab, te_img, te_lab = gm.real_split(ck.settings)
-    judge = centroid_judge(gm.to_float(tr_img), tr_lab, 3)
-    return dict(tmp=tmp, cfg=cfg, out=out, ck=ck, judge=judge, test=(gm.to_float(te_img), te_lab),
-                train=(gm.to_float(tr_img), tr_lab))
+    tr_img, tr_lab, te_img, te_lab = real_split(ck.settings)
+    judge = centroid_judge(uint8_to_tensor(tr_img), tr_lab, 3)
+    return dict(tmp=tmp, cfg=cfg, out=out, ck=ck, judge=judge, test=(uint8_to_tensor(te_img), te_lab),
+                train=(uint8_to_tensor(tr_img), tr_lab))
 
 
 # ----------------------------------------------------------------------------- the token format
@@ -120,9 +126,9 @@ def test_guidance_scale_one_is_plain_conditional_sampling(toy):
     c = torch.randn(4, len(v))
     assert torch.equal(guide(c, torch.randn(4, len(v)) * 100, 1.0), c)
     for kw in (dict(), dict(top_k=3), dict(top_p=0.8, temperature=0.7)):
-        run = lambda **g: generate(ck.model, prompts, v, 20, generator=torch.Generator().manual_seed(5),
-                                   record_logits=True, **kw, **g)
-        plain, one, two = run(), run(uncond=uncond, cfg_scale=1.0), run(uncond=uncond, cfg_scale=3.0)
+        run = lambda guidance=1.0, uncond=None: generate(ck, prompts, S(max_new_tokens=20, seed=5, guidance=guidance, **kw),
+                                                         uncond=uncond, record_logits=True)
+        plain, one, two = run(), run(1.0, uncond), run(3.0, uncond)
         assert [r["ids"] for r in plain] == [r["ids"] for r in one]
         for a, b in zip(plain, one):
             torch.testing.assert_close(a["logits"], b["logits"], rtol=0, atol=1e-5)
@@ -131,10 +137,11 @@ def test_guidance_scale_one_is_plain_conditional_sampling(toy):
     with torch.no_grad():
         cl = ck.model(torch.tensor([prompts[1]]))[0][0, -1]
         ul = ck.model(torch.tensor([uncond[1]]))[0][0, -1]
-    r = generate(ck.model, prompts[1:2], v, 1, greedy=True, record_logits=True, uncond=uncond[1:2], cfg_scale=2.5)[0]
+    r = generate(ck, prompts[1:2], S(max_new_tokens=1, greedy=True, guidance=2.5), uncond=uncond[1:2],
+                 record_logits=True)[0]
     torch.testing.assert_close(r["logits"][0], guide(cl, ul, 2.5), rtol=0, atol=1e-4)
     with pytest.raises(UserError, match="same length"):
-        generate(ck.model, prompts[:2], v, 3, uncond=[[v.unk_id]] * 2, cfg_scale=2.0)
+        generate(ck, prompts[:2], S(max_new_tokens=3, guidance=2.0), uncond=[[v.unk_id]] * 2)
 
 
 def test_a_conditioned_tiny_model_draws_the_asked_class(toy):
@@ -142,16 +149,16 @@ def test_a_conditioned_tiny_model_draws_the_asked_class(toy):
     real, real_lab = toy["test"]
     assert gm.judged_accuracy(judge, real, real_lab, 3)["accuracy"] == 1.0     # the judge's ceiling
     seqs, labels = read_sequences(os.path.join(toy["cfg"].data.data_dir, "test.jsonl"), ck.vocab)
-    probs = class_probs(ck.model, [s[:-2] for s in seqs], ck.vocab)       # classification still works
+    probs = class_probs(ck, [s[:-2] for s in seqs])       # classification still works
     assert (probs.argmax(1) == torch.tensor(labels)).float().mean().item() >= 0.9
     asked = [c for c in range(3) for _ in range(20)]
     for scale in (1.0, 2.0):
-        images, res = gm.draw(ck.model, ck.vocab, ck.codebook, asked, scale, torch.Generator().manual_seed(0))
+        images, res = gm.draw_classes(ck, asked, S(guidance=scale))
         acc = gm.judged_accuracy(judge, images, asked, 3)
         assert acc["accuracy"] >= 0.75 and min(acc["per_class"]) >= 0.5, (scale, acc)   # chance: 1/3
         assert sum(ck.vocab.is_cond_complete(r["ids"], ck.codebook.seq_len) for r in res) >= 40
     # the same samples judged against shuffled requests: the class really comes from the prompt
-    images, _ = gm.draw(ck.model, ck.vocab, ck.codebook, asked, 1.0, torch.Generator().manual_seed(0))
+    images, _ = gm.draw_classes(ck, asked, S())
     assert gm.judged_accuracy(judge, images, [(c + 1) % 3 for c in asked], 3)["accuracy"] <= 0.25
 
 
@@ -186,7 +193,7 @@ def test_sample_digit_grid_and_conditional_completion(toy, tmp_path, capsys):
     assert e.value.code == 0
     recs = [json.loads(line) for line in open(js)]
     assert len(recs) == 6 and all(r["meta"]["asked"] == "c2" and r["meta"]["guidance"] == 3.0 for r in recs)
-    assert all(r["meta"]["temperature"] == drawing.TEMPERATURE for r in recs)     # a drawing's default
+    assert all(r["meta"]["temperature"] == draw_settings.TEMPERATURE for r in recs)     # a drawing's default
     assert all(r["tokens"].startswith("<CLS_2> <IMG>") for r in recs)
     assert all(r["label"] == 2 and r["well_formed"] for r in recs)             # decoded in the format
     assert sample_cmd.main(["--ckpt", ck, "--num_samples", "2", "--out_png", png, "--out_jsonl", js]) == 0
@@ -204,7 +211,7 @@ def test_sample_digit_grid_and_conditional_completion(toy, tmp_path, capsys):
 @pytest.mark.parametrize("args, match", [
     (["--cfg", "2"], "needs a class"),
     (["--digit", "dog"], "not a class"),
-    (["--grid", "--digit", "1"], "does not combine"),
+    (["--grid", "--digit", "1"], "one of them"),
     (["--digit", "1", "--start", "<IMG>"], "--start"),
     (["--digit", "1", "--cfg", "-1"], ">= 0"),
 ])
@@ -219,7 +226,7 @@ def test_asking_an_unconditioned_model_for_a_class_is_one_line(tiny, tmp_path):
 
 
 def test_eval_generation_report(toy, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(eval_cmd, "load_judge", lambda folder, names: toy["judge"])
+    monkeypatch.setattr(gm, "load_judge", lambda folder, names: toy["judge"])
     out = str(tmp_path / "gen.json")
     assert eval_cmd.main(["--ckpt", os.path.join(toy["cfg"].out_dir, "final"), "--bf16", "false", "--generation", "--judge", "J",
                           "--per_class", "8", "--scales", "1,3", "--out", out]) == 0
@@ -246,14 +253,14 @@ def test_generation_compared_with_the_dev_split_reads_no_test_image(toy, tmp_pat
     dev_files = [json.loads(ln)["meta"]["source"] for ln in open(tmp_path / "prepared" / "dev.jsonl")]
     want = {np.asarray(Image.open(toy["tmp"] / "images" / f)).tobytes() for f in dev_files}
     settings = dict(toy["ck"].settings, dev_fraction=0.2)
-    tr, _, dev, dev_labels = gm.real_split(settings, "dev")
-    _, _, test, _ = gm.real_split(settings, "test")
+    tr, _, dev, dev_labels = real_split(settings, "dev")
+    _, _, test, _ = real_split(settings, "test")
     pixels = lambda a: {x.tobytes() for x in a}
     assert pixels(dev) == want and len(dev) == len(dev_files) == 15
     assert not pixels(dev) & pixels(test) and not pixels(dev) & pixels(tr)
     assert len(tr) + len(dev) + len(test) == 90 and sorted(set(dev_labels.tolist())) == [0, 1, 2]
     with pytest.raises(UserError, match="development split"):
-        gm.real_split(dict(settings, dev_fraction=0.0), "dev")
+        real_split(dict(settings, dev_fraction=0.0), "dev")
 
 
 # ----------------------------------------------------------------------------- export
@@ -261,13 +268,13 @@ def test_generation_compared_with_the_dev_split_reads_no_test_image(toy, tmp_pat
 def test_model_card_guidance_snippet_runs_with_transformers(toy, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from imagegpt import huggingface
+    from imagegpt import huggingface, model_card
     out = huggingface.write_export(toy["ck"], str(tmp_path / "hf"))
     card = open(os.path.join(out, "README.md")).read()
     assert "## Draw a chosen class" in card and "<UNK> <IMG>" in card
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
-    snippet = huggingface.GUIDANCE_SNIPPET.format(L=toy["ck"].codebook.seq_len).replace("digit, scale = 7", "digit, scale = 1")
+    snippet = model_card.GUIDANCE_SNIPPET.format(L=toy["ck"].codebook.seq_len).replace("digit, scale = 7", "digit, scale = 1")
     env = {"model": model, "tok": tok, "torch": torch, "print": lambda *a: None}
     exec(snippet, env)
     ids = env["ids"][0].tolist()

@@ -31,7 +31,7 @@ from imagegpt import checkpoint, prepare
 from imagegpt import training as train_mod
 from imagegpt.files import resolve_dir
 from imagegpt.settings import build, flat
-from imagegpt.training import TrainConfig
+from imagegpt.train_config import TrainConfig
 
 SEED = 20240531
 EVAL_EVERY = 2
@@ -71,7 +71,7 @@ def _inject(kind, n):
     """Make this process SIGKILL itself the n-th time training reaches the point `kind`."""
     import contextlib
 
-    from imagegpt import training as train
+    from imagegpt import run_folder   # where the run folder's log is written
     seen = [0]
 
     def nth():
@@ -110,9 +110,9 @@ def _inject(kind, n):
         def open_(path, mode="r", *a, **k):
             f = open(path, mode, *a, **k)
             return _HalfLine(f) if str(path).endswith("log.jsonl") and "a" in mode and nth() else f
-        train.open = open_
+        run_folder.open = open_
     elif kind == "log_rewrite":        # --resume has written the shortened log, not yet renamed it
-        real_atomic = train.atomic_path
+        real_atomic = run_folder.atomic_path
 
         @contextlib.contextmanager
         def atomic_path(path):
@@ -120,7 +120,7 @@ def _inject(kind, n):
                 yield tmp
                 if nth():
                     _die()
-        train.atomic_path = atomic_path
+        run_folder.atomic_path = atomic_path
     else:
         raise ValueError(kind)
 

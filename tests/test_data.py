@@ -19,7 +19,7 @@ from imagegpt import data_config, sources
 from imagegpt.augment import WARP_GRID, augment, copy_params, transform
 from imagegpt.cli import parser
 from imagegpt.data_config import DataConfig, check_data_config
-from imagegpt.drawing_report import real_split
+from imagegpt.split_images import real_split
 from imagegpt.errors import UserError
 from imagegpt.plots import save_grid
 from imagegpt.prepare import ensure_prepared, prepare
@@ -35,7 +35,7 @@ from imagegpt.sources import (
 )
 from imagegpt.splits import folds, stratified_split
 from imagegpt.token_format import Vocab, truncate
-from imagegpt.training import TrainConfig
+from imagegpt.train_config import TrainConfig
 from tokenizer import Codebook, load_codebook
 from tokenizer import uint8_to_tensor as to_tensor
 

@@ -13,7 +13,8 @@ import torch.nn as nn
 from fixtures import CLASSES, ROOT, png_size
 
 import eval as ev
-from imagegpt import checkpoint, metrics, plots
+from imagegpt import checkpoint, evaluation, metrics, plots
+from imagegpt.checkpoint import Checkpoint
 from imagegpt.errors import UserError
 from imagegpt.sequences import make_batch
 from imagegpt.token_format import Vocab
@@ -67,7 +68,7 @@ TARGETS = [[(.75, 1, "img"), (.25, 0, "img"), (.4, 0, "end"), (1, 1, "cls"), (.8
 
 def test_metrics_on_a_hand_made_case():
     x, y, cls_pos = make_batch(SEQS, 16, V2.pad_id)
-    m = metrics.evaluate(Stub(), x, y, cls_pos, V2, batch_size=2, topk=(1, 2, 3))
+    m = metrics.evaluate(Checkpoint(Stub(), V2, None), (x, y, cls_pos), batch_size=2, topk=(1, 2, 3))
     allt = [t for row in TARGETS for t in row]
     img = [t for t in allt if t[2] == "img"]
     lab = [t for t in allt if t[2] == "lab"]
@@ -88,17 +89,18 @@ def test_metrics_on_a_hand_made_case():
     assert m["per_class_accuracy"] == [1.0, 0.5]
     assert m["confusion"] == [[1, 0], [1, 1]]        # rows true, columns predicted
     json.dumps(m)                                    # JSON-ready
-    text = ev.summary(m, ["a", "b"])
+    text = evaluation.metrics_text(m, ["a", "b"])
     assert "66.67 %" in text and "top-2 100.00 %" in text and "63.16 %" in text
 
 
 def test_class_probs_and_next_tokens_on_the_stub():
-    probs = metrics.class_probs(Stub(), [s[:-2] for s in SEQS], V2, batch_size=2)
+    stub = Checkpoint(Stub(), V2, None)
+    probs = metrics.class_probs(stub, [s[:-2] for s in SEQS], batch_size=2)
     assert torch.allclose(probs, torch.tensor([[.8, .2], [.4, .6], [.8, .2]]), atol=1e-6)
-    top = metrics.next_tokens(Stub(), [IMG], V2, k=2)
+    top = metrics.next_tokens(stub, [IMG], k=2)
     assert [(t, i) for t, i, _ in top] == [("<Z_000>", Z0), ("<Z_001>", Z1)]
     assert [p for _, _, p in top] == pytest.approx([.75, .25], abs=1e-6)
-    assert metrics.next_tokens(Stub(), [IMG, Z1, Z1, END, CLS], V2, k=1)[0][:2] == ("<EOS>", EOS)
+    assert metrics.next_tokens(stub, [IMG, Z1, Z1, END, CLS], k=1)[0][:2] == ("<EOS>", EOS)
 
 
 def test_parse_tokens_errors():
@@ -139,9 +141,7 @@ def test_eval_cli_default_split(tiny, capsys):
     # the same numbers as evaluate() on the same data
     from imagegpt.sequences import read_sequences
     ck = checkpoint.load(tiny.ckpt)
-    model = ck.model
-    x, y, c = make_batch(read_sequences(tiny.val, ck.vocab)[0], 16)
-    m = metrics.evaluate(model, x, y, c, ck.vocab, topk=(1, 2, 3, 5))
+    m = metrics.evaluate(ck, make_batch(read_sequences(tiny.val, ck.vocab)[0], 16), topk=(1, 2, 3, 5))
     for k in ("loss", "perplexity", "accuracy", "image_token_accuracy", "topk_accuracy"):
         assert rep[k] == pytest.approx(m[k], rel=1e-6), k
     assert rep["confusion"] == m["confusion"]
@@ -203,10 +203,9 @@ def test_classify_images_and_sequences(tiny, capsys):
     rows, last = lines[1:-1], lines[-1]
     assert len(rows) == 24 + 1 + 24 and last.startswith("accuracy on the 24 labelled sequences")
     ck = checkpoint.load(tiny.ckpt)
-    model = ck.model
     from imagegpt.sequences import read_sequences
     seqs, labels = read_sequences(tiny.val, ck.vocab)
-    probs = metrics.class_probs(model, [s[:-2] for s in seqs], ck.vocab)
+    probs = metrics.class_probs(ck, [s[:-2] for s in seqs])
     for row, p, y in zip(rows[25:], probs, labels):
         name, true, pred, prob = row.split()
         assert (true, pred) == (CLASSES[y], CLASSES[int(p.argmax())])
@@ -234,11 +233,13 @@ def test_next_tokens_cli(tiny, capsys):
 def test_help_and_one_line_error_subprocess(tiny, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "eval.py", "--help"], cwd=ROOT, capture_output=True, text=True, env=env)
-    assert r.returncode == 0 and "--classify" in r.stdout and "--curves" in r.stdout
-    r = subprocess.run([sys.executable, "eval.py", "--ckpt", tiny.ckpt, "--next", "<IMG> <Z_8>"],
-                       cwd=ROOT, capture_output=True, text=True, env=env)
-    assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: --next: unknown token '<Z_8>'")
+    assert r.returncode == 0 and all(c in r.stdout for c in ("metrics", "classify", "next", "curves", "generation"))
+    r = subprocess.run([sys.executable, "eval.py", "metrics", "--help"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "--tta" in r.stdout and "--split" in r.stdout
+    for argv in (["next", "--ckpt", tiny.ckpt, "<IMG> <Z_8>"], ["--ckpt", tiny.ckpt, "--next", "<IMG> <Z_8>"]):
+        r = subprocess.run([sys.executable, "eval.py", *argv], cwd=ROOT, capture_output=True, text=True, env=env)
+        assert r.returncode == 2 and r.stdout == ""
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: next: unknown token '<Z_8>'")
 
 
 # ----------------------------------------------------------------------------- test-time augmentation
@@ -252,12 +253,12 @@ def test_tta_views_and_probs(tiny):
     assert len(views) == 4 and torch.equal(views[0], x)
     assert all(not torch.equal(v, x) for v in views[1:])
     assert all(torch.equal(a, b) for a, b in zip(views, tta_views(x, 3, DataConfig())))   # fixed draws
-    plain = metrics.class_probs(ck.model, [ck.vocab.prefix_ids(r) for r in ck.codebook.encode(x).tolist()], ck.vocab)
-    zero = metrics.augmented_class_probs(ck.model, ck.codebook, ck.vocab, x, 0, DataConfig())
+    plain = metrics.class_probs(ck, [ck.vocab.prefix_ids(r) for r in ck.codebook.encode(x).tolist()])
+    zero = metrics.augmented_class_probs(ck, x, 0, DataConfig())
     assert torch.allclose(zero, plain, atol=1e-6)      # no views: the plain probabilities
-    three = metrics.augmented_class_probs(ck.model, ck.codebook, ck.vocab, x, 3, DataConfig())
-    each = torch.stack([metrics.class_probs(ck.model, [ck.vocab.prefix_ids(r) for r in ck.codebook.encode(v).tolist()],
-                                            ck.vocab) for v in views]).double()
+    three = metrics.augmented_class_probs(ck, x, 3, DataConfig())
+    each = torch.stack([metrics.class_probs(ck, [ck.vocab.prefix_ids(r) for r in ck.codebook.encode(v).tolist()])
+                        for v in views]).double()
     assert torch.allclose(three.double(), each.log().mean(0).softmax(-1), atol=1e-6)   # geometric mean, renormalised
     assert torch.allclose(three.sum(1), torch.ones(5), atol=1e-6)
 
@@ -276,7 +277,7 @@ def test_eval_cli_tta_on_images(tiny, tmp_path, capsys):
     from tokenizer import uint8_to_tensor
     ck = checkpoint.load(tiny.ckpt)
     images, labels, names, _ = load_folder(tiny.img_dir, 4, 1)
-    probs = metrics.augmented_class_probs(ck.model, ck.codebook, ck.vocab, uint8_to_tensor(images), 3, DataConfig())
+    probs = metrics.augmented_class_probs(ck, uint8_to_tensor(images), 3, DataConfig())
     truth = torch.tensor([CLASSES.index(names[y]) for y in labels.tolist()])
     assert t["accuracy"] == pytest.approx((probs.argmax(1) == truth).double().mean().item())
 

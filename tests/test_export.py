@@ -14,12 +14,16 @@ from fixtures import ROOT
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
 import hf_export
-from imagegpt import checkpoint, decoding, huggingface
+from imagegpt import checkpoint, decoding, export_checks, hub, huggingface
+from imagegpt.checkpoint import Checkpoint
+from imagegpt.draw_settings import DrawSettings
 from imagegpt.cli import run_cli
 from imagegpt.errors import UserError
 from imagegpt.settings import build
 from imagegpt.token_format import Vocab
-from imagegpt.training import Data, TrainConfig, build_model
+from imagegpt.finetune import build_model
+from imagegpt.train_config import TrainConfig
+from imagegpt.train_data import Data
 from model import GPT, GPTConfig
 from tokenizer import Codebook, CodebookConfig, load_codebook
 
@@ -131,16 +135,18 @@ def test_greedy_generate_matches_ours(exported, hf):
     mine = greedy(ours, prompt, steps, v.eos_id, v.pad_id)
     assert theirs.shape[1] > prompt.shape[1] + 5
     assert torch.equal(theirs, mine)
-    res = decoding.generate(ours, prompt.tolist(), v, steps, greedy=True)  # the --check path agrees
+    ck = Checkpoint(ours, v, exported["book"])
+    res = decoding.generate(ck, prompt.tolist(), DrawSettings(greedy=True, max_new_tokens=steps))  # as --check does
     assert [r["ids"] + [v.pad_id] * (mine.shape[1] - len(r["ids"])) for r in res] == mine.tolist()
-    assert huggingface.check_parity(ours, exported["out"], v)["greedy_equal"]
+    assert export_checks.hf_parity(ck, exported["out"])["greedy_equal"]
 
 
 def test_greedy_generate_matches_generation_py(exported, hf):
     v, ours = exported["vocab"], exported["model"]
     g = torch.Generator().manual_seed(6)
     prompts = [[v.img_id] + torch.randint(v.code_offset, v.label_offset, (n,), generator=g).tolist() for n in (1, 2, 4)]
-    for p, r in zip(prompts, decoding.generate(ours, prompts, v, BLOCK, greedy=True)):
+    ck = Checkpoint(ours, v, exported["book"])
+    for p, r in zip(prompts, decoding.generate(ck, prompts, DrawSettings(greedy=True, max_new_tokens=BLOCK))):
         theirs = hf.generate(torch.tensor([p]), do_sample=False, max_length=BLOCK,
                              attention_mask=torch.ones(1, len(p), dtype=torch.long))
         assert theirs[0].tolist() == r["ids"]
@@ -331,7 +337,7 @@ def test_push_to_hub_sends_the_folder(exported, tmp_path, monkeypatch, no_networ
     (c_name, c_repo, c_kw, c_tok), (u_name, u_repo, u_kw, u_tok) = FakeApi.calls
     assert (c_name, c_repo, c_kw["private"], c_kw["exist_ok"], c_tok) == ("create_repo", "me/img-gpt", True, True, "hf_test_token")
     assert (u_name, u_repo, u_kw["folder_path"], u_kw["repo_type"]) == ("upload_folder", "me/img-gpt", str(out), "model")
-    plan = huggingface.upload_plan(out, "me/img-gpt", private=True)
+    plan = hub.upload_plan(out, "me/img-gpt", private=True)
     assert plan == {"repo_id": "me/img-gpt", "private": True,
                     "files": sorted(set(huggingface.FILES) | {"metrics.json", "train_config.json"})}
     assert u_kw["allow_patterns"] == plan["files"]

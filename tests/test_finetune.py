@@ -18,7 +18,8 @@ from imagegpt import checkpoint, service
 from imagegpt.errors import UserError
 from imagegpt.prepare import prepare
 from imagegpt.settings import build, changed
-from imagegpt.training import TrainConfig, train
+from imagegpt.train_config import TrainConfig
+from imagegpt.training import train
 
 TEN = [f"k{c}" for c in range(10)]
 
@@ -90,7 +91,7 @@ def test_prepare_with_a_checkpoints_codebook_and_fine_tune_from_it(ten, tuned):
 
 def test_new_label_rows_start_at_the_mean_of_the_old_ones_and_kept_classes_keep_theirs(ten):
     from imagegpt.token_format import Vocab
-    from imagegpt.training import fine_tuned
+    from imagegpt.finetune import fine_tuned
     ck = checkpoint.load(ten["ckpt"])
     model = fine_tuned(ck, Vocab(16, 3), ["k4", "new", "k0"], seed=0)
     old, new = ck.model.transformer.wte.weight, model.transformer.wte.weight

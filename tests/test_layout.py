@@ -1,6 +1,7 @@
 """The project's shape: every option of every command explains itself, every setting is declared once
 with its sentence, the library never imports a command and no modules import each other in a circle,
-and every relative link of the README and the docs/ pages points to a file that exists."""
+every module and function stays small enough to hold in one's head (the limits below), every module says
+what it owns, and every relative link of the README and the docs/ pages points to a file that exists."""
 import argparse
 import ast
 import glob
@@ -13,10 +14,15 @@ from fixtures import ROOT
 
 from imagegpt import settings
 from imagegpt.data_config import DataConfig
+from imagegpt.draw_settings import DrawSettings
 from imagegpt.service_config import ServiceConfig
-from imagegpt.training import TrainConfig
+from imagegpt.train_config import TrainConfig
 
 COMMANDS = ["data", "train", "eval", "sample", "hf_export", "serve", "baselines", "bench", "scale", "reproduce"]
+MODULE_LINES = 450        # no module longer
+FUNCTION_LINES = 60       # no function longer (its decorators, docstring and nested functions included) ...
+LONGER = {"imagegpt.training._train"}   # ... but the training loop, which reads top to bottom as one story
+PARAMETERS = 8            # no function takes more (self and cls aside; *args and **kwargs count one each)
 
 
 def parsers(p, name):
@@ -41,7 +47,7 @@ def test_every_option_of_every_command_has_a_description(command):
 
 
 def test_every_setting_is_declared_once_with_its_sentence():
-    for cls in (TrainConfig, DataConfig, ServiceConfig):
+    for cls in (TrainConfig, DataConfig, ServiceConfig, DrawSettings):
         leaves = settings.leaves(cls)
         names = [name for name, _, _ in leaves]
         assert len(names) == len(set(names)), f"{cls.__name__}: a flat name is used twice"
@@ -99,6 +105,57 @@ def test_the_library_never_imports_a_command_and_nothing_imports_in_a_circle():
     for m in edges:
         if m not in state:
             visit(m, [])
+
+
+def functions(tree):
+    """Every function and method of a syntax tree (nested ones too) -> [(qualified name, node)]."""
+    out = []
+
+    def visit(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                out.append((prefix + child.name, child))
+                visit(child, prefix + child.name + ".")
+            elif isinstance(child, ast.ClassDef):
+                visit(child, prefix + child.name + ".")
+            else:
+                visit(child, prefix)
+    visit(tree, "")
+    return out
+
+
+def parameters(node):
+    a = node.args
+    named = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg not in ("self", "cls")]
+    return len(named) + (a.vararg is not None) + (a.kwarg is not None)
+
+
+def test_modules_and_functions_stay_small():
+    """No module over MODULE_LINES lines, no function over FUNCTION_LINES (the training loop aside), none
+    with more than PARAMETERS parameters: what does not fit is split by concern, or its settings made one object."""
+    too_long, too_big, too_many = [], [], []
+    for m, tree in modules().items():
+        path = os.path.join(ROOT, *m.split(".")) + ".py" if m != "imagegpt" else os.path.join(ROOT, "imagegpt", "__init__.py")
+        n = len(open(path, encoding="utf-8").read().splitlines())
+        if n > MODULE_LINES:
+            too_long.append(f"{m}: {n} lines")
+        for name, node in functions(tree):
+            lines = node.end_lineno - node.lineno + 1
+            if lines > FUNCTION_LINES and f"{m}.{name}" not in LONGER:
+                too_big.append(f"{m}.{name}: {lines} lines")
+            if parameters(node) > PARAMETERS:
+                too_many.append(f"{m}.{name}: {parameters(node)} parameters")
+    assert not too_long, f"modules over {MODULE_LINES} lines: {too_long}"
+    assert not too_big, f"functions over {FUNCTION_LINES} lines: {too_big}"
+    assert not too_many, f"functions with more than {PARAMETERS} parameters: {too_many}"
+    assert all(f"{m}.{n}" in {f"{mm}.{nn}" for mm, t in modules().items() for nn, _ in functions(t)} for m, n in
+               (name.rsplit(".", 1) for name in LONGER)), "LONGER names a function that is not there"
+
+
+def test_every_module_says_what_it_owns():
+    """The first line of every module's docstring says what it owns (the file list reads as the architecture)."""
+    silent = [m for m, tree in modules().items() if m != "imagegpt" and len((ast.get_docstring(tree) or "").split()) < 5]
+    assert not silent, f"modules without a docstring that says what they own: {silent}"
 
 
 def test_every_relative_link_in_the_readme_and_docs_points_to_a_file():

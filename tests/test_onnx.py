@@ -17,7 +17,9 @@ import eval as ev
 import hf_export
 import sample as sp
 from imagegpt import checkpoint, onnx_export, onnx_runtime
+from imagegpt.checkpoint import Checkpoint
 from imagegpt.decoding import generate
+from imagegpt.draw_settings import DrawSettings
 from imagegpt.errors import UserError
 from imagegpt.metrics import class_probs, evaluate
 from imagegpt.token_format import Vocab
@@ -189,9 +191,10 @@ def test_greedy_decoding_gives_the_same_tokens(exported):
     model, _, path, _ = exported
     onx = onnx_runtime.OnnxGPT(path)
     prompts = [[IMG], [IMG], [IMG, VOCAB.code_id(3)], [IMG, VOCAB.code_id(0), VOCAB.code_id(5), END, CLS]]
+    greedy = DrawSettings(greedy=True, max_new_tokens=BLOCK)
     with torch.no_grad():
-        a = generate(model, prompts, VOCAB, max_new_tokens=BLOCK, greedy=True)
-    b = generate(onx, prompts, VOCAB, max_new_tokens=BLOCK, greedy=True)
+        a = generate(Checkpoint(model, VOCAB, None), prompts, greedy)
+    b = generate(Checkpoint(onx, VOCAB, None), prompts, greedy)
     assert [r["ids"] for r in a] == [r["ids"] for r in b]
     assert sum(r["new"] for r in a) >= 20                  # the comparison covered real decoding
     assert [r["pred"] for r in a] == [r["pred"] for r in b]
@@ -203,16 +206,17 @@ def test_classification_at_cls_is_identical(exported):
     onx = onnx_runtime.OnnxGPT(path)
     seqs = sequences(24, seed=4)
     prefixes = [s[:-2] for s in seqs]                       # '<IMG> ... </IMG> <CLS>', different lengths
+    ours, theirs = Checkpoint(model, VOCAB, None), Checkpoint(onx, VOCAB, None)
     with torch.no_grad():
-        want = class_probs(model, prefixes, VOCAB, batch_size=7)
-    got = class_probs(onx, prefixes, VOCAB, batch_size=7)
+        want = class_probs(ours, prefixes, batch_size=7)
+    got = class_probs(theirs, prefixes, batch_size=7)
     assert torch.equal(got.argmax(1), want.argmax(1))
     assert (got - want).abs().max() < 1e-5
     # the evaluation (metrics over all tokens, classification at <CLS>) is the same too
     from imagegpt.sequences import make_batch
-    x, y, cls_pos = make_batch(seqs, BLOCK, VOCAB.pad_id)
-    m_torch = evaluate(model, x, y, cls_pos, VOCAB, batch_size=5)
-    m_onnx = evaluate(onx, x, y, cls_pos, VOCAB, batch_size=5)
+    batch = make_batch(seqs, BLOCK, VOCAB.pad_id)
+    m_torch = evaluate(ours, batch, batch_size=5)
+    m_onnx = evaluate(theirs, batch, batch_size=5)
     assert m_onnx["confusion"] == m_torch["confusion"] and m_onnx["accuracy"] == m_torch["accuracy"]
     assert m_onnx["loss"] == pytest.approx(m_torch["loss"], abs=1e-5)
 

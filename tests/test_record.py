@@ -12,7 +12,7 @@ from fixtures import ROOT
 
 import eval as ev
 import reproduce
-from imagegpt import provenance, record, tables
+from imagegpt import provenance, record, record_parts, tables
 from imagegpt.errors import UserError
 from imagegpt.files import write_json
 
@@ -170,9 +170,9 @@ def fake_parts(monkeypatch):
         return [Step("read", ("-c", f"open({ctx.of('first', 'kept', 'k')!r})")),
                 Step("write", (*WRITE, ctx.out("second.json"), "2"))]
 
-    Step = record.Step
-    parts = [record.Part("first", "nothing", 0.1, ("first.json",), first, (), keeps=("kept",)),
-             record.Part("second", "nothing", 0.1, ("second.json",), second, (), needs=("first",))]
+    Step = record_parts.Step
+    parts = [record_parts.Part("first", "nothing", 0.1, ("first.json",), first, (), keeps=("kept",)),
+             record_parts.Part("second", "nothing", 0.1, ("second.json",), second, (), needs=("first",))]
     monkeypatch.setattr(record, "PARTS", parts)
     monkeypatch.setattr(record, "BY_NAME", {p.name: p for p in parts})
     return settings

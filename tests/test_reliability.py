@@ -23,10 +23,13 @@ from fixtures import ROOT, write_images
 
 from imagegpt import checkpoint, cli, decoding, device, errors
 from imagegpt import files as files_mod
+from imagegpt import train_config
 from imagegpt import training as trainer_mod
+from imagegpt.draw_settings import DrawSettings
 from imagegpt.errors import UserError
 from imagegpt.settings import build, changed, flat
-from imagegpt.training import TrainConfig, load_config, train
+from imagegpt.train_config import TrainConfig, load_config
+from imagegpt.training import train
 
 TINY = dict(image_size=8, patch_size=2, num_codes=8, kmeans_iters=3, n_layer=2, n_head=2, n_embd=32,
             batch_size=8, epochs=2, eval_every=3, lr=1e-3, warmup_steps=2, seed=1, device="cpu", dev_fraction=0.25)
@@ -285,7 +288,7 @@ def test_a_temperature_near_zero_is_greedy_never_nan(t):
     logits[0, :3] = 55.0                                     # a tie for the largest: either is fine
     want = logits.argmax(-1)
     for top_k, top_p in ((None, None), (5, None), (None, 0.5), (3, 0.9)):
-        got = decoding.choose_next(logits, temperature=t, top_k=top_k, top_p=top_p, generator=g)
+        got = decoding.choose_next(logits, DrawSettings(temperature=t, top_k=top_k or 0, top_p=top_p or 1.0), g)
         assert (got[1:] == want[1:]).all() and got[0].item() in (0, 1, 2)
 
 
@@ -293,7 +296,7 @@ def test_ordinary_temperatures_sample_as_before():
     """The near-zero path is taken only when the scaled logits overflow: the usual draws are unchanged."""
     logits = torch.randn(32, 40, generator=torch.Generator().manual_seed(1)) * 3
     for t in (0.3, 0.8, 1.0, 2.5):
-        a = decoding.choose_next(logits, temperature=t, top_k=10, top_p=0.9, generator=torch.Generator().manual_seed(5))
+        a = decoding.choose_next(logits, DrawSettings(temperature=t, top_k=10, top_p=0.9), torch.Generator().manual_seed(5))
         ref = decoding.top_p_filter(decoding.top_k_filter(logits.float() / t, 10), 0.9).softmax(-1)
         b = torch.multinomial(ref, 1, generator=torch.Generator().manual_seed(5)).squeeze(-1)
         assert torch.equal(a, b)
@@ -302,15 +305,14 @@ def test_ordinary_temperatures_sample_as_before():
 def test_generation_at_a_tiny_temperature_equals_greedy(run):
     ck = checkpoint.load(os.path.join(run["cfg"].out_dir, "final"))
     prompts = [[ck.vocab.img_id]] * 3
-    greedy = decoding.generate(ck.model, prompts, ck.vocab, 30, greedy=True)
-    cold = decoding.generate(ck.model, prompts, ck.vocab, 30, temperature=1e-40,
-                               generator=torch.Generator().manual_seed(0))
+    greedy = decoding.generate(ck, prompts, DrawSettings(greedy=True, max_new_tokens=30))
+    cold = decoding.generate(ck, prompts, DrawSettings(temperature=1e-40, max_new_tokens=30))
     assert [r["ids"] for r in cold] == [r["ids"] for r in greedy]
 
 
 def test_nonfinite_logits_are_one_line():
     with pytest.raises(UserError, match="logits are not finite"):
-        decoding.choose_next(torch.tensor([[1.0, float("nan")]]), temperature=1e-45)
+        decoding.choose_next(torch.tensor([[1.0, float("nan")]]), DrawSettings(temperature=1e-45))
 
 
 def test_an_allocation_that_fails_is_one_line():
@@ -340,10 +342,10 @@ def test_size_estimates_let_the_shipped_configs_through(monkeypatch):
         cfg = load_config(os.path.join(ROOT, "config", f"{name}.yaml"))
         assert (cfg.max_length == 0) == (name not in ("v1", "v2")), name
         monkeypatch.setattr(device, "memory_bytes", lambda device="cpu": 4 * 10 ** 9)
-        trainer_mod.check_fits(cfg, "cpu")
+        train_config.check_fits(cfg, "cpu")
         monkeypatch.setattr(device, "memory_bytes", lambda device="cpu": 20 * 10 ** 6)
         with pytest.raises(UserError, match="more than the 20.0 MB of memory"):
-            trainer_mod.check_fits(cfg, "cpu")
+            train_config.check_fits(cfg, "cpu")
 
 
 # ----------------------------------------------------------------------------- 6. odd file names

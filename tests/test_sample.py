@@ -10,6 +10,8 @@ from fixtures import ROOT, png_size
 
 import sample as sp
 from imagegpt import decoding as gen
+from imagegpt.checkpoint import Checkpoint
+from imagegpt.draw_settings import DrawSettings as S
 from imagegpt.errors import UserError
 from imagegpt.token_format import Vocab
 from model import GPT, GPTConfig
@@ -96,11 +98,11 @@ def test_top_p_batched_and_masked_inputs():
 def test_choose_next_respects_the_filters():
     g = torch.Generator().manual_seed(0)
     x = logits_of([0.5, 0.3, 0.2]).expand(4000, 3)
-    counts = torch.bincount(gen.choose_next(x, top_p=0.8, generator=g), minlength=3).tolist()
+    counts = torch.bincount(gen.choose_next(x, S(top_p=0.8), g), minlength=3).tolist()
     assert counts[2] == 0 and counts[0] > counts[1] > 1000
-    assert gen.choose_next(x, top_k=1, generator=g).unique().tolist() == [0]
-    assert gen.choose_next(x, temperature=0).unique().tolist() == [0]
-    assert gen.choose_next(x, greedy=True).unique().tolist() == [0]
+    assert gen.choose_next(x, S(top_k=1), g).unique().tolist() == [0]
+    assert gen.choose_next(x, S(temperature=0)).unique().tolist() == [0]
+    assert gen.choose_next(x, S(greedy=True)).unique().tolist() == [0]
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -117,15 +119,18 @@ PROMPTS = [[IMG], [IMG, Z[3]], [IMG], [IMG, Z[1], Z[2]], [IMG, Z[3]], [IMG],
            [IMG, Z[0], Z[1], Z[2], Z[3], END, CLS], [IMG, Z[5], Z[6], Z[7], Z[0], Z[1], Z[2], Z[3], Z[4], Z[5], Z[6], Z[7]]]
 
 
+def decode(model, prompts, settings=S(), **kw):
+    """decoding.generate with this module's vocabulary, the model as a checkpoint without a codebook."""
+    return gen.generate(Checkpoint(model, VOCAB, None), prompts, settings, **kw)
+
+
 def full_last_logits(model, ids):
     return model(torch.tensor([ids]))[0][0, -1]
 
 
 @torch.no_grad()
 def test_cached_decoding_matches_full_recomputation_at_every_step(model):
-    g = torch.Generator().manual_seed(3)
-    res = gen.generate(model, PROMPTS * 2, VOCAB, max_new_tokens=10, temperature=1.5, generator=g,
-                      batch_size=3, record_logits=True)
+    res = decode(model, PROMPTS * 2, S(max_new_tokens=10, temperature=1.5, seed=3, batch_size=3), record_logits=True)
     stops, generated_cls = set(), 0
     for prompt, r in zip(PROMPTS * 2, res):
         ids, L = r["ids"], len(prompt)
@@ -152,8 +157,8 @@ def test_cached_decoding_matches_full_recomputation_at_every_step(model):
 
 @torch.no_grad()
 def test_greedy_is_deterministic_and_equals_argmax_of_full_recomputation(model):
-    a = gen.generate(model, PROMPTS, VOCAB, max_new_tokens=12, greedy=True)
-    b = gen.generate(model, PROMPTS, VOCAB, max_new_tokens=12, greedy=True, batch_size=1)
+    a = decode(model, PROMPTS, S(max_new_tokens=12, greedy=True))
+    b = decode(model, PROMPTS, S(max_new_tokens=12, greedy=True, batch_size=1))
     assert [r["ids"] for r in a] == [r["ids"] for r in b]
     for prompt, r in zip(PROMPTS, a):
         ids = list(prompt)                                   # reference: full forward each step
@@ -166,8 +171,7 @@ def test_greedy_is_deterministic_and_equals_argmax_of_full_recomputation(model):
 
 @torch.no_grad()
 def test_sampling_with_a_seed_is_reproducible(model):
-    run = lambda seed: [r["ids"] for r in gen.generate(model, PROMPTS, VOCAB, 10, temperature=1.0, top_k=8,
-                                                       top_p=0.95, generator=torch.Generator().manual_seed(seed))]
+    run = lambda seed: [r["ids"] for r in decode(model, PROMPTS, S(max_new_tokens=10, top_k=8, top_p=0.95, seed=seed))]
     assert run(7) == run(7)
     assert run(7) != run(8)
 
@@ -176,9 +180,8 @@ def test_sampling_with_a_seed_is_reproducible(model):
 def test_rows_stop_on_their_own_and_finished_prompts_add_nothing(model):
     """A batch whose rows finish at different steps (a prompt that already ends in <EOS>, rows that
     sample <EOS>, rows that run to the limit): each row's tokens and logits end where it stopped."""
-    g = torch.Generator().manual_seed(11)
     prompts = [[IMG, Z[1], EOS], [IMG], [IMG], [IMG, Z[2]]]
-    res = gen.generate(model, prompts * 3, VOCAB, 8, temperature=3.0, generator=g, record_logits=True)
+    res = decode(model, prompts * 3, S(max_new_tokens=8, temperature=3.0, seed=11), record_logits=True)
     assert res[0]["ids"] == prompts[0] and res[0]["new"] == 0 and res[0]["stop"] == "eos"
     assert res[0]["logits"].shape == (0, len(VOCAB))
     for prompt, r in zip(prompts * 3, res):
@@ -193,7 +196,7 @@ def test_decoding_under_bf16_autocast_keeps_its_cache_in_bf16(model):
     bf16 decoding step attends bf16 to bf16; the greedy tokens follow a full bf16 forward."""
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         assert model.new_cache(1, 4).kv[0].dtype == torch.bfloat16
-        r = gen.generate(model, [[IMG, Z[1]]], VOCAB, 6, greedy=True, record_logits=True)[0]
+        r = decode(model, [[IMG, Z[1]]], S(max_new_tokens=6, greedy=True), record_logits=True)[0]
         assert r["logits"].dtype == torch.float32 and r["new"] == 6
         for s in range(r["new"]):
             full = full_last_logits(model, r["ids"][:2 + s]).float()
@@ -219,10 +222,10 @@ def test_bf16_auto_decodes_narrow_models_in_fp32_on_a_cpu():
 
 def test_generate_rejects_bad_prompts(model):
     with pytest.raises(UserError, match="block size"):
-        gen.generate(model, [[IMG] * 17], VOCAB, 5)
+        decode(model, [[IMG] * 17], S(max_new_tokens=5))
     with pytest.raises(UserError, match="empty"):
-        gen.generate(model, [[]], VOCAB, 5)
-    r = gen.generate(model, [[IMG] * 16], VOCAB, 5)[0]        # a full block: nothing to add
+        decode(model, [[]], S(max_new_tokens=5))
+    r = decode(model, [[IMG] * 16], S(max_new_tokens=5))[0]        # a full block: nothing to add
     assert r["new"] == 0 and r["stop"] == "block_size"
 
 
@@ -243,8 +246,7 @@ def test_decoding_in_the_format_makes_every_row_a_complete_image(model):
     """An untrained model writes malformed rows; with image_len each row is a complete image (plain or
     conditioned), its codes and label still sampled, and a seed still reproduces it."""
     prompts = [[IMG], [IMG, Z[2]], VOCAB.cond_prompt(1), VOCAB.cond_prompt(None)] * 4
-    run = lambda **kw: gen.generate(model, prompts, VOCAB, 14, temperature=1.5,
-                                    generator=torch.Generator().manual_seed(3), **kw)
+    run = lambda **kw: decode(model, prompts, S(max_new_tokens=14, temperature=1.5, seed=3), **kw)
     free = run()
     assert not all(VOCAB.is_complete(r["ids"], 4) or VOCAB.is_cond_complete(r["ids"], 4) for r in free)
     shaped = run(image_len=4)
@@ -254,8 +256,8 @@ def test_decoding_in_the_format_makes_every_row_a_complete_image(model):
         assert r["stop"] == "eos"
     plain = [r for p, r in zip(prompts, shaped) if not VOCAB.is_conditioned(p)]
     assert len({r["ids"][-2] for r in plain}) > 1 and all(r["pred"] is not None for r in plain)
-    guided = gen.generate(model, prompts[2:4], VOCAB, 14, uncond=[VOCAB.cond_prompt(None)] * 2, cfg_scale=4.0,
-                          generator=torch.Generator().manual_seed(3), temperature=1.5, image_len=4)
+    guided = decode(model, prompts[2:4], S(max_new_tokens=14, temperature=1.5, guidance=4.0, seed=3),
+                    uncond=[VOCAB.cond_prompt(None)] * 2, image_len=4)
     assert all(VOCAB.is_cond_complete(r["ids"], 4) for r in guided)
 
 
@@ -315,10 +317,13 @@ def test_sample_cli_bad_arguments(tiny, tmp_path):
 def test_help_and_one_line_error_subprocess(tiny):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "sample.py", "--help"], cwd=ROOT, capture_output=True, text=True, env=env)
-    assert r.returncode == 0
-    for flag in ("--num_samples", "--max_new_tokens", "--temperature", "--top_k", "--top_p", "--seed",
-                 "--start", "--greedy", "--complete", "--fraction", "--out_png", "--out_jsonl"):
-        assert flag in r.stdout
+    assert r.returncode == 0 and all(command in r.stdout for command in ("free", "draw", "complete"))
+    for command, flags in (("free", ("--num_samples", "--max_new_tokens", "--temperature", "--top_k", "--top_p",
+                                     "--seed", "--start", "--greedy", "--out_png", "--out_jsonl")),
+                           ("draw", ("--class", "--grid", "--guidance")), ("complete", ("--fraction", "--class"))):
+        r = subprocess.run([sys.executable, "sample.py", command, "--help"], cwd=ROOT, capture_output=True, text=True,
+                           env=env)
+        assert r.returncode == 0 and all(flag in r.stdout for flag in flags), command
     r = subprocess.run([sys.executable, "sample.py", "--ckpt", tiny.ckpt, "--start", "<IMG> <Z_9>"],
                        cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 2 and r.stdout == ""

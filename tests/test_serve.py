@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 from fixtures import ROOT
 from PIL import Image, ImageDraw
 
-from imagegpt import checkpoint, drawing, loadtest, service
+from imagegpt import checkpoint, draw_settings, loadtest, served, service
 from imagegpt.settings import build
 
 CHROMIUM = "/usr/bin/chromium"
@@ -104,7 +104,7 @@ def test_healthz_page_and_docs(client, loaded):
     assert h["status"] == "ok" and h["classes"] == [str(c) for c in range(10)]
     assert h["image_size"] == [28, 28] and h["channels"] == 1 and h["vocab_size"] == len(ck.vocab)
     assert h["conditional"] is False and h["batching"] is True
-    assert (h["guidance"], h["temperature"]) == (drawing.GUIDANCE, drawing.TEMPERATURE)
+    assert (h["guidance"], h["temperature"]) == (draw_settings.GUIDANCE, draw_settings.TEMPERATURE)
     page = client.get("/")
     assert page.status_code == 200 and 'id="pad"' in page.text and 'src="static/app.js"' in page.text
     assert '<body data-backend="service">' in page.text             # the page talks to this service
@@ -427,7 +427,7 @@ def samples_of(app):
 
 
 def value(app, name, **labels):
-    return loadtest.metric(samples_of(app), name, **labels)
+    return served.metric(samples_of(app), name, **labels)
 
 
 async def until(test, what, timeout=60):
@@ -762,7 +762,8 @@ def test_the_key_comes_from_the_environment_or_a_file_and_off_loopback_it_is_req
 
 def test_quick_load_test_of_a_flood_a_sigterm_and_a_client_that_leaves(ckpt, capsys, tmp_path):
     from imagegpt.service_config import ServiceConfig
-    result = loadtest.main(ckpt, ServiceConfig(), ["flood", "drain", "disconnect"], quick=True, threads=1)
+    result = loadtest.main(ckpt, ServiceConfig(), ["flood", "drain", "disconnect"], quick=True,
+                           where=served.Where(threads=1))
     with capsys.disabled():
         print("\n" + loadtest.report(result))                   # timings reported, not asserted
     flood, stop, gone = result["flood"], result["drain"], result["disconnect"]
@@ -975,7 +976,7 @@ def test_a_conditioned_checkpoint_draws_the_asked_digit(tmp_path):
     asked for (plumbing only: the weights are random, so the drawings are not judged here)."""
     from fixtures import make_tiny_run
 
-    from imagegpt.training import TrainConfig
+    from imagegpt.train_config import TrainConfig
     tiny = make_tiny_run(tmp_path)
     ck = checkpoint.load(tiny.ckpt)
     checkpoint.save(tiny.ckpt, ck.model, build(TrainConfig, data_dir=tiny.data_dir, cond_fraction=0.5), ck.vocab, ck.codebook)

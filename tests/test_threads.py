@@ -13,7 +13,8 @@ from imagegpt import device
 from imagegpt import training as train_mod
 from imagegpt.errors import UserError
 from imagegpt.settings import build
-from imagegpt.training import TrainConfig, train
+from imagegpt.train_config import TrainConfig
+from imagegpt.training import train
 
 
 def write(root, path, text):

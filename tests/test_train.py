@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from fixtures import ROOT, write_images
 
 from imagegpt import checkpoint
+from imagegpt import finetune, optimizer, seed_runs, train_data
 from imagegpt import training as train_mod
 from imagegpt.data_config import check_data_config
 from imagegpt.errors import UserError
@@ -26,7 +27,9 @@ from imagegpt.metrics import evaluate
 from imagegpt.sequences import make_batch, read_sequences
 from imagegpt.settings import build, changed, flat, names
 from imagegpt.token_format import Vocab
-from imagegpt.training import TrainConfig, load_config, load_split, train
+from imagegpt.train_config import TrainConfig, load_config
+from imagegpt.train_data import load_split
+from imagegpt.training import train
 from model import GPT, GPTConfig
 
 N_IMAGES, STEPS_PER_EPOCH = 80, 6   # 48 train / 17 dev / 15 test sequences, batches of 8
@@ -181,8 +184,8 @@ def test_train_loss_is_the_weighted_mean_over_real_tokens(run_a):
     vocab = Vocab.load(os.path.join(cfg.data.data_dir, "vocab.json"))
     x, y, cls_pos = load_split(cfg, "train", vocab)
     torch.manual_seed(cfg.seed)
-    data = train_mod.Data(vocab, None, None, None, cfg.max_length, cfg.max_length, None)
-    model = train_mod.build_model(cfg, data, print)
+    data = train_data.Data(vocab, None, None, None, cfg.max_length, cfg.max_length, None)
+    model = finetune.build_model(cfg, data, print)
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.batch_size]
     with torch.no_grad():
         logits, _ = model(x[idx])
@@ -293,7 +296,7 @@ def test_weight_average_is_evaluated_and_saved_without_changing_training(run_a, 
     weights); final/ and the logged dev metrics are the average's: the average computed here from
     the trained weights of every step, and the metrics of the loaded final/."""
     steps = []
-    real_update = train_mod.WeightAverage.update
+    real_update = optimizer.WeightAverage.update
 
     def spy(self, model, step):
         steps.append([p.detach().clone() for p in model.parameters()])
@@ -301,7 +304,7 @@ def test_weight_average_is_evaluated_and_saved_without_changing_training(run_a, 
 
     cfg = replace(run_a["cfg"], out_dir=str(tmp_path / "ema"), ema=0.8)
     mp = pytest.MonkeyPatch()
-    mp.setattr(train_mod.WeightAverage, "update", spy)
+    mp.setattr(optimizer.WeightAverage, "update", spy)
     try:
         train(changed(cfg), log=lambda *a: None)
     finally:
@@ -322,7 +325,7 @@ def test_weight_average_is_evaluated_and_saved_without_changing_training(run_a, 
     log = read_log(cfg)
     ck = checkpoint.load(final)
     dev = load_split(cfg, "dev", ck.vocab)
-    m = evaluate(ck.model, *dev, ck.vocab)
+    m = evaluate(ck, dev)
     assert m["loss"] == pytest.approx(log[-1]["dev_loss"], rel=1e-5)
     assert json.load(open(os.path.join(final, "metrics.json")))["weights"].startswith("exponential moving average")
 
@@ -553,12 +556,12 @@ def test_ctrl_c_stops_a_series_of_seeds_and_resume_goes_on(run_a, tmp_path, monk
     cfg = make_cfg(run_a["tmp"], "", out_dir=str(tmp_path / "seeds"), epochs=1, eval_every=0)
     logs = []
     monkeypatch.setattr(train_mod, "StopFlag", stop_after(2))
-    summary = train_mod.train_seeds(cfg, 2, log=logs.append)
+    summary = seed_runs.train_seeds(cfg, 2, log=logs.append)
     assert [r["seed"] for r in summary["runs"]] == [cfg.seed] and summary["runs"][0]["interrupted"]
     assert summary["final_dev_accuracy"] is None and not os.path.exists(tmp_path / "seeds" / f"seed-{cfg.seed + 1}")
     assert any("the series stops at seed" in line for line in logs)
     monkeypatch.undo()
-    summary = train_mod.train_seeds(cfg, 2, resume=True, log=lambda *a: None)
+    summary = seed_runs.train_seeds(cfg, 2, resume=True, log=lambda *a: None)
     assert [(r["seed"], r["interrupted"]) for r in summary["runs"]] == [(cfg.seed, False), (cfg.seed + 1, False)]
     assert summary["final_dev_accuracy"]["n"] == 2
 

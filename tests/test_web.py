@@ -36,14 +36,14 @@ import hf_export
 from imagegpt import checkpoint, onnx_tokenizer, shapes, web_export
 from imagegpt.client_parity import client_parity, torch_free_python
 from imagegpt.data_config import DataConfig
-from imagegpt.drawing_report import real_split
+from imagegpt.split_images import real_split
 from imagegpt.errors import UserError
 from imagegpt.metrics import class_probs
 from imagegpt.onnx_runtime import OnnxGPT
 from imagegpt.prepare import ensure_prepared
 from imagegpt.settings import build
 from imagegpt.token_format import Vocab
-from imagegpt.training import TrainConfig
+from imagegpt.train_config import TrainConfig
 from tokenizer import CodebookConfig, fit_codebook, load_codebook, uint8_to_tensor
 
 
@@ -148,7 +148,7 @@ def test_the_export_writes_the_three_graphs_model_json_and_the_parity(grey):
     assert facts["tokens"]["code_offset"] == ck.vocab.code_offset and facts["tokens"]["label_offset"] == ck.vocab.label_offset
     assert facts["conditional"] is True and facts["seq_len"] == 49 and facts["graphs"]["model"] == "model.onnx"
     card = open(os.path.join(grey.hf, "README.md")).read()
-    assert web_export.CLIENT.format(folder="onnx/", image="image.png", label=9) in card
+    assert web_export.client("onnx/", "image.png", 9) in card
     # the static folder: the page, the graphs, model.json and onnxruntime-web's files, nothing else
     site_facts = json.load(open(os.path.join(grey.site, "model.json")))
     choice = site_facts["graph_choice"]
@@ -176,7 +176,7 @@ def test_the_readmes_test_command_is_cis_and_installs_the_page_runtime():
 
 def test_readme_shows_the_client():
     readme = open(os.path.join(ROOT, "README.md")).read()
-    assert web_export.CLIENT.format(folder="runs/demo/hf/onnx/", image="digit.png", label=7) in readme
+    assert web_export.client("runs/demo/hf/onnx/", "digit.png", 7) in readme
 
 
 def test_web_export_errors_are_one_line_and_write_nothing(grey, tmp_path):
@@ -214,7 +214,7 @@ def test_the_client_without_torch_predicts_what_eval_predicts(grey, tmp_path):
     for i, img in enumerate(images):
         pngs.append(str(tmp_path / f"{i:04d}_{labels[i]}.png"))
         Image.fromarray(img[..., 0]).save(pngs[-1])
-    script = web_export.CLIENT.format(folder=os.path.join(grey.hf, "onnx") + "/", image=pngs[0], label=7) + f"""
+    script = web_export.client(os.path.join(grey.hf, "onnx") + "/", pngs[0], 7) + f"""
 import sys
 assert "torch" not in sys.modules
 preds = [max(p := classify(f), key=p.get) for f in {pngs!r}]
@@ -234,7 +234,7 @@ print(json.dumps({{"preds": preds, "drawn": drawn.shape, "mean": float(drawn.mea
     confusion = np.zeros((10, 10), int)
     np.add.at(confusion, (labels, preds), 1)
     assert confusion.tolist() == e["confusion"] and np.mean(np.array(preds) == labels) == e["accuracy"]
-    want = class_probs(ck.model, ck.encode_images(images), ck.vocab).argmax(1).tolist()
+    want = class_probs(ck, ck.encode_images(images)).argmax(1).tolist()
     assert preds == want                                          # image by image, not only in total
 
 
@@ -315,7 +315,7 @@ def check_reading(page, ck, model):
     assert px.shape == (*ck.codebook.image_size, ck.codebook.channels)
     prefix = ck.encode_images(px[None])[0]
     assert page.get_attribute("#seen", "data-tokens") == ck.vocab.decode(prefix)
-    want = class_probs(model, [prefix], ck.vocab)[0]
+    want = class_probs(ck.with_model(model), [prefix])[0]
     got = [p for _, p in page.eval_on_selector_all("#bars .bar", "rows => rows.map(r => [r.dataset.class, +r.dataset.p])")]
     assert np.abs(np.array(got) - want.numpy()).max() < 1e-5
     assert page.inner_text("#pred") == ck.class_names[int(want.argmax())]
