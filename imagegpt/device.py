@@ -386,12 +386,15 @@ def mlas_path(cpu):
     return {"fp32": fp32, "int8": int8}
 
 
+_ONEDNN_ISA = []   # oneDNN prints its ISA line once a process: the first call keeps it here for the next ones
+
+
 def onednn_kernels():
     """oneDNN's ISA and the kernels it creates for an fp32 and (where supported) a bf16 matrix product, read
     from its verbose output (ONEDNN_VERBOSE; ONEDNN_MAX_CPU_ISA caps it) -> {"isa", "fp32", "bf16"}, values
     None where nothing was printed. torch computes fp32 matmuls with MKL, bf16 ones (autocast) with oneDNN."""
     import torch
-    out = {"isa": None, "fp32": None, "bf16": None}
+    out = {"isa": _ONEDNN_ISA[0] if _ONEDNN_ISA else None, "fp32": None, "bf16": None}
     if not torch.backends.mkldnn.is_available():
         return out
     sys.stdout.flush()
@@ -414,6 +417,7 @@ def onednn_kernels():
         parts = ln.split(",")
         if ",info,cpu,isa:" in ln:
             out["isa"] = ln.split("isa:", 1)[1].strip()
+            _ONEDNN_ISA[:] = [out["isa"]]
         elif len(parts) > 9 and parts[2:4] == ["primitive", "exec"] and parts[5] in ("matmul", "inner_product"):
             out["bf16" if "src:bf16" in ln else "fp32"] = f"{parts[5]} {parts[6]}"
     return out

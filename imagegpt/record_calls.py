@@ -34,10 +34,16 @@ def training_summary(run, out):
                      "final_dev_accuracy": seeds["final_dev_accuracy"], KEY: seeds.get(KEY)})
 
 
-def data_report(data, out, command):
+def data_report(data, out, command, run=None):
     """A prepared data folder's report.json (what the tokenisation keeps: PSNR, distinct sequences) ->
-    out, with the provenance of the command that prepared it."""
-    write_json(at(out), {**read_json(at(os.path.join(data, "report.json")), "report.json"), KEY: record(command=command)})
+    out, with the provenance of the command that prepared it; with `run`, a run folder trained on it, also
+    its steps and training seconds (from its log.jsonl)."""
+    report = read_json(at(os.path.join(data, "report.json")), "report.json")
+    if run:
+        with open(at(os.path.join(run, "log.jsonl")), encoding="utf-8") as f:
+            last = json.loads(f.read().splitlines()[-1])
+        report["training"] = {"steps": last["step"], "seconds": round(last["time"], 1)}
+    write_json(at(out), {**report, KEY: record(command=command)})
 
 
 def client(ckpt, export, work, out, limit=0):

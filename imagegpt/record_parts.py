@@ -230,7 +230,7 @@ def colour_table(ctx):
                         "--out", ctx.out(f"colour_table_{name}_dev.json"))),
                   Step(f"collect {name}'s tokenisation report", call=data_report,
                        kwargs={"data": data, "out": ctx.out(f"colour_table_{name}_data.json"),
-                               "command": "python " + " ".join(argv)})]
+                               "command": "python " + " ".join(argv), "run": run})]
     return steps
 
 

@@ -238,7 +238,10 @@ def colour_summary(r):
 
 def colour_drawing(r):
     """docs/drawing.md's colour report: the judged drawings at each guidance scale, beside the judge's ceilings."""
-    rep = r.load(COLOUR_DRAW)
+    return figure(r, lambda: drawing_table(r, r.load(COLOUR_DRAW)))
+
+
+def drawing_table(r, rep):
     rows = [(s, pct(q["judge_accuracy"], 1), pct(min(q["judge_per_class"]), 1), f"{q['diversity_ratio_mean']:.3f}",
              f"{q['precision']:.3f}", f"{q['recall']:.3f}", pct(q["gpt_reads_asked_class"], 1), pct(q["well_formed"], 1))
             for s, q in rep["scales"].items()]
@@ -266,8 +269,43 @@ def fresh_clone_figure(r):
     return f"{m} min {s} s in all, of which training {t['training_seconds']} s"
 
 
+COLOUR_CANDIDATES = (   # record_parts.COLOUR_TABLE's candidates as the table names them
+    ("palette_p4", "**shape apart from colour, 4 x 4 patterns (`config/colour.yaml`)**"),
+    ("palette_p4_nocopies_colour", "the same, the copies keeping their colours (`--permute_colours false`)"),
+    ("palette_p4_nocopies", "the same without copies (`--augment 0`)"),
+    ("palette_p2_e2", "shape apart from colour, 2 x 2 patterns, 500 of them (2 epochs)"),
+    ("patch_p2_k4000_e2", "before: a code per 2 x 2 patch of colours, 4,000 codes (2 epochs)"),
+    ("patch_p2_k4000_colour_e2", "the same with the copies' colours permuted (2 epochs)"),
+    ("igpt_16px_k512_e2", "iGPT's way: one token a pixel from a palette of 512 colours, at 16 x 16 (2 epochs)"),
+)
+
+
+def colour_table(r):
+    """docs/results.md's choice of the colour tokenisation: each candidate on the development split."""
+    return figure(r, lambda: candidates_table(r))
+
+
+def candidates_table(r):
+    rows = []
+    for name, what in COLOUR_CANDIDATES:
+        dev, data = r.load(f"colour_table_{name}_dev.json"), r.load(f"colour_table_{name}_data.json")
+        rows.append((what, str(data["sequence_length"]), f"{data['dev_psnr_db']:.1f} dB", pct(dev["accuracy"], 1),
+                     f"{dev['loss']:.3f}", f"{data['training']['steps']:,}", f"{data['training']['seconds']:.0f} s"))
+    return markdown(("tokenisation", "tokens / image", "dev PSNR", "dev accuracy", "dev loss", "steps", "training"),
+                    ("---",) + ("---:",) * 6, rows) + provenance_note(r)
+
+
+def colour_accuracy(r):
+    return spread(r.per_checkpoint(COLOUR))
+
+
+def colour_psnr(r):
+    return f"{r.load(COLOUR_DATA)['test_psnr_db']:.2f} dB"
+
+
 RENDER = {"results": readme_results, "results_summary": results_summary, "colour": colour_summary,
-          "colour_drawing": colour_drawing, "tests": tests_figure, "fresh_clone": fresh_clone_figure}
+          "colour_drawing": colour_drawing, "colour_accuracy": colour_accuracy,
+          "colour_psnr": colour_psnr, "colour_table": colour_table, "tests": tests_figure, "fresh_clone": fresh_clone_figure}
 
 
 def render(kind, name, results):

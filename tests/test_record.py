@@ -105,9 +105,9 @@ def test_a_figure_edited_by_hand_fails(name, old, new):
 
 
 def copy_results(tmp_path, with_provenance=True):
-    """The result files the tables read, copied (and given a provenance) -> their folder."""
+    """The result files the tables read, copied (those made before provenance given one) -> their folder."""
     folder = tmp_path / "results"
-    folder.mkdir()
+    shutil.copytree(tables.RESULTS, folder)
     for name in tables.MADE_BEFORE_PROVENANCE:
         data = json.load(open(os.path.join(tables.RESULTS, name)))
         write_json(folder / name, provenance.with_provenance(data, command="test") if with_provenance else data)
