@@ -175,17 +175,18 @@ COLOUR_QUICK = {"images": ("--per_class", "40"), "judge_images": ("--per_class",
                 "judge": ("--quick", "--num_codes", "16", "--palette", "8", *TINY_COPIES),
                 "report": ("--per_class", "2", "--scales", "1,3")}
 # the tokenisation table's candidates, on the development split: (result name, config/colour.yaml overrides);
-# the ones of 256 to 261 image tokens train for 2 epochs (a third of the recipe's steps) to fit 2 cores
+# the recipe's row is the colour part's seed-1337 model; the ones of 256 to 261 image tokens train for 1 epoch
+# (a sixth of the recipe's steps, each about 4x as long: two thirds of its compute) to fit 2 cores
 COLOUR_TABLE = (
-    ("palette_p4", ()),
+    ("palette_p4", None),
     ("palette_p4_nocopies_colour", ("--permute_colours", "false")),
     ("palette_p4_nocopies", ("--augment", "0", "--permute_colours", "false")),
-    ("palette_p2_e2", ("--patch_size", "2", "--num_codes", "500", "--epochs", "2")),
-    ("patch_p2_k4000_e2", ("--palette", "0", "--patch_size", "2", "--num_codes", "4000", "--permute_colours", "false",
-                           "--epochs", "2")),
-    ("patch_p2_k4000_colour_e2", ("--palette", "0", "--patch_size", "2", "--num_codes", "4000", "--epochs", "2")),
-    ("igpt_16px_k512_e2", ("--palette", "0", "--image_size", "16", "--patch_size", "1", "--num_codes", "512",
-                           "--epochs", "2")),
+    ("palette_p2_e1", ("--patch_size", "2", "--num_codes", "500", "--epochs", "1")),
+    ("patch_p2_k4000_e1", ("--palette", "0", "--patch_size", "2", "--num_codes", "4000", "--permute_colours", "false",
+                           "--epochs", "1")),
+    ("patch_p2_k4000_colour_e1", ("--palette", "0", "--patch_size", "2", "--num_codes", "4000", "--epochs", "1")),
+    ("igpt_16px_k512_e1", ("--palette", "0", "--image_size", "16", "--patch_size", "1", "--num_codes", "512",
+                           "--epochs", "1")),
 )
 
 
@@ -217,15 +218,21 @@ def colour(ctx):
 
 
 def colour_table(ctx):
-    """The colour tokenisation table: each candidate trained with config/colour.yaml's recipe (seed 1337)
-    and scored on the development split, with its data folder's report (PSNR, tokens per image)."""
+    """The colour tokenisation table: each candidate trained with config/colour.yaml's recipe and its changes
+    (seed 1337) and scored on the development split, with its data folder's report (PSNR, tokens per image).
+    The recipe itself is the colour part's seed-1337 run, read from its folder."""
     images, steps = ctx.of("colour", "data", "shapes-colour"), []
     for name, changes in COLOUR_TABLE:
-        run, data = ctx.path(name), ctx.path("data", name)
-        argv = ("train.py", "config/colour.yaml", "--source", f"folder:{images}", "--data_dir", data, "--out_dir", run,
-                *changes, *FP32, *(COLOUR_QUICK["train"] + TINY_MODEL if ctx.quick else ()))
-        steps += [Step(f"train {name}", argv),
-                  Step(f"evaluate {name} on the development split",
+        if changes is None:
+            run, data = ctx.of("colour", "gpt", "seed-1337"), ctx.of("colour", "data", "colour-tok")
+            argv = ("train.py", *colour_argv(ctx, "train", images=images, data=data), "--seeds", str(ctx.pick(3, 2)),
+                    "--out_dir", ctx.of("colour", "gpt"), *FP32)
+        else:
+            run, data = ctx.path(name), ctx.path("data", name)
+            argv = ("train.py", "config/colour.yaml", "--source", f"folder:{images}", "--data_dir", data, "--out_dir",
+                    run, *changes, *FP32, *(COLOUR_QUICK["train"] + TINY_MODEL if ctx.quick else ()))
+            steps.append(Step(f"train {name}", argv))
+        steps += [Step(f"evaluate {name} on the development split",
                        ("eval.py", "--ckpt", os.path.join(run, "final"), "--split", "dev", *FP32,
                         "--out", ctx.out(f"colour_table_{name}_dev.json"))),
                   Step(f"collect {name}'s tokenisation report", call=data_report,
@@ -333,8 +340,8 @@ PARTS = [
          "the judged drawings (README, results.md, drawing.md)", 70,
          ("colour_test_seeds1337-1339.json", "colour_train_seeds1337-1339.json", "colour_data_report.json",
           "colour_baselines_seeds0-2.json", "colour_judge.json", "colour_drawing_report_seed1337.json"), colour,
-         ("data.py", *TRAIN, "baselines.py"), files=("config/colour.yaml",), keeps=("gpt", "data/shapes-colour")),
-    Part("colour_table", "the colour tokenisation table on the development split (results.md)", 150,
+         ("data.py", *TRAIN, "baselines.py"), files=("config/colour.yaml",), keeps=("gpt", "data/shapes-colour", "data/colour-tok")),
+    Part("colour_table", "the colour tokenisation table on the development split (results.md)", 45,
          tuple(f"colour_table_{n}_{k}.json" for n, _ in COLOUR_TABLE for k in ("dev", "data")), colour_table,
          TRAIN, files=("config/colour.yaml",), needs=("colour",)),
     Part("export", "the export of the demo model: parity, accuracy per backend, the client without torch (export.md)", 8,

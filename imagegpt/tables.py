@@ -273,10 +273,10 @@ COLOUR_CANDIDATES = (   # record_parts.COLOUR_TABLE's candidates as the table na
     ("palette_p4", "**shape apart from colour, 4 x 4 patterns (`config/colour.yaml`)**"),
     ("palette_p4_nocopies_colour", "the same, the copies keeping their colours (`--permute_colours false`)"),
     ("palette_p4_nocopies", "the same without copies (`--augment 0`)"),
-    ("palette_p2_e2", "shape apart from colour, 2 x 2 patterns, 500 of them (2 epochs)"),
-    ("patch_p2_k4000_e2", "before: a code per 2 x 2 patch of colours, 4,000 codes (2 epochs)"),
-    ("patch_p2_k4000_colour_e2", "the same with the copies' colours permuted (2 epochs)"),
-    ("igpt_16px_k512_e2", "iGPT's way: one token a pixel from a palette of 512 colours, at 16 x 16 (2 epochs)"),
+    ("palette_p2_e1", "shape apart from colour, 2 x 2 patterns, 500 of them (1 epoch)"),
+    ("patch_p2_k4000_e1", "before: a code per 2 x 2 patch of colours, 4,000 codes (1 epoch)"),
+    ("patch_p2_k4000_colour_e1", "the same with the copies' colours permuted (1 epoch)"),
+    ("igpt_16px_k512_e1", "iGPT's way: one token a pixel from a palette of 512 colours, at 16 x 16 (1 epoch)"),
 )
 
 
