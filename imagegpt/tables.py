@@ -255,6 +255,25 @@ def drawing_table(r, rep):
             f"reconstructions at {pct(rep['reconstructions']['judge']['accuracy'], 1)}.") + provenance_note(r)
 
 
+def first_command(r):
+    """The README's first command as a newcomer meets it: what it printed from a fresh clone (on which CPU, in
+    which dtype: bf16 where the CPU computes it natively), beside the same configuration in fp32 over 3 seeds."""
+    def make():
+        fresh, demo = r.load("fresh_clone.json"), r.per_checkpoint(DEMO3)
+        m = fresh[KEY]["machine"]
+        dtype = "bf16" if {"avx512_bf16", "amx_tile"} & set(m["cpu_flags"]) else "fp32"
+        isa = "AVX-512" if "avx512f" in m["cpu_flags"] else "AVX2" if "avx2" in m["cpu_flags"] else "SSE"
+        return (f"{fresh['accuracy_printed']:.2f} % on {m['cpu']} ({isa}, {m['cores_available']} cores, {dtype}); "
+                f"in fp32 over three seeds, {spread(demo)} (seed 1337: {pct(demo['values'][0])}; "
+                f"{demo_machine(r)})")
+    return figure(r, make)
+
+
+def demo_machine(r):
+    m = r.load(DEMO3[0])[KEY]["machine"]
+    return f"{m['cpu']}, {m['torch_threads']} threads"
+
+
 def tests_figure(r):
     """The test suite's count and time, as recorded by `python reproduce.py tests`."""
     t = r.load("tests.json")
@@ -305,7 +324,7 @@ def colour_psnr(r):
 
 RENDER = {"results": readme_results, "results_summary": results_summary, "colour": colour_summary,
           "colour_drawing": colour_drawing, "colour_accuracy": colour_accuracy,
-          "colour_psnr": colour_psnr, "colour_table": colour_table, "tests": tests_figure, "fresh_clone": fresh_clone_figure}
+          "colour_psnr": colour_psnr, "colour_table": colour_table, "first_command": first_command, "tests": tests_figure, "fresh_clone": fresh_clone_figure}
 
 
 def render(kind, name, results):
