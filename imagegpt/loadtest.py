@@ -398,8 +398,9 @@ def save(path, result, cfg):
     return write_result(path, result, config=cfg, dtype="fp32")
 
 
-def report(result):
-    """The result as Markdown tables, with the issue's targets beside the flood's figures."""
+def report(result, m=None):
+    """The result as Markdown tables, with the issue's targets beside the flood's figures; m: the machine that
+    ran it (default: this one)."""
     parts = []
     if "throughput" in result:
         parts.append(table(result["throughput"]))
@@ -433,7 +434,7 @@ def report(result):
                      f"ahead only | {d['drawings_made']} ({d['model_calls']}) |\n"
                      f"| the next request, and imagegpt_drawings_total after it | {d['next_request']}, "
                      f"{d['drawings_made_after_it']} |")
-    p, m = result["run"], machine()
+    p, m = result["run"], m or machine()
     parts.append(f"{m['cpu']}, {m['cores_available']} cores, {p['model_threads']} model thread(s); load average "
                  f"before {p['load_average_before']}, after {p['load_average_after']}; {p['wall_s']} s")
     return "\n\n".join(parts)

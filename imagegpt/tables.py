@@ -274,6 +274,34 @@ def demo_machine(r):
     return f"{m['cpu']}, {m['torch_threads']} threads"
 
 
+def loadtest_tables(r):
+    """docs/service.md's load test, as `serve.py --loadtest` prints it, on the machine that ran it."""
+    def make():
+        from imagegpt.loadtest import report
+        result = r.load("loadtest.json")
+        return report(result, result[KEY]["machine"]) + f"\n\n`{result[KEY]['command']}`"
+    return figure(r, make)
+
+
+def bench_tables(r):
+    """docs/performance.md's benchmark, as `bench.py` prints it (with the machine and the kernels that ran)."""
+    def make():
+        from imagegpt.bench_report import format_report
+        return format_report(r.load("bench_cpu.json"))
+    return figure(r, make)
+
+
+def colour_time(r):
+    """docs/performance.md's colour recipe time: each seed's training seconds, on the machine that ran them."""
+    def make():
+        t = r.load("colour_train_seeds1337-1339.json")
+        m = t[KEY]["machine"]
+        seeds = ", ".join(f"{x['training_seconds']:.0f} s (seed {x['seed']})" for x in t["runs"])
+        return (f"{seeds}: {t['runs'][0]['steps']:,} steps each, on {m['cpu']} with {m['torch_threads']} threads "
+                f"(load average {m['load_average'][0]} when the seeds began)")
+    return figure(r, make)
+
+
 def tests_figure(r):
     """The test suite's count and time, as recorded by `python reproduce.py tests`."""
     t = r.load("tests.json")
@@ -324,7 +352,8 @@ def colour_psnr(r):
 
 RENDER = {"results": readme_results, "results_summary": results_summary, "colour": colour_summary,
           "colour_drawing": colour_drawing, "colour_accuracy": colour_accuracy,
-          "colour_psnr": colour_psnr, "colour_table": colour_table, "first_command": first_command, "tests": tests_figure, "fresh_clone": fresh_clone_figure}
+          "colour_psnr": colour_psnr, "colour_table": colour_table, "first_command": first_command, "colour_time": colour_time, "loadtest": loadtest_tables, "bench": bench_tables,
+          "tests": tests_figure, "fresh_clone": fresh_clone_figure}
 
 
 def render(kind, name, results):
