@@ -230,9 +230,10 @@ def colour_summary(r):
     facts = f(lambda: "Tokens: {sequence_length} per image; reconstructions of the test images at {test_psnr_db:.2f} dB "
                       "PSNR (training images {train_psnr_db:.2f} dB); {codes_used} of the codes used; every image a "
                       "distinct sequence: {distinct_share:.0%}.".format(**r.load(COLOUR_DATA)))
-    train = f(lambda: "Training: {:.0f} +- {:.0f} s per seed (2,832 steps).".format(
-        r.load("colour_train_seeds1337-1339.json")["training_seconds"]["mean"],
-        r.load("colour_train_seeds1337-1339.json")["training_seconds"]["std"]))
+    train = f(lambda: "Training: " + ", ".join(f"{x['training_seconds']:.0f} s" for x in
+                                               r.load("colour_train_seeds1337-1339.json")["runs"])
+              + f" for the three seeds ({r.load('colour_train_seeds1337-1339.json')['runs'][0]['steps']:,} steps each; "
+                "[performance](performance.md#the-colour-recipe)).")
     return f"{table}\n\n{facts} {train}" + provenance_note(r)
 
 
@@ -304,16 +305,20 @@ def colour_time(r):
 
 def tests_figure(r):
     """The test suite's count and time, as recorded by `python reproduce.py tests`."""
-    t = r.load("tests.json")
-    m, s = divmod(round(t["pytest_seconds"] or t["wall_seconds"]), 60)
-    return f"{t['tests']} tests in {m} min {s} s"
+    def make():
+        t = r.load("tests.json")
+        m, s = divmod(round(t["pytest_seconds"] or t["wall_seconds"]), 60)
+        return f"{t['tests']} tests in {m} min {s} s"
+    return figure(r, make)
 
 
 def fresh_clone_figure(r):
     """The README's first command from a fresh clone, as recorded by `python reproduce.py fresh_clone`."""
-    t = r.load("fresh_clone.json")
-    m, s = divmod(round(t["wall_seconds"]), 60)
-    return f"{m} min {s} s in all, of which training {t['training_seconds']} s"
+    def make():
+        t = r.load("fresh_clone.json")
+        m, s = divmod(round(t["wall_seconds"]), 60)
+        return f"{m} min {s} s in all, of which training {t['training_seconds']} s"
+    return figure(r, make)
 
 
 COLOUR_CANDIDATES = (   # record_parts.COLOUR_TABLE's candidates as the table names them
