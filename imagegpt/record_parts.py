@@ -217,6 +217,23 @@ def colour(ctx):
     return steps
 
 
+def colour_draw(ctx):
+    """The colour drawing setting chosen on the development split: config/colour.yaml with class-conditioned
+    copies of every training sequence (--cond_fraction 1.0), seed 1337, on the colour part's data; its test
+    accuracy and its drawings judged by the colour part's judge."""
+    images, data, run = ctx.of("colour", "data", "shapes-colour"), ctx.of("colour", "data", "colour-tok"), ctx.path("gpt")
+    quick = COLOUR_QUICK["train"] + TINY_MODEL if ctx.quick else ()
+    return [Step("train config/colour.yaml --cond_fraction 1.0",
+                 ("train.py", *colour_argv(ctx, "train", images=images, data=data), "--out_dir", run,
+                  "--cond_fraction", "1.0", *FP32, *quick)),
+            Step("evaluate it on the test split", ("eval.py", "--ckpt", os.path.join(run, "final"), *FP32,
+                                                   "--out", ctx.out("colour_draw_test_seed1337.json"))),
+            Step("its drawing report", ("eval.py", "generation", "--ckpt", os.path.join(run, "final"), "--judge",
+                                        ctx.of("colour", "judge"), *COLOUR["report"][6:], *FP32,
+                                        *(COLOUR_QUICK["report"] if ctx.quick else ()),
+                                        "--out", ctx.out("colour_draw_report_seed1337.json")))]
+
+
 def colour_table(ctx):
     """The colour tokenisation table: each candidate trained with config/colour.yaml's recipe and its changes
     (seed 1337) and scored on the development split, with its data folder's report (PSNR, tokens per image).
@@ -340,7 +357,10 @@ PARTS = [
          "the judged drawings (README, results.md, drawing.md)", 70,
          ("colour_test_seeds1337-1339.json", "colour_train_seeds1337-1339.json", "colour_data_report.json",
           "colour_baselines_seeds0-2.json", "colour_judge.json", "colour_drawing_report_seed1337.json"), colour,
-         ("data.py", *TRAIN, "baselines.py"), files=("config/colour.yaml",), keeps=("gpt", "data/shapes-colour", "data/colour-tok")),
+         ("data.py", *TRAIN, "baselines.py"), files=("config/colour.yaml",), keeps=("gpt", "data/shapes-colour", "data/colour-tok", "judge")),
+    Part("colour_draw", "the colour drawing setting (--cond_fraction 1.0): its test accuracy and judged drawings "
+         "(README, drawing.md)", 15, ("colour_draw_test_seed1337.json", "colour_draw_report_seed1337.json"), colour_draw,
+         TRAIN, files=("config/colour.yaml",), needs=("colour",)),
     Part("colour_table", "the colour tokenisation table on the development split (results.md)", 45,
          tuple(f"colour_table_{n}_{k}.json" for n, _ in COLOUR_TABLE for k in ("dev", "data")), colour_table,
          TRAIN, files=("config/colour.yaml",), needs=("colour",)),

@@ -157,13 +157,15 @@ def readme_results(r):
 COLOUR = ["colour_test_seeds1337-1339.json"]
 COLOUR_BASE = ["colour_baselines_seeds0-2.json"]
 COLOUR_DATA, COLOUR_DRAW = "colour_data_report.json", "colour_drawing_report_seed1337.json"
+COLOUR_DRAW_COND = "colour_draw_report_seed1337.json"     # the drawing setting: --cond_fraction 1.0
 GUIDANCE = "3.0"   # the drawing report's row shown: drawing.GUIDANCE, the default
 
 
 def colour_rows(r):
     """The colour rows of the README's table: the GPT against the CNN with the same copies, its drawings."""
     f = lambda make: figure(r, make)
-    judged = f(lambda: pct(r.load(COLOUR_DRAW)["scales"][GUIDANCE]["judge_accuracy"], 1))
+    judged = f(lambda: " / ".join(pct(r.load(n)["scales"][GUIDANCE]["judge_accuracy"], 1)
+                                  for n in (COLOUR_DRAW, COLOUR_DRAW_COND)))
     judge = f(lambda: pct(r.load(COLOUR_DRAW)["real"]["judge"]["accuracy"], 1))
     return [
         ("colour shapes (`config/colour.yaml`: 4 classes of random colours, shape apart from colour, 73 tokens; 400 test "
@@ -171,7 +173,7 @@ def colour_rows(r):
          f"{f(lambda: spread(r.per_checkpoint(COLOUR)))} / {f(lambda: spread(r.baseline(COLOUR_BASE, 'cnn')))}",
          "1337 to 1339 / 0 to 2"),
         (f"its drawings of a chosen class, judged the asked shape by a CNN trained on other shapes (which reads the real "
-         f"test shapes at {judge})", judged, "1337"),
+         f"test shapes at {judge}): the same model / trained with `--cond_fraction 1.0`", judged, "1337"),
     ]
 
 
@@ -240,6 +242,11 @@ def colour_summary(r):
 def colour_drawing(r):
     """docs/drawing.md's colour report: the judged drawings at each guidance scale, beside the judge's ceilings."""
     return figure(r, lambda: drawing_table(r, r.load(COLOUR_DRAW)))
+
+
+def colour_drawing_cond(r):
+    """docs/drawing.md's colour report of the drawing setting (--cond_fraction 1.0)."""
+    return figure(r, lambda: drawing_table(r, r.load(COLOUR_DRAW_COND)))
 
 
 def drawing_table(r, rep):
@@ -356,7 +363,7 @@ def colour_psnr(r):
 
 
 RENDER = {"results": readme_results, "results_summary": results_summary, "colour": colour_summary,
-          "colour_drawing": colour_drawing, "colour_accuracy": colour_accuracy,
+          "colour_drawing": colour_drawing, "colour_drawing_cond": colour_drawing_cond, "colour_accuracy": colour_accuracy,
           "colour_psnr": colour_psnr, "colour_table": colour_table, "first_command": first_command, "colour_time": colour_time, "loadtest": loadtest_tables, "bench": bench_tables,
           "tests": tests_figure, "fresh_clone": fresh_clone_figure}
 
