@@ -2,7 +2,7 @@
 the middle of a flood, and a client that disconnects.
 
     result = main("runs/demo/final", ServiceConfig(), ["throughput", "flood", "drain", "disconnect"])
-    print(report(result)); save("docs/results/service_load.json", result)
+    print(report(result)); save("loadtest.json", result)
 
 - throughput (run): the app served twice in a thread of this process, request batching off and on;
   `requests` /classify uploads and /generate requests from `clients` concurrent httpx clients.

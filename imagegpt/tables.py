@@ -32,7 +32,7 @@ NOT_RERUN = "not rerun yet"
 # result files the tables read that were written before result files carried their provenance (issue 36);
 # `python reproduce.py` writes them again with it (the part: record_parts.PARTS), then they leave this list
 MADE_BEFORE_PROVENANCE = {
-    "demo_test_fp32_seeds1337-1339.json", "demo_refit_test_tta16_seeds1337-1339.json",
+    "demo_refit_test_tta16_seeds1337-1339.json",
     "demo_refit_test_tta16_seeds1340-1342.json", "best_refit_test_tta16_seeds1337-1339.json",
     "best_refit_test_tta16_seeds1340-1342.json", "baselines_aug20_warp_seeds0-2.json",
     "baselines_aug20_warp_seeds3-5.json", "finetune_strokes50_tuned_dev_seeds1337-1339.json",
@@ -134,7 +134,7 @@ def readme_results(r):
     first = f(lambda: pct(r.per_checkpoint(DEMO3)["values"][0]))
     demo3 = f(lambda: spread(r.per_checkpoint(DEMO3)))
     rows = [
-        ("the first command (`config/demo.yaml`, `final/`), fp32 on the project machine",
+        ("the first command's model (`config/demo.yaml`, `final/`), trained in fp32 on the project machine",
          f"{first} ({demo3} over 3 seeds)", "1337 (to 1339)"),
         ("`config/demo.yaml` refitted on all 4,000 training digits, `eval.py --tta 16`",
          f(lambda: spread(r.per_checkpoint(DEMO_REFIT, "tta.accuracy"))), "1337 to 1342"),
@@ -310,22 +310,34 @@ def colour_time(r):
     return figure(r, make)
 
 
+def demo_fp32(r):
+    """The demo's test accuracy over its 3 fp32 seeds, each seed's figure beside it."""
+    def make():
+        d = r.per_checkpoint(DEMO3)
+        return f"{spread(d)} (3 seeds, fp32: {', '.join(num(v, 1) for v in d['values'])})"
+    return figure(r, make)
+
+
+def demo_time(r):
+    def make():
+        t = r.load("demo_train_fp32_seeds1337-1339.json")
+        secs = [x["training_seconds"] for x in t["runs"]]
+        return f"{min(secs):.0f} to {max(secs):.0f} s per seed ({t[KEY]['machine']['torch_threads']} threads)"
+    return figure(r, make)
+
+
 def tests_figure(r):
     """The test suite's count and time, as recorded by `python reproduce.py tests`."""
-    def make():
-        t = r.load("tests.json")
-        m, s = divmod(round(t["pytest_seconds"] or t["wall_seconds"]), 60)
-        return f"{t['tests']} tests in {m} min {s} s"
-    return figure(r, make)
+    t = r.load("tests.json")
+    m, s = divmod(round(t["pytest_seconds"] or t["wall_seconds"]), 60)
+    return f"{t['tests']} tests in {m} min {s} s"
 
 
 def fresh_clone_figure(r):
     """The README's first command from a fresh clone, as recorded by `python reproduce.py fresh_clone`."""
-    def make():
-        t = r.load("fresh_clone.json")
-        m, s = divmod(round(t["wall_seconds"]), 60)
-        return f"{m} min {s} s in all, of which training {t['training_seconds']} s"
-    return figure(r, make)
+    t = r.load("fresh_clone.json")
+    m, s = divmod(round(t["wall_seconds"]), 60)
+    return f"{m} min {s} s in all, of which training {t['training_seconds']} s"
 
 
 COLOUR_CANDIDATES = (   # record_parts.COLOUR_TABLE's candidates as the table names them
@@ -354,25 +366,22 @@ def candidates_table(r):
                     ("---",) + ("---:",) * 6, rows) + provenance_note(r)
 
 
-def colour_accuracy(r):
-    return spread(r.per_checkpoint(COLOUR))
-
-
-def colour_psnr(r):
-    return f"{r.load(COLOUR_DATA)['test_psnr_db']:.2f} dB"
-
-
 RENDER = {"results": readme_results, "results_summary": results_summary, "colour": colour_summary,
-          "colour_drawing": colour_drawing, "colour_drawing_cond": colour_drawing_cond, "colour_accuracy": colour_accuracy,
-          "colour_psnr": colour_psnr, "colour_table": colour_table, "first_command": first_command, "colour_time": colour_time, "loadtest": loadtest_tables, "bench": bench_tables,
-          "tests": tests_figure, "fresh_clone": fresh_clone_figure}
+          "colour_drawing": colour_drawing, "colour_drawing_cond": colour_drawing_cond, "colour_table": colour_table,
+          "colour_accuracy": lambda r: spread(r.per_checkpoint(COLOUR)),
+          "colour_psnr": lambda r: f"{r.load(COLOUR_DATA)['test_psnr_db']:.2f} dB", "colour_time": colour_time,
+          "first_command": first_command, "demo_fp32": demo_fp32, "demo_time": demo_time,
+          "demo_dev": lambda r: spread(r.load("demo_train_fp32_seeds1337-1339.json")["final_dev_accuracy"]),
+          "demo_perplexity": lambda r: "{mean:.2f} +- {std:.2f}".format(**r.per_checkpoint(DEMO3, "image_perplexity")),
+          "loadtest": loadtest_tables, "bench": bench_tables, "tests": tests_figure, "fresh_clone": fresh_clone_figure}
 
 
 def render(kind, name, results):
     """The text between the markers of table or figure NAME."""
     if name not in RENDER:
         raise UserError(f"{kind}:{name}: no such generated {kind} (tables.RENDER: {', '.join(RENDER)})")
-    text = RENDER[name](Results(results.folder, results.strict, results.before))   # its own note
+    own = Results(results.folder, results.strict, results.before)      # its own note
+    text = figure(own, lambda: RENDER[name](own))
     return f"\n{text}\n" if kind == "table" else text
 
 
