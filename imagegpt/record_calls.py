@@ -20,14 +20,19 @@ def at(path):
     return os.path.join(ROOT, path)
 
 
+def last_record(run):
+    """A run folder's last log.jsonl record (its final step, time and evaluation)."""
+    with open(at(os.path.join(run, "log.jsonl")), encoding="utf-8") as f:
+        return json.loads(f.read().splitlines()[-1])
+
+
 def training_summary(run, out):
     """A run folder of `train.py --seeds` -> out: each seed's steps, training seconds and development
     accuracy of final/ (from its log.jsonl and the run's seeds.json), with seeds.json's provenance."""
     seeds = read_json(at(os.path.join(run, "seeds.json")), "seeds.json")
     rows = []
     for r in seeds["runs"]:
-        with open(at(os.path.join(r["out_dir"], "log.jsonl")), encoding="utf-8") as f:
-            last = json.loads(f.read().splitlines()[-1])
+        last = last_record(r["out_dir"])
         rows.append({"seed": r["seed"], "steps": last["step"], "training_seconds": round(last["time"], 1),
                      "final_dev_accuracy": r["final_dev_accuracy"]})
     write_json(at(out), {"runs": rows, "training_seconds": seed_summary([r["training_seconds"] for r in rows]),
@@ -40,8 +45,7 @@ def data_report(data, out, command, run=None):
     its steps and training seconds (from its log.jsonl)."""
     report = read_json(at(os.path.join(data, "report.json")), "report.json")
     if run:
-        with open(at(os.path.join(run, "log.jsonl")), encoding="utf-8") as f:
-            last = json.loads(f.read().splitlines()[-1])
+        last = last_record(run)
         report["training"] = {"steps": last["step"], "seconds": round(last["time"], 1)}
     write_json(at(out), {**report, KEY: record(command=command)})
 

@@ -159,6 +159,7 @@ def finetune(ctx):
 COLOUR_DATA = ("--image_size", "32", "--channels", "3", "--patch_size", "4", "--num_codes", "1000", "--palette", "128",
                "--w_gradient", "0", "--dev_fraction", "0.1", "--augment", "6", "--permute_colours", "true",
                "--max_rotate", "15")
+REPORT_SIZE = ("--per_class", "100")      # drawings per class and scale of the colour drawing reports
 COLOUR = {
     "images": ("data.py", "shapes", "{images}", "--kind", "colour", "--per_class", "500"),
     "train": ("config/colour.yaml", "--source", "folder:{images}", "--data_dir", "{data}"),
@@ -167,7 +168,7 @@ COLOUR = {
     "judge": ("baselines.py", "--source", "folder:{judge_images}", *COLOUR_DATA[:10], "--augment", "2",
               "--permute_colours", "true", "--max_rotate", "15", "--dev_fraction", "0.05", "--seeds", "1",
               "--save_judge", "{judge}"),
-    "report": ("eval.py", "generation", "--ckpt", "{run}/seed-1337/final", "--judge", "{judge}", "--per_class", "100"),
+    "report": ("eval.py", "generation", "--ckpt", "{run}/seed-1337/final", "--judge", "{judge}", *REPORT_SIZE),
 }
 COLOUR_QUICK = {"images": ("--per_class", "40"), "judge_images": ("--per_class", "40"),
                 "train": ("--num_codes", "16", "--palette", "8", "--fit_samples", "3000", "--kmeans_iters", "2"),
@@ -229,7 +230,7 @@ def colour_draw(ctx):
             Step("evaluate it on the test split", ("eval.py", "--ckpt", os.path.join(run, "final"), *FP32,
                                                    "--out", ctx.out("colour_draw_test_seed1337.json"))),
             Step("its drawing report", ("eval.py", "generation", "--ckpt", os.path.join(run, "final"), "--judge",
-                                        ctx.of("colour", "judge"), *COLOUR["report"][6:], *FP32,
+                                        ctx.of("colour", "judge"), *REPORT_SIZE, *FP32,
                                         *(COLOUR_QUICK["report"] if ctx.quick else ()),
                                         "--out", ctx.out("colour_draw_report_seed1337.json")))]
 
