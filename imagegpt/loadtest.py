@@ -20,6 +20,7 @@ the middle of a flood, and a client that disconnects.
 """
 import asyncio
 import contextlib
+import gc
 import io
 import os
 import shlex
@@ -191,23 +192,24 @@ async def crowd(url, clients, requests, count, stop_on_refused_connection=False)
     each, waiting out each refusal's Retry-After (capped) -> a list of (status or error name, seconds)."""
     out = []
 
-    async def client(i, n):
-        async with client_at(url, f"127.0.0.{2 + i}") as c:
-            for _ in range(n):
-                t0 = time.perf_counter()
-                try:
-                    r = await c.post("/generate", json={"count": count, "top_p": 0.9})
-                except httpx.HTTPError as e:
-                    out.append((type(e).__name__, time.perf_counter() - t0))
-                    if stop_on_refused_connection and isinstance(e, httpx.ConnectError):
-                        return          # the service has stopped listening
-                    continue
-                out.append((r.status_code, time.perf_counter() - t0))
-                if r.status_code == 503:
-                    await asyncio.sleep(min(RETRY_AFTER_CAP, float(r.headers.get("retry-after", 1))))
+    async def client(c, n):
+        for _ in range(n):
+            t0 = time.perf_counter()
+            try:
+                r = await c.post("/generate", json={"count": count, "top_p": 0.9})
+            except httpx.HTTPError as e:
+                out.append((type(e).__name__, time.perf_counter() - t0))
+                if stop_on_refused_connection and isinstance(e, httpx.ConnectError):
+                    return          # the service has stopped listening
+                continue
+            out.append((r.status_code, time.perf_counter() - t0))
+            if r.status_code == 503:
+                await asyncio.sleep(min(RETRY_AFTER_CAP, float(r.headers.get("retry-after", 1))))
 
     share = [requests // clients + (i < requests % clients) for i in range(clients)]
-    await asyncio.gather(*(client(i, n) for i, n in enumerate(share) if n))
+    async with contextlib.AsyncExitStack() as stack:     # every client opened before the first request
+        opened = [await stack.enter_async_context(client_at(url, f"127.0.0.{2 + i}")) for i in range(clients)]
+        await asyncio.gather(*(client(c, n) for c, n in zip(opened, share) if n))
     return out
 
 
@@ -226,7 +228,7 @@ def flood(ckpt, cfg, size, where, changes=None):
         health, rss_peak = [], [0.0]
 
         async def probe(done):
-            async with httpx.AsyncClient(base_url=srv.url, timeout=REQUEST_TIMEOUT) as c:
+            async with client_at(srv.url, "127.0.0.1") as c:
                 while not done.is_set():
                     t0 = time.perf_counter()
                     await c.get("/healthz")
@@ -357,6 +359,8 @@ def main(ckpt, cfg, scenarios, quick=False, load=(32, 256), where=None):
     """Run the chosen scenarios -> a result dict (figures and provenance) for report() and save(). load:
     (clients, requests) of the throughput scenario; where: how serve.py runs the model (served.Where)."""
     where = where or Where()
+    gc.freeze()     # the load generator's own collector: what is loaded (torch) is never garbage, and a full
+    #                 collection over it (~80 ms) would count as the service's latency
     size = QUICK if quick else Crowd()
     changes = QUICK_QUEUE if quick else {}
     facts = {"model_threads": where.threads or torch.get_num_threads(), "device": str(where.device),
