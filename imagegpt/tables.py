@@ -22,6 +22,7 @@ from imagegpt.errors import UserError
 from imagegpt.files import read_json, write_text
 from imagegpt.provenance import KEY, ROOT
 from imagegpt.record_parts import PARTS
+from imagegpt.record_table import record_runs
 from imagegpt.stats import seed_summary
 
 RESULTS = os.path.join(ROOT, "docs", "results")
@@ -373,7 +374,8 @@ RENDER = {"results": readme_results, "results_summary": results_summary, "colour
           "first_command": first_command, "demo_fp32": demo_fp32, "demo_time": demo_time,
           "demo_dev": lambda r: spread(r.load("demo_train_fp32_seeds1337-1339.json")["final_dev_accuracy"]),
           "demo_perplexity": lambda r: "{mean:.2f} +- {std:.2f}".format(**r.per_checkpoint(DEMO3, "image_perplexity")),
-          "loadtest": loadtest_tables, "bench": bench_tables, "tests": tests_figure, "fresh_clone": fresh_clone_figure}
+          "loadtest": loadtest_tables, "bench": bench_tables, "tests": tests_figure, "fresh_clone": fresh_clone_figure,
+          "record_runs": record_runs}
 
 
 def render(kind, name, results):

@@ -150,6 +150,23 @@ def test_the_tests_figure_comes_from_its_file(tmp_path):
     assert "no such generated" in tables.check_text("<!-- table:nope -->x<!-- /table:nope -->", r)[0]
 
 
+def test_the_record_runs_table_reads_each_parts_last_run_from_its_files(tmp_path):
+    stamp = {"part": "bench", "quick": False, "finished": "2026-12-07T04:51:29+00:00", "part_seconds": 262.5}
+    prov = provenance.with_provenance({"x": 1}, command="python bench.py")
+    prov[provenance.KEY]["record"] = stamp
+    write_json(tmp_path / "bench_cpu.json", prov)
+    quick = json.loads(json.dumps(prov))
+    quick[provenance.KEY]["record"] = {**stamp, "part": "loadtest", "quick": True}
+    write_json(tmp_path / "loadtest.json", quick)                      # a quick run is not the record's
+    write_json(tmp_path / "scale.json", {"x": 1})                      # no provenance
+    text = tables.render("table", "record_runs", tables.Results(str(tmp_path), strict=True, before=set()))
+    rows = {line.split(" | ")[0].strip("| `"): line for line in text.splitlines() if line.startswith("| `")}
+    assert len(rows) == len(record_parts.PARTS)
+    assert "2026-12-07 04:51 UTC | 4.4 min | `" + prov[provenance.KEY]["commit"][:7] + "`" in rows["bench"]
+    assert all("not rerun yet" in rows[name] for name in ("loadtest", "scale", "demo"))
+    assert f"1 of {len(record_parts.PARTS)} parts run" in text and "4.4 min of wall time in all" in text
+
+
 # ----------------------------------------------------------------------------- the record's runner
 
 WRITE = ("-c", "import sys; from imagegpt.provenance import write_result; "
