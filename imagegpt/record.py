@@ -266,10 +266,10 @@ def run_step(part, step, logf, tick_bar):
         except UserError as e:
             raise UserError(f"part {part.name}: {step.what}: {e}") from None
         return
-    logf.write("$ python " + " ".join(step.argv) + "\n")
+    logf.write("$ " + "".join(f"{k}={v} " for k, v in step.env) + "python " + " ".join(step.argv) + "\n")
     logf.flush()
     proc = subprocess.Popen([sys.executable, *step.argv], cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **dict(step.env)})
     while True:
         try:
             rc = proc.wait(timeout=1)

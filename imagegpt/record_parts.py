@@ -16,11 +16,12 @@ class Step:
     argv: tuple = ()
     call: object = None
     kwargs: dict = field(default_factory=dict)
+    env: tuple = ()           # (name, value) pairs set for the command, e.g. the kernels' ISA capped
 
     def settings(self):
         """What the step does, for the part's settings hash."""
         if self.call is None:
-            return [self.what, [str(a) for a in self.argv]]
+            return [self.what, [str(a) for a in self.argv]] + ([[list(e) for e in self.env]] if self.env else [])
         return [self.what, f"{self.call.__module__}.{self.call.__name__}", canonical(self.kwargs)]
 
 
@@ -282,9 +283,17 @@ BENCH_TINY = ("--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size
               "--warmup", "1", "--device", "cpu", "--only", "train,sample,kmeans")
 
 
+AVX2 = (("ATEN_CPU_CAPABILITY", "avx2"), ("ONEDNN_MAX_CPU_ISA", "AVX2"))   # torch's and oneDNN's kernels capped
+
+
 def bench(ctx):
-    return [Step("bench.py, one thread", ("bench.py", "--threads", "1", *(BENCH_TINY if ctx.quick else ()),
-                                          "--json", ctx.out("bench_cpu.json")))]
+    """The benchmark at one thread, the CPU as it is and its kernels capped to AVX2, and the threads table."""
+    tiny = BENCH_TINY if ctx.quick else ()
+    return [Step("bench.py, one thread", ("bench.py", "--threads", "1", *tiny, "--json", ctx.out("bench_cpu.json"))),
+            Step("bench.py, one thread, kernels capped to AVX2", ("bench.py", "--threads", "1", *tiny, "--json",
+                                                                  ctx.out("bench_cpu_avx2.json")), env=AVX2),
+            Step("bench.py --only threads", ("bench.py", "--only", "threads", *(("--quick",) if ctx.quick else ()),
+                                             "--json", ctx.out("bench_threads.json")))]
 
 
 def web_bench(ctx):
@@ -369,7 +378,8 @@ PARTS = [
          ("export_parity.json", "export_eval_torch.json", "export_eval_onnx.json", "export_eval_onnx_int8.json",
           "export_client.json"), export, ("hf_export.py", "eval.py"), modules=("imagegpt.client_parity",),
          needs=("demo",)),
-    Part("bench", "the benchmark against transformers and scikit-learn (performance.md)", 6, ("bench_cpu.json",), bench,
+    Part("bench", "the benchmark against transformers and scikit-learn, also with AVX2 kernels, and the threads "
+         "table (performance.md)", 15, ("bench_cpu.json", "bench_cpu_avx2.json", "bench_threads.json"), bench,
          ("bench.py",)),
     Part("web_bench", "the page in Chromium against serve.py (performance.md, in the browser)", 3, ("web_bench.json",),
          web_bench, ("bench.py",), files=("static/*", "package-lock.json"), needs=("demo",)),

@@ -292,12 +292,10 @@ def loadtest_tables(r):
     return figure(r, make)
 
 
-def bench_tables(r):
+def bench_tables(r, name="bench_cpu.json"):
     """docs/performance.md's benchmark, as `bench.py` prints it (with the machine and the kernels that ran)."""
-    def make():
-        from imagegpt.bench_report import format_report
-        return format_report(r.load("bench_cpu.json"))
-    return figure(r, make)
+    from imagegpt.bench_report import format_report
+    return figure(r, lambda: format_report(r.load(name)))
 
 
 def colour_time(r):
@@ -375,7 +373,8 @@ RENDER = {"results": readme_results, "results_summary": results_summary, "colour
           "demo_dev": lambda r: spread(r.load("demo_train_fp32_seeds1337-1339.json")["final_dev_accuracy"]),
           "demo_perplexity": lambda r: "{mean:.2f} +- {std:.2f}".format(**r.per_checkpoint(DEMO3, "image_perplexity")),
           "loadtest": loadtest_tables, "bench": bench_tables, "tests": tests_figure, "fresh_clone": fresh_clone_figure,
-          "record_runs": record_runs}
+          "bench_avx2": lambda r: bench_tables(r, "bench_cpu_avx2.json"), "record_runs": record_runs,
+          "bench_threads": lambda r: bench_tables(r, "bench_threads.json")}
 
 
 def render(kind, name, results):
