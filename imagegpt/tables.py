@@ -321,7 +321,8 @@ def demo_time(r):
     def make():
         t = r.load("demo_train_fp32_seeds1337-1339.json")
         secs = [x["training_seconds"] for x in t["runs"]]
-        return f"{min(secs):.0f} to {max(secs):.0f} s per seed ({t[KEY]['machine']['torch_threads']} threads)"
+        span = f"{min(secs):.0f}" + (f" to {max(secs):.0f}" if round(min(secs)) != round(max(secs)) else "")
+        return f"{span} s per seed ({t[KEY]['machine']['torch_threads']} threads)"
     return figure(r, make)
 
 
