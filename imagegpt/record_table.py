@@ -21,7 +21,8 @@ def last_run(results, part):
         raise Unrun()
     m = prov.get("machine", {})
     threads = m.get("torch_threads")
-    machine = f"{m.get('cpu', '?')}, {m.get('cpu_count', '?')} cores" + (f", {threads} thread{'s' * (threads > 1)}" if threads else "")
+    machine = f"{m.get('cpu', '?')}, {m.get('cpu_count', '?')} cores" + \
+        (f", {threads} thread{'s' * (threads > 1)}" if threads else "")
     return prov["record"]["finished"][:16].replace("T", " "), prov["record"]["part_seconds"], prov["commit"][:7], machine
 
 

@@ -22,6 +22,7 @@ from imagegpt.errors import UserError
 from imagegpt.files import read_json, write_text
 from imagegpt.provenance import KEY, ROOT
 from imagegpt.record_parts import PARTS
+from imagegpt.export_report import export_parity
 from imagegpt.record_table import record_runs
 from imagegpt.stats import seed_summary
 
@@ -33,11 +34,9 @@ NOT_RERUN = "not rerun yet"
 # result files the tables read that were written before result files carried their provenance (issue 36);
 # `python reproduce.py` writes them again with it (the part: record_parts.PARTS), then they leave this list
 MADE_BEFORE_PROVENANCE = {
-    "demo_refit_test_tta16_seeds1337-1339.json",
-    "demo_refit_test_tta16_seeds1340-1342.json", "best_refit_test_tta16_seeds1337-1339.json",
-    "best_refit_test_tta16_seeds1340-1342.json", "baselines_aug20_warp_seeds0-2.json",
-    "baselines_aug20_warp_seeds3-5.json", "finetune_strokes50_tuned_dev_seeds1337-1339.json",
-    "finetune_strokes50_scratch_dev_seeds1337-1339.json",
+    "demo_refit_test_tta16_seeds1337-1339.json", "demo_refit_test_tta16_seeds1340-1342.json",
+    "baselines_aug20_warp_seeds0-2.json", "baselines_aug20_warp_seeds3-5.json",
+    "finetune_strokes50_tuned_dev_seeds1337-1339.json", "finetune_strokes50_scratch_dev_seeds1337-1339.json",
 }
 
 
@@ -187,8 +186,9 @@ def results_summary(r):
          f"**{f(lambda: spread(r.per_checkpoint(BEST[:1], 'tta.accuracy')))}** "
          f"(six seeds: {f(lambda: spread(r.per_checkpoint(BEST, 'tta.accuracy')))})",
          "1337 to 1339 (1337 to 1342)",
-         "`python train.py config/best.yaml --dev_fraction 0 --data_dir data/mnist5k-aug20el15-k1000 --out_dir "
-         "runs/best_all --seeds 3`, then `python eval.py --ckpt runs/best_all/seed-*/final --tta 16`",
+         "`python reproduce.py best`: `python train.py config/best.yaml --dev_fraction 0 --data_dir "
+         "data/mnist5k-aug20el15-k1000 --out_dir runs/best_all --seeds 3 --bf16 false` (and `--seed 1340`), then "
+         "`python eval.py --ckpt runs/best_all/seed-*/final --tta 16`",
          "[With six layers](#with-six-layers)"),
         ("`config/demo.yaml` refitted on all 4,000 training digits (110 to 112 s of training on 2 threads), "
          "`eval.py --tta 16`", f(lambda: spread(r.per_checkpoint(DEMO_REFIT, "tta.accuracy"))), "1337 to 1342",
@@ -375,7 +375,7 @@ RENDER = {"results": readme_results, "results_summary": results_summary, "colour
           "demo_perplexity": lambda r: "{mean:.2f} +- {std:.2f}".format(**r.per_checkpoint(DEMO3, "image_perplexity")),
           "loadtest": loadtest_tables, "bench": bench_tables, "tests": tests_figure, "fresh_clone": fresh_clone_figure,
           "bench_avx2": lambda r: bench_tables(r, "bench_cpu_avx2.json"), "record_runs": record_runs,
-          "bench_threads": lambda r: bench_tables(r, "bench_threads.json")}
+          "bench_threads": lambda r: bench_tables(r, "bench_threads.json"), "export_parity": export_parity}
 
 
 def render(kind, name, results):
