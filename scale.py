@@ -32,6 +32,7 @@ from imagegpt.data_config import DataConfig
 from imagegpt.errors import UserError
 from imagegpt.files import check_dir, check_file
 from imagegpt.provenance import write_result
+from imagegpt.scale_report import table
 from imagegpt.measure import status_kb
 from imagegpt.sources import load_builtin, write_idx
 from tokenizer import uint8_to_tensor
@@ -120,17 +121,6 @@ def measure(n, work, steps, repeats, log):
             "seconds_prepare_report": rep["seconds_total"], "first_step_seconds": round(first, 2),
             "before_loop_seconds": round(start, 2), "probes": [[round(v, 2) for v in p] for p in probes],
             "peak_rss_mib": round(rss, 1), "load_average_before": round(load, 2)}
-
-
-def table(rows, steps):
-    out = ["| images | prepare (wall) | tokenised images/s | reading share | k-means fit | first training step | "
-           f"of which before the loop | training peak RSS ({steps} steps) |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        out.append(f"| {r['images']:,} | {r['prepare_seconds']} s | {r['images_per_second']:,} | "
-                   f"{100 * r['read_share']:.1f} % | {r['seconds_fit']} s | {r['first_step_seconds']} s | "
-                   f"{r['before_loop_seconds']} s | "
-                   f"{r['peak_rss_mib']:.0f} MiB |")
-    return "\n".join(out)
 
 
 def build_parser():

@@ -206,10 +206,9 @@ async def crowd(url, clients, requests, count, stop_on_refused_connection=False)
             if r.status_code == 503:
                 await asyncio.sleep(min(RETRY_AFTER_CAP, float(r.headers.get("retry-after", 1))))
 
-    share = [requests // clients + (i < requests % clients) for i in range(clients)]
     async with contextlib.AsyncExitStack() as stack:     # every client opened before the first request
         opened = [await stack.enter_async_context(client_at(url, f"127.0.0.{2 + i}")) for i in range(clients)]
-        await asyncio.gather(*(client(c, n) for c, n in zip(opened, share) if n))
+        await asyncio.gather(*(client(c, requests // clients + (i < requests % clients)) for i, c in enumerate(opened)))
     return out
 
 
@@ -359,8 +358,7 @@ def main(ckpt, cfg, scenarios, quick=False, load=(32, 256), where=None):
     """Run the chosen scenarios -> a result dict (figures and provenance) for report() and save(). load:
     (clients, requests) of the throughput scenario; where: how serve.py runs the model (served.Where)."""
     where = where or Where()
-    gc.freeze()     # the load generator's own collector: what is loaded (torch) is never garbage, and a full
-    #                 collection over it (~80 ms) would count as the service's latency
+    gc.freeze()     # torch's objects are never garbage: a full collection over them (~80 ms) is not the service's
     size = QUICK if quick else Crowd()
     changes = QUICK_QUEUE if quick else {}
     facts = {"model_threads": where.threads or torch.get_num_threads(), "device": str(where.device),

@@ -24,6 +24,7 @@ from imagegpt.provenance import KEY, ROOT
 from imagegpt.record_parts import PARTS
 from imagegpt.export_report import export_parity
 from imagegpt.record_table import record_runs
+from imagegpt.scale_report import report as scale_report
 from imagegpt.stats import seed_summary
 
 RESULTS = os.path.join(ROOT, "docs", "results")
@@ -272,15 +273,11 @@ def first_command(r):
         m = fresh[KEY]["machine"]
         dtype = "bf16" if {"avx512_bf16", "amx_tile"} & set(m["cpu_flags"]) else "fp32"
         isa = "AVX-512" if "avx512f" in m["cpu_flags"] else "AVX2" if "avx2" in m["cpu_flags"] else "SSE"
+        d = r.load(DEMO3[0])[KEY]["machine"]
         return (f"{fresh['accuracy_printed']:.2f} % on {m['cpu']} ({isa}, {m['cores_available']} cores, {dtype}); "
                 f"in fp32 over three seeds, {spread(demo)} (seed 1337: {pct(demo['values'][0])}; "
-                f"{demo_machine(r)})")
+                f"{d['cpu']}, {d['torch_threads']} threads)")
     return figure(r, make)
-
-
-def demo_machine(r):
-    m = r.load(DEMO3[0])[KEY]["machine"]
-    return f"{m['cpu']}, {m['torch_threads']} threads"
 
 
 def loadtest_tables(r):
@@ -375,7 +372,9 @@ RENDER = {"results": readme_results, "results_summary": results_summary, "colour
           "demo_perplexity": lambda r: "{mean:.2f} +- {std:.2f}".format(**r.per_checkpoint(DEMO3, "image_perplexity")),
           "loadtest": loadtest_tables, "bench": bench_tables, "tests": tests_figure, "fresh_clone": fresh_clone_figure,
           "bench_avx2": lambda r: bench_tables(r, "bench_cpu_avx2.json"), "record_runs": record_runs,
-          "bench_threads": lambda r: bench_tables(r, "bench_threads.json"), "export_parity": export_parity}
+          "bench_threads": lambda r: bench_tables(r, "bench_threads.json"), "export_parity": export_parity,
+          "web_bench": lambda r: bench_tables(r, "web_bench.json"),
+          "scale": lambda r: scale_report(r.load("scale.json"))}
 
 
 def render(kind, name, results):

@@ -86,11 +86,11 @@ def test_the_generated_tables_are_what_their_result_files_give():
     assert tables.check() == []
     readme, results = page("README.md"), page("docs/results.md")
     assert "<!-- table:results -->" in readme and "<!-- table:results_summary -->" in results
-    assert "**98.97 +- 0.06 %**" in tables.render("table", "results", tables.Results())
+    assert "**98.80 +- 0.17 %**" in tables.render("table", "results", tables.Results())
 
 
 @pytest.mark.parametrize("name, old, new", [
-    ("README.md", "| **98.97 +- 0.06 %** |", "| **98.98 +- 0.06 %** |"),
+    ("README.md", "| **98.80 +- 0.17 %** |", "| **98.81 +- 0.17 %** |"),
     ("README.md", "96.90 % (97.13", "96.80 % (97.13"),
     ("docs/results.md", "95.2 / 90.4 / 94.7 %", "95.2 / 90.5 / 94.7 %"),
 ])
@@ -121,11 +121,11 @@ def test_a_missing_file_or_one_without_provenance_fails(tmp_path):
     assert tables.check_text(readme, strict()) == []
     problems = tables.check_text(readme, strict(before=set()))                   # not listed: not shown
     assert len(problems) == 1 and "has no provenance" in problems[0]
-    os.remove(os.path.join(folder, "best_refit_test_tta16_seeds1337-1339.json"))
+    os.remove(os.path.join(folder, "demo_refit_test_tta16_seeds1337-1339.json"))
     problems = tables.check_text(readme, strict())
-    assert len(problems) == 1 and "best_refit_test_tta16_seeds1337-1339.json: no such result file" in problems[0]
+    assert len(problems) == 1 and "demo_refit_test_tta16_seeds1337-1339.json: no such result file" in problems[0]
     rewritten = tables.rewrite_text(readme, tables.Results(folder, False))
-    assert f"**{tables.NOT_RERUN}**" in rewritten and tables.check_text(rewritten, strict())   # shown, and still failing
+    assert rewritten.count(tables.NOT_RERUN) > readme.count(tables.NOT_RERUN) and tables.check_text(rewritten, strict())
     stale = tables.check(pages=[os.path.join(ROOT, "README.md")], folder=folder)
     assert any("no such file" in p for p in stale)
 
