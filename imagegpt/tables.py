@@ -36,7 +36,6 @@ NOT_RERUN = "not rerun yet"
 # `python reproduce.py` writes them again with it (the part: record_parts.PARTS), then they leave this list
 MADE_BEFORE_PROVENANCE = {
     "demo_refit_test_tta16_seeds1337-1339.json", "demo_refit_test_tta16_seeds1340-1342.json",
-    "baselines_aug20_warp_seeds0-2.json", "baselines_aug20_warp_seeds3-5.json",
     "finetune_strokes50_tuned_dev_seeds1337-1339.json", "finetune_strokes50_scratch_dev_seeds1337-1339.json",
 }
 
