@@ -35,7 +35,6 @@ NOT_RERUN = "not rerun yet"
 # result files the tables read that were written before result files carried their provenance (issue 36);
 # `python reproduce.py` writes them again with it (the part: record_parts.PARTS), then they leave this list
 MADE_BEFORE_PROVENANCE = {
-    "demo_refit_test_tta16_seeds1337-1339.json", "demo_refit_test_tta16_seeds1340-1342.json",
     "finetune_strokes50_tuned_dev_seeds1337-1339.json", "finetune_strokes50_scratch_dev_seeds1337-1339.json",
 }
 
@@ -123,6 +122,7 @@ def provenance_note(results):
 
 DEMO3 = ["demo_test_fp32_seeds1337-1339.json"]
 DEMO_REFIT = ["demo_refit_test_tta16_seeds1337-1339.json", "demo_refit_test_tta16_seeds1340-1342.json"]
+DEMO_REFIT_TRAIN = ["demo_refit_train_seeds1337-1339.json", "demo_refit_train_seeds1340-1342.json"]
 BEST = ["best_refit_test_tta16_seeds1337-1339.json", "best_refit_test_tta16_seeds1340-1342.json"]
 WARP = ["baselines_aug20_warp_seeds0-2.json", "baselines_aug20_warp_seeds3-5.json"]
 FINETUNE50 = ["finetune_strokes50_tuned_dev_seeds1337-1339.json", "finetune_strokes50_scratch_dev_seeds1337-1339.json"]
@@ -190,10 +190,11 @@ def results_summary(r):
          "data/mnist5k-aug20el15-k1000 --out_dir runs/best_all --seeds 3 --bf16 false` (and `--seed 1340`), then "
          "`python eval.py --ckpt runs/best_all/seed-*/final --tta 16`",
          "[With six layers](#with-six-layers)"),
-        ("`config/demo.yaml` refitted on all 4,000 training digits (110 to 112 s of training on 2 threads), "
+        (f"`config/demo.yaml` refitted on all 4,000 training digits ({train_time(r, DEMO_REFIT_TRAIN)} of training), "
          "`eval.py --tta 16`", f(lambda: spread(r.per_checkpoint(DEMO_REFIT, "tta.accuracy"))), "1337 to 1342",
-         "`python train.py config/demo.yaml --dev_fraction 0 --data_dir data/mnist5k-aug6 --out_dir runs/demo_all "
-         "--seeds 3`, then `python eval.py --ckpt runs/demo_all/seed-*/final --tta 16`",
+         "`python reproduce.py demo_refit`: `python train.py config/demo.yaml --dev_fraction 0 --data_dir "
+         "data/mnist5k-aug6 --out_dir runs/demo_all --seeds 3 --bf16 false` (and `--seed 1340`), then "
+         "`python eval.py --ckpt runs/demo_all/seed-*/final --tta 16`",
          "[Refitted](#refitted-on-all-4000-training-digits)"),
         ("`config/demo.yaml`, the first command's configuration (3,600 training digits, `final/`, no test-time "
          "augmentation), fp32",
@@ -313,12 +314,13 @@ def demo_fp32(r):
     return figure(r, make)
 
 
-def demo_time(r):
+def train_time(r, names=("demo_train_fp32_seeds1337-1339.json",)):
+    """The training seconds per seed of training summaries, as 'N to M s per seed (T threads)'."""
     def make():
-        t = r.load("demo_train_fp32_seeds1337-1339.json")
-        secs = [x["training_seconds"] for x in t["runs"]]
+        runs = [(x, r.load(n)[KEY]["machine"]["torch_threads"]) for n in names for x in r.load(n)["runs"]]
+        secs = [x["training_seconds"] for x, _ in runs]
         span = f"{min(secs):.0f}" + (f" to {max(secs):.0f}" if round(min(secs)) != round(max(secs)) else "")
-        return f"{span} s per seed ({t[KEY]['machine']['torch_threads']} threads)"
+        return f"{span} s per seed ({'/'.join(sorted({str(t) for _, t in runs}))} threads)"
     return figure(r, make)
 
 
@@ -366,7 +368,7 @@ RENDER = {"results": readme_results, "results_summary": results_summary, "colour
           "colour_drawing": colour_drawing, "colour_drawing_cond": colour_drawing_cond, "colour_table": colour_table,
           "colour_accuracy": lambda r: spread(r.per_checkpoint(COLOUR)),
           "colour_psnr": lambda r: f"{r.load(COLOUR_DATA)['test_psnr_db']:.2f} dB", "colour_time": colour_time,
-          "first_command": first_command, "demo_fp32": demo_fp32, "demo_time": demo_time,
+          "first_command": first_command, "demo_fp32": demo_fp32, "demo_time": train_time,
           "demo_dev": lambda r: spread(r.load("demo_train_fp32_seeds1337-1339.json")["final_dev_accuracy"]),
           "demo_perplexity": lambda r: "{mean:.2f} +- {std:.2f}".format(**r.per_checkpoint(DEMO3, "image_perplexity")),
           "loadtest": loadtest_tables, "bench": bench_tables, "tests": tests_figure, "fresh_clone": fresh_clone_figure,
