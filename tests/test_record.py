@@ -121,9 +121,9 @@ def test_a_missing_file_or_one_without_provenance_fails(tmp_path):
     assert tables.check_text(readme, strict()) == []
     problems = tables.check_text(readme, strict(before=set()))                   # not listed: not shown
     assert len(problems) == 1 and "has no provenance" in problems[0]
-    os.remove(os.path.join(folder, "demo_refit_test_tta16_seeds1337-1339.json"))
+    os.remove(os.path.join(folder, "finetune_strokes50_tuned_dev_seeds1337-1339.json"))
     problems = tables.check_text(readme, strict())
-    assert len(problems) == 1 and "demo_refit_test_tta16_seeds1337-1339.json: no such result file" in problems[0]
+    assert len(problems) == 1 and "finetune_strokes50_tuned_dev_seeds1337-1339.json: no such result file" in problems[0]
     rewritten = tables.rewrite_text(readme, tables.Results(folder, False))
     assert rewritten.count(tables.NOT_RERUN) > readme.count(tables.NOT_RERUN) and tables.check_text(rewritten, strict())
     stale = tables.check(pages=[os.path.join(ROOT, "README.md")], folder=folder)
