@@ -107,6 +107,13 @@ def demo14(ctx):
                    ("--tta", str(ctx.pick(16, 2))), train_out="demo_aug14_refit_train_seeds1337-1339.json")
 
 
+def tokenisation(ctx):
+    """docs/data.md's tokenisation table: each patch size and feature setting, fitted and measured on the
+    development split (baselines.py --tokenisation)."""
+    return [Step("baselines.py --tokenisation", ("baselines.py", "--tokenisation", *(("--quick",) if ctx.quick else ()),
+                                                 "--out", ctx.out("tokenisation.json")))]
+
+
 def baselines(runs):
     """baselines.py runs: [(result file, arguments)]; the first one also saves the judge CNN."""
     def steps(ctx):
@@ -135,11 +142,14 @@ def drawing(config, name, n, report):
     return steps
 
 
+FINETUNE = ((50, 63, 10), (200, 250, 4))     # pen strokes: training images per class, drawn per class, epochs
+
+
 def finetune(ctx):
     """docs/results.md "Fine-tuning on other images": the demo model (seed 1337) fine-tuned onto pen
     strokes, 50 and 200 per class, against the same from scratch."""
     start, out, n = ctx.of("demo", "demo3", "seed-1337", "final"), [], ctx.pick(3, 2)
-    for per_class, drawn, epochs in ((50, 63, 10), (200, 250, 4)):
+    for per_class, drawn, epochs in FINETUNE:
         images = ctx.path("data", f"strokes-{per_class}")
         out.append(Step(f"draw {drawn} pen-stroke figures per class",
                         ("data.py", "shapes", images, "--kind", "strokes", "--per_class", str(ctx.pick(drawn, 12)),
@@ -352,6 +362,8 @@ PARTS = [
          baselines([("baselines_aug20_warp_seeds0-2.json", ("--seeds", "3", "--augment", "20", "--max_elastic", "1.5")),
                     ("baselines_aug20_warp_seeds3-5.json", ("--seeds", "3", "--first_seed", "3", "--augment", "20",
                                                             "--max_elastic", "1.5"))]), ("baselines.py",)),
+    Part("tokenisation", "the tokenisation table: each patch size and feature setting on the development split "
+         "(data.md)", 1, ("tokenisation.json",), tokenisation, ("baselines.py",)),
     Part("demo_cond", "config/demo_cond.yaml over 3 seeds and its drawing report (drawing.md, results.md)", 25,
          ("demo_cond_test_seeds1337-1339.json", "demo_cond_drawing_report_seed1337.json"),
          drawing("config/demo_cond.yaml", "demo_cond", 3, "demo_cond_drawing_report_seed1337.json"), TRAIN,
