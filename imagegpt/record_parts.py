@@ -63,16 +63,17 @@ def seed_dirs(run, first, n):
     return [os.path.join(run, f"seed-{first + i}", "final") for i in range(n)]
 
 
-def trained(ctx, what, argv, runs, eval_out, evaluate=(), train_out=None, codes=True):
+def trained(ctx, what, argv, runs, eval_out, evaluate=(), train_out=None, codes=True, precision=FP32):
     """The steps of `train.py ... --seeds n` and `eval.py` over its seeds (and the training summary):
     runs = (the run folder, the first seed, n); evaluate: eval.py's further options (--tta K, --split dev);
-    codes=False: the data are tokenised with another checkpoint's codebook (no codebook settings)."""
+    codes=False: the data are tokenised with another checkpoint's codebook (no codebook settings);
+    precision: the --bf16 option of both (the record's fp32 unless told)."""
     run, first, n = runs
     seed = ("--seed", str(first)) if first != 1337 else ()
     steps = [Step(f"train {what}, {n} seed{'s' * (n > 1)}",
-                  ("train.py", *argv, *seed, "--seeds", str(n), "--out_dir", run, *FP32, *tiny(ctx, codes))),
+                  ("train.py", *argv, *seed, "--seeds", str(n), "--out_dir", run, *precision, *tiny(ctx, codes))),
              Step(f"evaluate {what}" + (f" ({' '.join(evaluate)})" if evaluate else ""),
-                  ("eval.py", "--ckpt", *seed_dirs(run, first, n), *evaluate, *FP32, "--out", ctx.out(eval_out)))]
+                  ("eval.py", "--ckpt", *seed_dirs(run, first, n), *evaluate, *precision, "--out", ctx.out(eval_out)))]
     if train_out:
         steps.append(Step(f"collect the training of {what}", call=training_summary,
                           kwargs={"run": run, "out": ctx.out(train_out)}))
@@ -99,12 +100,29 @@ def refitted(config, data, name):
     return steps
 
 
+def demo_default(ctx):
+    """The refitted demo at the default precision (`--bf16 auto`: bf16 where the CPU computes it natively),
+    3 seeds: the time to accuracy as a user of this CPU meets it."""
+    return trained(ctx, "config/demo.yaml refitted, at the default precision",
+                   ("config/demo.yaml", "--dev_fraction", "0", "--data_dir", ctx.path("data", "mnist5k-aug6")),
+                   (ctx.path("runs"), 1337, ctx.pick(3, 2)), "demo_refit_default_test_tta16_seeds1337-1339.json",
+                   ("--tta", str(ctx.pick(16, 2))), train_out="demo_refit_default_train_seeds1337-1339.json",
+                   precision=("--bf16", "auto"))
+
+
 def demo14(ctx):
     return trained(ctx, "config/demo.yaml with 14 copies for 2 epochs",
                    ("config/demo.yaml", "--augment", "14", "--epochs", "2", "--dev_fraction", "0",
                     "--data_dir", ctx.path("data", "mnist5k-aug14")),
                    (ctx.path("runs"), 1337, ctx.pick(3, 2)), "demo_aug14_refit_test_tta16_seeds1337-1339.json",
                    ("--tta", str(ctx.pick(16, 2))), train_out="demo_aug14_refit_train_seeds1337-1339.json")
+
+
+def tokenisation(ctx):
+    """docs/data.md's tokenisation table: each patch size and feature setting, fitted and measured on the
+    development split (baselines.py --tokenisation)."""
+    return [Step("baselines.py --tokenisation", ("baselines.py", "--tokenisation", *(("--quick",) if ctx.quick else ()),
+                                                 "--out", ctx.out("tokenisation.json")))]
 
 
 def baselines(runs):
@@ -135,11 +153,14 @@ def drawing(config, name, n, report):
     return steps
 
 
+FINETUNE = ((50, 63, 10), (200, 250, 4))     # pen strokes: training images per class, drawn per class, epochs
+
+
 def finetune(ctx):
     """docs/results.md "Fine-tuning on other images": the demo model (seed 1337) fine-tuned onto pen
     strokes, 50 and 200 per class, against the same from scratch."""
     start, out, n = ctx.of("demo", "demo3", "seed-1337", "final"), [], ctx.pick(3, 2)
-    for per_class, drawn, epochs in ((50, 63, 10), (200, 250, 4)):
+    for per_class, drawn, epochs in FINETUNE:
         images = ctx.path("data", f"strokes-{per_class}")
         out.append(Step(f"draw {drawn} pen-stroke figures per class",
                         ("data.py", "shapes", images, "--kind", "strokes", "--per_class", str(ctx.pick(drawn, 12)),
@@ -335,6 +356,10 @@ PARTS = [
          "performance.md's time to accuracy)", 30,
          tuple(f"demo_refit_{k}_seeds{t}.json" for t in ("1337-1339", "1340-1342") for k in ("test_tta16", "train")),
          refitted("config/demo.yaml", "mnist5k-aug6", "demo"), TRAIN, files=("config/demo.yaml",)),
+    Part("demo_refit_default", "the refitted demo at the default precision (bf16 where the CPU has it), --tta 16, "
+         "3 seeds (performance.md's time to accuracy)", 10,
+         ("demo_refit_default_test_tta16_seeds1337-1339.json", "demo_refit_default_train_seeds1337-1339.json"),
+         demo_default, TRAIN, files=("config/demo.yaml",)),
     Part("demo14_refit", "the demo with 14 copies for 2 epochs, refitted, --tta 16 (results.md's goals, performance.md)",
          15, ("demo_aug14_refit_test_tta16_seeds1337-1339.json", "demo_aug14_refit_train_seeds1337-1339.json"), demo14,
          TRAIN, files=("config/demo.yaml",)),
@@ -352,6 +377,8 @@ PARTS = [
          baselines([("baselines_aug20_warp_seeds0-2.json", ("--seeds", "3", "--augment", "20", "--max_elastic", "1.5")),
                     ("baselines_aug20_warp_seeds3-5.json", ("--seeds", "3", "--first_seed", "3", "--augment", "20",
                                                             "--max_elastic", "1.5"))]), ("baselines.py",)),
+    Part("tokenisation", "the tokenisation table: each patch size and feature setting on the development split "
+         "(data.md)", 1, ("tokenisation.json",), tokenisation, ("baselines.py",)),
     Part("demo_cond", "config/demo_cond.yaml over 3 seeds and its drawing report (drawing.md, results.md)", 25,
          ("demo_cond_test_seeds1337-1339.json", "demo_cond_drawing_report_seed1337.json"),
          drawing("config/demo_cond.yaml", "demo_cond", 3, "demo_cond_drawing_report_seed1337.json"), TRAIN,

@@ -104,40 +104,21 @@ def test_a_figure_edited_by_hand_fails(name, old, new):
     assert tables.rewrite_text(edited, tables.Results(strict=False)) == text      # --tables puts it back
 
 
-def copy_results(tmp_path, with_provenance=True):
-    """The result files the tables read, copied (those made before provenance given one) -> their folder."""
+def test_a_missing_file_or_one_without_provenance_fails(tmp_path):
+    readme, name = page("README.md"), "best_refit_test_tta16_seeds1337-1339.json"
     folder = tmp_path / "results"
     shutil.copytree(tables.RESULTS, folder)
-    for name in tables.MADE_BEFORE_PROVENANCE:
-        data = json.load(open(os.path.join(tables.RESULTS, name)))
-        write_json(folder / name, provenance.with_provenance(data, command="test") if with_provenance else data)
-    return str(folder)
-
-
-def test_a_missing_file_or_one_without_provenance_fails(tmp_path):
-    readme = page("README.md")
-    folder = copy_results(tmp_path, with_provenance=False)
-    strict = lambda before=tables.MADE_BEFORE_PROVENANCE: tables.Results(folder, True, before)
+    strict = lambda: tables.Results(str(folder), True)
     assert tables.check_text(readme, strict()) == []
-    problems = tables.check_text(readme, strict(before=set()))                   # not listed: not shown
-    assert len(problems) == 1 and "has no provenance" in problems[0]
-    os.remove(os.path.join(folder, "finetune_strokes50_tuned_dev_seeds1337-1339.json"))
+    write_json(folder / name, provenance.without_provenance(json.loads((folder / name).read_text())))
+    problems = tables.check_text(readme, strict())                  # without provenance: not shown
+    assert len(problems) == 1 and f"{name}: has no provenance" in problems[0]
+    os.remove(folder / name)
     problems = tables.check_text(readme, strict())
-    assert len(problems) == 1 and "finetune_strokes50_tuned_dev_seeds1337-1339.json: no such result file" in problems[0]
-    rewritten = tables.rewrite_text(readme, tables.Results(folder, False))
+    assert len(problems) == 1 and f"{name}: no such result file" in problems[0]
+    rewritten = tables.rewrite_text(readme, tables.Results(str(folder), False))
     assert rewritten.count(tables.NOT_RERUN) > readme.count(tables.NOT_RERUN) and tables.check_text(rewritten, strict())
-    stale = tables.check(pages=[os.path.join(ROOT, "README.md")], folder=folder)
-    assert any("no such file" in p for p in stale)
-
-
-def test_files_with_provenance_need_no_note_and_stale_entries_of_the_list_fail(tmp_path):
-    folder = copy_results(tmp_path)
-    readme = page("README.md")
-    fresh = tables.rewrite_text(readme, tables.Results(folder, False, set()))
-    assert "Made before result files recorded their provenance" not in fresh.split("<!-- /table:results -->")[0]
-    assert tables.check_text(fresh, tables.Results(folder, True, set())) == []
-    stale = tables.check(pages=[], folder=folder)
-    assert len(stale) == len(tables.MADE_BEFORE_PROVENANCE) and all("take it off the list" in p for p in stale)
+    assert "98.80 +- 0.17" not in rewritten.split("<!-- /table:results -->")[0]
 
 
 def test_the_tests_figure_comes_from_its_file(tmp_path):
@@ -159,7 +140,7 @@ def test_the_record_runs_table_reads_each_parts_last_run_from_its_files(tmp_path
     quick[provenance.KEY]["record"] = {**stamp, "part": "loadtest", "quick": True}
     write_json(tmp_path / "loadtest.json", quick)                      # a quick run is not the record's
     write_json(tmp_path / "scale.json", {"x": 1})                      # no provenance
-    text = tables.render("table", "record_runs", tables.Results(str(tmp_path), strict=True, before=set()))
+    text = tables.render("table", "record_runs", tables.Results(str(tmp_path), strict=True))
     rows = {line.split(" | ")[0].strip("| `"): line for line in text.splitlines() if line.startswith("| `")}
     assert len(rows) == len(record_parts.PARTS)
     assert "2026-12-07 04:51 UTC | 4.4 min | `" + prov[provenance.KEY]["commit"][:7] + "`" in rows["bench"]
@@ -239,7 +220,10 @@ def test_every_part_names_its_results_and_its_code():
     assert len(names) == len(set(names)) and all(n in record.BY_NAME for p in record.PARTS for n in p.needs)
     files = [r for p in record.PARTS for r in p.results]
     assert len(files) == len(set(files))                        # one part owns each result file
-    assert set(tables.MADE_BEFORE_PROVENANCE) <= set(files)     # every file a table reads is remade by a part
+    read = tables.Results()
+    for path in tables.documents():                              # every file a table reads is made by a part
+        assert tables.check_text(open(path, encoding="utf-8").read(), read) == []
+    assert read.cache and set(read.cache) <= set(files)
     demo = record.code_files(record.BY_NAME["demo"])
     assert {"train.py", "eval.py", "model.py", "tokenizer.py", "imagegpt/training.py", "config/demo.yaml",
             "requirements.txt"} <= set(demo) and "bench.py" not in demo
