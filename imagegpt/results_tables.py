@@ -239,4 +239,4 @@ RENDER = {"results_summary": results_summary, "colour": colour_summary, "colour_
           "finetune50": lambda r: spread(r.per_checkpoint(FINETUNE50[:1]), 1), "baselines_aug6": baselines("baselines_aug6_seeds0-2.json"),
           "baselines_aug20": baselines("baselines_aug20_seeds0-2.json"),
           "baselines_warp": baselines("baselines_aug20_warp_seeds0-2.json"), "tokenisation": tokenisation,
-          "best_cond": lambda r: f"{pct(r.per_checkpoint(['best_cond_test_seed1337.json'])['mean'], 1)} (seed 1337, fp32)"}
+          "best_cond": lambda r: f"{pct(r.load('best_cond_test_seed1337.json')['accuracy'], 1)} (seed 1337, fp32)"}

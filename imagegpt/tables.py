@@ -84,7 +84,7 @@ def readme_results(r):
          "0 to 5"),
         ("`config/best_cond.yaml`, the best drawing model: its test accuracy / its drawings of a chosen digit, judged "
          "the asked digit by the CNN (guidance 3)",
-         f"{f(lambda: pct(r.per_checkpoint(['best_cond_test_seed1337.json'])['mean'], 1))} / "
+         f"{f(lambda: pct(r.load('best_cond_test_seed1337.json')['accuracy'], 1))} / "
          f"{f(lambda: pct(r.load(BEST_COND)['scales'][DEFAULT]['judge_accuracy'], 1))}", "1337"),
         ("k-NN on raw pixels / on codebook reconstructions",
          f"{f(lambda: pct(r.baseline(WARP[:1], 'knn_pixels')['mean'], 1))} / "
