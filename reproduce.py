@@ -67,9 +67,10 @@ def main(argv=None):
         return 1 if problems else 0
     if args.list:
         rows = record.listing(args.quick)
+        w = max(len(r[0]) for r in rows) + 2
         for name, seconds, source, why, results, backs in rows:
-            print(f"{name:<16}{record.human(seconds) + f' ({source})':<24}{why}\n{'':16}backs: {backs}\n"
-                  f"{'':16}writes: {', '.join(results)}")
+            print(f"{name:<{w}}{record.human(seconds) + f' ({source})':<24}{why}\n{'':{w}}backs: {backs}\n"
+                  f"{'':{w}}writes: {', '.join(results)}")
         todo = [r for r in rows if r[3] != "up to date"]
         print(f"{len(rows)} parts, {len(todo)} to run: about {record.human(sum(r[1] for r in todo))} "
               f"(all of them: {record.human(sum(r[1] for r in rows))})")
