@@ -40,6 +40,7 @@ class Part:
     needs: tuple = ()         # parts whose outputs it reads (kept: paths under their folders it reads)
     keeps: tuple = ()         # paths under this part's folder that the parts needing it read
     quick: bool = True        # has a quick version
+    bf16: str = "false"       # --bf16 of its training and evaluation: the record computes in fp32 unless told
 
 
 
@@ -63,11 +64,11 @@ def seed_dirs(run, first, n):
     return [os.path.join(run, f"seed-{first + i}", "final") for i in range(n)]
 
 
-def trained(ctx, what, argv, runs, eval_out, evaluate=(), train_out=None, codes=True, precision=FP32):
-    """The steps of `train.py ... --seeds n` and `eval.py` over its seeds (and the training summary):
-    runs = (the run folder, the first seed, n); evaluate: eval.py's further options (--tta K, --split dev);
-    codes=False: the data are tokenised with another checkpoint's codebook (no codebook settings);
-    precision: the --bf16 option of both (the record's fp32 unless told)."""
+def trained(ctx, what, argv, runs, eval_out, evaluate=(), train_out=None, codes=True):
+    """The steps of `train.py ... --seeds n` and `eval.py` over its seeds (and the training summary), at the
+    part's precision: runs = (the run folder, the first seed, n); evaluate: eval.py's further options (--tta K,
+    --split dev); codes=False: the data are tokenised with another checkpoint's codebook (no codebook settings)."""
+    precision = ("--bf16", ctx.part.bf16)
     run, first, n = runs
     seed = ("--seed", str(first)) if first != 1337 else ()
     steps = [Step(f"train {what}, {n} seed{'s' * (n > 1)}",
@@ -106,8 +107,7 @@ def demo_default(ctx):
     return trained(ctx, "config/demo.yaml refitted, at the default precision",
                    ("config/demo.yaml", "--dev_fraction", "0", "--data_dir", ctx.path("data", "mnist5k-aug6")),
                    (ctx.path("runs"), 1337, ctx.pick(3, 2)), "demo_refit_default_test_tta16_seeds1337-1339.json",
-                   ("--tta", str(ctx.pick(16, 2))), train_out="demo_refit_default_train_seeds1337-1339.json",
-                   precision=("--bf16", "auto"))
+                   ("--tta", str(ctx.pick(16, 2))), train_out="demo_refit_default_train_seeds1337-1339.json")
 
 
 def demo14(ctx):
@@ -359,7 +359,7 @@ PARTS = [
     Part("demo_refit_default", "the refitted demo at the default precision (bf16 where the CPU has it), --tta 16, "
          "3 seeds (performance.md's time to accuracy)", 10,
          ("demo_refit_default_test_tta16_seeds1337-1339.json", "demo_refit_default_train_seeds1337-1339.json"),
-         demo_default, TRAIN, files=("config/demo.yaml",)),
+         demo_default, TRAIN, files=("config/demo.yaml",), bf16="auto"),
     Part("demo14_refit", "the demo with 14 copies for 2 epochs, refitted, --tta 16 (results.md's goals, performance.md)",
          15, ("demo_aug14_refit_test_tta16_seeds1337-1339.json", "demo_aug14_refit_train_seeds1337-1339.json"), demo14,
          TRAIN, files=("config/demo.yaml",)),
