@@ -4,6 +4,7 @@ files were made before they carried it (or that never ran) says so. Facts of the
 code now, so the table changes only when a part runs again."""
 from imagegpt.errors import UserError
 from imagegpt.provenance import KEY
+from imagegpt.record import human
 from imagegpt.record_parts import PARTS
 
 
@@ -26,11 +27,6 @@ def last_run(results, part):
     return prov["record"]["finished"][:16].replace("T", " "), prov["record"]["part_seconds"], prov["commit"][:7], machine
 
 
-def duration(seconds):
-    minutes = round(seconds / 60)
-    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{seconds / 60:.1f} min"
-
-
 def record_runs(results):
     """The table, and a line with the time of the parts run and the parts not rerun yet."""
     rows, total, unrun = [], 0.0, []
@@ -42,11 +38,11 @@ def record_runs(results):
             rows.append((f"`{part.name}`", "not rerun yet", "", "", ""))
             continue
         total += seconds
-        rows.append((f"`{part.name}`", f"{date} UTC", duration(seconds), f"`{commit}`", machine))
+        rows.append((f"`{part.name}`", f"{date} UTC", human(seconds), f"`{commit}`", machine))
     lines = ["| part | last run | wall time | commit | machine |", "|---|---|---:|---|---|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     done = len(PARTS) - len(unrun)
-    lines += ["", f"{done} of {len(PARTS)} parts run by `python reproduce.py` (each part's last run), {duration(total)} of "
+    lines += ["", f"{done} of {len(PARTS)} parts run by `python reproduce.py` (each part's last run), {human(total)} of "
                   "wall time in all"
                   + (f"; not rerun yet: {', '.join(unrun)}." if unrun else ".")]
     return "\n".join(lines)

@@ -143,9 +143,9 @@ def test_the_record_runs_table_reads_each_parts_last_run_from_its_files(tmp_path
     text = tables.render("table", "record_runs", tables.Results(str(tmp_path), strict=True))
     rows = {line.split(" | ")[0].strip("| `"): line for line in text.splitlines() if line.startswith("| `")}
     assert len(rows) == len(record_parts.PARTS)
-    assert "2026-12-07 04:51 UTC | 4.4 min | `" + prov[provenance.KEY]["commit"][:7] + "`" in rows["bench"]
+    assert "2026-12-07 04:51 UTC | 4 min 22 s | `" + prov[provenance.KEY]["commit"][:7] + "`" in rows["bench"]
     assert all("not rerun yet" in rows[name] for name in ("loadtest", "scale", "demo"))
-    assert f"1 of {len(record_parts.PARTS)} parts run" in text and "4.4 min of wall time in all" in text
+    assert f"1 of {len(record_parts.PARTS)} parts run" in text and "4 min 22 s of wall time in all" in text
 
 
 # ----------------------------------------------------------------------------- the record's runner
