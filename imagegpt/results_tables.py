@@ -16,6 +16,8 @@ FINETUNE50 = ["finetune_strokes50_tuned_dev_seeds1337-1339.json", "finetune_stro
 COLOUR = ["colour_test_seeds1337-1339.json"]
 COLOUR_BASE = ["colour_baselines_seeds0-2.json"]
 COLOUR_DATA = "colour_data_report.json"
+
+
 def results_summary(r):
     """docs/results.md's summary table."""
     f = lambda make: figure(r, make)
@@ -53,6 +55,7 @@ def results_summary(r):
     return markdown(("model", "test accuracy", "seeds", "command", "details"), ("---", "---:", "---", "---", "---"),
                     rows)
 
+
 def colour_summary(r):
     """docs/results.md's colour results: the GPT, the baselines with the same copies, the tokens, the drawings."""
     f = lambda make: figure(r, make)
@@ -78,12 +81,14 @@ def colour_summary(r):
                 "[performance](performance.md#the-colour-recipe)).")
     return f"{table}\n\n{facts} {train}"
 
+
 def demo_fp32(r):
     """The demo's test accuracy over its 3 fp32 seeds, each seed's figure beside it."""
     def make():
         d = r.per_checkpoint(DEMO3)
         return f"{spread(d)} (3 seeds, fp32: {', '.join(num(v, 1) for v in d['values'])})"
     return figure(r, make)
+
 
 def train_time(r, names=("demo_train_fp32_seeds1337-1339.json",)):
     """The training seconds per seed of training summaries, as 'N to M s per seed (T threads)'."""
@@ -94,10 +99,12 @@ def train_time(r, names=("demo_train_fp32_seeds1337-1339.json",)):
         return f"{span} s per seed ({'/'.join(sorted({str(t) for _, t in runs}))} threads)"
     return figure(r, make)
 
+
 def demo14(r):
     """docs/results.md's demo trained longer (14 copies, 2 epochs), refitted: with --tta 16, plain, training time."""
     return (f"{seeds(r.per_checkpoint(DEMO14, 'tta.accuracy'))} with `--tta 16`, {spread(r.per_checkpoint(DEMO14))} "
             f"plain, {train_time(r, ('demo_aug14_refit_train_seeds1337-1339.json',))} of training")
+
 
 def cond_cost(r):
     """docs/drawing.md: the conditioned demo's test accuracy against the demo's, the same seeds, paired."""
@@ -105,6 +112,7 @@ def cond_cost(r):
     diff = [c - p for c, p in zip(cond["values"], plain["values"])]
     return (f"{seeds(cond)} against {seeds(plain)}, a paired difference of {num(sum(diff) / len(diff))} points "
             f"({', '.join(num(d, 1) for d in diff)})")
+
 
 def finetune_table(r):
     """docs/results.md's fine-tuning: the demo model fine-tuned onto pen strokes against training from scratch."""
@@ -123,7 +131,6 @@ def finetune_table(r):
             f"\n\nFine-tuned minus from scratch: {'; '.join(gains)}.")
 
 
-
 COLOUR_CANDIDATES = (   # record_parts.COLOUR_TABLE's candidates as the table names them
     ("palette_p4", "**shape apart from colour, 4 x 4 patterns (`config/colour.yaml`)**"),
     ("palette_p4_nocopies_colour", "the same, the copies keeping their colours (`--permute_colours false`)"),
@@ -137,10 +144,6 @@ COLOUR_CANDIDATES = (   # record_parts.COLOUR_TABLE's candidates as the table na
 
 def colour_table(r):
     """docs/results.md's choice of the colour tokenisation: each candidate on the development split."""
-    return figure(r, lambda: candidates_table(r))
-
-
-def candidates_table(r):
     rows = []
     for name, what in COLOUR_CANDIDATES:
         dev, data = r.load(f"colour_table_{name}_dev.json"), r.load(f"colour_table_{name}_data.json")

@@ -32,6 +32,8 @@ from imagegpt.table_text import NOT_RERUN, Missing, figure, markdown, pct, sprea
 RESULTS = os.path.join(ROOT, "docs", "results")
 PAGES = ("README.md", "docs/*.md")
 MARKER = re.compile(r"<!-- (table|figure):([a-z0-9_]+) -->(.*?)<!-- /\1:\2 -->", re.S)
+
+
 class Results:
     """The result files of a folder, read once each. strict: a missing file is an error (check), else its
     figures read NOT_RERUN (rewrite)."""
