@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from imagegpt import cpu_linear
+
 
 @dataclass
 class GPTConfig:
@@ -42,8 +44,9 @@ def linear(x, layer):
     """layer(x) for an nn.Linear, without nn.Module's call machinery (hooks, tracing checks). At the
     demo's size that machinery cost 14 % of a decoding step (docs/performance.md), so the model's
     forward calls its layers through these two functions and its own submodules through .forward;
-    the modules stay, for their parameters' names (the GPT-2 layout the export maps)."""
-    return F.linear(x, layer.weight, layer.bias)
+    the modules stay, for their parameters' names (the GPT-2 layout the export maps). Large fp32 products
+    on the CPU go through cpu_linear (oneDNN where MKL is the slower library)."""
+    return cpu_linear.linear(x, layer.weight, layer.bias)
 
 
 def layer_norm(x, norm):
@@ -237,7 +240,7 @@ class GPT(nn.Module):
         last = len(tr.h) - 1
         for i, block in enumerate(tr.h):
             x = block.forward(x, cache=cache, layer=i, at=logits_at if i == last else None)
-        logits = F.linear(layer_norm(x, tr.ln_f), self.lm_head.weight)  # (B, T, vocab)
+        logits = cpu_linear.linear(layer_norm(x, tr.ln_f), self.lm_head.weight)  # (B, T, vocab)
         if cache is not None:
             cache.pos += T
         loss = None

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from imagegpt import thread_bench, web_bench
+from imagegpt import cpu_linear, thread_bench, web_bench
 from imagegpt.bench_report import rows
 from imagegpt.codebook_config import CodebookConfig
 from imagegpt.device import check_memory, cpu_kernels, resolve_device, use_threads
@@ -69,6 +69,9 @@ def machine_info(device, threads=None):
     """The machine, its software, the threads used (threads: what device.use_threads chose, and why) and the
     kernels the CPU work runs (device.cpu_kernels: ISA of ATen, MKL, oneDNN and onnxruntime's MLAS)."""
     kernels = cpu_kernels()
+    if cpu_linear.onednn_fp32():   # the model's large fp32 products leave MKL for oneDNN (cpu_linear)
+        kernels["fp32_matmul"] += (f"; the model's products from {cpu_linear.ONEDNN_MIN_MACS:,} multiply-adds: "
+                                   f"oneDNN {kernels['onednn']['isa']} (cpu_linear)")
     info = {"platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "device": str(device), "cpu_count": os.cpu_count(),
             "threads": torch.get_num_threads(), "threads_choice": threads,

@@ -1,20 +1,21 @@
 """FLOPs of a training step: the count per token (the PaLM / nanoGPT convention, and the part our kernels
 compute) and the matmul ceiling it is measured against (MatmulPeak), for the benchmark's MFU."""
 import torch
-import torch.nn.functional as F
 
+from imagegpt import cpu_linear
 from imagegpt.measure import median, timed
 from model import SHORT_ATTENTION
 
 
 class MatmulPeak:
     """The matmul ceiling in one dtype: the best rate (FLOP/s) of matrix products run alone through the ops
-    a training step runs them with. A square n x n product (a @ b; sample() times it once, between the
-    training repetitions), and, for each training shape added with add_model(), the forward and the two
-    backward products of each of the model's linear layers in the layouts autograd uses (F.linear's
-    x W^T; dX = dY W; dW = dY^T X), each timed `model_reps` times. The ceiling is the best rate of all of
-    them: no product of the step runs faster alone, so a step's FLOP/s over it stays <= 100 % (on the
-    AVX2 EPYC of issue 37 the square alone ran slower than the model's shapes: 118 % "MFU")."""
+    a training step runs them with. A square n x n product (sample() times it once, between the training
+    repetitions, through torch's a @ b and, where cpu_linear takes oneDNN, through oneDNN too), and, for
+    each training shape added with add_model(), the forward and the two backward products of each of the
+    model's linear layers in the layouts autograd uses (x W^T; dX = dY W; dW = dY^T X, through cpu_linear:
+    the library the step takes for each), each timed `model_reps` times. The ceiling is the best rate of
+    all of them: no product of the step runs faster alone, so a step's FLOP/s over it stays <= 100 % (on
+    the AVX2 EPYC of issue 37 the square alone ran slower than the model's shapes: 118 % "MFU")."""
 
     def __init__(self, n, device, dtype, model_reps=3):
         self.n, self.device, self.dtype, self.model_reps = n, device, dtype, model_reps
@@ -27,8 +28,16 @@ class MatmulPeak:
         self.model = {}   # name -> best FLOP/s
 
     def sample(self):
-        dt, _ = timed(lambda: self.a @ self.b, self.device)
-        self.samples.append(2 * self.n ** 3 / dt)
+        """One sample: the square's best rate over the libraries the step may use."""
+        self.samples.append(max(2 * self.n ** 3 / timed(p, self.device)[0] for p in self._square_products()))
+
+    def _square_products(self):
+        """The square product through each library the step may use: torch's own (a @ b) and, where
+        cpu_linear sends fp32 products to oneDNN, oneDNN's."""
+        yield lambda: self.a @ self.b
+        if self.a.device.type == "cpu" and self.dtype == torch.float32 and cpu_linear.onednn_fp32():
+            bt = self.b.t()
+            yield lambda: cpu_linear.mm_t(self.a, bt)
 
     def add_model(self, cfg, rows):
         """Time the GEMMs of a training step of a model `cfg` on `rows` = batch x length tokens -> the sum of
@@ -41,9 +50,9 @@ class MatmulPeak:
             w = torch.randn(n, k, generator=g, device=self.device).to(self.dtype)
             dy = torch.randn(rows, n, generator=g, device=self.device).to(self.dtype)
             flops = 2 * rows * k * n
-            for what, fn in ((f"{name} forward {rows}x{k} @ ({n}x{k})^T", lambda: F.linear(x, w)),
-                             (f"{name} dX {rows}x{n} @ {n}x{k}", lambda: dy @ w),
-                             (f"{name} dW ({rows}x{n})^T @ {rows}x{k}", lambda: dy.t() @ x)):
+            for what, fn in ((f"{name} forward {rows}x{k} @ ({n}x{k})^T", lambda: cpu_linear.linear(x, w)),
+                             (f"{name} dX {rows}x{n} @ {n}x{k}", lambda: cpu_linear.mm_t(dy, w.t())),
+                             (f"{name} dW ({rows}x{n})^T @ {rows}x{k}", lambda: cpu_linear.mm_t(dy.t(), x.t()))):
                 fn()
                 best = min(timed(fn, self.device)[0] for _ in range(self.model_reps))
                 self.model[what] = max(self.model.get(what, 0.0), flops / best)

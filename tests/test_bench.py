@@ -135,14 +135,17 @@ def test_threads_are_restored(result):
     assert torch.get_num_threads() == THREADS_BEFORE
 
 
-def test_flops_formula_matches_torch_flop_counter():
+def test_flops_formula_matches_torch_flop_counter(monkeypatch):
     """The whole formula counted independently: torch's FlopCounterMode over a real training step counts
     every matmul. On the CPU a sequence this short attends through model.causal_attention's explicit
     matmuls over the full T x T square, which is the 12 L T d part; above SHORT_ATTENTION the CPU flash
-    kernel, which the counter leaves out, attends instead, and the count is the 6 N part alone."""
+    kernel, which the counter leaves out, attends instead, and the count is the 6 N part alone. The
+    counter knows torch's own products only, so cpu_linear keeps them there (the same products)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from imagegpt import cpu_linear
     from model import GPT, SHORT_ATTENTION
+    monkeypatch.setattr(cpu_linear, "onednn_fp32", lambda: False)
     cfg = GPTConfig(vocab_size=100, block_size=SHORT_ATTENTION + 8, n_layer=2, n_head=4, n_embd=48)
     model = GPT(cfg)
     for T, attention in ((32, 12 * cfg.n_layer * 32 * cfg.n_embd), (SHORT_ATTENTION + 8, 0)):
