@@ -7,8 +7,10 @@ at about 100 GFLOP/s in MKL and 150 to 240 in oneDNN (docs/performance.md, "fp32
 oneDNN"); with oneDNN capped to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2) the two were within about 20 % of each
 other, either way. So oneDNN takes over only where MKL is the narrower one: an AMD CPU with AVX-512
 (on an Intel CPU MKL takes its own AVX-512 path; not measured here). Small products (a decoding step's
-single row) stay with MKL everywhere: oneDNN's call costs about 10 us more, and the two break even near
-a million multiply-adds. Everything else (bf16 autocast, CUDA, exporting, tracing) is F.linear.
+single row) stay with MKL everywhere: oneDNN's call costs about 10 us more. The two broke even near a
+million multiply-adds timed alone, but the demo model's decoding at batch 16, whose products are just
+over a million, ran 12 % slower with them in oneDNN, so the bar is two million. Everything else (bf16
+autocast, CUDA, exporting, tracing) is F.linear.
 
 The two libraries round differently, so a model trained on one CPU kind is not bit-identical to one
 trained on another; it never was (the kernels differ by CPU anyway), and on one machine every run is
@@ -22,7 +24,7 @@ from torch.nn import functional as F
 
 from imagegpt.device import cpu_description
 
-ONEDNN_MIN_MACS = 1 << 20   # multiply-adds (rows x in x out) from which a product goes to oneDNN (the two break even there)
+ONEDNN_MIN_MACS = 1 << 21   # multiply-adds (rows x in x out) from which a product goes to oneDNN
 
 
 def prefers_onednn(cpu, env):
@@ -43,10 +45,10 @@ def onednn_fp32():
 def _onednn(x, weight):
     """Whether x @ weight^T, of at least ONEDNN_MIN_MACS multiply-adds (the caller checks it: the cheapest test,
     first), goes to oneDNN: fp32 on the CPU where onednn_fp32(); never under autocast (its bf16 products are
-    oneDNN's already) or while exporting."""
-    return (x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu" and onednn_fp32()
-            and not (torch.is_autocast_enabled("cpu") or torch.jit.is_tracing() or torch.compiler.is_compiling()
-                     or torch.onnx.is_in_onnx_export()))
+    oneDNN's already) or while exporting (torch.onnx.export(dynamo=True) traces under is_compiling(), the
+    older exporter under jit tracing)."""
+    return (x.dtype == torch.float32 and weight.dtype == torch.float32 and x.is_cpu and onednn_fp32()
+            and not (torch.is_autocast_enabled("cpu") or torch.jit.is_tracing() or torch.compiler.is_compiling()))
 
 
 def _pointwise(x, w, b=None):

@@ -79,3 +79,19 @@ def test_training_steps_agree_either_way(onednn, monkeypatch):
     via_onednn = losses()
     monkeypatch.setattr(cpu_linear, "onednn_fp32", lambda: False)
     assert via_onednn == pytest.approx(losses(), rel=1e-5)
+
+
+def test_an_export_traces_torch_linear(onednn):
+    """torch.export (what torch.onnx.export(dynamo=True) runs) sees aten's linear, which every exporter
+    knows, not oneDNN's op."""
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(256, 512)
+
+        def forward(self, x):
+            return cpu_linear.linear(x, self.proj.weight, self.proj.bias)
+
+    program = torch.export.export(Layer(), (torch.randn(64, 256),))
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "aten.linear.default" in ops and not any("mkldnn" in op for op in ops)
