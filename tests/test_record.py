@@ -91,7 +91,7 @@ def test_the_generated_tables_are_what_their_result_files_give():
 
 @pytest.mark.parametrize("name, old, new", [
     ("README.md", "| **98.80 +- 0.17 %** |", "| **98.81 +- 0.17 %** |"),
-    ("README.md", "96.90 % (97.13", "96.80 % (97.13"),
+    ("README.md", "98.00 % (97.43", "98.10 % (97.43"),
     ("docs/results.md", "95.2 / 90.4 / 94.7 %", "95.2 / 90.5 / 94.7 %"),
 ])
 def test_a_figure_edited_by_hand_fails(name, old, new):
